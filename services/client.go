@@ -1,0 +1,56 @@
+package services
+
+import (
+	"context"
+	"fmt"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/vmgrid/vmgrid/services/errdefs"
+)
+
+// Dial connects to a vmgrid service. Errors returned by calls on the
+// connection wrap errdefs sentinels (errdefs.IsNotFound works).
+func Dial(target string, tlsFiles TLSFiles, extra ...grpc.DialOption) (*grpc.ClientConn, error) {
+	creds := insecure.NewCredentials()
+	if tlsFiles.Enabled() {
+		cfg, err := tlsFiles.clientConfig()
+		if err != nil {
+			return nil, err
+		}
+		creds = credentials.NewTLS(cfg)
+	}
+	opts := append([]grpc.DialOption{
+		grpc.WithTransportCredentials(creds),
+		grpc.WithInitialWindowSize(initialWindowSize),
+		grpc.WithInitialConnWindowSize(initialConnWindowSize),
+		grpc.WithWriteBufferSize(bufferSize),
+		grpc.WithReadBufferSize(bufferSize),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize)),
+		grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+			return errdefs.FromGRPC(invoker(ctx, method, req, reply, cc, opts...))
+		}),
+		grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+			cs, err := streamer(ctx, desc, cc, method, opts...)
+			if err != nil {
+				return nil, errdefs.FromGRPC(err)
+			}
+			return errStream{cs}, nil
+		}),
+	}, extra...)
+	cc, err := grpc.NewClient(target, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", target, err)
+	}
+	return cc, nil
+}
+
+type errStream struct{ grpc.ClientStream }
+
+func (s errStream) SendMsg(m any) error { return errdefs.FromGRPC(s.ClientStream.SendMsg(m)) }
+func (s errStream) RecvMsg(m any) error {
+	return errdefs.FromGRPC(s.ClientStream.RecvMsg(m)) // io.EOF passes through
+}
+func (s errStream) CloseSend() error { return s.ClientStream.CloseSend() }

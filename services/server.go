@@ -1,0 +1,230 @@
+package services
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/validator"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+
+	"github.com/vmgrid/vmgrid/services/errdefs"
+)
+
+// Transport tuning shared by servers and clients: large flow-control windows
+// and buffers so one stream carries bulk block traffic at memory speed.
+const (
+	initialWindowSize     = 16 << 20
+	initialConnWindowSize = 64 << 20
+	bufferSize            = 1 << 20
+	// MaxMessageSize bounds every message on the wire. Requests carry their
+	// own tighter limits in Validate, so a too-big payload gets
+	// InvalidArgument with a useful message instead of a transport error.
+	MaxMessageSize = 256 << 20
+)
+
+// Options configure a Server.
+type Options struct {
+	// Name of the service in logs, e.g. "imageserver".
+	Name string
+	// Listen is the gRPC address, e.g. "127.0.0.1:7070" (port 0 picks one).
+	Listen string
+	// MetricsListen is the Prometheus /metrics HTTP address; empty disables it.
+	MetricsListen string
+	TLS           TLSFiles
+	Logger        *zap.Logger
+	// ShutdownTimeout bounds GracefulStop (default 10s).
+	ShutdownTimeout time.Duration
+	// Registry receives the gRPC metrics and the service's own; a new one is
+	// made when nil (so several servers can live in one process).
+	Registry *prometheus.Registry
+}
+
+// Server is a gRPC server with everything every vmgrid service has.
+type Server struct {
+	GRPC     *grpc.Server
+	Health   *health.Server
+	Registry *prometheus.Registry
+
+	log      *zap.Logger
+	lis      net.Listener
+	mlis     net.Listener
+	httpSrv  *http.Server
+	timeout  time.Duration
+	stopOnce sync.Once
+}
+
+// NewServer listens on opts.Listen (and opts.MetricsListen), assembles the
+// interceptor chain and calls register to add the service implementations.
+func NewServer(opts Options, register func(s *grpc.Server, reg prometheus.Registerer)) (*Server, error) {
+	log := opts.Logger
+	if log == nil {
+		log = zap.NewNop()
+	}
+	log = log.With(zap.String("service", opts.Name))
+	reg := opts.Registry
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	metrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
+	if err := reg.Register(metrics); err != nil {
+		return nil, fmt.Errorf("metrics: %w", err)
+	}
+
+	recoveryOpt := recovery.WithRecoveryHandler(func(p any) error {
+		log.Error("panic in handler", zap.Any("panic", p), zap.Stack("stack"))
+		return status.Errorf(codes.Internal, "internal error: %v", p)
+	})
+	logOpts := []logging.Option{
+		logging.WithLogOnEvents(logging.FinishCall),
+		logging.WithLevels(codeToLevel),
+		logging.WithErrorFields(func(error) logging.Fields { return nil }),
+	}
+	zl := InterceptorLogger(log)
+
+	serverOpts := []grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(
+			metrics.UnaryServerInterceptor(),
+			logging.UnaryServerInterceptor(zl, logOpts...),
+			unaryErrors,
+			validator.UnaryServerInterceptor(),
+			recovery.UnaryServerInterceptor(recoveryOpt),
+		),
+		grpc.ChainStreamInterceptor(
+			metrics.StreamServerInterceptor(),
+			logging.StreamServerInterceptor(zl, logOpts...),
+			streamErrors,
+			validator.StreamServerInterceptor(),
+			recovery.StreamServerInterceptor(recoveryOpt),
+		),
+		grpc.InitialWindowSize(initialWindowSize),
+		grpc.InitialConnWindowSize(initialConnWindowSize),
+		grpc.WriteBufferSize(bufferSize),
+		grpc.ReadBufferSize(bufferSize),
+		grpc.MaxRecvMsgSize(MaxMessageSize),
+		grpc.MaxSendMsgSize(MaxMessageSize),
+	}
+	if opts.TLS.Enabled() {
+		cfg, err := opts.TLS.serverConfig()
+		if err != nil {
+			return nil, err
+		}
+		serverOpts = append(serverOpts, grpc.Creds(credentials.NewTLS(cfg)))
+	}
+
+	gs := grpc.NewServer(serverOpts...)
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(gs, hs)
+	reflection.Register(gs)
+	register(gs, reg)
+	metrics.InitializeMetrics(gs)
+	for name := range gs.GetServiceInfo() {
+		hs.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	}
+
+	lis, err := net.Listen("tcp", opts.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", opts.Listen, err)
+	}
+	s := &Server{GRPC: gs, Health: hs, Registry: reg, log: log, lis: lis, timeout: opts.ShutdownTimeout}
+	if s.timeout <= 0 {
+		s.timeout = 10 * time.Second
+	}
+	if opts.MetricsListen != "" {
+		mlis, err := net.Listen("tcp", opts.MetricsListen)
+		if err != nil {
+			lis.Close()
+			return nil, fmt.Errorf("listen %s (metrics): %w", opts.MetricsListen, err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		s.mlis = mlis
+		s.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	}
+	return s, nil
+}
+
+// Addr is the address the gRPC server listens on.
+func (s *Server) Addr() string { return s.lis.Addr().String() }
+
+// MetricsAddr is the /metrics address, or "" when metrics are off.
+func (s *Server) MetricsAddr() string {
+	if s.mlis == nil {
+		return ""
+	}
+	return s.mlis.Addr().String()
+}
+
+// Serve serves until ctx ends, then shuts down gracefully. It returns nil
+// after a shutdown and the serve error otherwise.
+func (s *Server) Serve(ctx context.Context) error {
+	if s.httpSrv != nil {
+		go func() {
+			if err := s.httpSrv.Serve(s.mlis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				s.log.Warn("metrics server stopped", zap.Error(err))
+			}
+		}()
+	}
+	s.log.Info("serving", zap.String("addr", s.Addr()), zap.String("metrics", s.MetricsAddr()))
+	errc := make(chan error, 1)
+	go func() { errc <- s.GRPC.Serve(s.lis) }()
+	select {
+	case <-ctx.Done():
+		s.Shutdown()
+		<-errc
+		return nil
+	case err := <-errc:
+		s.Shutdown()
+		return err
+	}
+}
+
+// Shutdown reports NOT_SERVING, drains running calls for up to the
+// shutdown timeout, then stops hard. It is safe to call more than once.
+func (s *Server) Shutdown() {
+	s.stopOnce.Do(func() {
+		s.Health.Shutdown()
+		done := make(chan struct{})
+		go func() { s.GRPC.GracefulStop(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(s.timeout):
+			s.log.Warn("graceful stop timed out; stopping", zap.Duration("timeout", s.timeout))
+			s.GRPC.Stop()
+			<-done
+		}
+		if s.httpSrv != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			_ = s.httpSrv.Shutdown(ctx)
+			cancel()
+		}
+		s.log.Info("stopped")
+	})
+}
+
+func unaryErrors(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	resp, err := h(ctx, req)
+	return resp, errdefs.ToGRPC(err)
+}
+
+func streamErrors(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	return errdefs.ToGRPC(h(srv, ss))
+}
