@@ -202,6 +202,7 @@ func (s *Server) Serve(ctx context.Context) error {
 func (s *Server) Shutdown() {
 	s.stopOnce.Do(func() {
 		s.Health.Shutdown()
+		s.lis.Close() // in case Serve never ran; GracefulStop closes it otherwise
 		done := make(chan struct{})
 		go func() { s.GRPC.GracefulStop(); close(done) }()
 		select {

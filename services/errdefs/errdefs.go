@@ -9,6 +9,7 @@ package errdefs
 import (
 	"context"
 	"errors"
+	"strings"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -76,7 +77,21 @@ func ToGRPC(err error) error {
 	if _, ok := status.FromError(err); ok {
 		return err
 	}
-	return status.Error(Code(err), err.Error())
+	return status.Error(Code(err), message(err))
+}
+
+// message is err's text without the trailing ": not found" that wrapping a
+// sentinel adds: the code already says it.
+func message(err error) string {
+	msg := err.Error()
+	for _, m := range toCode {
+		if errors.Is(err, m.err) {
+			if trimmed, ok := strings.CutSuffix(msg, ": "+m.err.Error()); ok && trimmed != "" {
+				return trimmed
+			}
+		}
+	}
+	return msg
 }
 
 // FromGRPC turns a gRPC status error back into an error that wraps the

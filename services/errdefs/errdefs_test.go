@@ -18,8 +18,8 @@ func TestRoundTrip(t *testing.T) {
 		if st.Code() != m.code {
 			t.Fatalf("%v: code %v, want %v", m.err, st.Code(), m.code)
 		}
-		if st.Message() != err.Error() {
-			t.Fatalf("message %q, want %q", st.Message(), err.Error())
+		if want := `image "x"`; st.Message() != want {
+			t.Fatalf("message %q, want %q", st.Message(), want)
 		}
 		back := FromGRPC(g)
 		if !errors.Is(back, m.err) {

@@ -53,8 +53,10 @@ type ImageServiceClient interface {
 	// ReadBlocks serves blocks on demand. The client sends many requests
 	// without waiting; the server answers each block in any order, tagged with
 	// the request's tag. Zero blocks are answered with zero=true and no data.
-	// A bad request is answered in-band (ReadBlocksResponse.error) and the
-	// stream stays open for the other requests.
+	// A request for a missing image or file, or past the end, is answered
+	// in-band (ReadBlocksResponse.error) and the stream stays open for the
+	// other requests; a malformed request (a bad name, too many blocks) ends
+	// the stream with InvalidArgument.
 	ReadBlocks(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ReadBlocksRequest, ReadBlocksResponse], error)
 	// FetchFile streams a whole file as independent zstd frames (GVFS's
 	// compressed whole-file channel), starting at a chunk-aligned offset so a
@@ -218,8 +220,10 @@ type ImageServiceServer interface {
 	// ReadBlocks serves blocks on demand. The client sends many requests
 	// without waiting; the server answers each block in any order, tagged with
 	// the request's tag. Zero blocks are answered with zero=true and no data.
-	// A bad request is answered in-band (ReadBlocksResponse.error) and the
-	// stream stays open for the other requests.
+	// A request for a missing image or file, or past the end, is answered
+	// in-band (ReadBlocksResponse.error) and the stream stays open for the
+	// other requests; a malformed request (a bad name, too many blocks) ends
+	// the stream with InvalidArgument.
 	ReadBlocks(grpc.BidiStreamingServer[ReadBlocksRequest, ReadBlocksResponse]) error
 	// FetchFile streams a whole file as independent zstd frames (GVFS's
 	// compressed whole-file channel), starting at a chunk-aligned offset so a

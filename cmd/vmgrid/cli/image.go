@@ -1,0 +1,402 @@
+package cli
+
+import (
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/vmgrid/vmgrid/imageserver"
+	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+	"github.com/vmgrid/vmgrid/services"
+)
+
+type imageFlags struct {
+	server string
+}
+
+func (f *imageFlags) client(g *globals) (*imageserver.Client, func(), error) {
+	cc, err := services.Dial(f.server, g.tls)
+	if err != nil {
+		return nil, nil, err
+	}
+	return imageserver.NewClient(cc), func() { cc.Close() }, nil
+}
+
+func imageCmd(g *globals) *cobra.Command {
+	f := &imageFlags{}
+	c := &cobra.Command{
+		Use:   "image",
+		Short: "Publish, list, inspect, fetch and delete images on an image server",
+	}
+	def := os.Getenv("VMGRID_IMAGESERVER")
+	if def == "" {
+		def = "127.0.0.1:7070"
+	}
+	c.PersistentFlags().StringVar(&f.server, "server", def, "image server address (env VMGRID_IMAGESERVER)")
+	c.AddCommand(imagePublishCmd(g, f), imageListCmd(g, f), imageGetCmd(g, f), imageRmCmd(g, f), imageFetchCmd(g, f), imageCreateDiskCmd(g, f))
+	return c
+}
+
+var fileKinds = map[string]imagev1.FileKind{
+	"config": imagev1.FileKind_FILE_KIND_CONFIG,
+	"disk":   imagev1.FileKind_FILE_KIND_DISK,
+	"memory": imagev1.FileKind_FILE_KIND_MEMORY_STATE,
+	"kernel": imagev1.FileKind_FILE_KIND_KERNEL,
+	"initrd": imagev1.FileKind_FILE_KIND_INITRD,
+	"other":  imagev1.FileKind_FILE_KIND_OTHER,
+}
+
+// parseFileSpec parses KIND:PATH or KIND:NAME=PATH.
+func parseFileSpec(s string) (imageserver.PublishFile, error) {
+	kind, rest, ok := strings.Cut(s, ":")
+	k, known := fileKinds[kind]
+	if !ok || !known || rest == "" {
+		return imageserver.PublishFile{}, fmt.Errorf("--file %q: want KIND:PATH or KIND:NAME=PATH with KIND one of config, disk, memory, kernel, initrd, other", s)
+	}
+	name, path, named := strings.Cut(rest, "=")
+	if !named {
+		path, name = rest, filepath.Base(rest)
+	}
+	return imageserver.PublishFile{Name: name, Path: path, Kind: k}, nil
+}
+
+func imagePublishCmd(g *globals, f *imageFlags) *cobra.Command {
+	var files, labels, actions []string
+	attrs := &imagev1.ImageAttributes{}
+	var blockSize uint32
+	var quiet bool
+	c := &cobra.Command{
+		Use:   "publish NAME --file KIND:[NAME=]PATH...",
+		Short: "Upload a new golden image (visible only once complete and verified)",
+		Example: `  vmgrid image publish tiny --file disk:root.raw=./root.raw --file memory:mem.state=./mem.state \
+      --file kernel:vmlinuz=./vmlinuz --arch x86_64 --vcpus 1 --memory-mib 256 --os debian-12`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			spec := imageserver.PublishSpec{Name: args[0], Attributes: attrs}
+			if len(files) == 0 {
+				return fmt.Errorf("an image needs at least one --file")
+			}
+			for _, s := range files {
+				pf, err := parseFileSpec(s)
+				if err != nil {
+					return err
+				}
+				pf.BlockSize = blockSize
+				spec.Files = append(spec.Files, pf)
+			}
+			var err error
+			if attrs.Labels, err = parseLabels(labels); err != nil {
+				return err
+			}
+			for _, a := range actions {
+				parts := strings.SplitN(a, ":", 3)
+				if len(parts) != 3 {
+					return fmt.Errorf("--action %q: want NAME:KIND:DIGEST", a)
+				}
+				attrs.Actions = append(attrs.Actions, &imagev1.Action{Name: parts[0], Kind: parts[1], Digest: parts[2]})
+			}
+			cl, done, err := f.client(g)
+			if err != nil {
+				return err
+			}
+			defer done()
+			var bar *progressbar.ProgressBar
+			progress := func(n, total uint64) {
+				if quiet {
+					return
+				}
+				if bar == nil {
+					bar = progressbar.DefaultBytes(int64(total), "publishing "+spec.Name)
+				}
+				_ = bar.Set64(int64(n))
+			}
+			start := time.Now()
+			resp, err := cl.Publish(cmd.Context(), spec, progress)
+			if bar != nil {
+				_ = bar.Finish()
+			}
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "published %s: %d files, %s sent in %s\n", resp.Manifest.Name, len(resp.Manifest.Files), humanBytes(resp.BytesReceived), time.Since(start).Round(time.Millisecond))
+			return nil
+		},
+	}
+	fl := c.Flags()
+	fl.StringArrayVar(&files, "file", nil, "a file of the image as KIND:PATH or KIND:NAME=PATH (KIND: config, disk, memory, kernel, initrd, other); repeat")
+	fl.StringVar(&attrs.Arch, "arch", "x86_64", "guest architecture")
+	fl.Uint32Var(&attrs.Vcpus, "vcpus", 1, "virtual CPUs")
+	fl.Uint64Var(&attrs.MemoryMib, "memory-mib", 256, "guest memory in MiB")
+	fl.StringVar(&attrs.Os, "os", "", "guest operating system, e.g. debian-12")
+	fl.StringVar(&attrs.Parent, "parent", "", "image this one derives from")
+	fl.StringArrayVar(&labels, "label", nil, "KEY=VALUE label; repeat")
+	fl.StringArrayVar(&actions, "action", nil, "configuration action already performed, NAME:KIND:DIGEST, in order; repeat")
+	fl.Uint32Var(&blockSize, "block-size", 0, "block size of every file (0: the server's default)")
+	fl.BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
+	return c
+}
+
+func parseLabels(labels []string) (map[string]string, error) {
+	if len(labels) == 0 {
+		return nil, nil
+	}
+	m := map[string]string{}
+	for _, l := range labels {
+		k, v, ok := strings.Cut(l, "=")
+		if !ok {
+			return nil, fmt.Errorf("label %q: want KEY=VALUE", l)
+		}
+		m[k] = v
+	}
+	return m, nil
+}
+
+func imageListCmd(g *globals, f *imageFlags) *cobra.Command {
+	req := &imagev1.ListImagesRequest{}
+	var labels []string
+	var kind string
+	c := &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List images and persistent disks",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var err error
+			if req.Labels, err = parseLabels(labels); err != nil {
+				return err
+			}
+			switch kind {
+			case "", "all":
+			case "golden":
+				req.Kind = imagev1.ListImagesRequest_KIND_GOLDEN
+			case "disk":
+				req.Kind = imagev1.ListImagesRequest_KIND_WRITABLE
+			default:
+				return fmt.Errorf("--kind %q: want all, golden or disk", kind)
+			}
+			cl, done, err := f.client(g)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := cl.API.ListImages(cmd.Context(), req)
+			if err != nil {
+				return err
+			}
+			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "NAME\tKIND\tARCH\tVCPUS\tMEMORY\tOS\tFILES\tSIZE\tNON-ZERO\tACTIONS")
+			for _, m := range resp.Images {
+				a := m.Attributes
+				if a == nil {
+					a = &imagev1.ImageAttributes{}
+				}
+				var size, nz uint64
+				for _, fm := range m.Files {
+					size += fm.Size
+					nz += fm.NonzeroBytes
+				}
+				k := "golden"
+				if m.Writable {
+					k = "disk (gen " + strconv.FormatUint(m.Generation, 10) + ")"
+				}
+				nzs := humanBytes(nz)
+				if m.Writable {
+					nzs = "-"
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%dMiB\t%s\t%d\t%s\t%s\t%d\n", m.Name, k, a.Arch, a.Vcpus, a.MemoryMib, a.Os, len(m.Files), humanBytes(size), nzs, len(a.Actions))
+			}
+			return w.Flush()
+		},
+	}
+	fl := c.Flags()
+	fl.StringVar(&req.NamePrefix, "prefix", "", "only names starting with this")
+	fl.StringVar(&req.Arch, "arch", "", "only this architecture")
+	fl.StringVar(&req.Os, "os", "", "only this operating system")
+	fl.Uint32Var(&req.MinVcpus, "min-vcpus", 0, "only images with at least this many vCPUs")
+	fl.Uint64Var(&req.MinMemoryMib, "min-memory-mib", 0, "only images with at least this much memory")
+	fl.StringArrayVar(&labels, "label", nil, "only images with this KEY=VALUE label; repeat")
+	fl.StringVar(&kind, "kind", "all", "all, golden or disk")
+	return c
+}
+
+func imageGetCmd(g *globals, f *imageFlags) *cobra.Command {
+	var full bool
+	c := &cobra.Command{
+		Use:   "get NAME",
+		Short: "Print an image's manifest as JSON",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, done, err := f.client(g)
+			if err != nil {
+				return err
+			}
+			defer done()
+			v := imagev1.View_VIEW_BASIC
+			if full {
+				v = imagev1.View_VIEW_FULL
+			}
+			resp, err := cl.API.GetImage(cmd.Context(), &imagev1.GetImageRequest{Name: args[0], View: v})
+			if err != nil {
+				return err
+			}
+			b, err := protojson.MarshalOptions{Multiline: true}.Marshal(resp.Manifest)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), string(b))
+			return nil
+		},
+	}
+	c.Flags().BoolVar(&full, "full", false, "include zero maps and block digests")
+	return c
+}
+
+func imageRmCmd(g *globals, f *imageFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:     "rm NAME...",
+		Aliases: []string{"delete"},
+		Short:   "Delete images or persistent disks",
+		Args:    cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, done, err := f.client(g)
+			if err != nil {
+				return err
+			}
+			defer done()
+			for _, n := range args {
+				if _, err := cl.API.DeleteImage(cmd.Context(), &imagev1.DeleteImageRequest{Name: n}); err != nil {
+					return err
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), "deleted", n)
+			}
+			return nil
+		},
+	}
+}
+
+func imageFetchCmd(g *globals, f *imageFlags) *cobra.Command {
+	var out string
+	c := &cobra.Command{
+		Use:   "fetch IMAGE FILE -o PATH",
+		Short: "Download one file of an image through the compressed whole-file channel",
+		Long: `Download one file of an image through the zstd whole-file channel. Zero
+chunks are not sent and are left as holes in PATH. The download is written
+to PATH.partial and renamed when complete and verified against the file's
+SHA-256.`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, done, err := f.client(g)
+			if err != nil {
+				return err
+			}
+			defer done()
+			if out == "" {
+				out = args[1]
+			}
+			return fetchToFile(cmd, cl, args[0], args[1], out)
+		},
+	}
+	c.Flags().StringVarP(&out, "output", "o", "", "where to write the file (default: FILE in the current directory)")
+	return c
+}
+
+func fetchToFile(cmd *cobra.Command, cl *imageserver.Client, image, file, out string) error {
+	resp, err := cl.API.GetImage(cmd.Context(), &imagev1.GetImageRequest{Name: image})
+	if err != nil {
+		return err
+	}
+	var meta *imagev1.FileMeta
+	for _, fm := range resp.Manifest.Files {
+		if fm.Name == file {
+			meta = fm
+		}
+	}
+	if meta == nil {
+		return fmt.Errorf("image %s has no file %s", image, file)
+	}
+	tmp := out + ".partial"
+	w, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp) // after a successful rename this does nothing
+	defer w.Close()
+	if err := w.Truncate(int64(meta.Size)); err != nil {
+		return err
+	}
+	bar := progressbar.DefaultBytes(int64(meta.Size), "fetching "+file)
+	err = cl.FetchFile(cmd.Context(), image, file, 0, 3, func(off uint64, n uint32, data []byte) error {
+		if data != nil {
+			if _, err := w.WriteAt(data, int64(off)); err != nil {
+				return err
+			}
+		}
+		return bar.Add(int(n))
+	})
+	_ = bar.Finish()
+	if err != nil {
+		return err
+	}
+	if meta.Sha256 != nil {
+		sum, err := fileSHA256(w)
+		if err != nil {
+			return err
+		}
+		if hex.EncodeToString(sum) != hex.EncodeToString(meta.Sha256) {
+			return fmt.Errorf("%s: checksum mismatch after download; not saved", file)
+		}
+	}
+	if err := w.Sync(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, out)
+}
+
+func imageCreateDiskCmd(g *globals, f *imageFlags) *cobra.Command {
+	req := &imagev1.CreateDiskRequest{}
+	c := &cobra.Command{
+		Use:   "create-disk NAME --from IMAGE [--file FILE]",
+		Short: "Create a persistent disk from a golden image without copying it",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req.Name = args[0]
+			cl, done, err := f.client(g)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := cl.API.CreateDisk(cmd.Context(), req)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "created disk %s from %s/%s (%s)\n", resp.Manifest.Name, resp.Manifest.BaseImage, resp.Manifest.BaseFile, humanBytes(resp.Manifest.Files[0].Size))
+			return nil
+		},
+	}
+	c.Flags().StringVar(&req.SourceImage, "from", "", "golden image to create the disk from (required)")
+	c.Flags().StringVar(&req.SourceFile, "file", "", "disk file of the image (default: its only disk)")
+	_ = c.MarkFlagRequired("from")
+	return c
+}
+
+func humanBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%dB", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f%ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
