@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"runtime"
-	"sync"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/prometheus/client_golang/prometheus"
@@ -196,207 +194,49 @@ func (s *Service) GetProfile(_ context.Context, req *imagev1.GetProfileRequest) 
 	return &imagev1.GetProfileResponse{Entries: e}, nil
 }
 
-// readWorkers read blocks in parallel for one ReadBlocks stream, so a
-// pipelined client keeps the disk and the wire busy at once.
-var readWorkers = max(4, runtime.NumCPU())
-
-type blockJob struct {
-	tag    uint64
-	h      *FileHandle
-	block  uint64
-	accept imagev1.Compression
-}
-
-var bufPool = sync.Pool{New: func() any { b := make([]byte, MaxBlockSize); return &b }}
-
 // ReadBlocks implements ImageService.ReadBlocks.
 func (s *Service) ReadBlocks(stream imagev1.ImageService_ReadBlocksServer) error {
-	ctx, cancel := context.WithCancel(stream.Context())
-	defer cancel()
-	jobs := make(chan blockJob, 256)
-	// buf, when set, backs resp.Data and goes back to the pool after Send.
-	type outMsg struct {
-		resp *imagev1.ReadBlocksResponse
-		buf  *[]byte
-	}
-	out := make(chan outMsg, 256)
+	return ServeReadBlocks(stream, storeSources{s.store}, s.enc, s.m)
+}
 
-	// Receiver: resolves files once per stream and fans requests out.
-	recvErr := make(chan error, 1)
-	go func() {
-		defer close(jobs)
-		handles := map[[2]string]*FileHandle{}
-		for {
-			req, err := stream.Recv()
-			if err != nil {
-				if !errors.Is(err, io.EOF) {
-					recvErr <- err
-				}
-				return
-			}
-			key := [2]string{req.Image, req.File}
-			h := handles[key]
-			if h == nil {
-				if h, err = s.store.OpenFile(req.Image, req.File); err != nil {
-					select {
-					case out <- outMsg{resp: errorResponse(req.Tag, req.Block, err)}:
-					case <-ctx.Done():
-						return
-					}
-					continue
-				}
-				handles[key] = h
-			}
-			count := max(req.Count, 1)
-			for i := uint64(0); i < uint64(count); i++ {
-				select {
-				case jobs <- blockJob{tag: req.Tag, h: h, block: req.Block + i, accept: req.Accept}:
-				case <-ctx.Done():
-					return
-				}
-			}
-		}
-	}()
-
-	var wg sync.WaitGroup
-	for range readWorkers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := range jobs {
-				bp := bufPool.Get().(*[]byte)
-				b, err := j.h.ReadBlock(j.block, *bp)
-				var resp *imagev1.ReadBlocksResponse
-				switch {
-				case err != nil:
-					resp = errorResponse(j.tag, j.block, err)
-					bufPool.Put(bp)
-					bp = nil
-				case b.Zero:
-					resp = &imagev1.ReadBlocksResponse{Tag: j.tag, Block: j.block, Zero: true, Length: b.Length, Digest: b.Digest}
-					bufPool.Put(bp)
-					bp = nil
-				default:
-					resp = &imagev1.ReadBlocksResponse{Tag: j.tag, Block: j.block, Data: b.Data, Length: b.Length, Digest: b.Digest}
-					if j.accept == imagev1.Compression_COMPRESSION_ZSTD {
-						if c := s.enc.EncodeAll(b.Data, nil); len(c) < len(b.Data)*7/8 {
-							resp.Data, resp.Compression = c, imagev1.Compression_COMPRESSION_ZSTD
-							bufPool.Put(bp)
-							bp = nil
-						}
-					}
-				}
-				select {
-				case out <- outMsg{resp, bp}:
-				case <-ctx.Done():
-				}
-			}
-		}()
-	}
-	go func() { wg.Wait(); close(out) }()
-
-	// Sender: the only goroutine that calls stream.Send.
-	var sendErr error
-	for msg := range out {
-		resp := msg.resp
-		if sendErr == nil {
-			sendErr = stream.Send(resp)
-			if sendErr != nil {
-				cancel()
-			}
-			switch {
-			case resp.Error != nil:
-				s.m.blocks.WithLabelValues("error").Inc()
-			case resp.Zero:
-				s.m.blocks.WithLabelValues("zero").Inc()
-			default:
-				s.m.blocks.WithLabelValues("data").Inc()
-				s.m.bytesSent.WithLabelValues("ReadBlocks").Add(float64(len(resp.Data)))
-			}
-		}
-		// Send has serialized the message: the buffer can be reused.
-		if msg.buf != nil {
-			bufPool.Put(msg.buf)
-		}
-	}
-	if sendErr != nil {
-		return sendErr
-	}
-	select {
-	case err := <-recvErr:
-		return err
-	default:
-		return nil
+// Block counts one ReadBlocks answer.
+func (m *metrics) Block(result string, payload int) {
+	m.blocks.WithLabelValues(result).Inc()
+	if payload > 0 {
+		m.bytesSent.WithLabelValues("ReadBlocks").Add(float64(payload))
 	}
 }
 
-func errorResponse(tag, block uint64, err error) *imagev1.ReadBlocksResponse {
-	return &imagev1.ReadBlocksResponse{Tag: tag, Block: block, Error: &imagev1.Error{Code: uint32(errdefs.Code(err)), Message: err.Error()}}
+// storeSources opens store files for the shared serving loops.
+type storeSources struct{ s *Store }
+
+type storeSource struct{ h *FileHandle }
+
+func (o storeSources) OpenSource(_ context.Context, image, file string) (BlockSource, error) {
+	h, err := o.s.OpenFile(image, file)
+	if err != nil {
+		return nil, err
+	}
+	return storeSource{h}, nil
 }
 
-// FetchFile implements ImageService.FetchFile: chunks are read and
-// compressed by several workers and sent in order.
+func (o storeSources) Valid(src BlockSource) bool { return o.s.current(src.(storeSource).h) }
+
+func (s storeSource) Meta() *imagev1.FileMeta { return s.h.Meta() }
+func (s storeSource) ReadBlock(_ context.Context, index uint64, buf []byte) (Block, error) {
+	return s.h.ReadBlock(index, buf)
+}
+func (s storeSource) ReadRange(_ context.Context, off uint64, buf []byte) (bool, error) {
+	return s.h.ReadRange(off, buf)
+}
+
+// FetchFile implements ImageService.FetchFile.
 func (s *Service) FetchFile(req *imagev1.FetchFileRequest, stream imagev1.ImageService_FetchFileServer) error {
 	h, err := s.store.OpenFile(req.Image, req.File)
 	if err != nil {
 		return err
 	}
-	meta := h.Meta()
-	cs := uint64(meta.ChunkSize)
-	if req.Offset%cs != 0 {
-		return fmt.Errorf("offset %d is not a multiple of the chunk size %d; resume from the start of the last chunk received: %w", req.Offset, cs, errdefs.ErrInvalidArgument)
-	}
-	if req.Offset > meta.Size {
-		return fmt.Errorf("offset %d is past the end of %q (%d bytes): %w", req.Offset, meta.Name, meta.Size, errdefs.ErrOutOfRange)
-	}
-	ctx, cancel := context.WithCancel(stream.Context())
-	defer cancel()
-	type result struct {
-		resp *imagev1.FetchFileResponse
-		err  error
-	}
-	// A window of futures keeps chunks in order while workers run ahead.
-	workers := max(2, runtime.NumCPU())
-	futures := make(chan chan result, workers*2)
-	sem := make(chan struct{}, workers)
-	go func() {
-		defer close(futures)
-		for off := req.Offset; off < meta.Size; off += cs {
-			f := make(chan result, 1)
-			select {
-			case futures <- f:
-			case <-ctx.Done():
-				return
-			}
-			sem <- struct{}{}
-			go func(off uint64) {
-				defer func() { <-sem }()
-				n := min(cs, meta.Size-off)
-				bp := bufPool.Get().(*[]byte)
-				defer bufPool.Put(bp)
-				buf := (*bp)[:n]
-				zero, err := h.ReadRange(off, buf)
-				if err != nil {
-					f <- result{err: err}
-					return
-				}
-				r := &imagev1.FetchFileResponse{Offset: off, Length: uint32(n), Zero: zero}
-				if !zero {
-					r.Data = s.enc.EncodeAll(buf, make([]byte, 0, n/2))
-				}
-				f <- result{resp: r}
-			}(off)
-		}
-	}()
-	for f := range futures {
-		r := <-f
-		if r.err != nil {
-			return r.err
-		}
-		if err := stream.Send(r.resp); err != nil {
-			return err
-		}
-		s.m.bytesSent.WithLabelValues("FetchFile").Add(float64(len(r.resp.Data)))
-	}
-	return ctx.Err()
+	return ServeFetchFile(req, stream, storeSource{h}, s.enc, func(n int) {
+		s.m.bytesSent.WithLabelValues("FetchFile").Add(float64(n))
+	})
 }

@@ -57,8 +57,9 @@ func NewRoot() *cobra.Command {
 Compute servers read images block by block on demand through a local cache;
 nothing is copied up front.
 
-Server roles:   vmgrid imageserver
-Client verbs:   vmgrid image publish|ls|get|fetch|rm|create-disk`,
+Server roles:   vmgrid imageserver | computeserver | cacheproxy
+Client verbs:   vmgrid image publish|ls|get|fetch|rm|create-disk
+                vmgrid cache flush|stats|drop`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
@@ -68,7 +69,7 @@ Client verbs:   vmgrid image publish|ls|get|fetch|rm|create-disk`,
 	pf.StringVar(&g.tls.CertFile, "tls-cert", "", "PEM certificate (server: its certificate; client: a client certificate for mutual TLS)")
 	pf.StringVar(&g.tls.KeyFile, "tls-key", "", "PEM private key of --tls-cert")
 	pf.StringVar(&g.tls.CAFile, "tls-ca", "", "PEM CA bundle (server: require client certificates signed by it; client: trust servers signed by it)")
-	root.AddCommand(imageserverCmd(g), imageCmd(g))
+	root.AddCommand(imageserverCmd(g), computeserverCmd(g), cacheproxyCmd(g), imageCmd(g), cacheCmd(g))
 	return root
 }
 

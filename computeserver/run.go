@@ -1,0 +1,143 @@
+package computeserver
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
+	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
+	"github.com/vmgrid/vmgrid/services"
+)
+
+// Config is what `vmgrid computeserver` needs.
+type Config struct {
+	Server services.Options
+	// Upstream is the image server or a cache proxy.
+	Upstream    string
+	UpstreamTLS services.TLSFiles
+	// Compress asks the upstream for zstd-compressed blocks (for slow links).
+	Compress bool
+	// DataDir holds the caches (DataDir/cache) and the mount (DataDir/mnt
+	// unless Mountpoint is set).
+	DataDir    string
+	Mountpoint string
+	Cache      gvfs.CacheConfig
+	FlushIdle  time.Duration
+	ReadAhead  int
+}
+
+// Plant is a running compute server.
+type Plant struct {
+	Server     *services.Server
+	Proxy      *gvfs.Proxy
+	Mountpoint string
+	log        *zap.Logger
+}
+
+// Start opens the caches, writes back dirty blocks left by a previous run,
+// mounts the FUSE view and starts the gRPC server.
+func Start(ctx context.Context, cfg Config) (*Plant, error) {
+	log := cfg.Server.Logger
+	if log == nil {
+		log = zap.NewNop()
+	}
+	up, err := gvfs.DialUpstream(cfg.Upstream, cfg.UpstreamTLS, cfg.Compress)
+	if err != nil {
+		return nil, err
+	}
+	p, err := gvfs.New(gvfs.Config{
+		Upstream: up, Dir: filepath.Join(cfg.DataDir, "cache"), Cache: cfg.Cache,
+		FlushIdle: cfg.FlushIdle, ReadAhead: cfg.ReadAhead, Logger: log,
+	})
+	if err != nil {
+		up.Close()
+		return nil, err
+	}
+	fail := func(err error) (*Plant, error) {
+		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		p.Close(cctx)
+		up.Close()
+		return nil, err
+	}
+	if flushed, err := p.FlushAll(ctx); err != nil {
+		log.Warn("write-back of dirty blocks from the previous run failed; they stay dirty", zap.Error(err))
+	} else if len(flushed) > 0 {
+		log.Info("wrote back dirty blocks from the previous run", zap.Int("disks", len(flushed)))
+	}
+	mnt := cfg.Mountpoint
+	if mnt == "" {
+		mnt = filepath.Join(cfg.DataDir, "mnt")
+	}
+	if _, err := gvfs.Mount(mnt, p, gvfs.MountOptions{}); err != nil {
+		return fail(err)
+	}
+	var regErr error
+	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) {
+		computev1.RegisterCacheServiceServer(gs, &cacheService{p: p})
+		regErr = p.RegisterMetrics(reg)
+	})
+	if err == nil && regErr != nil {
+		srv.Shutdown()
+		err = regErr
+	}
+	if err != nil {
+		return fail(fmt.Errorf("compute server: %w", err))
+	}
+	log.Info("FUSE view mounted", zap.String("mountpoint", mnt), zap.String("upstream", cfg.Upstream))
+	return &Plant{Server: srv, Proxy: p, Mountpoint: mnt, log: log}, nil
+}
+
+// Serve serves until ctx ends; SIGUSR1 flushes every dirty disk (as in the
+// GVFS paper, middleware signals the proxy to write back). At the end the
+// view is unmounted and dirty disks are written back.
+func (pl *Plant) Serve(ctx context.Context) error {
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	defer signal.Stop(usr1)
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-usr1:
+				pl.log.Info("SIGUSR1: writing back every dirty disk")
+				if _, err := pl.Proxy.FlushAll(ctx); err != nil {
+					pl.log.Warn("write-back failed", zap.Error(err))
+				}
+			}
+		}
+	}()
+	err := pl.Server.Serve(ctx)
+	pl.Close()
+	return err
+}
+
+// Close stops serving, unmounts the view and writes back dirty disks.
+func (pl *Plant) Close() {
+	pl.Server.Shutdown()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := pl.Proxy.Close(ctx); err != nil {
+		pl.log.Warn("closing the data plane", zap.Error(err))
+	}
+	pl.Proxy.Upstream().Close()
+}
+
+// Run starts a compute server and serves until ctx ends.
+func Run(ctx context.Context, cfg Config) error {
+	pl, err := Start(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	return pl.Serve(ctx)
+}
