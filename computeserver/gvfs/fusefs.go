@@ -44,12 +44,14 @@ type MountOptions struct {
 // it (or Proxy.Close) when done. A stale mount left by a killed process is
 // unmounted first.
 func Mount(dir string, p *Proxy, o MountOptions) (*fuse.Server, error) {
+	if _, err := os.Stat(dir); errors.Is(err, syscall.ENOTCONN) {
+		p.log.Warn("unmounting a stale FUSE mount left by a killed process", zap.String("dir", dir))
+		if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil {
+			return nil, fmt.Errorf("unmount stale %s: %w", dir, err)
+		}
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
-	}
-	if _, err := os.Stat(dir); errors.Is(err, syscall.ENOTCONN) {
-		p.log.Warn("unmounting a stale FUSE mount", zap.String("dir", dir))
-		_ = syscall.Unmount(dir, syscall.MNT_DETACH)
 	}
 	root := &rootNode{p: p}
 	gt := goldenTimeout
