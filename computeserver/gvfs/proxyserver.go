@@ -212,4 +212,3 @@ func (p *Proxy) forget(name string) {
 	p.mu.Unlock()
 	p.cache.Invalidate(diskKey(name))
 }
-

@@ -72,4 +72,3 @@ Client verbs:   vmgrid image publish|ls|get|fetch|rm|create-disk
 	root.AddCommand(imageserverCmd(g), computeserverCmd(g), cacheproxyCmd(g), imageCmd(g), cacheCmd(g))
 	return root
 }
-

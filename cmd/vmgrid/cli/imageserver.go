@@ -43,4 +43,3 @@ Prometheus metrics on --metrics-listen at /metrics.`,
 	f.DurationVar(&cfg.Server.ShutdownTimeout, "shutdown-timeout", 0, "how long a graceful stop waits for running calls (0: 10s)")
 	return c
 }
-
