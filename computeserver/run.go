@@ -14,6 +14,8 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
+	"github.com/vmgrid/vmgrid/computeserver/plant"
+	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	"github.com/vmgrid/vmgrid/services"
 )
@@ -33,12 +35,19 @@ type Config struct {
 	Cache      gvfs.CacheConfig
 	FlushIdle  time.Duration
 	ReadAhead  int
+	// Name of the plant in classads (default: the listen address).
+	Name string
+	// GuestMemoryMiB is what guests may use in all (0: 80% of RAM).
+	GuestMemoryMiB uint64
+	// Driver runs the guests (nil: QEMU with TCG).
+	Driver vmm.Driver
 }
 
 // Plant is a running compute server.
 type Plant struct {
 	Server     *services.Server
 	Proxy      *gvfs.Proxy
+	Plant      *plant.Plant
 	Mountpoint string
 	log        *zap.Logger
 }
@@ -81,9 +90,25 @@ func Start(ctx context.Context, cfg Config) (*Plant, error) {
 	if _, err := gvfs.Mount(mnt, p, gvfs.MountOptions{}); err != nil {
 		return fail(err)
 	}
+	name := cfg.Name
+	if name == "" {
+		name = cfg.Server.Listen
+	}
+	driver := cfg.Driver
+	if driver == nil {
+		driver = &vmm.QEMU{Log: log}
+	}
+	pl, err := plant.New(plant.Config{
+		Name: name, Dir: filepath.Join(cfg.DataDir, "vms"), Mountpoint: mnt, Proxy: p,
+		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, Log: log,
+	})
+	if err != nil {
+		return fail(err)
+	}
 	var regErr error
 	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) {
 		computev1.RegisterCacheServiceServer(gs, &cacheService{p: p})
+		computev1.RegisterPlantServiceServer(gs, &plantService{p: pl, images: up.Client})
 		regErr = p.RegisterMetrics(reg)
 	})
 	if err == nil && regErr != nil {
@@ -94,7 +119,7 @@ func Start(ctx context.Context, cfg Config) (*Plant, error) {
 		return fail(fmt.Errorf("compute server: %w", err))
 	}
 	log.Info("FUSE view mounted", zap.String("mountpoint", mnt), zap.String("upstream", cfg.Upstream))
-	return &Plant{Server: srv, Proxy: p, Mountpoint: mnt, log: log}, nil
+	return &Plant{Server: srv, Proxy: p, Plant: pl, Mountpoint: mnt, log: log}, nil
 }
 
 // Serve serves until ctx ends; SIGUSR1 flushes every dirty disk (as in the
@@ -122,11 +147,13 @@ func (pl *Plant) Serve(ctx context.Context) error {
 	return err
 }
 
-// Close stops serving, unmounts the view and writes back dirty disks.
+// Close stops serving, stops the VMs, unmounts the view and writes back
+// dirty disks.
 func (pl *Plant) Close() {
 	pl.Server.Shutdown()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	pl.Plant.Close(ctx)
 	if err := pl.Proxy.Close(ctx); err != nil {
 		pl.log.Warn("closing the data plane", zap.Error(err))
 	}

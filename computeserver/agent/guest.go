@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -78,7 +79,7 @@ func Handle(ctx context.Context, req *Request) Response {
 			err = writeFile("/etc/hostname", []byte(req.Hostname+"\n"), 0o644)
 		}
 	case OpAddUser:
-		err = addUser(ctx, req.User, req.SSHKey)
+		err = addUser(req.User, req.SSHKey)
 	case OpMount:
 		err = mount(req)
 	case OpSetTime:
@@ -168,26 +169,87 @@ func runExec(ctx context.Context, req *Request) Response {
 	return resp
 }
 
-func addUser(ctx context.Context, user, key string) error {
+// addUser adds a user the way adduser would, without depending on one
+// (busybox builds often lack it): a passwd and a group entry with the next
+// free id from 1000, a home directory, and the SSH key.
+func addUser(user, key string) error {
 	if user == "" || strings.ContainsAny(user, "/:\n ") {
 		return fmt.Errorf("bad user name %q", user)
 	}
 	home := "/home/" + user
-	if _, err := os.Stat(home); err != nil {
-		// busybox adduser: -D no password.
-		if out, err := exec.CommandContext(ctx, "adduser", "-D", "-h", home, user).CombinedOutput(); err != nil {
-			return fmt.Errorf("adduser %s: %v: %s", user, err, bytes.TrimSpace(out))
-		}
+	uid, err := ensureUser(user, home)
+	if err != nil {
+		return err
 	}
-	if key != "" {
-		if err := writeFile(home+"/.ssh/authorized_keys", []byte(strings.TrimSpace(key)+"\n"), 0o600); err != nil {
+	if err := os.MkdirAll(home, 0o755); err != nil {
+		return err
+	}
+	if err := os.Chown(home, uid, uid); err != nil {
+		return err
+	}
+	if key == "" {
+		return nil
+	}
+	if err := os.MkdirAll(home+"/.ssh", 0o700); err != nil {
+		return err
+	}
+	if err := writeFile(home+"/.ssh/authorized_keys", []byte(strings.TrimSpace(key)+"\n"), 0o600); err != nil {
+		return err
+	}
+	for _, p := range []string{home + "/.ssh", home + "/.ssh/authorized_keys"} {
+		if err := os.Chown(p, uid, uid); err != nil {
 			return err
-		}
-		if out, err := exec.CommandContext(ctx, "chown", "-R", user+":"+user, home+"/.ssh").CombinedOutput(); err != nil {
-			return fmt.Errorf("chown: %v: %s", err, bytes.TrimSpace(out))
 		}
 	}
 	return nil
+}
+
+// ensureUser returns the uid of user, adding it to /etc/passwd and
+// /etc/group if it does not exist.
+func ensureUser(user, home string) (int, error) {
+	passwd, err := os.ReadFile("/etc/passwd")
+	if err != nil && !os.IsNotExist(err) {
+		return 0, err
+	}
+	next := 1000
+	for _, line := range strings.Split(string(passwd), "\n") {
+		f := strings.Split(line, ":")
+		if len(f) < 3 {
+			continue
+		}
+		id, _ := strconv.Atoi(f[2])
+		if f[0] == user {
+			return id, nil
+		}
+		if id >= next && id < 60000 {
+			next = id + 1
+		}
+	}
+	entry := fmt.Sprintf("%s:x:%d:%d::%s:/bin/sh\n", user, next, next, home)
+	if err := appendFile("/etc/passwd", entry); err != nil {
+		return 0, err
+	}
+	if err := appendFile("/etc/group", fmt.Sprintf("%s:x:%d:\n", user, next)); err != nil {
+		return 0, err
+	}
+	if _, err := os.Stat("/etc/shadow"); err == nil {
+		if err := appendFile("/etc/shadow", user+":!:19000:0:99999:7:::\n"); err != nil {
+			return 0, err
+		}
+	}
+	return next, nil
+}
+
+func appendFile(path, s string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteString(s); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 func mount(req *Request) error {

@@ -1,0 +1,60 @@
+package plant
+
+import (
+	"encoding/json"
+	"fmt"
+
+	"github.com/vmgrid/vmgrid/computeserver/vmm"
+)
+
+// ConfigFile is the name of a golden image's VM configuration file.
+const ConfigFile = "vm.json"
+
+// Names of the other files of a golden image built here.
+const (
+	KernelFile = "vmlinuz"
+	InitrdFile = "initrd.img"
+	RootFile   = "root.raw"
+	MemoryFile = "mem.state"
+)
+
+// AgentChannel is the virtio-serial port of the guest agent.
+const AgentChannel = "org.vmgrid.agent.0"
+
+// VMConfig is a golden image's VM configuration (vm.json): the machine it
+// was suspended on, without host paths. A clone rebinds the paths (kernel
+// and disk on the FUSE view, redo log and sockets in its own directory) and
+// must keep everything else equal to restore the memory state.
+type VMConfig struct {
+	Version int `json:"version"`
+	// Spec is the machine: memory, vCPUs, machine type, kernel command
+	// line, disk formats and interfaces, channels, extra devices. Paths
+	// are empty.
+	Spec vmm.Spec `json:"spec"`
+	// Files of the image that the machine uses.
+	Kernel string `json:"kernel"`
+	Initrd string `json:"initrd,omitempty"`
+	Root   string `json:"root"`
+	Memory string `json:"memory,omitempty"` // empty: cold boot
+}
+
+func decodeConfig(b []byte) (*VMConfig, error) {
+	var c VMConfig
+	if err := json.Unmarshal(b, &c); err != nil {
+		return nil, fmt.Errorf("vm.json: %w", err)
+	}
+	if c.Version != 1 || c.Kernel == "" || c.Root == "" || len(c.Spec.Disks) == 0 {
+		return nil, fmt.Errorf("vm.json: version %d, kernel %q, root %q, %d disks: not a configuration this plant can run", c.Version, c.Kernel, c.Root, len(c.Spec.Disks))
+	}
+	return &c, nil
+}
+
+// hotplugPorts are PCIe root ports every golden machine has, so a clone can
+// receive hot-plugged disks (host actions) after its memory state was
+// restored: q35's root bus takes no hotplug.
+var hotplugPorts = []string{
+	"-device", "pcie-root-port,id=hp0,chassis=1,slot=1",
+	"-device", "pcie-root-port,id=hp1,chassis=2,slot=2",
+	"-device", "pcie-root-port,id=hp2,chassis=3,slot=3",
+	"-device", "pcie-root-port,id=hp3,chassis=4,slot=4",
+}

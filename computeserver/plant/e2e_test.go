@@ -1,0 +1,277 @@
+package plant_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/vmgrid/vmgrid/computeserver"
+	"github.com/vmgrid/vmgrid/computeserver/plant"
+	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	"github.com/vmgrid/vmgrid/imagebuild"
+	"github.com/vmgrid/vmgrid/internal/testutil"
+	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
+	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+	"github.com/vmgrid/vmgrid/services"
+)
+
+// computeServer is an in-process compute server with a client.
+type computeServer struct {
+	*computeserver.Plant
+	dir    string
+	plants computev1.PlantServiceClient
+	stop   func()
+}
+
+func startCompute(t *testing.T, upstream string) *computeServer {
+	t.Helper()
+	dir := testutil.ShortTempDir(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	pl, err := computeserver.Start(ctx, computeserver.Config{
+		Server:   services.Options{Name: "computeserver", Listen: "127.0.0.1:0", Logger: zaptest.NewLogger(t)},
+		Upstream: upstream, DataDir: dir, FlushIdle: -1,
+	})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { pl.Serve(ctx); close(done) }()
+	cc, err := services.Dial(pl.Server.Addr(), services.TLSFiles{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	cs := &computeServer{Plant: pl, dir: dir, plants: computev1.NewPlantServiceClient(cc)}
+	cs.stop = func() { once.Do(func() { cc.Close(); cancel(); <-done }) }
+	t.Cleanup(cs.stop)
+	return cs
+}
+
+func create(ctx context.Context, c computev1.PlantServiceClient, req *computev1.CreateVMRequest) (*computev1.ClassAd, []computev1.VMState, error) {
+	stream, err := c.CreateVM(ctx, req)
+	if err != nil {
+		return nil, nil, err
+	}
+	var states []computev1.VMState
+	for {
+		p, err := stream.Recv()
+		if err != nil {
+			return nil, states, err
+		}
+		states = append(states, p.State)
+		if p.Classad != nil {
+			return p.Classad, states, nil
+		}
+	}
+}
+
+func exec1(t *testing.T, ctx context.Context, c computev1.PlantServiceClient, id string, script string) string {
+	t.Helper()
+	resp, err := c.ExecVM(ctx, &computev1.ExecVMRequest{VmId: id, Exec: &computev1.ExecAction{Argv: []string{"sh", "-c", script}}})
+	if err != nil {
+		t.Fatalf("exec in %s: %v", id, err)
+	}
+	if resp.ExitCode != 0 || resp.Error != "" {
+		t.Fatalf("exec %q in %s: exit %d %s: %s", script, id, resp.ExitCode, resp.Error, resp.Stderr)
+	}
+	return strings.TrimSpace(string(resp.Stdout))
+}
+
+func code(err error) codes.Code { s, _ := status.FromError(err); return s.Code() }
+
+func gone(pid int32) bool { return syscall.Kill(int(pid), 0) == syscall.ESRCH }
+
+func host(id string, a ...*computev1.Action) *computev1.ConfigDAG { return &computev1.ConfigDAG{Actions: a} }
+
+// TestProductionLine builds the tiny golden image for real, publishes it and
+// runs clones from it on real compute servers (FUSE view, QEMU under TCG).
+func TestProductionLine(t *testing.T) {
+	testutil.NeedQEMU(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	is := testutil.StartServer(t, "")
+	g, err := plant.BuildGolden(ctx, plant.GoldenOptions{
+		Name: "tiny", WorkDir: testutil.ShortTempDir(t), Driver: &vmm.QEMU{}, Publish: is.Client, Log: zaptest.NewLogger(t),
+		Recipe: &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": testutil.GuestAgent(t)}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("golden built: %v", g.Took)
+	golden, err := is.Client.API.GetImage(ctx, &imagev1.GetImageRequest{Name: "tiny"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs := startCompute(t, is.Srv.Addr())
+
+	t.Run("two clones at once, each configured", func(t *testing.T) {
+		type out struct {
+			ad  *computev1.ClassAd
+			err error
+		}
+		res := make([]out, 2)
+		var wg sync.WaitGroup
+		for i := range res {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				n := strconv.Itoa(i)
+				dag := host("",
+					&computev1.Action{Id: "name", Kind: &computev1.Action_SetHostname{SetHostname: &computev1.SetHostnameAction{Hostname: "clone" + n}}},
+					&computev1.Action{Id: "user", Kind: &computev1.Action_AddUser{AddUser: &computev1.AddUserAction{User: "user" + n, SshKey: "ssh-ed25519 AAAA key" + n}}},
+					&computev1.Action{Id: "check", After: []string{"name", "user"}, Kind: &computev1.Action_Exec{Exec: &computev1.ExecAction{
+						Argv: []string{"sh", "-c", `echo "host=$(hostname)" > "$VMGRID_RESULTS"; echo done`}}}},
+				)
+				ad, states, err := create(ctx, cs.plants, &computev1.CreateVMRequest{Image: "tiny", Owner: "alice", Config: dag})
+				if err == nil && states[len(states)-1] != computev1.VMState_VM_STATE_RUNNING {
+					err = errors.New("last state is not RUNNING")
+				}
+				res[i] = out{ad, err}
+			}()
+		}
+		wg.Wait()
+		for i, r := range res {
+			if r.err != nil {
+				t.Fatalf("clone %d: %v", i, r.err)
+			}
+			n := strconv.Itoa(i)
+			ad := r.ad
+			t.Logf("clone %d ready in %v, fetched %d bytes", i, time.Duration(ad.ReadyNanos), ad.FetchedBytes)
+			if got := ad.Actions[2].Results["host"]; got != "clone"+n {
+				t.Fatalf("classad results: host=%q", got)
+			}
+			if got := exec1(t, ctx, cs.plants, ad.VmId, "hostname; cat /home/user"+n+"/.ssh/authorized_keys"); got != "clone"+n+"\nssh-ed25519 AAAA key"+n {
+				t.Fatalf("clone %d is configured as %q", i, got)
+			}
+		}
+		// Writes stay in each clone's redo log.
+		a, b := res[0].ad, res[1].ad
+		exec1(t, ctx, cs.plants, a.VmId, "dd if=/dev/urandom of=/root/big bs=1M count=4 2>/dev/null && sync")
+		if got := exec1(t, ctx, cs.plants, b.VmId, "ls /root/big 2>/dev/null || echo absent"); got != "absent" {
+			t.Fatalf("a write of one clone is visible in another: %q", got)
+		}
+		redo, err := os.Stat(filepath.Join(cs.dir, "vms", a.VmId, "redo.qcow2"))
+		if err != nil || redo.Size() < 4<<20 {
+			t.Fatalf("the redo log did not take the writes: %v %v", redo, err)
+		}
+		after, err := is.Client.API.GetImage(ctx, &imagev1.GetImageRequest{Name: "tiny"})
+		if err != nil || string(after.Manifest.Files[2].Sha256) != string(golden.Manifest.Files[2].Sha256) {
+			t.Fatalf("golden changed: %v", err)
+		}
+		// Booting read a small part of the golden disk.
+		fetched := cs.Proxy.Stats().FetchedBytes.Load()
+		if fetched > 256<<20/10 {
+			t.Fatalf("clones fetched %d bytes of a 256 MiB disk", fetched)
+		}
+		t.Logf("block bytes fetched for two clones: %d of a 256 MiB disk", fetched)
+		for _, r := range res {
+			if _, err := cs.plants.DestroyVM(ctx, &computev1.DestroyVMRequest{VmId: r.ad.VmId}); err != nil {
+				t.Fatal(err)
+			}
+			if !gone(r.ad.Pid) {
+				t.Fatalf("QEMU %d still runs after destroy", r.ad.Pid)
+			}
+			if _, err := os.Stat(filepath.Join(cs.dir, "vms", r.ad.VmId)); !os.IsNotExist(err) {
+				t.Fatalf("VM directory left behind: %v", err)
+			}
+		}
+		if _, err := cs.plants.GetVM(ctx, &computev1.GetVMRequest{VmId: a.VmId}); code(err) != codes.NotFound {
+			t.Fatalf("GetVM after destroy: %v", err)
+		}
+	})
+
+	t.Run("a failing action cleans up and names itself", func(t *testing.T) {
+		dag := host("",
+			&computev1.Action{Id: "ok", Kind: &computev1.Action_Exec{Exec: &computev1.ExecAction{Argv: []string{"true"}}}},
+			&computev1.Action{Id: "breaks", After: []string{"ok"}, Kind: &computev1.Action_Exec{Exec: &computev1.ExecAction{Argv: []string{"sh", "-c", "echo boom >&2; exit 7"}}}},
+		)
+		_, _, err := create(ctx, cs.plants, &computev1.CreateVMRequest{VmId: "vm-fails", Image: "tiny", Config: dag})
+		if code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), `"breaks"`) || !strings.Contains(err.Error(), "boom") {
+			t.Fatalf("want FailedPrecondition naming the action and its output, got %v", err)
+		}
+		if _, err := os.Stat(filepath.Join(cs.dir, "vms", "vm-fails")); !os.IsNotExist(err) {
+			t.Fatalf("failed VM left its directory: %v", err)
+		}
+		if out, _ := exec.Command("pgrep", "-f", "vm-fails").Output(); len(out) > 0 {
+			t.Fatalf("failed VM left a process: %s", out)
+		}
+		// A handler recovers the failure.
+		dag.Actions[1].OnError = []*computev1.Action{{Id: "fix", Kind: &computev1.Action_Exec{Exec: &computev1.ExecAction{Argv: []string{"true"}}}}}
+		ad, _, err := create(ctx, cs.plants, &computev1.CreateVMRequest{VmId: "vm-recovers", Image: "tiny", Config: dag})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if last := ad.Actions[len(ad.Actions)-1]; !last.Recovered || last.ExitCode != 7 {
+			t.Fatalf("want a recovered action, got %+v", last)
+		}
+		cs.plants.DestroyVM(ctx, &computev1.DestroyVMRequest{VmId: ad.VmId})
+	})
+
+	t.Run("bad input", func(t *testing.T) {
+		if _, _, err := create(ctx, cs.plants, &computev1.CreateVMRequest{Image: "nope"}); code(err) != codes.NotFound {
+			t.Fatalf("unknown image: %v", err)
+		}
+		if _, _, err := create(ctx, cs.plants, &computev1.CreateVMRequest{Image: "tiny", Hardware: &computev1.Hardware{MemoryMib: 512}}); code(err) != codes.FailedPrecondition {
+			t.Fatalf("other memory than the golden's: %v", err)
+		}
+		cycle := host("", &computev1.Action{Id: "a", After: []string{"b"}, Kind: &computev1.Action_Exec{Exec: &computev1.ExecAction{Argv: []string{"true"}}}},
+			&computev1.Action{Id: "b", After: []string{"a"}, Kind: &computev1.Action_Exec{Exec: &computev1.ExecAction{Argv: []string{"true"}}}})
+		if _, _, err := create(ctx, cs.plants, &computev1.CreateVMRequest{Image: "tiny", Config: cycle}); code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "cycle") {
+			t.Fatalf("cycle: %v", err)
+		}
+	})
+
+	t.Run("suspend on one plant, resume on another", func(t *testing.T) {
+		if _, err := is.Client.API.CreateDisk(ctx, &imagev1.CreateDiskRequest{Name: "home", SourceImage: "tiny"}); err != nil {
+			t.Fatal(err)
+		}
+		ad, _, err := create(ctx, cs.plants, &computev1.CreateVMRequest{VmId: "vm-home", Image: "tiny", Owner: "bob", PersistentDisk: "home"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		exec1(t, ctx, cs.plants, ad.VmId, "echo on-disk > /root/persist.txt && echo in-memory > /tmp/mem.txt && sync")
+		sus, err := cs.plants.SuspendVM(ctx, &computev1.SuspendVMRequest{VmId: ad.VmId})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sus.State != computev1.VMState_VM_STATE_SUSPENDED || sus.SuspendedImage == "" || !gone(ad.Pid) {
+			t.Fatalf("suspended classad %+v (pid gone: %v)", sus, gone(ad.Pid))
+		}
+		cs2 := startCompute(t, is.Srv.Addr())
+		stream, err := cs2.plants.ResumeVM(ctx, &computev1.ResumeVMRequest{Classad: sus})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var back *computev1.ClassAd
+		for back == nil {
+			p, err := stream.Recv()
+			if err != nil {
+				t.Fatal(err)
+			}
+			back = p.Classad
+		}
+		if got := exec1(t, ctx, cs2.plants, back.VmId, "cat /root/persist.txt /tmp/mem.txt"); got != "on-disk\nin-memory" {
+			t.Fatalf("state after resume: %q", got)
+		}
+		guest, _ := strconv.ParseInt(exec1(t, ctx, cs2.plants, back.VmId, "date +%s"), 10, 64)
+		if d := time.Now().Unix() - guest; d < -5 || d > 5 {
+			t.Fatalf("guest clock is %d s off after resume", d)
+		}
+		if _, err := cs2.plants.DestroyVM(ctx, &computev1.DestroyVMRequest{VmId: back.VmId}); err != nil {
+			t.Fatal(err)
+		}
+	})
+}

@@ -1,0 +1,65 @@
+package computeserver
+
+import (
+	"context"
+	"time"
+
+	"github.com/vmgrid/vmgrid/computeserver/plant"
+	"github.com/vmgrid/vmgrid/imageserver"
+	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
+)
+
+// plantService is the gRPC adapter of the production line.
+type plantService struct {
+	computev1.UnimplementedPlantServiceServer
+	p      *plant.Plant
+	images *imageserver.Client
+}
+
+var _ computev1.PlantServiceServer = (*plantService)(nil)
+
+// progressSender streams progress; sending failures end the call through
+// the context, so they are ignored here.
+func progressSender(start time.Time, send func(*computev1.CreateVMProgress) error) plant.Progress {
+	return func(state computev1.VMState, msg string) {
+		_ = send(&computev1.CreateVMProgress{State: state, Message: msg, ElapsedNanos: int64(time.Since(start))})
+	}
+}
+
+func (s *plantService) CreateVM(req *computev1.CreateVMRequest, stream computev1.PlantService_CreateVMServer) error {
+	start := time.Now()
+	ad, err := s.p.CreateVM(stream.Context(), req, progressSender(start, stream.Send))
+	if err != nil {
+		return err
+	}
+	return stream.Send(&computev1.CreateVMProgress{State: ad.State, Message: "ready", ElapsedNanos: int64(time.Since(start)), Classad: ad})
+}
+
+func (s *plantService) ResumeVM(req *computev1.ResumeVMRequest, stream computev1.PlantService_ResumeVMServer) error {
+	start := time.Now()
+	ad, err := s.p.ResumeVM(stream.Context(), req, progressSender(start, stream.Send))
+	if err != nil {
+		return err
+	}
+	return stream.Send(&computev1.CreateVMProgress{State: ad.State, Message: "ready", ElapsedNanos: int64(time.Since(start)), Classad: ad})
+}
+
+func (s *plantService) GetVM(_ context.Context, req *computev1.GetVMRequest) (*computev1.ClassAd, error) {
+	return s.p.GetVM(req.VmId)
+}
+
+func (s *plantService) ListVMs(_ context.Context, req *computev1.ListVMsRequest) (*computev1.ListVMsResponse, error) {
+	return &computev1.ListVMsResponse{Vms: s.p.ListVMs(req.Owner)}, nil
+}
+
+func (s *plantService) DestroyVM(ctx context.Context, req *computev1.DestroyVMRequest) (*computev1.DestroyVMResponse, error) {
+	return &computev1.DestroyVMResponse{}, s.p.DestroyVM(ctx, req.VmId)
+}
+
+func (s *plantService) SuspendVM(ctx context.Context, req *computev1.SuspendVMRequest) (*computev1.ClassAd, error) {
+	return s.p.SuspendVM(ctx, req.VmId, s.images)
+}
+
+func (s *plantService) ExecVM(ctx context.Context, req *computev1.ExecVMRequest) (*computev1.ExecVMResponse, error) {
+	return s.p.Exec(ctx, req.VmId, req.Exec)
+}
