@@ -132,3 +132,6 @@ func IsPermissionDenied(err error) bool   { return errors.Is(err, ErrPermissionD
 func IsFailedPrecondition(err error) bool { return errors.Is(err, ErrFailedPrecondition) }
 func IsOutOfRange(err error) bool         { return errors.Is(err, ErrOutOfRange) }
 func IsUnavailable(err error) bool        { return errors.Is(err, ErrUnavailable) }
+
+// IsUnauthenticated reports a call without valid credentials.
+func IsUnauthenticated(err error) bool { return errors.Is(err, ErrUnauthenticated) }
