@@ -107,7 +107,6 @@ func (c *cpioWriter) tree(rootDir string, nodes []DeviceNode) error {
 		return err
 	}
 	for _, n := range nodes {
-		n := n
 		name := strings.TrimPrefix(path.Clean("/"+n.Path), "/")
 		typ := uint32(cpioBlk)
 		if n.Char {

@@ -3,6 +3,7 @@ package imagebuild
 import (
 	"bytes"
 	"context"
+	"debug/elf"
 	"fmt"
 	"io"
 	"os"
@@ -95,6 +96,9 @@ func MakeExt4(ctx context.Context, rootDir, disk string, size int64, nodes []Dev
 // needs no `busybox --install` at boot. Existing files are kept: a recipe's
 // own /sbin/init wins over busybox's init applet.
 func InstallBusybox(ctx context.Context, rootDir, busybox string) error {
+	if err := requireStatic(busybox); err != nil {
+		return err
+	}
 	if err := copyFile(busybox, filepath.Join(rootDir, "bin", "busybox"), 0o755); err != nil {
 		return fmt.Errorf("install busybox: %w", err)
 	}
@@ -115,6 +119,23 @@ func InstallBusybox(ctx context.Context, rootDir, busybox string) error {
 		}
 		if err := os.Symlink("/bin/busybox", link); err != nil {
 			return fmt.Errorf("link applet %s: %w", applet, err)
+		}
+	}
+	return nil
+}
+
+// requireStatic fails unless busybox is a statically linked executable: a
+// dynamic one (Debian's "busybox" package) would find no libc in the guest,
+// and init would fail with a bare "not found".
+func requireStatic(busybox string) error {
+	f, err := elf.Open(busybox)
+	if err != nil {
+		return fmt.Errorf("busybox %s: %w (install busybox-static)", busybox, err)
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return fmt.Errorf("busybox %s is dynamically linked; the guest needs a static one (install busybox-static)", busybox)
 		}
 	}
 	return nil
