@@ -18,8 +18,9 @@ PROTOC_GEN_GO_GRPC   := v1.6.2
 
 all: build
 
+# Static, so the binary can also be the guest agent inside golden images.
 build:
-	$(GO) build -o $(BIN)/vmgrid ./cmd/vmgrid
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/vmgrid ./cmd/vmgrid
 
 setup:
 	./deploy/setup.sh

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 
@@ -18,6 +20,7 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	"github.com/vmgrid/vmgrid/services"
+	"github.com/vmgrid/vmgrid/shop/market"
 )
 
 // Config is what `vmgrid computeserver` needs.
@@ -41,6 +44,10 @@ type Config struct {
 	GuestMemoryMiB uint64
 	// Driver runs the guests (nil: QEMU with TCG).
 	Driver vmm.Driver
+	// Etcd endpoints: when set the plant registers there and bids in the
+	// shop's auctions.
+	Etcd    []string
+	Weights market.Weights
 }
 
 // Plant is a running compute server.
@@ -50,6 +57,7 @@ type Plant struct {
 	Plant      *plant.Plant
 	Mountpoint string
 	log        *zap.Logger
+	market     func() // stops registration and bidding
 }
 
 // Start opens the caches, writes back dirty blocks left by a previous run,
@@ -92,7 +100,8 @@ func Start(ctx context.Context, cfg Config) (*Plant, error) {
 	}
 	name := cfg.Name
 	if name == "" {
-		name = cfg.Server.Listen
+		host, _ := os.Hostname()
+		name = host + "-" + filepath.Base(filepath.Clean(cfg.DataDir))
 	}
 	driver := cfg.Driver
 	if driver == nil {
@@ -119,7 +128,17 @@ func Start(ctx context.Context, cfg Config) (*Plant, error) {
 		return fail(fmt.Errorf("compute server: %w", err))
 	}
 	log.Info("FUSE view mounted", zap.String("mountpoint", mnt), zap.String("upstream", cfg.Upstream))
-	return &Plant{Server: srv, Proxy: p, Plant: pl, Mountpoint: mnt, log: log}, nil
+	out := &Plant{Server: srv, Proxy: p, Plant: pl, Mountpoint: mnt, log: log, market: func() {}}
+	if len(cfg.Etcd) > 0 {
+		stop, err := joinMarket(cfg, srv.Addr(), pl, log)
+		if err != nil {
+			srv.Shutdown()
+			pl.Close(ctx)
+			return fail(err)
+		}
+		out.market = stop
+	}
+	return out, nil
 }
 
 // Serve serves until ctx ends; SIGUSR1 flushes every dirty disk (as in the
@@ -150,6 +169,7 @@ func (pl *Plant) Serve(ctx context.Context) error {
 // Close stops serving, stops the VMs, unmounts the view and writes back
 // dirty disks.
 func (pl *Plant) Close() {
+	pl.market()
 	pl.Server.Shutdown()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -167,4 +187,51 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	return pl.Serve(ctx)
+}
+
+// joinMarket registers the plant in etcd under a session lease and answers
+// the shop's auctions with the cost function's bids.
+func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (func(), error) {
+	cli, err := clientv3.New(clientv3.Config{Endpoints: cfg.Etcd, DialTimeout: 5 * time.Second,
+		Logger: log.Named("etcd-client").WithOptions(zap.IncreaseLevel(zap.WarnLevel))})
+	if err != nil {
+		return nil, fmt.Errorf("etcd %v: %w", cfg.Etcd, err)
+	}
+	sess, err := concurrency.NewSession(cli, concurrency.WithTTL(5))
+	if err != nil {
+		cli.Close()
+		return nil, fmt.Errorf("etcd session: %w", err)
+	}
+	w := cfg.Weights
+	if w == (market.Weights{}) {
+		w = market.DefaultWeights()
+	}
+	info := func() market.PlantInfo {
+		o := pl.Offer()
+		return market.PlantInfo{Name: o.Name, Addr: addr, Arch: "x86_64", MemoryMiB: o.MemoryMiB, MemoryFreeMiB: o.FreeMiB,
+			Running: o.Running, Domains: o.Domains, Images: o.Images}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	if err := market.Register(ctx, sess, info, 2*time.Second, log); err != nil {
+		cancel()
+		sess.Close()
+		cli.Close()
+		return nil, err
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		market.Bidder(ctx, cli, func(a market.Auction) market.Bid {
+			pi := info()
+			cost, refusal := market.Cost(w, pi, a)
+			return market.Bid{Plant: pi.Name, Addr: addr, Cost: cost, Refusal: refusal}
+		}, log)
+	}()
+	log.Info("plant joined the market", zap.Strings("etcd", cfg.Etcd), zap.String("addr", addr))
+	return func() {
+		cancel()
+		<-done
+		sess.Close() // revokes the lease: the plant leaves the registry now
+		cli.Close()
+	}, nil
 }

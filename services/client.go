@@ -28,7 +28,7 @@ func Dial(target string, tlsFiles TLSFiles, extra ...grpc.DialOption) (*grpc.Cli
 		grpc.WithInitialConnWindowSize(initialConnWindowSize),
 		grpc.WithWriteBufferSize(bufferSize),
 		grpc.WithReadBufferSize(bufferSize),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize)),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize), grpc.ForceCodecV2(Codec)),
 		grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 			return errdefs.FromGRPC(invoker(ctx, method, req, reply, cc, opts...))
 		}),

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
@@ -52,6 +53,10 @@ type Options struct {
 	Logger        *zap.Logger
 	// ShutdownTimeout bounds GracefulStop (default 10s).
 	ShutdownTimeout time.Duration
+	// UnaryInterceptors and StreamInterceptors run after logging and before
+	// validation (authentication, for instance).
+	UnaryInterceptors  []grpc.UnaryServerInterceptor
+	StreamInterceptors []grpc.StreamServerInterceptor
 	// Registry receives the gRPC metrics and the service's own; a new one is
 	// made when nil (so several servers can live in one process).
 	Registry *prometheus.Registry
@@ -69,6 +74,7 @@ type Server struct {
 	httpSrv  *http.Server
 	timeout  time.Duration
 	stopOnce sync.Once
+	stopping atomic.Bool // Shutdown began: Accept errors are expected
 }
 
 // NewServer listens on opts.Listen (and opts.MetricsListen), assembles the
@@ -101,26 +107,29 @@ func NewServer(opts Options, register func(s *grpc.Server, reg prometheus.Regist
 	zl := InterceptorLogger(log)
 
 	serverOpts := []grpc.ServerOption{
-		grpc.ChainUnaryInterceptor(
+		grpc.ChainUnaryInterceptor(append(append([]grpc.UnaryServerInterceptor{
 			metrics.UnaryServerInterceptor(),
 			logging.UnaryServerInterceptor(zl, logOpts...),
 			unaryErrors,
+		}, opts.UnaryInterceptors...),
 			validator.UnaryServerInterceptor(),
 			recovery.UnaryServerInterceptor(recoveryOpt),
-		),
-		grpc.ChainStreamInterceptor(
+		)...),
+		grpc.ChainStreamInterceptor(append(append([]grpc.StreamServerInterceptor{
 			metrics.StreamServerInterceptor(),
 			logging.StreamServerInterceptor(zl, logOpts...),
 			streamErrors,
+		}, opts.StreamInterceptors...),
 			validator.StreamServerInterceptor(),
 			recovery.StreamServerInterceptor(recoveryOpt),
-		),
+		)...),
 		grpc.InitialWindowSize(initialWindowSize),
 		grpc.InitialConnWindowSize(initialConnWindowSize),
 		grpc.WriteBufferSize(bufferSize),
 		grpc.ReadBufferSize(bufferSize),
 		grpc.MaxRecvMsgSize(MaxMessageSize),
 		grpc.MaxSendMsgSize(MaxMessageSize),
+		grpc.ForceServerCodecV2(Codec),
 	}
 	if opts.TLS.Enabled() {
 		cfg, err := opts.TLS.serverConfig()
@@ -192,7 +201,13 @@ func (s *Server) Serve(ctx context.Context) error {
 		<-errc
 		return nil
 	case err := <-errc:
+		// Shutdown closes the listener under a running Serve: that is a stop,
+		// not a failure.
+		stopped := s.stopping.Load()
 		s.Shutdown()
+		if stopped {
+			return nil
+		}
 		return err
 	}
 }
@@ -201,6 +216,7 @@ func (s *Server) Serve(ctx context.Context) error {
 // shutdown timeout, then stops hard. It is safe to call more than once.
 func (s *Server) Shutdown() {
 	s.stopOnce.Do(func() {
+		s.stopping.Store(true)
 		s.Health.Shutdown()
 		s.lis.Close() // in case Serve never ran; GracefulStop closes it otherwise
 		done := make(chan struct{})

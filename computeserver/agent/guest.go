@@ -265,3 +265,24 @@ func mount(req *Request) error {
 	}
 	return syscall.Mount(req.Device, req.Path, fstype, 0, req.Options)
 }
+
+// Main runs the agent forever: it finds its virtio-serial port, serves it,
+// and reopens it whenever the host side goes away (a suspended and resumed
+// VM gets a new host connection).
+func Main() {
+	ctx := context.Background()
+	for {
+		dev, err := FindPort(PortName)
+		if err == nil {
+			var f *os.File
+			if f, err = os.OpenFile(dev, os.O_RDWR, 0); err == nil {
+				err = Serve(ctx, f)
+				f.Close()
+			}
+		}
+		if err != nil && !errors.Is(err, io.EOF) {
+			fmt.Fprintln(os.Stderr, "vmgrid-agent:", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

@@ -94,7 +94,9 @@ func code(err error) codes.Code { s, _ := status.FromError(err); return s.Code()
 
 func gone(pid int32) bool { return syscall.Kill(int(pid), 0) == syscall.ESRCH }
 
-func host(id string, a ...*computev1.Action) *computev1.ConfigDAG { return &computev1.ConfigDAG{Actions: a} }
+func host(id string, a ...*computev1.Action) *computev1.ConfigDAG {
+	return &computev1.ConfigDAG{Actions: a}
+}
 
 // TestProductionLine builds the tiny golden image for real, publishes it and
 // runs clones from it on real compute servers (FUSE view, QEMU under TCG).

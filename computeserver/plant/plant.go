@@ -63,8 +63,9 @@ type Plant struct {
 	cfg Config
 	log *zap.Logger
 
-	mu  sync.Mutex
-	vms map[string]*vm
+	mu     sync.Mutex
+	vms    map[string]*vm
+	images map[string]uint64 // bytes fetched for clones of each image
 }
 
 type vm struct {
@@ -93,7 +94,7 @@ func New(cfg Config) (*Plant, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return nil, err
 	}
-	p := &Plant{cfg: cfg, log: cfg.Log, vms: map[string]*vm{}}
+	p := &Plant{cfg: cfg, log: cfg.Log, vms: map[string]*vm{}, images: map[string]uint64{}}
 	p.reap()
 	return p, nil
 }
@@ -455,6 +456,9 @@ func (p *Plant) build(ctx context.Context, v *vm, src *source, all, remaining []
 	v.ad.FetchedBytes = p.fetched() - fetched0
 	ad = proto.Clone(v.ad).(*computev1.ClassAd)
 	v.mu.Unlock()
+	p.mu.Lock()
+	p.images[src.image] += ad.FetchedBytes
+	p.mu.Unlock()
 	p.persist(v)
 	log.Info("VM ready", zap.Duration("took", time.Since(start)), zap.Int("actions", len(remaining)), zap.Uint64("fetched_bytes", ad.FetchedBytes))
 	progress(computev1.VMState_VM_STATE_RUNNING, "ready")
@@ -539,11 +543,35 @@ func (p *Plant) ListVMs(owner string) []*computev1.ClassAd {
 	return out
 }
 
-// Running counts the VMs on the plant (for bids).
-func (p *Plant) Running() int {
+// Offer is what the plant offers now, for bids.
+type Offer struct {
+	Name               string
+	MemoryMiB, FreeMiB uint64
+	Running            int
+	Domains            []string          // network domains of running VMs
+	Images             map[string]uint64 // bytes held of each image
+}
+
+// Offer reports the plant's load and what its caches hold.
+func (p *Plant) Offer() Offer {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return len(p.vms)
+	o := Offer{Name: p.cfg.Name, MemoryMiB: p.cfg.MemoryMiB, Running: len(p.vms), Images: map[string]uint64{}}
+	var used uint64
+	seen := map[string]bool{}
+	for _, v := range p.vms {
+		used += v.ad.GetHardware().GetMemoryMib()
+		if d := v.ad.GetLabels()["domain"]; d != "" && !seen[d] {
+			seen[d] = true
+			o.Domains = append(o.Domains, d)
+		}
+	}
+	o.FreeMiB = p.cfg.MemoryMiB - min(used, p.cfg.MemoryMiB)
+	for k, b := range p.images {
+		o.Images[k] = b
+	}
+	sort.Strings(o.Domains)
+	return o
 }
 
 // DestroyVM stops a VM and releases everything it had; a persistent VM's

@@ -111,6 +111,9 @@ The upstream is an image server or a 'vmgrid cacheproxy' in front of one.`,
 	f.StringVar(&cfg.Mountpoint, "mountpoint", "", "where to mount the FUSE view (default DATA-DIR/mnt)")
 	f.DurationVar(&cfg.FlushIdle, "flush-idle", 30*time.Second, "write dirty disks back after this long without writes (negative: never on idle)")
 	f.IntVar(&cfg.ReadAhead, "read-ahead", 32<<20, "bytes to fetch ahead of a sequential reader")
+	f.StringVar(&cfg.Name, "name", "", "plant name in classads and bids (default: HOST-DATADIR)")
+	f.StringSliceVar(&cfg.Etcd, "etcd", nil, "etcd endpoints: register there and bid in the shop's auctions")
+	f.Uint64Var(&cfg.GuestMemoryMiB, "guest-memory-mib", 0, "memory guests may use in all (0: 80% of RAM)")
 	cacheFlags(f, &cfg.Cache)
 	return c
 }

@@ -1,0 +1,221 @@
+// Package grid starts a whole vmgrid on one machine (`vmgrid up`): an
+// embedded etcd, an image server, N compute servers, the shop, and builds
+// and publishes the tiny golden image when the warehouse lacks it.
+package grid
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/vmgrid/vmgrid/computeserver"
+	"github.com/vmgrid/vmgrid/computeserver/plant"
+	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	"github.com/vmgrid/vmgrid/imagebuild"
+	"github.com/vmgrid/vmgrid/imageserver"
+	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+	"github.com/vmgrid/vmgrid/services"
+	"github.com/vmgrid/vmgrid/services/auth"
+	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/shop"
+)
+
+// Config configures Up.
+type Config struct {
+	// Dir holds everything (keep it short: unix sockets live below it).
+	Dir string
+	// Plants is the number of compute servers (default 2).
+	Plants int
+	// Host is the address every server listens on (default 127.0.0.1);
+	// ports are picked free unless the fixed ones below are set.
+	Host string
+	// Fixed ports (0: any free port).
+	ShopPort, ImagesPort int
+	// Golden is the image built and published when missing ("" skips).
+	Golden string
+	// AgentPath is the static guest agent put into golden images.
+	AgentPath string
+	// NoFsync runs etcd without fsync (tests).
+	NoFsync bool
+	Log     *zap.Logger
+}
+
+// Grid is a running grid.
+type Grid struct {
+	Etcd       *shop.EmbeddedEtcd
+	Images     *services.Server
+	Plants     []*computeserver.Plant
+	Shop       *shop.Server
+	Token      string // a token of the owner "demo"
+	TokensFile string
+	log        *zap.Logger
+	stops      []func() // in start order; Close runs them backwards
+}
+
+func freeAddr(host string, port int) (string, error) {
+	if port != 0 {
+		return net.JoinHostPort(host, fmt.Sprint(port)), nil
+	}
+	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+// Up starts a grid. Stop it with Close.
+func Up(ctx context.Context, cfg Config) (g *Grid, err error) {
+	if cfg.Plants == 0 {
+		cfg.Plants = 2
+	}
+	if cfg.Host == "" {
+		cfg.Host = "127.0.0.1"
+	}
+	log := cfg.Log
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
+		return nil, err
+	}
+	g = &Grid{log: log}
+	defer func() {
+		if err != nil {
+			g.Close()
+		}
+	}()
+	serve := func(f func(context.Context) error) {
+		sctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); f(sctx) }()
+		g.stops = append(g.stops, func() { cancel(); <-done })
+	}
+
+	ca, _ := freeAddr(cfg.Host, 0)
+	pa, _ := freeAddr(cfg.Host, 0)
+	if g.Etcd, err = shop.StartEtcd(filepath.Join(cfg.Dir, "etcd"), ca, pa, cfg.NoFsync, log); err != nil {
+		return g, err
+	}
+	g.stops = append(g.stops, g.Etcd.Close)
+	etcd := []string{g.Etcd.Endpoint}
+
+	ia, err := freeAddr(cfg.Host, cfg.ImagesPort)
+	if err != nil {
+		return g, err
+	}
+	g.Images, err = imageserver.Start(imageserver.Config{
+		Server:  services.Options{Name: "imageserver", Listen: ia, Logger: log.Named("imageserver")},
+		DataDir: filepath.Join(cfg.Dir, "images"),
+	})
+	if err != nil {
+		return g, err
+	}
+	serve(g.Images.Serve)
+
+	if cfg.Golden != "" {
+		if err := ensureGolden(ctx, cfg, g.Images.Addr(), log); err != nil {
+			return g, err
+		}
+	}
+
+	for i := range cfg.Plants {
+		pl, err := computeserver.Start(ctx, computeserver.Config{
+			Server:   services.Options{Name: "computeserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: log.Named(fmt.Sprintf("plant%d", i))},
+			Upstream: g.Images.Addr(), DataDir: filepath.Join(cfg.Dir, fmt.Sprintf("p%d", i)),
+			Name: fmt.Sprintf("plant%d", i), Etcd: etcd,
+		})
+		if err != nil {
+			return g, fmt.Errorf("plant %d: %w", i, err)
+		}
+		g.Plants = append(g.Plants, pl)
+		serve(pl.Serve)
+	}
+
+	g.Token, g.TokensFile, err = tokensFile(cfg.Dir)
+	if err != nil {
+		return g, err
+	}
+	tokens, err := auth.Load(g.TokensFile)
+	if err != nil {
+		return g, err
+	}
+	sa, err := freeAddr(cfg.Host, cfg.ShopPort)
+	if err != nil {
+		return g, err
+	}
+	g.Shop, err = shop.Start(shop.RunConfig{
+		Server: services.Options{Name: "shop", Listen: sa, Logger: log.Named("shop")},
+		Etcd:   etcd, Images: g.Images.Addr(), Tokens: tokens,
+	})
+	if err != nil {
+		return g, err
+	}
+	serve(g.Shop.Serve)
+	return g, nil
+}
+
+// tokensFile keeps a tokens file in dir with a token for the owner "demo"
+// (and reuses it on the next start).
+func tokensFile(dir string) (token, path string, err error) {
+	path = filepath.Join(dir, "tokens")
+	if b, err := os.ReadFile(path); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) == 2 && f[1] == "demo" {
+				return f[0], path, nil
+			}
+		}
+	}
+	var r [16]byte
+	_, _ = rand.Read(r[:])
+	token = hex.EncodeToString(r[:])
+	content := "# TOKEN OWNER — bearer tokens of the shop's owners\n" + token + " demo\n"
+	return token, path, os.WriteFile(path, []byte(content), 0o600)
+}
+
+// ensureGolden builds and publishes the golden image unless the warehouse
+// has it.
+func ensureGolden(ctx context.Context, cfg Config, images string, log *zap.Logger) error {
+	cc, err := services.Dial(images, services.TLSFiles{})
+	if err != nil {
+		return err
+	}
+	defer cc.Close()
+	cl := imageserver.NewClient(cc)
+	if _, err := cl.API.GetImage(ctx, &imagev1.GetImageRequest{Name: cfg.Golden}); err == nil {
+		return nil
+	} else if !errdefs.IsNotFound(err) {
+		return err
+	}
+	if cfg.AgentPath == "" {
+		return errors.New("no guest agent binary to build the golden image with")
+	}
+	log.Info("building the golden image (first start only)", zap.String("image", cfg.Golden))
+	work := filepath.Join(cfg.Dir, "build")
+	defer os.RemoveAll(work)
+	bctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	_, err = plant.BuildGolden(bctx, plant.GoldenOptions{
+		Name: cfg.Golden, WorkDir: work, Driver: &vmm.QEMU{Log: log}, Publish: cl, Log: log,
+		Recipe: &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": cfg.AgentPath}, Log: log},
+	})
+	return err
+}
+
+// Close stops everything: the shop, the plants (their VMs are stopped and
+// views unmounted), the image server, etcd.
+func (g *Grid) Close() {
+	for i := len(g.stops) - 1; i >= 0; i-- {
+		g.stops[i]()
+	}
+	g.stops = nil
+}

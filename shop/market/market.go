@@ -1,0 +1,266 @@
+// Package market is the bidding protocol between the shop and the plants
+// (VMPlants §3.4), carried by etcd:
+//
+//	/vmgrid/plants/PLANT          PlantInfo, under the plant's session lease:
+//	                              a plant that dies disappears with its lease
+//	/vmgrid/auctions/ID           Auction, under the auction's lease
+//	/vmgrid/bids/ID/PLANT         Bid, under the same lease: an auction and its
+//	                              bids vanish together when the shop is done
+//
+// The shop publishes an auction; every plant watching the auctions prefix
+// answers with a bid (a cost, or a refusal with the reason); the shop takes
+// the lowest cost within a deadline, ties broken at random.
+package market
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"sort"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+	"go.uber.org/zap"
+)
+
+// Key prefixes.
+const (
+	PlantsPrefix   = "/vmgrid/plants/"
+	AuctionsPrefix = "/vmgrid/auctions/"
+	BidsPrefix     = "/vmgrid/bids/"
+)
+
+// PlantInfo is what a plant offers, refreshed while it lives.
+type PlantInfo struct {
+	Name string `json:"name"`
+	// Addr is the plant's PlantService address.
+	Addr          string   `json:"addr"`
+	Arch          string   `json:"arch"`
+	MemoryMiB     uint64   `json:"memory_mib"`
+	MemoryFreeMiB uint64   `json:"memory_free_mib"`
+	Running       int      `json:"running"`
+	Domains       []string `json:"domains"`
+	// Images maps golden images to the bytes of them the plant holds in
+	// its caches.
+	Images map[string]uint64 `json:"images,omitempty"`
+}
+
+// Auction is a request for bids.
+type Auction struct {
+	ID        string `json:"id"`
+	Image     string `json:"image"`
+	ImageSize uint64 `json:"image_size"` // bytes a cold clone would fetch at most
+	Arch      string `json:"arch"`
+	VCPUs     uint32 `json:"vcpus"`
+	MemoryMiB uint64 `json:"memory_mib"`
+	Domain    string `json:"domain"`
+	Lease     int64  `json:"lease"`
+}
+
+// Bid answers an auction.
+type Bid struct {
+	Plant   string  `json:"plant"`
+	Addr    string  `json:"addr"`
+	Cost    float64 `json:"cost"`
+	Refusal string  `json:"refusal,omitempty"`
+}
+
+// Weights of the cost function.
+type Weights struct {
+	// Compute is the cost per VM already running on the plant (paper: 4).
+	Compute float64 `json:"compute"`
+	// Network is the one-time cost of a new host-only network for a client
+	// domain the plant does not serve yet (paper: 50).
+	Network float64 `json:"network"`
+	// CachePerGiB lowers the bid per GiB of the image the plant already
+	// holds, bytes it would not fetch (not in the paper).
+	CachePerGiB float64 `json:"cache_per_gib"`
+	// Memory raises the bid by this times the fraction of the plant's guest
+	// memory in use after placing the VM (not in the paper).
+	Memory float64 `json:"memory"`
+}
+
+// DefaultWeights reproduce VMPlants §3.4 (4 per running VM, 50 per new
+// network) with the extras small enough not to change its worked example.
+func DefaultWeights() Weights { return Weights{Compute: 4, Network: 50, CachePerGiB: 10, Memory: 1} }
+
+// Cost is a plant's bid for an auction, or the reason it cannot host it.
+func Cost(w Weights, p PlantInfo, a Auction) (float64, string) {
+	switch {
+	case a.Arch != "" && p.Arch != "" && a.Arch != p.Arch:
+		return 0, fmt.Sprintf("plant %s runs %s guests, not %s", p.Name, p.Arch, a.Arch)
+	case a.MemoryMiB > p.MemoryFreeMiB:
+		return 0, fmt.Sprintf("plant %s has %d MiB of guest memory free, the VM needs %d", p.Name, p.MemoryFreeMiB, a.MemoryMiB)
+	}
+	cost := w.Compute * float64(p.Running)
+	if !contains(p.Domains, a.Domain) {
+		cost += w.Network
+	}
+	cached := p.Images[a.Image]
+	if a.ImageSize > 0 {
+		cached = min(cached, a.ImageSize)
+	}
+	cost -= w.CachePerGiB * float64(cached) / (1 << 30)
+	if p.MemoryMiB > 0 {
+		used := p.MemoryMiB - p.MemoryFreeMiB + a.MemoryMiB
+		cost += w.Memory * float64(used) / float64(p.MemoryMiB)
+	}
+	return cost, ""
+}
+
+func contains(s []string, v string) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+// Register keeps a plant's PlantInfo in etcd under its session lease,
+// refreshing it every interval, until ctx ends (then the key is removed).
+func Register(ctx context.Context, sess *concurrency.Session, info func() PlantInfo, interval time.Duration, log *zap.Logger) error {
+	cli := sess.Client()
+	put := func() error {
+		pi := info()
+		b, _ := json.Marshal(pi)
+		_, err := cli.Put(ctx, PlantsPrefix+pi.Name, string(b), clientv3.WithLease(sess.Lease()))
+		return err
+	}
+	if err := put(); err != nil {
+		return fmt.Errorf("register plant: %w", err)
+	}
+	go func() {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				dctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				cli.Delete(dctx, PlantsPrefix+info().Name)
+				cancel()
+				return
+			case <-sess.Done():
+				log.Warn("etcd session of the plant ended; it no longer bids")
+				return
+			case <-t.C:
+				if err := put(); err != nil && ctx.Err() == nil {
+					log.Warn("refresh plant registration", zap.Error(err))
+				}
+			}
+		}
+	}()
+	return nil
+}
+
+// Bidder answers auctions for one plant until ctx ends.
+func Bidder(ctx context.Context, cli *clientv3.Client, bid func(Auction) Bid, log *zap.Logger) {
+	wch := cli.Watch(clientv3.WithRequireLeader(ctx), AuctionsPrefix, clientv3.WithPrefix(), clientv3.WithFilterDelete())
+	for resp := range wch {
+		for _, ev := range resp.Events {
+			if ev.Type != clientv3.EventTypePut || ev.Kv.Version != 1 {
+				continue
+			}
+			var a Auction
+			if err := json.Unmarshal(ev.Kv.Value, &a); err != nil {
+				continue
+			}
+			b := bid(a)
+			v, _ := json.Marshal(b)
+			if _, err := cli.Put(ctx, BidsPrefix+a.ID+"/"+b.Plant, string(v), clientv3.WithLease(clientv3.LeaseID(a.Lease))); err != nil && ctx.Err() == nil {
+				log.Debug("bid not placed (the auction may be over)", zap.String("auction", a.ID), zap.Error(err))
+			}
+		}
+	}
+}
+
+// Run holds an auction: it publishes a, waits until every registered plant
+// has bid or the deadline passed, and returns the bids, candidates first by
+// cost (ties in random order), refusals last.
+func Run(ctx context.Context, cli *clientv3.Client, a Auction, deadline time.Duration) ([]Bid, error) {
+	lease, err := cli.Grant(ctx, int64(max(deadline/time.Second, 0))+10)
+	if err != nil {
+		return nil, fmt.Errorf("auction lease: %w", err)
+	}
+	defer func() {
+		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		cli.Revoke(rctx, lease.ID) // the auction and its bids go with it
+		cancel()
+	}()
+	a.Lease = int64(lease.ID)
+	plants, err := cli.Get(ctx, PlantsPrefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		return nil, fmt.Errorf("count plants: %w", err)
+	}
+	if plants.Count == 0 {
+		return nil, nil
+	}
+	b, _ := json.Marshal(a)
+	wctx, cancel := context.WithTimeout(ctx, deadline)
+	defer cancel()
+	// Watch before publishing, from "now": a watch that starts at a past
+	// revision is caught up by etcd only every 100 ms.
+	wch := cli.Watch(clientv3.WithRequireLeader(wctx), BidsPrefix+a.ID+"/", clientv3.WithPrefix(), clientv3.WithCreatedNotify())
+	select {
+	case resp := <-wch:
+		if !resp.Created {
+			return nil, fmt.Errorf("watch bids: %v", resp.Err())
+		}
+	case <-wctx.Done():
+		return nil, fmt.Errorf("watch bids: %w", wctx.Err())
+	}
+	if _, err := cli.Put(ctx, AuctionsPrefix+a.ID, string(b), clientv3.WithLease(lease.ID)); err != nil {
+		return nil, fmt.Errorf("publish auction: %w", err)
+	}
+	var bids []Bid
+	seen := map[string]bool{}
+collect:
+	for int64(len(bids)) < plants.Count {
+		select {
+		case resp, ok := <-wch:
+			if !ok {
+				break collect
+			}
+			for _, ev := range resp.Events {
+				var bid Bid
+				if ev.Type == clientv3.EventTypePut && json.Unmarshal(ev.Kv.Value, &bid) == nil && !seen[bid.Plant] {
+					seen[bid.Plant] = true
+					bids = append(bids, bid)
+				}
+			}
+		case <-wctx.Done():
+			break collect
+		}
+	}
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	Rank(bids)
+	return bids, nil
+}
+
+// Rank orders bids: candidates by cost, equal costs in random order, then
+// refusals.
+func Rank(bids []Bid) {
+	rand.Shuffle(len(bids), func(i, j int) { bids[i], bids[j] = bids[j], bids[i] })
+	sort.SliceStable(bids, func(i, j int) bool {
+		if (bids[i].Refusal == "") != (bids[j].Refusal == "") {
+			return bids[i].Refusal == ""
+		}
+		return bids[i].Cost < bids[j].Cost
+	})
+}
+
+// Refusals joins the reasons of refusing bids.
+func Refusals(bids []Bid) string {
+	var r []string
+	for _, b := range bids {
+		if b.Refusal != "" {
+			r = append(r, b.Refusal)
+		}
+	}
+	return strings.Join(r, "; ")
+}

@@ -1,0 +1,83 @@
+package shop
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+
+	"github.com/vmgrid/vmgrid/imageserver"
+	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
+	"github.com/vmgrid/vmgrid/services"
+	"github.com/vmgrid/vmgrid/services/auth"
+	"github.com/vmgrid/vmgrid/shop/market"
+)
+
+// RunConfig is what `vmgrid shop` needs.
+type RunConfig struct {
+	Server          services.Options
+	Etcd            []string
+	Images          string // image server (or cache proxy) address
+	Tokens          *auth.Tokens
+	Weights         market.Weights
+	AuctionDeadline time.Duration
+}
+
+// Server is a running shop.
+type Server struct {
+	*services.Server
+	Shop *Shop
+	etcd *clientv3.Client
+}
+
+// Start connects to etcd and the image server and starts serving.
+func Start(cfg RunConfig) (*Server, error) {
+	log := cfg.Server.Logger
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if cfg.Tokens == nil {
+		return nil, fmt.Errorf("the shop needs a tokens file (owners authenticate with bearer tokens)")
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: cfg.Etcd, DialTimeout: 5 * time.Second, Logger: log.Named("etcd-client").WithOptions(zap.IncreaseLevel(zap.WarnLevel))})
+	if err != nil {
+		return nil, fmt.Errorf("etcd %v: %w", cfg.Etcd, err)
+	}
+	cc, err := services.Dial(cfg.Images, cfg.Server.TLS)
+	if err != nil {
+		cli.Close()
+		return nil, err
+	}
+	cfg.Server.UnaryInterceptors = append(cfg.Server.UnaryInterceptors, cfg.Tokens.UnaryServerInterceptor())
+	cfg.Server.StreamInterceptors = append(cfg.Server.StreamInterceptors, cfg.Tokens.StreamServerInterceptor())
+	var shop *Shop
+	var regErr error
+	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) {
+		shop, regErr = New(Config{Etcd: cli, Images: imageserver.NewClient(cc), Weights: cfg.Weights,
+			AuctionDeadline: cfg.AuctionDeadline, PlantTLS: cfg.Server.TLS, Log: log}, reg)
+		if regErr == nil {
+			shopv1.RegisterShopServiceServer(gs, shop)
+		}
+	})
+	if err == nil && regErr != nil {
+		srv.Shutdown()
+		err = regErr
+	}
+	if err != nil {
+		cc.Close()
+		cli.Close()
+		return nil, err
+	}
+	return &Server{Server: srv, Shop: shop, etcd: cli}, nil
+}
+
+// Serve serves until ctx ends.
+func (s *Server) Serve(ctx context.Context) error {
+	err := s.Server.Serve(ctx)
+	s.etcd.Close()
+	return err
+}
