@@ -149,6 +149,9 @@ func (s *Store) openDisk(m *imagev1.Manifest) (*image, error) {
 	if bf == nil {
 		return nil, fmt.Errorf("base file %q/%q is missing", m.BaseImage, m.BaseFile)
 	}
+	if f := m.Files[0]; f.Size != bf.meta.Size || f.BlockSize != bf.meta.BlockSize {
+		return nil, fmt.Errorf("disk of %d bytes in %d-byte blocks over a base file of %d bytes in %d-byte blocks", f.Size, f.BlockSize, bf.meta.Size, bf.meta.BlockSize)
+	}
 	dir := filepath.Join(s.imagesDir(), m.Name)
 	st, err := os.ReadFile(filepath.Join(dir, stateFile))
 	if err != nil {

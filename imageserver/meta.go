@@ -163,7 +163,7 @@ func ScanFile(f *os.File, blockSize uint32, punch bool) (*FileScan, error) {
 		for g := uint64(0); g < n; g += ZeroGranule {
 			gn := min(ZeroGranule, n-g)
 			gi := (off + g) / ZeroGranule
-			if IsZero(blk[g : g+gn]) {
+			if !hadData || IsZero(blk[g:g+gn]) { // a block of holes is zero unscanned
 				s.ZeroMap[gi/8] |= 1 << (gi % 8)
 				if hadData {
 					if punchLen > 0 && punchStart+punchLen == off+g {

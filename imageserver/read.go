@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
@@ -55,7 +56,7 @@ func (h *FileHandle) ReadBlock(index uint64, buf []byte) (Block, error) {
 		}
 		data := buf[:n]
 		if _, err := d.data.ReadAt(data, int64(off)); err != nil && !errors.Is(err, io.EOF) {
-			return Block{}, err
+			return Block{}, h.readErr(err)
 		}
 		sum := sha256.Sum256(data)
 		return Block{Data: data, Length: uint32(n), Digest: sum[:]}, nil
@@ -71,9 +72,18 @@ func (h *FileHandle) readGolden(index, off, n uint64, buf []byte) (Block, error)
 	}
 	data := buf[:n]
 	if _, err := h.f.f.ReadAt(data, int64(off)); err != nil && !errors.Is(err, io.EOF) {
-		return Block{}, err
+		return Block{}, h.readErr(err)
 	}
 	return Block{Data: data, Length: uint32(n), Digest: digest}, nil
+}
+
+// readErr reports a read from a file that Delete closed as NotFound, what a
+// reader arriving a moment later would get, instead of an internal error.
+func (h *FileHandle) readErr(err error) error {
+	if errors.Is(err, os.ErrClosed) {
+		return fmt.Errorf("file %q: the image was deleted: %w", h.f.meta.Name, errdefs.ErrNotFound)
+	}
+	return err
 }
 
 // ReadRange reads [off, off+len(buf)) of the file into buf, for whole-file
@@ -92,7 +102,10 @@ func (h *FileHandle) ReadRange(off uint64, buf []byte) (zero bool, err error) {
 		if errors.Is(err, io.EOF) {
 			err = nil
 		}
-		return false, err
+		if err != nil {
+			return false, h.readErr(err)
+		}
+		return false, nil
 	}
 	bs := uint64(meta.BlockSize)
 	tmp := make([]byte, bs)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/prometheus/client_golang/prometheus"
@@ -35,7 +36,9 @@ type metrics struct {
 
 // NewService returns the ImageService over store and registers its metrics.
 func NewService(store *Store, log *zap.Logger, reg prometheus.Registerer) (*Service, error) {
-	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+	// EncodeAll runs on one of the encoder's states at a time: with one, the
+	// parallel FetchFile workers and ReadBlocks readers would take turns.
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)))
 	if err != nil {
 		return nil, err
 	}

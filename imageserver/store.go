@@ -173,6 +173,11 @@ func DecodeManifest(b []byte) (*imagev1.Manifest, error) {
 		if f.Size > imagev1.MaxFileSize {
 			return nil, fmt.Errorf("manifest %s: file %s: size %d too large", m.Name, f.Name, f.Size)
 		}
+		// FetchFile divides by the chunk size and reads a chunk into a
+		// MaxBlockSize buffer.
+		if f.ChunkSize == 0 || f.ChunkSize > ChunkSize {
+			return nil, fmt.Errorf("manifest %s: file %s: bad chunk size %d", m.Name, f.Name, f.ChunkSize)
+		}
 		if m.Writable {
 			continue
 		}
@@ -294,6 +299,15 @@ func (s *Store) lookupFile(name, file string) (*image, *imageFile, error) {
 		return nil, nil, fmt.Errorf("image %q has no file %q (it has %s): %w", name, file, strings.Join(names, ", "), errdefs.ErrNotFound)
 	}
 	return img, f, nil
+}
+
+// current reports whether h still reads the image of its name: a handle
+// kept across requests must not outlive a Delete (or serve a deleted image
+// after the name was published again).
+func (s *Store) current(h *FileHandle) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.images[h.img.m.Name] == h.img
 }
 
 // List returns the manifests (BASIC view) that match the filter, by name.

@@ -29,7 +29,6 @@ type Server struct {
 	Client *imageserver.Client
 
 	tb       testing.TB
-	log      *lockedBuffer
 	cancel   context.CancelFunc
 	served   chan error
 	stopOnce sync.Once
@@ -74,7 +73,7 @@ func StartServer(tb testing.TB, dir string) *Server {
 		tb.Fatalf("new service: %v", regErr)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Server{Dir: dir, Store: store, Srv: srv, tb: tb, log: buf, cancel: cancel, served: make(chan error, 1)}
+	s := &Server{Dir: dir, Store: store, Srv: srv, tb: tb, cancel: cancel, served: make(chan error, 1)}
 	go func() { s.served <- srv.Serve(ctx) }()
 
 	cc, err := services.Dial(srv.Addr(), services.TLSFiles{})
@@ -106,9 +105,6 @@ func (s *Server) Stop() {
 		}
 	})
 }
-
-// Log returns what the server logged so far.
-func (s *Server) Log() string { return s.log.String() }
 
 type lockedBuffer struct {
 	mu sync.Mutex

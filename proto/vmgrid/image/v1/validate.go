@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"strings"
 )
 
 // Limits shared by clients and the server.
@@ -27,15 +28,16 @@ const (
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
 
 // ValidateName checks an image, disk or file name: 1..128 characters from
-// [A-Za-z0-9._-], starting with a letter or digit, so it can never be a path
-// separator, "..", an absolute path or carry control characters.
+// [A-Za-z0-9._-], starting with a letter or digit and without "..", so it
+// can never be a path separator, "..", an absolute path or carry control
+// characters.
 func ValidateName(what, name string) error {
 	switch {
 	case name == "":
 		return fmt.Errorf("%s is required", what)
 	case len(name) > MaxNameLen:
 		return fmt.Errorf("%s is %d characters long; the limit is %d", what, len(name), MaxNameLen)
-	case !nameRE.MatchString(name):
+	case !nameRE.MatchString(name) || strings.Contains(name, ".."):
 		return fmt.Errorf("%s %q is not allowed: use letters, digits, '.', '_' and '-', starting with a letter or digit (no '/', no '..')", what, name)
 	}
 	return nil
