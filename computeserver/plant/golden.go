@@ -15,7 +15,9 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	"github.com/vmgrid/vmgrid/imagebuild"
 	"github.com/vmgrid/vmgrid/imageserver"
+	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+	"github.com/vmgrid/vmgrid/services/dag"
 )
 
 // GoldenHook is the guest hook of golden images built here: make the root
@@ -40,7 +42,11 @@ type GoldenOptions struct {
 	Publish *imageserver.Client
 	// Labels are added to the image's attributes.
 	Labels map[string]string
-	Log    *zap.Logger
+	// Actions are configuration actions performed in the guest before it is
+	// suspended; the image records them (with their digests) so requests
+	// whose DAG starts with them match it and skip them (VMPlants §3.2).
+	Actions []*computev1.Action
+	Log     *zap.Logger
 }
 
 // Golden is a built golden image on local disk.
@@ -105,11 +111,16 @@ func BuildGolden(ctx context.Context, opts GoldenOptions) (*Golden, error) {
 		return nil, err
 	}
 	err = ac.WaitReady(actx)
-	ac.Close()
 	if err != nil {
+		ac.Close()
 		return nil, fmt.Errorf("golden boot: the agent never answered: %w\n%s", err, tail(m.ConsoleLog(), 2000))
 	}
 	phase("boot", start)
+	performed, err := performActions(ctx, ac, opts.Actions)
+	ac.Close()
+	if err != nil {
+		return nil, err
+	}
 
 	start = time.Now()
 	mem := filepath.Join(opts.WorkDir, MemoryFile)
@@ -140,7 +151,8 @@ func BuildGolden(ctx context.Context, opts GoldenOptions) (*Golden, error) {
 		return nil, err
 	}
 	g.Attrs = &imagev1.ImageAttributes{
-		Arch: img.Attributes.Arch, Vcpus: uint32(used.VCPUs), MemoryMib: uint64(used.MemoryMiB), Os: img.Attributes.OS,
+		Actions: performed,
+		Arch:    img.Attributes.Arch, Vcpus: uint32(used.VCPUs), MemoryMib: uint64(used.MemoryMiB), Os: img.Attributes.OS,
 		Labels: map[string]string{"recipe": opts.Recipe.Name(), "kernel": img.KernelRelease},
 	}
 	for k, v := range opts.Labels {
@@ -178,4 +190,30 @@ func tail(s string, n int) string {
 		return "…" + s[len(s)-n:]
 	}
 	return s
+}
+
+// performActions runs a golden image's configuration in the guest, in
+// topological order, and returns what the image records of it.
+func performActions(ctx context.Context, ac *agent.Client, actions []*computev1.Action) ([]*imagev1.Action, error) {
+	if len(actions) == 0 {
+		return nil, nil
+	}
+	if err := dag.Validate(&computev1.ConfigDAG{Actions: actions}); err != nil {
+		return nil, fmt.Errorf("golden actions: %w", err)
+	}
+	digests, _ := dag.Digests(actions)
+	ordered, _ := dag.Order(actions)
+	p := &Plant{log: zap.NewNop()}
+	v := &vm{agent: ac}
+	var out []*imagev1.Action
+	for _, a := range ordered {
+		if dag.IsHost(a) {
+			return nil, fmt.Errorf("golden action %q: host actions cannot be part of a golden image", a.Id)
+		}
+		if r := p.runAction(ctx, v, a); r.Error != "" {
+			return nil, fmt.Errorf("golden action %q failed: %s%s", a.Id, r.Error, outputTail(r))
+		}
+		out = append(out, &imagev1.Action{Name: a.Id, Kind: dag.Kind(a), Digest: digests[a.Id]})
+	}
+	return out, nil
 }

@@ -15,6 +15,8 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
@@ -23,9 +25,14 @@ import (
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
-// Tokens maps tokens to owners.
+// Tokens maps tokens to owners. Tokens loaded from a file follow the file:
+// an edit takes effect within a second, without a restart.
 type Tokens struct {
+	mu      sync.Mutex
 	entries []entry
+	path    string
+	mtime   time.Time
+	checked time.Time
 }
 
 type entry struct {
@@ -35,6 +42,18 @@ type entry struct {
 
 // Load reads a tokens file.
 func Load(path string) (*Tokens, error) {
+	t, err := parse(path)
+	if err != nil {
+		return nil, err
+	}
+	t.path, t.checked = path, time.Now()
+	if st, err := os.Stat(path); err == nil {
+		t.mtime = st.ModTime()
+	}
+	return t, nil
+}
+
+func parse(path string) (*Tokens, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("tokens file: %w", err)
@@ -70,8 +89,27 @@ func (t *Tokens) Add(token, owner string) error {
 	return nil
 }
 
-// Owner returns the owner of token.
+// reload re-reads the file when it changed (checked at most every second);
+// a file that became unreadable or invalid keeps the tokens known so far.
+func (t *Tokens) reload() {
+	if t.path == "" || time.Since(t.checked) < time.Second {
+		return
+	}
+	t.checked = time.Now()
+	st, err := os.Stat(t.path)
+	if err != nil || st.ModTime().Equal(t.mtime) {
+		return
+	}
+	if n, err := parse(t.path); err == nil {
+		t.entries, t.mtime = n.entries, st.ModTime()
+	}
+}
+
+// lookup returns the owner of token.
 func (t *Tokens) lookup(token string) (string, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.reload()
 	owner, found := "", 0
 	for _, e := range t.entries {
 		if subtle.ConstantTimeCompare(e.token, []byte(token)) == 1 {
