@@ -1,47 +1,61 @@
 #!/usr/bin/env bash
-# The demo the README's first command runs: start an image server on
-# loopback, publish a sparse disk and a memory-state file, show the catalog
-# and the meta-data, fetch the memory state back through the compressed
-# channel and verify it, create a persistent disk, then stop.
+# The main job, as the README's first command runs it: bring up an
+# all-in-one grid (embedded etcd, image server, two plants, the shop; the
+# tiny golden image is built and published on the first start), create a VM
+# through the shop, show its classad and console output, destroy it, stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VMGRID=${VMGRID:-./bin/vmgrid}
-[ -x "$VMGRID" ] || go build -o "$VMGRID" ./cmd/vmgrid
+[ -x "$VMGRID" ] || CGO_ENABLED=0 go build -o "$VMGRID" ./cmd/vmgrid
 
-work=$(mktemp -d /tmp/vmgrid-demo.XXXXXX)
-port=${VMGRID_DEMO_PORT:-7070}
-mport=${VMGRID_DEMO_METRICS_PORT:-9070}
-export VMGRID_IMAGESERVER=127.0.0.1:$port
+dir=${VMGRID_DEMO_DIR:-/tmp/vmgrid-demo}
+shop_port=${VMGRID_DEMO_SHOP_PORT:-7060}
+images_port=${VMGRID_DEMO_IMAGES_PORT:-7070}
+mkdir -p "$dir"
+log="$dir/up.log"
 
-"$VMGRID" imageserver --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$mport" \
-	--data-dir "$work/images" --log-console --log-level warn &
-server=$!
-cleanup() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$work"; }
+echo "== vmgrid up (logs in $log; the first start builds the golden image)"
+"$VMGRID" up --dir "$dir" --plants 2 --shop-port "$shop_port" --images-port "$images_port" --log-level warn >"$log" 2>&1 &
+up=$!
+cleanup() {
+	kill -INT "$up" 2>/dev/null || true
+	wait "$up" 2>/dev/null || true
+}
 trap cleanup EXIT
-
-# Wait until the server answers.
-for _ in $(seq 50); do "$VMGRID" image ls >/dev/null 2>&1 && break; sleep 0.1; done
-
-echo "== a 1 GiB sparse disk with 24 MiB of data, and a 64 MiB memory state"
-truncate -s 1G "$work/root.raw"
-for off in 3 200 611 900; do
-	head -c 6M /dev/urandom | dd of="$work/root.raw" bs=1M seek="$off" conv=notrunc status=none
+for _ in $(seq 600); do
+	grep -q "vmgrid is up" "$log" 2>/dev/null && break
+	kill -0 "$up" 2>/dev/null || { cat "$log"; exit 1; }
+	sleep 0.5
 done
-{ yes "guest page $RANDOM" | head -c 40M || true; head -c 8M /dev/urandom; head -c 16M /dev/zero; } >"$work/mem.state"
+grep -A20 "vmgrid is up" "$log" | grep -v '^{' || true
+# shellcheck disable=SC1091
+. "$dir/env"
 
-echo "== publish"
-"$VMGRID" image publish demo --file disk:root.raw="$work/root.raw" --file memory:mem.state="$work/mem.state" \
-	--os demo --memory-mib 256 --label tier=demo
-echo "== catalog"
+echo
+echo "== the warehouse"
 "$VMGRID" image ls
-echo "== manifest (policies: disk on demand, memory state whole and compressed)"
-"$VMGRID" image get demo | grep -E '"name"|"policy"|"size"|"nonzeroBytes"'
-echo "== fetch the memory state through the zstd whole-file channel"
-"$VMGRID" image fetch demo mem.state -o "$work/mem.fetched"
-cmp "$work/mem.state" "$work/mem.fetched" && echo "fetched copy is identical"
-echo "== a persistent disk from the golden disk, without copying it"
-"$VMGRID" image create-disk demo-disk --from demo
-"$VMGRID" image ls --kind disk
-echo "== metrics"
-curl -fsS "127.0.0.1:$mport/metrics" 2>/dev/null | grep '^vmgrid_imageserver' || true
-echo "== done"
+
+echo
+echo "== create a VM through the shop (match, auction, clone, configure)"
+out=$("$VMGRID" vm create --request-id "demo-$(date +%s)" --domain demo --hostname demo1 --user alice \
+	--ssh-key "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDemoKeyOnly alice@demo" \
+	--exec 'echo "kernel=$(uname -r)" > "$VMGRID_RESULTS"; echo "uptime=$(cut -d" " -f1 /proc/uptime)" >> "$VMGRID_RESULTS"' \
+	--exec 'echo "vmgrid demo: $(hostname) is configured; users: $(cut -d: -f1 /etc/passwd | tr "\n" " ")" > /dev/console')
+echo "$out"
+vm=$(echo "$out" | sed -n 's/.*"vmId": *"\([^"]*\)".*/\1/p' | head -1)
+console=$(echo "$out" | sed -n 's/.*"consoleLog": *"\([^"]*\)".*/\1/p' | head -1)
+
+echo
+echo "== its console (the guest's serial port, on the plant)"
+sleep 0.2
+tail -n 15 "$console"
+
+echo
+echo "== your VMs"
+"$VMGRID" vm ls
+
+echo
+echo "== destroy it"
+"$VMGRID" vm rm "$vm"
+"$VMGRID" vm ls
+echo "== done; stopping the grid"

@@ -433,7 +433,28 @@ func (s *Shop) GetVM(ctx context.Context, req *shopv1.GetVMRequest) (*computev1.
 	if err != nil {
 		return nil, err
 	}
-	return r.classad(), nil
+	return s.check(ctx, r), nil
+}
+
+// check asks the plant of a ready VM whether it still has it: a plant that
+// restarted stopped its VMs, and the classad in etcd would otherwise claim
+// a VM that no longer runs.
+func (s *Shop) check(ctx context.Context, r *record) *computev1.ClassAd {
+	ad := r.classad()
+	if r.Stage != "ready" || r.PlantAddr == "" {
+		return ad
+	}
+	c, err := s.plant(r.PlantAddr)
+	if err != nil {
+		return ad
+	}
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := c.GetVM(cctx, &computev1.GetVMRequest{VmId: r.VMID}); errdefs.IsNotFound(err) {
+		ad.State = computev1.VMState_VM_STATE_FAILED
+		ad.Error = "plant " + r.Plant + " no longer runs this VM (it restarted or lost it); destroy it and create another"
+	}
+	return ad
 }
 
 // ListVMs implements ShopService.ListVMs.
@@ -450,7 +471,7 @@ func (s *Shop) ListVMs(ctx context.Context, _ *shopv1.ListVMsRequest) (*shopv1.L
 	for _, kv := range resp.Kvs {
 		var r record
 		if json.Unmarshal(kv.Value, &r) == nil && r.Owner == owner {
-			out.Vms = append(out.Vms, r.classad())
+			out.Vms = append(out.Vms, s.check(ctx, &r))
 		}
 	}
 	return out, nil
