@@ -6,6 +6,11 @@
 // A tokens file has one "TOKEN OWNER" pair per line; blank lines and lines
 // starting with # are ignored. Tokens are compared in constant time and
 // never logged.
+//
+// A line "TOKEN OWNER service" makes a service token: its holder (the
+// plants, staging files in and out for the shop's tasks) may act for any
+// owner by sending "x-vmgrid-act-as: OWNER"; without that header it acts as
+// OWNER itself.
 package auth
 
 import (
@@ -36,9 +41,13 @@ type Tokens struct {
 }
 
 type entry struct {
-	token []byte
-	owner string
+	token   []byte
+	owner   string
+	service bool
 }
+
+// ActAsHeader is the metadata key a service token names its owner with.
+const ActAsHeader = "x-vmgrid-act-as"
 
 // Load reads a tokens file.
 func Load(path string) (*Tokens, error) {
@@ -67,12 +76,13 @@ func parse(path string) (*Tokens, error) {
 			continue
 		}
 		fields := strings.Fields(line)
-		if len(fields) != 2 {
-			return nil, fmt.Errorf("tokens file %s line %d: want TOKEN OWNER", path, n)
+		if len(fields) < 2 || len(fields) > 3 || len(fields) == 3 && fields[2] != "service" {
+			return nil, fmt.Errorf("tokens file %s line %d: want TOKEN OWNER [service]", path, n)
 		}
 		if err := t.Add(fields[0], fields[1]); err != nil {
 			return nil, fmt.Errorf("tokens file %s line %d: %w", path, n, err)
 		}
+		t.entries[len(t.entries)-1].service = len(fields) == 3
 	}
 	return t, s.Err()
 }
@@ -85,7 +95,7 @@ func (t *Tokens) Add(token, owner string) error {
 	if err := imagev1.ValidateName("owner", owner); err != nil {
 		return err
 	}
-	t.entries = append(t.entries, entry{[]byte(token), owner})
+	t.entries = append(t.entries, entry{token: []byte(token), owner: owner})
 	return nil
 }
 
@@ -105,18 +115,18 @@ func (t *Tokens) reload() {
 	}
 }
 
-// lookup returns the owner of token.
-func (t *Tokens) lookup(token string) (string, bool) {
+// lookup returns the owner of token and whether it is a service token.
+func (t *Tokens) lookup(token string) (string, bool, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.reload()
-	owner, found := "", 0
+	owner, service, found := "", false, 0
 	for _, e := range t.entries {
 		if subtle.ConstantTimeCompare(e.token, []byte(token)) == 1 {
-			owner, found = e.owner, 1
+			owner, service, found = e.owner, e.service, 1
 		}
 	}
-	return owner, found == 1
+	return owner, service, found == 1
 }
 
 type ownerKey struct{}
@@ -148,9 +158,18 @@ func (t *Tokens) authenticate(ctx context.Context, method string, skip func(stri
 	if !ok {
 		return nil, fmt.Errorf("the authorization header must be \"Bearer TOKEN\": %w", errdefs.ErrUnauthenticated)
 	}
-	owner, ok := t.lookup(strings.TrimSpace(token))
+	owner, service, ok := t.lookup(strings.TrimSpace(token))
 	if !ok {
 		return nil, fmt.Errorf("unknown token: %w", errdefs.ErrUnauthenticated)
+	}
+	if as := md.Get(ActAsHeader); len(as) > 0 {
+		if !service {
+			return nil, fmt.Errorf("only service tokens may act for another owner: %w", errdefs.ErrPermissionDenied)
+		}
+		if err := imagev1.ValidateName(ActAsHeader, as[0]); err != nil {
+			return nil, fmt.Errorf("%v: %w", err, errdefs.ErrInvalidArgument)
+		}
+		owner = as[0]
 	}
 	return WithOwner(ctx, owner), nil
 }
@@ -192,13 +211,19 @@ func (s *ctxStream) Context() context.Context { return s.ctx }
 // Credentials is a per-call credential sending a bearer token.
 type Credentials struct {
 	Token string
+	// ActAs names the owner a service token acts for.
+	ActAs string
 	// Insecure allows sending the token without TLS (loopback, tests).
 	Insecure bool
 }
 
 // GetRequestMetadata implements credentials.PerRPCCredentials.
 func (c Credentials) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
-	return map[string]string{"authorization": "Bearer " + c.Token}, nil
+	md := map[string]string{"authorization": "Bearer " + c.Token}
+	if c.ActAs != "" {
+		md[ActAsHeader] = c.ActAs
+	}
+	return md, nil
 }
 
 // RequireTransportSecurity implements credentials.PerRPCCredentials.

@@ -32,6 +32,23 @@ func TestLoadAndAuthenticate(t *testing.T) {
 			t.Fatalf("%v: want Unauthenticated, got %v", md, err)
 		}
 	}
+	// Service tokens act for others; user tokens may not.
+	os.WriteFile(p, []byte("alice-token-123 alice\nplant-token-99 plants service\n"), 0o600)
+	tk, err = Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	as := metadata.NewIncomingContext(context.Background(), metadata.Pairs("authorization", "Bearer plant-token-99", ActAsHeader, "alice"))
+	if ctx, err = tk.authenticate(as, "/x", nil); err != nil {
+		t.Fatal(err)
+	}
+	if o, _ := Owner(ctx); o != "alice" {
+		t.Fatalf("service acting as alice: owner %q", o)
+	}
+	as = metadata.NewIncomingContext(context.Background(), metadata.Pairs("authorization", "Bearer alice-token-123", ActAsHeader, "bob"))
+	if _, err := tk.authenticate(as, "/x", nil); !errdefs.IsPermissionDenied(err) {
+		t.Fatalf("a user token acting for another owner: %v", err)
+	}
 	os.WriteFile(p, []byte("short alice\n"), 0o600)
 	if _, err := Load(p); err == nil {
 		t.Fatal("a short token must be refused")
