@@ -63,3 +63,11 @@ func (s *plantService) SuspendVM(ctx context.Context, req *computev1.SuspendVMRe
 func (s *plantService) ExecVM(ctx context.Context, req *computev1.ExecVMRequest) (*computev1.ExecVMResponse, error) {
 	return s.p.Exec(ctx, req.VmId, req.Exec)
 }
+
+func (s *plantService) StageOut(ctx context.Context, req *computev1.StageOutRequest) (*computev1.StageOutResponse, error) {
+	up, err := s.p.StageOut(ctx, req.VmId, req.Folder, req.RemotePrefix)
+	if err != nil {
+		return nil, err
+	}
+	return &computev1.StageOutResponse{Uploaded: up}, nil
+}

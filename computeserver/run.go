@@ -48,6 +48,9 @@ type Config struct {
 	// shop's auctions.
 	Etcd    []string
 	Weights market.Weights
+	// DataToken is a service token of the data servers, for stage-in and
+	// stage-out on behalf of VM owners.
+	DataToken string
 }
 
 // Plant is a running compute server.
@@ -109,7 +112,7 @@ func Start(ctx context.Context, cfg Config) (*Plant, error) {
 	}
 	pl, err := plant.New(plant.Config{
 		Name: name, Dir: filepath.Join(cfg.DataDir, "vms"), Mountpoint: mnt, Proxy: p,
-		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, Log: log,
+		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, Log: log, DataToken: cfg.DataToken, DataTLS: cfg.Server.TLS,
 	})
 	if err != nil {
 		return fail(err)

@@ -25,6 +25,9 @@ type RunConfig struct {
 	Tokens          *auth.Tokens
 	Weights         market.Weights
 	AuctionDeadline time.Duration
+	// DataServer is the data server tasks stage files with ("" runs no
+	// tasks).
+	DataServer string
 }
 
 // Server is a running shop.
@@ -58,7 +61,7 @@ func Start(cfg RunConfig) (*Server, error) {
 	var regErr error
 	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) {
 		shop, regErr = New(Config{Etcd: cli, Images: imageserver.NewClient(cc), Weights: cfg.Weights,
-			AuctionDeadline: cfg.AuctionDeadline, PlantTLS: cfg.Server.TLS, Log: log}, reg)
+			AuctionDeadline: cfg.AuctionDeadline, PlantTLS: cfg.Server.TLS, DataServer: cfg.DataServer, Log: log}, reg)
 		if regErr == nil {
 			shopv1.RegisterShopServiceServer(gs, shop)
 		}
@@ -72,12 +75,21 @@ func Start(cfg RunConfig) (*Server, error) {
 		cli.Close()
 		return nil, err
 	}
+	if cfg.DataServer != "" {
+		if err := shop.startTasks(); err != nil {
+			srv.Shutdown()
+			cc.Close()
+			cli.Close()
+			return nil, err
+		}
+	}
 	return &Server{Server: srv, Shop: shop, etcd: cli}, nil
 }
 
 // Serve serves until ctx ends.
 func (s *Server) Serve(ctx context.Context) error {
 	err := s.Server.Serve(ctx)
+	s.Shop.Close()
 	s.etcd.Close()
 	return err
 }

@@ -28,7 +28,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/vmgrid/vmgrid/imageserver"
@@ -46,6 +48,7 @@ import (
 const (
 	vmsPrefix      = "/vmgrid/vms/"
 	requestsPrefix = "/vmgrid/requests/"
+	drivingPrefix  = "/vmgrid/driving/"
 )
 
 // record is a VM in etcd.
@@ -86,7 +89,9 @@ type Config struct {
 	// AuctionDeadline bounds the wait for bids (default 500ms).
 	AuctionDeadline time.Duration
 	PlantTLS        services.TLSFiles
-	Log             *zap.Logger
+	// DataServer is the data server tasks stage files from and to.
+	DataServer string
+	Log        *zap.Logger
 }
 
 // Shop serves ShopService.
@@ -95,8 +100,11 @@ type Shop struct {
 	cfg Config
 	log *zap.Logger
 
-	mu     sync.Mutex
-	plants map[string]computev1.PlantServiceClient
+	mu      sync.Mutex
+	plants  map[string]computev1.PlantServiceClient
+	conns   []*grpc.ClientConn
+	tasks   *taskRunner
+	session *concurrency.Session // leases of this shop's claims
 
 	placement prometheus.Histogram
 	auctions  *prometheus.CounterVec
@@ -124,6 +132,11 @@ func New(cfg Config, reg prometheus.Registerer) (*Shop, error) {
 			Namespace: "vmgrid", Subsystem: "shop", Name: "creates_total", Help: "CreateVM outcomes.",
 		}, []string{"result"}),
 	}
+	sess, err := concurrency.NewSession(cfg.Etcd, concurrency.WithTTL(10))
+	if err != nil {
+		return nil, fmt.Errorf("etcd session: %v: %w", err, errdefs.ErrUnavailable)
+	}
+	s.session = sess
 	if reg != nil {
 		for _, c := range []prometheus.Collector{s.placement, s.auctions} {
 			if err := reg.Register(c); err != nil {
@@ -150,6 +163,7 @@ func (s *Shop) plant(addr string) (computev1.PlantServiceClient, error) {
 	if err != nil {
 		return nil, err
 	}
+	s.conns = append(s.conns, cc)
 	c := computev1.NewPlantServiceClient(cc)
 	s.plants[addr] = c
 	return c, nil
@@ -200,12 +214,26 @@ func (s *Shop) CreateVM(req *shopv1.CreateVMRequest, stream shopv1.ShopService_C
 	if err != nil {
 		return err
 	}
-	if err := dag.Validate(req.Config); err != nil {
-		return fmt.Errorf("config: %v: %w", err, errdefs.ErrInvalidArgument)
-	}
 	send := func(p *shopv1.CreateVMProgress) {
 		p.ElapsedNanos = int64(time.Since(start))
 		_ = stream.Send(p)
+	}
+	// The creation goes on if the client goes away: a retry of the request
+	// then finds the VM ready instead of half made.
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Minute)
+	defer cancel()
+	ad, err := s.create(dctx, owner, req, send)
+	if err != nil {
+		return err
+	}
+	send(&shopv1.CreateVMProgress{Stage: "ready", Message: "ready on " + ad.Plant, State: ad.State, Image: ad.Image, Classad: ad})
+	return nil
+}
+
+// create makes (or, for a known request, finds) an owner's VM.
+func (s *Shop) create(ctx context.Context, owner string, req *shopv1.CreateVMRequest, send func(*shopv1.CreateVMProgress)) (*computev1.ClassAd, error) {
+	if err := dag.Validate(req.Config); err != nil {
+		return nil, fmt.Errorf("config: %v: %w", err, errdefs.ErrInvalidArgument)
 	}
 	vmID := VMID(owner, req.RequestId)
 	reqKey := requestsPrefix + owner + "/" + req.RequestId
@@ -216,46 +244,52 @@ func (s *Shop) CreateVM(req *shopv1.CreateVMRequest, stream shopv1.ShopService_C
 		Then(clientv3.OpPut(reqKey, vmID), clientv3.OpPut(vmsPrefix+vmID, string(b))).
 		Commit()
 	if err != nil {
-		return fmt.Errorf("etcd: %v: %w", err, errdefs.ErrUnavailable)
+		return nil, fmt.Errorf("etcd: %v: %w", err, errdefs.ErrUnavailable)
 	}
 	rec := fresh
 	if !txn.Succeeded {
 		// A retry: the request is known.
 		if rec, _, err = s.getRecord(ctx, vmID); err != nil {
 			if errdefs.IsNotFound(err) {
-				return fmt.Errorf("request %q created vm %s, which was destroyed since; use a new request id: %w", req.RequestId, vmID, errdefs.ErrFailedPrecondition)
+				return nil, fmt.Errorf("request %q created vm %s, which was destroyed since; use a new request id: %w", req.RequestId, vmID, errdefs.ErrFailedPrecondition)
 			}
-			return err
+			return nil, err
 		}
 		switch rec.Stage {
 		case "ready":
-			ad := rec.classad()
-			send(&shopv1.CreateVMProgress{Stage: "ready", Message: "this request created the VM already", State: ad.State, Image: rec.Image, Classad: ad})
-			return nil
+			return rec.classad(), nil
 		case "failed":
-			return fmt.Errorf("request %q failed before: %s; use a new request id: %w", req.RequestId, rec.Error, errdefs.ErrFailedPrecondition)
+			return nil, fmt.Errorf("request %q failed before: %s; use a new request id: %w", req.RequestId, rec.Error, errdefs.ErrFailedPrecondition)
 		}
-		// Placing or creating: (re)drive it; the plant's own idempotency
-		// on the VM id makes this safe.
+		// Placing or creating: another call drives it, or drove it and
+		// died; see claim.
 	}
-	// The creation goes on if the client goes away: a retry of the request
-	// then finds the VM ready instead of half made.
-	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Minute)
-	defer cancel()
-	ad, err := s.drive(dctx, req, rec, send)
+	// One driver per VM at a time: concurrent retries wait for it, and take
+	// over when its shop dies (the claim goes with the shop's lease).
+	claimed, ad, err := s.claimOrWait(ctx, vmID)
+	if err != nil || !claimed {
+		return ad, err
+	}
+	defer s.cfg.Etcd.Delete(context.WithoutCancel(ctx), drivingPrefix+vmID)
+	if rec, _, err = s.getRecord(ctx, vmID); err != nil {
+		return nil, err
+	}
+	if rec.Stage == "ready" {
+		return rec.classad(), nil
+	}
+	ad, err = s.drive(ctx, req, rec, send)
 	if err != nil {
 		s.auctions.WithLabelValues("failed").Inc()
 		// A definitive failure is remembered; an outage is not (a retry
 		// may succeed).
-		if !errdefs.IsUnavailable(err) && dctx.Err() == nil {
+		if !errdefs.IsUnavailable(err) && ctx.Err() == nil {
 			rec.Stage, rec.Error = "failed", err.Error()
 			_ = s.putRecord(context.Background(), rec)
 		}
-		return err
+		return nil, err
 	}
 	s.auctions.WithLabelValues("created").Inc()
-	send(&shopv1.CreateVMProgress{Stage: "ready", Message: "ready on " + ad.Plant, State: ad.State, Image: ad.Image, Classad: ad})
-	return nil
+	return ad, nil
 }
 
 // drive matches, auctions and creates.
@@ -483,19 +517,23 @@ func (s *Shop) DestroyVM(ctx context.Context, req *shopv1.DestroyVMRequest) (*sh
 	if err != nil {
 		return nil, err
 	}
+	return &shopv1.DestroyVMResponse{}, s.destroy(ctx, r)
+}
+
+func (s *Shop) destroy(ctx context.Context, r *record) error {
 	if r.PlantAddr != "" {
 		c, err := s.plant(r.PlantAddr)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if _, err := c.DestroyVM(ctx, &computev1.DestroyVMRequest{VmId: r.VMID}); err != nil && !errdefs.IsNotFound(err) {
-			return nil, fmt.Errorf("plant %s: %w", r.Plant, err)
+			return fmt.Errorf("plant %s: %w", r.Plant, err)
 		}
 	}
 	if _, err := s.cfg.Etcd.Delete(ctx, vmsPrefix+r.VMID); err != nil {
-		return nil, fmt.Errorf("etcd: %v: %w", err, errdefs.ErrUnavailable)
+		return fmt.Errorf("etcd: %v: %w", err, errdefs.ErrUnavailable)
 	}
-	return &shopv1.DestroyVMResponse{}, nil
+	return nil
 }
 
 // WatchVM implements ShopService.WatchVM.
@@ -532,4 +570,51 @@ func (s *Shop) WatchVM(req *shopv1.WatchVMRequest, stream shopv1.ShopService_Wat
 		}
 	}
 	return ctx.Err()
+}
+
+// claimOrWait makes this shop the driver of a VM's creation, or waits for
+// the driver to finish: it returns claimed, or the VM's classad (or its
+// failure) as the driver left it.
+func (s *Shop) claimOrWait(ctx context.Context, vmID string) (bool, *computev1.ClassAd, error) {
+	key := drivingPrefix + vmID
+	for {
+		txn, err := s.cfg.Etcd.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+			Then(clientv3.OpPut(key, "", clientv3.WithLease(s.session.Lease()))).
+			Else(clientv3.OpGet(key)).Commit()
+		if err != nil {
+			return false, nil, fmt.Errorf("etcd: %v: %w", err, errdefs.ErrUnavailable)
+		}
+		if txn.Succeeded {
+			return true, nil, nil
+		}
+		// Wait until the driver is done (or gone), then look again.
+		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		wch := s.cfg.Etcd.Watch(wctx, key, clientv3.WithRev(txn.Header.Revision+1))
+		for resp := range wch {
+			if done := func() bool {
+				for _, ev := range resp.Events {
+					if ev.Type == clientv3.EventTypeDelete {
+						return true
+					}
+				}
+				return false
+			}(); done {
+				break
+			}
+		}
+		cancel()
+		if ctx.Err() != nil {
+			return false, nil, ctx.Err()
+		}
+		r, _, err := s.getRecord(ctx, vmID)
+		if err != nil {
+			return false, nil, err
+		}
+		switch r.Stage {
+		case "ready":
+			return false, r.classad(), nil
+		case "failed":
+			return false, nil, fmt.Errorf("vm %s failed: %s: %w", vmID, r.Error, errdefs.ErrFailedPrecondition)
+		}
+	}
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/computeserver/plant"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	"github.com/vmgrid/vmgrid/dataserver"
 	"github.com/vmgrid/vmgrid/deploy/grid"
 	"github.com/vmgrid/vmgrid/imagebuild"
 	"github.com/vmgrid/vmgrid/imageserver"
@@ -232,6 +233,72 @@ func TestShop(t *testing.T) {
 		}
 		if _, err := createVM(ctx, alice, &shopv1.CreateVMRequest{RequestId: "bad3", Hardware: &computev1.Hardware{MemoryMib: 999}}); code(err) != codes.FailedPrecondition {
 			t.Fatalf("hardware no image has: %v", err)
+		}
+	})
+
+	t.Run("tasks: stage in, run, stage out", func(t *testing.T) {
+		cc, err := dataserver.Dial(g.Data.Addr(), services.TLSFiles{}, g.Token)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cc.Close()
+		data := dataserver.NewClient(cc)
+		words := "the quick brown fox jumps over the lazy dog\n"
+		if _, err := data.UploadReader(ctx, strings.NewReader(words), int64(len(words)), "words.txt", nil); err != nil {
+			t.Fatal(err)
+		}
+		run := func(reqID, command string) *shopv1.Task {
+			t.Helper()
+			task, err := alice.SubmitTask(ctx, &shopv1.SubmitTaskRequest{RequestId: reqID, Inputs: []string{"words.txt"}, Command: command})
+			if err != nil {
+				t.Fatal(err)
+			}
+			stream, err := alice.WatchTask(ctx, &shopv1.GetTaskRequest{TaskId: task.TaskId})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var states []string
+			for {
+				nt, err := stream.Recv()
+				if err != nil {
+					break
+				}
+				task = nt
+				states = append(states, nt.State.String())
+			}
+			t.Logf("task %s: %v", task.TaskId, states)
+			if vmsOnPlants(t, g, task.VmId) != 0 {
+				t.Fatalf("the task's VM %s was not destroyed", task.VmId)
+			}
+			return task
+		}
+		ok := run("count", "wc -w < in/words.txt > out/count.txt")
+		if ok.State != shopv1.TaskState_TASK_STATE_SUCCEEDED || len(ok.Outputs) != 1 {
+			t.Fatalf("task %+v", ok)
+		}
+		var got strings.Builder
+		if _, err := data.ReadRange(ctx, ok.Outputs[0], 0, 0, &got); err != nil {
+			t.Fatal(err)
+		}
+		if strings.TrimSpace(got.String()) != "9" {
+			t.Fatalf("count.txt = %q", got.String())
+		}
+		bad := run("fails", "echo partial > out/partial.txt; echo oops >&2; exit 3")
+		if bad.State != shopv1.TaskState_TASK_STATE_FAILED || bad.ExitCode != 3 || !strings.Contains(bad.StderrTail, "oops") || len(bad.Outputs) != 1 {
+			t.Fatalf("failing task %+v", bad)
+		}
+		again, err := alice.SubmitTask(ctx, &shopv1.SubmitTaskRequest{RequestId: "count", Command: "true"})
+		if err != nil || again.TaskId != ok.TaskId || again.State != shopv1.TaskState_TASK_STATE_SUCCEEDED {
+			t.Fatalf("resubmitting a request id: %v %v", again, err)
+		}
+		bob := shopClient(t, g.Shop.Addr(), "bob-token-0001")
+		if _, err := bob.GetTask(ctx, &shopv1.GetTaskRequest{TaskId: ok.TaskId}); code(err) != codes.PermissionDenied {
+			t.Fatalf("bob reads alice's task: %v", err)
+		}
+		bcc, _ := dataserver.Dial(g.Data.Addr(), services.TLSFiles{}, "bob-token-0001")
+		defer bcc.Close()
+		if _, err := dataserver.NewClient(bcc).ForOwner("demo").Stat(ctx, "words.txt"); code(err) != codes.PermissionDenied {
+			t.Fatalf("bob reads alice's file: %v", err)
 		}
 	})
 

@@ -24,7 +24,14 @@ func (p *Plant) runAction(ctx context.Context, v *vm, a *computev1.Action) *comp
 	r := &computev1.ActionResult{Id: a.Id}
 	defer func() { r.TookNanos = int64(time.Since(start)) }()
 	if dag.IsHost(a) {
-		if err := p.attachDisk(ctx, v, a.GetAttachDisk(), r); err != nil {
+		var err error
+		switch k := a.Kind.(type) {
+		case *computev1.Action_AttachDisk:
+			err = p.attachDisk(ctx, v, k.AttachDisk, r)
+		case *computev1.Action_StageIn:
+			err = p.stageIn(ctx, v, k.StageIn, r)
+		}
+		if err != nil {
 			r.Error = err.Error()
 		}
 		return r

@@ -38,6 +38,7 @@ import (
 	"github.com/vmgrid/vmgrid/imageserver"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/dag"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
@@ -55,6 +56,10 @@ type Config struct {
 	Driver     vmm.Driver
 	// MemoryMiB is what the plant may give to guests (0: 80% of RAM).
 	MemoryMiB uint64
+	// DataToken is a service token of the data servers (stage-in/out act
+	// for the VM's owner with it); DataTLS secures those connections.
+	DataToken string
+	DataTLS   services.TLSFiles
 	Log       *zap.Logger
 }
 
@@ -80,6 +85,8 @@ type vm struct {
 	created time.Time
 
 	hotplugged int // disks hot-plugged so far
+
+	dataDisk, dataMount, dataServer string // stage-in data disk (host path), its guest mount, its data server
 }
 
 // New opens a plant. VMs left running by a previous process are stopped

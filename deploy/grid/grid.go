@@ -20,6 +20,7 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver"
 	"github.com/vmgrid/vmgrid/computeserver/plant"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	"github.com/vmgrid/vmgrid/dataserver"
 	"github.com/vmgrid/vmgrid/imagebuild"
 	"github.com/vmgrid/vmgrid/imageserver"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
@@ -55,7 +56,9 @@ type Grid struct {
 	Images     *services.Server
 	Plants     []*computeserver.Plant
 	Shop       *shop.Server
+	Data       *services.Server
 	Token      string // a token of the owner "demo"
+	PlantToken string // the plants' service token (stage-in/out)
 	TokensFile string
 	log        *zap.Logger
 	stops      []func() // in start order; Close runs them backwards
@@ -128,10 +131,28 @@ func Up(ctx context.Context, cfg Config) (g *Grid, err error) {
 		}
 	}
 
+	g.Token, g.PlantToken, g.TokensFile, err = tokensFile(cfg.Dir)
+	if err != nil {
+		return g, err
+	}
+	tokens, err := auth.Load(g.TokensFile)
+	if err != nil {
+		return g, err
+	}
+	g.Data, err = dataserver.Start(dataserver.Config{
+		Server:  services.Options{Name: "dataserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: log.Named("dataserver")},
+		DataDir: filepath.Join(cfg.Dir, "data"), Tokens: tokens,
+	})
+	if err != nil {
+		return g, err
+	}
+	serve(g.Data.Serve)
+
 	for i := range cfg.Plants {
 		pl, err := computeserver.Start(ctx, computeserver.Config{
-			Server:   services.Options{Name: "computeserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: log.Named(fmt.Sprintf("plant%d", i))},
-			Upstream: g.Images.Addr(), DataDir: filepath.Join(cfg.Dir, fmt.Sprintf("p%d", i)),
+			DataToken: g.PlantToken,
+			Server:    services.Options{Name: "computeserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: log.Named(fmt.Sprintf("plant%d", i))},
+			Upstream:  g.Images.Addr(), DataDir: filepath.Join(cfg.Dir, fmt.Sprintf("p%d", i)),
 			Name: fmt.Sprintf("plant%d", i), Etcd: etcd,
 		})
 		if err != nil {
@@ -141,21 +162,13 @@ func Up(ctx context.Context, cfg Config) (g *Grid, err error) {
 		serve(pl.Serve)
 	}
 
-	g.Token, g.TokensFile, err = tokensFile(cfg.Dir)
-	if err != nil {
-		return g, err
-	}
-	tokens, err := auth.Load(g.TokensFile)
-	if err != nil {
-		return g, err
-	}
 	sa, err := freeAddr(cfg.Host, cfg.ShopPort)
 	if err != nil {
 		return g, err
 	}
 	g.Shop, err = shop.Start(shop.RunConfig{
 		Server: services.Options{Name: "shop", Listen: sa, Logger: log.Named("shop")},
-		Etcd:   etcd, Images: g.Images.Addr(), Tokens: tokens,
+		Etcd:   etcd, Images: g.Images.Addr(), Tokens: tokens, DataServer: g.Data.Addr(),
 	})
 	if err != nil {
 		return g, err
@@ -165,21 +178,33 @@ func Up(ctx context.Context, cfg Config) (g *Grid, err error) {
 }
 
 // tokensFile keeps a tokens file in dir with a token for the owner "demo"
-// (and reuses it on the next start).
-func tokensFile(dir string) (token, path string, err error) {
+// and a service token for the plants (and reuses them on the next start).
+func tokensFile(dir string) (token, plants, path string, err error) {
 	path = filepath.Join(dir, "tokens")
 	if b, err := os.ReadFile(path); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
-			if f := strings.Fields(line); len(f) == 2 && f[1] == "demo" {
-				return f[0], path, nil
+			f := strings.Fields(line)
+			switch {
+			case len(f) == 2 && f[1] == "demo":
+				token = f[0]
+			case len(f) == 3 && f[1] == "vmgrid-plants":
+				plants = f[0]
 			}
 		}
+		if token != "" && plants != "" {
+			return token, plants, path, nil
+		}
 	}
+	token, plants = randomToken(), randomToken()
+	content := "# TOKEN OWNER [service] — bearer tokens of the shop's and data server's owners\n" +
+		token + " demo\n" + plants + " vmgrid-plants service\n"
+	return token, plants, path, os.WriteFile(path, []byte(content), 0o600)
+}
+
+func randomToken() string {
 	var r [16]byte
 	_, _ = rand.Read(r[:])
-	token = hex.EncodeToString(r[:])
-	content := "# TOKEN OWNER — bearer tokens of the shop's owners\n" + token + " demo\n"
-	return token, path, os.WriteFile(path, []byte(content), 0o600)
+	return hex.EncodeToString(r[:])
 }
 
 // ensureGolden builds and publishes the golden image unless the warehouse

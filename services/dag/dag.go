@@ -50,13 +50,15 @@ func Kind(a *computev1.Action) string {
 		return "mount"
 	case *computev1.Action_AttachDisk:
 		return "attach_disk"
+	case *computev1.Action_StageIn:
+		return "stage_in"
 	}
 	return ""
 }
 
 // IsHost reports whether an action runs on the plant rather than in the
 // guest.
-func IsHost(a *computev1.Action) bool { return Kind(a) == "attach_disk" }
+func IsHost(a *computev1.Action) bool { k := Kind(a); return k == "attach_disk" || k == "stage_in" }
 
 // Validate checks a DAG: unique ids, known kinds, edges to existing actions,
 // no cycles, valid error handlers. Errors name the node at fault.
@@ -113,7 +115,7 @@ func validate(actions []*computev1.Action, where string) error {
 func validateKind(a *computev1.Action) error {
 	switch k := a.Kind.(type) {
 	case nil:
-		return errors.New("no action kind set (want one of exec, write_file, set_hostname, add_user, mount, attach_disk)")
+		return errors.New("no action kind set (want one of exec, write_file, set_hostname, add_user, mount, attach_disk, stage_in)")
 	case *computev1.Action_Exec:
 		if len(k.Exec.Argv) == 0 {
 			return errors.New("exec needs argv")
@@ -143,6 +145,13 @@ func validateKind(a *computev1.Action) error {
 		}
 		if k.AttachDisk.SizeMib == 0 || k.AttachDisk.SizeMib > 1<<20 {
 			return fmt.Errorf("attach_disk size %d MiB: want 1..1048576", k.AttachDisk.SizeMib)
+		}
+	case *computev1.Action_StageIn:
+		if k.StageIn.Dataserver == "" {
+			return errors.New("stage_in needs the data server's address")
+		}
+		if p := k.StageIn.MountPath; p != "" && p[0] != '/' {
+			return fmt.Errorf("stage_in mount_path %q is not absolute", p)
 		}
 	default:
 		return fmt.Errorf("unknown action kind %T", k)

@@ -114,6 +114,7 @@ The upstream is an image server or a 'vmgrid cacheproxy' in front of one.`,
 	f.StringVar(&cfg.Name, "name", "", "plant name in classads and bids (default: HOST-DATADIR)")
 	f.StringSliceVar(&cfg.Etcd, "etcd", nil, "etcd endpoints: register there and bid in the shop's auctions")
 	f.Uint64Var(&cfg.GuestMemoryMiB, "guest-memory-mib", 0, "memory guests may use in all (0: 80% of RAM)")
+	f.StringVar(&cfg.DataToken, "data-token", os.Getenv("VMGRID_DATA_TOKEN"), "service token of the data servers, for task stage-in/out (env VMGRID_DATA_TOKEN)")
 	cacheFlags(f, &cfg.Cache)
 	return c
 }

@@ -63,6 +63,7 @@ classad in etcd. It keeps no state of its own: run as many as you like.`,
 	f.StringVar(&images, "images", "127.0.0.1:7070", "image server (the warehouse) to match requests against")
 	f.StringVar(&tokens, "tokens", "/etc/vmgrid/tokens", "tokens file: TOKEN OWNER per line")
 	f.DurationVar(&cfg.AuctionDeadline, "auction-deadline", 500*time.Millisecond, "how long to wait for bids")
+	f.StringVar(&cfg.DataServer, "dataserver", "", "data server that tasks stage files with (empty: no tasks)")
 	f.Float64Var(&cfg.Weights.Compute, "cost-compute", 4, "bid cost per VM running on a plant")
 	f.Float64Var(&cfg.Weights.Network, "cost-network", 50, "bid cost of a new host-only network for a client domain")
 	f.Float64Var(&cfg.Weights.CachePerGiB, "cost-cache-per-gib", 10, "bid discount per GiB of the image a plant already holds")
@@ -326,8 +327,8 @@ DIR/env with the addresses and a token, and runs until interrupted.`,
 				return err
 			}
 			defer gr.Close()
-			env := fmt.Sprintf("export VMGRID_SHOP=%s\nexport VMGRID_TOKEN=%s\nexport VMGRID_IMAGESERVER=%s\nexport VMGRID_ETCD=%s\n",
-				gr.Shop.Addr(), gr.Token, gr.Images.Addr(), gr.Etcd.Endpoint)
+			env := fmt.Sprintf("export VMGRID_SHOP=%s\nexport VMGRID_TOKEN=%s\nexport VMGRID_IMAGESERVER=%s\nexport VMGRID_DATASERVER=%s\nexport VMGRID_ETCD=%s\n",
+				gr.Shop.Addr(), gr.Token, gr.Images.Addr(), gr.Data.Addr(), gr.Etcd.Endpoint)
 			for i, p := range gr.Plants {
 				env += fmt.Sprintf("export VMGRID_PLANT%d=%s\n", i, p.Server.Addr())
 			}
@@ -336,7 +337,7 @@ DIR/env with the addresses and a token, and runs until interrupted.`,
 				return err
 			}
 			out := cmd.OutOrStdout()
-			fmt.Fprintf(out, "vmgrid is up: shop %s, image server %s, etcd %s, %d plants\n", gr.Shop.Addr(), gr.Images.Addr(), gr.Etcd.Endpoint, len(gr.Plants))
+			fmt.Fprintf(out, "vmgrid is up: shop %s, image server %s, data server %s, etcd %s, %d plants\n", gr.Shop.Addr(), gr.Images.Addr(), gr.Data.Addr(), gr.Etcd.Endpoint, len(gr.Plants))
 			for i, p := range gr.Plants {
 				fmt.Fprintf(out, "  plant%d %s  view %s\n", i, p.Server.Addr(), p.Mountpoint)
 			}

@@ -494,6 +494,77 @@ func (x *AttachDiskAction) GetSizeMib() uint64 {
 	return 0
 }
 
+// A host action (Goiri et al. stage-in): the plant builds a data disk holding
+// the owner's files from the data server under in/ and an empty out/,
+// plugs it into the guest and mounts it at mount_path.
+type StageInAction struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Dataserver    string                 `protobuf:"bytes,1,opt,name=dataserver,proto3" json:"dataserver,omitempty"`                // address of the data server
+	Files         []string               `protobuf:"bytes,2,rep,name=files,proto3" json:"files,omitempty"`                          // the owner's files (paths on the data server)
+	MountPath     string                 `protobuf:"bytes,3,opt,name=mount_path,json=mountPath,proto3" json:"mount_path,omitempty"` // default /root/work
+	SizeMib       uint64                 `protobuf:"varint,4,opt,name=size_mib,json=sizeMib,proto3" json:"size_mib,omitempty"`      // 0: twice the inputs plus 64 MiB
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StageInAction) Reset() {
+	*x = StageInAction{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StageInAction) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StageInAction) ProtoMessage() {}
+
+func (x *StageInAction) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StageInAction.ProtoReflect.Descriptor instead.
+func (*StageInAction) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *StageInAction) GetDataserver() string {
+	if x != nil {
+		return x.Dataserver
+	}
+	return ""
+}
+
+func (x *StageInAction) GetFiles() []string {
+	if x != nil {
+		return x.Files
+	}
+	return nil
+}
+
+func (x *StageInAction) GetMountPath() string {
+	if x != nil {
+		return x.MountPath
+	}
+	return ""
+}
+
+func (x *StageInAction) GetSizeMib() uint64 {
+	if x != nil {
+		return x.SizeMib
+	}
+	return 0
+}
+
 // One node of a configuration DAG (VMPlants §3.1).
 type Action struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -509,6 +580,7 @@ type Action struct {
 	//	*Action_AddUser
 	//	*Action_Mount
 	//	*Action_AttachDisk
+	//	*Action_StageIn
 	Kind isAction_Kind `protobuf_oneof:"kind"`
 	// Custom error handling: when this action fails, these run (as their own
 	// DAG); if they all succeed the failure is recovered and creation goes
@@ -521,7 +593,7 @@ type Action struct {
 
 func (x *Action) Reset() {
 	*x = Action{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[7]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -533,7 +605,7 @@ func (x *Action) String() string {
 func (*Action) ProtoMessage() {}
 
 func (x *Action) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[7]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -546,7 +618,7 @@ func (x *Action) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Action.ProtoReflect.Descriptor instead.
 func (*Action) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{7}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Action) GetId() string {
@@ -624,6 +696,15 @@ func (x *Action) GetAttachDisk() *AttachDiskAction {
 	return nil
 }
 
+func (x *Action) GetStageIn() *StageInAction {
+	if x != nil {
+		if x, ok := x.Kind.(*Action_StageIn); ok {
+			return x.StageIn
+		}
+	}
+	return nil
+}
+
 func (x *Action) GetOnError() []*Action {
 	if x != nil {
 		return x.OnError
@@ -659,6 +740,10 @@ type Action_AttachDisk struct {
 	AttachDisk *AttachDiskAction `protobuf:"bytes,15,opt,name=attach_disk,json=attachDisk,proto3,oneof"`
 }
 
+type Action_StageIn struct {
+	StageIn *StageInAction `protobuf:"bytes,16,opt,name=stage_in,json=stageIn,proto3,oneof"`
+}
+
 func (*Action_Exec) isAction_Kind() {}
 
 func (*Action_WriteFile) isAction_Kind() {}
@@ -671,6 +756,8 @@ func (*Action_Mount) isAction_Kind() {}
 
 func (*Action_AttachDisk) isAction_Kind() {}
 
+func (*Action_StageIn) isAction_Kind() {}
+
 type ConfigDAG struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Actions       []*Action              `protobuf:"bytes,1,rep,name=actions,proto3" json:"actions,omitempty"`
@@ -680,7 +767,7 @@ type ConfigDAG struct {
 
 func (x *ConfigDAG) Reset() {
 	*x = ConfigDAG{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[8]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -692,7 +779,7 @@ func (x *ConfigDAG) String() string {
 func (*ConfigDAG) ProtoMessage() {}
 
 func (x *ConfigDAG) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[8]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -705,7 +792,7 @@ func (x *ConfigDAG) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConfigDAG.ProtoReflect.Descriptor instead.
 func (*ConfigDAG) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{8}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ConfigDAG) GetActions() []*Action {
@@ -737,7 +824,7 @@ type ActionResult struct {
 
 func (x *ActionResult) Reset() {
 	*x = ActionResult{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[9]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -749,7 +836,7 @@ func (x *ActionResult) String() string {
 func (*ActionResult) ProtoMessage() {}
 
 func (x *ActionResult) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[9]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -762,7 +849,7 @@ func (x *ActionResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ActionResult.ProtoReflect.Descriptor instead.
 func (*ActionResult) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{9}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ActionResult) GetId() string {
@@ -865,7 +952,7 @@ type ClassAd struct {
 
 func (x *ClassAd) Reset() {
 	*x = ClassAd{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[10]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -877,7 +964,7 @@ func (x *ClassAd) String() string {
 func (*ClassAd) ProtoMessage() {}
 
 func (x *ClassAd) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[10]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -890,7 +977,7 @@ func (x *ClassAd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClassAd.ProtoReflect.Descriptor instead.
 func (*ClassAd) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{10}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ClassAd) GetVmId() string {
@@ -1038,7 +1125,7 @@ type CreateVMRequest struct {
 
 func (x *CreateVMRequest) Reset() {
 	*x = CreateVMRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[11]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1050,7 +1137,7 @@ func (x *CreateVMRequest) String() string {
 func (*CreateVMRequest) ProtoMessage() {}
 
 func (x *CreateVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[11]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1063,7 +1150,7 @@ func (x *CreateVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVMRequest.ProtoReflect.Descriptor instead.
 func (*CreateVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{11}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CreateVMRequest) GetVmId() string {
@@ -1128,7 +1215,7 @@ type CreateVMProgress struct {
 
 func (x *CreateVMProgress) Reset() {
 	*x = CreateVMProgress{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[12]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1140,7 +1227,7 @@ func (x *CreateVMProgress) String() string {
 func (*CreateVMProgress) ProtoMessage() {}
 
 func (x *CreateVMProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[12]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1153,7 +1240,7 @@ func (x *CreateVMProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVMProgress.ProtoReflect.Descriptor instead.
 func (*CreateVMProgress) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{12}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CreateVMProgress) GetState() VMState {
@@ -1193,7 +1280,7 @@ type GetVMRequest struct {
 
 func (x *GetVMRequest) Reset() {
 	*x = GetVMRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[13]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1205,7 +1292,7 @@ func (x *GetVMRequest) String() string {
 func (*GetVMRequest) ProtoMessage() {}
 
 func (x *GetVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[13]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1218,7 +1305,7 @@ func (x *GetVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVMRequest.ProtoReflect.Descriptor instead.
 func (*GetVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{13}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetVMRequest) GetVmId() string {
@@ -1237,7 +1324,7 @@ type ListVMsRequest struct {
 
 func (x *ListVMsRequest) Reset() {
 	*x = ListVMsRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[14]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1249,7 +1336,7 @@ func (x *ListVMsRequest) String() string {
 func (*ListVMsRequest) ProtoMessage() {}
 
 func (x *ListVMsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[14]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1262,7 +1349,7 @@ func (x *ListVMsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMsRequest.ProtoReflect.Descriptor instead.
 func (*ListVMsRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{14}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListVMsRequest) GetOwner() string {
@@ -1281,7 +1368,7 @@ type ListVMsResponse struct {
 
 func (x *ListVMsResponse) Reset() {
 	*x = ListVMsResponse{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[15]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1293,7 +1380,7 @@ func (x *ListVMsResponse) String() string {
 func (*ListVMsResponse) ProtoMessage() {}
 
 func (x *ListVMsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[15]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1306,7 +1393,7 @@ func (x *ListVMsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMsResponse.ProtoReflect.Descriptor instead.
 func (*ListVMsResponse) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{15}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListVMsResponse) GetVms() []*ClassAd {
@@ -1325,7 +1412,7 @@ type DestroyVMRequest struct {
 
 func (x *DestroyVMRequest) Reset() {
 	*x = DestroyVMRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[16]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1337,7 +1424,7 @@ func (x *DestroyVMRequest) String() string {
 func (*DestroyVMRequest) ProtoMessage() {}
 
 func (x *DestroyVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[16]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1350,7 +1437,7 @@ func (x *DestroyVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyVMRequest.ProtoReflect.Descriptor instead.
 func (*DestroyVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{16}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *DestroyVMRequest) GetVmId() string {
@@ -1368,7 +1455,7 @@ type DestroyVMResponse struct {
 
 func (x *DestroyVMResponse) Reset() {
 	*x = DestroyVMResponse{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[17]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1380,7 +1467,7 @@ func (x *DestroyVMResponse) String() string {
 func (*DestroyVMResponse) ProtoMessage() {}
 
 func (x *DestroyVMResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[17]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1393,7 +1480,7 @@ func (x *DestroyVMResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyVMResponse.ProtoReflect.Descriptor instead.
 func (*DestroyVMResponse) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{17}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{18}
 }
 
 type SuspendVMRequest struct {
@@ -1405,7 +1492,7 @@ type SuspendVMRequest struct {
 
 func (x *SuspendVMRequest) Reset() {
 	*x = SuspendVMRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[18]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1417,7 +1504,7 @@ func (x *SuspendVMRequest) String() string {
 func (*SuspendVMRequest) ProtoMessage() {}
 
 func (x *SuspendVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[18]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1430,7 +1517,7 @@ func (x *SuspendVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendVMRequest.ProtoReflect.Descriptor instead.
 func (*SuspendVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{18}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SuspendVMRequest) GetVmId() string {
@@ -1452,7 +1539,7 @@ type ResumeVMRequest struct {
 
 func (x *ResumeVMRequest) Reset() {
 	*x = ResumeVMRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[19]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1464,7 +1551,7 @@ func (x *ResumeVMRequest) String() string {
 func (*ResumeVMRequest) ProtoMessage() {}
 
 func (x *ResumeVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[19]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1477,7 +1564,7 @@ func (x *ResumeVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeVMRequest.ProtoReflect.Descriptor instead.
 func (*ResumeVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{19}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ResumeVMRequest) GetClassad() *ClassAd {
@@ -1504,7 +1591,7 @@ type ExecVMRequest struct {
 
 func (x *ExecVMRequest) Reset() {
 	*x = ExecVMRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[20]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1516,7 +1603,7 @@ func (x *ExecVMRequest) String() string {
 func (*ExecVMRequest) ProtoMessage() {}
 
 func (x *ExecVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[20]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1529,7 +1616,7 @@ func (x *ExecVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecVMRequest.ProtoReflect.Descriptor instead.
 func (*ExecVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{20}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ExecVMRequest) GetVmId() string {
@@ -1559,7 +1646,7 @@ type ExecVMResponse struct {
 
 func (x *ExecVMResponse) Reset() {
 	*x = ExecVMResponse{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[21]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1571,7 +1658,7 @@ func (x *ExecVMResponse) String() string {
 func (*ExecVMResponse) ProtoMessage() {}
 
 func (x *ExecVMResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[21]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1584,7 +1671,7 @@ func (x *ExecVMResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecVMResponse.ProtoReflect.Descriptor instead.
 func (*ExecVMResponse) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{21}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ExecVMResponse) GetExitCode() int32 {
@@ -1622,6 +1709,112 @@ func (x *ExecVMResponse) GetError() string {
 	return ""
 }
 
+type StageOutRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	VmId  string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	// Folder of the data disk to copy (default "out").
+	Folder string `protobuf:"bytes,2,opt,name=folder,proto3" json:"folder,omitempty"`
+	// Where the files go on the data server (under the VM's owner).
+	RemotePrefix  string `protobuf:"bytes,3,opt,name=remote_prefix,json=remotePrefix,proto3" json:"remote_prefix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StageOutRequest) Reset() {
+	*x = StageOutRequest{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StageOutRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StageOutRequest) ProtoMessage() {}
+
+func (x *StageOutRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StageOutRequest.ProtoReflect.Descriptor instead.
+func (*StageOutRequest) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *StageOutRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *StageOutRequest) GetFolder() string {
+	if x != nil {
+		return x.Folder
+	}
+	return ""
+}
+
+func (x *StageOutRequest) GetRemotePrefix() string {
+	if x != nil {
+		return x.RemotePrefix
+	}
+	return ""
+}
+
+type StageOutResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Uploaded      []string               `protobuf:"bytes,1,rep,name=uploaded,proto3" json:"uploaded,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StageOutResponse) Reset() {
+	*x = StageOutResponse{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StageOutResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StageOutResponse) ProtoMessage() {}
+
+func (x *StageOutResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StageOutResponse.ProtoReflect.Descriptor instead.
+func (*StageOutResponse) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *StageOutResponse) GetUploaded() []string {
+	if x != nil {
+		return x.Uploaded
+	}
+	return nil
+}
+
 var File_vmgrid_compute_v1_plant_proto protoreflect.FileDescriptor
 
 const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
@@ -1654,7 +1847,15 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\aoptions\x18\x04 \x01(\tR\aoptions\"A\n" +
 	"\x10AttachDiskAction\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
-	"\bsize_mib\x18\x02 \x01(\x04R\asizeMib\"\xf0\x03\n" +
+	"\bsize_mib\x18\x02 \x01(\x04R\asizeMib\"\x7f\n" +
+	"\rStageInAction\x12\x1e\n" +
+	"\n" +
+	"dataserver\x18\x01 \x01(\tR\n" +
+	"dataserver\x12\x14\n" +
+	"\x05files\x18\x02 \x03(\tR\x05files\x12\x1d\n" +
+	"\n" +
+	"mount_path\x18\x03 \x01(\tR\tmountPath\x12\x19\n" +
+	"\bsize_mib\x18\x04 \x01(\x04R\asizeMib\"\xaf\x04\n" +
 	"\x06Action\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05after\x18\x02 \x03(\tR\x05after\x123\n" +
@@ -1666,7 +1867,8 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\badd_user\x18\r \x01(\v2 .vmgrid.compute.v1.AddUserActionH\x00R\aaddUser\x126\n" +
 	"\x05mount\x18\x0e \x01(\v2\x1e.vmgrid.compute.v1.MountActionH\x00R\x05mount\x12F\n" +
 	"\vattach_disk\x18\x0f \x01(\v2#.vmgrid.compute.v1.AttachDiskActionH\x00R\n" +
-	"attachDisk\x124\n" +
+	"attachDisk\x12=\n" +
+	"\bstage_in\x18\x10 \x01(\v2 .vmgrid.compute.v1.StageInActionH\x00R\astageIn\x124\n" +
 	"\bon_error\x18\x03 \x03(\v2\x19.vmgrid.compute.v1.ActionR\aonErrorB\x06\n" +
 	"\x04kind\"@\n" +
 	"\tConfigDAG\x123\n" +
@@ -1753,7 +1955,13 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x05error\x18\x05 \x01(\tR\x05error\x1a:\n" +
 	"\fResultsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xc7\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"c\n" +
+	"\x0fStageOutRequest\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x16\n" +
+	"\x06folder\x18\x02 \x01(\tR\x06folder\x12#\n" +
+	"\rremote_prefix\x18\x03 \x01(\tR\fremotePrefix\".\n" +
+	"\x10StageOutResponse\x12\x1a\n" +
+	"\buploaded\x18\x01 \x03(\tR\buploaded*\xc7\x01\n" +
 	"\aVMState\x12\x18\n" +
 	"\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11VM_STATE_FETCHING\x10\x01\x12\x16\n" +
@@ -1762,7 +1970,7 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x10VM_STATE_RUNNING\x10\x04\x12\x16\n" +
 	"\x12VM_STATE_SUSPENDED\x10\x05\x12\x13\n" +
 	"\x0fVM_STATE_FAILED\x10\x06\x12\x16\n" +
-	"\x12VM_STATE_DESTROYED\x10\a2\xc9\x04\n" +
+	"\x12VM_STATE_DESTROYED\x10\a2\x9e\x05\n" +
 	"\fPlantService\x12U\n" +
 	"\bCreateVM\x12\".vmgrid.compute.v1.CreateVMRequest\x1a#.vmgrid.compute.v1.CreateVMProgress0\x01\x12D\n" +
 	"\x05GetVM\x12\x1f.vmgrid.compute.v1.GetVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12P\n" +
@@ -1770,7 +1978,8 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\tDestroyVM\x12#.vmgrid.compute.v1.DestroyVMRequest\x1a$.vmgrid.compute.v1.DestroyVMResponse\x12L\n" +
 	"\tSuspendVM\x12#.vmgrid.compute.v1.SuspendVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12U\n" +
 	"\bResumeVM\x12\".vmgrid.compute.v1.ResumeVMRequest\x1a#.vmgrid.compute.v1.CreateVMProgress0\x01\x12M\n" +
-	"\x06ExecVM\x12 .vmgrid.compute.v1.ExecVMRequest\x1a!.vmgrid.compute.v1.ExecVMResponseB<Z:github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1;computev1b\x06proto3"
+	"\x06ExecVM\x12 .vmgrid.compute.v1.ExecVMRequest\x1a!.vmgrid.compute.v1.ExecVMResponse\x12S\n" +
+	"\bStageOut\x12\".vmgrid.compute.v1.StageOutRequest\x1a#.vmgrid.compute.v1.StageOutResponseB<Z:github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1;computev1b\x06proto3"
 
 var (
 	file_vmgrid_compute_v1_plant_proto_rawDescOnce sync.Once
@@ -1785,7 +1994,7 @@ func file_vmgrid_compute_v1_plant_proto_rawDescGZIP() []byte {
 }
 
 var file_vmgrid_compute_v1_plant_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_vmgrid_compute_v1_plant_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_vmgrid_compute_v1_plant_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_vmgrid_compute_v1_plant_proto_goTypes = []any{
 	(VMState)(0),              // 0: vmgrid.compute.v1.VMState
 	(*Hardware)(nil),          // 1: vmgrid.compute.v1.Hardware
@@ -1795,25 +2004,28 @@ var file_vmgrid_compute_v1_plant_proto_goTypes = []any{
 	(*AddUserAction)(nil),     // 5: vmgrid.compute.v1.AddUserAction
 	(*MountAction)(nil),       // 6: vmgrid.compute.v1.MountAction
 	(*AttachDiskAction)(nil),  // 7: vmgrid.compute.v1.AttachDiskAction
-	(*Action)(nil),            // 8: vmgrid.compute.v1.Action
-	(*ConfigDAG)(nil),         // 9: vmgrid.compute.v1.ConfigDAG
-	(*ActionResult)(nil),      // 10: vmgrid.compute.v1.ActionResult
-	(*ClassAd)(nil),           // 11: vmgrid.compute.v1.ClassAd
-	(*CreateVMRequest)(nil),   // 12: vmgrid.compute.v1.CreateVMRequest
-	(*CreateVMProgress)(nil),  // 13: vmgrid.compute.v1.CreateVMProgress
-	(*GetVMRequest)(nil),      // 14: vmgrid.compute.v1.GetVMRequest
-	(*ListVMsRequest)(nil),    // 15: vmgrid.compute.v1.ListVMsRequest
-	(*ListVMsResponse)(nil),   // 16: vmgrid.compute.v1.ListVMsResponse
-	(*DestroyVMRequest)(nil),  // 17: vmgrid.compute.v1.DestroyVMRequest
-	(*DestroyVMResponse)(nil), // 18: vmgrid.compute.v1.DestroyVMResponse
-	(*SuspendVMRequest)(nil),  // 19: vmgrid.compute.v1.SuspendVMRequest
-	(*ResumeVMRequest)(nil),   // 20: vmgrid.compute.v1.ResumeVMRequest
-	(*ExecVMRequest)(nil),     // 21: vmgrid.compute.v1.ExecVMRequest
-	(*ExecVMResponse)(nil),    // 22: vmgrid.compute.v1.ExecVMResponse
-	nil,                       // 23: vmgrid.compute.v1.ActionResult.ResultsEntry
-	nil,                       // 24: vmgrid.compute.v1.ClassAd.LabelsEntry
-	nil,                       // 25: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
-	nil,                       // 26: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	(*StageInAction)(nil),     // 8: vmgrid.compute.v1.StageInAction
+	(*Action)(nil),            // 9: vmgrid.compute.v1.Action
+	(*ConfigDAG)(nil),         // 10: vmgrid.compute.v1.ConfigDAG
+	(*ActionResult)(nil),      // 11: vmgrid.compute.v1.ActionResult
+	(*ClassAd)(nil),           // 12: vmgrid.compute.v1.ClassAd
+	(*CreateVMRequest)(nil),   // 13: vmgrid.compute.v1.CreateVMRequest
+	(*CreateVMProgress)(nil),  // 14: vmgrid.compute.v1.CreateVMProgress
+	(*GetVMRequest)(nil),      // 15: vmgrid.compute.v1.GetVMRequest
+	(*ListVMsRequest)(nil),    // 16: vmgrid.compute.v1.ListVMsRequest
+	(*ListVMsResponse)(nil),   // 17: vmgrid.compute.v1.ListVMsResponse
+	(*DestroyVMRequest)(nil),  // 18: vmgrid.compute.v1.DestroyVMRequest
+	(*DestroyVMResponse)(nil), // 19: vmgrid.compute.v1.DestroyVMResponse
+	(*SuspendVMRequest)(nil),  // 20: vmgrid.compute.v1.SuspendVMRequest
+	(*ResumeVMRequest)(nil),   // 21: vmgrid.compute.v1.ResumeVMRequest
+	(*ExecVMRequest)(nil),     // 22: vmgrid.compute.v1.ExecVMRequest
+	(*ExecVMResponse)(nil),    // 23: vmgrid.compute.v1.ExecVMResponse
+	(*StageOutRequest)(nil),   // 24: vmgrid.compute.v1.StageOutRequest
+	(*StageOutResponse)(nil),  // 25: vmgrid.compute.v1.StageOutResponse
+	nil,                       // 26: vmgrid.compute.v1.ActionResult.ResultsEntry
+	nil,                       // 27: vmgrid.compute.v1.ClassAd.LabelsEntry
+	nil,                       // 28: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
+	nil,                       // 29: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
 }
 var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	2,  // 0: vmgrid.compute.v1.Action.exec:type_name -> vmgrid.compute.v1.ExecAction
@@ -1822,42 +2034,45 @@ var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	5,  // 3: vmgrid.compute.v1.Action.add_user:type_name -> vmgrid.compute.v1.AddUserAction
 	6,  // 4: vmgrid.compute.v1.Action.mount:type_name -> vmgrid.compute.v1.MountAction
 	7,  // 5: vmgrid.compute.v1.Action.attach_disk:type_name -> vmgrid.compute.v1.AttachDiskAction
-	8,  // 6: vmgrid.compute.v1.Action.on_error:type_name -> vmgrid.compute.v1.Action
-	8,  // 7: vmgrid.compute.v1.ConfigDAG.actions:type_name -> vmgrid.compute.v1.Action
-	23, // 8: vmgrid.compute.v1.ActionResult.results:type_name -> vmgrid.compute.v1.ActionResult.ResultsEntry
-	0,  // 9: vmgrid.compute.v1.ClassAd.state:type_name -> vmgrid.compute.v1.VMState
-	1,  // 10: vmgrid.compute.v1.ClassAd.hardware:type_name -> vmgrid.compute.v1.Hardware
-	10, // 11: vmgrid.compute.v1.ClassAd.actions:type_name -> vmgrid.compute.v1.ActionResult
-	24, // 12: vmgrid.compute.v1.ClassAd.labels:type_name -> vmgrid.compute.v1.ClassAd.LabelsEntry
-	1,  // 13: vmgrid.compute.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
-	9,  // 14: vmgrid.compute.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
-	25, // 15: vmgrid.compute.v1.CreateVMRequest.labels:type_name -> vmgrid.compute.v1.CreateVMRequest.LabelsEntry
-	0,  // 16: vmgrid.compute.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
-	11, // 17: vmgrid.compute.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
-	11, // 18: vmgrid.compute.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
-	11, // 19: vmgrid.compute.v1.ResumeVMRequest.classad:type_name -> vmgrid.compute.v1.ClassAd
-	9,  // 20: vmgrid.compute.v1.ResumeVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
-	2,  // 21: vmgrid.compute.v1.ExecVMRequest.exec:type_name -> vmgrid.compute.v1.ExecAction
-	26, // 22: vmgrid.compute.v1.ExecVMResponse.results:type_name -> vmgrid.compute.v1.ExecVMResponse.ResultsEntry
-	12, // 23: vmgrid.compute.v1.PlantService.CreateVM:input_type -> vmgrid.compute.v1.CreateVMRequest
-	14, // 24: vmgrid.compute.v1.PlantService.GetVM:input_type -> vmgrid.compute.v1.GetVMRequest
-	15, // 25: vmgrid.compute.v1.PlantService.ListVMs:input_type -> vmgrid.compute.v1.ListVMsRequest
-	17, // 26: vmgrid.compute.v1.PlantService.DestroyVM:input_type -> vmgrid.compute.v1.DestroyVMRequest
-	19, // 27: vmgrid.compute.v1.PlantService.SuspendVM:input_type -> vmgrid.compute.v1.SuspendVMRequest
-	20, // 28: vmgrid.compute.v1.PlantService.ResumeVM:input_type -> vmgrid.compute.v1.ResumeVMRequest
-	21, // 29: vmgrid.compute.v1.PlantService.ExecVM:input_type -> vmgrid.compute.v1.ExecVMRequest
-	13, // 30: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	11, // 31: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	16, // 32: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
-	18, // 33: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
-	11, // 34: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
-	13, // 35: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	22, // 36: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
-	30, // [30:37] is the sub-list for method output_type
-	23, // [23:30] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	8,  // 6: vmgrid.compute.v1.Action.stage_in:type_name -> vmgrid.compute.v1.StageInAction
+	9,  // 7: vmgrid.compute.v1.Action.on_error:type_name -> vmgrid.compute.v1.Action
+	9,  // 8: vmgrid.compute.v1.ConfigDAG.actions:type_name -> vmgrid.compute.v1.Action
+	26, // 9: vmgrid.compute.v1.ActionResult.results:type_name -> vmgrid.compute.v1.ActionResult.ResultsEntry
+	0,  // 10: vmgrid.compute.v1.ClassAd.state:type_name -> vmgrid.compute.v1.VMState
+	1,  // 11: vmgrid.compute.v1.ClassAd.hardware:type_name -> vmgrid.compute.v1.Hardware
+	11, // 12: vmgrid.compute.v1.ClassAd.actions:type_name -> vmgrid.compute.v1.ActionResult
+	27, // 13: vmgrid.compute.v1.ClassAd.labels:type_name -> vmgrid.compute.v1.ClassAd.LabelsEntry
+	1,  // 14: vmgrid.compute.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
+	10, // 15: vmgrid.compute.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
+	28, // 16: vmgrid.compute.v1.CreateVMRequest.labels:type_name -> vmgrid.compute.v1.CreateVMRequest.LabelsEntry
+	0,  // 17: vmgrid.compute.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
+	12, // 18: vmgrid.compute.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
+	12, // 19: vmgrid.compute.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
+	12, // 20: vmgrid.compute.v1.ResumeVMRequest.classad:type_name -> vmgrid.compute.v1.ClassAd
+	10, // 21: vmgrid.compute.v1.ResumeVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
+	2,  // 22: vmgrid.compute.v1.ExecVMRequest.exec:type_name -> vmgrid.compute.v1.ExecAction
+	29, // 23: vmgrid.compute.v1.ExecVMResponse.results:type_name -> vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	13, // 24: vmgrid.compute.v1.PlantService.CreateVM:input_type -> vmgrid.compute.v1.CreateVMRequest
+	15, // 25: vmgrid.compute.v1.PlantService.GetVM:input_type -> vmgrid.compute.v1.GetVMRequest
+	16, // 26: vmgrid.compute.v1.PlantService.ListVMs:input_type -> vmgrid.compute.v1.ListVMsRequest
+	18, // 27: vmgrid.compute.v1.PlantService.DestroyVM:input_type -> vmgrid.compute.v1.DestroyVMRequest
+	20, // 28: vmgrid.compute.v1.PlantService.SuspendVM:input_type -> vmgrid.compute.v1.SuspendVMRequest
+	21, // 29: vmgrid.compute.v1.PlantService.ResumeVM:input_type -> vmgrid.compute.v1.ResumeVMRequest
+	22, // 30: vmgrid.compute.v1.PlantService.ExecVM:input_type -> vmgrid.compute.v1.ExecVMRequest
+	24, // 31: vmgrid.compute.v1.PlantService.StageOut:input_type -> vmgrid.compute.v1.StageOutRequest
+	14, // 32: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	12, // 33: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	17, // 34: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
+	19, // 35: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
+	12, // 36: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
+	14, // 37: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	23, // 38: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
+	25, // 39: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
+	32, // [32:40] is the sub-list for method output_type
+	24, // [24:32] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_vmgrid_compute_v1_plant_proto_init() }
@@ -1865,13 +2080,14 @@ func file_vmgrid_compute_v1_plant_proto_init() {
 	if File_vmgrid_compute_v1_plant_proto != nil {
 		return
 	}
-	file_vmgrid_compute_v1_plant_proto_msgTypes[7].OneofWrappers = []any{
+	file_vmgrid_compute_v1_plant_proto_msgTypes[8].OneofWrappers = []any{
 		(*Action_Exec)(nil),
 		(*Action_WriteFile)(nil),
 		(*Action_SetHostname)(nil),
 		(*Action_AddUser)(nil),
 		(*Action_Mount)(nil),
 		(*Action_AttachDisk)(nil),
+		(*Action_StageIn)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1879,7 +2095,7 @@ func file_vmgrid_compute_v1_plant_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmgrid_compute_v1_plant_proto_rawDesc), len(file_vmgrid_compute_v1_plant_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   26,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

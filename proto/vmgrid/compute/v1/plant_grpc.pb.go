@@ -29,6 +29,7 @@ const (
 	PlantService_SuspendVM_FullMethodName = "/vmgrid.compute.v1.PlantService/SuspendVM"
 	PlantService_ResumeVM_FullMethodName  = "/vmgrid.compute.v1.PlantService/ResumeVM"
 	PlantService_ExecVM_FullMethodName    = "/vmgrid.compute.v1.PlantService/ExecVM"
+	PlantService_StageOut_FullMethodName  = "/vmgrid.compute.v1.PlantService/StageOut"
 )
 
 // PlantServiceClient is the client API for PlantService service.
@@ -54,6 +55,10 @@ type PlantServiceClient interface {
 	ResumeVM(ctx context.Context, in *ResumeVMRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[CreateVMProgress], error)
 	// ExecVM runs a command in a VM through its guest agent.
 	ExecVM(ctx context.Context, in *ExecVMRequest, opts ...grpc.CallOption) (*ExecVMResponse, error)
+	// StageOut copies the output folder of a VM's data disk (see
+	// StageInAction) to the data server, under the VM's owner. It works
+	// whatever the guest left there, also after a failed command.
+	StageOut(ctx context.Context, in *StageOutRequest, opts ...grpc.CallOption) (*StageOutResponse, error)
 }
 
 type plantServiceClient struct {
@@ -152,6 +157,16 @@ func (c *plantServiceClient) ExecVM(ctx context.Context, in *ExecVMRequest, opts
 	return out, nil
 }
 
+func (c *plantServiceClient) StageOut(ctx context.Context, in *StageOutRequest, opts ...grpc.CallOption) (*StageOutResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StageOutResponse)
+	err := c.cc.Invoke(ctx, PlantService_StageOut_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PlantServiceServer is the server API for PlantService service.
 // All implementations must embed UnimplementedPlantServiceServer
 // for forward compatibility.
@@ -175,6 +190,10 @@ type PlantServiceServer interface {
 	ResumeVM(*ResumeVMRequest, grpc.ServerStreamingServer[CreateVMProgress]) error
 	// ExecVM runs a command in a VM through its guest agent.
 	ExecVM(context.Context, *ExecVMRequest) (*ExecVMResponse, error)
+	// StageOut copies the output folder of a VM's data disk (see
+	// StageInAction) to the data server, under the VM's owner. It works
+	// whatever the guest left there, also after a failed command.
+	StageOut(context.Context, *StageOutRequest) (*StageOutResponse, error)
 	mustEmbedUnimplementedPlantServiceServer()
 }
 
@@ -205,6 +224,9 @@ func (UnimplementedPlantServiceServer) ResumeVM(*ResumeVMRequest, grpc.ServerStr
 }
 func (UnimplementedPlantServiceServer) ExecVM(context.Context, *ExecVMRequest) (*ExecVMResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ExecVM not implemented")
+}
+func (UnimplementedPlantServiceServer) StageOut(context.Context, *StageOutRequest) (*StageOutResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StageOut not implemented")
 }
 func (UnimplementedPlantServiceServer) mustEmbedUnimplementedPlantServiceServer() {}
 func (UnimplementedPlantServiceServer) testEmbeddedByValue()                      {}
@@ -339,6 +361,24 @@ func _PlantService_ExecVM_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PlantService_StageOut_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StageOutRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PlantServiceServer).StageOut(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PlantService_StageOut_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PlantServiceServer).StageOut(ctx, req.(*StageOutRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PlantService_ServiceDesc is the grpc.ServiceDesc for PlantService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -365,6 +405,10 @@ var PlantService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ExecVM",
 			Handler:    _PlantService_ExecVM_Handler,
+		},
+		{
+			MethodName: "StageOut",
+			Handler:    _PlantService_StageOut_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -93,3 +93,6 @@ func (r *ExecVMRequest) Validate() error {
 	}
 	return nil
 }
+
+// Validate checks a StageOut request.
+func (r *StageOutRequest) Validate() error { return validateVMID(r.VmId, true) }

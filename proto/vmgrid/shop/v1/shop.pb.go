@@ -27,6 +27,351 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type TaskState int32
+
+const (
+	TaskState_TASK_STATE_UNSPECIFIED TaskState = 0
+	TaskState_TASK_STATE_QUEUED      TaskState = 1
+	TaskState_TASK_STATE_STAGING_IN  TaskState = 2
+	TaskState_TASK_STATE_RUNNING     TaskState = 3
+	TaskState_TASK_STATE_STAGING_OUT TaskState = 4
+	TaskState_TASK_STATE_SUCCEEDED   TaskState = 5
+	TaskState_TASK_STATE_FAILED      TaskState = 6
+	TaskState_TASK_STATE_CANCELED    TaskState = 7
+)
+
+// Enum value maps for TaskState.
+var (
+	TaskState_name = map[int32]string{
+		0: "TASK_STATE_UNSPECIFIED",
+		1: "TASK_STATE_QUEUED",
+		2: "TASK_STATE_STAGING_IN",
+		3: "TASK_STATE_RUNNING",
+		4: "TASK_STATE_STAGING_OUT",
+		5: "TASK_STATE_SUCCEEDED",
+		6: "TASK_STATE_FAILED",
+		7: "TASK_STATE_CANCELED",
+	}
+	TaskState_value = map[string]int32{
+		"TASK_STATE_UNSPECIFIED": 0,
+		"TASK_STATE_QUEUED":      1,
+		"TASK_STATE_STAGING_IN":  2,
+		"TASK_STATE_RUNNING":     3,
+		"TASK_STATE_STAGING_OUT": 4,
+		"TASK_STATE_SUCCEEDED":   5,
+		"TASK_STATE_FAILED":      6,
+		"TASK_STATE_CANCELED":    7,
+	}
+)
+
+func (x TaskState) Enum() *TaskState {
+	p := new(TaskState)
+	*p = x
+	return p
+}
+
+func (x TaskState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (TaskState) Descriptor() protoreflect.EnumDescriptor {
+	return file_vmgrid_shop_v1_shop_proto_enumTypes[0].Descriptor()
+}
+
+func (TaskState) Type() protoreflect.EnumType {
+	return &file_vmgrid_shop_v1_shop_proto_enumTypes[0]
+}
+
+func (x TaskState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use TaskState.Descriptor instead.
+func (TaskState) EnumDescriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{0}
+}
+
+type SubmitTaskRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	RequestId string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Hardware  *v1.Hardware           `protobuf:"bytes,2,opt,name=hardware,proto3" json:"hardware,omitempty"`
+	Image     string                 `protobuf:"bytes,3,opt,name=image,proto3" json:"image,omitempty"` // empty: the best match
+	// Input files of the owner on the data server; the guest sees them under
+	// WORK/in/ (WORK is /root/work), and writes its outputs to WORK/out/.
+	Inputs []string `protobuf:"bytes,4,rep,name=inputs,proto3" json:"inputs,omitempty"`
+	// Run with sh -c in WORK.
+	Command string `protobuf:"bytes,5,opt,name=command,proto3" json:"command,omitempty"`
+	// Where the outputs go on the data server (default tasks/TASK_ID/out).
+	OutputPrefix   string `protobuf:"bytes,6,opt,name=output_prefix,json=outputPrefix,proto3" json:"output_prefix,omitempty"`
+	TimeoutSeconds uint32 `protobuf:"varint,7,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"` // 0: one hour
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *SubmitTaskRequest) Reset() {
+	*x = SubmitTaskRequest{}
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubmitTaskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubmitTaskRequest) ProtoMessage() {}
+
+func (x *SubmitTaskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubmitTaskRequest.ProtoReflect.Descriptor instead.
+func (*SubmitTaskRequest) Descriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *SubmitTaskRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *SubmitTaskRequest) GetHardware() *v1.Hardware {
+	if x != nil {
+		return x.Hardware
+	}
+	return nil
+}
+
+func (x *SubmitTaskRequest) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
+func (x *SubmitTaskRequest) GetInputs() []string {
+	if x != nil {
+		return x.Inputs
+	}
+	return nil
+}
+
+func (x *SubmitTaskRequest) GetCommand() string {
+	if x != nil {
+		return x.Command
+	}
+	return ""
+}
+
+func (x *SubmitTaskRequest) GetOutputPrefix() string {
+	if x != nil {
+		return x.OutputPrefix
+	}
+	return ""
+}
+
+func (x *SubmitTaskRequest) GetTimeoutSeconds() uint32 {
+	if x != nil {
+		return x.TimeoutSeconds
+	}
+	return 0
+}
+
+type Task struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	TaskId   string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	Owner    string                 `protobuf:"bytes,2,opt,name=owner,proto3" json:"owner,omitempty"`
+	State    TaskState              `protobuf:"varint,3,opt,name=state,proto3,enum=vmgrid.shop.v1.TaskState" json:"state,omitempty"`
+	Spec     *SubmitTaskRequest     `protobuf:"bytes,4,opt,name=spec,proto3" json:"spec,omitempty"`
+	VmId     string                 `protobuf:"bytes,5,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	Plant    string                 `protobuf:"bytes,6,opt,name=plant,proto3" json:"plant,omitempty"`
+	ExitCode int32                  `protobuf:"varint,7,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
+	// The last bytes of the command's standard error.
+	StderrTail        string   `protobuf:"bytes,8,opt,name=stderr_tail,json=stderrTail,proto3" json:"stderr_tail,omitempty"`
+	StdoutTail        string   `protobuf:"bytes,9,opt,name=stdout_tail,json=stdoutTail,proto3" json:"stdout_tail,omitempty"`
+	Outputs           []string `protobuf:"bytes,10,rep,name=outputs,proto3" json:"outputs,omitempty"` // staged out
+	Error             string   `protobuf:"bytes,11,opt,name=error,proto3" json:"error,omitempty"`
+	SubmittedUnixNano int64    `protobuf:"varint,12,opt,name=submitted_unix_nano,json=submittedUnixNano,proto3" json:"submitted_unix_nano,omitempty"`
+	FinishedUnixNano  int64    `protobuf:"varint,13,opt,name=finished_unix_nano,json=finishedUnixNano,proto3" json:"finished_unix_nano,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *Task) Reset() {
+	*x = Task{}
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Task) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Task) ProtoMessage() {}
+
+func (x *Task) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Task.ProtoReflect.Descriptor instead.
+func (*Task) Descriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Task) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+func (x *Task) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *Task) GetState() TaskState {
+	if x != nil {
+		return x.State
+	}
+	return TaskState_TASK_STATE_UNSPECIFIED
+}
+
+func (x *Task) GetSpec() *SubmitTaskRequest {
+	if x != nil {
+		return x.Spec
+	}
+	return nil
+}
+
+func (x *Task) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *Task) GetPlant() string {
+	if x != nil {
+		return x.Plant
+	}
+	return ""
+}
+
+func (x *Task) GetExitCode() int32 {
+	if x != nil {
+		return x.ExitCode
+	}
+	return 0
+}
+
+func (x *Task) GetStderrTail() string {
+	if x != nil {
+		return x.StderrTail
+	}
+	return ""
+}
+
+func (x *Task) GetStdoutTail() string {
+	if x != nil {
+		return x.StdoutTail
+	}
+	return ""
+}
+
+func (x *Task) GetOutputs() []string {
+	if x != nil {
+		return x.Outputs
+	}
+	return nil
+}
+
+func (x *Task) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *Task) GetSubmittedUnixNano() int64 {
+	if x != nil {
+		return x.SubmittedUnixNano
+	}
+	return 0
+}
+
+func (x *Task) GetFinishedUnixNano() int64 {
+	if x != nil {
+		return x.FinishedUnixNano
+	}
+	return 0
+}
+
+type GetTaskRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TaskId        string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetTaskRequest) Reset() {
+	*x = GetTaskRequest{}
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetTaskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetTaskRequest) ProtoMessage() {}
+
+func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetTaskRequest.ProtoReflect.Descriptor instead.
+func (*GetTaskRequest) Descriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *GetTaskRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
 type CreateVMRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Client-chosen, unique per owner; makes the call idempotent.
@@ -45,7 +390,7 @@ type CreateVMRequest struct {
 
 func (x *CreateVMRequest) Reset() {
 	*x = CreateVMRequest{}
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[0]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -57,7 +402,7 @@ func (x *CreateVMRequest) String() string {
 func (*CreateVMRequest) ProtoMessage() {}
 
 func (x *CreateVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[0]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -70,7 +415,7 @@ func (x *CreateVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVMRequest.ProtoReflect.Descriptor instead.
 func (*CreateVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{0}
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *CreateVMRequest) GetRequestId() string {
@@ -127,7 +472,7 @@ type Bid struct {
 
 func (x *Bid) Reset() {
 	*x = Bid{}
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[1]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -139,7 +484,7 @@ func (x *Bid) String() string {
 func (*Bid) ProtoMessage() {}
 
 func (x *Bid) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[1]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -152,7 +497,7 @@ func (x *Bid) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Bid.ProtoReflect.Descriptor instead.
 func (*Bid) Descriptor() ([]byte, []int) {
-	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{1}
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Bid) GetPlant() string {
@@ -191,7 +536,7 @@ type CreateVMProgress struct {
 
 func (x *CreateVMProgress) Reset() {
 	*x = CreateVMProgress{}
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[2]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -203,7 +548,7 @@ func (x *CreateVMProgress) String() string {
 func (*CreateVMProgress) ProtoMessage() {}
 
 func (x *CreateVMProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[2]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -216,7 +561,7 @@ func (x *CreateVMProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVMProgress.ProtoReflect.Descriptor instead.
 func (*CreateVMProgress) Descriptor() ([]byte, []int) {
-	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{2}
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CreateVMProgress) GetStage() string {
@@ -277,7 +622,7 @@ type GetVMRequest struct {
 
 func (x *GetVMRequest) Reset() {
 	*x = GetVMRequest{}
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[3]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -289,7 +634,7 @@ func (x *GetVMRequest) String() string {
 func (*GetVMRequest) ProtoMessage() {}
 
 func (x *GetVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[3]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -302,7 +647,7 @@ func (x *GetVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVMRequest.ProtoReflect.Descriptor instead.
 func (*GetVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{3}
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetVMRequest) GetVmId() string {
@@ -320,7 +665,7 @@ type ListVMsRequest struct {
 
 func (x *ListVMsRequest) Reset() {
 	*x = ListVMsRequest{}
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[4]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -332,7 +677,7 @@ func (x *ListVMsRequest) String() string {
 func (*ListVMsRequest) ProtoMessage() {}
 
 func (x *ListVMsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[4]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -345,7 +690,7 @@ func (x *ListVMsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMsRequest.ProtoReflect.Descriptor instead.
 func (*ListVMsRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{4}
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{7}
 }
 
 type ListVMsResponse struct {
@@ -357,7 +702,7 @@ type ListVMsResponse struct {
 
 func (x *ListVMsResponse) Reset() {
 	*x = ListVMsResponse{}
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[5]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -369,7 +714,7 @@ func (x *ListVMsResponse) String() string {
 func (*ListVMsResponse) ProtoMessage() {}
 
 func (x *ListVMsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[5]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -382,7 +727,7 @@ func (x *ListVMsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMsResponse.ProtoReflect.Descriptor instead.
 func (*ListVMsResponse) Descriptor() ([]byte, []int) {
-	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{5}
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListVMsResponse) GetVms() []*v1.ClassAd {
@@ -401,7 +746,7 @@ type DestroyVMRequest struct {
 
 func (x *DestroyVMRequest) Reset() {
 	*x = DestroyVMRequest{}
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[6]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -413,7 +758,7 @@ func (x *DestroyVMRequest) String() string {
 func (*DestroyVMRequest) ProtoMessage() {}
 
 func (x *DestroyVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[6]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -426,7 +771,7 @@ func (x *DestroyVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyVMRequest.ProtoReflect.Descriptor instead.
 func (*DestroyVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{6}
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DestroyVMRequest) GetVmId() string {
@@ -444,7 +789,7 @@ type DestroyVMResponse struct {
 
 func (x *DestroyVMResponse) Reset() {
 	*x = DestroyVMResponse{}
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[7]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -456,7 +801,7 @@ func (x *DestroyVMResponse) String() string {
 func (*DestroyVMResponse) ProtoMessage() {}
 
 func (x *DestroyVMResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[7]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -469,7 +814,7 @@ func (x *DestroyVMResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyVMResponse.ProtoReflect.Descriptor instead.
 func (*DestroyVMResponse) Descriptor() ([]byte, []int) {
-	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{7}
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{10}
 }
 
 type WatchVMRequest struct {
@@ -481,7 +826,7 @@ type WatchVMRequest struct {
 
 func (x *WatchVMRequest) Reset() {
 	*x = WatchVMRequest{}
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[8]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -493,7 +838,7 @@ func (x *WatchVMRequest) String() string {
 func (*WatchVMRequest) ProtoMessage() {}
 
 func (x *WatchVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[8]
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -506,7 +851,7 @@ func (x *WatchVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchVMRequest.ProtoReflect.Descriptor instead.
 func (*WatchVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{8}
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *WatchVMRequest) GetVmId() string {
@@ -520,7 +865,35 @@ var File_vmgrid_shop_v1_shop_proto protoreflect.FileDescriptor
 
 const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\n" +
-	"\x19vmgrid/shop/v1/shop.proto\x12\x0evmgrid.shop.v1\x1a\x1dvmgrid/compute/v1/plant.proto\"\xdc\x02\n" +
+	"\x19vmgrid/shop/v1/shop.proto\x12\x0evmgrid.shop.v1\x1a\x1dvmgrid/compute/v1/plant.proto\"\x81\x02\n" +
+	"\x11SubmitTaskRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x127\n" +
+	"\bhardware\x18\x02 \x01(\v2\x1b.vmgrid.compute.v1.HardwareR\bhardware\x12\x14\n" +
+	"\x05image\x18\x03 \x01(\tR\x05image\x12\x16\n" +
+	"\x06inputs\x18\x04 \x03(\tR\x06inputs\x12\x18\n" +
+	"\acommand\x18\x05 \x01(\tR\acommand\x12#\n" +
+	"\routput_prefix\x18\x06 \x01(\tR\foutputPrefix\x12'\n" +
+	"\x0ftimeout_seconds\x18\a \x01(\rR\x0etimeoutSeconds\"\xb5\x03\n" +
+	"\x04Task\x12\x17\n" +
+	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x14\n" +
+	"\x05owner\x18\x02 \x01(\tR\x05owner\x12/\n" +
+	"\x05state\x18\x03 \x01(\x0e2\x19.vmgrid.shop.v1.TaskStateR\x05state\x125\n" +
+	"\x04spec\x18\x04 \x01(\v2!.vmgrid.shop.v1.SubmitTaskRequestR\x04spec\x12\x13\n" +
+	"\x05vm_id\x18\x05 \x01(\tR\x04vmId\x12\x14\n" +
+	"\x05plant\x18\x06 \x01(\tR\x05plant\x12\x1b\n" +
+	"\texit_code\x18\a \x01(\x05R\bexitCode\x12\x1f\n" +
+	"\vstderr_tail\x18\b \x01(\tR\n" +
+	"stderrTail\x12\x1f\n" +
+	"\vstdout_tail\x18\t \x01(\tR\n" +
+	"stdoutTail\x12\x18\n" +
+	"\aoutputs\x18\n" +
+	" \x03(\tR\aoutputs\x12\x14\n" +
+	"\x05error\x18\v \x01(\tR\x05error\x12.\n" +
+	"\x13submitted_unix_nano\x18\f \x01(\x03R\x11submittedUnixNano\x12,\n" +
+	"\x12finished_unix_nano\x18\r \x01(\x03R\x10finishedUnixNano\")\n" +
+	"\x0eGetTaskRequest\x12\x17\n" +
+	"\atask_id\x18\x01 \x01(\tR\x06taskId\"\xdc\x02\n" +
 	"\x0fCreateVMRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x127\n" +
@@ -553,13 +926,28 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\"\x13\n" +
 	"\x11DestroyVMResponse\"%\n" +
 	"\x0eWatchVMRequest\x12\x13\n" +
-	"\x05vm_id\x18\x01 \x01(\tR\x04vmId2\x88\x03\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId*\xd7\x01\n" +
+	"\tTaskState\x12\x1a\n" +
+	"\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
+	"\x11TASK_STATE_QUEUED\x10\x01\x12\x19\n" +
+	"\x15TASK_STATE_STAGING_IN\x10\x02\x12\x16\n" +
+	"\x12TASK_STATE_RUNNING\x10\x03\x12\x1a\n" +
+	"\x16TASK_STATE_STAGING_OUT\x10\x04\x12\x18\n" +
+	"\x14TASK_STATE_SUCCEEDED\x10\x05\x12\x15\n" +
+	"\x11TASK_STATE_FAILED\x10\x06\x12\x17\n" +
+	"\x13TASK_STATE_CANCELED\x10\a2\x99\x05\n" +
 	"\vShopService\x12O\n" +
 	"\bCreateVM\x12\x1f.vmgrid.shop.v1.CreateVMRequest\x1a .vmgrid.shop.v1.CreateVMProgress0\x01\x12A\n" +
 	"\x05GetVM\x12\x1c.vmgrid.shop.v1.GetVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12J\n" +
 	"\aListVMs\x12\x1e.vmgrid.shop.v1.ListVMsRequest\x1a\x1f.vmgrid.shop.v1.ListVMsResponse\x12P\n" +
 	"\tDestroyVM\x12 .vmgrid.shop.v1.DestroyVMRequest\x1a!.vmgrid.shop.v1.DestroyVMResponse\x12G\n" +
-	"\aWatchVM\x12\x1e.vmgrid.shop.v1.WatchVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd0\x01B6Z4github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1;shopv1b\x06proto3"
+	"\aWatchVM\x12\x1e.vmgrid.shop.v1.WatchVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd0\x01\x12E\n" +
+	"\n" +
+	"SubmitTask\x12!.vmgrid.shop.v1.SubmitTaskRequest\x1a\x14.vmgrid.shop.v1.Task\x12?\n" +
+	"\aGetTask\x12\x1e.vmgrid.shop.v1.GetTaskRequest\x1a\x14.vmgrid.shop.v1.Task\x12C\n" +
+	"\tWatchTask\x12\x1e.vmgrid.shop.v1.GetTaskRequest\x1a\x14.vmgrid.shop.v1.Task0\x01\x12B\n" +
+	"\n" +
+	"CancelTask\x12\x1e.vmgrid.shop.v1.GetTaskRequest\x1a\x14.vmgrid.shop.v1.TaskB6Z4github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1;shopv1b\x06proto3"
 
 var (
 	file_vmgrid_shop_v1_shop_proto_rawDescOnce sync.Once
@@ -573,46 +961,62 @@ func file_vmgrid_shop_v1_shop_proto_rawDescGZIP() []byte {
 	return file_vmgrid_shop_v1_shop_proto_rawDescData
 }
 
-var file_vmgrid_shop_v1_shop_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_vmgrid_shop_v1_shop_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_vmgrid_shop_v1_shop_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_vmgrid_shop_v1_shop_proto_goTypes = []any{
-	(*CreateVMRequest)(nil),   // 0: vmgrid.shop.v1.CreateVMRequest
-	(*Bid)(nil),               // 1: vmgrid.shop.v1.Bid
-	(*CreateVMProgress)(nil),  // 2: vmgrid.shop.v1.CreateVMProgress
-	(*GetVMRequest)(nil),      // 3: vmgrid.shop.v1.GetVMRequest
-	(*ListVMsRequest)(nil),    // 4: vmgrid.shop.v1.ListVMsRequest
-	(*ListVMsResponse)(nil),   // 5: vmgrid.shop.v1.ListVMsResponse
-	(*DestroyVMRequest)(nil),  // 6: vmgrid.shop.v1.DestroyVMRequest
-	(*DestroyVMResponse)(nil), // 7: vmgrid.shop.v1.DestroyVMResponse
-	(*WatchVMRequest)(nil),    // 8: vmgrid.shop.v1.WatchVMRequest
-	nil,                       // 9: vmgrid.shop.v1.CreateVMRequest.LabelsEntry
-	(*v1.Hardware)(nil),       // 10: vmgrid.compute.v1.Hardware
-	(*v1.ConfigDAG)(nil),      // 11: vmgrid.compute.v1.ConfigDAG
-	(v1.VMState)(0),           // 12: vmgrid.compute.v1.VMState
-	(*v1.ClassAd)(nil),        // 13: vmgrid.compute.v1.ClassAd
+	(TaskState)(0),            // 0: vmgrid.shop.v1.TaskState
+	(*SubmitTaskRequest)(nil), // 1: vmgrid.shop.v1.SubmitTaskRequest
+	(*Task)(nil),              // 2: vmgrid.shop.v1.Task
+	(*GetTaskRequest)(nil),    // 3: vmgrid.shop.v1.GetTaskRequest
+	(*CreateVMRequest)(nil),   // 4: vmgrid.shop.v1.CreateVMRequest
+	(*Bid)(nil),               // 5: vmgrid.shop.v1.Bid
+	(*CreateVMProgress)(nil),  // 6: vmgrid.shop.v1.CreateVMProgress
+	(*GetVMRequest)(nil),      // 7: vmgrid.shop.v1.GetVMRequest
+	(*ListVMsRequest)(nil),    // 8: vmgrid.shop.v1.ListVMsRequest
+	(*ListVMsResponse)(nil),   // 9: vmgrid.shop.v1.ListVMsResponse
+	(*DestroyVMRequest)(nil),  // 10: vmgrid.shop.v1.DestroyVMRequest
+	(*DestroyVMResponse)(nil), // 11: vmgrid.shop.v1.DestroyVMResponse
+	(*WatchVMRequest)(nil),    // 12: vmgrid.shop.v1.WatchVMRequest
+	nil,                       // 13: vmgrid.shop.v1.CreateVMRequest.LabelsEntry
+	(*v1.Hardware)(nil),       // 14: vmgrid.compute.v1.Hardware
+	(*v1.ConfigDAG)(nil),      // 15: vmgrid.compute.v1.ConfigDAG
+	(v1.VMState)(0),           // 16: vmgrid.compute.v1.VMState
+	(*v1.ClassAd)(nil),        // 17: vmgrid.compute.v1.ClassAd
 }
 var file_vmgrid_shop_v1_shop_proto_depIdxs = []int32{
-	10, // 0: vmgrid.shop.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
-	11, // 1: vmgrid.shop.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
-	9,  // 2: vmgrid.shop.v1.CreateVMRequest.labels:type_name -> vmgrid.shop.v1.CreateVMRequest.LabelsEntry
-	12, // 3: vmgrid.shop.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
-	1,  // 4: vmgrid.shop.v1.CreateVMProgress.bids:type_name -> vmgrid.shop.v1.Bid
-	13, // 5: vmgrid.shop.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
-	13, // 6: vmgrid.shop.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
-	0,  // 7: vmgrid.shop.v1.ShopService.CreateVM:input_type -> vmgrid.shop.v1.CreateVMRequest
-	3,  // 8: vmgrid.shop.v1.ShopService.GetVM:input_type -> vmgrid.shop.v1.GetVMRequest
-	4,  // 9: vmgrid.shop.v1.ShopService.ListVMs:input_type -> vmgrid.shop.v1.ListVMsRequest
-	6,  // 10: vmgrid.shop.v1.ShopService.DestroyVM:input_type -> vmgrid.shop.v1.DestroyVMRequest
-	8,  // 11: vmgrid.shop.v1.ShopService.WatchVM:input_type -> vmgrid.shop.v1.WatchVMRequest
-	2,  // 12: vmgrid.shop.v1.ShopService.CreateVM:output_type -> vmgrid.shop.v1.CreateVMProgress
-	13, // 13: vmgrid.shop.v1.ShopService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	5,  // 14: vmgrid.shop.v1.ShopService.ListVMs:output_type -> vmgrid.shop.v1.ListVMsResponse
-	7,  // 15: vmgrid.shop.v1.ShopService.DestroyVM:output_type -> vmgrid.shop.v1.DestroyVMResponse
-	13, // 16: vmgrid.shop.v1.ShopService.WatchVM:output_type -> vmgrid.compute.v1.ClassAd
-	12, // [12:17] is the sub-list for method output_type
-	7,  // [7:12] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	14, // 0: vmgrid.shop.v1.SubmitTaskRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
+	0,  // 1: vmgrid.shop.v1.Task.state:type_name -> vmgrid.shop.v1.TaskState
+	1,  // 2: vmgrid.shop.v1.Task.spec:type_name -> vmgrid.shop.v1.SubmitTaskRequest
+	14, // 3: vmgrid.shop.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
+	15, // 4: vmgrid.shop.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
+	13, // 5: vmgrid.shop.v1.CreateVMRequest.labels:type_name -> vmgrid.shop.v1.CreateVMRequest.LabelsEntry
+	16, // 6: vmgrid.shop.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
+	5,  // 7: vmgrid.shop.v1.CreateVMProgress.bids:type_name -> vmgrid.shop.v1.Bid
+	17, // 8: vmgrid.shop.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
+	17, // 9: vmgrid.shop.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
+	4,  // 10: vmgrid.shop.v1.ShopService.CreateVM:input_type -> vmgrid.shop.v1.CreateVMRequest
+	7,  // 11: vmgrid.shop.v1.ShopService.GetVM:input_type -> vmgrid.shop.v1.GetVMRequest
+	8,  // 12: vmgrid.shop.v1.ShopService.ListVMs:input_type -> vmgrid.shop.v1.ListVMsRequest
+	10, // 13: vmgrid.shop.v1.ShopService.DestroyVM:input_type -> vmgrid.shop.v1.DestroyVMRequest
+	12, // 14: vmgrid.shop.v1.ShopService.WatchVM:input_type -> vmgrid.shop.v1.WatchVMRequest
+	1,  // 15: vmgrid.shop.v1.ShopService.SubmitTask:input_type -> vmgrid.shop.v1.SubmitTaskRequest
+	3,  // 16: vmgrid.shop.v1.ShopService.GetTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	3,  // 17: vmgrid.shop.v1.ShopService.WatchTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	3,  // 18: vmgrid.shop.v1.ShopService.CancelTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	6,  // 19: vmgrid.shop.v1.ShopService.CreateVM:output_type -> vmgrid.shop.v1.CreateVMProgress
+	17, // 20: vmgrid.shop.v1.ShopService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	9,  // 21: vmgrid.shop.v1.ShopService.ListVMs:output_type -> vmgrid.shop.v1.ListVMsResponse
+	11, // 22: vmgrid.shop.v1.ShopService.DestroyVM:output_type -> vmgrid.shop.v1.DestroyVMResponse
+	17, // 23: vmgrid.shop.v1.ShopService.WatchVM:output_type -> vmgrid.compute.v1.ClassAd
+	2,  // 24: vmgrid.shop.v1.ShopService.SubmitTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 25: vmgrid.shop.v1.ShopService.GetTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 26: vmgrid.shop.v1.ShopService.WatchTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 27: vmgrid.shop.v1.ShopService.CancelTask:output_type -> vmgrid.shop.v1.Task
+	19, // [19:28] is the sub-list for method output_type
+	10, // [10:19] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_vmgrid_shop_v1_shop_proto_init() }
@@ -625,13 +1029,14 @@ func file_vmgrid_shop_v1_shop_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmgrid_shop_v1_shop_proto_rawDesc), len(file_vmgrid_shop_v1_shop_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   10,
+			NumEnums:      1,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_vmgrid_shop_v1_shop_proto_goTypes,
 		DependencyIndexes: file_vmgrid_shop_v1_shop_proto_depIdxs,
+		EnumInfos:         file_vmgrid_shop_v1_shop_proto_enumTypes,
 		MessageInfos:      file_vmgrid_shop_v1_shop_proto_msgTypes,
 	}.Build()
 	File_vmgrid_shop_v1_shop_proto = out.File

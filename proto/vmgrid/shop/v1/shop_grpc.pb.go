@@ -25,11 +25,15 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	ShopService_CreateVM_FullMethodName  = "/vmgrid.shop.v1.ShopService/CreateVM"
-	ShopService_GetVM_FullMethodName     = "/vmgrid.shop.v1.ShopService/GetVM"
-	ShopService_ListVMs_FullMethodName   = "/vmgrid.shop.v1.ShopService/ListVMs"
-	ShopService_DestroyVM_FullMethodName = "/vmgrid.shop.v1.ShopService/DestroyVM"
-	ShopService_WatchVM_FullMethodName   = "/vmgrid.shop.v1.ShopService/WatchVM"
+	ShopService_CreateVM_FullMethodName   = "/vmgrid.shop.v1.ShopService/CreateVM"
+	ShopService_GetVM_FullMethodName      = "/vmgrid.shop.v1.ShopService/GetVM"
+	ShopService_ListVMs_FullMethodName    = "/vmgrid.shop.v1.ShopService/ListVMs"
+	ShopService_DestroyVM_FullMethodName  = "/vmgrid.shop.v1.ShopService/DestroyVM"
+	ShopService_WatchVM_FullMethodName    = "/vmgrid.shop.v1.ShopService/WatchVM"
+	ShopService_SubmitTask_FullMethodName = "/vmgrid.shop.v1.ShopService/SubmitTask"
+	ShopService_GetTask_FullMethodName    = "/vmgrid.shop.v1.ShopService/GetTask"
+	ShopService_WatchTask_FullMethodName  = "/vmgrid.shop.v1.ShopService/WatchTask"
+	ShopService_CancelTask_FullMethodName = "/vmgrid.shop.v1.ShopService/CancelTask"
 )
 
 // ShopServiceClient is the client API for ShopService service.
@@ -49,6 +53,15 @@ type ShopServiceClient interface {
 	// WatchVM streams the classad whenever it changes, starting with the
 	// current one.
 	WatchVM(ctx context.Context, in *WatchVMRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[v1.ClassAd], error)
+	// Tasks (Goiri et al.): the shop creates a VM whose data disk holds the
+	// task's input files from the data server, runs the command, copies the
+	// output folder back to the data server — also when the command failed —
+	// and destroys the VM. Idempotent on request_id; state lives in etcd.
+	SubmitTask(ctx context.Context, in *SubmitTaskRequest, opts ...grpc.CallOption) (*Task, error)
+	GetTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*Task, error)
+	// WatchTask streams the task whenever it changes, until it ends.
+	WatchTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Task], error)
+	CancelTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*Task, error)
 }
 
 type shopServiceClient struct {
@@ -127,6 +140,55 @@ func (c *shopServiceClient) WatchVM(ctx context.Context, in *WatchVMRequest, opt
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ShopService_WatchVMClient = grpc.ServerStreamingClient[v1.ClassAd]
 
+func (c *shopServiceClient) SubmitTask(ctx context.Context, in *SubmitTaskRequest, opts ...grpc.CallOption) (*Task, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Task)
+	err := c.cc.Invoke(ctx, ShopService_SubmitTask_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *shopServiceClient) GetTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*Task, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Task)
+	err := c.cc.Invoke(ctx, ShopService_GetTask_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *shopServiceClient) WatchTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Task], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ShopService_ServiceDesc.Streams[2], ShopService_WatchTask_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[GetTaskRequest, Task]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ShopService_WatchTaskClient = grpc.ServerStreamingClient[Task]
+
+func (c *shopServiceClient) CancelTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*Task, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Task)
+	err := c.cc.Invoke(ctx, ShopService_CancelTask_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ShopServiceServer is the server API for ShopService service.
 // All implementations must embed UnimplementedShopServiceServer
 // for forward compatibility.
@@ -144,6 +206,15 @@ type ShopServiceServer interface {
 	// WatchVM streams the classad whenever it changes, starting with the
 	// current one.
 	WatchVM(*WatchVMRequest, grpc.ServerStreamingServer[v1.ClassAd]) error
+	// Tasks (Goiri et al.): the shop creates a VM whose data disk holds the
+	// task's input files from the data server, runs the command, copies the
+	// output folder back to the data server — also when the command failed —
+	// and destroys the VM. Idempotent on request_id; state lives in etcd.
+	SubmitTask(context.Context, *SubmitTaskRequest) (*Task, error)
+	GetTask(context.Context, *GetTaskRequest) (*Task, error)
+	// WatchTask streams the task whenever it changes, until it ends.
+	WatchTask(*GetTaskRequest, grpc.ServerStreamingServer[Task]) error
+	CancelTask(context.Context, *GetTaskRequest) (*Task, error)
 	mustEmbedUnimplementedShopServiceServer()
 }
 
@@ -168,6 +239,18 @@ func (UnimplementedShopServiceServer) DestroyVM(context.Context, *DestroyVMReque
 }
 func (UnimplementedShopServiceServer) WatchVM(*WatchVMRequest, grpc.ServerStreamingServer[v1.ClassAd]) error {
 	return status.Error(codes.Unimplemented, "method WatchVM not implemented")
+}
+func (UnimplementedShopServiceServer) SubmitTask(context.Context, *SubmitTaskRequest) (*Task, error) {
+	return nil, status.Error(codes.Unimplemented, "method SubmitTask not implemented")
+}
+func (UnimplementedShopServiceServer) GetTask(context.Context, *GetTaskRequest) (*Task, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetTask not implemented")
+}
+func (UnimplementedShopServiceServer) WatchTask(*GetTaskRequest, grpc.ServerStreamingServer[Task]) error {
+	return status.Error(codes.Unimplemented, "method WatchTask not implemented")
+}
+func (UnimplementedShopServiceServer) CancelTask(context.Context, *GetTaskRequest) (*Task, error) {
+	return nil, status.Error(codes.Unimplemented, "method CancelTask not implemented")
 }
 func (UnimplementedShopServiceServer) mustEmbedUnimplementedShopServiceServer() {}
 func (UnimplementedShopServiceServer) testEmbeddedByValue()                     {}
@@ -266,6 +349,71 @@ func _ShopService_WatchVM_Handler(srv interface{}, stream grpc.ServerStream) err
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ShopService_WatchVMServer = grpc.ServerStreamingServer[v1.ClassAd]
 
+func _ShopService_SubmitTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SubmitTaskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ShopServiceServer).SubmitTask(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ShopService_SubmitTask_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ShopServiceServer).SubmitTask(ctx, req.(*SubmitTaskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ShopService_GetTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetTaskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ShopServiceServer).GetTask(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ShopService_GetTask_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ShopServiceServer).GetTask(ctx, req.(*GetTaskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ShopService_WatchTask_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(GetTaskRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ShopServiceServer).WatchTask(m, &grpc.GenericServerStream[GetTaskRequest, Task]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ShopService_WatchTaskServer = grpc.ServerStreamingServer[Task]
+
+func _ShopService_CancelTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetTaskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ShopServiceServer).CancelTask(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ShopService_CancelTask_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ShopServiceServer).CancelTask(ctx, req.(*GetTaskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ShopService_ServiceDesc is the grpc.ServiceDesc for ShopService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -285,6 +433,18 @@ var ShopService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "DestroyVM",
 			Handler:    _ShopService_DestroyVM_Handler,
 		},
+		{
+			MethodName: "SubmitTask",
+			Handler:    _ShopService_SubmitTask_Handler,
+		},
+		{
+			MethodName: "GetTask",
+			Handler:    _ShopService_GetTask_Handler,
+		},
+		{
+			MethodName: "CancelTask",
+			Handler:    _ShopService_CancelTask_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
@@ -295,6 +455,11 @@ var ShopService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "WatchVM",
 			Handler:       _ShopService_WatchVM_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchTask",
+			Handler:       _ShopService_WatchTask_Handler,
 			ServerStreams: true,
 		},
 	},

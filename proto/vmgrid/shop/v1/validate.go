@@ -36,3 +36,20 @@ func (r *DestroyVMRequest) Validate() error { return imagev1.ValidateName("vm_id
 
 // Validate checks a WatchVM request.
 func (r *WatchVMRequest) Validate() error { return imagev1.ValidateName("vm_id", r.VmId) }
+
+// Validate checks a task submission.
+func (r *SubmitTaskRequest) Validate() error {
+	if err := imagev1.ValidateName("request_id", r.RequestId); err != nil {
+		return err
+	}
+	if r.Command == "" {
+		return errors.New("command is required")
+	}
+	if len(r.Inputs) > 1024 {
+		return errors.New("at most 1024 input files")
+	}
+	return nil
+}
+
+// Validate checks a task lookup.
+func (r *GetTaskRequest) Validate() error { return imagev1.ValidateName("task_id", r.TaskId) }
