@@ -58,4 +58,12 @@ echo
 echo "== destroy it"
 "$VMGRID" vm rm "$vm"
 "$VMGRID" vm ls
+
+echo
+echo "== a task: input staged in from the data server, command run in a fresh VM, output staged out"
+printf 'the quick brown fox jumps over the lazy dog\n' >"$dir/words.txt"
+"$VMGRID" data put -q "$dir/words.txt" words.txt
+"$VMGRID" task submit --input words.txt --output-prefix demo/out --wait -- 'wc -w < in/words.txt > out/count.txt'
+"$VMGRID" data get -q demo/out/count.txt "$dir/count.txt"
+echo "words counted in the VM: $(cat "$dir/count.txt")"
 echo "== done; stopping the grid"
