@@ -29,7 +29,7 @@ import (
 	"github.com/vmgrid/vmgrid/shop/market"
 )
 
-func shopClient(t *testing.T, addr, token string) shopv1.ShopServiceClient {
+func shopClient(t testing.TB, addr, token string) shopv1.ShopServiceClient {
 	t.Helper()
 	cc, err := services.Dial(addr, services.TLSFiles{}, grpc.WithPerRPCCredentials(auth.Credentials{Token: token, Insecure: true}))
 	if err != nil {
