@@ -101,9 +101,13 @@ func (c *Client) UploadReader(ctx context.Context, r io.Reader, size int64, remo
 	// A few buffers go round: read into one, send it (Send has marshalled
 	// it when it returns) while another goroutine hashes it, and reuse it
 	// once hashed.
+	bufSize := ChunkSize
+	if size >= 0 && size < ChunkSize {
+		bufSize = int(size) + 1 // small files (stage-out has many): one read sees EOF
+	}
 	free := make(chan []byte, uploadBuffers)
 	for range uploadBuffers {
-		free <- make([]byte, ChunkSize)
+		free <- make([]byte, bufSize)
 	}
 	sum := newAsyncHash(nil, func(b []byte) { free <- b[:cap(b)] })
 	defer sum.Close()
