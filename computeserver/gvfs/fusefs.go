@@ -44,7 +44,7 @@ type MountOptions struct {
 // it (or Proxy.Close) when done. A stale mount left by a killed process is
 // unmounted first.
 func Mount(dir string, p *Proxy, o MountOptions) (*fuse.Server, error) {
-	if _, err := os.Stat(dir); errors.Is(err, syscall.ENOTCONN) {
+	if staleMount(dir) {
 		p.log.Warn("unmounting a stale FUSE mount left by a killed process", zap.String("dir", dir))
 		if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil {
 			return nil, fmt.Errorf("unmount stale %s: %w", dir, err)
@@ -82,6 +82,15 @@ func Mount(dir string, p *Proxy, o MountOptions) (*fuse.Server, error) {
 	p.roots = append(p.roots, &root.Inode)
 	p.mu.Unlock()
 	return server, nil
+}
+
+// staleMount reports whether dir is a FUSE mount whose server is gone. A
+// stat is not enough: the kernel answers it from the root's cached
+// attributes (kept for an hour) without asking the dead server; statfs
+// always asks, and gets ENOTCONN.
+func staleMount(dir string) bool {
+	var st syscall.Statfs_t
+	return errors.Is(syscall.Statfs(dir, &st), syscall.ENOTCONN)
 }
 
 func setReadAhead(dir string, kb int) error {

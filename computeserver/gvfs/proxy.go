@@ -14,6 +14,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/vmgrid/vmgrid/imageserver"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
@@ -86,6 +87,7 @@ type Proxy struct {
 	roots     []*fs.Inode
 	disks     map[string]*diskState
 	closed    bool
+	bg        sync.WaitGroup // upstream fetches in flight
 	flushHist prometheus.Histogram
 }
 
@@ -93,8 +95,11 @@ type Proxy struct {
 type Stats struct {
 	Hits, Misses, ZeroBlocks, Collapsed     atomic.Uint64
 	FetchedBlocks, FetchedBytes, Prefetched atomic.Uint64
-	Flushes, FlushedBlocks                  atomic.Uint64
-	FlushNanos                              atomic.Int64
+	// Requests counts ReadBlocks requests sent upstream (each one a round
+	// trip, pipelined with the others on one stream).
+	Requests               atomic.Uint64
+	Flushes, FlushedBlocks atomic.Uint64
+	FlushNanos             atomic.Int64
 }
 
 type manifestEntry struct {
@@ -166,6 +171,7 @@ func (p *Proxy) Image(ctx context.Context, name string) (*imagev1.Manifest, erro
 	if e != nil && (!e.m.Writable || time.Since(e.fetched) < diskTimeout) {
 		return e.m, nil
 	}
+	asked := time.Now()
 	m, err := p.up.Manifest(ctx, name)
 	if err != nil {
 		if e != nil && errdefs.IsUnavailable(err) {
@@ -174,9 +180,26 @@ func (p *Proxy) Image(ctx context.Context, name string) (*imagev1.Manifest, erro
 		return nil, err
 	}
 	p.mu.Lock()
+	defer p.mu.Unlock()
+	// A flush of ours that committed while we asked has stored a newer
+	// generation than this answer may carry: keep that one.
+	if cur := p.manifests[name]; cur != nil && cur.fetched.After(asked) {
+		return cur.m, nil
+	}
 	p.manifests[name] = &manifestEntry{m: m, fetched: time.Now()}
-	p.mu.Unlock()
 	return m, nil
+}
+
+// committed records the generation of a disk after a flush of ours, so the
+// manifest we keep does not make our own write look like someone else's.
+func (p *Proxy) committed(disk string, gen uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if e := p.manifests[disk]; e != nil {
+		m := proto.Clone(e.m).(*imagev1.Manifest)
+		m.Generation = gen
+		p.manifests[disk] = &manifestEntry{m: m, fetched: time.Now()}
+	}
 }
 
 // File is an open image file.
@@ -216,20 +239,25 @@ func (p *Proxy) Open(ctx context.Context, image, file string) (*File, error) {
 		return nil, err
 	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	if f := p.open[[2]string{image, file}]; f != nil && (f.disk != nil || f.meta == meta) {
-		return f, nil
+	f := p.open[[2]string{image, file}]
+	if f == nil || (f.disk == nil && f.meta != meta) {
+		f = &File{p: p, image: image, meta: meta, created: time.Unix(0, m.CreatedUnixNano), lastEnd: -1}
+		if m.Writable {
+			f.key = diskKey(image)
+			f.disk = p.diskLocked(image)
+		} else {
+			f.key = "f-" + hex.EncodeToString(meta.Sha256[:16])
+			f.digests, f.zeroMap = meta.BlockDigests, meta.ZeroMap
+		}
+		p.open[[2]string{image, file}] = f
 	}
-	f := &File{p: p, image: image, meta: meta, created: time.Unix(0, m.CreatedUnixNano), lastEnd: -1}
-	if m.Writable {
-		f.key = diskKey(image)
-		f.disk = p.diskLocked(image)
+	p.mu.Unlock()
+	if f.disk != nil {
+		// Every open of a disk, not only the first, checks whether another
+		// plant wrote it (session consistency). Outside p.mu: dropping
+		// stale blocks scans the cache.
 		f.disk.observe(m.Generation, p)
-	} else {
-		f.key = "f-" + hex.EncodeToString(meta.Sha256[:16])
-		f.digests, f.zeroMap = meta.BlockDigests, meta.ZeroMap
 	}
-	p.open[[2]string{image, file}] = f
 	return f, nil
 }
 
@@ -246,6 +274,8 @@ func (f *File) blockLen(idx uint64) uint64 {
 func (f *File) zero(idx uint64) bool {
 	return f.zeroMap != nil && imageserver.IsZeroRange(f.zeroMap, idx*f.blockSize(), f.blockLen(idx))
 }
+
+var scratchPool = sync.Pool{New: func() any { b := make([]byte, imagev1.MaxBlockSize); return &b }}
 
 // ReadAt reads len(dst) bytes at off (fewer at the end of the file).
 func (f *File) ReadAt(ctx context.Context, dst []byte, off int64) (int, error) {
@@ -284,7 +314,11 @@ func (f *File) ReadAt(ctx context.Context, dst []byte, off int64) (int, error) {
 		buf := part
 		if !whole {
 			if scratch == nil {
-				scratch = make([]byte, bs)
+				// Small random reads (a guest's 4 KiB pages) take this path
+				// for every block: reuse the block-sized buffer.
+				sp := scratchPool.Get().(*[]byte)
+				defer scratchPool.Put(sp)
+				scratch = (*sp)[:bs]
 			}
 			buf = scratch
 		}
@@ -344,6 +378,9 @@ func (f *File) ReadBlock(ctx context.Context, idx uint64, buf []byte) (data []by
 		return nil, false, err
 	} else if ok && got == n {
 		f.p.stats.Hits.Add(1)
+		if f.disk != nil && imageserver.IsZero(buf[:n]) {
+			return nil, true, nil // zeros of a disk stay off the wire
+		}
 		return buf[:n], false, nil
 	}
 	f.p.stats.Misses.Add(1)
@@ -362,6 +399,10 @@ func (f *File) ReadBlock(ctx context.Context, idx uint64, buf []byte) (data []by
 	return fe.data, false, nil
 }
 
+// Cached reports whether block idx is in the block cache, without reading
+// it or counting a hit (benchmarks use it to see what a clone fetched).
+func (f *File) Cached(idx uint64) bool { return f.p.cache.Has(f.key, idx) }
+
 // Digest is the manifest digest of a golden block (nil for disks).
 func (f *File) Digest(idx uint64) []byte {
 	if f.digests == nil {
@@ -370,21 +411,44 @@ func (f *File) Digest(idx uint64) []byte {
 	return f.digests[idx*imageserver.DigestSize : (idx+1)*imageserver.DigestSize]
 }
 
-// maxRun bounds the blocks asked for in one upstream request.
-const maxRun = 256
+// maxRunBytes bounds one upstream request. Requests are pipelined on one
+// stream, so more, smaller requests cost no round trips, and a reader waits
+// only for the request holding its block: a request is answered (and its
+// blocks verified and cached) as a whole.
+const maxRunBytes = 1 << 20
+
+// errClosed answers reads that arrive while the proxy closes.
+var errClosed = fmt.Errorf("the proxy is closed: %w", errdefs.ErrUnavailable)
 
 // fetch returns one fetch per block, joining fetches already in flight and
 // asking the upstream for the others in runs of consecutive blocks.
 func (p *Proxy) fetch(f *File, idxs []uint64) []*fetch {
 	out := make([]*fetch, len(idxs))
-	var mine []uint64
+	var mine, late []uint64
 	var mineF []*fetch
+	var lateI []int
 	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		fe := &fetch{done: make(chan struct{}), err: errClosed}
+		close(fe.done)
+		for i := range out {
+			out[i] = fe
+		}
+		return out
+	}
 	for i, idx := range idxs {
 		k := blockKey{f.key, idx}
 		if fe := p.inflight[k]; fe != nil {
 			out[i] = fe
 			p.stats.Collapsed.Add(1)
+			continue
+		}
+		// A fetch fills the cache before it leaves the in-flight table, so
+		// a block the caller missed may have arrived since: don't fetch it
+		// twice.
+		if p.cache.Has(f.key, idx) {
+			late, lateI = append(late, idx), append(lateI, i)
 			continue
 		}
 		fe := &fetch{done: make(chan struct{})}
@@ -393,19 +457,38 @@ func (p *Proxy) fetch(f *File, idxs []uint64) []*fetch {
 		mine = append(mine, idx)
 		mineF = append(mineF, fe)
 	}
-	p.mu.Unlock()
+	var runs [][2]int
+	maxRun := max(1, maxRunBytes/int(f.blockSize()))
 	for start := 0; start < len(mine); {
 		end := start + 1
 		for end < len(mine) && mine[end] == mine[end-1]+1 && end-start < maxRun {
 			end++
 		}
-		go p.fetchRun(f, mine[start:end], mineF[start:end])
+		runs = append(runs, [2]int{start, end})
 		start = end
+	}
+	p.bg.Add(len(runs)) // under p.mu: Close waits for these
+	p.mu.Unlock()
+	for _, r := range runs {
+		go p.fetchRun(f, mine[r[0]:r[1]], mineF[r[0]:r[1]])
+	}
+	for j, idx := range late {
+		buf := make([]byte, f.blockLen(idx))
+		if n, ok, err := p.cache.Get(f.key, idx, buf); err == nil && ok && n == len(buf) {
+			fe := &fetch{done: make(chan struct{}), data: buf}
+			close(fe.done)
+			out[lateI[j]] = fe
+			p.stats.Collapsed.Add(1)
+		} else { // evicted again meanwhile
+			out[lateI[j]] = p.fetch(f, []uint64{idx})[0]
+		}
 	}
 	return out
 }
 
 func (p *Proxy) fetchRun(f *File, idxs []uint64, fes []*fetch) {
+	defer p.bg.Done()
+	p.stats.Requests.Add(1)
 	res, err := p.up.ReadBlocks(p.up.ctx, f.image, f.meta.Name, idxs[0], uint32(len(idxs)))
 	for i, fe := range fes {
 		if err != nil {
@@ -413,14 +496,15 @@ func (p *Proxy) fetchRun(f *File, idxs []uint64, fes []*fetch) {
 		} else {
 			fe.data, fe.err = p.accept(f, idxs[i], res[i])
 		}
-	}
-	p.mu.Lock()
-	for i, fe := range fes {
+		// Each block's readers go on as soon as it is in the cache.
+		p.mu.Lock()
 		delete(p.inflight, blockKey{f.key, idxs[i]})
+		p.mu.Unlock()
 		close(fe.done)
 	}
-	p.mu.Unlock()
 }
+
+var zeroBlock = make([]byte, imagev1.MaxBlockSize)
 
 // accept checks a fetched block and fills the cache with it.
 func (p *Proxy) accept(f *File, idx uint64, r imageserver.BlockResult) ([]byte, error) {
@@ -433,10 +517,18 @@ func (p *Proxy) accept(f *File, idx uint64, r imageserver.BlockResult) ([]byte, 
 	}
 	p.stats.FetchedBlocks.Add(1)
 	if r.Zero {
+		if f.disk != nil {
+			// A disk has no zero map (its blocks change): cache the zeros,
+			// or every read of them would go upstream again.
+			if err := p.cache.Fill(f.key, idx, zeroBlock[:r.Length], nil); err != nil {
+				p.log.Debug("block not cached", zap.String("file", f.key), zap.Uint64("block", idx), zap.Error(err))
+			}
+		}
 		return nil, nil
 	}
 	p.stats.FetchedBytes.Add(uint64(len(r.Data)))
-	if err := p.cache.Fill(f.key, idx, r.Data, want); err != nil {
+	// Verified above: no digest, so the cache does not hash it again.
+	if err := p.cache.Fill(f.key, idx, r.Data, nil); err != nil {
 		p.log.Debug("block not cached", zap.String("file", f.key), zap.Uint64("block", idx), zap.Error(err))
 	}
 	return r.Data, nil
@@ -445,22 +537,30 @@ func (p *Proxy) accept(f *File, idx uint64, r imageserver.BlockResult) ([]byte, 
 // readAhead detects sequential readers and fetches ahead of them, doubling
 // the window up to p.readAhead, so a long read costs bytes ÷ bandwidth
 // rather than round trips.
+//
+// The kernel's own read-ahead sends several large reads of one stream at
+// once and they arrive in any order, so a read counts as sequential when it
+// starts near the furthest end read so far (within a few times its own
+// length, up to the kernel's read-ahead window), not only exactly there.
+// Any other read is a seek: the window and the read-ahead position start
+// over.
 func (f *File) readAhead(off, end int64) {
 	if f.p.readAhead <= 0 {
 		return
 	}
 	f.raMu.Lock()
-	seq := off == f.lastEnd
-	f.lastEnd = end
+	tol := min(4*(end-off), ReadAheadKB<<10)
+	seq := f.lastEnd >= 0 && off >= f.lastEnd-tol && off <= f.lastEnd+tol
 	if !seq {
-		f.window = 0
+		f.lastEnd, f.window, f.raNext = end, 0, 0
 		f.raMu.Unlock()
 		return
 	}
+	f.lastEnd = max(f.lastEnd, end)
 	f.window = min(max(2*f.window, 1<<20), f.p.readAhead)
 	bs := int64(f.blockSize())
-	from := max(uint64((end+bs-1)/bs), f.raNext)
-	to := min(uint64((end+int64(f.window)+bs-1)/bs), (f.meta.Size+uint64(bs)-1)/uint64(bs))
+	from := max(uint64((f.lastEnd+bs-1)/bs), f.raNext)
+	to := min(uint64((f.lastEnd+int64(f.window)+bs-1)/bs), (f.meta.Size+uint64(bs)-1)/uint64(bs))
 	if from >= to {
 		f.raMu.Unlock()
 		return
@@ -522,13 +622,15 @@ func (p *Proxy) Close(ctx context.Context) error {
 			p.log.Warn("unmount", zap.Error(err))
 		}
 	}
-	if _, err := p.FlushAll(ctx); err != nil {
-		p.log.Warn("write-back at close failed; dirty blocks stay in the cache for the next start", zap.Error(err))
-	}
 	p.mu.Lock()
 	for _, d := range p.disks {
 		d.stopTimer()
 	}
 	p.mu.Unlock()
+	// The block cache must not be closed under a fill.
+	p.bg.Wait()
+	if _, err := p.FlushAll(ctx); err != nil {
+		p.log.Warn("write-back at close failed; dirty blocks stay in the cache for the next start", zap.Error(err))
+	}
 	return p.cache.Close()
 }

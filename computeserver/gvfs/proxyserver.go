@@ -166,7 +166,11 @@ func (o proxySources) OpenSource(ctx context.Context, image, file string) (image
 	return proxySource{f}, nil
 }
 
-func (proxySources) Valid(imageserver.BlockSource) bool { return true }
+// Valid keeps golden files open for the life of a stream (they never
+// change), but has every request for a disk open it again, so that the
+// disk's generation is checked and blocks another plant wrote are not served
+// from a stale cache.
+func (proxySources) Valid(src imageserver.BlockSource) bool { return !src.(proxySource).f.Writable() }
 
 type proxySource struct{ f *File }
 

@@ -293,8 +293,9 @@ func (p *Proxy) Flush(ctx context.Context, disk string) (DiskFlush, error) {
 	res.Generation = resp.Generation
 	d.mu.Lock()
 	d.gen, d.genKnown = resp.Generation, true
-	d.mu.Unlock()
 	p.saveGen(disk, resp.Generation)
+	d.mu.Unlock()
+	p.committed(disk, resp.Generation)
 	took := time.Since(start)
 	p.stats.Flushes.Add(1)
 	p.stats.FlushedBlocks.Add(res.Blocks)

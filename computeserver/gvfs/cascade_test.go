@@ -1,0 +1,153 @@
+package gvfs
+
+import (
+	"context"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+
+	"github.com/vmgrid/vmgrid/internal/testutil"
+	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+	"github.com/vmgrid/vmgrid/services"
+)
+
+// serveProxy serves a proxy over upstream as a cache proxy (ProxyService)
+// on 127.0.0.1 and returns it with its address.
+func serveProxy(t *testing.T, upstream string) (*Proxy, string) {
+	t.Helper()
+	p := newProxy(t, upstream, "")
+	svc, err := NewProxyService(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := services.NewServer(services.Options{Name: "cacheproxy", Listen: "127.0.0.1:0", ShutdownTimeout: 5 * time.Second},
+		func(gs *grpc.Server, _ prometheus.Registerer) { svc.Register(gs) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx) }()
+	// Registered after newProxy's cleanup, so it runs first: the server
+	// stops before its proxy closes.
+	t.Cleanup(func() {
+		cancel()
+		if err := <-served; err != nil {
+			t.Errorf("cache proxy: %v", err)
+		}
+	})
+	return p, srv.Addr()
+}
+
+// TestCascade: image server ← cache proxy ← compute servers. The first
+// compute server warms the proxy; a second, cold one reads everything from
+// the proxy and the image server sends nothing more. Proxies chain, whole
+// files and write-back go through them too.
+func TestCascade(t *testing.T) {
+	srv := testutil.StartServer(t, "")
+	rng := rand.New(rand.NewPCG(20, 20))
+	disk := sparseData(rng, 8<<20, 20, 256<<10)
+	mem := testutil.MemoryLike(rng, 3<<20+5, 0.2, 0.2)
+	publish(t, srv.Client, "img",
+		goldenFile{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: disk},
+		goldenFile{name: "mem.state", kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, data: mem})
+	lan, lanAddr := serveProxy(t, srv.Srv.Addr())
+	second, secondAddr := serveProxy(t, lanAddr) // a chain: image server ← lan ← second
+
+	readAll := func(t *testing.T, p *Proxy) {
+		t.Helper()
+		mnt := mount(t, p)
+		for name, want := range map[string][]byte{"disk.raw": disk, "mem.state": mem} {
+			got, err := os.ReadFile(filepath.Join(mnt, "img", name))
+			if err != nil {
+				t.Fatal(err)
+			}
+			sameBytes(t, name, got, want)
+		}
+	}
+	a := newProxy(t, lanAddr, "")
+	readAll(t, a)
+	warmBlocks, warmFiles := lan.Stats().FetchedBytes.Load(), lan.FileCache().Received()
+	if warmBlocks == 0 || warmFiles == 0 {
+		t.Fatalf("the cache proxy fetched %d block bytes and %d file bytes while A read through it", warmBlocks, warmFiles)
+	}
+	b := newProxy(t, lanAddr, "")
+	readAll(t, b)
+	if got := b.Stats().FetchedBytes.Load(); got != warmBlocks {
+		t.Fatalf("B fetched %d block bytes from the proxy, A made it fetch %d", got, warmBlocks)
+	}
+	if lan.Stats().FetchedBytes.Load() != warmBlocks || lan.FileCache().Received() != warmFiles {
+		t.Fatalf("the image server sent more for the cold B: %d→%d block bytes, %d→%d file bytes",
+			warmBlocks, lan.Stats().FetchedBytes.Load(), warmFiles, lan.FileCache().Received())
+	}
+	if lan.Stats().Hits.Load() == 0 {
+		t.Fatal("the cache proxy answered B from nowhere: no hits")
+	}
+
+	t.Run("chain", func(t *testing.T) {
+		c := newProxy(t, secondAddr, "")
+		readAll(t, c)
+		if lan.Stats().FetchedBytes.Load() != warmBlocks {
+			t.Fatal("a read through two proxies reached the image server although the first proxy was warm")
+		}
+		if second.Stats().FetchedBytes.Load() == 0 {
+			t.Fatal("the second proxy fetched nothing")
+		}
+	})
+
+	t.Run("write-back", func(t *testing.T) {
+		const size = 1 << 20
+		golden := make([]byte, size)
+		testutil.RandomData(rng, golden)
+		diskImage(t, srv.Client, "golden", "disk", golden)
+		c := newProxy(t, lanAddr, "")
+		direct := newProxy(t, srv.Srv.Addr(), "")
+		// c warms itself and the proxy.
+		sameBytes(t, "c before", readVia(t, c, "disk", "disk.raw", 0, size), golden)
+
+		// A write-back through the proxy reaches the image server, and the
+		// proxy serves the new content.
+		ref := slices.Clone(golden)
+		patch := make([]byte, 100_000)
+		testutil.RandomData(rng, patch)
+		copy(ref[5000:], patch)
+		f, err := c.Open(ctxT(t), "disk", "disk.raw")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.WriteAt(ctxT(t), patch, 5000); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Flush(ctxT(t), "disk"); err != nil {
+			t.Fatal(err)
+		}
+		sameBytes(t, "image server's copy", fetchAll(t, srv.Client, "disk", "disk.raw", size), ref)
+		d := newProxy(t, lanAddr, "")
+		sameBytes(t, "a cold reader through the proxy", readVia(t, d, "disk", "disk.raw", 0, size), ref)
+
+		// Another plant writes the disk at the image server, past the
+		// proxy: once the proxy's and c's manifests are a second old, c
+		// sees it through the proxy.
+		patch2 := make([]byte, 70_000)
+		testutil.RandomData(rng, patch2)
+		copy(ref[600_000:], patch2)
+		g, err := direct.Open(ctxT(t), "disk", "disk.raw")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := g.WriteAt(ctxT(t), patch2, 600_000); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := direct.Flush(ctxT(t), "disk"); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2*diskTimeout + 100*time.Millisecond)
+		sameBytes(t, "c after a write past the proxy", readVia(t, c, "disk", "disk.raw", 0, size), ref)
+	})
+}
