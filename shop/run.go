@@ -33,8 +33,9 @@ type RunConfig struct {
 // Server is a running shop.
 type Server struct {
 	*services.Server
-	Shop *Shop
-	etcd *clientv3.Client
+	Shop   *Shop
+	etcd   *clientv3.Client
+	images *grpc.ClientConn
 }
 
 // Start connects to etcd and the image server and starts serving.
@@ -83,13 +84,14 @@ func Start(cfg RunConfig) (*Server, error) {
 			return nil, err
 		}
 	}
-	return &Server{Server: srv, Shop: shop, etcd: cli}, nil
+	return &Server{Server: srv, Shop: shop, etcd: cli, images: cc}, nil
 }
 
 // Serve serves until ctx ends.
 func (s *Server) Serve(ctx context.Context) error {
 	err := s.Server.Serve(ctx)
 	s.Shop.Close()
+	s.images.Close()
 	s.etcd.Close()
 	return err
 }
