@@ -57,9 +57,10 @@ func NewRoot() *cobra.Command {
 Compute servers read images block by block on demand through a local cache;
 nothing is copied up front.
 
-Server roles:   vmgrid imageserver | computeserver | cacheproxy
+Server roles:   vmgrid imageserver | computeserver | cacheproxy | dataserver
 Client verbs:   vmgrid image publish|ls|get|fetch|rm|create-disk
-                vmgrid cache flush|stats|drop`,
+                vmgrid cache flush|stats|drop
+                vmgrid data put|get|ls|stat|rm|grant|revoke|grants`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
@@ -69,6 +70,6 @@ Client verbs:   vmgrid image publish|ls|get|fetch|rm|create-disk
 	pf.StringVar(&g.tls.CertFile, "tls-cert", "", "PEM certificate (server: its certificate; client: a client certificate for mutual TLS)")
 	pf.StringVar(&g.tls.KeyFile, "tls-key", "", "PEM private key of --tls-cert")
 	pf.StringVar(&g.tls.CAFile, "tls-ca", "", "PEM CA bundle (server: require client certificates signed by it; client: trust servers signed by it)")
-	root.AddCommand(imageserverCmd(g), computeserverCmd(g), cacheproxyCmd(g), imageCmd(g), cacheCmd(g))
+	root.AddCommand(upCmd(g), shopCmd(g), vmCmd(g), taskCmd(g), imageserverCmd(g), computeserverCmd(g), cacheproxyCmd(g), imageCmd(g), cacheCmd(g), benchCmd(g), dataserverCmd(g), dataCmd(g))
 	return root
 }

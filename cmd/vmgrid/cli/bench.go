@@ -1,0 +1,114 @@
+package cli
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"go.uber.org/zap"
+
+	"github.com/vmgrid/vmgrid/integration/clonebench"
+)
+
+func benchCmd(g *globals) *cobra.Command {
+	c := &cobra.Command{
+		Use:   "bench",
+		Short: "Benchmarks that run real guests on this machine",
+	}
+	c.AddCommand(benchCloneCmd(g))
+	return c
+}
+
+func benchCloneCmd(g *globals) *cobra.Command {
+	o := clonebench.Options{Compress: true}
+	var out string
+	var smoke bool
+	c := &cobra.Command{
+		Use:   "clone",
+		Short: "Time cloning the tiny golden image through an emulated WAN (GVFS §4.3)",
+		Long: `Build the tiny golden image, publish it to an in-process image server and time
+cloning it on this machine, from the clone request to the clone's guest agent
+answering after set_hostname, through an emulated WAN (toxiproxy in-process:
+--rtt and --bandwidth-mbit):
+
+  local            golden files on the compute side's disk (the floor)
+  full copy        every file over plain TCP across the WAN, then local
+  qemu-nbd         root disk over NBD across the WAN, the rest copied first
+  vmgrid cold      a fresh compute server reading across the WAN
+  vmgrid warm      a second clone on the same compute server
+  vmgrid L2        a fresh compute server behind a warm cache proxy
+  vmgrid parallel  --plants fresh compute servers at once (makespan)
+  limit            local + compressed bytes cold needed / bandwidth + 1 RTT
+
+It needs QEMU (qemu-system-x86, qemu-utils), fuse3 and root. The guest agent
+is built with the go tool unless --agent names a static vmgrid-agent.
+Results: a table on stdout, results.json and results.md in --out.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f := cmd.Flags()
+			if smoke {
+				setUnlessChanged(f, "repeats", "1")
+				setUnlessChanged(f, "rtt", "4ms")
+				setUnlessChanged(f, "bandwidth-mbit", "1000")
+				setUnlessChanged(f, "plants", "2")
+				if !f.Changed("rows") {
+					o.Rows = []string{clonebench.RowLocal, clonebench.RowFullCopy, clonebench.RowNBD, clonebench.RowCold, clonebench.RowL2, clonebench.RowParallel}
+				}
+			}
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			defer log.Sync() //nolint:errcheck
+			o.Log = log.Named("bench")
+			o.Command = commandLine(cmd)
+			log.Info("clone benchmark", zap.Duration("rtt", o.RTT), zap.Float64("bandwidth_mbit", o.BandwidthMbit),
+				zap.Int("repeats", o.Repeats), zap.Int("plants", o.Plants))
+			res, err := clonebench.Run(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			if err := res.WriteTable(cmd.OutOrStdout()); err != nil {
+				return err
+			}
+			if out != "" {
+				if err := res.WriteFiles(out); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "results: %s/results.json, %s/results.md\n", out, out)
+			}
+			return nil
+		},
+	}
+	f := c.Flags()
+	f.DurationVar(&o.RTT, "rtt", clonebench.DefaultRTT, "round trip the WAN adds (half each way, whole milliseconds)")
+	f.Float64Var(&o.BandwidthMbit, "bandwidth-mbit", clonebench.DefaultBandwidthMbit, "WAN bandwidth in Mbit/s, each direction, shared by all connections (0: unlimited)")
+	f.IntVar(&o.Repeats, "repeats", clonebench.DefaultRepeats, "runs of every row (median, min, max)")
+	f.IntVar(&o.Plants, "plants", clonebench.DefaultPlants, "compute servers that clone at once in the parallel rows")
+	f.BoolVar(&o.Compress, "compress", true, "compute servers ask for zstd-compressed blocks across the WAN")
+	f.StringVar(&out, "out", "", "directory for results.json and results.md (empty: only print the table)")
+	f.StringSliceVar(&o.Rows, "rows", nil, "rows to measure (default all): local, full_copy, qemu_nbd, vmgrid_cold (with vmgrid_warm), vmgrid_l2, vmgrid_parallel, parallel_l2, parallel_local")
+	f.BoolVar(&smoke, "smoke", false, "quick run for CI: 1 repeat, --rtt 4ms, --bandwidth-mbit 1000, --plants 2, no reference rows, unless given")
+	f.StringVar(&o.Agent, "agent", "", "static guest agent binary (default: build cmd/vmgrid-agent with the go tool)")
+	f.StringSliceVar(&o.GuestCmdline, "guest-cmdline", nil, "appended to the golden image's kernel command line (e.g. init_on_free=1)")
+	f.BoolVar(&o.Keep, "keep", false, "keep the run's directory (golden image, QEMU logs) for inspection")
+	f.StringVar(&o.WorkDir, "work-dir", "", "where to make the run's temporary directory (default: the system's; keep the path short)")
+	return c
+}
+
+func setUnlessChanged(f *pflag.FlagSet, name, value string) {
+	if !f.Changed(name) {
+		f.Set(name, value) //nolint:errcheck // constant, valid values
+	}
+}
+
+// commandLine is the command as it could be typed again, with the flags
+// that were given.
+func commandLine(cmd *cobra.Command) string {
+	parts := []string{cmd.CommandPath()}
+	cmd.Flags().Visit(func(f *pflag.Flag) {
+		parts = append(parts, "--"+f.Name+"="+f.Value.String())
+	})
+	return strings.Join(parts, " ")
+}
