@@ -4,6 +4,7 @@
 #   make test       everything CI checks: formatting, vet, stale protos, tests with -race
 #   make proto      regenerate Go code from proto/ (buf + local plugins)
 #   make bench      run the benchmarks (slow; not part of test)
+#   make bench-clone  the GVFS cloning experiment (several minutes)
 
 GO        ?= go
 TOOLS     := $(CURDIR)/.build/tools
@@ -14,7 +15,7 @@ BUF_VERSION          := v1.75.0
 PROTOC_GEN_GO        := v1.36.12
 PROTOC_GEN_GO_GRPC   := v1.6.2
 
-.PHONY: all setup build run test unit check-fmt vet check-protos proto tools bench clean
+.PHONY: all setup build run test unit check-fmt vet check-protos proto tools bench bench-clone clean
 
 all: build
 
@@ -68,6 +69,10 @@ test: check-fmt vet check-protos unit
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./imageserver/
+	$(GO) test -run '^$$' -bench . ./computeserver/blockcache/
+
+bench-clone: build
+	$(BIN)/vmgrid bench clone --out .build/clonebench
 
 clean:
 	rm -rf $(BIN) .build
