@@ -16,6 +16,7 @@ import (
 
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/services/fsutil"
 )
 
 // The data disk a plant attaches to a VM (Goiri §3): an ext4 file system
@@ -105,7 +106,7 @@ func BuildDataDisk(ctx context.Context, c *Client, files []string, sizeMiB uint6
 	if need := total + uint64(len(paths))*4096 + 4<<20; sizeMiB<<20 < need {
 		return fmt.Errorf("a data disk of %d MiB cannot hold %d bytes of inputs; give at least %d MiB: %w", sizeMiB, total, (need+(1<<20)-1)>>20, errdefs.ErrInvalidArgument)
 	}
-	tmp := dest + ".tmp-" + randomSuffix()
+	tmp := dest + ".tmp-" + fsutil.RandomSuffix()
 	cmd := exec.CommandContext(ctx, mkfs, "-q", "-F", "-d", stage, "-L", DataDiskLabel,
 		"-m", "0", "-O", "^has_journal", tmp, strconv.FormatUint(sizeMiB, 10)+"M")
 	if out, err := cmd.CombinedOutput(); err != nil {

@@ -2,7 +2,6 @@ package dataserver
 
 import (
 	"bytes"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -23,6 +22,7 @@ import (
 
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/services/fsutil"
 )
 
 // On-disk layout of a Store:
@@ -350,7 +350,7 @@ func (s *Store) Delete(caller, owner, p string) error {
 		return err
 	}
 	dir := s.pruneEmpty(caller, filepath.Dir(lp))
-	if err := syncDir(dir); err != nil {
+	if err := fsutil.SyncDir(dir); err != nil {
 		return err
 	}
 	s.log.Info("file deleted", zap.String("owner", caller), zap.String("path", p))
@@ -393,7 +393,7 @@ func (s *Store) BeginUpload(caller, owner, p string, sizeHint uint64) (*Upload, 
 	if s.MaxFileSize > 0 && sizeHint > s.MaxFileSize {
 		return nil, fmt.Errorf("%s: %d bytes exceed the limit of %d bytes per file: %w", p, sizeHint, s.MaxFileSize, errdefs.ErrResourceExhausted)
 	}
-	staging := filepath.Join(s.tmpDir(), "upload-"+randomSuffix())
+	staging := filepath.Join(s.tmpDir(), "upload-"+fsutil.RandomSuffix())
 	f, err := os.OpenFile(staging, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return nil, err
@@ -489,7 +489,7 @@ func (s *Store) install(owner, p, staging string) error {
 		}
 		return err
 	}
-	return syncDir(filepath.Dir(final))
+	return fsutil.SyncDir(filepath.Dir(final))
 }
 
 // mkdirs creates the directories of dir (a slash path, "." for the root)
@@ -516,7 +516,7 @@ func (s *Store) mkdirs(owner, dir string) error {
 		next := filepath.Join(parent, c)
 		switch err := os.Mkdir(next, 0o755); {
 		case err == nil:
-			if err := syncDir(parent); err != nil {
+			if err := fsutil.SyncDir(parent); err != nil {
 				return err
 			}
 		case errors.Is(err, os.ErrExist):
@@ -624,45 +624,5 @@ func (s *Store) saveGrants(owner string, gs []*datav1.ReadGrant) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(dir, grantsFile), b)
-}
-
-// writeFileAtomic writes b to path through a temporary file, fsyncs it and
-// renames it into place, then fsyncs the directory.
-func writeFileAtomic(path string, b []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(path))
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
-func randomSuffix() string {
-	var b [8]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
+	return fsutil.WriteFileAtomic(filepath.Join(dir, grantsFile), b)
 }

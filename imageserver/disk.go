@@ -19,6 +19,7 @@ import (
 
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/services/fsutil"
 )
 
 // A persistent disk is a copy-on-write view of a golden image's file: blocks
@@ -79,7 +80,7 @@ func (s *Store) CreateDisk(name, source, file string, labels map[string]string) 
 	if err := s.reserve(name); err != nil {
 		return nil, err
 	}
-	staging := filepath.Join(s.tmpDir(), "disk-"+name+"-"+randomSuffix())
+	staging := filepath.Join(s.tmpDir(), "disk-"+name+"-"+fsutil.RandomSuffix())
 	fail := func(err error) (*imagev1.Manifest, error) {
 		os.RemoveAll(staging)
 		s.release(name)
@@ -133,7 +134,7 @@ func (s *Store) CreateDisk(name, source, file string, labels map[string]string) 
 func writeState(dir string, gen uint64, present []byte) error {
 	b := make([]byte, 8, 8+len(present))
 	binary.LittleEndian.PutUint64(b, gen)
-	return writeFileAtomic(filepath.Join(dir, stateFile), append(b, present...))
+	return fsutil.WriteFileAtomic(filepath.Join(dir, stateFile), append(b, present...))
 }
 
 // openDisk opens a disk whose base image is already loaded and applies
@@ -298,7 +299,7 @@ func (s *Store) BeginWrite(name string, expectGen uint64) (*Batch, error) {
 	if img.disk == nil {
 		return nil, fmt.Errorf("%q is a golden image and golden images are immutable; create a persistent disk from it with CreateDisk: %w", name, errdefs.ErrFailedPrecondition)
 	}
-	path := filepath.Join(img.disk.dir, journalDir, randomSuffix()+".tmp")
+	path := filepath.Join(img.disk.dir, journalDir, fsutil.RandomSuffix()+".tmp")
 	f, err := os.Create(path)
 	if err != nil {
 		return nil, err
@@ -368,7 +369,7 @@ func (b *Batch) Commit() (uint64, uint64, error) {
 	}
 	b.f.Close()
 	b.done = true
-	if err := syncDir(filepath.Dir(committed)); err != nil {
+	if err := fsutil.SyncDir(filepath.Dir(committed)); err != nil {
 		return 0, 0, err
 	}
 	// Durable from here: a crash now is repaired by replay at the next start.

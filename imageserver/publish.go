@@ -11,6 +11,7 @@ import (
 
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/services/fsutil"
 )
 
 // Upload is a publish in progress. Nothing of it is visible until Commit
@@ -41,7 +42,7 @@ func (s *Store) BeginPublish(h *imagev1.PublishHeader) (*Upload, error) {
 	if err := s.reserve(h.Name); err != nil {
 		return nil, err
 	}
-	u := &Upload{s: s, header: h, staging: filepath.Join(s.tmpDir(), "publish-"+h.Name+"-"+randomSuffix())}
+	u := &Upload{s: s, header: h, staging: filepath.Join(s.tmpDir(), "publish-"+h.Name+"-"+fsutil.RandomSuffix())}
 	if err := os.MkdirAll(filepath.Join(u.staging, filesDir), 0o755); err != nil {
 		u.Abort()
 		return nil, err
@@ -129,7 +130,7 @@ func (u *Upload) Commit(sums [][]byte) (*imagev1.Manifest, error) {
 		f.Close()
 	}
 	u.files = nil
-	if err := syncDir(filepath.Join(u.staging, filesDir)); err != nil {
+	if err := fsutil.SyncDir(filepath.Join(u.staging, filesDir)); err != nil {
 		u.Abort()
 		return nil, err
 	}

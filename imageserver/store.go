@@ -1,8 +1,6 @@
 package imageserver
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -17,6 +15,7 @@ import (
 
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/services/fsutil"
 )
 
 // On-disk layout of a Store:
@@ -203,46 +202,6 @@ func DecodeManifest(b []byte) (*imagev1.Manifest, error) {
 	return m, nil
 }
 
-// writeFileAtomic writes b to path through a temporary file, fsyncs it and
-// renames it into place, then fsyncs the directory.
-func writeFileAtomic(path string, b []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(path))
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
-func randomSuffix() string {
-	var b [6]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
-}
-
 // view returns m as the caller asked: BASIC drops per-block meta-data.
 func view(m *imagev1.Manifest, v imagev1.View) *imagev1.Manifest {
 	c := proto.Clone(m).(*imagev1.Manifest)
@@ -371,11 +330,11 @@ func (s *Store) Delete(name string) error {
 	s.mu.Unlock()
 	// Rename first so the name is gone at once even if removal is slow; open
 	// descriptors of readers in flight stay valid until they finish.
-	trash := filepath.Join(s.tmpDir(), "deleted-"+name+"-"+randomSuffix())
+	trash := filepath.Join(s.tmpDir(), "deleted-"+name+"-"+fsutil.RandomSuffix())
 	if err := os.Rename(img.dir, trash); err != nil {
 		return fmt.Errorf("delete %q: %w", name, err)
 	}
-	if err := syncDir(s.imagesDir()); err != nil {
+	if err := fsutil.SyncDir(s.imagesDir()); err != nil {
 		return err
 	}
 	go func() {
@@ -415,14 +374,14 @@ func (s *Store) install(staging string, m *imagev1.Manifest, open func(*imagev1.
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(filepath.Join(staging, manifestFile), b); err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(staging, manifestFile), b); err != nil {
 		return err
 	}
 	final := filepath.Join(s.imagesDir(), m.Name)
 	if err := os.Rename(staging, final); err != nil {
 		return err
 	}
-	if err := syncDir(s.imagesDir()); err != nil {
+	if err := fsutil.SyncDir(s.imagesDir()); err != nil {
 		return err
 	}
 	img, err := open(m)
@@ -455,7 +414,7 @@ func (s *Store) PutProfile(name string, entries []*imagev1.ProfileEntry) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(img.dir, profileFile), b)
+	return fsutil.WriteFileAtomic(filepath.Join(img.dir, profileFile), b)
 }
 
 // GetProfile returns the boot profile of an image (empty when none).
