@@ -196,7 +196,7 @@ func Run(ctx context.Context, cfg Config) error {
 // the shop's auctions with the cost function's bids.
 func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (func(), error) {
 	cli, err := clientv3.New(clientv3.Config{Endpoints: cfg.Etcd, DialTimeout: 5 * time.Second,
-		Logger: log.Named("etcd-client").WithOptions(zap.IncreaseLevel(zap.WarnLevel))})
+		Logger: services.Quieter(log.Named("etcd-client"), zap.WarnLevel)})
 	if err != nil {
 		return nil, fmt.Errorf("etcd %v: %w", cfg.Etcd, err)
 	}

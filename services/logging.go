@@ -6,6 +6,7 @@ import (
 
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc/codes"
 )
 
@@ -72,4 +73,14 @@ func NewLogger(level string, dev bool) (*zap.Logger, error) {
 	}
 	cfg.Level = lvl
 	return cfg.Build()
+}
+
+// Quieter returns log raised to at least level (for chatty libraries such
+// as etcd's client); a logger already at that level or above is returned
+// as it is (zap refuses to lower a level).
+func Quieter(log *zap.Logger, level zapcore.Level) *zap.Logger {
+	if log.Core().Enabled(level - 1) {
+		return log.WithOptions(zap.IncreaseLevel(level))
+	}
+	return log
 }

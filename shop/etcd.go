@@ -7,6 +7,8 @@ import (
 
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
+
+	"github.com/vmgrid/vmgrid/services"
 )
 
 // EmbeddedEtcd is an etcd server running inside this process (the
@@ -31,7 +33,7 @@ func StartEtcd(dir, clientAddr, peerAddr string, noFsync bool, log *zap.Logger) 
 	cfg.UnsafeNoFsync = noFsync
 	cfg.LogLevel = "error"
 	if log != nil {
-		cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(log.Named("etcd").WithOptions(zap.IncreaseLevel(zap.ErrorLevel)))
+		cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(services.Quieter(log.Named("etcd"), zap.ErrorLevel))
 	}
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {

@@ -47,7 +47,7 @@ func Start(cfg RunConfig) (*Server, error) {
 	if cfg.Tokens == nil {
 		return nil, fmt.Errorf("the shop needs a tokens file (owners authenticate with bearer tokens)")
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: cfg.Etcd, DialTimeout: 5 * time.Second, Logger: log.Named("etcd-client").WithOptions(zap.IncreaseLevel(zap.WarnLevel))})
+	cli, err := clientv3.New(clientv3.Config{Endpoints: cfg.Etcd, DialTimeout: 5 * time.Second, Logger: services.Quieter(log.Named("etcd-client"), zap.WarnLevel)})
 	if err != nil {
 		return nil, fmt.Errorf("etcd %v: %w", cfg.Etcd, err)
 	}

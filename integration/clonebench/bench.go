@@ -140,7 +140,7 @@ func Run(ctx context.Context, opts Options) (res *Results, err error) {
 		opts.Log = zap.NewNop()
 	}
 	if opts.ServerLog == nil {
-		opts.ServerLog = opts.Log.WithOptions(zap.IncreaseLevel(zap.WarnLevel))
+		opts.ServerLog = services.Quieter(opts.Log, zap.WarnLevel)
 	}
 	for _, bin := range []string{"qemu-system-x86_64", "qemu-img", "qemu-nbd"} {
 		if _, err := exec.LookPath(bin); err != nil {
