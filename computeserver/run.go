@@ -215,7 +215,8 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (func
 			Running: o.Running, Domains: o.Domains, Images: o.Images}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	if err := market.Register(ctx, sess, info, 2*time.Second, log); err != nil {
+	registered, err := market.Register(ctx, sess, info, 2*time.Second, log)
+	if err != nil {
 		cancel()
 		sess.Close()
 		cli.Close()
@@ -234,6 +235,7 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (func
 	return func() {
 		cancel()
 		<-done
+		<-registered
 		sess.Close() // revokes the lease: the plant leaves the registry now
 		cli.Close()
 	}, nil

@@ -30,6 +30,11 @@ type FileCache struct {
 	up  *Upstream
 	log *zap.Logger
 
+	// Fetches run under ctx; Close cancels it and waits for them.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
 	mu    sync.Mutex
 	files map[string]*wholeFile
 
@@ -48,7 +53,14 @@ func NewFileCache(dir string, up *Upstream, log *zap.Logger) (*FileCache, error)
 			os.Remove(filepath.Join(dir, e.Name()))
 		}
 	}
-	return &FileCache{dir: dir, up: up, log: log, files: map[string]*wholeFile{}}, nil
+	ctx, cancel := context.WithCancel(context.Background())
+	return &FileCache{dir: dir, up: up, log: log, files: map[string]*wholeFile{}, ctx: ctx, cancel: cancel}, nil
+}
+
+// Close stops the fetches in flight and waits for them.
+func (c *FileCache) Close() {
+	c.cancel()
+	c.wg.Wait()
 }
 
 type wholeFile struct {
@@ -170,6 +182,7 @@ func (w *wholeFile) startLocked() error {
 		w.f, w.arrived, w.hash = f, 0, sha256.New()
 	}
 	w.fetching, w.err = true, nil
+	w.c.wg.Add(1)
 	go w.fetch(w.arrived)
 	return nil
 }
@@ -181,8 +194,9 @@ func (w *wholeFile) notifyLocked() {
 
 func (w *wholeFile) fetch(from uint64) {
 	c := w.c
+	defer c.wg.Done()
 	var zero [imagev1.MaxBlockSize]byte
-	err := c.up.Client.FetchFile(c.up.ctx, w.image, w.name, from, 3, func(off uint64, n uint32, data []byte) error {
+	err := c.up.Client.FetchFile(c.ctx, w.image, w.name, from, 3, func(off uint64, n uint32, data []byte) error {
 		if data != nil {
 			if _, err := w.f.WriteAt(data, int64(off)); err != nil {
 				return err

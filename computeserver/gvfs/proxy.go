@@ -627,8 +627,10 @@ func (p *Proxy) Close(ctx context.Context) error {
 		d.stopTimer()
 	}
 	p.mu.Unlock()
-	// The block cache must not be closed under a fill.
+	// The block cache must not be closed under a fill, and no fetch may
+	// outlive the proxy.
 	p.bg.Wait()
+	p.files.Close()
 	if _, err := p.FlushAll(ctx); err != nil {
 		p.log.Warn("write-back at close failed; dirty blocks stay in the cache for the next start", zap.Error(err))
 	}

@@ -75,7 +75,7 @@ func runPlant(tb testing.TB, ctx context.Context, cli *clientv3.Client, p *simPl
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { sess.Close() })
-	if err := Register(ctx, sess, func() PlantInfo { p.mu.Lock(); defer p.mu.Unlock(); return p.info }, time.Hour, zap.NewNop()); err != nil {
+	if _, err := Register(ctx, sess, func() PlantInfo { p.mu.Lock(); defer p.mu.Unlock(); return p.info }, time.Hour, zap.NewNop()); err != nil {
 		tb.Fatal(err)
 	}
 	go Bidder(ctx, cli, p.bid(w), zap.NewNop())
@@ -155,7 +155,7 @@ func BenchmarkPlacement(b *testing.B) {
 					b.Fatal(err)
 				}
 				defer sess.Close()
-				if err := Register(ctx, sess, func() PlantInfo { return p.info }, time.Hour, zap.NewNop()); err != nil {
+				if _, err := Register(ctx, sess, func() PlantInfo { return p.info }, time.Hour, zap.NewNop()); err != nil {
 					b.Fatal(err)
 				}
 				go Bidder(ctx, c, p.bid(DefaultWeights()), zap.NewNop())

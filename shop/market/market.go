@@ -122,7 +122,9 @@ func contains(s []string, v string) bool {
 
 // Register keeps a plant's PlantInfo in etcd under its session lease,
 // refreshing it every interval, until ctx ends (then the key is removed).
-func Register(ctx context.Context, sess *concurrency.Session, info func() PlantInfo, interval time.Duration, log *zap.Logger) error {
+// The returned channel closes when the refreshing has stopped; wait for it
+// before closing the session's client.
+func Register(ctx context.Context, sess *concurrency.Session, info func() PlantInfo, interval time.Duration, log *zap.Logger) (<-chan struct{}, error) {
 	cli := sess.Client()
 	put := func() error {
 		pi := info()
@@ -131,9 +133,11 @@ func Register(ctx context.Context, sess *concurrency.Session, info func() PlantI
 		return err
 	}
 	if err := put(); err != nil {
-		return fmt.Errorf("register plant: %w", err)
+		return nil, fmt.Errorf("register plant: %w", err)
 	}
+	done := make(chan struct{})
 	go func() {
+		defer close(done)
 		t := time.NewTicker(interval)
 		defer t.Stop()
 		for {
@@ -153,7 +157,7 @@ func Register(ctx context.Context, sess *concurrency.Session, info func() PlantI
 			}
 		}
 	}()
-	return nil
+	return done, nil
 }
 
 // Bidder answers auctions for one plant until ctx ends.
