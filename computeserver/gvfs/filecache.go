@@ -31,9 +31,11 @@ type FileCache struct {
 	log *zap.Logger
 
 	// Fetches run under ctx; Close cancels it and waits for them.
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	closeMu sync.Mutex // orders wg.Add against Close (never held with mu)
+	closed  bool
 
 	mu    sync.Mutex
 	files map[string]*wholeFile
@@ -59,6 +61,9 @@ func NewFileCache(dir string, up *Upstream, log *zap.Logger) (*FileCache, error)
 
 // Close stops the fetches in flight and waits for them.
 func (c *FileCache) Close() {
+	c.closeMu.Lock()
+	c.closed = true
+	c.closeMu.Unlock()
 	c.cancel()
 	c.wg.Wait()
 }
@@ -170,19 +175,27 @@ func (w *wholeFile) waitFor(ctx context.Context, end uint64) (*os.File, error) {
 }
 
 func (w *wholeFile) startLocked() error {
+	w.c.closeMu.Lock()
+	if w.c.closed {
+		w.c.closeMu.Unlock()
+		return fmt.Errorf("the file cache is closed: %w", errdefs.ErrUnavailable)
+	}
+	w.c.wg.Add(1) // done by fetch, or below on failure
+	w.c.closeMu.Unlock()
 	if w.f == nil {
 		f, err := os.OpenFile(w.path+".partial", os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
-		if err != nil {
-			return err
+		if err == nil {
+			if err = f.Truncate(int64(w.size)); err != nil {
+				f.Close()
+			}
 		}
-		if err := f.Truncate(int64(w.size)); err != nil {
-			f.Close()
+		if err != nil {
+			w.c.wg.Done()
 			return err
 		}
 		w.f, w.arrived, w.hash = f, 0, sha256.New()
 	}
 	w.fetching, w.err = true, nil
-	w.c.wg.Add(1)
 	go w.fetch(w.arrived)
 	return nil
 }
