@@ -70,7 +70,9 @@ func TestCloneBenchSmoke(t *testing.T) {
 	if full.WANBytes < res.Golden.Size {
 		t.Errorf("a full copy moved %d bytes, the image has %d", full.WANBytes, res.Golden.Size)
 	}
-	if warm := res.Row(clonebench.RowWarm); warm != nil && warm.WANBytes > 64<<10 {
-		t.Errorf("a warm clone moved %d bytes across the WAN", warm.WANBytes)
+	// A warm clone may read a few disk blocks the first one did not (what a
+	// guest touches after a restore varies with timing), but next to nothing.
+	if warm := res.Row(clonebench.RowWarm); warm != nil && warm.WANBytes*20 > cold.WANBytes {
+		t.Errorf("a warm clone moved %d bytes across the WAN, a cold one %d: want under 5%%", warm.WANBytes, cold.WANBytes)
 	}
 }
