@@ -79,7 +79,7 @@ func computeserverCmd(g *globals) *cobra.Command {
 	var cfg computeserver.Config
 	c := &cobra.Command{
 		Use:   "computeserver",
-		Short: "Run a compute server (plant): the FUSE view of images with its caches",
+		Short: "Run a compute server (plant): FUSE view of images with its caches, and the production line",
 		Long: `Run a compute server. It mounts a FUSE view at --mountpoint where every image
 of the upstream appears as MOUNTPOINT/IMAGE/FILE: golden files read-only,
 persistent disks read-write. A VM monitor opens these as ordinary files;
@@ -90,7 +90,14 @@ Writes to persistent disks stay in the cache as dirty blocks (durable
 across a crash) until written back: on 'vmgrid cache flush', on SIGUSR1,
 after --flush-idle without writes, and at shutdown.
 
-The upstream is an image server or a 'vmgrid cacheproxy' in front of one.`,
+The upstream is an image server or a 'vmgrid cacheproxy' in front of one.
+
+It is also a plant (PlantService): it clones golden images into QEMU guests
+(a qcow2 redo log over the golden disk on the view, the memory state
+restored through it), configures them through the guest agent, and
+suspends/resumes persistent VMs. With --etcd it registers in the shop's
+registry and bids in its auctions; --data-token lets it stage task files
+in and out of a data server.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := g.logger()
