@@ -47,16 +47,11 @@ func StartCacheProxy(cfg CacheProxyConfig) (*CacheProxy, error) {
 	}
 	svc, err := gvfs.NewProxyService(p)
 	if err == nil {
-		var regErr error
 		var srv *services.Server
-		srv, err = services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) {
+		srv, err = services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
 			svc.Register(gs)
-			regErr = p.RegisterMetrics(reg)
+			return p.RegisterMetrics(reg)
 		})
-		if err == nil && regErr != nil {
-			srv.Shutdown()
-			err = regErr
-		}
 		if err == nil {
 			log.Info("cache proxy ready", zap.String("upstream", cfg.Upstream))
 			return &CacheProxy{Server: srv, Proxy: p}, nil

@@ -117,16 +117,11 @@ func Start(ctx context.Context, cfg Config) (*Plant, error) {
 	if err != nil {
 		return fail(err)
 	}
-	var regErr error
-	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) {
+	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		computev1.RegisterCacheServiceServer(gs, &cacheService{p: p})
 		computev1.RegisterPlantServiceServer(gs, &plantService{p: pl, images: up.Client})
-		regErr = p.RegisterMetrics(reg)
+		return p.RegisterMetrics(reg)
 	})
-	if err == nil && regErr != nil {
-		srv.Shutdown()
-		err = regErr
-	}
 	if err != nil {
 		return fail(fmt.Errorf("compute server: %w", err))
 	}

@@ -50,22 +50,13 @@ func Start(cfg Config) (*services.Server, error) {
 	opts := cfg.Server
 	opts.UnaryInterceptors = append(append([]grpc.UnaryServerInterceptor(nil), opts.UnaryInterceptors...), tokens.UnaryServerInterceptor())
 	opts.StreamInterceptors = append(append([]grpc.StreamServerInterceptor(nil), opts.StreamInterceptors...), tokens.StreamServerInterceptor())
-	var svcErr error
-	srv, err := services.NewServer(opts, func(gs *grpc.Server, reg prometheus.Registerer) {
-		var svc *Service
-		svc, svcErr = NewService(store, log, reg)
-		if svcErr == nil {
+	return services.NewServer(opts, func(gs *grpc.Server, reg prometheus.Registerer) error {
+		svc, err := NewService(store, log, reg)
+		if err == nil {
 			svc.Register(gs)
 		}
+		return err
 	})
-	if err != nil {
-		return nil, err
-	}
-	if svcErr != nil {
-		srv.Shutdown()
-		return nil, svcErr
-	}
-	return srv, nil
 }
 
 // Run serves until ctx ends.

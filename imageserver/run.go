@@ -32,22 +32,13 @@ func Start(cfg Config) (*services.Server, error) {
 	if cfg.BlockSize != 0 {
 		store.defaultBlockSize = cfg.BlockSize
 	}
-	var svcErr error
-	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) {
-		var svc *Service
-		svc, svcErr = NewService(store, log, reg)
-		if svcErr == nil {
+	return services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
+		svc, err := NewService(store, log, reg)
+		if err == nil {
 			svc.Register(gs)
 		}
+		return err
 	})
-	if err != nil {
-		return nil, err
-	}
-	if svcErr != nil {
-		srv.Shutdown()
-		return nil, svcErr
-	}
-	return srv, nil
 }
 
 // Run serves until ctx ends.

@@ -78,8 +78,9 @@ type Server struct {
 }
 
 // NewServer listens on opts.Listen (and opts.MetricsListen), assembles the
-// interceptor chain and calls register to add the service implementations.
-func NewServer(opts Options, register func(s *grpc.Server, reg prometheus.Registerer)) (*Server, error) {
+// interceptor chain and calls register to add the service implementations
+// and their metrics; an error from register is returned as it is.
+func NewServer(opts Options, register func(s *grpc.Server, reg prometheus.Registerer) error) (*Server, error) {
 	log := opts.Logger
 	if log == nil {
 		log = zap.NewNop()
@@ -143,7 +144,9 @@ func NewServer(opts Options, register func(s *grpc.Server, reg prometheus.Regist
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
-	register(gs, reg)
+	if err := register(gs, reg); err != nil {
+		return nil, err
+	}
 	metrics.InitializeMetrics(gs)
 	for name := range gs.GetServiceInfo() {
 		hs.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)

@@ -59,18 +59,15 @@ func Start(cfg RunConfig) (*Server, error) {
 	cfg.Server.UnaryInterceptors = append(cfg.Server.UnaryInterceptors, cfg.Tokens.UnaryServerInterceptor())
 	cfg.Server.StreamInterceptors = append(cfg.Server.StreamInterceptors, cfg.Tokens.StreamServerInterceptor())
 	var shop *Shop
-	var regErr error
-	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) {
-		shop, regErr = New(Config{Etcd: cli, Images: imageserver.NewClient(cc), Weights: cfg.Weights,
+	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
+		var err error
+		shop, err = New(Config{Etcd: cli, Images: imageserver.NewClient(cc), Weights: cfg.Weights,
 			AuctionDeadline: cfg.AuctionDeadline, PlantTLS: cfg.Server.TLS, DataServer: cfg.DataServer, Log: log}, reg)
-		if regErr == nil {
+		if err == nil {
 			shopv1.RegisterShopServiceServer(gs, shop)
 		}
+		return err
 	})
-	if err == nil && regErr != nil {
-		srv.Shutdown()
-		err = regErr
-	}
 	if err != nil {
 		cc.Close()
 		cli.Close()

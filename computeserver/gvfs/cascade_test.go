@@ -27,7 +27,7 @@ func serveProxy(t *testing.T, upstream string) (*Proxy, string) {
 		t.Fatal(err)
 	}
 	srv, err := services.NewServer(services.Options{Name: "cacheproxy", Listen: "127.0.0.1:0", ShutdownTimeout: 5 * time.Second},
-		func(gs *grpc.Server, _ prometheus.Registerer) { svc.Register(gs) })
+		func(gs *grpc.Server, _ prometheus.Registerer) error { svc.Register(gs); return nil })
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -51,26 +51,20 @@ func StartServer(tb testing.TB, dir string) *Server {
 	if err != nil {
 		tb.Fatalf("open store: %v", err)
 	}
-	var regErr error
 	srv, err := services.NewServer(services.Options{
 		Name:            "imageserver",
 		Listen:          "127.0.0.1:0",
 		Logger:          log,
 		ShutdownTimeout: 5 * time.Second,
-	}, func(gs *grpc.Server, reg prometheus.Registerer) {
+	}, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		svc, err := imageserver.NewService(store, log, reg)
-		if err != nil {
-			regErr = err
-			return
+		if err == nil {
+			svc.Register(gs)
 		}
-		svc.Register(gs)
+		return err
 	})
 	if err != nil {
 		tb.Fatalf("new server: %v", err)
-	}
-	if regErr != nil {
-		srv.Shutdown()
-		tb.Fatalf("new service: %v", regErr)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{Dir: dir, Store: store, Srv: srv, tb: tb, cancel: cancel, served: make(chan error, 1)}
