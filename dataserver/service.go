@@ -166,10 +166,10 @@ func (s *Service) Download(req *datav1.DownloadRequest, stream datav1.DataServic
 			}
 		}
 		resp.Offset, resp.Data = off, buf[:n]
+		s.m.bytesOut.Add(float64(n)) // before Send: what a client has, the counter has
 		if err := stream.Send(resp); err != nil {
 			return err
 		}
-		s.m.bytesOut.Add(float64(n))
 		resp.File = nil
 		off += n
 		if off >= end {

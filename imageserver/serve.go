@@ -141,9 +141,8 @@ func ServeReadBlocks(stream imagev1.ImageService_ReadBlocksServer, open SourceOp
 	for msg := range out {
 		resp := msg.resp
 		if sendErr == nil {
-			if sendErr = stream.Send(resp); sendErr != nil {
-				cancel()
-			}
+			// Counted before Send: a client that has received a block
+			// always finds it in the counters.
 			if counters != nil {
 				switch {
 				case resp.Error != nil:
@@ -153,6 +152,9 @@ func ServeReadBlocks(stream imagev1.ImageService_ReadBlocksServer, open SourceOp
 				default:
 					counters.Block("data", len(resp.Data))
 				}
+			}
+			if sendErr = stream.Send(resp); sendErr != nil {
+				cancel()
 			}
 		}
 		if msg.buf != nil { // Send has serialized the message
@@ -234,11 +236,11 @@ func ServeFetchFile(req *imagev1.FetchFileRequest, stream imagev1.ImageService_F
 		if r.err != nil {
 			return r.err
 		}
+		if sent != nil { // before Send, as in ServeReadBlocks
+			sent(len(r.resp.Data))
+		}
 		if err := stream.Send(r.resp); err != nil {
 			return err
-		}
-		if sent != nil {
-			sent(len(r.resp.Data))
 		}
 	}
 	return nil
