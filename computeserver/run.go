@@ -46,7 +46,9 @@ type Config struct {
 	Driver vmm.Driver
 	// Etcd endpoints: when set the plant registers there and bids in the
 	// shop's auctions.
-	Etcd    []string
+	Etcd []string
+	// Weights price an auction that carries no cost function of its own
+	// (shops send theirs).
 	Weights market.Weights
 	// DataToken is a service token of the data servers, for stage-in and
 	// stage-out on behalf of VM owners.
@@ -210,7 +212,7 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (func
 			Running: o.Running, Domains: o.Domains, Images: o.Images}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	registered, err := market.Register(ctx, sess, info, 2*time.Second, log)
+	registered, err := market.Register(ctx, sess, info, 100*time.Millisecond, log)
 	if err != nil {
 		cancel()
 		sess.Close()
@@ -220,10 +222,8 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (func
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		market.Bidder(ctx, cli, func(a market.Auction) market.Bid {
-			pi := info()
-			cost, refusal := market.Cost(w, pi, a)
-			return market.Bid{Plant: pi.Name, Addr: addr, Cost: cost, Refusal: refusal}
+		market.Bidder(ctx, cli, pl.Offer().Name, func(a market.Auction) market.Bid {
+			return market.Quote(w, info(), a)
 		}, log)
 	}()
 	log.Info("plant joined the market", zap.Strings("etcd", cfg.Etcd), zap.String("addr", addr))

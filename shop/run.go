@@ -25,6 +25,8 @@ type RunConfig struct {
 	Tokens          *auth.Tokens
 	Weights         market.Weights
 	AuctionDeadline time.Duration
+	// Shortlist: see Config.Shortlist.
+	Shortlist int
 	// DataServer is the data server tasks stage files with ("" runs no
 	// tasks).
 	DataServer string
@@ -62,7 +64,7 @@ func Start(cfg RunConfig) (*Server, error) {
 	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		var err error
 		shop, err = New(Config{Etcd: cli, Images: imageserver.NewClient(cc), Weights: cfg.Weights,
-			AuctionDeadline: cfg.AuctionDeadline, PlantTLS: cfg.Server.TLS, DataServer: cfg.DataServer, Log: log}, reg)
+			AuctionDeadline: cfg.AuctionDeadline, Shortlist: cfg.Shortlist, PlantTLS: cfg.Server.TLS, DataServer: cfg.DataServer, Log: log}, reg)
 		if err == nil {
 			shopv1.RegisterShopServiceServer(gs, shop)
 		}

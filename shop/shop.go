@@ -88,7 +88,10 @@ type Config struct {
 	Weights market.Weights
 	// AuctionDeadline bounds the wait for bids (default 500ms).
 	AuctionDeadline time.Duration
-	PlantTLS        services.TLSFiles
+	// Shortlist is how many plants, the cheapest by their posted offers,
+	// are invited to bid (default 8); below zero every plant bids.
+	Shortlist int
+	PlantTLS  services.TLSFiles
 	// DataServer is the data server tasks stage files from and to.
 	DataServer string
 	Log        *zap.Logger
@@ -105,6 +108,7 @@ type Shop struct {
 	conns   []*grpc.ClientConn
 	tasks   *taskRunner
 	session *concurrency.Session // leases of this shop's claims
+	market  *market.Registry
 
 	placement prometheus.Histogram
 	auctions  *prometheus.CounterVec
@@ -123,6 +127,9 @@ func New(cfg Config, reg prometheus.Registerer) (*Shop, error) {
 	if cfg.Weights == (market.Weights{}) {
 		cfg.Weights = market.DefaultWeights()
 	}
+	if cfg.Shortlist == 0 {
+		cfg.Shortlist = 8
+	}
 	s := &Shop{cfg: cfg, log: cfg.Log, plants: map[string]computev1.PlantServiceClient{},
 		placement: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: "vmgrid", Subsystem: "shop", Name: "placement_seconds",
@@ -137,6 +144,15 @@ func New(cfg Config, reg prometheus.Registerer) (*Shop, error) {
 		return nil, fmt.Errorf("etcd session: %v: %w", err, errdefs.ErrUnavailable)
 	}
 	s.session = sess
+	if cfg.Shortlist > 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		s.market, err = market.WatchRegistry(ctx, cfg.Etcd, cfg.Log.Named("registry"))
+		cancel()
+		if err != nil {
+			sess.Close()
+			return nil, fmt.Errorf("%v: %w", err, errdefs.ErrUnavailable)
+		}
+	}
 	if reg != nil {
 		for _, c := range []prometheus.Collector{s.placement, s.auctions} {
 			if err := reg.Register(c); err != nil {
@@ -307,9 +323,10 @@ func (s *Shop) drive(ctx context.Context, req *shopv1.CreateVMRequest, rec *reco
 		// A previous attempt chose a plant: ask it first.
 		bids = append(bids, market.Bid{Plant: rec.Plant, Addr: rec.PlantAddr})
 	}
+	w := s.cfg.Weights
 	a := market.Auction{ID: rec.VMID + "-" + fmt.Sprint(time.Now().UnixNano()), Image: image, ImageSize: size,
-		Arch: hw.Arch, VCPUs: hw.Vcpus, MemoryMiB: hw.MemoryMib, Domain: req.NetworkDomain}
-	got, err := market.Run(ctx, s.cfg.Etcd, a, s.cfg.AuctionDeadline)
+		Arch: hw.Arch, VCPUs: hw.Vcpus, MemoryMiB: hw.MemoryMib, Domain: req.NetworkDomain, Weights: &w}
+	got, err := s.auction(ctx, a)
 	if err != nil {
 		return nil, fmt.Errorf("auction: %v: %w", err, errdefs.ErrUnavailable)
 	}
@@ -354,6 +371,15 @@ func (s *Shop) drive(ctx context.Context, req *shopv1.CreateVMRequest, rec *reco
 		reason = fmt.Sprintf("%s; winners that failed: %v", reason, tried)
 	}
 	return nil, fmt.Errorf("no plant can host the VM: %s: %w", reason, errdefs.ErrResourceExhausted)
+}
+
+// auction places a among the plants (market.Place).
+func (s *Shop) auction(ctx context.Context, a market.Auction) ([]market.Bid, error) {
+	bids, open, err := market.Place(ctx, s.cfg.Etcd, s.market, a, s.cfg.Shortlist, s.cfg.AuctionDeadline)
+	if open {
+		s.log.Info("no invited plant could host the VM; every plant was asked", zap.String("auction", a.ID))
+	}
+	return bids, err
 }
 
 func mergeLabels(a, b map[string]string) map[string]string {

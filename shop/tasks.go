@@ -84,6 +84,9 @@ func (s *Shop) Close() {
 		s.tasks.stop()
 		<-s.tasks.done
 	}
+	if s.market != nil {
+		s.market.Close()
+	}
 	s.session.Close()
 	s.mu.Lock()
 	for _, cc := range s.conns {

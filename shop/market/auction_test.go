@@ -78,7 +78,7 @@ func runPlant(tb testing.TB, ctx context.Context, cli *clientv3.Client, p *simPl
 	if _, err := Register(ctx, sess, func() PlantInfo { p.mu.Lock(); defer p.mu.Unlock(); return p.info }, time.Hour, zap.NewNop()); err != nil {
 		tb.Fatal(err)
 	}
-	go Bidder(ctx, cli, p.bid(w), zap.NewNop())
+	go Bidder(ctx, cli, p.info.Name, p.bid(w), zap.NewNop())
 }
 
 // TestAuctionPaperExampleThroughEtcd runs the §3.4 example as real auctions
@@ -127,12 +127,15 @@ func TestAuctionPaperExampleThroughEtcd(t *testing.T) {
 	}
 }
 
-// BenchmarkPlacement measures the time from publishing an auction to the
-// winner chosen, with many simulated plants bidding through a real etcd.
+// BenchmarkPlacement measures the time from a request to the winner chosen
+// (Place: shortlist from the shop's copy of the registry, auction in etcd,
+// bids ranked), with many simulated plants bidding through a real etcd;
+// shortlist=0 is the open auction where every plant bids.
 // Run: go test -run '^$' -bench Placement -benchtime 50x ./shop/market/
 func BenchmarkPlacement(b *testing.B) {
-	for _, n := range []int{10, 1000} {
-		b.Run(fmt.Sprintf("plants=%d", n), func(b *testing.B) {
+	for _, c := range []struct{ n, k int }{{10, 0}, {1000, 0}, {1000, 8}} {
+		n := c.n
+		b.Run(fmt.Sprintf("plants=%d/shortlist=%d", n, c.k), func(b *testing.B) {
 			cli := startEtcd(b)
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
@@ -158,16 +161,28 @@ func BenchmarkPlacement(b *testing.B) {
 				if _, err := Register(ctx, sess, func() PlantInfo { return p.info }, time.Hour, zap.NewNop()); err != nil {
 					b.Fatal(err)
 				}
-				go Bidder(ctx, c, p.bid(DefaultWeights()), zap.NewNop())
+				go Bidder(ctx, c, p.info.Name, p.bid(DefaultWeights()), zap.NewNop())
 			}
+			reg, err := WatchRegistry(ctx, cli, zap.NewNop())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer reg.Close()
 			time.Sleep(time.Second)
+			if got := len(reg.Plants()); got != n {
+				b.Fatalf("%d plants in the registry, want %d", got, n)
+			}
 			lat := make([]time.Duration, 0, b.N)
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				start := time.Now()
-				bids, err := Run(ctx, cli, Auction{ID: fmt.Sprint("b", i), MemoryMiB: 256}, 5*time.Second)
-				if err != nil || len(bids) != n {
-					b.Fatalf("%d bids of %d: %v", len(bids), n, err)
+				bids, open, err := Place(ctx, cli, reg, Auction{ID: fmt.Sprint("b", i), MemoryMiB: 256}, c.k, 5*time.Second)
+				want := n // every plant bids, or the shortlist does
+				if c.k > 0 {
+					want = c.k
+				}
+				if err != nil || open || len(bids) != want || bids[0].Refusal != "" {
+					b.Fatalf("%d bids, want %d (open=%v): %v", len(bids), want, open, err)
 				}
 				lat = append(lat, time.Since(start))
 			}

@@ -3,13 +3,23 @@
 //
 //	/vmgrid/plants/PLANT          PlantInfo, under the plant's session lease:
 //	                              a plant that dies disappears with its lease
-//	/vmgrid/auctions/ID           Auction, under the auction's lease
+//	/vmgrid/auctions/ID           Auction open to every plant, under the
+//	                              auction's lease
+//	/vmgrid/invites/PLANT/ID      Auction for invited plants: one key per
+//	                              plant, written in one transaction
 //	/vmgrid/bids/ID/PLANT         Bid, under the same lease: an auction and its
 //	                              bids vanish together when the shop is done
 //
 // The shop publishes an auction; every plant watching the auctions prefix
-// answers with a bid (a cost, or a refusal with the reason); the shop takes
-// the lowest cost within a deadline, ties broken at random.
+// that is invited answers with a bid (a cost, or a refusal with the reason);
+// the shop takes the lowest cost within a deadline, ties broken at random.
+//
+// An auction open to every plant costs one etcd write per plant, which is
+// what bounds placement latency with many plants. The shop therefore keeps a
+// watched copy of the registry (Registry), prices every plant's posted offer
+// with the auction's weights, and invites only the few best (Shortlist); the
+// invited plants bid with their live state. If none of them can host the VM
+// (their posted offers were stale) the shop holds an open auction.
 package market
 
 import (
@@ -30,6 +40,7 @@ import (
 const (
 	PlantsPrefix   = "/vmgrid/plants/"
 	AuctionsPrefix = "/vmgrid/auctions/"
+	InvitesPrefix  = "/vmgrid/invites/"
 	BidsPrefix     = "/vmgrid/bids/"
 )
 
@@ -58,6 +69,15 @@ type Auction struct {
 	MemoryMiB uint64 `json:"memory_mib"`
 	Domain    string `json:"domain"`
 	Lease     int64  `json:"lease"`
+	// Weights is the shop's cost function; plants price with it.
+	Weights *Weights `json:"weights,omitempty"`
+	// Invited names the plants that should bid; empty invites all.
+	Invited []string `json:"invited,omitempty"`
+}
+
+// Invites reports whether the plant should bid in a.
+func (a Auction) Invites(plant string) bool {
+	return len(a.Invited) == 0 || contains(a.Invited, plant)
 }
 
 // Bid answers an auction.
@@ -111,6 +131,16 @@ func Cost(w Weights, p PlantInfo, a Auction) (float64, string) {
 	return cost, ""
 }
 
+// Quote is a plant's bid for a: priced with the auction's weights (the
+// shop's cost function), or with own when the auction carries none.
+func Quote(own Weights, p PlantInfo, a Auction) Bid {
+	if a.Weights != nil {
+		own = *a.Weights
+	}
+	cost, refusal := Cost(own, p, a)
+	return Bid{Plant: p.Name, Addr: p.Addr, Cost: cost, Refusal: refusal}
+}
+
 func contains(s []string, v string) bool {
 	for _, x := range s {
 		if x == v {
@@ -120,19 +150,29 @@ func contains(s []string, v string) bool {
 	return false
 }
 
-// Register keeps a plant's PlantInfo in etcd under its session lease,
-// refreshing it every interval, until ctx ends (then the key is removed).
+// Register keeps a plant's PlantInfo in etcd under its session lease until
+// ctx ends (then the key is removed). Every interval it looks at info() and
+// writes it when it changed (and every 30 s regardless), so the shops'
+// copies of the registry (Registry) lag the plant by about interval.
 // The returned channel closes when the refreshing has stopped; wait for it
 // before closing the session's client.
 func Register(ctx context.Context, sess *concurrency.Session, info func() PlantInfo, interval time.Duration, log *zap.Logger) (<-chan struct{}, error) {
 	cli := sess.Client()
-	put := func() error {
+	var last []byte
+	lastPut := time.Now()
+	put := func(force bool) error {
 		pi := info()
 		b, _ := json.Marshal(pi)
-		_, err := cli.Put(ctx, PlantsPrefix+pi.Name, string(b), clientv3.WithLease(sess.Lease()))
-		return err
+		if !force && string(b) == string(last) {
+			return nil
+		}
+		if _, err := cli.Put(ctx, PlantsPrefix+pi.Name, string(b), clientv3.WithLease(sess.Lease())); err != nil {
+			return err
+		}
+		last, lastPut = b, time.Now()
+		return nil
 	}
-	if err := put(); err != nil {
+	if err := put(true); err != nil {
 		return nil, fmt.Errorf("register plant: %w", err)
 	}
 	done := make(chan struct{})
@@ -151,7 +191,7 @@ func Register(ctx context.Context, sess *concurrency.Session, info func() PlantI
 				log.Warn("etcd session of the plant ended; it no longer bids")
 				return
 			case <-t.C:
-				if err := put(); err != nil && ctx.Err() == nil {
+				if err := put(time.Since(lastPut) > 30*time.Second); err != nil && ctx.Err() == nil {
 					log.Warn("refresh plant registration", zap.Error(err))
 				}
 			}
@@ -160,16 +200,28 @@ func Register(ctx context.Context, sess *concurrency.Session, info func() PlantI
 	return done, nil
 }
 
-// Bidder answers auctions for one plant until ctx ends.
-func Bidder(ctx context.Context, cli *clientv3.Client, bid func(Auction) Bid, log *zap.Logger) {
-	wch := cli.Watch(clientv3.WithRequireLeader(ctx), AuctionsPrefix, clientv3.WithPrefix(), clientv3.WithFilterDelete())
+// Bidder answers the open auctions and those that invite the plant until
+// ctx ends. A plant hears of an invitation only if it is invited, so the
+// work of an auction with a shortlist does not grow with the plants.
+func Bidder(ctx context.Context, cli *clientv3.Client, plant string, bid func(Auction) Bid, log *zap.Logger) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		answer(ctx, cli, InvitesPrefix+plant+"/", plant, bid, log)
+	}()
+	answer(ctx, cli, AuctionsPrefix, plant, bid, log)
+	<-done
+}
+
+func answer(ctx context.Context, cli *clientv3.Client, prefix, plant string, bid func(Auction) Bid, log *zap.Logger) {
+	wch := cli.Watch(clientv3.WithRequireLeader(ctx), prefix, clientv3.WithPrefix(), clientv3.WithFilterDelete())
 	for resp := range wch {
 		for _, ev := range resp.Events {
 			if ev.Type != clientv3.EventTypePut || ev.Kv.Version != 1 {
 				continue
 			}
 			var a Auction
-			if err := json.Unmarshal(ev.Kv.Value, &a); err != nil {
+			if err := json.Unmarshal(ev.Kv.Value, &a); err != nil || !a.Invites(plant) {
 				continue
 			}
 			b := bid(a)
@@ -181,9 +233,10 @@ func Bidder(ctx context.Context, cli *clientv3.Client, bid func(Auction) Bid, lo
 	}
 }
 
-// Run holds an auction: it publishes a, waits until every registered plant
-// has bid or the deadline passed, and returns the bids, candidates first by
-// cost (ties in random order), refusals last.
+// Run holds an auction: it publishes a, waits until every invited plant (or,
+// when a invites all, every registered plant) has bid or the deadline
+// passed, and returns the bids, candidates first by cost (ties in random
+// order), refusals last.
 func Run(ctx context.Context, cli *clientv3.Client, a Auction, deadline time.Duration) ([]Bid, error) {
 	lease, err := cli.Grant(ctx, int64(max(deadline/time.Second, 0))+10)
 	if err != nil {
@@ -195,12 +248,15 @@ func Run(ctx context.Context, cli *clientv3.Client, a Auction, deadline time.Dur
 		cancel()
 	}()
 	a.Lease = int64(lease.ID)
-	plants, err := cli.Get(ctx, PlantsPrefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
-	if err != nil {
-		return nil, fmt.Errorf("count plants: %w", err)
-	}
-	if plants.Count == 0 {
-		return nil, nil
+	expect := int64(len(a.Invited))
+	if expect == 0 {
+		plants, err := cli.Get(ctx, PlantsPrefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+		if err != nil {
+			return nil, fmt.Errorf("count plants: %w", err)
+		}
+		if expect = plants.Count; expect == 0 {
+			return nil, nil
+		}
 	}
 	b, _ := json.Marshal(a)
 	wctx, cancel := context.WithTimeout(ctx, deadline)
@@ -216,13 +272,20 @@ func Run(ctx context.Context, cli *clientv3.Client, a Auction, deadline time.Dur
 	case <-wctx.Done():
 		return nil, fmt.Errorf("watch bids: %w", wctx.Err())
 	}
-	if _, err := cli.Put(ctx, AuctionsPrefix+a.ID, string(b), clientv3.WithLease(lease.ID)); err != nil {
+	var ops []clientv3.Op
+	if len(a.Invited) == 0 {
+		ops = append(ops, clientv3.OpPut(AuctionsPrefix+a.ID, string(b), clientv3.WithLease(lease.ID)))
+	}
+	for _, p := range a.Invited {
+		ops = append(ops, clientv3.OpPut(InvitesPrefix+p+"/"+a.ID, string(b), clientv3.WithLease(lease.ID)))
+	}
+	if _, err := cli.Txn(ctx).Then(ops...).Commit(); err != nil {
 		return nil, fmt.Errorf("publish auction: %w", err)
 	}
 	var bids []Bid
 	seen := map[string]bool{}
 collect:
-	for int64(len(bids)) < plants.Count {
+	for int64(len(bids)) < expect {
 		select {
 		case resp, ok := <-wch:
 			if !ok {
@@ -230,7 +293,7 @@ collect:
 			}
 			for _, ev := range resp.Events {
 				var bid Bid
-				if ev.Type == clientv3.EventTypePut && json.Unmarshal(ev.Kv.Value, &bid) == nil && !seen[bid.Plant] {
+				if ev.Type == clientv3.EventTypePut && json.Unmarshal(ev.Kv.Value, &bid) == nil && !seen[bid.Plant] && a.Invites(bid.Plant) {
 					seen[bid.Plant] = true
 					bids = append(bids, bid)
 				}

@@ -66,3 +66,18 @@ func TestRefusals(t *testing.T) {
 		t.Fatalf("rank %v", bids)
 	}
 }
+
+// TestQuoteUsesTheShopsWeights: a plant prices with the weights the auction
+// carries (the shop's --cost-* flags), its own only when there are none.
+func TestQuoteUsesTheShopsWeights(t *testing.T) {
+	p := PlantInfo{Name: "A", Addr: "a:1", Running: 2, MemoryMiB: 1024, MemoryFreeMiB: 1024}
+	own := Weights{Compute: 4, Network: 50}
+	a := Auction{MemoryMiB: 256, Domain: "d"}
+	if b := Quote(own, p, a); b.Cost != 58 || b.Plant != "A" || b.Addr != "a:1" {
+		t.Fatalf("own weights: %+v, want cost 4×2+50", b)
+	}
+	a.Weights = &Weights{Compute: 10, Network: 1}
+	if b := Quote(own, p, a); b.Cost != 21 {
+		t.Fatalf("the shop's weights: %+v, want cost 10×2+1", b)
+	}
+}

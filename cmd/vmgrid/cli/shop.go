@@ -36,7 +36,12 @@ func shopCmd(g *globals) *cobra.Command {
 (--tokens file: one "TOKEN OWNER" per line). It matches the request's
 configuration DAG against the golden images, holds an auction in etcd among
 the plants registered there, asks the winner to create the VM and keeps the
-classad in etcd. It keeps no state of its own: run as many as you like.`,
+classad in etcd. It keeps no state of its own: run as many as you like.
+
+The auction's cost function is the shop's (--cost-*): plants price with the
+weights each auction carries. With many plants the shop invites only the
+--auction-shortlist plants whose registered offers cost least; they bid with
+their live state, and if none of them can host the VM every plant is asked.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := g.logger()
@@ -49,6 +54,9 @@ classad in etcd. It keeps no state of its own: run as many as you like.`,
 			}
 			cfg.Server.Name, cfg.Server.Logger, cfg.Server.TLS = "shop", log, g.tls
 			cfg.Etcd, cfg.Images = strings.Split(etcd, ","), images
+			if cfg.Shortlist <= 0 {
+				cfg.Shortlist = -1 // an open auction
+			}
 			s, err := shop.Start(cfg)
 			if err != nil {
 				return err
@@ -63,6 +71,7 @@ classad in etcd. It keeps no state of its own: run as many as you like.`,
 	f.StringVar(&images, "images", "127.0.0.1:7070", "image server (the warehouse) to match requests against")
 	f.StringVar(&tokens, "tokens", "/etc/vmgrid/tokens", "tokens file: TOKEN OWNER per line")
 	f.DurationVar(&cfg.AuctionDeadline, "auction-deadline", 500*time.Millisecond, "how long to wait for bids")
+	f.IntVar(&cfg.Shortlist, "auction-shortlist", 8, "invite the N plants (at most 100) whose registered offers cost least (0: every plant bids)")
 	f.StringVar(&cfg.DataServer, "dataserver", "", "data server that tasks stage files with (empty: no tasks)")
 	f.Float64Var(&cfg.Weights.Compute, "cost-compute", 4, "bid cost per VM running on a plant")
 	f.Float64Var(&cfg.Weights.Network, "cost-network", 50, "bid cost of a new host-only network for a client domain")
