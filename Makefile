@@ -19,9 +19,11 @@ PROTOC_GEN_GO_GRPC   := v1.6.2
 
 all: build
 
-# Static, so the binary can also be the guest agent inside golden images.
+# Static: vmgrid-agent is the guest agent put into golden images (vmgrid
+# looks for it beside itself; statically linked, vmgrid can be the agent too).
 build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/vmgrid ./cmd/vmgrid
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/vmgrid-agent ./cmd/vmgrid-agent
 
 setup:
 	./deploy/setup.sh

@@ -42,7 +42,7 @@ func imageCmd(g *globals) *cobra.Command {
 		def = "127.0.0.1:7070"
 	}
 	c.PersistentFlags().StringVar(&f.server, "server", def, "image server address (env VMGRID_IMAGESERVER)")
-	c.AddCommand(imagePublishCmd(g, f), imageListCmd(g, f), imageGetCmd(g, f), imageRmCmd(g, f), imageFetchCmd(g, f), imageCreateDiskCmd(g, f))
+	c.AddCommand(imagePublishCmd(g, f), imageBuildCmd(g, f), imageListCmd(g, f), imageGetCmd(g, f), imageRmCmd(g, f), imageFetchCmd(g, f), imageCreateDiskCmd(g, f))
 	return c
 }
 

@@ -285,24 +285,38 @@ func envOr(k, def string) string {
 	return def
 }
 
-// staticSelf returns this executable if it is statically linked (so it can
-// run inside a guest as its agent).
-func staticSelf() (string, error) {
+// guestAgent returns the static guest agent to put into golden images:
+// vmgrid-agent beside this executable (make build puts it there; being
+// small, it leaves less of itself in a golden image's memory state), or
+// this executable, which is the agent too when statically linked.
+func guestAgent() (string, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return "", err
 	}
+	if a := filepath.Join(filepath.Dir(exe), "vmgrid-agent"); isStatic(a) == nil {
+		return a, nil
+	}
+	if err := isStatic(exe); err != nil {
+		return "", err
+	}
+	return exe, nil
+}
+
+// isStatic checks that exe is a statically linked executable (it can run
+// inside a guest).
+func isStatic(exe string) error {
 	f, err := elf.Open(exe)
 	if err != nil {
-		return "", err
+		return err
 	}
 	defer f.Close()
 	for _, p := range f.Progs {
 		if p.Type == elf.PT_INTERP {
-			return "", fmt.Errorf("%s is dynamically linked; build it with CGO_ENABLED=0 (make build does) so it can be the guest agent", exe)
+			return fmt.Errorf("%s is dynamically linked; build it with CGO_ENABLED=0 (make build does) so it can be the guest agent", exe)
 		}
 	}
-	return exe, nil
+	return nil
 }
 
 func upCmd(g *globals) *cobra.Command {
@@ -313,7 +327,8 @@ func upCmd(g *globals) *cobra.Command {
 		Long: `Start a whole grid on this machine in one process: an embedded etcd, an image
 server, --plants compute servers (each with its FUSE view under --dir) and
 the shop. The first start builds the tiny golden image (Debian's cloud
-kernel, busybox, the guest agent — this binary) and publishes it. It writes
+kernel, busybox, the guest agent: vmgrid-agent beside this binary, or this
+binary) and publishes it. It writes
 DIR/env with the addresses and a token, and runs until interrupted.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -323,7 +338,7 @@ DIR/env with the addresses and a token, and runs until interrupted.`,
 			}
 			defer log.Sync() //nolint:errcheck
 			if cfg.Golden != "" {
-				if cfg.AgentPath, err = staticSelf(); err != nil {
+				if cfg.AgentPath, err = guestAgent(); err != nil {
 					return err
 				}
 			}
