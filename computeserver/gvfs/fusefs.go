@@ -1,6 +1,7 @@
 package gvfs
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -21,7 +22,8 @@ import (
 
 // The FUSE view: MOUNT/IMAGE/FILE for every image and persistent disk the
 // upstream knows. Golden files are read-only and keep the kernel page cache
-// across opens (they never change); disk files are read-write. A VM monitor
+// across opens (a file never changes; a name published again gets a new
+// inode); disk files are read-write. A VM monitor
 // opens them as ordinary files.
 const (
 	// MaxIO is the largest read or write the kernel sends (max_read).
@@ -29,7 +31,6 @@ const (
 	// ReadAheadKB is set on the mount's backing device so the kernel reads
 	// large sequential runs in few requests (reset to 128 on every mount).
 	ReadAheadKB    = 8192
-	goldenTimeout  = time.Hour
 	diskTimeout    = time.Second
 	missingTimeout = time.Second
 )
@@ -54,7 +55,10 @@ func Mount(dir string, p *Proxy, o MountOptions) (*fuse.Server, error) {
 		return nil, err
 	}
 	root := &rootNode{p: p}
-	gt := goldenTimeout
+	// The kernel keeps golden entries and attributes as long as the proxy
+	// keeps their manifest: a name published again shows its new files as
+	// soon as the proxy knows.
+	gt := p.goldenRecheck
 	nt := missingTimeout
 	server, err := fs.Mount(dir, root, &fs.Options{
 		MountOptions: fuse.MountOptions{
@@ -178,15 +182,21 @@ func (d *imageNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut)
 	}
 	fillAttr(f, &out.Attr)
 	if !f.Writable() {
-		out.SetEntryTimeout(goldenTimeout)
-		out.SetAttrTimeout(goldenTimeout)
+		out.SetEntryTimeout(d.p.goldenRecheck)
+		out.SetAttrTimeout(d.p.goldenRecheck)
 	} else {
 		out.SetEntryTimeout(diskTimeout)
 		out.SetAttrTimeout(diskTimeout)
 	}
 	if ch := d.GetChild(name); ch != nil {
-		ch.Operations().(*fileNode).set(f)
-		return ch, 0
+		n := ch.Operations().(*fileNode)
+		// A golden file whose content changed (its image was deleted and
+		// published again) gets a new inode: the kernel's cached pages of
+		// the old one must not answer for it.
+		if old := n.file(); f.Writable() || old.meta == f.meta || bytes.Equal(old.meta.Sha256, f.meta.Sha256) {
+			n.set(f)
+			return ch, 0
+		}
 	}
 	return d.NewInode(ctx, &fileNode{f: f}, fs.StableAttr{Mode: syscall.S_IFREG}), 0
 }
@@ -250,7 +260,7 @@ func (n *fileNode) Getattr(_ context.Context, _ fs.FileHandle, out *fuse.AttrOut
 	if f.Writable() {
 		out.SetTimeout(diskTimeout)
 	} else {
-		out.SetTimeout(goldenTimeout)
+		out.SetTimeout(f.p.goldenRecheck)
 	}
 	return 0
 }

@@ -1,6 +1,7 @@
 package gvfs
 
 import (
+	"bytes"
 	"context"
 	"encoding/hex"
 	"fmt"
@@ -54,7 +55,11 @@ type Config struct {
 	// FlushIdle writes dirty disks back after this long without writes
 	// (default 30s; negative disables).
 	FlushIdle time.Duration
-	Logger    *zap.Logger
+	// GoldenRecheck is how long a golden image's manifest is used before
+	// the upstream is asked again (default 5s): an image never changes,
+	// but its name may be deleted and published again with other files.
+	GoldenRecheck time.Duration
+	Logger        *zap.Logger
 }
 
 // CacheConfig is the geometry of the disk block cache.
@@ -77,7 +82,9 @@ type Proxy struct {
 	dir       string
 	readAhead int
 	flushIdle time.Duration
-	stats     Stats
+	// goldenRecheck: Config.GoldenRecheck.
+	goldenRecheck time.Duration
+	stats         Stats
 
 	mu        sync.Mutex
 	manifests map[string]*manifestEntry
@@ -131,6 +138,9 @@ func New(cfg Config) (*Proxy, error) {
 	if cfg.FlushIdle == 0 {
 		cfg.FlushIdle = 30 * time.Second
 	}
+	if cfg.GoldenRecheck <= 0 {
+		cfg.GoldenRecheck = 5 * time.Second
+	}
 	cache, err := openBlockCache(filepath.Join(cfg.Dir, "blocks"), cfg.Cache, cfg.Logger)
 	if err != nil {
 		return nil, err
@@ -146,7 +156,7 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	return &Proxy{
 		up: cfg.Upstream, cache: cache, files: files, log: cfg.Logger, dir: cfg.Dir,
-		readAhead: cfg.ReadAhead, flushIdle: cfg.FlushIdle,
+		readAhead: cfg.ReadAhead, flushIdle: cfg.FlushIdle, goldenRecheck: cfg.GoldenRecheck,
 		manifests: map[string]*manifestEntry{}, open: map[[2]string]*File{},
 		inflight: map[blockKey]*fetch{}, disks: map[string]*diskState{},
 		flushHist: newFlushHistogram(),
@@ -163,12 +173,13 @@ func (p *Proxy) Upstream() *Upstream { return p.up }
 func (p *Proxy) FileCache() *FileCache { return p.files }
 
 // Image returns the FULL manifest of an image or disk. Golden manifests are
-// immutable and kept; disk manifests are refreshed after a second.
+// rechecked after Config.GoldenRecheck, disk manifests after diskTimeout; while the
+// upstream is unavailable the last answer holds.
 func (p *Proxy) Image(ctx context.Context, name string) (*imagev1.Manifest, error) {
 	p.mu.Lock()
 	e := p.manifests[name]
 	p.mu.Unlock()
-	if e != nil && (!e.m.Writable || time.Since(e.fetched) < diskTimeout) {
+	if e != nil && time.Since(e.fetched) < p.recheck(e.m) {
 		return e.m, nil
 	}
 	asked := time.Now()
@@ -176,6 +187,13 @@ func (p *Proxy) Image(ctx context.Context, name string) (*imagev1.Manifest, erro
 	if err != nil {
 		if e != nil && errdefs.IsUnavailable(err) {
 			return e.m, nil // the upstream is away: what we know still holds
+		}
+		if e != nil && errdefs.IsNotFound(err) {
+			p.mu.Lock()
+			if p.manifests[name] == e {
+				delete(p.manifests, name)
+			}
+			p.mu.Unlock()
 		}
 		return nil, err
 	}
@@ -186,8 +204,32 @@ func (p *Proxy) Image(ctx context.Context, name string) (*imagev1.Manifest, erro
 	if cur := p.manifests[name]; cur != nil && cur.fetched.After(asked) {
 		return cur.m, nil
 	}
+	if e != nil && !m.Writable && sameGolden(e.m, m) {
+		m = e.m // the same image: keep the manifest its open files hold
+	}
 	p.manifests[name] = &manifestEntry{m: m, fetched: time.Now()}
 	return m, nil
+}
+
+// sameGolden reports whether two manifests of a golden image name describe
+// the same publication.
+func sameGolden(a, b *imagev1.Manifest) bool {
+	if a.Writable || a.CreatedUnixNano != b.CreatedUnixNano || len(a.Files) != len(b.Files) {
+		return false
+	}
+	for i := range a.Files {
+		if a.Files[i].Name != b.Files[i].Name || !bytes.Equal(a.Files[i].Sha256, b.Files[i].Sha256) {
+			return false
+		}
+	}
+	return true
+}
+
+func (p *Proxy) recheck(m *imagev1.Manifest) time.Duration {
+	if m.Writable {
+		return diskTimeout
+	}
+	return p.goldenRecheck
 }
 
 // committed records the generation of a disk after a flush of ours, so the

@@ -41,8 +41,8 @@ func (s *ProxyService) Register(gs *grpc.Server) { imagev1.RegisterImageServiceS
 
 func (s *ProxyService) api() imagev1.ImageServiceClient { return s.p.up.Client.API }
 
-// GetImage answers from the proxy's manifest cache (golden manifests never
-// change).
+// GetImage answers from the proxy's manifest cache (golden manifests are
+// rechecked upstream every Config.GoldenRecheck).
 func (s *ProxyService) GetImage(ctx context.Context, req *imagev1.GetImageRequest) (*imagev1.GetImageResponse, error) {
 	m, err := s.p.Image(ctx, req.Name)
 	if err != nil {

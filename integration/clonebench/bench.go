@@ -52,8 +52,7 @@ type Options struct {
 	// RowLimit needs both RowLocal and RowCold); empty means every row.
 	Rows []string
 	// GuestCmdline is appended to the golden image's kernel command line
-	// (experiments such as init_on_free=1, which zeroes freed pages so the
-	// memory state leaves them out).
+	// (experiments; the tiny recipe already boots with init_on_free=1).
 	GuestCmdline []string
 	// Keep leaves the run's directory (golden image, logs) in place.
 	Keep bool

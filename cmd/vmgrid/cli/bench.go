@@ -91,7 +91,7 @@ Results: a table on stdout, results.json and results.md in --out.`,
 	f.StringSliceVar(&o.Rows, "rows", nil, "rows to measure (default all): local, full_copy, qemu_nbd, vmgrid_cold (with vmgrid_warm), vmgrid_l2, vmgrid_parallel, parallel_l2, parallel_local")
 	f.BoolVar(&smoke, "smoke", false, "quick run for CI: 1 repeat, --rtt 4ms, --bandwidth-mbit 1000, --plants 2, no reference rows, unless given")
 	f.StringVar(&o.Agent, "agent", "", "static guest agent binary (default: build cmd/vmgrid-agent with the go tool)")
-	f.StringSliceVar(&o.GuestCmdline, "guest-cmdline", nil, "appended to the golden image's kernel command line (e.g. init_on_free=1)")
+	f.StringSliceVar(&o.GuestCmdline, "guest-cmdline", nil, "appended to the golden image's kernel command line (e.g. mitigations=off)")
 	f.BoolVar(&o.Keep, "keep", false, "keep the run's directory (golden image, QEMU logs) for inspection")
 	f.StringVar(&o.WorkDir, "work-dir", "", "where to make the run's temporary directory (default: the system's; keep the path short)")
 	return c

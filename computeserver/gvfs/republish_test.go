@@ -1,0 +1,80 @@
+package gvfs
+
+import (
+	"bytes"
+	"errors"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/vmgrid/vmgrid/internal/testutil"
+	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+)
+
+// TestRepublishedImage: an image deleted and published again under the same
+// name shows its new files through the view once the proxy rechecks its
+// manifest (the kernel's cached pages of the old files do not answer for
+// them), and a deleted image disappears from the view.
+func TestRepublishedImage(t *testing.T) {
+	srv := testutil.StartServer(t, "")
+	rng := rand.New(rand.NewPCG(9, 9))
+	version := func() []goldenFile {
+		disk := make([]byte, 2<<20)
+		for i := range disk {
+			disk[i] = byte(rng.Uint32())
+		}
+		return []goldenFile{
+			{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: disk},
+			{name: "mem.state", kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, data: testutil.MemoryLike(rng, 3<<20, 0.2, 0.3)},
+		}
+	}
+	ctx := ctxT(t)
+	v1, v2 := version(), version()
+	publish(t, srv.Client, "img", v1...)
+	p := newProxy(t, srv.Srv.Addr(), "", func(c *Config) { c.GoldenRecheck = 200 * time.Millisecond })
+	mnt := mount(t, p)
+	for _, f := range v1 {
+		got, err := os.ReadFile(filepath.Join(mnt, "img", f.name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		sameBytes(t, "v1 "+f.name, got, f.data)
+	}
+
+	if _, err := srv.Client.API.DeleteImage(ctx, &imagev1.DeleteImageRequest{Name: "img"}); err != nil {
+		t.Fatal(err)
+	}
+	publish(t, srv.Client, "img", v2...)
+	for _, f := range v2 {
+		path := filepath.Join(mnt, "img", f.name)
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			got, err := os.ReadFile(path)
+			if err == nil && bytes.Equal(got, f.data) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s still not the republished file after 10s (err %v; %s)", f.name, err, firstDiff(got, f.data))
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+
+	if _, err := srv.Client.API.DeleteImage(ctx, &imagev1.DeleteImageRequest{Name: "img"}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := os.Stat(filepath.Join(mnt, "img", "disk.raw"))
+		if errors.Is(err, fs.ErrNotExist) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a deleted image is still in the view after 10s: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
