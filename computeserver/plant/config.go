@@ -3,8 +3,11 @@ package plant
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"os"
 
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	"github.com/vmgrid/vmgrid/services/fsutil"
 )
 
 // ConfigFile is the name of a golden image's VM configuration file.
@@ -16,6 +19,8 @@ const (
 	InitrdFile = "initrd.img"
 	RootFile   = "root.raw"
 	MemoryFile = "mem.state"
+	// ResumeKernelFile is the kernel's header alone (see ResumeKernel).
+	ResumeKernelFile = "vmlinuz.resume"
 )
 
 // AgentChannel is the virtio-serial port of the guest agent.
@@ -36,6 +41,38 @@ type VMConfig struct {
 	Initrd string `json:"initrd,omitempty"`
 	Root   string `json:"root"`
 	Memory string `json:"memory,omitempty"` // empty: cold boot
+	// ResumeKernel, when set, is what a restore of Memory passes to QEMU
+	// instead of Kernel and Initrd: the kernel's setup header and a page,
+	// a few KiB. QEMU needs a kernel to lay the machine out as it was (the
+	// same option ROM and firmware config), but the guest's kernel and its
+	// initramfs are already in the memory state, and a guest that reboots
+	// ends (-no-reboot), so the 14 MB kernel and the initramfs need not
+	// cross the network for a clone.
+	ResumeKernel string `json:"resume_kernel,omitempty"`
+}
+
+// WriteResumeKernel writes the header of the x86 bzImage kernel to out:
+// its setup sectors and one page (see VMConfig.ResumeKernel).
+func WriteResumeKernel(kernel, out string) error {
+	f, err := os.Open(kernel)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	hdr := make([]byte, 0x210)
+	if _, err := io.ReadFull(f, hdr); err != nil || string(hdr[0x202:0x206]) != "HdrS" {
+		return fmt.Errorf("%s is not an x86 bzImage kernel (no HdrS header)", kernel)
+	}
+	setup := int64(hdr[0x1f1])
+	if setup == 0 {
+		setup = 4 // the boot protocol's default
+	}
+	b := make([]byte, (setup+1)*512+4096)
+	n, err := f.ReadAt(b, 0)
+	if n < len(b) && err != io.EOF {
+		return err
+	}
+	return fsutil.WriteFileAtomic(out, b[:n])
 }
 
 func decodeConfig(b []byte) (*VMConfig, error) {

@@ -179,6 +179,22 @@ func TestProductionLine(t *testing.T) {
 			t.Fatalf("clones fetched %d bytes of a 256 MiB disk", fetched)
 		}
 		t.Logf("block bytes fetched for two clones: %d of a 256 MiB disk", fetched)
+		// The restores used the resume kernel: the boot kernel and the
+		// initramfs never crossed.
+		var whole uint64
+		for _, f := range golden.Manifest.Files {
+			switch f.Name {
+			case plant.KernelFile, plant.InitrdFile:
+				if cs.Proxy.FileCache().Complete(f) {
+					t.Fatalf("the clones fetched %s", f.Name)
+				}
+			case plant.MemoryFile, plant.ResumeKernelFile, plant.ConfigFile:
+				whole += f.Size
+			}
+		}
+		if got := cs.Proxy.FileCache().Received(); got > whole {
+			t.Fatalf("the file cache received %d bytes; the memory state, the resume kernel and vm.json are %d", got, whole)
+		}
 		for _, r := range res {
 			if _, err := cs.plants.DestroyVM(ctx, &computev1.DestroyVMRequest{VmId: r.ad.VmId}); err != nil {
 				t.Fatal(err)

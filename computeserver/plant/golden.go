@@ -148,6 +148,12 @@ func BuildGolden(ctx context.Context, opts GoldenOptions) (*Golden, error) {
 	if img.Initrd != "" {
 		g.Config.Initrd = InitrdFile
 	}
+	resumeKernel := filepath.Join(opts.WorkDir, ResumeKernelFile)
+	if err := WriteResumeKernel(img.Kernel, resumeKernel); err != nil {
+		log.Warn("no resume kernel: clones will fetch the whole kernel", zap.Error(err))
+	} else {
+		g.Config.ResumeKernel = ResumeKernelFile
+	}
 	cfgPath := filepath.Join(opts.WorkDir, ConfigFile)
 	b, _ := json.MarshalIndent(g.Config, "", "  ")
 	if err := os.WriteFile(cfgPath, b, 0o644); err != nil {
@@ -169,6 +175,9 @@ func BuildGolden(ctx context.Context, opts GoldenOptions) (*Golden, error) {
 	}
 	if img.Initrd != "" {
 		g.Files = append(g.Files, imageserver.PublishFile{Name: InitrdFile, Path: img.Initrd, Kind: imagev1.FileKind_FILE_KIND_INITRD})
+	}
+	if g.Config.ResumeKernel != "" {
+		g.Files = append(g.Files, imageserver.PublishFile{Name: ResumeKernelFile, Path: resumeKernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL})
 	}
 	if opts.Publish != nil {
 		start = time.Now()

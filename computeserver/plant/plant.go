@@ -83,6 +83,9 @@ type vm struct {
 	err     error         // creation error
 	rootRW  string        // FUSE path of a persistent root disk
 	created time.Time
+	// resumeKernel: the machine was restored with the image's resume
+	// kernel (VMConfig.ResumeKernel), not its boot kernel.
+	resumeKernel bool
 
 	hotplugged int // disks hot-plugged so far
 
@@ -363,12 +366,18 @@ func (p *Plant) build(ctx context.Context, v *vm, src *source, all, remaining []
 	}
 	spec := src.config.Spec
 	spec.Name, spec.Dir = id, v.dir
-	spec.Kernel = filepath.Join(p.cfg.Mountpoint, src.image, src.config.Kernel)
-	if src.config.Initrd != "" {
-		spec.Initrd = filepath.Join(p.cfg.Mountpoint, src.image, src.config.Initrd)
+	kernel, initrd := src.config.Kernel, src.config.Initrd
+	if src.config.Memory != "" && src.config.ResumeKernel != "" {
+		// A restore: the kernel and initramfs are in the memory state.
+		kernel, initrd = src.config.ResumeKernel, ""
+		v.resumeKernel = true
+	}
+	spec.Kernel = filepath.Join(p.cfg.Mountpoint, src.image, kernel)
+	if initrd != "" {
+		spec.Initrd = filepath.Join(p.cfg.Mountpoint, src.image, initrd)
 	}
 	spec.Channels = []vmm.Channel{{Name: AgentChannel, Socket: filepath.Join(v.dir, "agent.sock")}}
-	p.prefetch(ctx, src.image, src.config.Kernel, src.config.Memory)
+	p.prefetch(ctx, src.image, kernel, src.config.Memory)
 	disk := spec.Disks[0]
 	if src.rootDisk != "" {
 		disk.Path, disk.Format = src.rootDisk, vmm.Raw
@@ -707,6 +716,12 @@ func (p *Plant) SuspendVM(ctx context.Context, id string, images *imageserver.Cl
 	tmpl.Disks[0].Path = ""
 	tmpl.Channels = []vmm.Channel{{Name: AgentChannel}}
 	cfg := VMConfig{Version: 1, Spec: tmpl, Kernel: KernelFile, Root: RootFile, Memory: MemoryFile}
+	kernelName := KernelFile
+	if v.resumeKernel {
+		// The machine never had the boot kernel: the suspended image, which
+		// is only ever restored, carries the resume kernel as its kernel.
+		cfg.Kernel, cfg.ResumeKernel, kernelName = ResumeKernelFile, ResumeKernelFile, ResumeKernelFile
+	}
 	if spec.Initrd != "" {
 		cfg.Initrd = InitrdFile
 	}
@@ -719,7 +734,7 @@ func (p *Plant) SuspendVM(ctx context.Context, id string, images *imageserver.Cl
 		Labels: map[string]string{"suspended-vm": id}}
 	files := []imageserver.PublishFile{
 		{Name: ConfigFile, Path: cfgPath, Kind: imagev1.FileKind_FILE_KIND_CONFIG},
-		{Name: KernelFile, Path: spec.Kernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL},
+		{Name: kernelName, Path: spec.Kernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL},
 		{Name: MemoryFile, Path: mem, Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE},
 	}
 	if spec.Initrd != "" {
