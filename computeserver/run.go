@@ -212,20 +212,24 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (func
 			Running: o.Running, Domains: o.Domains, Images: o.Images}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	registered, err := market.Register(ctx, sess, info, 100*time.Millisecond, log)
+	// Bidding first: a shop that sees the plant registered gets its bids.
+	done, err := market.StartBidder(ctx, cli, pl.Offer().Name, func(a market.Auction) market.Bid {
+		return market.Quote(w, info(), a)
+	}, log)
 	if err != nil {
 		cancel()
 		sess.Close()
 		cli.Close()
+		return nil, fmt.Errorf("etcd: %w", err)
+	}
+	registered, err := market.Register(ctx, sess, info, 100*time.Millisecond, log)
+	if err != nil {
+		cancel()
+		<-done
+		sess.Close()
+		cli.Close()
 		return nil, err
 	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		market.Bidder(ctx, cli, pl.Offer().Name, func(a market.Auction) market.Bid {
-			return market.Quote(w, info(), a)
-		}, log)
-	}()
 	log.Info("plant joined the market", zap.Strings("etcd", cfg.Etcd), zap.String("addr", addr))
 	return func() {
 		cancel()

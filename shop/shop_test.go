@@ -184,8 +184,11 @@ func TestShop(t *testing.T) {
 		info, _ := json.Marshal(market.PlantInfo{Name: "ghost", Addr: "127.0.0.1:1"})
 		lease, _ := cli.Grant(ctx, 30)
 		cli.Put(ctx, market.PlantsPrefix+"ghost", string(info), clientv3.WithLease(lease.ID))
-		go market.Bidder(bctx, cli, "ghost", func(market.Auction) market.Bid { return market.Bid{Plant: "ghost", Addr: "127.0.0.1:1", Cost: -1000} }, zaptest.NewLogger(t))
-		defer func() { bcancel(); cli.Revoke(context.Background(), lease.ID) }()
+		bidding, err := market.StartBidder(bctx, cli, "ghost", func(market.Auction) market.Bid { return market.Bid{Plant: "ghost", Addr: "127.0.0.1:1", Cost: -1000} }, zaptest.NewLogger(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() { bcancel(); <-bidding; cli.Revoke(context.Background(), lease.ID) }()
 		time.Sleep(200 * time.Millisecond)
 		ad, err := createVM(ctx, alice, &shopv1.CreateVMRequest{RequestId: "r3"})
 		if err != nil {

@@ -75,10 +75,12 @@ func runPlant(tb testing.TB, ctx context.Context, cli *clientv3.Client, p *simPl
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { sess.Close() })
+	if _, err := StartBidder(ctx, cli, p.info.Name, p.bid(w), zap.NewNop()); err != nil {
+		tb.Fatal(err)
+	}
 	if _, err := Register(ctx, sess, func() PlantInfo { p.mu.Lock(); defer p.mu.Unlock(); return p.info }, time.Hour, zap.NewNop()); err != nil {
 		tb.Fatal(err)
 	}
-	go Bidder(ctx, cli, p.info.Name, p.bid(w), zap.NewNop())
 }
 
 // TestAuctionPaperExampleThroughEtcd runs the §3.4 example as real auctions
@@ -94,7 +96,6 @@ func TestAuctionPaperExampleThroughEtcd(t *testing.T) {
 		plants[n] = p
 		runPlant(t, ctx, cli, p, w)
 	}
-	time.Sleep(100 * time.Millisecond) // bidders watching
 	var placed []string
 	for n := 1; n <= 14; n++ {
 		bids, err := Run(ctx, cli, Auction{ID: fmt.Sprint("req", n), Image: "tiny", ImageSize: 110 << 20, MemoryMiB: 256, Domain: "client1"}, 2*time.Second)
@@ -161,7 +162,9 @@ func BenchmarkPlacement(b *testing.B) {
 				if _, err := Register(ctx, sess, func() PlantInfo { return p.info }, time.Hour, zap.NewNop()); err != nil {
 					b.Fatal(err)
 				}
-				go Bidder(ctx, c, p.info.Name, p.bid(DefaultWeights()), zap.NewNop())
+				if _, err := StartBidder(ctx, c, p.info.Name, p.bid(DefaultWeights()), zap.NewNop()); err != nil {
+					b.Fatal(err)
+				}
 			}
 			reg, err := WatchRegistry(ctx, cli, zap.NewNop())
 			if err != nil {

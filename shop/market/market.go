@@ -29,6 +29,7 @@ import (
 	"math/rand/v2"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -200,34 +201,96 @@ func Register(ctx context.Context, sess *concurrency.Session, info func() PlantI
 	return done, nil
 }
 
-// Bidder answers the open auctions and those that invite the plant until
-// ctx ends. A plant hears of an invitation only if it is invited, so the
-// work of an auction with a shortlist does not grow with the plants.
-func Bidder(ctx context.Context, cli *clientv3.Client, plant string, bid func(Auction) Bid, log *zap.Logger) {
+// StartBidder answers, until ctx ends, the open auctions and those that
+// invite plant. It returns once its watches are in place, so a plant that
+// registers after it never misses an auction; the returned channel closes
+// when it has stopped. A plant hears of an invitation only if it is
+// invited, so the work of an auction with a shortlist does not grow with
+// the plants.
+func StartBidder(ctx context.Context, cli *clientv3.Client, plant string, bid func(Auction) Bid, log *zap.Logger) (<-chan struct{}, error) {
+	prefixes := []string{AuctionsPrefix, InvitesPrefix + plant + "/"}
+	var chans []clientv3.WatchChan
+	wctx, cancel := context.WithCancel(ctx)
+	for _, prefix := range prefixes {
+		wch, err := watchFromNow(wctx, cli, prefix)
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		chans = append(chans, wch)
+	}
 	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for i, prefix := range prefixes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			answer(wctx, cli, prefix, chans[i], plant, bid, log)
+		}()
+	}
 	go func() {
-		defer close(done)
-		answer(ctx, cli, InvitesPrefix+plant+"/", plant, bid, log)
+		wg.Wait()
+		cancel()
+		close(done)
 	}()
-	answer(ctx, cli, AuctionsPrefix, plant, bid, log)
-	<-done
+	return done, nil
 }
 
-func answer(ctx context.Context, cli *clientv3.Client, prefix, plant string, bid func(Auction) Bid, log *zap.Logger) {
-	wch := cli.Watch(clientv3.WithRequireLeader(ctx), prefix, clientv3.WithPrefix(), clientv3.WithFilterDelete())
-	for resp := range wch {
-		for _, ev := range resp.Events {
-			if ev.Type != clientv3.EventTypePut || ev.Kv.Version != 1 {
-				continue
+// watchFromNow watches the keys under prefix and returns once etcd has
+// set the watch up.
+func watchFromNow(ctx context.Context, cli *clientv3.Client, prefix string) (clientv3.WatchChan, error) {
+	wch := cli.Watch(clientv3.WithRequireLeader(ctx), prefix, clientv3.WithPrefix(), clientv3.WithFilterDelete(), clientv3.WithCreatedNotify())
+	select {
+	case resp, ok := <-wch:
+		if !ok {
+			return nil, fmt.Errorf("watch %s: %w", prefix, context.Cause(ctx))
+		}
+		if !resp.Created {
+			return nil, fmt.Errorf("watch %s: %v", prefix, resp.Err())
+		}
+		return wch, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("watch %s: %w", prefix, ctx.Err())
+	}
+}
+
+// answer bids in the auctions wch reports until ctx ends. A watch that
+// ends (etcd lost its leader, or compacted) is set up again; auctions
+// published in between are missed, and their shops take the other bids.
+func answer(ctx context.Context, cli *clientv3.Client, prefix string, wch clientv3.WatchChan, plant string, bid func(Auction) Bid, log *zap.Logger) {
+	for {
+		for resp := range wch {
+			if err := resp.Err(); err != nil {
+				log.Warn("auction watch ended; watching again", zap.String("prefix", prefix), zap.Error(err))
+				break
 			}
-			var a Auction
-			if err := json.Unmarshal(ev.Kv.Value, &a); err != nil || !a.Invites(plant) {
-				continue
+			for _, ev := range resp.Events {
+				if ev.Type != clientv3.EventTypePut || ev.Kv.Version != 1 {
+					continue
+				}
+				var a Auction
+				if err := json.Unmarshal(ev.Kv.Value, &a); err != nil || !a.Invites(plant) {
+					continue
+				}
+				b := bid(a)
+				v, _ := json.Marshal(b)
+				if _, err := cli.Put(ctx, BidsPrefix+a.ID+"/"+b.Plant, string(v), clientv3.WithLease(clientv3.LeaseID(a.Lease))); err != nil && ctx.Err() == nil {
+					log.Debug("bid not placed (the auction may be over)", zap.String("auction", a.ID), zap.Error(err))
+				}
 			}
-			b := bid(a)
-			v, _ := json.Marshal(b)
-			if _, err := cli.Put(ctx, BidsPrefix+a.ID+"/"+b.Plant, string(v), clientv3.WithLease(clientv3.LeaseID(a.Lease))); err != nil && ctx.Err() == nil {
-				log.Debug("bid not placed (the auction may be over)", zap.String("auction", a.ID), zap.Error(err))
+		}
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(200 * time.Millisecond):
+			}
+			var err error
+			if wch, err = watchFromNow(ctx, cli, prefix); err == nil {
+				break
+			}
+			if ctx.Err() == nil {
+				log.Warn("watch auctions", zap.String("prefix", prefix), zap.Error(err))
 			}
 		}
 	}

@@ -114,7 +114,6 @@ func startMarket(t *testing.T, n int, info func(i int) PlantInfo) (*clientv3.Cli
 	}
 	t.Cleanup(reg.Close)
 	waitUntil(t, "plants registered", func() bool { return len(reg.Plants()) == n })
-	time.Sleep(100 * time.Millisecond) // bidders watching
 	return cli, reg, plants
 }
 
