@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -390,7 +389,7 @@ func (s *Shop) WatchTask(req *shopv1.GetTaskRequest, stream shopv1.ShopService_W
 		for _, ev := range resp.Events {
 			nt := &shopv1.Task{}
 			if ev.Type == clientv3.EventTypeDelete {
-				return errors.New("task deleted")
+				return fmt.Errorf("task %s was deleted while watched: %w", req.TaskId, errdefs.ErrNotFound)
 			}
 			if protojson.Unmarshal(ev.Kv.Value, nt) != nil || proto.Equal(nt, t) {
 				continue
