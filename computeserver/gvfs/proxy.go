@@ -183,7 +183,23 @@ func (p *Proxy) Image(ctx context.Context, name string) (*imagev1.Manifest, erro
 		return e.m, nil
 	}
 	asked := time.Now()
-	m, err := p.up.Manifest(ctx, name)
+	var m *imagev1.Manifest
+	var err error
+	if e != nil && !e.m.Writable {
+		// A recheck: the basic view (no block digests, no zero maps) tells
+		// whether the name still holds the same files.
+		if m, err = p.up.Summary(ctx, name); err == nil && sameGolden(e.m, m) {
+			p.mu.Lock()
+			if p.manifests[name] == e {
+				p.manifests[name] = &manifestEntry{m: e.m, fetched: time.Now()}
+			}
+			p.mu.Unlock()
+			return e.m, nil
+		}
+	}
+	if err == nil {
+		m, err = p.up.Manifest(ctx, name)
+	}
 	if err != nil {
 		if e != nil && errdefs.IsUnavailable(err) {
 			return e.m, nil // the upstream is away: what we know still holds

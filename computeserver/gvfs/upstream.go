@@ -81,6 +81,15 @@ func (u *Upstream) Manifest(ctx context.Context, name string) (*imagev1.Manifest
 	return resp.Manifest, nil
 }
 
+// Summary returns an image's manifest without zero maps or block digests.
+func (u *Upstream) Summary(ctx context.Context, name string) (*imagev1.Manifest, error) {
+	resp, err := u.Client.API.GetImage(ctx, &imagev1.GetImageRequest{Name: name, View: imagev1.View_VIEW_BASIC})
+	if err != nil {
+		return nil, err
+	}
+	return resp.Manifest, nil
+}
+
 // List returns the catalog.
 func (u *Upstream) List(ctx context.Context) ([]*imagev1.Manifest, error) {
 	resp, err := u.Client.API.ListImages(ctx, &imagev1.ListImagesRequest{})
