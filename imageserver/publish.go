@@ -43,6 +43,10 @@ func (s *Store) BeginPublish(h *imagev1.PublishHeader) (*Upload, error) {
 		return nil, err
 	}
 	u := &Upload{s: s, header: h, staging: filepath.Join(s.tmpDir(), "publish-"+h.Name+"-"+fsutil.RandomSuffix())}
+	if err := os.MkdirAll(filepath.Join(u.staging, zstDir), 0o755); err != nil {
+		u.Abort()
+		return nil, err
+	}
 	if err := os.MkdirAll(filepath.Join(u.staging, filesDir), 0o755); err != nil {
 		u.Abort()
 		return nil, err
@@ -113,7 +117,7 @@ func (u *Upload) Commit(sums [][]byte) (*imagev1.Manifest, error) {
 		if policy == imagev1.TransferPolicy_TRANSFER_POLICY_UNSPECIFIED {
 			policy = DefaultPolicy(pf.Kind)
 		}
-		m.Files = append(m.Files, &imagev1.FileMeta{
+		fm := &imagev1.FileMeta{
 			Name:         pf.Name,
 			Kind:         pf.Kind,
 			Size:         scan.Size,
@@ -124,15 +128,24 @@ func (u *Upload) Commit(sums [][]byte) (*imagev1.Manifest, error) {
 			Sha256:       scan.SHA256,
 			NonzeroBytes: scan.NonZero,
 			ChunkSize:    ChunkSize,
-		})
+		}
+		m.Files = append(m.Files, fm)
+		if policy == imagev1.TransferPolicy_TRANSFER_POLICY_WHOLE_FILE && fm.Size > 0 {
+			if err := writeChunks(u.files[i], fm, filepath.Join(u.staging, zstDir, pf.Name)); err != nil {
+				u.Abort()
+				return nil, fmt.Errorf("compress %q: %w", pf.Name, err)
+			}
+		}
 	}
 	for _, f := range u.files {
 		f.Close()
 	}
 	u.files = nil
-	if err := fsutil.SyncDir(filepath.Join(u.staging, filesDir)); err != nil {
-		u.Abort()
-		return nil, err
+	for _, d := range []string{filesDir, zstDir} {
+		if err := fsutil.SyncDir(filepath.Join(u.staging, d)); err != nil {
+			u.Abort()
+			return nil, err
+		}
 	}
 	if err := u.s.install(u.staging, m, u.s.openImage); err != nil {
 		u.Abort()

@@ -86,6 +86,25 @@ func (h *FileHandle) readErr(err error) error {
 	return err
 }
 
+// Frame returns the chunk at off (a multiple of the chunk size) as the zstd
+// frame compressed at publish, or zero for an all-zero chunk; ok is false
+// when the file has no compressed chunks.
+func (h *FileHandle) Frame(off uint64) (frame []byte, zero, ok bool, err error) {
+	c := h.f.chunks
+	if c == nil || h.img.disk != nil {
+		return nil, false, false, nil
+	}
+	i := off / uint64(h.f.meta.ChunkSize)
+	if off%uint64(h.f.meta.ChunkSize) != 0 || i >= uint64(len(c.off)) {
+		return nil, false, false, fmt.Errorf("offset %d of %q is not the start of a chunk: %w", off, h.f.meta.Name, errdefs.ErrInvalidArgument)
+	}
+	frame, zero, err = c.frame(i)
+	if err != nil {
+		return nil, false, false, h.readErr(err)
+	}
+	return frame, zero, true, nil
+}
+
 // ReadRange reads [off, off+len(buf)) of the file into buf, for whole-file
 // transfers, and reports whether the range is all zero per the zero map
 // (then buf is left untouched). Writable disks are read block by block.

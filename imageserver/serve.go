@@ -178,8 +178,17 @@ func errorResponse(tag, block uint64, err error) *imagev1.ReadBlocksResponse {
 	return &imagev1.ReadBlocksResponse{Tag: tag, Block: block, Error: &imagev1.Error{Code: uint32(errdefs.Code(err)), Message: err.Error()}}
 }
 
-// ServeFetchFile answers a FetchFile stream: chunks are read and compressed
-// by several workers and sent in order.
+// FrameSource is a BlockSource that holds its chunks compressed already
+// (see chunks.go).
+type FrameSource interface {
+	// Frame returns the chunk at off as one zstd frame, or zero for an
+	// all-zero chunk; ok is false when the source has no such frames.
+	Frame(ctx context.Context, off uint64) (frame []byte, zero, ok bool, err error)
+}
+
+// ServeFetchFile answers a FetchFile stream: chunks are read (as frames
+// compressed at publish when src is a FrameSource that has them, else read
+// and compressed) by several workers and sent in order.
 func ServeFetchFile(req *imagev1.FetchFileRequest, stream imagev1.ImageService_FetchFileServer, src BlockSource, enc *zstd.Encoder, sent func(int)) error {
 	meta := src.Meta()
 	cs := uint64(meta.ChunkSize)
@@ -215,6 +224,17 @@ func ServeFetchFile(req *imagev1.FetchFileRequest, stream imagev1.ImageService_F
 			go func(off uint64) {
 				defer func() { <-sem }()
 				n := min(cs, meta.Size-off)
+				if fs, ok := src.(FrameSource); ok {
+					frame, zero, ok, err := fs.Frame(ctx, off)
+					if err != nil {
+						f <- result{err: err}
+						return
+					}
+					if ok {
+						f <- result{resp: &imagev1.FetchFileResponse{Offset: off, Length: uint32(n), Zero: zero, Data: frame}}
+						return
+					}
+				}
 				bp := bufPool.Get().(*[]byte)
 				defer bufPool.Put(bp)
 				buf := (*bp)[:n]

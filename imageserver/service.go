@@ -232,6 +232,9 @@ func (s storeSource) ReadBlock(_ context.Context, index uint64, buf []byte) (Blo
 func (s storeSource) ReadRange(_ context.Context, off uint64, buf []byte) (bool, error) {
 	return s.h.ReadRange(off, buf)
 }
+func (s storeSource) Frame(_ context.Context, off uint64) ([]byte, bool, bool, error) {
+	return s.h.Frame(off)
+}
 
 // FetchFile implements ImageService.FetchFile.
 func (s *Service) FetchFile(req *imagev1.FetchFileRequest, stream imagev1.ImageService_FetchFileServer) error {

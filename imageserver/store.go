@@ -22,6 +22,8 @@ import (
 //
 //	DIR/images/NAME/manifest.pb   the manifest (FULL view)
 //	DIR/images/NAME/files/FILE    the file, zero granules as holes
+//	DIR/images/NAME/zst/FILE      whole-file files: every chunk compressed
+//	                              (chunks.go)
 //	DIR/images/NAME/profile.pb    the boot profile, if any
 //	DIR/images/NAME/state         writable disks: generation + written-block bitmap
 //	DIR/images/NAME/journal/      writable disks: committed, not yet applied batches
@@ -51,8 +53,9 @@ type image struct {
 }
 
 type imageFile struct {
-	meta *imagev1.FileMeta
-	f    *os.File
+	meta   *imagev1.FileMeta
+	f      *os.File
+	chunks *chunks // nil: compressed at request time
 }
 
 // OpenStore opens (creating if needed) the store in dir, dropping uploads that
@@ -120,7 +123,13 @@ func (s *Store) openImage(m *imagev1.Manifest) (*image, error) {
 			img.close()
 			return nil, err
 		}
-		img.files[fm.Name] = &imageFile{meta: fm, f: f}
+		imf := &imageFile{meta: fm, f: f}
+		img.files[fm.Name] = imf
+		if fm.Policy == imagev1.TransferPolicy_TRANSFER_POLICY_WHOLE_FILE && fm.ChunkSize > 0 && !m.Writable {
+			if imf.chunks, err = openChunks(filepath.Join(img.dir, zstDir, fm.Name), fm); err != nil {
+				s.log.Warn("compressed chunks unusable; compressing at request time", zap.String("image", m.Name), zap.String("file", fm.Name), zap.Error(err))
+			}
+		}
 	}
 	return img, nil
 }
@@ -128,6 +137,9 @@ func (s *Store) openImage(m *imagev1.Manifest) (*image, error) {
 func (img *image) close() {
 	for _, f := range img.files {
 		f.f.Close()
+		if f.chunks != nil {
+			f.chunks.f.Close()
+		}
 	}
 	if img.disk != nil {
 		img.disk.data.Close()

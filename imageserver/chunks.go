@@ -1,0 +1,189 @@
+package imageserver
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"sync"
+
+	"github.com/klauspost/compress/zstd"
+
+	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+)
+
+// A whole-file file is compressed once, when it is published: each chunk of
+// ChunkSize bytes becomes one zstd frame in a sidecar, DIR/images/NAME/zst/
+// FILE, and FetchFile sends the frames as they are instead of compressing
+// at every request. Layout of a sidecar:
+//
+//	"VGZ1", uint32 chunk count,
+//	per chunk: uint64 offset of its frame in the sidecar, uint32 length
+//	           (0: the chunk is all zero and has no frame),
+//	the frames.
+//
+// Images published before sidecars existed are compressed at request time.
+const (
+	zstDir      = "zst"
+	chunksMagic = "VGZ1"
+)
+
+// chunkEncoder compresses sidecars harder than requests are: it runs once
+// per file, at publish.
+var chunkEncoder = sync.OnceValue(func() *zstd.Encoder {
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedBetterCompression), zstd.WithEncoderConcurrency(1))
+	if err != nil {
+		panic(err) // only for invalid options
+	}
+	return enc
+})
+
+func chunkCount(meta *imagev1.FileMeta) uint64 {
+	cs := uint64(meta.ChunkSize)
+	return (meta.Size + cs - 1) / cs
+}
+
+// writeChunks compresses src (described by meta) into the sidecar at path,
+// chunks in parallel, frames in order, and makes it durable.
+func writeChunks(src *os.File, meta *imagev1.FileMeta, path string) (err error) {
+	out, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := out.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			os.Remove(path)
+		}
+	}()
+	cs, n := uint64(meta.ChunkSize), chunkCount(meta)
+	header := make([]byte, 8+12*n)
+	copy(header, chunksMagic)
+	binary.LittleEndian.PutUint32(header[4:], uint32(n))
+
+	type result struct {
+		frame []byte
+		err   error
+	}
+	workers := runtime.GOMAXPROCS(0)
+	futures := make(chan chan result, workers*2)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		defer close(futures)
+		sem := make(chan struct{}, workers)
+		for i := range n {
+			f := make(chan result, 1)
+			select {
+			case futures <- f:
+			case <-stop:
+				return
+			}
+			sem <- struct{}{}
+			go func() {
+				defer func() { <-sem }()
+				off := i * cs
+				size := min(cs, meta.Size-off)
+				if IsZeroRange(meta.ZeroMap, off, size) {
+					f <- result{}
+					return
+				}
+				buf := make([]byte, size)
+				if _, err := src.ReadAt(buf, int64(off)); err != nil && !errors.Is(err, io.EOF) {
+					f <- result{err: err}
+					return
+				}
+				f <- result{frame: chunkEncoder().EncodeAll(buf, make([]byte, 0, size/2))}
+			}()
+		}
+	}()
+	pos := uint64(len(header))
+	var i uint64
+	for f := range futures {
+		r := <-f
+		if r.err != nil {
+			return r.err
+		}
+		if len(r.frame) > 0 {
+			if _, err := out.WriteAt(r.frame, int64(pos)); err != nil {
+				return err
+			}
+		}
+		binary.LittleEndian.PutUint64(header[8+12*i:], pos)
+		binary.LittleEndian.PutUint32(header[8+12*i+8:], uint32(len(r.frame)))
+		pos += uint64(len(r.frame))
+		i++
+	}
+	if i != n {
+		return fmt.Errorf("compressed %d of %d chunks", i, n)
+	}
+	if _, err := out.WriteAt(header, 0); err != nil {
+		return err
+	}
+	return out.Sync()
+}
+
+// chunks is an open sidecar.
+type chunks struct {
+	f   *os.File
+	off []uint64
+	len []uint32
+}
+
+// openChunks opens the sidecar at path for the file meta describes; a
+// missing sidecar is (nil, nil).
+func openChunks(path string, meta *imagev1.FileMeta) (*chunks, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	c, err := readChunkIndex(f, meta)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
+}
+
+func readChunkIndex(f *os.File, meta *imagev1.FileMeta) (*chunks, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	n := chunkCount(meta)
+	header := make([]byte, 8+12*n)
+	if _, err := f.ReadAt(header, 0); err != nil {
+		return nil, fmt.Errorf("chunk index: %w", err)
+	}
+	if string(header[:4]) != chunksMagic || uint64(binary.LittleEndian.Uint32(header[4:])) != n {
+		return nil, fmt.Errorf("not a chunk sidecar of %d chunks", n)
+	}
+	c := &chunks{f: f, off: make([]uint64, n), len: make([]uint32, n)}
+	for i := range n {
+		c.off[i] = binary.LittleEndian.Uint64(header[8+12*i:])
+		c.len[i] = binary.LittleEndian.Uint32(header[8+12*i+8:])
+		if c.off[i]+uint64(c.len[i]) > uint64(st.Size()) {
+			return nil, fmt.Errorf("chunk %d lies past the end of the sidecar", i)
+		}
+	}
+	return c, nil
+}
+
+// frame returns chunk i's zstd frame, or zero for an all-zero chunk.
+func (c *chunks) frame(i uint64) (frame []byte, zero bool, err error) {
+	if c.len[i] == 0 {
+		return nil, true, nil
+	}
+	b := make([]byte, c.len[i])
+	if _, err := c.f.ReadAt(b, int64(c.off[i])); err != nil {
+		return nil, false, err
+	}
+	return b, false, nil
+}
