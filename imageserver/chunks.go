@@ -1,6 +1,7 @@
 package imageserver
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -65,61 +66,32 @@ func writeChunks(src *os.File, meta *imagev1.FileMeta, path string) (err error) 
 	copy(header, chunksMagic)
 	binary.LittleEndian.PutUint32(header[4:], uint32(n))
 
-	type result struct {
-		frame []byte
-		err   error
-	}
-	workers := runtime.GOMAXPROCS(0)
-	futures := make(chan chan result, workers*2)
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() {
-		defer close(futures)
-		sem := make(chan struct{}, workers)
-		for i := range n {
-			f := make(chan result, 1)
-			select {
-			case futures <- f:
-			case <-stop:
-				return
-			}
-			sem <- struct{}{}
-			go func() {
-				defer func() { <-sem }()
-				off := i * cs
-				size := min(cs, meta.Size-off)
-				if IsZeroRange(meta.ZeroMap, off, size) {
-					f <- result{}
-					return
-				}
-				buf := make([]byte, size)
-				if _, err := src.ReadAt(buf, int64(off)); err != nil && !errors.Is(err, io.EOF) {
-					f <- result{err: err}
-					return
-				}
-				f <- result{frame: chunkEncoder().EncodeAll(buf, make([]byte, 0, size/2))}
-			}()
+	pos, next := uint64(len(header)), uint64(0)
+	err = inOrder(context.Background(), n, runtime.GOMAXPROCS(0), func(_ context.Context, i uint64) ([]byte, error) {
+		off := i * cs
+		size := min(cs, meta.Size-off)
+		if IsZeroRange(meta.ZeroMap, off, size) {
+			return nil, nil
 		}
-	}()
-	pos := uint64(len(header))
-	var i uint64
-	for f := range futures {
-		r := <-f
-		if r.err != nil {
-			return r.err
+		buf := make([]byte, size)
+		if _, err := src.ReadAt(buf, int64(off)); err != nil && !errors.Is(err, io.EOF) {
+			return nil, err
 		}
-		if len(r.frame) > 0 {
-			if _, err := out.WriteAt(r.frame, int64(pos)); err != nil {
+		return chunkEncoder().EncodeAll(buf, make([]byte, 0, size/2)), nil
+	}, func(frame []byte) error {
+		if len(frame) > 0 {
+			if _, err := out.WriteAt(frame, int64(pos)); err != nil {
 				return err
 			}
 		}
-		binary.LittleEndian.PutUint64(header[8+12*i:], pos)
-		binary.LittleEndian.PutUint32(header[8+12*i+8:], uint32(len(r.frame)))
-		pos += uint64(len(r.frame))
-		i++
-	}
-	if i != n {
-		return fmt.Errorf("compressed %d of %d chunks", i, n)
+		binary.LittleEndian.PutUint64(header[8+12*next:], pos)
+		binary.LittleEndian.PutUint32(header[8+12*next+8:], uint32(len(frame)))
+		pos += uint64(len(frame))
+		next++
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	if _, err := out.WriteAt(header, 0); err != nil {
 		return err

@@ -201,54 +201,72 @@ func ServeFetchFile(req *imagev1.FetchFileRequest, stream imagev1.ImageService_F
 	if req.Offset > meta.Size {
 		return fmt.Errorf("offset %d is past the end of %q (%d bytes): %w", req.Offset, meta.Name, meta.Size, errdefs.ErrOutOfRange)
 	}
-	ctx, cancel := context.WithCancel(stream.Context())
+	n := (meta.Size - req.Offset + cs - 1) / cs
+	frames, _ := src.(FrameSource)
+	return inOrder(stream.Context(), n, max(2, runtime.NumCPU()), func(ctx context.Context, i uint64) (*imagev1.FetchFileResponse, error) {
+		off := req.Offset + i*cs
+		n := min(cs, meta.Size-off)
+		if frames != nil {
+			frame, zero, ok, err := frames.Frame(ctx, off)
+			if err != nil {
+				return nil, err
+			}
+			if ok {
+				return &imagev1.FetchFileResponse{Offset: off, Length: uint32(n), Zero: zero, Data: frame}, nil
+			}
+		}
+		bp := bufPool.Get().(*[]byte)
+		defer bufPool.Put(bp)
+		buf := (*bp)[:n]
+		zero, err := src.ReadRange(ctx, off, buf)
+		if err != nil {
+			return nil, err
+		}
+		r := &imagev1.FetchFileResponse{Offset: off, Length: uint32(n), Zero: zero}
+		if !zero {
+			r.Data = enc.EncodeAll(buf, make([]byte, 0, n/2))
+		}
+		return r, nil
+	}, func(r *imagev1.FetchFileResponse) error {
+		if sent != nil { // before Send, as in ServeReadBlocks
+			sent(len(r.Data))
+		}
+		return stream.Send(r)
+	})
+}
+
+// inOrder runs work(0..n-1) on up to workers goroutines and hands the
+// results to use in index order, a window of futures keeping the workers
+// ahead of use; it stops at the first error of either, or when ctx ends.
+func inOrder[T any](ctx context.Context, n uint64, workers int, work func(context.Context, uint64) (T, error), use func(T) error) error {
+	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	type result struct {
-		resp *imagev1.FetchFileResponse
-		err  error
+		v   T
+		err error
 	}
-	// A window of futures keeps chunks in order while workers run ahead.
-	workers := max(2, runtime.NumCPU())
 	futures := make(chan chan result, workers*2)
-	sem := make(chan struct{}, workers)
 	go func() {
 		defer close(futures)
-		for off := req.Offset; off < meta.Size; off += cs {
+		sem := make(chan struct{}, workers)
+		for i := range n {
 			f := make(chan result, 1)
 			select {
 			case futures <- f:
 			case <-ctx.Done():
 				return
 			}
-			sem <- struct{}{}
-			go func(off uint64) {
+			select {
+			case sem <- struct{}{}:
+			case <-ctx.Done():
+				f <- result{err: ctx.Err()}
+				return
+			}
+			go func() {
 				defer func() { <-sem }()
-				n := min(cs, meta.Size-off)
-				if fs, ok := src.(FrameSource); ok {
-					frame, zero, ok, err := fs.Frame(ctx, off)
-					if err != nil {
-						f <- result{err: err}
-						return
-					}
-					if ok {
-						f <- result{resp: &imagev1.FetchFileResponse{Offset: off, Length: uint32(n), Zero: zero, Data: frame}}
-						return
-					}
-				}
-				bp := bufPool.Get().(*[]byte)
-				defer bufPool.Put(bp)
-				buf := (*bp)[:n]
-				zero, err := src.ReadRange(ctx, off, buf)
-				if err != nil {
-					f <- result{err: err}
-					return
-				}
-				r := &imagev1.FetchFileResponse{Offset: off, Length: uint32(n), Zero: zero}
-				if !zero {
-					r.Data = enc.EncodeAll(buf, make([]byte, 0, n/2))
-				}
-				f <- result{resp: r}
-			}(off)
+				v, err := work(ctx, i)
+				f <- result{v, err}
+			}()
 		}
 	}()
 	for f := range futures {
@@ -256,12 +274,9 @@ func ServeFetchFile(req *imagev1.FetchFileRequest, stream imagev1.ImageService_F
 		if r.err != nil {
 			return r.err
 		}
-		if sent != nil { // before Send, as in ServeReadBlocks
-			sent(len(r.resp.Data))
-		}
-		if err := stream.Send(r.resp); err != nil {
+		if err := use(r.v); err != nil {
 			return err
 		}
 	}
-	return nil
+	return ctx.Err()
 }
