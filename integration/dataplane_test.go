@@ -3,6 +3,7 @@ package integration
 import (
 	"encoding/json"
 	"errors"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -22,14 +23,16 @@ type file = struct {
 	data []byte
 }
 
-// writeAt writes regions of a file through the FUSE view.
+// writeAt writes regions of a file through the FUSE view, in the order of
+// their offsets (where regions overlap, the later offset's bytes win).
 func writeAt(t *testing.T, path string, writes map[int64][]byte) {
 	t.Helper()
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for off, b := range writes {
+	for _, off := range slices.Sorted(maps.Keys(writes)) {
+		b := writes[off]
 		if _, err := f.WriteAt(b, off); err != nil {
 			f.Close()
 			t.Fatalf("write %d bytes at %d: %v", len(b), off, err)
