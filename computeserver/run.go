@@ -110,11 +110,11 @@ func Start(ctx context.Context, cfg Config) (*Plant, error) {
 	}
 	driver := cfg.Driver
 	if driver == nil {
-		driver = &vmm.QEMU{Log: log}
+		driver = &vmm.QEMU{Logger: log}
 	}
 	pl, err := plant.New(plant.Config{
 		Name: name, Dir: filepath.Join(cfg.DataDir, "vms"), Mountpoint: mnt, Proxy: p,
-		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, Log: log, DataToken: cfg.DataToken, DataTLS: cfg.Server.TLS,
+		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, Logger: log, DataToken: cfg.DataToken, DataTLS: cfg.Server.TLS,
 	})
 	if err != nil {
 		return fail(err)

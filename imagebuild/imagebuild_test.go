@@ -33,7 +33,7 @@ func fetchKernel(t *testing.T) *Kernel {
 	requireTools(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	k, err := (&KernelSource{Log: zaptest.NewLogger(t)}).Fetch(ctx)
+	k, err := (&KernelSource{Logger: zaptest.NewLogger(t)}).Fetch(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,7 +43,7 @@ func fetchKernel(t *testing.T) *Kernel {
 func TestKernelFetchUsesCache(t *testing.T) {
 	requireTools(t)
 	ctx := context.Background()
-	src := &KernelSource{Log: zaptest.NewLogger(t)}
+	src := &KernelSource{Logger: zaptest.NewLogger(t)}
 	start := time.Now()
 	k1, err := src.Fetch(ctx)
 	if err != nil {
@@ -172,7 +172,7 @@ func TestTinyBuildTwiceUsesCache(t *testing.T) {
 		t.Fatal(err)
 	}
 	recipe := &Tiny{
-		Log:        zaptest.NewLogger(t),
+		Logger:     zaptest.NewLogger(t),
 		Hook:       "echo hello from the hook\n",
 		ExtraFiles: map[string]string{"/usr/local/bin/agent": extra},
 	}

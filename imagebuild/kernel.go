@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmgrid/vmgrid/services"
 	"go.uber.org/zap"
 )
 
@@ -47,8 +48,8 @@ type KernelSource struct {
 	// package it depends on) or a concrete image package. Empty means
 	// DefaultKernelPackage.
 	Package string
-	// Log receives progress; nil logs nothing.
-	Log *zap.Logger
+	// Logger receives progress; nil logs nothing.
+	Logger *zap.Logger
 }
 
 // Kernel is an extracted kernel package.
@@ -69,12 +70,7 @@ type Kernel struct {
 	Cached bool `json:"-"`
 }
 
-func (s *KernelSource) log() *zap.Logger {
-	if s.Log == nil {
-		return zap.NewNop()
-	}
-	return s.Log
-}
+func (s *KernelSource) log() *zap.Logger { return services.LoggerOr(s.Logger) }
 
 func (s *KernelSource) dir() string {
 	d := s.CacheDir

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmgrid/vmgrid/services"
 	"go.uber.org/zap"
 )
 
@@ -87,8 +88,8 @@ type Tiny struct {
 	// VCPUs and MemoryMiB are the image's attributes; 0 means 1 and 256.
 	VCPUs     int
 	MemoryMiB int
-	// Log receives progress; nil logs nothing.
-	Log *zap.Logger
+	// Logger receives progress; nil logs nothing.
+	Logger *zap.Logger
 }
 
 var _ Recipe = (*Tiny)(nil)
@@ -111,13 +112,10 @@ const (
 // and image.json.
 func (t *Tiny) Build(ctx context.Context, outDir string) (*Image, error) {
 	start := time.Now()
-	log := t.Log
-	if log == nil {
-		log = zap.NewNop()
-	}
+	log := services.LoggerOr(t.Logger)
 	src := t.Kernels
 	if src == nil {
-		src = &KernelSource{Log: log}
+		src = &KernelSource{Logger: log}
 	}
 	k, err := src.Fetch(ctx)
 	if err != nil {

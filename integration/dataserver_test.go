@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/vmgrid/vmgrid/computeserver/plant/datadisk"
 	"github.com/vmgrid/vmgrid/dataserver"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 	"github.com/vmgrid/vmgrid/services"
@@ -666,14 +667,14 @@ func TestStageInAndOut(t *testing.T) {
 	}
 	work := t.TempDir()
 	disk := filepath.Join(work, "data.img")
-	if err := dataserver.BuildDataDisk(ctx, d.alice, []string{"job/video.raw", "job/conf/params.txt"}, 0, disk); err != nil {
+	if err := datadisk.Build(ctx, d.alice, []string{"job/video.raw", "job/conf/params.txt"}, 0, disk); err != nil {
 		t.Fatal(err)
 	}
 	st, err := os.Stat(disk)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := int64(dataserver.DefaultDataDiskMiB(uint64(len(bigData)+16))) << 20; st.Size() != want {
+	if want := int64(datadisk.DefaultSizeMiB(uint64(len(bigData)+16))) << 20; st.Size() != want {
 		t.Fatalf("disk of %d bytes, want %d", st.Size(), want)
 	}
 	if ents, _ := os.ReadDir(work); len(ents) != 1 {
@@ -698,7 +699,7 @@ func TestStageInAndOut(t *testing.T) {
 	}
 
 	// Nothing written yet: nothing staged out.
-	got, err := dataserver.StageOut(ctx, d.alice, disk, "out", "job/results")
+	got, err := datadisk.StageOut(ctx, d.alice, disk, "out", "job/results")
 	if err != nil || len(got) != 0 {
 		t.Fatalf("empty stage-out: %v %v", got, err)
 	}
@@ -718,7 +719,7 @@ func TestStageInAndOut(t *testing.T) {
 		t.Fatal(err)
 	}
 	debugfs(t, disk, "-w", "-R", "write "+sparse+" /out/sparse")
-	got, err = dataserver.StageOut(ctx, d.alice, disk, "out", "job/results/")
+	got, err = datadisk.StageOut(ctx, d.alice, disk, "out", "job/results/")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -740,13 +741,13 @@ func TestStageInAndOut(t *testing.T) {
 	}
 
 	// Stage-out as another owner stays in that owner's namespace.
-	if got, err := dataserver.StageOut(ctx, d.bob, disk, "/out/logs/", ""); err != nil || !slices.Equal(got, []string{"empty", "run.log"}) {
+	if got, err := datadisk.StageOut(ctx, d.bob, disk, "/out/logs/", ""); err != nil || !slices.Equal(got, []string{"empty", "run.log"}) {
 		t.Fatalf("bob's stage-out: %v %v", got, err)
 	}
 	if files, _ := d.bob.List(ctx, ""); len(files) != 2 || files[0].Owner != "bob" {
 		t.Fatalf("bob's files %v", files)
 	}
-	if _, err = dataserver.StageOut(ctx, d.alice, disk, "nope", "x"); !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), "/nope") {
+	if _, err = datadisk.StageOut(ctx, d.alice, disk, "nope", "x"); !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), "/nope") {
 		t.Fatalf("stage-out of a missing directory: %v", err)
 	}
 }
@@ -777,7 +778,7 @@ func TestStageInRejects(t *testing.T) {
 		if c.is == nil {
 			client, c.is = d.bob.ForOwner("alice"), errdefs.IsPermissionDenied
 		}
-		err := dataserver.BuildDataDisk(ctx, client, c.files, c.size, disk)
+		err := datadisk.Build(ctx, client, c.files, c.size, disk)
 		if !c.is(err) {
 			t.Fatalf("%v (%d MiB): %v", c.files, c.size, err)
 		}
@@ -789,7 +790,7 @@ func TestStageInRejects(t *testing.T) {
 	if err := d.alice.Grant(ctx, "bob", "b"); err != nil {
 		t.Fatal(err)
 	}
-	if err := dataserver.BuildDataDisk(ctx, d.bob.ForOwner("alice"), []string{"b/c"}, 16, disk); err != nil {
+	if err := datadisk.Build(ctx, d.bob.ForOwner("alice"), []string{"b/c"}, 16, disk); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -834,7 +835,7 @@ func TestStageOutHostileImage(t *testing.T) {
 		t.Fatalf("the crafted name is not in the image: %s", ls)
 	}
 
-	got, err := dataserver.StageOut(ctx, d.alice, disk, "out", "res")
+	got, err := datadisk.StageOut(ctx, d.alice, disk, "out", "res")
 	if !slices.Equal(got, []string{"res/ok.txt"}) {
 		t.Fatalf("staged out %v", got)
 	}

@@ -39,8 +39,8 @@ import (
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
-	"github.com/vmgrid/vmgrid/services/dag"
 	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/shop/dag"
 	"github.com/vmgrid/vmgrid/shop/market"
 )
 
@@ -248,7 +248,7 @@ func (s *Shop) CreateVM(req *shopv1.CreateVMRequest, stream shopv1.ShopService_C
 
 // create makes (or, for a known request, finds) an owner's VM.
 func (s *Shop) create(ctx context.Context, owner string, req *shopv1.CreateVMRequest, send func(*shopv1.CreateVMProgress)) (*computev1.ClassAd, error) {
-	if err := dag.Validate(req.Config); err != nil {
+	if _, err := dag.New(req.Config); err != nil {
 		return nil, fmt.Errorf("config: %v: %w", err, errdefs.ErrInvalidArgument)
 	}
 	vmID := VMID(owner, req.RequestId)
@@ -438,6 +438,10 @@ func (s *Shop) match(ctx context.Context, req *shopv1.CreateVMRequest) (string, 
 		m    *imagev1.Manifest
 		done int
 	}
+	plan, err := dag.New(req.Config)
+	if err != nil {
+		return "", 0, nil, fmt.Errorf("config: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
 	var cands []cand
 	var why []string
 	for _, m := range list.Images {
@@ -456,7 +460,7 @@ func (s *Shop) match(ctx context.Context, req *shopv1.CreateVMRequest) (string, 
 		for _, act := range a.GetActions() {
 			performed = append(performed, act.Digest)
 		}
-		if _, err := dag.Match(req.GetConfig().GetActions(), performed); err != nil {
+		if _, err := plan.Match(performed); err != nil {
 			why = append(why, fmt.Sprintf("%s: %v", m.Name, err))
 			continue
 		}

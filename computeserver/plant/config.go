@@ -95,3 +95,11 @@ var hotplugPorts = []string{
 	"-device", "pcie-root-port,id=hp2,chassis=3,slot=3",
 	"-device", "pcie-root-port,id=hp3,chassis=4,slot=4",
 }
+
+func writeJSON(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o644)
+}

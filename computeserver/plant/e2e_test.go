@@ -106,7 +106,7 @@ func TestProductionLine(t *testing.T) {
 	defer cancel()
 	is := testutil.StartServer(t, "")
 	g, err := plant.BuildGolden(ctx, plant.GoldenOptions{
-		Name: "tiny", WorkDir: testutil.ShortTempDir(t), Driver: &vmm.QEMU{}, Publish: is.Client, Log: zaptest.NewLogger(t),
+		Name: "tiny", WorkDir: testutil.ShortTempDir(t), Driver: &vmm.QEMU{}, Publish: is.Client, Logger: zaptest.NewLogger(t),
 		Recipe: &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": testutil.GuestAgent(t)}},
 	})
 	if err != nil {

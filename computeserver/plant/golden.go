@@ -2,8 +2,8 @@ package plant
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,7 +17,8 @@ import (
 	"github.com/vmgrid/vmgrid/imageserver"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
-	"github.com/vmgrid/vmgrid/services/dag"
+	"github.com/vmgrid/vmgrid/services"
+	"github.com/vmgrid/vmgrid/shop/dag"
 )
 
 // GoldenHook is the guest hook of golden images built here: make the root
@@ -46,7 +47,7 @@ type GoldenOptions struct {
 	// suspended; the image records them (with their digests) so requests
 	// whose DAG starts with them match it and skip them (VMPlants §3.2).
 	Actions []*computev1.Action
-	Log     *zap.Logger
+	Logger  *zap.Logger
 }
 
 // Golden is a built golden image on local disk.
@@ -60,86 +61,143 @@ type Golden struct {
 }
 
 // BuildGolden builds a golden image: the recipe's files, booted under QEMU
-// on a redo log until the agent answers, suspended to a memory state, and
-// the redo log folded into the root disk so disk and memory are the same
-// instant. Then it is published if opts.Publish is set.
+// on a redo log until the agent answers, configured, suspended to a memory
+// state, and the redo log folded into the root disk so disk and memory are
+// the same instant. Then it is published if opts.Publish is set.
 func BuildGolden(ctx context.Context, opts GoldenOptions) (*Golden, error) {
-	log := opts.Log
-	if log == nil {
-		log = zap.NewNop()
+	b := &goldenBuild{opts: opts, log: services.LoggerOr(opts.Logger), g: &Golden{Dir: opts.WorkDir, Took: map[string]time.Duration{}}}
+	defer b.kill()
+	for _, s := range []struct {
+		name string
+		do   func(*goldenBuild, context.Context) error
+	}{
+		{"files", (*goldenBuild).files},
+		{"boot", (*goldenBuild).boot},
+		{"actions", (*goldenBuild).actions},
+		{"suspend", (*goldenBuild).suspend},
+		{"commit", (*goldenBuild).commit},
+		{"describe", (*goldenBuild).describe},
+		{"publish", (*goldenBuild).publish},
+	} {
+		start := time.Now()
+		if err := s.do(b, ctx); err != nil {
+			return nil, err
+		}
+		b.g.Took[s.name] = time.Since(start)
+		b.log.Info("golden build", zap.String("phase", s.name), zap.Duration("took", b.g.Took[s.name]))
 	}
-	g := &Golden{Dir: opts.WorkDir, Took: map[string]time.Duration{}}
-	phase := func(name string, start time.Time) {
-		g.Took[name] = time.Since(start)
-		log.Info("golden build", zap.String("phase", name), zap.Duration("took", g.Took[name]))
-	}
-	start := time.Now()
-	img, err := opts.Recipe.Build(ctx, filepath.Join(opts.WorkDir, "files"))
-	if err != nil {
-		return nil, fmt.Errorf("recipe %s: %w", opts.Recipe.Name(), err)
-	}
-	phase("files", start)
+	return b.g, nil
+}
 
-	// Boot on a redo log so the recipe's disk stays as built until the
-	// suspend, then fold it in.
-	start = time.Now()
-	overlay := filepath.Join(opts.WorkDir, "build.qcow2")
-	if err := qemuImg(ctx, "create", "-q", "-f", "qcow2", "-b", img.RootDisk, "-F", "raw", overlay); err != nil {
-		return nil, err
+// goldenBuild is one golden image on its way through BuildGolden.
+type goldenBuild struct {
+	opts    GoldenOptions
+	log     *zap.Logger
+	g       *Golden
+	img     *imagebuild.Image
+	overlay string // the redo log the build boots on
+	m       vmm.Machine
+	ac      *agent.Client
+	// performed is what the image records of its actions.
+	performed []*imagev1.Action
+	mem, root string
+}
+
+func (b *goldenBuild) kill() {
+	if b.ac != nil {
+		b.ac.Close()
+	}
+	if b.m != nil {
+		_ = b.m.Kill() // a no-op once suspended
+	}
+}
+
+func (b *goldenBuild) files(ctx context.Context) error {
+	img, err := b.opts.Recipe.Build(ctx, filepath.Join(b.opts.WorkDir, "files"))
+	if err != nil {
+		return fmt.Errorf("recipe %s: %w", b.opts.Recipe.Name(), err)
+	}
+	b.img = img
+	return nil
+}
+
+// boot starts the machine on a redo log, so the recipe's disk stays as
+// built until the suspend (then the log is folded in), and waits for the
+// agent.
+func (b *goldenBuild) boot(ctx context.Context) error {
+	img := b.img
+	b.overlay = filepath.Join(b.opts.WorkDir, "build.qcow2")
+	if err := qemuImg(ctx, "create", "-q", "-f", "qcow2", "-b", img.RootDisk, "-F", "raw", b.overlay); err != nil {
+		return err
 	}
 	spec := vmm.Spec{
-		Name:      "golden-" + opts.Name,
-		Dir:       filepath.Join(opts.WorkDir, "m"),
+		Name:      "golden-" + b.opts.Name,
+		Dir:       filepath.Join(b.opts.WorkDir, "m"),
 		VCPUs:     img.Attributes.VCPUs,
 		MemoryMiB: img.Attributes.MemoryMiB,
 		Kernel:    img.Kernel,
 		Initrd:    img.Initrd,
 		Append:    img.Cmdline,
-		Disks:     []vmm.Disk{{Path: overlay, Format: vmm.QCOW2, Interface: vmm.DiskInterface(img.RootInterface)}},
-		Channels:  []vmm.Channel{{Name: AgentChannel, Socket: filepath.Join(opts.WorkDir, "m", "agent.sock")}},
+		Disks:     []vmm.Disk{{Path: b.overlay, Format: vmm.QCOW2, Interface: vmm.DiskInterface(img.RootInterface)}},
+		Channels:  []vmm.Channel{{Name: AgentChannel, Socket: filepath.Join(b.opts.WorkDir, "m", "agent.sock")}},
 		ExtraArgs: hotplugPorts,
 	}
-	m, err := opts.Driver.Start(ctx, spec)
+	m, err := b.opts.Driver.Start(ctx, spec)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	defer m.Kill() //nolint:errcheck // no-op once suspended
-	actx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	ac, err := agent.Dial(actx, spec.Channels[0].Socket)
-	if err != nil {
-		return nil, err
+	b.m = m
+	if b.ac, err = waitAgent(ctx, m, spec.Channels[0].Socket, agentTimeout); err != nil {
+		return fmt.Errorf("golden boot: the agent never answered: %w\n%s", err, tail(m.ConsoleLog(), 2000))
 	}
-	err = ac.WaitReady(actx)
-	if err != nil {
-		ac.Close()
-		return nil, fmt.Errorf("golden boot: the agent never answered: %w\n%s", err, tail(m.ConsoleLog(), 2000))
-	}
-	phase("boot", start)
-	performed, err := performActions(ctx, ac, opts.Actions)
-	if err == nil {
-		err = dropCaches(ctx, ac)
-	}
-	ac.Close()
-	if err != nil {
-		return nil, err
-	}
+	return nil
+}
 
-	start = time.Now()
-	mem := filepath.Join(opts.WorkDir, MemoryFile)
-	if err := m.Suspend(ctx, mem); err != nil {
-		return nil, err
+// actions performs the golden image's configuration in the guest, on the
+// runner clones use, and empties its page cache.
+func (b *goldenBuild) actions(ctx context.Context) error {
+	if len(b.opts.Actions) > 0 {
+		plan, err := dag.New(&computev1.ConfigDAG{Actions: b.opts.Actions})
+		if err != nil {
+			return fmt.Errorf("golden actions: %w", err)
+		}
+		for _, s := range plan.Steps {
+			if dag.IsHost(s.Action) {
+				return fmt.Errorf("golden action %q: host actions cannot be part of a golden image", s.Action.Id)
+			}
+			b.performed = append(b.performed, &imagev1.Action{Name: s.Action.Id, Kind: s.Kind, Digest: s.Digest})
+		}
+		r := &runner{agent: b.ac, m: b.m}
+		if _, f := r.run(ctx, plan, nil); f != nil {
+			return fmt.Errorf("golden %w", f)
+		}
 	}
-	phase("suspend", start)
-	start = time.Now()
-	root := filepath.Join(opts.WorkDir, RootFile)
-	if err := qemuImg(ctx, "convert", "-q", "-O", "raw", "-S", "4k", overlay, root); err != nil {
-		return nil, err
-	}
-	os.Remove(overlay)
-	phase("commit", start)
+	err := dropCaches(ctx, b.ac)
+	b.ac.Close()
+	b.ac = nil
+	return err
+}
 
-	used := m.Spec()
+func (b *goldenBuild) suspend(ctx context.Context) error {
+	b.mem = filepath.Join(b.opts.WorkDir, MemoryFile)
+	return b.m.Suspend(ctx, b.mem)
+}
+
+// commit folds the redo log into the root disk.
+func (b *goldenBuild) commit(ctx context.Context) error {
+	b.root = filepath.Join(b.opts.WorkDir, RootFile)
+	if err := qemuImg(ctx, "convert", "-q", "-O", "raw", "-S", "4k", b.overlay, b.root); err != nil {
+		return err
+	}
+	os.Remove(b.overlay)
+	return nil
+}
+
+// describe writes vm.json and the resume kernel, and lists the image's
+// attributes and files.
+func (b *goldenBuild) describe(context.Context) error {
+	g, img, dir := b.g, b.img, b.opts.WorkDir
+	used := b.m.Spec()
 	tmpl := used
 	tmpl.Name, tmpl.Dir, tmpl.Kernel, tmpl.Initrd, tmpl.Incoming = "", "", "", "", nil
 	tmpl.Disks = []vmm.Disk{{Format: vmm.QCOW2, Interface: used.Disks[0].Interface}}
@@ -148,30 +206,27 @@ func BuildGolden(ctx context.Context, opts GoldenOptions) (*Golden, error) {
 	if img.Initrd != "" {
 		g.Config.Initrd = InitrdFile
 	}
-	resumeKernel := filepath.Join(opts.WorkDir, ResumeKernelFile)
+	resumeKernel := filepath.Join(dir, ResumeKernelFile)
 	if err := WriteResumeKernel(img.Kernel, resumeKernel); err != nil {
-		log.Warn("no resume kernel: clones will fetch the whole kernel", zap.Error(err))
+		b.log.Warn("no resume kernel: clones will fetch the whole kernel", zap.Error(err))
 	} else {
 		g.Config.ResumeKernel = ResumeKernelFile
 	}
-	cfgPath := filepath.Join(opts.WorkDir, ConfigFile)
-	b, _ := json.MarshalIndent(g.Config, "", "  ")
-	if err := os.WriteFile(cfgPath, b, 0o644); err != nil {
-		return nil, err
+	cfgPath := filepath.Join(dir, ConfigFile)
+	if err := writeJSON(cfgPath, g.Config); err != nil {
+		return err
 	}
 	g.Attrs = &imagev1.ImageAttributes{
-		Actions: performed,
+		Actions: b.performed,
 		Arch:    img.Attributes.Arch, Vcpus: uint32(used.VCPUs), MemoryMib: uint64(used.MemoryMiB), Os: img.Attributes.OS,
-		Labels: map[string]string{"recipe": opts.Recipe.Name(), "kernel": img.KernelRelease},
+		Labels: map[string]string{"recipe": b.opts.Recipe.Name(), "kernel": img.KernelRelease},
 	}
-	for k, v := range opts.Labels {
-		g.Attrs.Labels[k] = v
-	}
+	maps.Copy(g.Attrs.Labels, b.opts.Labels)
 	g.Files = []imageserver.PublishFile{
 		{Name: ConfigFile, Path: cfgPath, Kind: imagev1.FileKind_FILE_KIND_CONFIG},
 		{Name: KernelFile, Path: img.Kernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL},
-		{Name: RootFile, Path: root, Kind: imagev1.FileKind_FILE_KIND_DISK},
-		{Name: MemoryFile, Path: mem, Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE},
+		{Name: RootFile, Path: b.root, Kind: imagev1.FileKind_FILE_KIND_DISK},
+		{Name: MemoryFile, Path: b.mem, Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE},
 	}
 	if img.Initrd != "" {
 		g.Files = append(g.Files, imageserver.PublishFile{Name: InitrdFile, Path: img.Initrd, Kind: imagev1.FileKind_FILE_KIND_INITRD})
@@ -179,14 +234,17 @@ func BuildGolden(ctx context.Context, opts GoldenOptions) (*Golden, error) {
 	if g.Config.ResumeKernel != "" {
 		g.Files = append(g.Files, imageserver.PublishFile{Name: ResumeKernelFile, Path: resumeKernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL})
 	}
-	if opts.Publish != nil {
-		start = time.Now()
-		if _, err := opts.Publish.Publish(ctx, imageserver.PublishSpec{Name: opts.Name, Attributes: g.Attrs, Files: g.Files}, nil); err != nil {
-			return nil, fmt.Errorf("publish %s: %w", opts.Name, err)
-		}
-		phase("publish", start)
+	return nil
+}
+
+func (b *goldenBuild) publish(ctx context.Context) error {
+	if b.opts.Publish == nil {
+		return nil
 	}
-	return g, nil
+	if _, err := b.opts.Publish.Publish(ctx, imageserver.PublishSpec{Name: b.opts.Name, Attributes: b.g.Attrs, Files: b.g.Files}, nil); err != nil {
+		return fmt.Errorf("publish %s: %w", b.opts.Name, err)
+	}
+	return nil
 }
 
 // dropCaches empties the guest's page cache before the suspend: its pages
@@ -207,7 +265,7 @@ func dropCaches(ctx context.Context, ac *agent.Client) error {
 func qemuImg(ctx context.Context, args ...string) error {
 	out, err := exec.CommandContext(ctx, "qemu-img", args...).CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("qemu-img %s: %v: %s", args[0], err, out)
+		return fmt.Errorf("qemu-img %s: %w: %s", args[0], err, out)
 	}
 	return nil
 }
@@ -217,30 +275,4 @@ func tail(s string, n int) string {
 		return "…" + s[len(s)-n:]
 	}
 	return s
-}
-
-// performActions runs a golden image's configuration in the guest, in
-// topological order, and returns what the image records of it.
-func performActions(ctx context.Context, ac *agent.Client, actions []*computev1.Action) ([]*imagev1.Action, error) {
-	if len(actions) == 0 {
-		return nil, nil
-	}
-	if err := dag.Validate(&computev1.ConfigDAG{Actions: actions}); err != nil {
-		return nil, fmt.Errorf("golden actions: %w", err)
-	}
-	digests, _ := dag.Digests(actions)
-	ordered, _ := dag.Order(actions)
-	p := &Plant{log: zap.NewNop()}
-	v := &vm{agent: ac}
-	var out []*imagev1.Action
-	for _, a := range ordered {
-		if dag.IsHost(a) {
-			return nil, fmt.Errorf("golden action %q: host actions cannot be part of a golden image", a.Id)
-		}
-		if r := p.runAction(ctx, v, a); r.Error != "" {
-			return nil, fmt.Errorf("golden action %q failed: %s%s", a.Id, r.Error, outputTail(r))
-		}
-		out = append(out, &imagev1.Action{Name: a.Id, Kind: dag.Kind(a), Digest: digests[a.Id]})
-	}
-	return out, nil
 }

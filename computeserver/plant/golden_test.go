@@ -19,7 +19,7 @@ func tinyRecipe(t *testing.T) *imagebuild.Tiny {
 	return &imagebuild.Tiny{
 		Hook:       GoldenHook,
 		ExtraFiles: map[string]string{"/sbin/vmgrid-agent": testutil.GuestAgent(t)},
-		Log:        zaptest.NewLogger(t),
+		Logger:     zaptest.NewLogger(t),
 	}
 }
 
@@ -28,7 +28,7 @@ func TestBuildGolden(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	dir := testutil.ShortTempDir(t)
-	g, err := BuildGolden(ctx, GoldenOptions{Name: "tiny", Recipe: tinyRecipe(t), WorkDir: dir, Driver: &vmm.QEMU{}, Log: zaptest.NewLogger(t)})
+	g, err := BuildGolden(ctx, GoldenOptions{Name: "tiny", Recipe: tinyRecipe(t), WorkDir: dir, Driver: &vmm.QEMU{}, Logger: zaptest.NewLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/vmgrid/vmgrid/computeserver/agent"
+	"github.com/vmgrid/vmgrid/computeserver/plant/datadisk"
 	"github.com/vmgrid/vmgrid/dataserver"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	"github.com/vmgrid/vmgrid/services"
@@ -33,42 +34,45 @@ func (p *Plant) dataClient(addr, owner string) (*dataserver.Client, func(), erro
 	return dataserver.NewClient(cc), func() { cc.Close() }, nil
 }
 
-// stageIn builds the data disk from the owner's files, plugs it in and
-// mounts it in the guest (Goiri et al.'s stage-in).
-func (p *Plant) stageIn(ctx context.Context, v *vm, a *computev1.StageInAction, r *computev1.ActionResult) error {
-	owner := v.ad.Owner
-	if owner == "" {
-		return fmt.Errorf("stage-in needs the VM's owner")
+// stageIn returns the stage_in runner of a VM: it builds the data disk
+// from the owner's files, plugs it in and mounts it in the guest (Goiri et
+// al.'s stage-in), and remembers the disk for StageOut.
+func (p *Plant) stageIn(v *vm) func(context.Context, *runner, *computev1.StageInAction, *computev1.ActionResult) error {
+	return func(ctx context.Context, r *runner, a *computev1.StageInAction, res *computev1.ActionResult) error {
+		owner := v.ad.Owner
+		if owner == "" {
+			return fmt.Errorf("stage-in needs the VM's owner")
+		}
+		c, done, err := p.dataClient(a.Dataserver, owner)
+		if err != nil {
+			return err
+		}
+		defer done()
+		disk := filepath.Join(v.dir, "data.raw")
+		if err := datadisk.Build(ctx, c, a.Files, a.SizeMib, disk); err != nil {
+			return fmt.Errorf("build the data disk: %w", err)
+		}
+		if err := r.hotplug(ctx, "data", disk, res); err != nil {
+			return err
+		}
+		mnt := a.MountPath
+		if mnt == "" {
+			mnt = DefaultWorkDir
+		}
+		resp, err := r.agent.Do(ctx, agent.Request{Op: agent.OpMount, Device: res.Results["device"], Path: mnt, FSType: "ext4"})
+		if err != nil {
+			return err
+		}
+		if resp.Error != "" {
+			return fmt.Errorf("mount the data disk: %s", resp.Error)
+		}
+		v.mu.Lock()
+		v.dataDisk, v.dataMount, v.dataServer = disk, mnt, a.Dataserver
+		v.mu.Unlock()
+		res.Results["mount"] = mnt
+		res.Results["files"] = fmt.Sprint(len(a.Files))
+		return nil
 	}
-	c, done, err := p.dataClient(a.Dataserver, owner)
-	if err != nil {
-		return err
-	}
-	defer done()
-	disk := filepath.Join(v.dir, "data.raw")
-	if err := dataserver.BuildDataDisk(ctx, c, a.Files, a.SizeMib, disk); err != nil {
-		return fmt.Errorf("build the data disk: %w", err)
-	}
-	if err := p.hotplug(ctx, v, "data", disk, r); err != nil {
-		return err
-	}
-	mnt := a.MountPath
-	if mnt == "" {
-		mnt = DefaultWorkDir
-	}
-	resp, err := v.agent.Do(ctx, agent.Request{Op: agent.OpMount, Device: r.Results["device"], Path: mnt, FSType: "ext4"})
-	if err != nil {
-		return err
-	}
-	if resp.Error != "" {
-		return fmt.Errorf("mount the data disk: %s", resp.Error)
-	}
-	v.mu.Lock()
-	v.dataDisk, v.dataMount, v.dataServer = disk, mnt, a.Dataserver
-	v.mu.Unlock()
-	r.Results["mount"] = mnt
-	r.Results["files"] = fmt.Sprint(len(a.Files))
-	return nil
 }
 
 // StageOut copies a folder of the VM's data disk to the data server under
@@ -102,7 +106,7 @@ func (p *Plant) StageOut(ctx context.Context, id, folder, prefix string) ([]stri
 		return nil, err
 	}
 	defer done()
-	return dataserver.StageOut(ctx, c, disk, folder, prefix)
+	return datadisk.StageOut(ctx, c, disk, folder, prefix)
 }
 
 func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }

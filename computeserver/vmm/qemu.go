@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vmgrid/vmgrid/services"
 	"go.uber.org/zap"
 )
 
@@ -34,8 +35,8 @@ type QEMU struct {
 	// StopTimeout bounds Stop's wait for QEMU to quit when the caller's
 	// context has no deadline; 0 means 10 s.
 	StopTimeout time.Duration
-	// Log receives lifecycle events; nil logs nothing.
-	Log *zap.Logger
+	// Logger receives lifecycle events; nil logs nothing.
+	Logger *zap.Logger
 }
 
 var _ Driver = (*QEMU)(nil)
@@ -69,12 +70,7 @@ func (d *QEMU) binary() string {
 	return d.Binary
 }
 
-func (d *QEMU) log() *zap.Logger {
-	if d.Log == nil {
-		return zap.NewNop()
-	}
-	return d.Log
-}
+func (d *QEMU) log() *zap.Logger { return services.LoggerOr(d.Logger) }
 
 // Start implements Driver.
 func (d *QEMU) Start(ctx context.Context, spec Spec) (Machine, error) {

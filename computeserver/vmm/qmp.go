@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vmgrid/vmgrid/services"
 	"go.uber.org/zap"
 )
 
@@ -62,9 +63,7 @@ type qmpMessage struct {
 // DialQMP connects to the monitor socket at path, reads the greeting and
 // enters command mode (qmp_capabilities).
 func DialQMP(ctx context.Context, path string, log *zap.Logger) (*QMP, error) {
-	if log == nil {
-		log = zap.NewNop()
-	}
+	log = services.LoggerOr(log)
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", path)
 	if err != nil {

@@ -88,7 +88,7 @@ func tinyImage(t *testing.T) *imagebuild.Image {
 
 func driver(t *testing.T) *QEMU {
 	t.Helper()
-	d := &QEMU{Log: zaptest.NewLogger(t)}
+	d := &QEMU{Logger: zaptest.NewLogger(t)}
 	if !d.Available() {
 		t.Skip("qemu-system-x86_64 is not installed (Debian package qemu-system-x86); skipping the VMM integration tests")
 	}

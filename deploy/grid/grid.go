@@ -230,8 +230,8 @@ func ensureGolden(ctx context.Context, cfg Config, images string, log *zap.Logge
 	bctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
 	_, err = plant.BuildGolden(bctx, plant.GoldenOptions{
-		Name: cfg.Golden, WorkDir: work, Driver: &vmm.QEMU{Log: log}, Publish: cl, Log: log,
-		Recipe: &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": cfg.AgentPath}, Log: log},
+		Name: cfg.Golden, WorkDir: work, Driver: &vmm.QEMU{Logger: log}, Publish: cl, Logger: log,
+		Recipe: &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": cfg.AgentPath}, Logger: log},
 	})
 	return err
 }

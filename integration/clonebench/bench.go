@@ -147,7 +147,7 @@ func Run(ctx context.Context, opts Options) (res *Results, err error) {
 		}
 	}
 	b := &bench{opts: opts, log: opts.Log, srvLog: opts.ServerLog, rows: map[string]*Row{}}
-	b.driver = &vmm.QEMU{Log: b.srvLog}
+	b.driver = &vmm.QEMU{Logger: b.srvLog}
 	defer b.cleanup()
 	started := time.Now()
 	if b.work, err = os.MkdirTemp(opts.WorkDir, "vgcb"); err != nil {
@@ -219,9 +219,9 @@ func (b *bench) setup(ctx context.Context, res *Results) error {
 		return err
 	}
 	b.golden, err = plant.BuildGolden(ctx, plant.GoldenOptions{
-		Name: image, WorkDir: gdir, Driver: b.driver, Publish: imageserver.NewClient(cc), Log: b.srvLog.Named("golden"),
+		Name: image, WorkDir: gdir, Driver: b.driver, Publish: imageserver.NewClient(cc), Logger: b.srvLog.Named("golden"),
 		Recipe: &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": agentPath},
-			ExtraCmdline: b.opts.GuestCmdline, Log: b.srvLog.Named("imagebuild")},
+			ExtraCmdline: b.opts.GuestCmdline, Logger: b.srvLog.Named("imagebuild")},
 	})
 	if err != nil {
 		return fmt.Errorf("golden image: %w", err)

@@ -79,9 +79,9 @@ suspended to a memory state and the files are published as one image.`,
 			}
 			start := time.Now()
 			gold, err := plant.BuildGolden(ctx, plant.GoldenOptions{
-				Name: name, WorkDir: work, Driver: &vmm.QEMU{Log: log}, Publish: cl, Log: log, Actions: d.Actions,
+				Name: name, WorkDir: work, Driver: &vmm.QEMU{Logger: log}, Publish: cl, Logger: log, Actions: d.Actions,
 				Recipe: &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": agentPath},
-					VCPUs: vcpus, MemoryMiB: memoryMiB, DiskSize: diskMiB << 20, ExtraCmdline: kernelArgs, Log: log},
+					VCPUs: vcpus, MemoryMiB: memoryMiB, DiskSize: diskMiB << 20, ExtraCmdline: kernelArgs, Logger: log},
 			})
 			if err != nil {
 				return err

@@ -1,6 +1,7 @@
-// Package dag is the configuration DAG of VMPlants (§3.1–3.2): validation,
-// action identity, topological order and the matching of a requested DAG
-// against the actions a golden image already has performed.
+// Package dag is the configuration DAG of VMPlants (§3.1–3.2), the request
+// model the shop matches and the plant runs: New derives a request's Plan
+// once (validation, topological order, action identity), Plan.Match marks
+// what a golden image has already performed.
 //
 // # Identity
 //
@@ -60,16 +61,70 @@ func Kind(a *computev1.Action) string {
 // guest.
 func IsHost(a *computev1.Action) bool { k := Kind(a); return k == "attach_disk" || k == "stage_in" }
 
-// Validate checks a DAG: unique ids, known kinds, edges to existing actions,
-// no cycles, valid error handlers. Errors name the node at fault.
-func Validate(d *computev1.ConfigDAG) error {
-	if d == nil {
-		return nil
-	}
-	return validate(d.Actions, "")
+// Plan is a configuration DAG derived once: validated, its actions in
+// topological order, each with its identity. The shop matches it against
+// golden images and the plant runs it, so one request derives it once per
+// process.
+type Plan struct {
+	Steps []Step
 }
 
-func validate(actions []*computev1.Action, where string) error {
+// Step is one action of a plan.
+type Step struct {
+	Action *computev1.Action
+	Kind   string
+	Digest string
+	// Done: the golden image has performed it (set by Match).
+	Done bool
+	// OnError is the plan of the action's error handlers, nil if none.
+	OnError *Plan
+}
+
+// New validates a DAG (unique ids, known kinds, edges to existing actions,
+// no cycles, valid error handlers; errors name the node at fault) and
+// returns its plan, nothing done. A nil DAG is an empty plan.
+func New(d *computev1.ConfigDAG) (*Plan, error) {
+	return plan(d.GetActions(), "")
+}
+
+// Todo returns the steps the golden image has not performed, in order.
+func (p *Plan) Todo() []Step {
+	var out []Step
+	for _, s := range p.Steps {
+		if !s.Done {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func plan(actions []*computev1.Action, where string) (*Plan, error) {
+	if err := check(actions, where); err != nil {
+		return nil, err
+	}
+	ordered, err := order(actions)
+	if err != nil {
+		return nil, fmt.Errorf("%s%w", where, err)
+	}
+	digests, err := digestsOf(ordered)
+	if err != nil {
+		return nil, err
+	}
+	p := &Plan{Steps: make([]Step, 0, len(ordered))}
+	for _, a := range ordered {
+		s := Step{Action: a, Kind: Kind(a), Digest: digests[a.Id]}
+		if len(a.OnError) > 0 {
+			if s.OnError, err = plan(a.OnError, fmt.Sprintf("%saction %q on_error: ", where, a.Id)); err != nil {
+				return nil, err
+			}
+		}
+		p.Steps = append(p.Steps, s)
+	}
+	return p, nil
+}
+
+// check tests ids, kinds and edges of one level of a DAG.
+func check(actions []*computev1.Action, where string) error {
 	if len(actions) > MaxActions {
 		return fmt.Errorf("%s%d actions; the limit is %d", where, len(actions), MaxActions)
 	}
@@ -96,16 +151,6 @@ func validate(actions []*computev1.Action, where string) error {
 			}
 			if p == a.Id {
 				return fmt.Errorf("%saction %q: depends on itself", where, a.Id)
-			}
-		}
-	}
-	if _, err := Order(actions); err != nil {
-		return fmt.Errorf("%s%w", where, err)
-	}
-	for _, a := range actions {
-		if len(a.OnError) > 0 {
-			if err := validate(a.OnError, fmt.Sprintf("%saction %q on_error: ", where, a.Id)); err != nil {
-				return err
 			}
 		}
 	}
@@ -159,9 +204,9 @@ func validateKind(a *computev1.Action) error {
 	return nil
 }
 
-// Order returns the actions in a topological order, keeping the given order
+// order returns the actions in a topological order, keeping the given order
 // among independent actions. A cycle is an error naming an action on it.
-func Order(actions []*computev1.Action) ([]*computev1.Action, error) {
+func order(actions []*computev1.Action) ([]*computev1.Action, error) {
 	index := map[string]int{}
 	for i, a := range actions {
 		index[a.Id] = i
@@ -206,13 +251,10 @@ func Order(actions []*computev1.Action) ([]*computev1.Action, error) {
 	return out, nil
 }
 
-// Digests returns every action's identity (see the package doc).
-func Digests(actions []*computev1.Action) (map[string]string, error) {
-	ordered, err := Order(actions)
-	if err != nil {
-		return nil, err
-	}
-	out := make(map[string]string, len(actions))
+// digestsOf returns every action's identity (see the package doc); the
+// actions are in topological order.
+func digestsOf(ordered []*computev1.Action) (map[string]string, error) {
+	out := make(map[string]string, len(ordered))
 	for _, a := range ordered {
 		def := proto.Clone(a).(*computev1.Action)
 		def.Id, def.After, def.OnError = "", nil, nil
@@ -237,48 +279,41 @@ func Digests(actions []*computev1.Action) (map[string]string, error) {
 }
 
 // Match tests a golden image's performed actions (digests, in the order
-// they were performed) against a DAG. It returns the actions still to run in
-// topological order, or why the image does not match.
-func Match(actions []*computev1.Action, performed []string) (remaining []*computev1.Action, err error) {
-	digests, err := Digests(actions)
-	if err != nil {
-		return nil, err
-	}
+// they were performed) against the plan. It returns a copy of the plan
+// whose performed steps are Done, or why the image does not match.
+func (p *Plan) Match(performed []string) (*Plan, error) {
 	byDigest := map[string]*computev1.Action{}
-	for _, a := range actions {
-		byDigest[digests[a.Id]] = a
+	for _, s := range p.Steps {
+		byDigest[s.Digest] = s.Action
 	}
-	done := map[string]int{} // id -> position in performed
+	done := map[string]bool{}
 	for pos, d := range performed {
 		a := byDigest[d]
 		if a == nil {
 			return nil, fmt.Errorf("subset test: the image has performed an action (%s) the request does not ask for", short(d))
 		}
-		if _, twice := done[a.Id]; twice {
+		if done[a.Id] {
 			return nil, fmt.Errorf("the image lists action %q twice", a.Id)
 		}
-		for _, p := range a.After {
-			ppos, ok := done[p]
-			if !ok {
-				// Either never performed (prefix) or performed later (order).
-				for later := pos + 1; later < len(performed); later++ {
-					if byDigest[performed[later]] != nil && byDigest[performed[later]].Id == p {
-						return nil, fmt.Errorf("partial order test: the image performed %q before %q, the request wants %q first", a.Id, p, p)
-					}
-				}
-				return nil, fmt.Errorf("prefix test: the image performed %q without its predecessor %q", a.Id, p)
+		for _, pred := range a.After {
+			if done[pred] {
+				continue
 			}
-			_ = ppos
+			// Either never performed (prefix) or performed later (order).
+			for _, later := range performed[pos+1:] {
+				if b := byDigest[later]; b != nil && b.Id == pred {
+					return nil, fmt.Errorf("partial order test: the image performed %q before %q, the request wants %q first", a.Id, pred, pred)
+				}
+			}
+			return nil, fmt.Errorf("prefix test: the image performed %q without its predecessor %q", a.Id, pred)
 		}
-		done[a.Id] = pos
+		done[a.Id] = true
 	}
-	ordered, _ := Order(actions)
-	for _, a := range ordered {
-		if _, ok := done[a.Id]; !ok {
-			remaining = append(remaining, a)
-		}
+	out := &Plan{Steps: append([]Step(nil), p.Steps...)}
+	for i := range out.Steps {
+		out.Steps[i].Done = done[out.Steps[i].Action.Id]
 	}
-	return remaining, nil
+	return out, nil
 }
 
 func short(d string) string {

@@ -1,0 +1,269 @@
+package plant
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/vmgrid/vmgrid/computeserver/agent"
+	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
+	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/shop/dag"
+)
+
+// The production line is a list of named steps (after flintlock's
+// planner): each applies when its when says so (nil: always), does its
+// work and returns how to undo it. A failed step undoes the steps before it
+// in reverse order, so a failed creation leaves no process and no file.
+// New stages (lazy memory, networks, migration) are steps added here.
+var productionLine = []step{
+	{name: "prepare", do: (*line).prepare},
+	{name: "redo log", when: (*line).cloned, do: (*line).redoLog},
+	{name: "restore", when: (*line).restored, do: (*line).restore},
+	{name: "boot", when: (*line).booted, do: (*line).boot},
+	{name: "agent", do: (*line).agent},
+	{name: "clock", do: (*line).clock},
+	{name: "actions", do: (*line).actions},
+	{name: "finish", do: (*line).finish},
+}
+
+// step is one stage of the production line.
+type step struct {
+	name string
+	when func(*line) bool
+	do   func(*line, context.Context) (undo func(), err error)
+}
+
+// agentTimeout bounds the wait for a guest agent to answer.
+const agentTimeout = 2 * time.Minute
+
+// line is one VM on its way down the production line.
+type line struct {
+	p        *Plant
+	v        *vm
+	src      *source
+	plan     *dag.Plan
+	progress Progress
+	log      *zap.Logger
+	start    time.Time
+	fetched0 uint64
+	spec     vmm.Spec
+	ad       *computev1.ClassAd // the result
+}
+
+// run runs the steps that apply; on failure it undoes what was done.
+func (l *line) run(ctx context.Context) error {
+	var undo []func()
+	for _, s := range productionLine {
+		if s.when != nil && !s.when(l) {
+			continue
+		}
+		u, err := s.do(l, ctx)
+		if u != nil {
+			undo = append(undo, u)
+		}
+		if err != nil {
+			l.log.Warn("VM creation failed; cleaning up", zap.String("step", s.name), zap.Error(err))
+			for i := len(undo) - 1; i >= 0; i-- {
+				undo[i]()
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+func (l *line) cloned() bool   { return l.src.rootDisk == "" }
+func (l *line) restored() bool { return l.src.config.Memory != "" }
+func (l *line) booted() bool   { return l.src.config.Memory == "" }
+
+// prepare makes the VM's directory and its machine spec, and starts
+// fetching what QEMU reads first.
+func (l *line) prepare(ctx context.Context) (func(), error) {
+	v, src := l.v, l.src
+	if err := os.MkdirAll(v.dir, 0o755); err != nil {
+		return nil, err
+	}
+	undo := func() {
+		if err := os.RemoveAll(v.dir); err != nil {
+			l.log.Warn("remove VM directory", zap.String("dir", v.dir), zap.Error(err))
+		}
+	}
+	spec := src.config.Spec
+	spec.Name, spec.Dir = v.ad.VmId, v.dir
+	kernel, initrd := src.config.Kernel, src.config.Initrd
+	if src.config.Memory != "" && src.config.ResumeKernel != "" {
+		// A restore: the kernel and initramfs are in the memory state.
+		kernel, initrd = src.config.ResumeKernel, ""
+		v.resumeKernel = true
+	}
+	spec.Kernel = filepath.Join(l.p.cfg.Mountpoint, src.image, kernel)
+	if initrd != "" {
+		spec.Initrd = filepath.Join(l.p.cfg.Mountpoint, src.image, initrd)
+	}
+	spec.Channels = []vmm.Channel{{Name: AgentChannel, Socket: filepath.Join(v.dir, "agent.sock")}}
+	spec.Disks = append([]vmm.Disk(nil), spec.Disks...)
+	if src.rootDisk != "" {
+		spec.Disks[0].Path, spec.Disks[0].Format = src.rootDisk, vmm.Raw
+		v.rootRW = src.rootDisk
+	}
+	l.spec = spec
+	l.p.prefetch(ctx, src.image, kernel, src.config.Memory)
+	return undo, nil
+}
+
+// redoLog makes a clone's redo log: a qcow2 overlay backed by the golden
+// disk on the FUSE view (nothing is copied). Removed with the directory.
+func (l *line) redoLog(ctx context.Context) (func(), error) {
+	disk := &l.spec.Disks[0]
+	disk.Path, disk.Format = filepath.Join(l.v.dir, "redo.qcow2"), vmm.QCOW2
+	backing := filepath.Join(l.p.cfg.Mountpoint, l.src.image, l.src.config.Root)
+	return nil, qemuImg(ctx, "create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", disk.Path)
+}
+
+// restore starts the machine from the image's memory state, read through
+// the FUSE view.
+func (l *line) restore(ctx context.Context) (func(), error) {
+	l.v.setState(computev1.VMState_VM_STATE_RESTORING)
+	l.progress(computev1.VMState_VM_STATE_RESTORING, "restoring the memory state through the FUSE view")
+	in := vmm.Incoming{Path: filepath.Join(l.p.cfg.Mountpoint, l.src.image, l.src.config.Memory)}
+	m, err := vmm.Restore(ctx, l.p.cfg.Driver, l.spec, in)
+	return l.started(m, err)
+}
+
+// boot cold-boots an image that has no memory state.
+func (l *line) boot(ctx context.Context) (func(), error) {
+	l.v.setState(computev1.VMState_VM_STATE_RESTORING)
+	l.progress(computev1.VMState_VM_STATE_RESTORING, "booting (the image has no memory state)")
+	m, err := l.p.cfg.Driver.Start(ctx, l.spec)
+	return l.started(m, err)
+}
+
+// started records a started machine (and, for a plant restarted later,
+// which process it is) and returns how to stop it.
+func (l *line) started(m vmm.Machine, err error) (func(), error) {
+	if err != nil {
+		return nil, err
+	}
+	v := l.v
+	v.mu.Lock()
+	v.m = m
+	v.ad.Pid = int32(m.Pid())
+	v.ad.ConsoleLog = filepath.Join(v.dir, "console.log")
+	v.ad.AgentSocket = l.spec.Channels[0].Socket
+	v.mu.Unlock()
+	writeMachineFile(v.dir, m.Pid(), l.log)
+	return func() { l.p.stopMachine(v) }, nil
+}
+
+// agent waits for the guest agent, and gives up at once if QEMU exits.
+func (l *line) agent(ctx context.Context) (func(), error) {
+	l.progress(computev1.VMState_VM_STATE_CONFIGURING, "waiting for the guest agent")
+	l.v.setState(computev1.VMState_VM_STATE_CONFIGURING)
+	ac, err := waitAgent(ctx, l.v.m, l.spec.Channels[0].Socket, agentTimeout)
+	if err != nil {
+		return nil, fmt.Errorf("the guest agent of %s did not answer: %w", l.v.ad.VmId, err)
+	}
+	l.v.agent = ac
+	return func() { ac.Close() }, nil
+}
+
+// clock sets the guest's clock, which stood still since the memory state
+// was saved. A failure is logged only.
+func (l *line) clock(ctx context.Context) (func(), error) {
+	if resp, err := l.v.agent.Do(ctx, agent.Request{Op: agent.OpSetTime, UnixNano: time.Now().UnixNano()}); err != nil {
+		l.log.Warn("could not set the guest clock", zap.Error(err))
+	} else if resp.Error != "" {
+		l.log.Warn("could not set the guest clock", zap.String("agent", resp.Error))
+	}
+	return nil, nil
+}
+
+// actions runs the configuration actions the golden image has not
+// performed.
+func (l *line) actions(ctx context.Context) (func(), error) {
+	r := &runner{agent: l.v.agent, m: l.v.m, dir: l.v.dir, stageIn: l.p.stageIn(l.v)}
+	results, f := r.run(ctx, l.plan, func(s dag.Step) {
+		l.progress(computev1.VMState_VM_STATE_CONFIGURING, fmt.Sprintf("action %s (%s)", s.Action.Id, s.Kind))
+	})
+	if f != nil {
+		return nil, fmt.Errorf("configuration %w: %w", f, errdefs.ErrFailedPrecondition)
+	}
+	l.v.mu.Lock()
+	l.v.ad.Actions = results
+	l.v.mu.Unlock()
+	return nil, nil
+}
+
+// finish makes the VM RUNNING and writes its classad.
+func (l *line) finish(context.Context) (func(), error) {
+	v := l.v
+	v.mu.Lock()
+	v.ad.State = computev1.VMState_VM_STATE_RUNNING
+	v.ad.ReadyNanos = int64(time.Since(l.start))
+	v.ad.FetchedBytes = l.p.fetched() - l.fetched0
+	l.ad = proto.Clone(v.ad).(*computev1.ClassAd)
+	v.mu.Unlock()
+	l.p.mu.Lock()
+	l.p.images[l.src.image] += l.ad.FetchedBytes
+	l.p.mu.Unlock()
+	l.p.persist(v)
+	l.log.Info("VM ready", zap.Duration("took", time.Since(l.start)), zap.Int("actions", len(l.plan.Todo())), zap.Uint64("fetched_bytes", l.ad.FetchedBytes))
+	l.progress(computev1.VMState_VM_STATE_RUNNING, "ready")
+	return nil, nil
+}
+
+// waitAgent dials a guest agent and waits until it answers, for at most
+// timeout. It gives up as soon as the machine exits (a guest whose kernel
+// panicked, a killed QEMU never answers), with the console's tail.
+func waitAgent(ctx context.Context, m vmm.Machine, socket string, timeout time.Duration) (*agent.Client, error) {
+	actx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-m.Exited():
+			cancel()
+		case <-actx.Done():
+		}
+	}()
+	ac, err := agent.Dial(actx, socket)
+	if err == nil {
+		if err = ac.WaitReady(actx); err != nil {
+			ac.Close()
+		}
+	}
+	select {
+	case <-m.Exited():
+		if ac != nil && err == nil {
+			ac.Close()
+		}
+		return nil, machineExited(ctx, m)
+	default:
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", err, errdefs.ErrUnavailable)
+	}
+	return ac, nil
+}
+
+// machineExited is the error of a machine that exited unasked: its status
+// and the end of its console, which tells why (a kernel panic, an I/O
+// error).
+func machineExited(ctx context.Context, m vmm.Machine) error {
+	status := "exit status 0"
+	var me *vmm.MachineError
+	if err := m.Wait(ctx); errors.As(err, &me) {
+		status = me.Err.Error()
+	} else if err != nil {
+		status = err.Error()
+	}
+	return fmt.Errorf("the machine exited (%s) before its guest agent answered: %w\n--- guest console (tail) ---\n%s",
+		status, errdefs.ErrUnavailable, tail(m.ConsoleLog(), 2000))
+}
