@@ -35,14 +35,18 @@ type computeServer struct {
 	stop   func()
 }
 
-func startCompute(t *testing.T, upstream string) *computeServer {
+func startCompute(t *testing.T, upstream string, driver ...vmm.Driver) *computeServer {
 	t.Helper()
 	dir := testutil.ShortTempDir(t)
 	ctx, cancel := context.WithCancel(context.Background())
-	pl, err := computeserver.Start(ctx, computeserver.Config{
+	cfg := computeserver.Config{
 		Server:   services.Options{Name: "computeserver", Listen: "127.0.0.1:0", Logger: zaptest.NewLogger(t)},
 		Upstream: upstream, DataDir: dir, FlushIdle: -1,
-	})
+	}
+	if len(driver) > 0 {
+		cfg.Driver = driver[0]
+	}
+	pl, err := computeserver.Start(ctx, cfg)
 	if err != nil {
 		cancel()
 		t.Fatal(err)
@@ -238,6 +242,25 @@ func TestProductionLine(t *testing.T) {
 		cs.plants.DestroyVM(ctx, &computev1.DestroyVMRequest{VmId: ad.VmId})
 	})
 
+	t.Run("QEMU dying while the agent is awaited fails the creation at once", func(t *testing.T) {
+		// Issue 15 item 6: the plant waited the agent's full 2 minutes.
+		cs3 := startCompute(t, is.Srv.Addr(), dyingDriver{&vmm.QEMU{}})
+		start := time.Now()
+		_, _, err := create(ctx, cs3.plants, &computev1.CreateVMRequest{VmId: "vm-dies", Image: "tiny"})
+		if took := time.Since(start); took > 60*time.Second {
+			t.Fatalf("the creation took %v after QEMU died", took)
+		}
+		if code(err) != codes.Unavailable || !strings.Contains(err.Error(), "exited") || !strings.Contains(err.Error(), "guest console (tail)") {
+			t.Fatalf("want Unavailable naming the exit with the console's tail, got %v", err)
+		}
+		if _, err := os.Stat(filepath.Join(cs3.dir, "vms", "vm-dies")); !os.IsNotExist(err) {
+			t.Fatalf("failed VM left its directory: %v", err)
+		}
+		if out, _ := exec.Command("pgrep", "-f", "vm-dies").Output(); len(out) > 0 {
+			t.Fatalf("failed VM left a process: %s", out)
+		}
+	})
+
 	t.Run("bad input", func(t *testing.T) {
 		if _, _, err := create(ctx, cs.plants, &computev1.CreateVMRequest{Image: "nope"}); code(err) != codes.NotFound {
 			t.Fatalf("unknown image: %v", err)
@@ -292,4 +315,25 @@ func TestProductionLine(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// dyingDriver runs real QEMU and kills it (SIGKILL) as soon as the restored
+// guest runs, as a guest that died of a kernel panic or an OOM kill would.
+type dyingDriver struct{ vmm.Driver }
+
+type dyingMachine struct{ vmm.Machine }
+
+func (d dyingDriver) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) {
+	m, err := d.Driver.Start(ctx, spec)
+	if err != nil {
+		return nil, err
+	}
+	return dyingMachine{m}, nil
+}
+
+func (m dyingMachine) Resume(ctx context.Context) error {
+	if err := m.Machine.Resume(ctx); err != nil {
+		return err
+	}
+	return syscall.Kill(m.Pid(), syscall.SIGKILL)
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/vmgrid/vmgrid/dataserver"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
+	"google.golang.org/grpc/codes"
 )
 
 // StageOut uploads the regular files under guestDir ("" is StageOutDir) of
@@ -47,7 +48,9 @@ func StageOut(ctx context.Context, c *dataserver.Client, diskImage, guestDir, re
 		}
 	}
 	st, err := os.Stat(diskImage)
-	if err != nil {
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("the data disk: %w: %w", err, errdefs.ErrNotFound)
+	} else if err != nil {
 		return nil, err
 	}
 	x, err := newImageReader(diskImage)
@@ -58,6 +61,9 @@ func StageOut(ctx context.Context, c *dataserver.Client, diskImage, guestDir, re
 		return nil, err
 	}
 	files, problems, err := x.walk(ctx, guestDir)
+	if ctx.Err() != nil {
+		return nil, fmt.Errorf("stage-out of %s: %w", diskImage, ctx.Err())
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -77,7 +83,7 @@ func StageOut(ctx context.Context, c *dataserver.Client, diskImage, guestDir, re
 		}
 		if err := x.upload(ctx, c, f, remote); err != nil {
 			if ctx.Err() != nil {
-				return uploaded, err
+				return uploaded, fmt.Errorf("stage-out of %s: %w: %w", diskImage, err, ctx.Err())
 			}
 			problems = append(problems, fmt.Errorf("/%s/%s: %w", guestDir, f.rel, err))
 			continue
@@ -85,7 +91,12 @@ func StageOut(ctx context.Context, c *dataserver.Client, diskImage, guestDir, re
 		uploaded = append(uploaded, remote)
 	}
 	if len(problems) > 0 {
-		return uploaded, fmt.Errorf("stage-out of %s: %d of %d entries not uploaded: %w", diskImage, len(problems), len(problems)+len(uploaded), errors.Join(problems...))
+		err := errors.Join(problems...)
+		if errdefs.Code(err) == codes.Unknown {
+			// What the guest left cannot be staged out as it is.
+			err = fmt.Errorf("%w: %w", err, errdefs.ErrFailedPrecondition)
+		}
+		return uploaded, fmt.Errorf("stage-out of %s: %d of %d entries not uploaded: %w", diskImage, len(problems), len(problems)+len(uploaded), err)
 	}
 	return uploaded, nil
 }
@@ -196,6 +207,11 @@ func (x *imageReader) list(ctx context.Context, spec string) (ents []dirent, sel
 		mode, err2 := strconv.ParseUint(f[1], 8, 32)
 		if err1 != nil || err2 != nil {
 			bad = append(bad, line)
+			continue
+		}
+		if ino == 0 {
+			// An unused slot (a deleted entry, an htree index block):
+			// debugfs lists them once a directory has grown.
 			continue
 		}
 		d := dirent{ino: ino, mode: uint32(mode), name: f[4]}
