@@ -46,13 +46,19 @@ type Config struct {
 	// for the VM's owner with it); DataTLS secures those connections.
 	DataToken string
 	DataTLS   services.TLSFiles
-	Logger    *zap.Logger
+	// StageOutTimeout bounds one stage-out (0: DefaultStageOutTimeout).
+	StageOutTimeout time.Duration
+	Logger          *zap.Logger
 }
+
+// DefaultStageOutTimeout bounds a stage-out whose caller set no deadline
+// shorter: a guest can leave a million files.
+const DefaultStageOutTimeout = 30 * time.Minute
 
 // DefaultConfig is a plant's configuration before the caller sets paths,
 // proxy and driver.
 func DefaultConfig() Config {
-	return Config{MemoryMiB: DefaultMemoryMiB()}
+	return Config{MemoryMiB: DefaultMemoryMiB(), StageOutTimeout: DefaultStageOutTimeout}
 }
 
 // DefaultMemoryMiB is what one plant alone on its host gives guests: 80% of
@@ -94,6 +100,9 @@ func New(cfg Config) (*Plant, error) {
 	cfg.Logger = services.LoggerOr(cfg.Logger)
 	if cfg.MemoryMiB == 0 {
 		cfg.MemoryMiB = DefaultMemoryMiB()
+	}
+	if cfg.StageOutTimeout == 0 {
+		cfg.StageOutTimeout = DefaultStageOutTimeout
 	}
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return nil, err

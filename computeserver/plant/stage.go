@@ -83,6 +83,8 @@ func (p *Plant) StageOut(ctx context.Context, id, folder, prefix string) ([]stri
 	if err != nil {
 		return nil, err
 	}
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.StageOutTimeout)
+	defer cancel()
 	<-v.ready
 	v.mu.Lock()
 	disk, mnt, owner, ac, dataAddr := v.dataDisk, v.dataMount, v.ad.Owner, v.agent, v.dataServer

@@ -25,11 +25,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"path"
 	"sort"
 
 	"google.golang.org/protobuf/proto"
 
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
+	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
 
@@ -157,6 +159,26 @@ func check(actions []*computev1.Action, where string) error {
 	return nil
 }
 
+// validateInputs checks a stage_in's files before any VM boots: valid
+// paths, and none both a file and a directory.
+func validateInputs(files []string) error {
+	set := make(map[string]bool, len(files))
+	for _, f := range files {
+		if err := datav1.ValidatePath("stage_in file", f); err != nil {
+			return err
+		}
+		set[f] = true
+	}
+	for f := range set {
+		for d := path.Dir(f); d != "."; d = path.Dir(d) {
+			if set[d] {
+				return fmt.Errorf("stage_in files %q and %q: a path cannot be both a file and a directory", d, f)
+			}
+		}
+	}
+	return nil
+}
+
 func validateKind(a *computev1.Action) error {
 	switch k := a.Kind.(type) {
 	case nil:
@@ -198,6 +220,10 @@ func validateKind(a *computev1.Action) error {
 		if p := k.StageIn.MountPath; p != "" && p[0] != '/' {
 			return fmt.Errorf("stage_in mount_path %q is not absolute", p)
 		}
+		if k.StageIn.SizeMib > 1<<20 {
+			return fmt.Errorf("stage_in size %d MiB: at most 1048576", k.StageIn.SizeMib)
+		}
+		return validateInputs(k.StageIn.Files)
 	default:
 		return fmt.Errorf("unknown action kind %T", k)
 	}

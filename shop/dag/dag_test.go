@@ -11,6 +11,10 @@ func execA(id string, after ...string) *computev1.Action {
 	return &computev1.Action{Id: id, After: after, Kind: &computev1.Action_Exec{Exec: &computev1.ExecAction{Argv: []string{"echo", id}}}}
 }
 
+func stageIn(id string, files ...string) *computev1.Action {
+	return &computev1.Action{Id: id, Kind: &computev1.Action_StageIn{StageIn: &computev1.StageInAction{Dataserver: "ds:1", Files: files}}}
+}
+
 func TestValidateNamesTheNode(t *testing.T) {
 	cases := []struct {
 		dag  []*computev1.Action
@@ -23,6 +27,9 @@ func TestValidateNamesTheNode(t *testing.T) {
 		{[]*computev1.Action{execA("a", "a")}, "depends on itself"},
 		{[]*computev1.Action{{Id: "w", Kind: &computev1.Action_WriteFile{WriteFile: &computev1.WriteFileAction{Path: "rel"}}}}, "absolute path"},
 		{[]*computev1.Action{{Id: "a", Kind: &computev1.Action_Exec{Exec: &computev1.ExecAction{Argv: []string{"false"}}}, OnError: []*computev1.Action{execA("h", "nope")}}}, `on_error: action "h"`},
+		// Issue 15 item 10: inputs are checked before a VM boots.
+		{[]*computev1.Action{stageIn("s", "../etc/passwd")}, `action "s": stage_in file`},
+		{[]*computev1.Action{stageIn("s", "job/a", "job/a/b")}, "both a file and a directory"},
 	}
 	for _, c := range cases {
 		_, err := New(&computev1.ConfigDAG{Actions: c.dag})

@@ -38,7 +38,8 @@ func validateVMID(id string, required bool) error {
 }
 
 // Validate checks a CreateVM request; the configuration DAG is checked by
-// the plant (package dag), which names the node at fault.
+// the plant (package dag), which names the node at fault, after the action
+// kinds are known here.
 func (r *CreateVMRequest) Validate() error {
 	if err := validateVMID(r.VmId, false); err != nil {
 		return err
@@ -56,7 +57,33 @@ func (r *CreateVMRequest) Validate() error {
 			return err
 		}
 	}
-	return validateHardware(r.Hardware)
+	if err := validateHardware(r.Hardware); err != nil {
+		return err
+	}
+	return validateKinds(r.GetConfig().GetActions(), "config")
+}
+
+// validateKinds rejects actions whose kind this build does not know: a
+// newer client's oneof member arrives as an unknown field, and no kind.
+// The rest of the DAG is checked by package dag, which names the node.
+func validateKinds(actions []*Action, where string) error {
+	for i, a := range actions {
+		if a.GetKind() == nil {
+			return fmt.Errorf("%s.actions[%d] (%q): no action kind this plant knows", where, i, a.GetId())
+		}
+		if err := validateKinds(a.GetOnError(), fmt.Sprintf("%s.actions[%d].on_error", where, i)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// validateEnum rejects a value the enum does not define.
+func validateEnum[E ~int32](what string, v E, names map[int32]string) error {
+	if _, ok := names[int32(v)]; !ok {
+		return fmt.Errorf("%s %d: not a known value", what, v)
+	}
+	return nil
 }
 
 // Validate checks a GetVM request.
@@ -78,6 +105,12 @@ func (r *ResumeVMRequest) Validate() error {
 		return err
 	}
 	if err := imagev1.ValidateName("classad.suspended_image", c.SuspendedImage); err != nil {
+		return err
+	}
+	if err := validateEnum("classad.state", c.State, VMState_name); err != nil {
+		return err
+	}
+	if err := validateKinds(r.GetConfig().GetActions(), "config"); err != nil {
 		return err
 	}
 	return imagev1.ValidateName("classad.persistent_disk", c.PersistentDisk)
