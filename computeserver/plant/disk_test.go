@@ -31,7 +31,7 @@ func TestDisksBeyondTheHostAreRefused(t *testing.T) {
 		mib  uint64
 		want string
 	}{
-		{1 << 20, "free"},    // 1 TiB: more than this host has (and the cap)
+		{1 << 20, "free"},   // 1 TiB: more than this host has (and the cap)
 		{4096, "for disks"}, // within the host's space, beyond the cap
 	} {
 		p.cfg.DiskMiB = 0
