@@ -128,12 +128,9 @@ func (t *Tiny) Build(ctx context.Context, outDir string) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	rootIf := t.Root
-	if rootIf == "" {
-		rootIf = RootVirtio
-	}
-	if rootIf != RootVirtio && rootIf != RootNVMe {
-		return nil, fmt.Errorf("tiny: Root %q: want %q or %q", t.Root, RootVirtio, RootNVMe)
+	rootIf, err := t.rootInterface()
+	if err != nil {
+		return nil, err
 	}
 	rootDir, err := os.MkdirTemp(outDir, ".root-")
 	if err != nil {
@@ -152,12 +149,28 @@ func (t *Tiny) Build(ctx context.Context, outDir string) (*Image, error) {
 	if err := t.populateInitramfs(ctx, initrdDir, k); err != nil {
 		return nil, fmt.Errorf("tiny: initramfs: %w", err)
 	}
-
-	size := t.DiskSize
-	if size == 0 {
-		size = 256 << 20
+	img := t.image(outDir, k, rootIf, mods)
+	if err := t.seal(ctx, outDir, img, rootDir, initrdDir, k); err != nil {
+		return nil, err
 	}
-	img := &Image{
+	log.Info("image built", zap.String("recipe", t.Name()), zap.String("dir", outDir),
+		zap.String("kernel", k.Release), zap.Bool("kernel_cached", k.Cached), zap.Duration("took", time.Since(start)))
+	return img, nil
+}
+
+func (t *Tiny) rootInterface() (string, error) {
+	switch t.Root {
+	case "":
+		return RootVirtio, nil
+	case RootVirtio, RootNVMe:
+		return t.Root, nil
+	}
+	return "", fmt.Errorf("tiny: Root %q: want %q or %q", t.Root, RootVirtio, RootNVMe)
+}
+
+// image describes the files Build writes into outDir.
+func (t *Tiny) image(outDir string, k *Kernel, rootIf string, mods []Module) *Image {
+	return &Image{
 		Recipe:        t.Name(),
 		Kernel:        filepath.Join(outDir, "vmlinuz"),
 		Initrd:        filepath.Join(outDir, "initrd.img"),
@@ -175,23 +188,30 @@ func (t *Tiny) Build(ctx context.Context, outDir string) (*Image, error) {
 			OS:        "linux-busybox",
 		},
 	}
+}
+
+// seal writes the image's files: the root disk and initramfs from their
+// directories, the kernel, and image.json.
+func (t *Tiny) seal(ctx context.Context, outDir string, img *Image, rootDir, initrdDir string, k *Kernel) error {
+	size := t.DiskSize
+	if size == 0 {
+		size = 256 << 20
+	}
 	if err := MakeExt4(ctx, rootDir, img.RootDisk, size, BaseDeviceNodes); err != nil {
-		return nil, fmt.Errorf("tiny: root disk: %w", err)
+		return fmt.Errorf("tiny: root disk: %w", err)
 	}
 	if err := WriteInitramfs(initrdDir, img.Initrd, BaseDeviceNodes); err != nil {
-		return nil, fmt.Errorf("tiny: %w", err)
+		return fmt.Errorf("tiny: %w", err)
 	}
 	// A copy, not a link into the cache: the output directory is published
 	// as a unit and must not change if the cache is pruned.
 	if err := copyFile(k.Vmlinuz, img.Kernel, 0o644); err != nil {
-		return nil, fmt.Errorf("tiny: %w", err)
+		return fmt.Errorf("tiny: %w", err)
 	}
 	if err := writeManifest(outDir, img); err != nil {
-		return nil, fmt.Errorf("tiny: %w", err)
+		return fmt.Errorf("tiny: %w", err)
 	}
-	log.Info("image built", zap.String("recipe", t.Name()), zap.String("dir", outDir),
-		zap.String("kernel", k.Release), zap.Bool("kernel_cached", k.Cached), zap.Duration("took", time.Since(start)))
-	return img, nil
+	return nil
 }
 
 func (t *Tiny) cmdline(rootIf string) string {
