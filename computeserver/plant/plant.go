@@ -1,6 +1,7 @@
 package plant
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -9,6 +10,8 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -64,6 +67,23 @@ func DefaultConfig() Config {
 // DefaultMemoryMiB is what one plant alone on its host gives guests: 80% of
 // the host's RAM, the rest for the plant, its caches and QEMU's overhead.
 func DefaultMemoryMiB() uint64 { return hostMemoryMiB() * 8 / 10 }
+
+// hostMemoryMiB is the machine's RAM.
+func hostMemoryMiB() uint64 {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 1024
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		if rest, ok := strings.CutPrefix(s.Text(), "MemTotal:"); ok {
+			kb, _ := strconv.ParseUint(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			return kb / 1024
+		}
+	}
+	return 1024
+}
 
 // Plant runs VMs.
 type Plant struct {

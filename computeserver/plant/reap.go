@@ -1,12 +1,9 @@
 package plant
 
 import (
-	"bufio"
 	"encoding/json"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"syscall"
 
 	"go.uber.org/zap"
@@ -73,21 +70,4 @@ func (p *Plant) reap() {
 		}
 		os.RemoveAll(dir)
 	}
-}
-
-// hostMemoryMiB is the machine's RAM.
-func hostMemoryMiB() uint64 {
-	f, err := os.Open("/proc/meminfo")
-	if err != nil {
-		return 1024
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		if rest, ok := strings.CutPrefix(s.Text(), "MemTotal:"); ok {
-			kb, _ := strconv.ParseUint(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
-			return kb / 1024
-		}
-	}
-	return 1024
 }

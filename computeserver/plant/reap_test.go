@@ -30,24 +30,29 @@ func leaveVM(t *testing.T, plantDir, id string, pid int) string {
 	return dir
 }
 
-// startGroup starts a process leading its own group (as QEMU does); the
-// test ends it.
-func startGroup(t *testing.T, args ...string) *exec.Cmd {
+// proc is a process the test started, leading its own group (as QEMU
+// does); the test ends it.
+type proc struct {
+	pid  int
+	done chan struct{} // closed when it exited
+}
+
+func startGroup(t *testing.T, args ...string) *proc {
 	t.Helper()
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL); _ = cmd.Wait() })
-	return cmd
+	p := &proc{pid: cmd.Process.Pid, done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() { _ = syscall.Kill(-p.pid, syscall.SIGKILL); <-p.done })
+	return p
 }
 
-func alive(cmd *exec.Cmd) bool {
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
+func (p *proc) alive() bool {
 	select {
-	case <-done:
+	case <-p.done:
 		return false
 	case <-time.After(200 * time.Millisecond):
 		return true
@@ -61,21 +66,21 @@ func TestRestartKillsOnlyItsOwnQEMU(t *testing.T) {
 	plantDir := filepath.Join(root, "vms")
 	// A pid reused by an unrelated process: it must survive.
 	other := startGroup(t, "sleep", "1000")
-	leaveVM(t, plantDir, "vm-reused", other.Process.Pid)
+	leaveVM(t, plantDir, "vm-reused", other.pid)
 	// The machine the previous run started (its command line names its
 	// directory, as QEMU's does): it must go.
 	dir := filepath.Join(plantDir, "vm-left")
 	mine := startGroup(t, "sh", "-c", "sleep 1000", "qemu", "-qmp", "unix:"+dir+"/qmp.sock")
-	leaveVM(t, plantDir, "vm-left", mine.Process.Pid)
-	writeMachineFile(dir, mine.Process.Pid, zap.NewNop())
+	leaveVM(t, plantDir, "vm-left", mine.pid)
+	writeMachineFile(dir, mine.pid, zap.NewNop())
 
 	if _, err := New(Config{Dir: plantDir, MemoryMiB: 1024}); err != nil {
 		t.Fatal(err)
 	}
-	if !alive(other) {
+	if !other.alive() {
 		t.Fatal("the plant killed an unrelated process whose pid a left classad named")
 	}
-	if alive(mine) {
+	if mine.alive() {
 		t.Fatal("the plant left its previous run's machine running")
 	}
 	if ents, _ := os.ReadDir(plantDir); len(ents) != 0 {
