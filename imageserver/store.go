@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 	"github.com/vmgrid/vmgrid/services/fsutil"
@@ -68,7 +69,7 @@ func OpenStore(dir string, log *zap.Logger) (*Store, error) {
 	s := &Store{
 		dir:              dir,
 		log:              log,
-		defaultBlockSize: DefaultBlockSize,
+		defaultBlockSize: blockproto.DefaultBlockSize,
 		images:           map[string]*image{},
 		reserved:         map[string]bool{},
 	}
@@ -178,7 +179,7 @@ func DecodeManifest(b []byte) (*imagev1.Manifest, error) {
 			return nil, fmt.Errorf("manifest %s: file %s twice", m.Name, f.Name)
 		}
 		seen[f.Name] = true
-		if f.BlockSize < MinBlockSize || f.BlockSize > MaxBlockSize || f.BlockSize&(f.BlockSize-1) != 0 {
+		if f.BlockSize < blockproto.MinBlockSize || f.BlockSize > blockproto.MaxBlockSize || f.BlockSize&(f.BlockSize-1) != 0 {
 			return nil, fmt.Errorf("manifest %s: file %s: bad block size %d", m.Name, f.Name, f.BlockSize)
 		}
 		if f.Size > imagev1.MaxFileSize {
@@ -186,20 +187,20 @@ func DecodeManifest(b []byte) (*imagev1.Manifest, error) {
 		}
 		// FetchFile divides by the chunk size and reads a chunk into a
 		// MaxBlockSize buffer.
-		if f.ChunkSize == 0 || f.ChunkSize > ChunkSize {
+		if f.ChunkSize == 0 || f.ChunkSize > blockproto.ChunkSize {
 			return nil, fmt.Errorf("manifest %s: file %s: bad chunk size %d", m.Name, f.Name, f.ChunkSize)
 		}
 		if m.Writable {
 			continue
 		}
 		nblocks := (f.Size + uint64(f.BlockSize) - 1) / uint64(f.BlockSize)
-		if uint64(len(f.BlockDigests)) != nblocks*DigestSize {
+		if uint64(len(f.BlockDigests)) != nblocks*blockproto.DigestSize {
 			return nil, fmt.Errorf("manifest %s: file %s: %d digest bytes for %d blocks", m.Name, f.Name, len(f.BlockDigests), nblocks)
 		}
-		if len(f.ZeroMap) != ZeroMapLen(f.Size) {
+		if len(f.ZeroMap) != blockproto.ZeroMapLen(f.Size) {
 			return nil, fmt.Errorf("manifest %s: file %s: zero map of %d bytes for size %d", m.Name, f.Name, len(f.ZeroMap), f.Size)
 		}
-		if len(f.Sha256) != DigestSize {
+		if len(f.Sha256) != blockproto.DigestSize {
 			return nil, fmt.Errorf("manifest %s: file %s: missing sha256", m.Name, f.Name)
 		}
 	}

@@ -19,7 +19,7 @@ import (
 	"github.com/vmgrid/vmgrid/dataserver"
 	"github.com/vmgrid/vmgrid/deploy/grid"
 	"github.com/vmgrid/vmgrid/imagebuild"
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
@@ -207,7 +207,7 @@ func TestShop(t *testing.T) {
 		}
 		defer cc.Close()
 		if _, err := plant.BuildGolden(ctx, plant.GoldenOptions{
-			Name: "tiny-app", WorkDir: testutil.ShortTempDir(t), Driver: &vmm.QEMU{}, Publish: imageserver.NewClient(cc),
+			Name: "tiny-app", WorkDir: testutil.ShortTempDir(t), Driver: &vmm.QEMU{}, Publish: imageclient.NewClient(cc),
 			Recipe:  &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": testutil.GuestAgent(t)}},
 			Actions: []*computev1.Action{setup},
 		}); err != nil {

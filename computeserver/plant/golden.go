@@ -14,7 +14,7 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/agent"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	"github.com/vmgrid/vmgrid/imagebuild"
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/dag"
@@ -39,7 +39,7 @@ type GoldenOptions struct {
 	WorkDir string
 	Driver  vmm.Driver
 	// Publish uploads the result; nil only builds.
-	Publish *imageserver.Client
+	Publish *imageclient.Client
 	// Labels are added to the image's attributes.
 	Labels map[string]string
 	// Actions are configuration actions performed in the guest before it is
@@ -54,7 +54,7 @@ type Golden struct {
 	Dir    string
 	Config VMConfig
 	Attrs  *imagev1.ImageAttributes
-	Files  []imageserver.PublishFile
+	Files  []imageclient.PublishFile
 	// Took is the time of each phase.
 	Took map[string]time.Duration
 }
@@ -167,21 +167,21 @@ func BuildGolden(ctx context.Context, opts GoldenOptions) (*Golden, error) {
 	for k, v := range opts.Labels {
 		g.Attrs.Labels[k] = v
 	}
-	g.Files = []imageserver.PublishFile{
+	g.Files = []imageclient.PublishFile{
 		{Name: ConfigFile, Path: cfgPath, Kind: imagev1.FileKind_FILE_KIND_CONFIG},
 		{Name: KernelFile, Path: img.Kernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL},
 		{Name: RootFile, Path: root, Kind: imagev1.FileKind_FILE_KIND_DISK},
 		{Name: MemoryFile, Path: mem, Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE},
 	}
 	if img.Initrd != "" {
-		g.Files = append(g.Files, imageserver.PublishFile{Name: InitrdFile, Path: img.Initrd, Kind: imagev1.FileKind_FILE_KIND_INITRD})
+		g.Files = append(g.Files, imageclient.PublishFile{Name: InitrdFile, Path: img.Initrd, Kind: imagev1.FileKind_FILE_KIND_INITRD})
 	}
 	if g.Config.ResumeKernel != "" {
-		g.Files = append(g.Files, imageserver.PublishFile{Name: ResumeKernelFile, Path: resumeKernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL})
+		g.Files = append(g.Files, imageclient.PublishFile{Name: ResumeKernelFile, Path: resumeKernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL})
 	}
 	if opts.Publish != nil {
 		start = time.Now()
-		if _, err := opts.Publish.Publish(ctx, imageserver.PublishSpec{Name: opts.Name, Attributes: g.Attrs, Files: g.Files}, nil); err != nil {
+		if _, err := opts.Publish.Publish(ctx, imageclient.PublishSpec{Name: opts.Name, Attributes: g.Attrs, Files: g.Files}, nil); err != nil {
 			return nil, fmt.Errorf("publish %s: %w", opts.Name, err)
 		}
 		phase("publish", start)
