@@ -15,6 +15,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 	"github.com/vmgrid/vmgrid/services/fsutil"
 )
@@ -63,9 +64,7 @@ type imageFile struct {
 // never finished and applying write batches that were committed but not yet
 // applied when the process stopped.
 func OpenStore(dir string, log *zap.Logger) (*Store, error) {
-	if log == nil {
-		log = zap.NewNop()
-	}
+	log = services.LoggerOr(log)
 	s := &Store{
 		dir:              dir,
 		log:              log,
