@@ -18,11 +18,6 @@ import (
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
-// ChunkSize is the payload of one Download message, and what the client
-// sends per Upload message: big enough that per-message costs vanish, small
-// enough to stay in the codec's pooled buffers and keep a stream responsive.
-const ChunkSize = 1 << 20
-
 // Service is the gRPC adapter of the data repository over a Store. Every
 // call acts for the owner the auth interceptors put in its context.
 type Service struct {
@@ -128,7 +123,7 @@ func (s *Service) Upload(stream datav1.DataService_UploadServer) (err error) {
 	}
 }
 
-var chunkPool = sync.Pool{New: func() any { b := make([]byte, ChunkSize); return &b }}
+var chunkPool = sync.Pool{New: func() any { b := make([]byte, datav1.ChunkSize); return &b }}
 
 // Download implements DataService.Download.
 func (s *Service) Download(req *datav1.DownloadRequest, stream datav1.DataService_DownloadServer) error {

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/vmgrid/vmgrid/dataserver/dataclient"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 	"github.com/vmgrid/vmgrid/services/fsutil"
@@ -42,7 +43,7 @@ func DefaultDataDiskMiB(inputBytes uint64) uint64 {
 // The image has no journal: stage-out reads it without mounting it
 // (debugfs), which would not see writes a journal still held. dest appears
 // only when complete.
-func BuildDataDisk(ctx context.Context, c *Client, files []string, sizeMiB uint64, dest string) error {
+func BuildDataDisk(ctx context.Context, c *dataclient.Client, files []string, sizeMiB uint64, dest string) error {
 	set := map[string]bool{}
 	for _, p := range files {
 		if err := datav1.ValidatePath("stage-in file", p); err != nil {
@@ -152,7 +153,7 @@ func mkdirAll755(root, dir string) error {
 // devices, files larger than the image itself) are skipped; the error then
 // lists them, and the files that were uploaded are still returned. An empty
 // or half-written directory stages out what it holds.
-func StageOut(ctx context.Context, c *Client, diskImage, guestDir, remotePrefix string) ([]string, error) {
+func StageOut(ctx context.Context, c *dataclient.Client, diskImage, guestDir, remotePrefix string) ([]string, error) {
 	guestDir = strings.Trim(guestDir, "/")
 	if guestDir == "" {
 		guestDir = StageOutDir
@@ -399,7 +400,7 @@ func (x *imageReader) walk(ctx context.Context, dir string) ([]imageFile, []erro
 // upload streams one file out of the image ("cat <INO>") into an upload.
 // The upload commits only if debugfs produced exactly the inode's size and
 // exited cleanly.
-func (x *imageReader) upload(ctx context.Context, c *Client, f imageFile, remote string) error {
+func (x *imageReader) upload(ctx context.Context, c *dataclient.Client, f imageFile, remote string) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, x.debugfs, "-c", "-R", fmt.Sprintf("cat <%d>", f.ino), x.image)

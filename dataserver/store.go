@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vmgrid/vmgrid/dataserver/internal/asynchash"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 	"github.com/vmgrid/vmgrid/services/fsutil"
@@ -379,7 +380,7 @@ type Upload struct {
 	path     string
 	f        *os.File
 	staging  string
-	sum      *asyncHash
+	sum      *asynchash.Hash
 	received uint64
 	flushed  uint64 // writeback started up to here
 	done     bool
@@ -398,7 +399,7 @@ func (s *Store) BeginUpload(caller, owner, p string, sizeHint uint64) (*Upload, 
 	if err != nil {
 		return nil, err
 	}
-	return &Upload{s: s, owner: caller, path: p, f: f, staging: staging, sum: newAsyncHash(nil, nil)}, nil
+	return &Upload{s: s, owner: caller, path: p, f: f, staging: staging, sum: asynchash.New(nil, nil)}, nil
 }
 
 // Write appends data. data is hashed later, on another goroutine: it must

@@ -16,7 +16,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/computeserver/plant"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
-	"github.com/vmgrid/vmgrid/dataserver"
+	"github.com/vmgrid/vmgrid/dataserver/dataclient"
 	"github.com/vmgrid/vmgrid/deploy/grid"
 	"github.com/vmgrid/vmgrid/imagebuild"
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
@@ -240,12 +240,12 @@ func TestShop(t *testing.T) {
 	})
 
 	t.Run("tasks: stage in, run, stage out", func(t *testing.T) {
-		cc, err := dataserver.Dial(g.Data.Addr(), services.TLSFiles{}, g.Token)
+		cc, err := dataclient.Dial(g.Data.Addr(), services.TLSFiles{}, g.Token)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer cc.Close()
-		data := dataserver.NewClient(cc)
+		data := dataclient.NewClient(cc)
 		words := "the quick brown fox jumps over the lazy dog\n"
 		if _, err := data.UploadReader(ctx, strings.NewReader(words), int64(len(words)), "words.txt", nil); err != nil {
 			t.Fatal(err)
@@ -298,9 +298,9 @@ func TestShop(t *testing.T) {
 		if _, err := bob.GetTask(ctx, &shopv1.GetTaskRequest{TaskId: ok.TaskId}); code(err) != codes.PermissionDenied {
 			t.Fatalf("bob reads alice's task: %v", err)
 		}
-		bcc, _ := dataserver.Dial(g.Data.Addr(), services.TLSFiles{}, "bob-token-0001")
+		bcc, _ := dataclient.Dial(g.Data.Addr(), services.TLSFiles{}, "bob-token-0001")
 		defer bcc.Close()
-		if _, err := dataserver.NewClient(bcc).ForOwner("demo").Stat(ctx, "words.txt"); code(err) != codes.PermissionDenied {
+		if _, err := dataclient.NewClient(bcc).ForOwner("demo").Stat(ctx, "words.txt"); code(err) != codes.PermissionDenied {
 			t.Fatalf("bob reads alice's file: %v", err)
 		}
 	})

@@ -19,6 +19,11 @@ const (
 	MaxDepth        = 32      // components of a path
 	MaxDataChunk    = 4 << 20 // UploadRequest.data
 	MaxPageSize     = 10000   // ListRequest.page_size
+	// ChunkSize is the payload of one Download message, and what the client
+	// sends per Upload message: big enough that per-message costs vanish,
+	// small enough to stay in the codec's pooled buffers and keep a stream
+	// responsive.
+	ChunkSize       = 1 << 20
 	DefaultPageSize = 1000
 	DigestSize      = 32 // SHA-256
 )

@@ -1,4 +1,11 @@
-package dataserver
+// Package dataclient is the Go client of the data repository (package
+// dataserver), used by the CLI, the shop's tasks and the compute plants for
+// stage-in and stage-out: uploads that appear only once complete and
+// verified, downloads that resume (within a call, and across calls from
+// LOCAL.partial), listing, and read grants between owners. Every error it
+// returns wraps an errdefs sentinel, whether the server or the local side
+// failed, so a caller maps it to a gRPC code without guessing.
+package dataclient
 
 import (
 	"bytes"
@@ -14,6 +21,7 @@ import (
 
 	"google.golang.org/grpc"
 
+	"github.com/vmgrid/vmgrid/dataserver/internal/asynchash"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
@@ -101,15 +109,15 @@ func (c *Client) UploadReader(ctx context.Context, r io.Reader, size int64, remo
 	// A few buffers go round: read into one, send it (Send has marshalled
 	// it when it returns) while another goroutine hashes it, and reuse it
 	// once hashed.
-	bufSize := ChunkSize
-	if size >= 0 && size < ChunkSize {
+	bufSize := datav1.ChunkSize
+	if size >= 0 && size < datav1.ChunkSize {
 		bufSize = int(size) + 1 // small files (stage-out has many): one read sees EOF
 	}
 	free := make(chan []byte, uploadBuffers)
 	for range uploadBuffers {
 		free <- make([]byte, bufSize)
 	}
-	sum := newAsyncHash(nil, func(b []byte) { free <- b[:cap(b)] })
+	sum := asynchash.New(nil, func(b []byte) { free <- b[:cap(b)] })
 	defer sum.Close()
 	data := &datav1.UploadRequest_Data{}
 	req := &datav1.UploadRequest{Msg: data}
@@ -278,7 +286,7 @@ func (c *Client) Download(ctx context.Context, remotePath, localPath string, pro
 			return nil, err
 		}
 		// Each received message owns its data: the hash may read it later.
-		ah := newAsyncHash(sum, nil)
+		ah := asynchash.New(sum, nil)
 		info, err := c.Read(ctx, remotePath, have, 0, func(info *datav1.FileInfo, off uint64, data []byte) error {
 			if _, err := f.WriteAt(data, int64(off)); err != nil {
 				return err
