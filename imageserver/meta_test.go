@@ -372,6 +372,8 @@ func TestDecodeManifestRejects(t *testing.T) {
 		{"no name", func(m *imagev1.Manifest) { m.Name = "" }, false},
 		{"name with slash", func(m *imagev1.Manifest) { m.Name = "../etc" }, false},
 		{"no files", func(m *imagev1.Manifest) { m.Files = nil }, false},
+		{"kind out of range", func(m *imagev1.Manifest) { m.Files[0].Kind = 99 }, false},
+		{"policy out of range", func(m *imagev1.Manifest) { m.Files[0].Policy = 99 }, false},
 		{"too many files", func(m *imagev1.Manifest) {
 			for i := range imagev1.MaxFiles {
 				f := proto.Clone(m.Files[1]).(*imagev1.FileMeta)

@@ -181,6 +181,12 @@ func DecodeManifest(b []byte) (*imagev1.Manifest, error) {
 		if f.BlockSize < blockproto.MinBlockSize || f.BlockSize > blockproto.MaxBlockSize || f.BlockSize&(f.BlockSize-1) != 0 {
 			return nil, fmt.Errorf("manifest %s: file %s: bad block size %d", m.Name, f.Name, f.BlockSize)
 		}
+		if _, ok := imagev1.FileKind_name[int32(f.Kind)]; !ok {
+			return nil, fmt.Errorf("manifest %s: file %s: kind %d is not a FileKind", m.Name, f.Name, f.Kind)
+		}
+		if _, ok := imagev1.TransferPolicy_name[int32(f.Policy)]; !ok {
+			return nil, fmt.Errorf("manifest %s: file %s: policy %d is not a TransferPolicy", m.Name, f.Name, f.Policy)
+		}
 		if f.Size > imagev1.MaxFileSize {
 			return nil, fmt.Errorf("manifest %s: file %s: size %d too large", m.Name, f.Name, f.Size)
 		}
