@@ -22,6 +22,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/dataserver/internal/asynchash"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
+	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 	"github.com/vmgrid/vmgrid/services/fsutil"
 )
@@ -58,9 +59,7 @@ type Store struct {
 // OpenStore opens (creating if needed) the repository in dir, dropping
 // uploads that never finished.
 func OpenStore(dir string, log *zap.Logger) (*Store, error) {
-	if log == nil {
-		log = zap.NewNop()
-	}
+	log = services.LoggerOr(log)
 	s := &Store{dir: dir, log: log, locks: map[string]*sync.Mutex{}, grants: map[string][]*datav1.ReadGrant{}}
 	if err := os.RemoveAll(s.tmpDir()); err != nil {
 		return nil, fmt.Errorf("clean %s: %w", s.tmpDir(), err)
@@ -113,7 +112,7 @@ func (s *Store) probeXattr() error {
 	defer os.Remove(f.Name())
 	defer f.Close()
 	if err := unix.Fsetxattr(int(f.Fd()), digestXattr, make([]byte, sha256.Size), 0); err != nil {
-		return fmt.Errorf("data dir %s: the file system does not keep user extended attributes (%v); the store needs them for each file's SHA-256", s.dir, err)
+		return fmt.Errorf("data dir %s: the file system does not keep user extended attributes (%w); the store needs them for each file's SHA-256", s.dir, err)
 	}
 	return nil
 }
