@@ -5,7 +5,7 @@ import (
 	"time"
 
 	"github.com/vmgrid/vmgrid/computeserver/plant"
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 )
 
@@ -13,7 +13,7 @@ import (
 type plantService struct {
 	computev1.UnimplementedPlantServiceServer
 	p      *plant.Plant
-	images *imageserver.Client
+	images *imageclient.Client
 }
 
 var _ computev1.PlantServiceServer = (*plantService)(nil)

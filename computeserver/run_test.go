@@ -14,7 +14,7 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
@@ -85,13 +85,13 @@ func cacheClient(t *testing.T, addr string) computev1.CacheServiceClient {
 	return computev1.NewCacheServiceClient(cc)
 }
 
-func publishDisk(t *testing.T, c *imageserver.Client, data []byte) {
+func publishDisk(t *testing.T, c *imageclient.Client, data []byte) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.raw")
 	if err := os.WriteFile(path, data, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	spec := imageserver.PublishSpec{Name: "golden", Files: []imageserver.PublishFile{{Name: "disk.raw", Path: path, Kind: imagev1.FileKind_FILE_KIND_DISK}}}
+	spec := imageclient.PublishSpec{Name: "golden", Files: []imageclient.PublishFile{{Name: "disk.raw", Path: path, Kind: imagev1.FileKind_FILE_KIND_DISK}}}
 	if _, err := c.Publish(ctxT(t), spec, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -100,7 +100,7 @@ func publishDisk(t *testing.T, c *imageserver.Client, data []byte) {
 	}
 }
 
-func serverCopy(t *testing.T, c *imageserver.Client, size int) []byte {
+func serverCopy(t *testing.T, c *imageclient.Client, size int) []byte {
 	t.Helper()
 	out := make([]byte, size)
 	err := c.FetchFile(ctxT(t), "disk", "disk.raw", 0, 0, func(off uint64, n uint32, data []byte) error {

@@ -28,13 +28,14 @@ import (
 	"time"
 
 	"github.com/vmgrid/vmgrid/dataserver"
+	"github.com/vmgrid/vmgrid/dataserver/dataclient"
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
 )
 
 const benchSize = 1 << 30
 
-func benchServer(b *testing.B) *dataserver.Client {
+func benchServer(b *testing.B) *dataclient.Client {
 	b.Helper()
 	tokens := &auth.Tokens{}
 	if err := tokens.Add("bench-token-1234", "bench"); err != nil {
@@ -51,12 +52,12 @@ func benchServer(b *testing.B) *dataserver.Client {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { _ = srv.Serve(ctx); close(done) }()
-	cc, err := dataserver.Dial(srv.Addr(), services.TLSFiles{}, "bench-token-1234")
+	cc, err := dataclient.Dial(srv.Addr(), services.TLSFiles{}, "bench-token-1234")
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { cc.Close(); cancel(); <-done })
-	return dataserver.NewClient(cc)
+	return dataclient.NewClient(cc)
 }
 
 func benchDir(b *testing.B) string {

@@ -35,9 +35,9 @@
 //
 // Upload is one client stream (header, data in order, commit); Download is
 // a server stream of a byte range, so a broken download resumes from the
-// last byte received, guarded by the file's digest (if_sha256). The Client
-// resumes within a call and across calls (from LOCAL.partial) and verifies
-// the whole file before renaming it into place.
+// last byte received, guarded by the file's digest (if_sha256). The client
+// (package dataclient) resumes within a call and across calls (from
+// LOCAL.partial) and verifies the whole file before renaming it into place.
 //
 // # Stage-in and stage-out
 //

@@ -14,14 +14,10 @@ import (
 	"google.golang.org/grpc"
 
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
+	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
-
-// ChunkSize is the payload of one Download message, and what the client
-// sends per Upload message: big enough that per-message costs vanish, small
-// enough to stay in the codec's pooled buffers and keep a stream responsive.
-const ChunkSize = 1 << 20
 
 // Service is the gRPC adapter of the data repository over a Store. Every
 // call acts for the owner the auth interceptors put in its context.
@@ -43,9 +39,7 @@ type metrics struct {
 
 // NewService returns the DataService over store and registers its metrics.
 func NewService(store *Store, log *zap.Logger, reg prometheus.Registerer) (*Service, error) {
-	if log == nil {
-		log = zap.NewNop()
-	}
+	log = services.LoggerOr(log)
 	m := &metrics{
 		bytesIn: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "vmgrid", Subsystem: "dataserver", Name: "bytes_received_total",
@@ -128,7 +122,7 @@ func (s *Service) Upload(stream datav1.DataService_UploadServer) (err error) {
 	}
 }
 
-var chunkPool = sync.Pool{New: func() any { b := make([]byte, ChunkSize); return &b }}
+var chunkPool = sync.Pool{New: func() any { b := make([]byte, datav1.ChunkSize); return &b }}
 
 // Download implements DataService.Download.
 func (s *Service) Download(req *datav1.DownloadRequest, stream datav1.DataService_DownloadServer) error {
@@ -162,7 +156,7 @@ func (s *Service) Download(req *datav1.DownloadRequest, stream datav1.DataServic
 			got, err := f.ReadAt(buf[:n], int64(off))
 			if uint64(got) != n {
 				// Files are replaced by rename, never changed in place.
-				return fmt.Errorf("%s: read %d of %d bytes at %d (%v): the stored file is damaged: %w", req.Path, got, n, off, err, errdefs.ErrDataLoss)
+				return fmt.Errorf("%s: read %d of %d bytes at %d (%w): the stored file is damaged: %w", req.Path, got, n, off, err, errdefs.ErrDataLoss)
 			}
 		}
 		resp.Offset, resp.Data = off, buf[:n]

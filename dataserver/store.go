@@ -20,7 +20,9 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vmgrid/vmgrid/dataserver/internal/asynchash"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
+	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 	"github.com/vmgrid/vmgrid/services/fsutil"
 )
@@ -57,9 +59,7 @@ type Store struct {
 // OpenStore opens (creating if needed) the repository in dir, dropping
 // uploads that never finished.
 func OpenStore(dir string, log *zap.Logger) (*Store, error) {
-	if log == nil {
-		log = zap.NewNop()
-	}
+	log = services.LoggerOr(log)
 	s := &Store{dir: dir, log: log, locks: map[string]*sync.Mutex{}, grants: map[string][]*datav1.ReadGrant{}}
 	if err := os.RemoveAll(s.tmpDir()); err != nil {
 		return nil, fmt.Errorf("clean %s: %w", s.tmpDir(), err)
@@ -112,7 +112,7 @@ func (s *Store) probeXattr() error {
 	defer os.Remove(f.Name())
 	defer f.Close()
 	if err := unix.Fsetxattr(int(f.Fd()), digestXattr, make([]byte, sha256.Size), 0); err != nil {
-		return fmt.Errorf("data dir %s: the file system does not keep user extended attributes (%v); the store needs them for each file's SHA-256", s.dir, err)
+		return fmt.Errorf("data dir %s: the file system does not keep user extended attributes (%w); the store needs them for each file's SHA-256", s.dir, err)
 	}
 	return nil
 }
@@ -379,7 +379,7 @@ type Upload struct {
 	path     string
 	f        *os.File
 	staging  string
-	sum      *asyncHash
+	sum      *asynchash.Hash
 	received uint64
 	flushed  uint64 // writeback started up to here
 	done     bool
@@ -398,7 +398,7 @@ func (s *Store) BeginUpload(caller, owner, p string, sizeHint uint64) (*Upload, 
 	if err != nil {
 		return nil, err
 	}
-	return &Upload{s: s, owner: caller, path: p, f: f, staging: staging, sum: newAsyncHash(nil, nil)}, nil
+	return &Upload{s: s, owner: caller, path: p, f: f, staging: staging, sum: asynchash.New(nil, nil)}, nil
 }
 
 // Write appends data. data is hashed later, on another goroutine: it must

@@ -19,16 +19,17 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
 
-func benchPublish(b *testing.B, c *imageserver.Client, name string, kind imagev1.FileKind, path string) {
+func benchPublish(b *testing.B, c *imageclient.Client, name string, kind imagev1.FileKind, path string) {
 	b.Helper()
-	_, err := c.Publish(context.Background(), imageserver.PublishSpec{
+	_, err := c.Publish(context.Background(), imageclient.PublishSpec{
 		Name:  name,
-		Files: []imageserver.PublishFile{{Name: "f", Path: path, Kind: kind}},
+		Files: []imageclient.PublishFile{{Name: "f", Path: path, Kind: kind}},
 	}, nil)
 	if err != nil {
 		b.Fatal(err)
@@ -68,7 +69,7 @@ func BenchmarkReadBlocks(b *testing.B) {
 	}
 	data = nil
 	benchPublish(b, s.Client, "disk", imagev1.FileKind_FILE_KIND_DISK, path)
-	const nb = size / imageserver.DefaultBlockSize
+	const nb = size / blockproto.DefaultBlockSize
 
 	// 32 blocks in flight in every case: 32 single-block requests, or fewer
 	// requests of several blocks (less per-request work on both sides).
@@ -105,7 +106,7 @@ func BenchmarkReadBlocks(b *testing.B) {
 								return
 							}
 							for _, r := range res {
-								if r.Zero || len(r.Data) != imageserver.DefaultBlockSize {
+								if r.Zero || len(r.Data) != blockproto.DefaultBlockSize {
 									b.Errorf("block %d: zero=%v, %d bytes", r.Block, r.Zero, len(r.Data))
 									return
 								}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
 
@@ -67,10 +68,10 @@ func writeChunks(src *os.File, meta *imagev1.FileMeta, path string) (err error) 
 	binary.LittleEndian.PutUint32(header[4:], uint32(n))
 
 	pos, next := uint64(len(header)), uint64(0)
-	err = inOrder(context.Background(), n, runtime.GOMAXPROCS(0), func(_ context.Context, i uint64) ([]byte, error) {
+	err = blockproto.InOrder(context.Background(), n, runtime.GOMAXPROCS(0), func(_ context.Context, i uint64) ([]byte, error) {
 		off := i * cs
 		size := min(cs, meta.Size-off)
-		if IsZeroRange(meta.ZeroMap, off, size) {
+		if blockproto.IsZeroRange(meta.ZeroMap, off, size) {
 			return nil, nil
 		}
 		buf := make([]byte, size)

@@ -9,6 +9,7 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
 
@@ -33,7 +34,7 @@ func checkFrames(t *testing.T, s *Store, image, file string, want []byte) bool {
 		}
 		chunk := want[off:min(off+cs, uint64(len(want)))]
 		if zero {
-			if !IsZero(chunk) {
+			if !blockproto.IsZero(chunk) {
 				t.Fatalf("chunk at %d is marked zero but holds data", off)
 			}
 			continue
@@ -53,11 +54,11 @@ func TestChunksCompressedAtPublish(t *testing.T) {
 	dir := t.TempDir()
 	s := openStore(t, dir)
 	rng := rand.New(rand.NewPCG(5, 5))
-	mem := make([]byte, 5*ChunkSize+12345)
-	for i := range mem[:2*ChunkSize] { // two chunks of data, compressible
+	mem := make([]byte, 5*blockproto.ChunkSize+12345)
+	for i := range mem[:2*blockproto.ChunkSize] { // two chunks of data, compressible
 		mem[i] = byte(rng.IntN(16))
 	}
-	copy(mem[4*ChunkSize:], bytes.Repeat([]byte("vmgrid"), 1000))
+	copy(mem[4*blockproto.ChunkSize:], bytes.Repeat([]byte("vmgrid"), 1000))
 	disk := sparseData(rng, 4<<20)
 	publish(t, s, "img", nil,
 		testFile{name: "mem.state", kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, data: mem},

@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 	"github.com/vmgrid/vmgrid/services/fsutil"
@@ -121,7 +122,7 @@ func (s *Store) CreateDisk(name, source, file string, labels map[string]string) 
 			Size:      bf.meta.Size,
 			BlockSize: bf.meta.BlockSize,
 			Policy:    imagev1.TransferPolicy_TRANSFER_POLICY_BLOCKS,
-			ChunkSize: ChunkSize,
+			ChunkSize: blockproto.ChunkSize,
 		}},
 	}
 	if err := s.install(staging, m, s.openDisk); err != nil {

@@ -9,6 +9,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
 
@@ -48,10 +49,10 @@ func FuzzDecodeManifest(f *testing.F) {
 			if m.Writable {
 				continue
 			}
-			if uint64(len(f.BlockDigests)) != blocks(f)*DigestSize || len(f.ZeroMap) != ZeroMapLen(f.Size) {
+			if uint64(len(f.BlockDigests)) != blocks(f)*blockproto.DigestSize || len(f.ZeroMap) != blockproto.ZeroMapLen(f.Size) {
 				t.Fatalf("file %s: meta-data inconsistent with its size", f.Name)
 			}
-			if f.ChunkSize == 0 || f.ChunkSize > MaxBlockSize {
+			if f.ChunkSize == 0 || f.ChunkSize > blockproto.MaxBlockSize {
 				t.Fatalf("file %s: chunk size %d", f.Name, f.ChunkSize)
 			}
 		}
@@ -63,12 +64,12 @@ func FuzzDecodeManifest(f *testing.F) {
 // never changes the bytes. The input is a list of writes: [off u16][len u8]
 // [byte], scaled so files span several blocks, holes and partial granules.
 func FuzzScanFile(f *testing.F) {
-	f.Add(uint16(3*MinBlockSize+100), uint8(0), []byte{})
+	f.Add(uint16(3*blockproto.MinBlockSize+100), uint8(0), []byte{})
 	f.Add(uint16(5000), uint8(1), []byte{0, 1, 10, 0xaa, 0, 2, 255, 0})
 	f.Add(uint16(40000), uint8(2), []byte{0, 0, 255, 0, 0, 200, 16, 7})
 	f.Add(uint16(65535), uint8(3), []byte{0xff, 0xff, 1, 1, 0x80, 0x00, 128, 0})
 	f.Fuzz(func(t *testing.T, size uint16, bsShift uint8, writes []byte) {
-		bs := MinBlockSize << (bsShift % 3)
+		bs := blockproto.MinBlockSize << (bsShift % 3)
 		l := newLayout(int(size) * 4) // up to 256 KiB
 		for len(writes) >= 4 {
 			off := int(binary.LittleEndian.Uint16(writes)) * 4

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
 
@@ -59,9 +60,9 @@ func (l *layout) create(t testing.TB, dir string) *os.File {
 
 // want computes the meta-data ScanFile must produce, from the bytes alone.
 func (l *layout) want(bs int) *FileScan {
-	s := &FileScan{Size: uint64(l.size), BlockSize: uint32(bs), ZeroMap: make([]byte, ZeroMapLen(uint64(l.size)))}
-	for g := 0; g*ZeroGranule < l.size; g++ {
-		p := l.content[g*ZeroGranule : min((g+1)*ZeroGranule, l.size)]
+	s := &FileScan{Size: uint64(l.size), BlockSize: uint32(bs), ZeroMap: make([]byte, blockproto.ZeroMapLen(uint64(l.size)))}
+	for g := 0; g*blockproto.ZeroGranule < l.size; g++ {
+		p := l.content[g*blockproto.ZeroGranule : min((g+1)*blockproto.ZeroGranule, l.size)]
 		if bytes.Count(p, []byte{0}) == len(p) {
 			s.ZeroMap[g/8] |= 1 << (g % 8)
 		} else {
@@ -88,9 +89,9 @@ func checkScan(t *testing.T, got, want *FileScan) {
 	if len(got.Digests) != len(want.Digests) {
 		t.Fatalf("%d digest bytes, want %d", len(got.Digests), len(want.Digests))
 	}
-	for i := 0; i < len(want.Digests); i += DigestSize {
-		if !bytes.Equal(got.Digests[i:i+DigestSize], want.Digests[i:i+DigestSize]) {
-			t.Fatalf("digest of block %d: got %x want %x", i/DigestSize, got.Digests[i:i+DigestSize], want.Digests[i:i+DigestSize])
+	for i := 0; i < len(want.Digests); i += blockproto.DigestSize {
+		if !bytes.Equal(got.Digests[i:i+blockproto.DigestSize], want.Digests[i:i+blockproto.DigestSize]) {
+			t.Fatalf("digest of block %d: got %x want %x", i/blockproto.DigestSize, got.Digests[i:i+blockproto.DigestSize], want.Digests[i:i+blockproto.DigestSize])
 		}
 	}
 	if !bytes.Equal(got.SHA256, want.SHA256) {
@@ -123,31 +124,31 @@ func randBytes(rng *rand.Rand, n int) []byte {
 // in a granule, a granule of zeros between data, and a partial last block
 // whose partial last granule is data.
 func mixedLayout(rng *rand.Rand, bs int) *layout {
-	size := 5*bs + 3*ZeroGranule + 100
+	size := 5*bs + 3*blockproto.ZeroGranule + 100
 	l := newLayout(size)
 	// block 0: a hole.
 	// block 1: explicit zeros.
 	l.write(bs, make([]byte, bs))
 	// block 2: zeros, then one granule of data, then a granule of zeros,
 	// then data up to the end of the block.
-	l.write(2*bs, make([]byte, ZeroGranule))
-	l.write(2*bs+ZeroGranule, randBytes(rng, ZeroGranule))
-	l.write(2*bs+2*ZeroGranule, make([]byte, ZeroGranule))
-	if bs > 3*ZeroGranule {
-		l.write(2*bs+3*ZeroGranule, randBytes(rng, bs-3*ZeroGranule))
+	l.write(2*bs, make([]byte, blockproto.ZeroGranule))
+	l.write(2*bs+blockproto.ZeroGranule, randBytes(rng, blockproto.ZeroGranule))
+	l.write(2*bs+2*blockproto.ZeroGranule, make([]byte, blockproto.ZeroGranule))
+	if bs > 3*blockproto.ZeroGranule {
+		l.write(2*bs+3*blockproto.ZeroGranule, randBytes(rng, bs-3*blockproto.ZeroGranule))
 	}
 	// block 3: a single non-zero byte in the middle of a hole.
 	l.write(3*bs+bs/2+7, []byte{0x42})
 	// block 4: data straddling into block 5.
 	l.write(5*bs-100, randBytes(rng, 200))
 	// last (partial) block: zeros written, then data in the partial granule.
-	l.write(5*bs+ZeroGranule, make([]byte, ZeroGranule))
+	l.write(5*bs+blockproto.ZeroGranule, make([]byte, blockproto.ZeroGranule))
 	l.write(size-50, randBytes(rng, 50))
 	return l
 }
 
 func TestScanFileMetadata(t *testing.T) {
-	for _, bs := range []int{MinBlockSize, 16 << 10, DefaultBlockSize, MaxBlockSize} {
+	for _, bs := range []int{blockproto.MinBlockSize, 16 << 10, blockproto.DefaultBlockSize, blockproto.MaxBlockSize} {
 		t.Run(fmt.Sprintf("bs=%d", bs), func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(uint64(bs), 1))
 			l := mixedLayout(rng, bs)
@@ -202,20 +203,20 @@ func TestScanFileZeroDigests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	full := ZeroDigest(bs)
+	full := blockproto.ZeroDigest(bs)
 	if want := sha256.Sum256(make([]byte, bs)); full != want {
 		t.Fatalf("ZeroDigest(%d) = %x, want %x", bs, full, want)
 	}
 	for b := 0; b < 3; b++ {
-		if d := got.Digests[b*DigestSize : (b+1)*DigestSize]; !bytes.Equal(d, full[:]) {
+		if d := got.Digests[b*blockproto.DigestSize : (b+1)*blockproto.DigestSize]; !bytes.Equal(d, full[:]) {
 			t.Fatalf("block %d: digest %x, want the zero-block digest %x", b, d, full)
 		}
 	}
-	tail := ZeroDigest(12345)
+	tail := blockproto.ZeroDigest(12345)
 	if want := sha256.Sum256(make([]byte, 12345)); tail != want {
 		t.Fatalf("ZeroDigest(12345) wrong")
 	}
-	if d := got.Digests[3*DigestSize:]; !bytes.Equal(d, tail[:]) {
+	if d := got.Digests[3*blockproto.DigestSize:]; !bytes.Equal(d, tail[:]) {
 		t.Fatalf("last partial block: digest %x, want %x", d, tail)
 	}
 	if got.NonZero != 0 {
@@ -226,7 +227,7 @@ func TestScanFileZeroDigests(t *testing.T) {
 			t.Fatalf("zero map byte %d = %#x", i, b)
 		}
 	}
-	granules := (size + ZeroGranule - 1) / ZeroGranule
+	granules := (size + blockproto.ZeroGranule - 1) / blockproto.ZeroGranule
 	if last := got.ZeroMap[len(got.ZeroMap)-1]; last != byte(1<<(granules%8)-1) && !(granules%8 == 0 && last == 0xff) {
 		t.Fatalf("last zero map byte %#x for %d granules", last, granules)
 	}
@@ -236,24 +237,24 @@ func TestScanFileZeroDigests(t *testing.T) {
 }
 
 func TestScanFileEmptyAndTiny(t *testing.T) {
-	for _, size := range []int{0, 1, ZeroGranule - 1, ZeroGranule, ZeroGranule + 1} {
+	for _, size := range []int{0, 1, blockproto.ZeroGranule - 1, blockproto.ZeroGranule, blockproto.ZeroGranule + 1} {
 		l := newLayout(size)
 		if size > 0 {
 			l.write(size-1, []byte{9})
 		}
 		f := l.create(t, t.TempDir())
-		got, err := ScanFile(f, DefaultBlockSize, true)
+		got, err := ScanFile(f, blockproto.DefaultBlockSize, true)
 		if err != nil {
 			t.Fatalf("size %d: %v", size, err)
 		}
-		checkScan(t, got, l.want(DefaultBlockSize))
+		checkScan(t, got, l.want(blockproto.DefaultBlockSize))
 	}
 }
 
 func TestScanFileRandom(t *testing.T) {
 	rng := rand.New(rand.NewPCG(7, 7))
 	for i := range 20 {
-		bs := MinBlockSize << rng.IntN(5)
+		bs := blockproto.MinBlockSize << rng.IntN(5)
 		size := rng.IntN(40 * bs)
 		l := newLayout(size)
 		for range rng.IntN(12) {
@@ -261,7 +262,7 @@ func TestScanFileRandom(t *testing.T) {
 				break
 			}
 			off := rng.IntN(size)
-			n := 1 + rng.IntN(min(size-off, 3*ZeroGranule))
+			n := 1 + rng.IntN(min(size-off, 3*blockproto.ZeroGranule))
 			if rng.IntN(3) == 0 {
 				l.write(off, make([]byte, n))
 			} else {
@@ -291,7 +292,7 @@ func TestPunchHoleShrinksFile(t *testing.T) {
 	if before*512 < size {
 		t.Fatalf("test file not allocated: %d blocks", before)
 	}
-	if _, err := ScanFile(f, DefaultBlockSize, true); err != nil {
+	if _, err := ScanFile(f, blockproto.DefaultBlockSize, true); err != nil {
 		if errors.Is(err, unix.EOPNOTSUPP) {
 			t.Skip("file system cannot punch holes")
 		}
@@ -300,49 +301,6 @@ func TestPunchHoleShrinksFile(t *testing.T) {
 	after := diskBlocks(t, f)
 	if after*512 > 2*int64(len(data)) {
 		t.Fatalf("after punching: %d bytes allocated for %d bytes of data (was %d)", after*512, len(data), before*512)
-	}
-}
-
-func TestZeroMapHelpers(t *testing.T) {
-	for _, c := range []struct {
-		size uint64
-		want int
-	}{{0, 0}, {1, 1}, {4096, 1}, {4097, 1}, {8 * 4096, 1}, {8*4096 + 1, 2}, {1 << 30, 1 << 15}} {
-		if got := ZeroMapLen(c.size); got != c.want {
-			t.Errorf("ZeroMapLen(%d) = %d, want %d", c.size, got, c.want)
-		}
-	}
-	zm := []byte{0b0000_0110, 0xff} // granules 1, 2 and 8..15 are zero
-	for _, c := range []struct {
-		off, n uint64
-		want   bool
-	}{
-		{0, 0, true},
-		{0, 1, false},
-		{4096, 4096, true},
-		{4096, 8192, true},
-		{4096, 8193, false}, // reaches granule 3
-		{4095, 2, false},    // touches granule 0
-		{8 * 4096, 8 * 4096, true},
-		{8 * 4096, 8*4096 + 1, false}, // past the map
-		{100 * 4096, 1, false},
-	} {
-		if got := IsZeroRange(zm, c.off, c.n); got != c.want {
-			t.Errorf("IsZeroRange(%d, %d) = %v, want %v", c.off, c.n, got, c.want)
-		}
-	}
-	for n := range 40 {
-		b := make([]byte, n)
-		if !IsZero(b) {
-			t.Fatalf("IsZero(%d zero bytes) = false", n)
-		}
-		for i := range n {
-			b[i] = 1
-			if IsZero(b) {
-				t.Fatalf("IsZero with byte %d of %d set = true", i, n)
-			}
-			b[i] = 0
-		}
 	}
 }
 
@@ -369,23 +327,23 @@ func validManifest() *imagev1.Manifest {
 		return &imagev1.FileMeta{
 			Name: name, Kind: imagev1.FileKind_FILE_KIND_DISK, Size: size, BlockSize: bs,
 			Policy:       imagev1.TransferPolicy_TRANSFER_POLICY_BLOCKS,
-			ZeroMap:      make([]byte, ZeroMapLen(size)),
-			BlockDigests: make([]byte, nb*DigestSize),
-			Sha256:       make([]byte, DigestSize),
-			ChunkSize:    ChunkSize,
+			ZeroMap:      make([]byte, blockproto.ZeroMapLen(size)),
+			BlockDigests: make([]byte, nb*blockproto.DigestSize),
+			Sha256:       make([]byte, blockproto.DigestSize),
+			ChunkSize:    blockproto.ChunkSize,
 		}
 	}
 	return &imagev1.Manifest{
 		Name:       "debian-12",
 		Attributes: &imagev1.ImageAttributes{Arch: "x86_64", Vcpus: 2},
-		Files:      []*imagev1.FileMeta{file("root.img", 1<<20+5, DefaultBlockSize), file("mem", 0, MinBlockSize)},
+		Files:      []*imagev1.FileMeta{file("root.img", 1<<20+5, blockproto.DefaultBlockSize), file("mem", 0, blockproto.MinBlockSize)},
 	}
 }
 
 func validDiskManifest() *imagev1.Manifest {
 	return &imagev1.Manifest{
 		Name: "disk-1", Writable: true, BaseImage: "debian-12", BaseFile: "root.img",
-		Files: []*imagev1.FileMeta{{Name: "root.img", Size: 1 << 20, BlockSize: DefaultBlockSize, ChunkSize: ChunkSize}},
+		Files: []*imagev1.FileMeta{{Name: "root.img", Size: 1 << 20, BlockSize: blockproto.DefaultBlockSize, ChunkSize: blockproto.ChunkSize}},
 	}
 }
 
@@ -414,6 +372,8 @@ func TestDecodeManifestRejects(t *testing.T) {
 		{"no name", func(m *imagev1.Manifest) { m.Name = "" }, false},
 		{"name with slash", func(m *imagev1.Manifest) { m.Name = "../etc" }, false},
 		{"no files", func(m *imagev1.Manifest) { m.Files = nil }, false},
+		{"kind out of range", func(m *imagev1.Manifest) { m.Files[0].Kind = 99 }, false},
+		{"policy out of range", func(m *imagev1.Manifest) { m.Files[0].Policy = 99 }, false},
 		{"too many files", func(m *imagev1.Manifest) {
 			for i := range imagev1.MaxFiles {
 				f := proto.Clone(m.Files[1]).(*imagev1.FileMeta)
@@ -428,20 +388,20 @@ func TestDecodeManifestRejects(t *testing.T) {
 		{"block size too small", func(m *imagev1.Manifest) { m.Files[0].BlockSize = 512 }, false},
 		{"block size too large", func(m *imagev1.Manifest) { m.Files[0].BlockSize = 2 << 20 }, false},
 		{"size too large", func(m *imagev1.Manifest) { m.Files[0].Size = imagev1.MaxFileSize + 1 }, false},
-		{"digests short", func(m *imagev1.Manifest) { m.Files[0].BlockDigests = m.Files[0].BlockDigests[:DigestSize] }, false},
+		{"digests short", func(m *imagev1.Manifest) { m.Files[0].BlockDigests = m.Files[0].BlockDigests[:blockproto.DigestSize] }, false},
 		{"digests long", func(m *imagev1.Manifest) {
-			m.Files[0].BlockDigests = append(m.Files[0].BlockDigests, make([]byte, DigestSize)...)
+			m.Files[0].BlockDigests = append(m.Files[0].BlockDigests, make([]byte, blockproto.DigestSize)...)
 		}, false},
 		{"digests ragged", func(m *imagev1.Manifest) { m.Files[0].BlockDigests = m.Files[0].BlockDigests[1:] }, false},
-		{"size grew", func(m *imagev1.Manifest) { m.Files[0].Size += DefaultBlockSize }, false},
+		{"size grew", func(m *imagev1.Manifest) { m.Files[0].Size += blockproto.DefaultBlockSize }, false},
 		{"zero map short", func(m *imagev1.Manifest) { m.Files[0].ZeroMap = m.Files[0].ZeroMap[1:] }, false},
 		{"zero map long", func(m *imagev1.Manifest) { m.Files[0].ZeroMap = append(m.Files[0].ZeroMap, 0) }, false},
 		{"no sha256", func(m *imagev1.Manifest) { m.Files[0].Sha256 = nil }, false},
 		{"short sha256", func(m *imagev1.Manifest) { m.Files[0].Sha256 = m.Files[0].Sha256[:31] }, false},
 		{"chunk size 0", func(m *imagev1.Manifest) { m.Files[0].ChunkSize = 0 }, false},
-		{"chunk size too large", func(m *imagev1.Manifest) { m.Files[0].ChunkSize = ChunkSize + 1 }, false},
+		{"chunk size too large", func(m *imagev1.Manifest) { m.Files[0].ChunkSize = blockproto.ChunkSize + 1 }, false},
 		{"disk with two files", func(m *imagev1.Manifest) {
-			m.Files = append(m.Files, &imagev1.FileMeta{Name: "x", BlockSize: DefaultBlockSize, ChunkSize: ChunkSize})
+			m.Files = append(m.Files, &imagev1.FileMeta{Name: "x", BlockSize: blockproto.DefaultBlockSize, ChunkSize: blockproto.ChunkSize})
 		}, true},
 		{"disk without base", func(m *imagev1.Manifest) { m.BaseImage = "" }, true},
 		{"disk with bad base", func(m *imagev1.Manifest) { m.BaseImage = "a/../b" }, true},

@@ -9,6 +9,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 	"github.com/vmgrid/vmgrid/services/fsutil"
@@ -127,7 +128,7 @@ func (u *Upload) Commit(sums [][]byte) (*imagev1.Manifest, error) {
 			BlockDigests: scan.Digests,
 			Sha256:       scan.SHA256,
 			NonzeroBytes: scan.NonZero,
-			ChunkSize:    ChunkSize,
+			ChunkSize:    blockproto.ChunkSize,
 		}
 		m.Files = append(m.Files, fm)
 		if policy == imagev1.TransferPolicy_TRANSFER_POLICY_WHOLE_FILE && fm.Size > 0 {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
@@ -29,21 +30,13 @@ func (s *Store) OpenFile(image, file string) (*FileHandle, error) {
 	return &FileHandle{img: img, f: f}, nil
 }
 
-// Block is one block read from a file.
-type Block struct {
-	Data   []byte // nil when Zero
-	Zero   bool
-	Length uint32
-	Digest []byte
-}
-
 // ReadBlock reads block index of the file into buf (which must hold a
 // block). Zero blocks are answered from the zero map without touching disk.
-func (h *FileHandle) ReadBlock(index uint64, buf []byte) (Block, error) {
+func (h *FileHandle) ReadBlock(index uint64, buf []byte) (blockproto.Block, error) {
 	meta := h.f.meta
 	nb := blocks(meta)
 	if index >= nb {
-		return Block{}, fmt.Errorf("block %d of %q/%q is past its end (%d blocks of %d bytes): %w", index, h.img.m.Name, meta.Name, nb, meta.BlockSize, errdefs.ErrOutOfRange)
+		return blockproto.Block{}, fmt.Errorf("block %d of %q/%q is past its end (%d blocks of %d bytes): %w", index, h.img.m.Name, meta.Name, nb, meta.BlockSize, errdefs.ErrOutOfRange)
 	}
 	bs := uint64(meta.BlockSize)
 	off := index * bs
@@ -56,25 +49,25 @@ func (h *FileHandle) ReadBlock(index uint64, buf []byte) (Block, error) {
 		}
 		data := buf[:n]
 		if _, err := d.data.ReadAt(data, int64(off)); err != nil && !errors.Is(err, io.EOF) {
-			return Block{}, h.readErr(err)
+			return blockproto.Block{}, h.readErr(err)
 		}
 		sum := sha256.Sum256(data)
-		return Block{Data: data, Length: uint32(n), Digest: sum[:]}, nil
+		return blockproto.Block{Data: data, Length: uint32(n), Digest: sum[:]}, nil
 	}
 	return h.readGolden(index, off, n, buf)
 }
 
-func (h *FileHandle) readGolden(index, off, n uint64, buf []byte) (Block, error) {
+func (h *FileHandle) readGolden(index, off, n uint64, buf []byte) (blockproto.Block, error) {
 	meta := h.f.meta
-	digest := meta.BlockDigests[index*DigestSize : (index+1)*DigestSize]
-	if IsZeroRange(meta.ZeroMap, off, n) {
-		return Block{Zero: true, Length: uint32(n), Digest: digest}, nil
+	digest := meta.BlockDigests[index*blockproto.DigestSize : (index+1)*blockproto.DigestSize]
+	if blockproto.IsZeroRange(meta.ZeroMap, off, n) {
+		return blockproto.Block{Zero: true, Length: uint32(n), Digest: digest}, nil
 	}
 	data := buf[:n]
 	if _, err := h.f.f.ReadAt(data, int64(off)); err != nil && !errors.Is(err, io.EOF) {
-		return Block{}, h.readErr(err)
+		return blockproto.Block{}, h.readErr(err)
 	}
-	return Block{Data: data, Length: uint32(n), Digest: digest}, nil
+	return blockproto.Block{Data: data, Length: uint32(n), Digest: digest}, nil
 }
 
 // readErr reports a read from a file that Delete closed as NotFound, what a
@@ -114,7 +107,7 @@ func (h *FileHandle) ReadRange(off uint64, buf []byte) (zero bool, err error) {
 		return false, fmt.Errorf("range %d..%d of %q is past its end (%d bytes): %w", off, off+uint64(len(buf)), meta.Name, meta.Size, errdefs.ErrOutOfRange)
 	}
 	if h.img.disk == nil {
-		if IsZeroRange(meta.ZeroMap, off, uint64(len(buf))) {
+		if blockproto.IsZeroRange(meta.ZeroMap, off, uint64(len(buf))) {
 			return true, nil
 		}
 		_, err := h.f.f.ReadAt(buf, int64(off))
@@ -143,5 +136,5 @@ func (h *FileHandle) ReadRange(off uint64, buf []byte) (zero bool, err error) {
 		}
 		pos += end - in
 	}
-	return IsZero(buf), nil
+	return blockproto.IsZero(buf), nil
 }

@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
@@ -199,7 +200,7 @@ func (s *Service) GetProfile(_ context.Context, req *imagev1.GetProfileRequest) 
 
 // ReadBlocks implements ImageService.ReadBlocks.
 func (s *Service) ReadBlocks(stream imagev1.ImageService_ReadBlocksServer) error {
-	return ServeReadBlocks(stream, storeSources{s.store}, s.enc, s.m)
+	return blockproto.ServeReadBlocks(stream, storeSources{s.store}, s.enc, s.m)
 }
 
 // Block counts one ReadBlocks answer.
@@ -215,7 +216,7 @@ type storeSources struct{ s *Store }
 
 type storeSource struct{ h *FileHandle }
 
-func (o storeSources) OpenSource(_ context.Context, image, file string) (BlockSource, error) {
+func (o storeSources) OpenSource(_ context.Context, image, file string) (blockproto.BlockSource, error) {
 	h, err := o.s.OpenFile(image, file)
 	if err != nil {
 		return nil, err
@@ -223,10 +224,10 @@ func (o storeSources) OpenSource(_ context.Context, image, file string) (BlockSo
 	return storeSource{h}, nil
 }
 
-func (o storeSources) Valid(src BlockSource) bool { return o.s.current(src.(storeSource).h) }
+func (o storeSources) Valid(src blockproto.BlockSource) bool { return o.s.current(src.(storeSource).h) }
 
 func (s storeSource) Meta() *imagev1.FileMeta { return s.h.Meta() }
-func (s storeSource) ReadBlock(_ context.Context, index uint64, buf []byte) (Block, error) {
+func (s storeSource) ReadBlock(_ context.Context, index uint64, buf []byte) (blockproto.Block, error) {
 	return s.h.ReadBlock(index, buf)
 }
 func (s storeSource) ReadRange(_ context.Context, off uint64, buf []byte) (bool, error) {
@@ -242,7 +243,7 @@ func (s *Service) FetchFile(req *imagev1.FetchFileRequest, stream imagev1.ImageS
 	if err != nil {
 		return err
 	}
-	return ServeFetchFile(req, stream, storeSource{h}, s.enc, func(n int) {
+	return blockproto.ServeFetchFile(req, stream, storeSource{h}, s.enc, func(n int) {
 		s.m.bytesSent.WithLabelValues("FetchFile").Add(float64(n))
 	})
 }

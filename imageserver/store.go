@@ -13,7 +13,9 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 	"github.com/vmgrid/vmgrid/services/fsutil"
 )
@@ -62,13 +64,11 @@ type imageFile struct {
 // never finished and applying write batches that were committed but not yet
 // applied when the process stopped.
 func OpenStore(dir string, log *zap.Logger) (*Store, error) {
-	if log == nil {
-		log = zap.NewNop()
-	}
+	log = services.LoggerOr(log)
 	s := &Store{
 		dir:              dir,
 		log:              log,
-		defaultBlockSize: DefaultBlockSize,
+		defaultBlockSize: blockproto.DefaultBlockSize,
 		images:           map[string]*image{},
 		reserved:         map[string]bool{},
 	}
@@ -178,28 +178,34 @@ func DecodeManifest(b []byte) (*imagev1.Manifest, error) {
 			return nil, fmt.Errorf("manifest %s: file %s twice", m.Name, f.Name)
 		}
 		seen[f.Name] = true
-		if f.BlockSize < MinBlockSize || f.BlockSize > MaxBlockSize || f.BlockSize&(f.BlockSize-1) != 0 {
+		if f.BlockSize < blockproto.MinBlockSize || f.BlockSize > blockproto.MaxBlockSize || f.BlockSize&(f.BlockSize-1) != 0 {
 			return nil, fmt.Errorf("manifest %s: file %s: bad block size %d", m.Name, f.Name, f.BlockSize)
+		}
+		if _, ok := imagev1.FileKind_name[int32(f.Kind)]; !ok {
+			return nil, fmt.Errorf("manifest %s: file %s: kind %d is not a FileKind", m.Name, f.Name, f.Kind)
+		}
+		if _, ok := imagev1.TransferPolicy_name[int32(f.Policy)]; !ok {
+			return nil, fmt.Errorf("manifest %s: file %s: policy %d is not a TransferPolicy", m.Name, f.Name, f.Policy)
 		}
 		if f.Size > imagev1.MaxFileSize {
 			return nil, fmt.Errorf("manifest %s: file %s: size %d too large", m.Name, f.Name, f.Size)
 		}
 		// FetchFile divides by the chunk size and reads a chunk into a
 		// MaxBlockSize buffer.
-		if f.ChunkSize == 0 || f.ChunkSize > ChunkSize {
+		if f.ChunkSize == 0 || f.ChunkSize > blockproto.ChunkSize {
 			return nil, fmt.Errorf("manifest %s: file %s: bad chunk size %d", m.Name, f.Name, f.ChunkSize)
 		}
 		if m.Writable {
 			continue
 		}
 		nblocks := (f.Size + uint64(f.BlockSize) - 1) / uint64(f.BlockSize)
-		if uint64(len(f.BlockDigests)) != nblocks*DigestSize {
+		if uint64(len(f.BlockDigests)) != nblocks*blockproto.DigestSize {
 			return nil, fmt.Errorf("manifest %s: file %s: %d digest bytes for %d blocks", m.Name, f.Name, len(f.BlockDigests), nblocks)
 		}
-		if len(f.ZeroMap) != ZeroMapLen(f.Size) {
+		if len(f.ZeroMap) != blockproto.ZeroMapLen(f.Size) {
 			return nil, fmt.Errorf("manifest %s: file %s: zero map of %d bytes for size %d", m.Name, f.Name, len(f.ZeroMap), f.Size)
 		}
-		if len(f.Sha256) != DigestSize {
+		if len(f.Sha256) != blockproto.DigestSize {
 			return nil, fmt.Errorf("manifest %s: file %s: missing sha256", m.Name, f.Name)
 		}
 	}

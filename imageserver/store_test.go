@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap/zaptest"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
@@ -59,7 +60,7 @@ func upload(t *testing.T, u *Upload, files ...testFile) [][]byte {
 	for i, f := range files {
 		for off := (len(f.data) - 1) / piece * piece; off >= 0; off -= piece {
 			p := f.data[off:min(off+piece, len(f.data))]
-			if IsZero(p) && !f.writeZeros {
+			if blockproto.IsZero(p) && !f.writeZeros {
 				continue
 			}
 			if err := u.Write(uint32(i), uint64(off), p); err != nil {
@@ -127,7 +128,7 @@ func readAll(t *testing.T, s *Store, image, file string, want []byte) {
 	}
 	meta := h.Meta()
 	bs := int(meta.BlockSize)
-	buf := make([]byte, MaxBlockSize)
+	buf := make([]byte, blockproto.MaxBlockSize)
 	for b := 0; b*bs < len(want); b++ {
 		exp := want[b*bs : min((b+1)*bs, len(want))]
 		blk, err := h.ReadBlock(uint64(b), buf)
@@ -138,7 +139,7 @@ func readAll(t *testing.T, s *Store, image, file string, want []byte) {
 			t.Fatalf("block %d: length %d, want %d", b, blk.Length, len(exp))
 		}
 		if blk.Zero {
-			if blk.Data != nil || !IsZero(exp) {
+			if blk.Data != nil || !blockproto.IsZero(exp) {
 				t.Fatalf("block %d: reported zero (data %d bytes) but is not", b, len(blk.Data))
 			}
 		} else if !bytes.Equal(blk.Data, exp) {
@@ -147,7 +148,7 @@ func readAll(t *testing.T, s *Store, image, file string, want []byte) {
 		if sum := sha256.Sum256(exp); !bytes.Equal(blk.Digest, sum[:]) {
 			t.Fatalf("block %d: digest %x, want %x", b, blk.Digest, sum)
 		}
-		if len(meta.BlockDigests) > 0 && !bytes.Equal(meta.BlockDigests[b*DigestSize:(b+1)*DigestSize], blk.Digest) {
+		if len(meta.BlockDigests) > 0 && !bytes.Equal(meta.BlockDigests[b*blockproto.DigestSize:(b+1)*blockproto.DigestSize], blk.Digest) {
 			t.Fatalf("block %d: digest differs from the manifest", b)
 		}
 	}
@@ -176,11 +177,11 @@ func TestPublishAndRead(t *testing.T) {
 		fm := m.Files[i]
 		wantBS := f.bs
 		if wantBS == 0 {
-			wantBS = DefaultBlockSize
+			wantBS = blockproto.DefaultBlockSize
 		}
 		sum := sha256.Sum256(f.data)
 		if fm.Name != f.name || fm.Kind != f.kind || fm.Size != uint64(len(f.data)) || fm.BlockSize != wantBS ||
-			fm.Policy != wantPolicy[i] || fm.ChunkSize != ChunkSize || !bytes.Equal(fm.Sha256, sum[:]) {
+			fm.Policy != wantPolicy[i] || fm.ChunkSize != blockproto.ChunkSize || !bytes.Equal(fm.Sha256, sum[:]) {
 			t.Fatalf("file %d meta: %v", i, fm)
 		}
 		l := &layout{size: len(f.data), content: f.data}
@@ -214,7 +215,7 @@ func TestPublishAndRead(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, fm := range basic.Files {
-		if fm.ZeroMap != nil || fm.BlockDigests != nil || len(fm.Sha256) != DigestSize {
+		if fm.ZeroMap != nil || fm.BlockDigests != nil || len(fm.Sha256) != blockproto.DigestSize {
 			t.Fatalf("BASIC view of %s carries per-block meta-data", fm.Name)
 		}
 	}
@@ -247,14 +248,14 @@ func TestReadRange(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for off := 0; off < len(data); off += ChunkSize {
-		n := min(ChunkSize, len(data)-off)
+	for off := 0; off < len(data); off += blockproto.ChunkSize {
+		n := min(blockproto.ChunkSize, len(data)-off)
 		buf := bytes.Repeat([]byte{0xee}, n)
 		zero, err := h.ReadRange(uint64(off), buf)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if zero != IsZero(data[off:off+n]) {
+		if zero != blockproto.IsZero(data[off:off+n]) {
 			t.Fatalf("chunk at %d: zero=%v", off, zero)
 		}
 		if !zero && !bytes.Equal(buf, data[off:off+n]) {
@@ -399,7 +400,7 @@ func TestDeleteImage(t *testing.T) {
 	if s.current(h) {
 		t.Fatal("a handle of a deleted image is current")
 	}
-	buf := make([]byte, MaxBlockSize)
+	buf := make([]byte, blockproto.MaxBlockSize)
 	for deadline := time.Now().Add(5 * time.Second); ; {
 		_, err := h.ReadBlock(0, buf)
 		if errdefs.IsNotFound(err) {
@@ -466,7 +467,7 @@ func TestList(t *testing.T) {
 func TestProfile(t *testing.T) {
 	s := openStore(t, t.TempDir())
 	publish(t, s, "img", nil,
-		testFile{name: "root", kind: imagev1.FileKind_FILE_KIND_DISK, data: make([]byte, 3*DefaultBlockSize)},
+		testFile{name: "root", kind: imagev1.FileKind_FILE_KIND_DISK, data: make([]byte, 3*blockproto.DefaultBlockSize)},
 		testFile{name: "kernel", kind: imagev1.FileKind_FILE_KIND_KERNEL, data: []byte("k")})
 	got, err := s.GetProfile("img")
 	if err != nil || len(got) != 0 {
@@ -504,7 +505,7 @@ func TestProfile(t *testing.T) {
 // partial) and creates a persistent disk from it.
 func goldenWithDisk(t *testing.T, s *Store) (golden []byte) {
 	t.Helper()
-	golden = sparseData(rand.New(rand.NewPCG(6, 6)), 10*DefaultBlockSize+1234)
+	golden = sparseData(rand.New(rand.NewPCG(6, 6)), 10*blockproto.DefaultBlockSize+1234)
 	publish(t, s, "golden", &imagev1.ImageAttributes{Arch: "x86_64", Labels: map[string]string{"a": "b"}},
 		testFile{name: "root.img", kind: imagev1.FileKind_FILE_KIND_DISK, data: golden},
 		testFile{name: "mem", kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, data: []byte("state")})
@@ -551,7 +552,7 @@ func applyWrites(content []byte, bs int, writes map[uint64][]byte) {
 func TestDiskWrites(t *testing.T) {
 	s := openStore(t, t.TempDir())
 	golden := goldenWithDisk(t, s)
-	const bs = DefaultBlockSize
+	const bs = blockproto.DefaultBlockSize
 	want := bytes.Clone(golden)
 	readAll(t, s, "disk", "root.img", want) // reads from the golden file
 
@@ -573,7 +574,7 @@ func TestDiskWrites(t *testing.T) {
 	// and never reported as a hole.
 	h, _ := s.OpenFile("disk", "root.img")
 	blk, err := h.ReadBlock(4, make([]byte, bs))
-	if err != nil || blk.Zero || !IsZero(blk.Data) {
+	if err != nil || blk.Zero || !blockproto.IsZero(blk.Data) {
 		t.Fatalf("written zero block: %+v %v", blk.Zero, err)
 	}
 
@@ -698,7 +699,7 @@ func TestJournalFormatMatchesBatch(t *testing.T) {
 	s := openStore(t, t.TempDir())
 	goldenWithDisk(t, s)
 	rng := rand.New(rand.NewPCG(9, 9))
-	recs := []journalRec{{3, randBytes(rng, DefaultBlockSize)}, {0, randBytes(rng, DefaultBlockSize)}}
+	recs := []journalRec{{3, randBytes(rng, blockproto.DefaultBlockSize)}, {0, randBytes(rng, blockproto.DefaultBlockSize)}}
 	b, err := s.BeginWrite("disk", 0)
 	if err != nil {
 		t.Fatal(err)
@@ -730,7 +731,7 @@ func TestJournalReplay(t *testing.T) {
 	dir := t.TempDir()
 	s := openStore(t, dir)
 	golden := goldenWithDisk(t, s)
-	const bs = DefaultBlockSize
+	const bs = blockproto.DefaultBlockSize
 	rng := rand.New(rand.NewPCG(10, 10))
 	want := bytes.Clone(golden)
 	w1 := map[uint64][]byte{2: randBytes(rng, bs)}
@@ -780,7 +781,7 @@ func TestJournalReplay(t *testing.T) {
 
 func TestJournalReplayRejectsDamage(t *testing.T) {
 	rng := rand.New(rand.NewPCG(11, 11))
-	good := journal([]journalRec{{1, randBytes(rng, DefaultBlockSize)}})
+	good := journal([]journalRec{{1, randBytes(rng, blockproto.DefaultBlockSize)}})
 	flip := bytes.Clone(good)
 	flip[20] ^= 1
 	for name, b := range map[string][]byte{
@@ -788,7 +789,7 @@ func TestJournalReplayRejectsDamage(t *testing.T) {
 		"bad crc":    flip,
 		"bad count":  append(bytes.Clone(good[:len(good)-8]), 5, 0, 0, 0, 0, 0, 0, 0),
 		"past end":   journal([]journalRec{{11, randBytes(rng, 10)}}),
-		"too long":   journal([]journalRec{{1, randBytes(rng, DefaultBlockSize+1)}}),
+		"too long":   journal([]journalRec{{1, randBytes(rng, blockproto.DefaultBlockSize+1)}}),
 		"no trailer": good[:len(good)-16],
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -810,7 +811,7 @@ func TestJournalReplayRejectsDamage(t *testing.T) {
 func TestDiskConcurrentReadWrite(t *testing.T) {
 	s := openStore(t, t.TempDir())
 	golden := goldenWithDisk(t, s)
-	const bs = DefaultBlockSize
+	const bs = blockproto.DefaultBlockSize
 	nb := uint64((len(golden) + bs - 1) / bs)
 	h, err := s.OpenFile("disk", "root.img")
 	if err != nil {

@@ -20,7 +20,7 @@ import (
 
 	"google.golang.org/grpc"
 
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	"github.com/vmgrid/vmgrid/services"
@@ -262,8 +262,8 @@ func dial(t *testing.T, addr string) *grpc.ClientConn {
 	return cc
 }
 
-func imageClient(t *testing.T, addr string) *imageserver.Client {
-	return imageserver.NewClient(dial(t, addr))
+func imageClient(t *testing.T, addr string) *imageclient.Client {
+	return imageclient.NewClient(dial(t, addr))
 }
 
 func cacheClient(t *testing.T, addr string) computev1.CacheServiceClient {
@@ -283,7 +283,7 @@ func sparseBytes(rng *rand.Rand, size, n, maxLen int) []byte {
 
 // fetchFile reads a file of an image or disk from a server through the
 // whole-file channel.
-func fetchFile(t *testing.T, c *imageserver.Client, image, file string, size int) []byte {
+func fetchFile(t *testing.T, c *imageclient.Client, image, file string, size int) []byte {
 	t.Helper()
 	out := make([]byte, size)
 	err := c.FetchFile(ctxT(t), image, file, 0, 0, func(off uint64, n uint32, data []byte) error {
@@ -299,11 +299,11 @@ func fetchFile(t *testing.T, c *imageserver.Client, image, file string, size int
 }
 
 // publishBytes publishes files given as bytes.
-func publishBytes(t *testing.T, c *imageserver.Client, image string, files map[string]file) {
+func publishBytes(t *testing.T, c *imageclient.Client, image string, files map[string]file) {
 	t.Helper()
-	spec := imageserver.PublishSpec{Name: image}
+	spec := imageclient.PublishSpec{Name: image}
 	for name, f := range files {
-		spec.Files = append(spec.Files, imageserver.PublishFile{Name: name, Path: writeFile(t, name, f.data), Kind: f.kind})
+		spec.Files = append(spec.Files, imageclient.PublishFile{Name: name, Path: writeFile(t, name, f.data), Kind: f.kind})
 	}
 	publish(t, c, spec)
 }

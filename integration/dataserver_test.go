@@ -24,6 +24,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/computeserver/plant/datadisk"
 	"github.com/vmgrid/vmgrid/dataserver"
+	"github.com/vmgrid/vmgrid/dataserver/dataclient"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
@@ -40,7 +41,7 @@ type dataServer struct {
 	dir        string
 	tokens     *auth.Tokens
 	srv        *services.Server
-	alice, bob *dataserver.Client
+	alice, bob *dataclient.Client
 }
 
 func startDataServer(t *testing.T) *dataServer {
@@ -84,14 +85,14 @@ func (d *dataServer) serve(t *testing.T, addr string) {
 }
 
 // client dials the server with token ("" sends none); closed when the test ends.
-func (d *dataServer) client(t *testing.T, token string) *dataserver.Client {
+func (d *dataServer) client(t *testing.T, token string) *dataclient.Client {
 	t.Helper()
-	cc, err := dataserver.Dial(d.srv.Addr(), services.TLSFiles{}, token)
+	cc, err := dataclient.Dial(d.srv.Addr(), services.TLSFiles{}, token)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cc.Close() })
-	return dataserver.NewClient(cc)
+	return dataclient.NewClient(cc)
 }
 
 func (d *dataServer) tmpEntries(t *testing.T) []string {
@@ -141,7 +142,7 @@ func TestDataRoundTrip(t *testing.T) {
 	if info.Owner != "alice" || info.Path != "in/video.raw" || info.Size != size || !bytes.Equal(info.Sha256, sum[:]) {
 		t.Fatalf("upload info %v", info)
 	}
-	if last != size || calls < size/dataserver.ChunkSize {
+	if last != size || calls < size/datav1.ChunkSize {
 		t.Fatalf("progress ended at %d after %d calls", last, calls)
 	}
 	st, err := d.alice.Stat(ctx, "in/video.raw")
@@ -197,7 +198,7 @@ func TestDataRoundTrip(t *testing.T) {
 
 func mustDial(t *testing.T, addr, token string) *grpc.ClientConn {
 	t.Helper()
-	cc, err := dataserver.Dial(addr, services.TLSFiles{}, token)
+	cc, err := dataclient.Dial(addr, services.TLSFiles{}, token)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -244,7 +245,7 @@ func TestDataByteRanges(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if (resp.File != nil) != (i == 0) || resp.Offset != next || len(resp.Data) > dataserver.ChunkSize {
+		if (resp.File != nil) != (i == 0) || resp.Offset != next || len(resp.Data) > datav1.ChunkSize {
 			t.Fatalf("message %d: info %v, offset %d (want %d), %d bytes", i, resp.File != nil, resp.Offset, next, len(resp.Data))
 		}
 		next += uint64(len(resp.Data))
@@ -306,7 +307,7 @@ func TestDataDownloadResumes(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if first <= have || first > have+dataserver.ChunkSize {
+	if first <= have || first > have+datav1.ChunkSize {
 		t.Fatalf("resumed download started at %d, the partial file had %d", first, have)
 	}
 	if n := sent(t, d) - sentBefore; n != size-have {
@@ -486,7 +487,7 @@ func TestDataUnauthenticated(t *testing.T) {
 	d := startDataServer(t)
 	ctx := ctxT(t)
 	local, _ := randomFile(t, 5, 1000)
-	for _, c := range []*dataserver.Client{d.client(t, ""), d.client(t, "wrong-token-123")} {
+	for _, c := range []*dataclient.Client{d.client(t, ""), d.client(t, "wrong-token-123")} {
 		_, err := c.List(ctx, "")
 		wantCode(t, err, errdefs.IsUnauthenticated, codes.Unauthenticated)
 		_, err = c.Upload(ctx, local, "x", nil)

@@ -15,7 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 )
 
@@ -42,7 +42,7 @@ func writeFile(t *testing.T, name string, b []byte) string {
 }
 
 // publish uploads local files as one image with the real client.
-func publish(t *testing.T, c *imageserver.Client, spec imageserver.PublishSpec) {
+func publish(t *testing.T, c *imageclient.Client, spec imageclient.PublishSpec) {
 	t.Helper()
 	if _, err := c.Publish(ctxT(t), spec, nil); err != nil {
 		t.Fatalf("publish %s: %v", spec.Name, err)

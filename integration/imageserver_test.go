@@ -19,15 +19,16 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
-const bs = imageserver.DefaultBlockSize
+const bs = blockproto.DefaultBlockSize
 
-var zeros = make([]byte, imageserver.MaxBlockSize)
+var zeros = make([]byte, blockproto.MaxBlockSize)
 
 // isZero is imageserver.IsZero in assembly (bytes.Equal): the race detector
 // instruments every byte a Go loop reads, and the tests compare gigabytes.
@@ -45,10 +46,10 @@ func TestSparseDiskBlockReads(t *testing.T) {
 	kernel := writeFile(t, "vmlinuz", []byte("a kernel"))
 
 	var progressed uint64
-	resp, err := s.Client.Publish(ctx, imageserver.PublishSpec{
+	resp, err := s.Client.Publish(ctx, imageclient.PublishSpec{
 		Name:       "debian-12",
 		Attributes: &imagev1.ImageAttributes{Arch: "x86_64", Os: "debian-12", Vcpus: 2, MemoryMib: 1024},
-		Files: []imageserver.PublishFile{
+		Files: []imageclient.PublishFile{
 			{Name: "root.img", Path: path, Kind: imagev1.FileKind_FILE_KIND_DISK},
 			{Name: "vmlinuz", Path: kernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL},
 		},
@@ -80,7 +81,7 @@ func TestSparseDiskBlockReads(t *testing.T) {
 	if meta.Policy != imagev1.TransferPolicy_TRANSFER_POLICY_BLOCKS || got.Manifest.Files[1].Policy != imagev1.TransferPolicy_TRANSFER_POLICY_WHOLE_FILE {
 		t.Fatalf("policies %v %v", meta.Policy, got.Manifest.Files[1].Policy)
 	}
-	if meta.NonzeroBytes < dataBytes/2 || meta.NonzeroBytes > dataBytes+uint64(len(regions))*2*imageserver.ZeroGranule {
+	if meta.NonzeroBytes < dataBytes/2 || meta.NonzeroBytes > dataBytes+uint64(len(regions))*2*blockproto.ZeroGranule {
 		t.Fatalf("nonzero bytes %d for %d bytes of data", meta.NonzeroBytes, dataBytes)
 	}
 
@@ -134,7 +135,7 @@ func TestSparseDiskBlockReads(t *testing.T) {
 						for i, r := range res {
 							blk := first + uint64(i)
 							exp := w[i*bs : (i+1)*bs]
-							digest := meta.BlockDigests[blk*imageserver.DigestSize : (blk+1)*imageserver.DigestSize]
+							digest := meta.BlockDigests[blk*blockproto.DigestSize : (blk+1)*blockproto.DigestSize]
 							if r.Block != blk || r.Length != bs {
 								t.Errorf("block %d: got block %d length %d", blk, r.Block, r.Length)
 								return
@@ -156,7 +157,7 @@ func TestSparseDiskBlockReads(t *testing.T) {
 								t.Errorf("block %d: digest differs from the manifest", blk)
 								return
 							}
-							if err := imageserver.VerifyBlock(r, digest); err != nil {
+							if err := blockproto.VerifyBlock(r, digest); err != nil {
 								t.Error(err)
 								return
 							}
@@ -190,7 +191,7 @@ func TestSparseDiskBlockReads(t *testing.T) {
 			if err != nil {
 				t.Fatalf("the stream broke after in-band errors: %v", err)
 			}
-			if err := imageserver.VerifyBlock(res[0], meta.BlockDigests[r.Off/bs*32:r.Off/bs*32+32]); err != nil {
+			if err := blockproto.VerifyBlock(res[0], meta.BlockDigests[r.Off/bs*32:r.Off/bs*32+32]); err != nil {
 				t.Fatal(err)
 			}
 			if stream.Err() != nil {
@@ -198,7 +199,7 @@ func TestSparseDiskBlockReads(t *testing.T) {
 			}
 			// A wrong digest is noticed.
 			res[0].Data[0] ^= 1
-			if err := imageserver.VerifyBlock(res[0], meta.BlockDigests[r.Off/bs*32:r.Off/bs*32+32]); !errors.Is(err, errdefs.ErrDataLoss) {
+			if err := blockproto.VerifyBlock(res[0], meta.BlockDigests[r.Off/bs*32:r.Off/bs*32+32]); !errors.Is(err, errdefs.ErrDataLoss) {
 				t.Fatalf("VerifyBlock of a damaged block: %v", err)
 			}
 		})
@@ -225,7 +226,7 @@ func TestWholeFileChannel(t *testing.T) {
 	content := testutil.MemoryLike(rng, 20<<20+12345, 0.22, 0.05)
 	clear(content[4<<20 : 7<<20]) // three whole zero chunks
 	path := writeFile(t, "mem", content)
-	publish(t, s.Client, imageserver.PublishSpec{Name: "vm-state", Files: []imageserver.PublishFile{
+	publish(t, s.Client, imageclient.PublishSpec{Name: "vm-state", Files: []imageclient.PublishFile{
 		{Name: "mem", Path: path, Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE},
 	}})
 	m, err := s.Client.API.GetImage(ctx, &imagev1.GetImageRequest{Name: "vm-state"})
@@ -309,7 +310,7 @@ func TestPublishInterrupted(t *testing.T) {
 	content := make([]byte, 8<<20)
 	testutil.RandomNonZero(rng, content)
 	path := writeFile(t, "root.img", content)
-	spec := imageserver.PublishSpec{Name: "img", Files: []imageserver.PublishFile{{Name: "root.img", Path: path, Kind: imagev1.FileKind_FILE_KIND_DISK}}}
+	spec := imageclient.PublishSpec{Name: "img", Files: []imageclient.PublishFile{{Name: "root.img", Path: path, Kind: imagev1.FileKind_FILE_KIND_DISK}}}
 
 	nothingVisible := func(t *testing.T) {
 		t.Helper()
@@ -439,7 +440,7 @@ func TestErrors(t *testing.T) {
 	s := start(t)
 	ctx := ctxT(t)
 	api := s.Client.API
-	publish(t, s.Client, imageserver.PublishSpec{Name: "img", Files: []imageserver.PublishFile{{Name: "root", Path: writeFile(t, "root", []byte("data")), Kind: imagev1.FileKind_FILE_KIND_DISK}}})
+	publish(t, s.Client, imageclient.PublishSpec{Name: "img", Files: []imageclient.PublishFile{{Name: "root", Path: writeFile(t, "root", []byte("data")), Kind: imagev1.FileKind_FILE_KIND_DISK}}})
 
 	_, err := api.GetImage(ctx, &imagev1.GetImageRequest{Name: "nope"})
 	wantCode(t, err, errdefs.IsNotFound, codes.NotFound, `"nope"`)
@@ -484,10 +485,10 @@ func TestDisks(t *testing.T) {
 		testutil.RandomNonZero(rng, golden[i*bs:min((i+1)*bs, len(golden))])
 	}
 	goldenPath := writeFile(t, "root.img", golden)
-	publish(t, s.Client, imageserver.PublishSpec{
+	publish(t, s.Client, imageclient.PublishSpec{
 		Name:       "golden",
 		Attributes: &imagev1.ImageAttributes{Arch: "x86_64", Vcpus: 2},
-		Files:      []imageserver.PublishFile{{Name: "root.img", Path: goldenPath, Kind: imagev1.FileKind_FILE_KIND_DISK}},
+		Files:      []imageclient.PublishFile{{Name: "root.img", Path: goldenPath, Kind: imagev1.FileKind_FILE_KIND_DISK}},
 	})
 	cd, err := api.CreateDisk(ctx, &imagev1.CreateDiskRequest{Name: "vm1-root", SourceImage: "golden", Labels: map[string]string{"vm": "vm1"}})
 	if err != nil {
@@ -503,7 +504,7 @@ func TestDisks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	checkBlocks := func(t *testing.T, stream *imageserver.BlockStream, image string, want []byte) {
+	checkBlocks := func(t *testing.T, stream *imageclient.BlockStream, image string, want []byte) {
 		t.Helper()
 		res, err := stream.Read(ctx, image, "root.img", 0, nb)
 		if err != nil {
@@ -687,7 +688,7 @@ func TestDisks(t *testing.T) {
 	_, err = stream.Read(ctx, "golden", "root.img", 0, 1)
 	wantCode(t, err, errdefs.IsNotFound, codes.NotFound)
 	fresh := block(bs)
-	publish(t, s.Client, imageserver.PublishSpec{Name: "golden", Files: []imageserver.PublishFile{{Name: "root.img", Path: writeFile(t, "fresh", fresh), Kind: imagev1.FileKind_FILE_KIND_DISK}}})
+	publish(t, s.Client, imageclient.PublishSpec{Name: "golden", Files: []imageclient.PublishFile{{Name: "root.img", Path: writeFile(t, "fresh", fresh), Kind: imagev1.FileKind_FILE_KIND_DISK}}})
 	res, err := stream.Read(ctx, "golden", "root.img", 0, 1)
 	if err != nil || !bytes.Equal(res[0].Data, fresh) {
 		t.Fatalf("read of the re-published image: %v", err)
@@ -698,7 +699,7 @@ func TestProfiles(t *testing.T) {
 	s := start(t)
 	ctx := ctxT(t)
 	api := s.Client.API
-	publish(t, s.Client, imageserver.PublishSpec{Name: "img", Files: []imageserver.PublishFile{
+	publish(t, s.Client, imageclient.PublishSpec{Name: "img", Files: []imageclient.PublishFile{
 		{Name: "root", Path: writeFile(t, "root", make([]byte, 10*bs)), Kind: imagev1.FileKind_FILE_KIND_DISK},
 		{Name: "kernel", Path: writeFile(t, "kernel", []byte("k")), Kind: imagev1.FileKind_FILE_KIND_KERNEL},
 	}})
@@ -748,7 +749,7 @@ func TestListImagesFilters(t *testing.T) {
 		{"alpine", &imagev1.ImageAttributes{Arch: "x86_64", Os: "alpine-3", Vcpus: 1, MemoryMib: 256}},
 		{"bare", nil},
 	} {
-		publish(t, s.Client, imageserver.PublishSpec{Name: img.name, Attributes: img.attrs, Files: []imageserver.PublishFile{{Name: "root", Path: root, Kind: imagev1.FileKind_FILE_KIND_DISK}}})
+		publish(t, s.Client, imageclient.PublishSpec{Name: img.name, Attributes: img.attrs, Files: []imageclient.PublishFile{{Name: "root", Path: root, Kind: imagev1.FileKind_FILE_KIND_DISK}}})
 	}
 	if _, err := api.CreateDisk(ctx, &imagev1.CreateDiskRequest{Name: "disk1", SourceImage: "deb-arm", Labels: map[string]string{"tier": "gold", "vm": "a"}}); err != nil {
 		t.Fatal(err)
@@ -851,7 +852,7 @@ func TestGracefulShutdown(t *testing.T) {
 	ctx := ctxT(t)
 	data := make([]byte, 4*bs)
 	testutil.RandomNonZero(rand.New(rand.NewPCG(9, 9)), data)
-	publish(t, s.Client, imageserver.PublishSpec{Name: "img", Files: []imageserver.PublishFile{{Name: "root", Path: writeFile(t, "root", data), Kind: imagev1.FileKind_FILE_KIND_DISK}}})
+	publish(t, s.Client, imageclient.PublishSpec{Name: "img", Files: []imageclient.PublishFile{{Name: "root", Path: writeFile(t, "root", data), Kind: imagev1.FileKind_FILE_KIND_DISK}}})
 	stream, err := s.Client.OpenBlockStream(ctx, false)
 	if err != nil {
 		t.Fatal(err)

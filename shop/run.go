@@ -10,7 +10,7 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
@@ -63,7 +63,7 @@ func Start(cfg RunConfig) (*Server, error) {
 	var shop *Shop
 	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		var err error
-		shop, err = New(Config{Etcd: cli, Images: imageserver.NewClient(cc), Weights: cfg.Weights,
+		shop, err = New(Config{Etcd: cli, Images: imageclient.NewClient(cc), Weights: cfg.Weights,
 			AuctionDeadline: cfg.AuctionDeadline, Shortlist: cfg.Shortlist, PlantTLS: cfg.Server.TLS, DataServer: cfg.DataServer, Log: log}, reg)
 		if err == nil {
 			shopv1.RegisterShopServiceServer(gs, shop)

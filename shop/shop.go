@@ -33,7 +33,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protojson"
 
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
@@ -84,7 +84,7 @@ func (r *record) classad() *computev1.ClassAd {
 // Config configures a Shop.
 type Config struct {
 	Etcd    *clientv3.Client
-	Images  *imageserver.Client
+	Images  *imageclient.Client
 	Weights market.Weights
 	// AuctionDeadline bounds the wait for bids (default 500ms).
 	AuctionDeadline time.Duration

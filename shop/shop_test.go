@@ -16,10 +16,10 @@ import (
 
 	"github.com/vmgrid/vmgrid/computeserver/plant"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
-	"github.com/vmgrid/vmgrid/dataserver"
+	"github.com/vmgrid/vmgrid/dataserver/dataclient"
 	"github.com/vmgrid/vmgrid/deploy/grid"
 	"github.com/vmgrid/vmgrid/imagebuild"
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
@@ -207,7 +207,7 @@ func TestShop(t *testing.T) {
 		}
 		defer cc.Close()
 		if _, err := plant.BuildGolden(ctx, plant.GoldenOptions{
-			Name: "tiny-app", WorkDir: testutil.ShortTempDir(t), Driver: &vmm.QEMU{}, Publish: imageserver.NewClient(cc),
+			Name: "tiny-app", WorkDir: testutil.ShortTempDir(t), Driver: &vmm.QEMU{}, Publish: imageclient.NewClient(cc),
 			Recipe:  &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": testutil.GuestAgent(t)}},
 			Actions: []*computev1.Action{setup},
 		}); err != nil {
@@ -240,12 +240,12 @@ func TestShop(t *testing.T) {
 	})
 
 	t.Run("tasks: stage in, run, stage out", func(t *testing.T) {
-		cc, err := dataserver.Dial(g.Data.Addr(), services.TLSFiles{}, g.Token)
+		cc, err := dataclient.Dial(g.Data.Addr(), services.TLSFiles{}, g.Token)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer cc.Close()
-		data := dataserver.NewClient(cc)
+		data := dataclient.NewClient(cc)
 		words := "the quick brown fox jumps over the lazy dog\n"
 		if _, err := data.UploadReader(ctx, strings.NewReader(words), int64(len(words)), "words.txt", nil); err != nil {
 			t.Fatal(err)
@@ -298,9 +298,9 @@ func TestShop(t *testing.T) {
 		if _, err := bob.GetTask(ctx, &shopv1.GetTaskRequest{TaskId: ok.TaskId}); code(err) != codes.PermissionDenied {
 			t.Fatalf("bob reads alice's task: %v", err)
 		}
-		bcc, _ := dataserver.Dial(g.Data.Addr(), services.TLSFiles{}, "bob-token-0001")
+		bcc, _ := dataclient.Dial(g.Data.Addr(), services.TLSFiles{}, "bob-token-0001")
 		defer bcc.Close()
-		if _, err := dataserver.NewClient(bcc).ForOwner("demo").Stat(ctx, "words.txt"); code(err) != codes.PermissionDenied {
+		if _, err := dataclient.NewClient(bcc).ForOwner("demo").Stat(ctx, "words.txt"); code(err) != codes.PermissionDenied {
 			t.Fatalf("bob reads alice's file: %v", err)
 		}
 	})

@@ -17,7 +17,8 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services"
@@ -161,14 +162,14 @@ type goldenFile struct {
 
 // publish writes the files to disk (zero runs as holes, as a real image
 // would have them) and publishes them as one image.
-func publish(t testing.TB, c *imageserver.Client, image string, files ...goldenFile) *imagev1.Manifest {
+func publish(t testing.TB, c *imageclient.Client, image string, files ...goldenFile) *imagev1.Manifest {
 	t.Helper()
 	dir := t.TempDir()
-	spec := imageserver.PublishSpec{Name: image}
+	spec := imageclient.PublishSpec{Name: image}
 	for _, f := range files {
 		path := filepath.Join(dir, f.name)
 		writeSparse(t, path, f.data)
-		spec.Files = append(spec.Files, imageserver.PublishFile{Name: f.name, Path: path, Kind: f.kind, Policy: f.policy, BlockSize: f.bs})
+		spec.Files = append(spec.Files, imageclient.PublishFile{Name: f.name, Path: path, Kind: f.kind, Policy: f.policy, BlockSize: f.bs})
 	}
 	if _, err := c.Publish(ctxT(t), spec, nil); err != nil {
 		t.Fatalf("publish %s: %v", image, err)
@@ -194,7 +195,7 @@ func writeSparse(t testing.TB, path string, b []byte) {
 	const page = 4096
 	for off := 0; off < len(b); off += page {
 		p := b[off:min(off+page, len(b))]
-		if imageserver.IsZero(p) {
+		if blockproto.IsZero(p) {
 			continue
 		}
 		if _, err := f.WriteAt(p, int64(off)); err != nil {
@@ -217,7 +218,7 @@ func sparseData(rng *rand.Rand, size, n, maxLen int) []byte {
 
 // diskImage publishes a golden image with one disk file and creates a
 // persistent disk from it.
-func diskImage(t testing.TB, c *imageserver.Client, golden, disk string, data []byte) {
+func diskImage(t testing.TB, c *imageclient.Client, golden, disk string, data []byte) {
 	t.Helper()
 	publish(t, c, golden, goldenFile{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: data})
 	if _, err := c.API.CreateDisk(ctxT(t), &imagev1.CreateDiskRequest{Name: disk, SourceImage: golden}); err != nil {
@@ -226,7 +227,7 @@ func diskImage(t testing.TB, c *imageserver.Client, golden, disk string, data []
 }
 
 // fetchAll reads a file of an image through the whole-file channel.
-func fetchAll(t testing.TB, c *imageserver.Client, image, file string, size int) []byte {
+func fetchAll(t testing.TB, c *imageclient.Client, image, file string, size int) []byte {
 	t.Helper()
 	out := make([]byte, size)
 	err := c.FetchFile(ctxT(t), image, file, 0, 0, func(off uint64, n uint32, data []byte) error {

@@ -17,7 +17,7 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
@@ -330,7 +330,7 @@ func (f *File) blockLen(idx uint64) uint64 {
 
 // zero reports whether a golden block is all zero per the meta-data.
 func (f *File) zero(idx uint64) bool {
-	return f.zeroMap != nil && imageserver.IsZeroRange(f.zeroMap, idx*f.blockSize(), f.blockLen(idx))
+	return f.zeroMap != nil && blockproto.IsZeroRange(f.zeroMap, idx*f.blockSize(), f.blockLen(idx))
 }
 
 var scratchPool = sync.Pool{New: func() any { b := make([]byte, imagev1.MaxBlockSize); return &b }}
@@ -436,7 +436,7 @@ func (f *File) ReadBlock(ctx context.Context, idx uint64, buf []byte) (data []by
 		return nil, false, err
 	} else if ok && got == n {
 		f.p.stats.Hits.Add(1)
-		if f.disk != nil && imageserver.IsZero(buf[:n]) {
+		if f.disk != nil && blockproto.IsZero(buf[:n]) {
 			return nil, true, nil // zeros of a disk stay off the wire
 		}
 		return buf[:n], false, nil
@@ -466,7 +466,7 @@ func (f *File) Digest(idx uint64) []byte {
 	if f.digests == nil {
 		return nil
 	}
-	return f.digests[idx*imageserver.DigestSize : (idx+1)*imageserver.DigestSize]
+	return f.digests[idx*blockproto.DigestSize : (idx+1)*blockproto.DigestSize]
 }
 
 // maxRunBytes bounds one upstream request. Requests are pipelined on one
@@ -565,12 +565,12 @@ func (p *Proxy) fetchRun(f *File, idxs []uint64, fes []*fetch) {
 var zeroBlock = make([]byte, imagev1.MaxBlockSize)
 
 // accept checks a fetched block and fills the cache with it.
-func (p *Proxy) accept(f *File, idx uint64, r imageserver.BlockResult) ([]byte, error) {
+func (p *Proxy) accept(f *File, idx uint64, r blockproto.BlockResult) ([]byte, error) {
 	want := f.Digest(idx)
 	if want == nil {
 		want = r.Digest // a disk: trust the server's digest, check transport
 	}
-	if err := imageserver.VerifyBlock(r, want); err != nil {
+	if err := blockproto.VerifyBlock(r, want); err != nil {
 		return nil, fmt.Errorf("%s/%s: %w", f.image, f.meta.Name, err)
 	}
 	p.stats.FetchedBlocks.Add(1)

@@ -10,7 +10,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
 
@@ -143,7 +143,7 @@ func forwardWith[Req, Resp any](in grpc.ClientStreamingServer[Req, Resp], out gr
 
 // ReadBlocks serves blocks from the proxy's caches.
 func (s *ProxyService) ReadBlocks(stream imagev1.ImageService_ReadBlocksServer) error {
-	return imageserver.ServeReadBlocks(stream, proxySources{s.p}, s.enc, nil)
+	return blockproto.ServeReadBlocks(stream, proxySources{s.p}, s.enc, nil)
 }
 
 // FetchFile streams a whole file from the proxy's file cache (fetching it
@@ -153,12 +153,12 @@ func (s *ProxyService) FetchFile(req *imagev1.FetchFileRequest, stream imagev1.I
 	if err != nil {
 		return err
 	}
-	return imageserver.ServeFetchFile(req, stream, src, s.enc, nil)
+	return blockproto.ServeFetchFile(req, stream, src, s.enc, nil)
 }
 
 type proxySources struct{ p *Proxy }
 
-func (o proxySources) OpenSource(ctx context.Context, image, file string) (imageserver.BlockSource, error) {
+func (o proxySources) OpenSource(ctx context.Context, image, file string) (blockproto.BlockSource, error) {
 	f, err := o.p.Open(ctx, image, file)
 	if err != nil {
 		return nil, err
@@ -170,21 +170,21 @@ func (o proxySources) OpenSource(ctx context.Context, image, file string) (image
 // change), but has every request for a disk open it again, so that the
 // disk's generation is checked and blocks another plant wrote are not served
 // from a stale cache.
-func (proxySources) Valid(src imageserver.BlockSource) bool { return !src.(proxySource).f.Writable() }
+func (proxySources) Valid(src blockproto.BlockSource) bool { return !src.(proxySource).f.Writable() }
 
 type proxySource struct{ f *File }
 
 func (s proxySource) Meta() *imagev1.FileMeta { return s.f.meta }
 
-func (s proxySource) ReadBlock(ctx context.Context, idx uint64, buf []byte) (imageserver.Block, error) {
+func (s proxySource) ReadBlock(ctx context.Context, idx uint64, buf []byte) (blockproto.Block, error) {
 	data, zero, err := s.f.ReadBlock(ctx, idx, buf)
 	if err != nil {
-		return imageserver.Block{}, err
+		return blockproto.Block{}, err
 	}
-	b := imageserver.Block{Data: data, Zero: zero, Length: uint32(s.f.blockLen(idx)), Digest: s.f.Digest(idx)}
+	b := blockproto.Block{Data: data, Zero: zero, Length: uint32(s.f.blockLen(idx)), Digest: s.f.Digest(idx)}
 	if b.Digest == nil { // a disk: no manifest digests
 		if zero {
-			d := imageserver.ZeroDigest(int(b.Length))
+			d := blockproto.ZeroDigest(int(b.Length))
 			b.Digest = d[:]
 		} else {
 			d := sha256.Sum256(data)
@@ -195,13 +195,13 @@ func (s proxySource) ReadBlock(ctx context.Context, idx uint64, buf []byte) (ima
 }
 
 func (s proxySource) ReadRange(ctx context.Context, off uint64, buf []byte) (bool, error) {
-	if s.f.zeroMap != nil && imageserver.IsZeroRange(s.f.zeroMap, off, uint64(len(buf))) {
+	if s.f.zeroMap != nil && blockproto.IsZeroRange(s.f.zeroMap, off, uint64(len(buf))) {
 		return true, nil
 	}
 	if _, err := s.f.ReadAt(ctx, buf, int64(off)); err != nil {
 		return false, err
 	}
-	return imageserver.IsZero(buf), nil
+	return blockproto.IsZero(buf), nil
 }
 
 // forget drops what the proxy knows of an image or disk.

@@ -7,7 +7,8 @@ import (
 
 	"google.golang.org/grpc"
 
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/errdefs"
@@ -18,14 +19,14 @@ import (
 // reads share one pipelined ReadBlocks stream, reopened when it breaks.
 type Upstream struct {
 	Addr     string
-	Client   *imageserver.Client
+	Client   *imageclient.Client
 	cc       *grpc.ClientConn
 	compress bool
 
 	ctx    context.Context
 	cancel context.CancelFunc
 	mu     sync.Mutex
-	bs     *imageserver.BlockStream
+	bs     *imageclient.BlockStream
 }
 
 // DialUpstream connects to addr. With compress set, blocks may come
@@ -36,10 +37,10 @@ func DialUpstream(addr string, tls services.TLSFiles, compress bool) (*Upstream,
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Upstream{Addr: addr, Client: imageserver.NewClient(cc), cc: cc, compress: compress, ctx: ctx, cancel: cancel}, nil
+	return &Upstream{Addr: addr, Client: imageclient.NewClient(cc), cc: cc, compress: compress, ctx: ctx, cancel: cancel}, nil
 }
 
-func (u *Upstream) stream() (*imageserver.BlockStream, error) {
+func (u *Upstream) stream() (*imageclient.BlockStream, error) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.bs != nil && u.bs.Err() == nil {
@@ -59,7 +60,7 @@ func (u *Upstream) stream() (*imageserver.BlockStream, error) {
 
 // ReadBlocks reads count blocks from block on, retrying once on a fresh
 // stream when the shared stream broke.
-func (u *Upstream) ReadBlocks(ctx context.Context, image, file string, block uint64, count uint32) ([]imageserver.BlockResult, error) {
+func (u *Upstream) ReadBlocks(ctx context.Context, image, file string, block uint64, count uint32) ([]blockproto.BlockResult, error) {
 	for attempt := 0; ; attempt++ {
 		bs, err := u.stream()
 		if err != nil {

@@ -14,7 +14,7 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/agent"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	"github.com/vmgrid/vmgrid/imagebuild"
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services"
@@ -40,7 +40,7 @@ type GoldenOptions struct {
 	WorkDir string
 	Driver  vmm.Driver
 	// Publish uploads the result; nil only builds.
-	Publish *imageserver.Client
+	Publish *imageclient.Client
 	// Labels are added to the image's attributes.
 	Labels map[string]string
 	// Actions are configuration actions performed in the guest before it is
@@ -55,7 +55,7 @@ type Golden struct {
 	Dir    string
 	Config VMConfig
 	Attrs  *imagev1.ImageAttributes
-	Files  []imageserver.PublishFile
+	Files  []imageclient.PublishFile
 	// Took is the time of each phase.
 	Took map[string]time.Duration
 }
@@ -222,17 +222,17 @@ func (b *goldenBuild) describe(context.Context) error {
 		Labels: map[string]string{"recipe": b.opts.Recipe.Name(), "kernel": img.KernelRelease},
 	}
 	maps.Copy(g.Attrs.Labels, b.opts.Labels)
-	g.Files = []imageserver.PublishFile{
+	g.Files = []imageclient.PublishFile{
 		{Name: ConfigFile, Path: cfgPath, Kind: imagev1.FileKind_FILE_KIND_CONFIG},
 		{Name: KernelFile, Path: img.Kernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL},
 		{Name: RootFile, Path: b.root, Kind: imagev1.FileKind_FILE_KIND_DISK},
 		{Name: MemoryFile, Path: b.mem, Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE},
 	}
 	if img.Initrd != "" {
-		g.Files = append(g.Files, imageserver.PublishFile{Name: InitrdFile, Path: img.Initrd, Kind: imagev1.FileKind_FILE_KIND_INITRD})
+		g.Files = append(g.Files, imageclient.PublishFile{Name: InitrdFile, Path: img.Initrd, Kind: imagev1.FileKind_FILE_KIND_INITRD})
 	}
 	if g.Config.ResumeKernel != "" {
-		g.Files = append(g.Files, imageserver.PublishFile{Name: ResumeKernelFile, Path: resumeKernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL})
+		g.Files = append(g.Files, imageclient.PublishFile{Name: ResumeKernelFile, Path: resumeKernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL})
 	}
 	return nil
 }
@@ -241,7 +241,7 @@ func (b *goldenBuild) publish(ctx context.Context) error {
 	if b.opts.Publish == nil {
 		return nil
 	}
-	if _, err := b.opts.Publish.Publish(ctx, imageserver.PublishSpec{Name: b.opts.Name, Attributes: b.g.Attrs, Files: b.g.Files}, nil); err != nil {
+	if _, err := b.opts.Publish.Publish(ctx, imageclient.PublishSpec{Name: b.opts.Name, Attributes: b.g.Attrs, Files: b.g.Files}, nil); err != nil {
 		return fmt.Errorf("publish %s: %w", b.opts.Name, err)
 	}
 	return nil

@@ -11,7 +11,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/computeserver/agent"
 	"github.com/vmgrid/vmgrid/computeserver/plant/datadisk"
-	"github.com/vmgrid/vmgrid/dataserver"
+	"github.com/vmgrid/vmgrid/dataserver/dataclient"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
@@ -23,7 +23,7 @@ const DefaultWorkDir = "/root/work"
 
 // dataClient connects to a data server acting for owner with the plant's
 // service token.
-func (p *Plant) dataClient(addr, owner string) (*dataserver.Client, func(), error) {
+func (p *Plant) dataClient(addr, owner string) (*dataclient.Client, func(), error) {
 	if p.cfg.DataToken == "" {
 		return nil, nil, fmt.Errorf("plant %s has no data server token (--data-token): %w", p.cfg.Name, errdefs.ErrFailedPrecondition)
 	}
@@ -31,7 +31,7 @@ func (p *Plant) dataClient(addr, owner string) (*dataserver.Client, func(), erro
 	if err != nil {
 		return nil, nil, err
 	}
-	return dataserver.NewClient(cc), func() { cc.Close() }, nil
+	return dataclient.NewClient(cc), func() { cc.Close() }, nil
 }
 
 // stageIn returns the stage_in runner of a VM: it builds the data disk

@@ -11,7 +11,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
@@ -19,7 +19,7 @@ import (
 
 // SuspendVM saves a persistent VM: its memory state becomes an image on the
 // image server, its disk is written back, and it leaves this plant.
-func (p *Plant) SuspendVM(ctx context.Context, id string, images *imageserver.Client) (*computev1.ClassAd, error) {
+func (p *Plant) SuspendVM(ctx context.Context, id string, images *imageclient.Client) (*computev1.ClassAd, error) {
 	v, err := p.lookup(id)
 	if err != nil {
 		return nil, err
@@ -68,15 +68,15 @@ func (p *Plant) SuspendVM(ctx context.Context, id string, images *imageserver.Cl
 	name := fmt.Sprintf("%s-suspended-%d", id, time.Now().Unix())
 	attrs := &imagev1.ImageAttributes{Arch: v.ad.Hardware.GetArch(), Vcpus: uint32(spec.VCPUs), MemoryMib: uint64(spec.MemoryMiB), Parent: v.ad.Image,
 		Labels: map[string]string{"suspended-vm": id}}
-	files := []imageserver.PublishFile{
+	files := []imageclient.PublishFile{
 		{Name: ConfigFile, Path: cfgPath, Kind: imagev1.FileKind_FILE_KIND_CONFIG},
 		{Name: kernelName, Path: spec.Kernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL},
 		{Name: MemoryFile, Path: mem, Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE},
 	}
 	if spec.Initrd != "" {
-		files = append(files, imageserver.PublishFile{Name: InitrdFile, Path: spec.Initrd, Kind: imagev1.FileKind_FILE_KIND_INITRD})
+		files = append(files, imageclient.PublishFile{Name: InitrdFile, Path: spec.Initrd, Kind: imagev1.FileKind_FILE_KIND_INITRD})
 	}
-	if _, err := images.Publish(ctx, imageserver.PublishSpec{Name: name, Attributes: attrs, Files: files}, nil); err != nil {
+	if _, err := images.Publish(ctx, imageclient.PublishSpec{Name: name, Attributes: attrs, Files: files}, nil); err != nil {
 		return nil, fmt.Errorf("publish the memory state of %s: %w", id, err)
 	}
 	os.RemoveAll(v.dir)

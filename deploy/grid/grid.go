@@ -23,6 +23,7 @@ import (
 	"github.com/vmgrid/vmgrid/dataserver"
 	"github.com/vmgrid/vmgrid/imagebuild"
 	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
@@ -215,7 +216,7 @@ func ensureGolden(ctx context.Context, cfg Config, images string, log *zap.Logge
 		return err
 	}
 	defer cc.Close()
-	cl := imageserver.NewClient(cc)
+	cl := imageclient.NewClient(cc)
 	if _, err := cl.API.GetImage(ctx, &imagev1.GetImageRequest{Name: cfg.Golden}); err == nil {
 		return nil
 	} else if !errdefs.IsNotFound(err) {

@@ -22,6 +22,8 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	"github.com/vmgrid/vmgrid/imagebuild"
 	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/services"
 )
 
@@ -219,7 +221,7 @@ func (b *bench) setup(ctx context.Context, res *Results) error {
 		return err
 	}
 	b.golden, err = plant.BuildGolden(ctx, plant.GoldenOptions{
-		Name: image, WorkDir: gdir, Driver: b.driver, Publish: imageserver.NewClient(cc), Logger: b.srvLog.Named("golden"),
+		Name: image, WorkDir: gdir, Driver: b.driver, Publish: imageclient.NewClient(cc), Logger: b.srvLog.Named("golden"),
 		Recipe: &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": agentPath},
 			ExtraCmdline: b.opts.GuestCmdline, Logger: b.srvLog.Named("imagebuild")},
 	})
@@ -631,7 +633,7 @@ func copySparse(src, dst string) (size, nonZero uint64, err error) {
 		n, rerr := io.ReadFull(in, buf)
 		for p := 0; p < n; p += 4096 {
 			page := buf[p:min(p+4096, n)]
-			if imageserver.IsZero(page) {
+			if blockproto.IsZero(page) {
 				continue
 			}
 			if _, err := out.WriteAt(page, off+int64(p)); err != nil {

@@ -9,7 +9,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
 
@@ -55,7 +55,7 @@ func neededBytes(ctx context.Context, p *gvfs.Proxy, image string, golden map[st
 			if p.FileCache().Complete(meta) {
 				cs := uint64(meta.ChunkSize)
 				if cs == 0 {
-					cs = imageserver.ChunkSize
+					cs = blockproto.ChunkSize
 				}
 				for off := uint64(0); off < meta.Size; off += cs {
 					pieces = append(pieces, [2]uint64{off, min(cs, meta.Size-off)})
@@ -81,7 +81,7 @@ func neededBytes(ctx context.Context, p *gvfs.Proxy, image string, golden map[st
 				f.Close()
 				return nil, fmt.Errorf("%s: %w", path, err)
 			}
-			if imageserver.IsZero(buf) {
+			if blockproto.IsZero(buf) {
 				continue
 			}
 			out.Bytes += pc[1]

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/services"
 )
 
@@ -26,7 +27,7 @@ type Server struct {
 	Store  *imageserver.Store
 	Srv    *services.Server
 	Conn   *grpc.ClientConn
-	Client *imageserver.Client
+	Client *imageclient.Client
 
 	tb       testing.TB
 	cancel   context.CancelFunc
@@ -76,7 +77,7 @@ func StartServer(tb testing.TB, dir string) *Server {
 		tb.Fatalf("dial: %v", err)
 	}
 	s.Conn = cc
-	s.Client = imageserver.NewClient(cc)
+	s.Client = imageclient.NewClient(cc)
 	tb.Cleanup(func() {
 		s.Stop()
 		if tb.Failed() {

@@ -14,7 +14,7 @@ import (
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
-	"github.com/vmgrid/vmgrid/dataserver"
+	"github.com/vmgrid/vmgrid/dataserver/dataclient"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 )
 
@@ -25,22 +25,22 @@ type dataFlags struct {
 	quiet  bool
 }
 
-func (f *dataFlags) client(g *globals) (*dataserver.Client, func(), error) {
+func (f *dataFlags) client(g *globals) (*dataclient.Client, func(), error) {
 	if f.token == "" {
 		return nil, nil, errors.New("no token: pass --token or set VMGRID_TOKEN")
 	}
-	cc, err := dataserver.Dial(f.server, g.tls, f.token)
+	cc, err := dataclient.Dial(f.server, g.tls, f.token)
 	if err != nil {
 		return nil, nil, err
 	}
-	c := dataserver.NewClient(cc)
+	c := dataclient.NewClient(cc)
 	c.Owner = f.owner
 	return c, func() { cc.Close() }, nil
 }
 
 // bar returns a progress callback drawing a byte progress bar (none with
 // --quiet) and a function that finishes it.
-func (f *dataFlags) bar(desc string) (dataserver.Progress, func()) {
+func (f *dataFlags) bar(desc string) (dataclient.Progress, func()) {
 	var b *progressbar.ProgressBar
 	progress := func(done, total uint64) {
 		if f.quiet {

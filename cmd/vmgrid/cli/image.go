@@ -14,7 +14,7 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/encoding/protojson"
 
-	"github.com/vmgrid/vmgrid/imageserver"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services"
 )
@@ -23,12 +23,12 @@ type imageFlags struct {
 	server string
 }
 
-func (f *imageFlags) client(g *globals) (*imageserver.Client, func(), error) {
+func (f *imageFlags) client(g *globals) (*imageclient.Client, func(), error) {
 	cc, err := services.Dial(f.server, g.tls)
 	if err != nil {
 		return nil, nil, err
 	}
-	return imageserver.NewClient(cc), func() { cc.Close() }, nil
+	return imageclient.NewClient(cc), func() { cc.Close() }, nil
 }
 
 func imageCmd(g *globals) *cobra.Command {
@@ -56,17 +56,17 @@ var fileKinds = map[string]imagev1.FileKind{
 }
 
 // parseFileSpec parses KIND:PATH or KIND:NAME=PATH.
-func parseFileSpec(s string) (imageserver.PublishFile, error) {
+func parseFileSpec(s string) (imageclient.PublishFile, error) {
 	kind, rest, ok := strings.Cut(s, ":")
 	k, known := fileKinds[kind]
 	if !ok || !known || rest == "" {
-		return imageserver.PublishFile{}, fmt.Errorf("--file %q: want KIND:PATH or KIND:NAME=PATH with KIND one of config, disk, memory, kernel, initrd, other", s)
+		return imageclient.PublishFile{}, fmt.Errorf("--file %q: want KIND:PATH or KIND:NAME=PATH with KIND one of config, disk, memory, kernel, initrd, other", s)
 	}
 	name, path, named := strings.Cut(rest, "=")
 	if !named {
 		path, name = rest, filepath.Base(rest)
 	}
-	return imageserver.PublishFile{Name: name, Path: path, Kind: k}, nil
+	return imageclient.PublishFile{Name: name, Path: path, Kind: k}, nil
 }
 
 func imagePublishCmd(g *globals, f *imageFlags) *cobra.Command {
@@ -81,7 +81,7 @@ func imagePublishCmd(g *globals, f *imageFlags) *cobra.Command {
       --file kernel:vmlinuz=./vmlinuz --arch x86_64 --vcpus 1 --memory-mib 256 --os debian-12`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			spec := imageserver.PublishSpec{Name: args[0], Attributes: attrs}
+			spec := imageclient.PublishSpec{Name: args[0], Attributes: attrs}
 			if len(files) == 0 {
 				return fmt.Errorf("an image needs at least one --file")
 			}
@@ -309,7 +309,7 @@ SHA-256.`,
 	return c
 }
 
-func fetchToFile(cmd *cobra.Command, cl *imageserver.Client, image, file, out string) error {
+func fetchToFile(cmd *cobra.Command, cl *imageclient.Client, image, file, out string) error {
 	resp, err := cl.API.GetImage(cmd.Context(), &imagev1.GetImageRequest{Name: image})
 	if err != nil {
 		return err

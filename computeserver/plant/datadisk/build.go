@@ -12,7 +12,7 @@ import (
 	"sort"
 	"strconv"
 
-	"github.com/vmgrid/vmgrid/dataserver"
+	"github.com/vmgrid/vmgrid/dataserver/dataclient"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 	"github.com/vmgrid/vmgrid/services/fsutil"
@@ -41,7 +41,7 @@ func DefaultSizeMiB(inputBytes uint64) uint64 {
 // The image has no journal: stage-out reads it without mounting it
 // (debugfs), which would not see writes a journal still held. dest appears
 // only when complete.
-func Build(ctx context.Context, c *dataserver.Client, files []string, sizeMiB uint64, dest string) error {
+func Build(ctx context.Context, c *dataclient.Client, files []string, sizeMiB uint64, dest string) error {
 	set := map[string]bool{}
 	for _, p := range files {
 		if err := datav1.ValidatePath("stage-in file", p); err != nil {

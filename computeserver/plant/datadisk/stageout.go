@@ -13,10 +13,11 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/vmgrid/vmgrid/dataserver"
+	"google.golang.org/grpc/codes"
+
+	"github.com/vmgrid/vmgrid/dataserver/dataclient"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
-	"google.golang.org/grpc/codes"
 )
 
 // StageOut uploads the regular files under guestDir ("" is StageOutDir) of
@@ -33,7 +34,7 @@ import (
 // devices, files larger than the image itself) are skipped; the error then
 // lists them, and the files that were uploaded are still returned. An empty
 // or half-written directory stages out what it holds.
-func StageOut(ctx context.Context, c *dataserver.Client, diskImage, guestDir, remotePrefix string) ([]string, error) {
+func StageOut(ctx context.Context, c *dataclient.Client, diskImage, guestDir, remotePrefix string) ([]string, error) {
 	guestDir = strings.Trim(guestDir, "/")
 	if guestDir == "" {
 		guestDir = StageOutDir
@@ -295,7 +296,7 @@ func (x *imageReader) walk(ctx context.Context, dir string) ([]imageFile, []erro
 // upload streams one file out of the image ("cat <INO>") into an upload.
 // The upload commits only if debugfs produced exactly the inode's size and
 // exited cleanly.
-func (x *imageReader) upload(ctx context.Context, c *dataserver.Client, f imageFile, remote string) error {
+func (x *imageReader) upload(ctx context.Context, c *dataclient.Client, f imageFile, remote string) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, x.debugfs, "-c", "-R", fmt.Sprintf("cat <%d>", f.ino), x.image)

@@ -19,6 +19,14 @@ const (
 	MaxDepth        = 32      // components of a path
 	MaxDataChunk    = 4 << 20 // UploadRequest.data
 	MaxPageSize     = 10000   // ListRequest.page_size
+	// ChunkSize is the payload of one Download message, and what the client
+	// sends per Upload message: big enough that per-message costs vanish,
+	// small enough to stay in the codec's pooled buffers and keep a stream
+	// responsive.
+	ChunkSize = 1 << 20
+	// MaxFileSize bounds one file on the wire (a server may set a lower
+	// limit): size_hint, commit.size, a download's offset.
+	MaxFileSize     = 1 << 40 // 1 TiB
 	DefaultPageSize = 1000
 	DigestSize      = 32 // SHA-256
 )
@@ -115,12 +123,18 @@ func (r *UploadRequest) Validate() error {
 		if err := validateOptionalOwner(m.Header.GetOwner()); err != nil {
 			return err
 		}
+		if m.Header.GetSizeHint() > MaxFileSize {
+			return fmt.Errorf("header.size_hint %d exceeds the limit of %d bytes", m.Header.GetSizeHint(), uint64(MaxFileSize))
+		}
 		return ValidatePath("path", m.Header.GetPath())
 	case *UploadRequest_Data:
 		if len(m.Data) > MaxDataChunk {
 			return fmt.Errorf("data message of %d bytes; send at most %d bytes per message", len(m.Data), MaxDataChunk)
 		}
 	case *UploadRequest_Commit:
+		if m.Commit.GetSize() > MaxFileSize {
+			return fmt.Errorf("commit.size %d exceeds the limit of %d bytes", m.Commit.GetSize(), uint64(MaxFileSize))
+		}
 		return validateDigest("commit.sha256", m.Commit.GetSha256(), false)
 	default:
 		return errors.New("an upload message must be a header, data or commit")
@@ -135,6 +149,9 @@ func (r *DownloadRequest) Validate() error {
 	}
 	if err := ValidatePath("path", r.Path); err != nil {
 		return err
+	}
+	if r.Offset > MaxFileSize {
+		return fmt.Errorf("offset %d is beyond any file", r.Offset)
 	}
 	if r.Length > ^uint64(0)-r.Offset {
 		return fmt.Errorf("offset %d + length %d overflows", r.Offset, r.Length)

@@ -23,6 +23,8 @@ const (
 	MinBlockSize    = 4 << 10
 	MaxBlockSize    = 1 << 20
 	MaxLabels       = 64
+	MaxActions      = 1024 // attributes.actions
+	MaxActionField  = 256  // bytes of an action's name, kind or digest
 )
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
@@ -39,6 +41,15 @@ func ValidateName(what, name string) error {
 		return fmt.Errorf("%s is %d characters long; the limit is %d", what, len(name), MaxNameLen)
 	case !nameRE.MatchString(name) || strings.Contains(name, ".."):
 		return fmt.Errorf("%s %q is not allowed: use letters, digits, '.', '_' and '-', starting with a letter or digit (no '/', no '..')", what, name)
+	}
+	return nil
+}
+
+// validateEnum refuses a value the enum does not define: a newer client's
+// value this server does not know, or garbage, must not be stored.
+func validateEnum[E ~int32](what string, v E, names map[int32]string, enum string) error {
+	if _, ok := names[int32(v)]; !ok {
+		return fmt.Errorf("%s %d is not a %s", what, int32(v), enum)
 	}
 	return nil
 }
@@ -75,9 +86,15 @@ func (a *ImageAttributes) Validate() error {
 			return err
 		}
 	}
+	if len(a.Actions) > MaxActions {
+		return fmt.Errorf("attributes.actions: %d actions; the limit is %d", len(a.Actions), MaxActions)
+	}
 	for i, act := range a.Actions {
 		if act.GetName() == "" || act.GetDigest() == "" {
 			return fmt.Errorf("attributes.actions[%d]: name and digest are required", i)
+		}
+		if len(act.Name) > MaxActionField || len(act.Kind) > MaxActionField || len(act.Digest) > MaxActionField {
+			return fmt.Errorf("attributes.actions[%d]: name, kind and digest are limited to %d bytes each", i, MaxActionField)
 		}
 	}
 	return validateLabels(a.Labels)
@@ -115,6 +132,12 @@ func (r *PublishRequest) Validate() error {
 			if f.BlockSize != 0 && !validBlockSize(f.BlockSize) {
 				return fmt.Errorf("file %q: block size %d must be a power of two between %d and %d", f.Name, f.BlockSize, MinBlockSize, MaxBlockSize)
 			}
+			if err := validateEnum(fmt.Sprintf("files[%d].kind", i), f.Kind, FileKind_name, "FileKind"); err != nil {
+				return err
+			}
+			if err := validateEnum(fmt.Sprintf("files[%d].policy", i), f.Policy, TransferPolicy_name, "TransferPolicy"); err != nil {
+				return err
+			}
 		}
 	case *PublishRequest_Data:
 		if len(m.Data.Data) > MaxDataChunk {
@@ -140,11 +163,22 @@ func (r *ListImagesRequest) Validate() error {
 	if len(r.NamePrefix) > MaxNameLen {
 		return fmt.Errorf("name_prefix is longer than %d characters", MaxNameLen)
 	}
+	if len(r.Arch) > 32 || len(r.Os) > 64 {
+		return errors.New("arch is limited to 32 and os to 64 characters")
+	}
+	if err := validateEnum("kind", r.Kind, ListImagesRequest_Kind_name, "ListImagesRequest.Kind"); err != nil {
+		return err
+	}
 	return validateLabels(r.Labels)
 }
 
 // Validate checks a GetImage request.
-func (r *GetImageRequest) Validate() error { return ValidateName("name", r.Name) }
+func (r *GetImageRequest) Validate() error {
+	if err := ValidateName("name", r.Name); err != nil {
+		return err
+	}
+	return validateEnum("view", r.View, View_name, "View")
+}
 
 // Validate checks a DeleteImage request.
 func (r *DeleteImageRequest) Validate() error { return ValidateName("name", r.Name) }
@@ -161,7 +195,7 @@ func (r *ReadBlocksRequest) Validate() error {
 	if r.Count > MaxBlocksPerReq {
 		return fmt.Errorf("count %d: ask for at most %d blocks per request", r.Count, MaxBlocksPerReq)
 	}
-	return nil
+	return validateEnum("accept", r.Accept, Compression_name, "Compression")
 }
 
 // Validate checks a FetchFile request.
@@ -169,7 +203,13 @@ func (r *FetchFileRequest) Validate() error {
 	if err := ValidateName("image", r.Image); err != nil {
 		return err
 	}
-	return ValidateName("file", r.File)
+	if err := ValidateName("file", r.File); err != nil {
+		return err
+	}
+	if r.Offset > MaxFileSize {
+		return fmt.Errorf("offset %d is beyond any file", r.Offset)
+	}
+	return nil
 }
 
 // Validate checks a CreateDisk request.

@@ -1,4 +1,11 @@
-package dataserver
+// Package dataclient is the Go client of the data repository (package
+// dataserver), used by the CLI, the shop's tasks and the compute plants for
+// stage-in and stage-out: uploads that appear only once complete and
+// verified, downloads that resume (within a call, and across calls from
+// LOCAL.partial), listing, and read grants between owners. Every error it
+// returns wraps an errdefs sentinel, whether the server or the local side
+// failed, so a caller maps it to a gRPC code without guessing.
+package dataclient
 
 import (
 	"bytes"
@@ -10,10 +17,14 @@ import (
 	"hash"
 	"io"
 	"os"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
+	"github.com/vmgrid/vmgrid/dataserver/internal/asynchash"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
@@ -63,7 +74,8 @@ type Progress func(done, total uint64)
 // Upload stores the local file at remotePath (replacing what is there),
 // atomically: the file appears only once all of it arrived and its SHA-256
 // matched; an error or a cancelled ctx leaves nothing on the server.
-func (c *Client) Upload(ctx context.Context, localPath, remotePath string, progress Progress) (*datav1.FileInfo, error) {
+func (c *Client) Upload(ctx context.Context, localPath, remotePath string, progress Progress) (_ *datav1.FileInfo, err error) {
+	defer func() { err = typed(err) }()
 	f, err := os.Open(localPath)
 	if err != nil {
 		return nil, err
@@ -74,7 +86,7 @@ func (c *Client) Upload(ctx context.Context, localPath, remotePath string, progr
 		return nil, err
 	}
 	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a regular file", localPath)
+		return nil, fmt.Errorf("%s is not a regular file: %w", localPath, errdefs.ErrInvalidArgument)
 	}
 	return c.UploadReader(ctx, f, st.Size(), remotePath, progress)
 }
@@ -83,7 +95,8 @@ func (c *Client) Upload(ctx context.Context, localPath, remotePath string, progr
 // is the expected size (for progress and the server's early size check),
 // -1 when unknown; what is stored is what r yielded up to io.EOF. Any other
 // error from r aborts the upload.
-func (c *Client) UploadReader(ctx context.Context, r io.Reader, size int64, remotePath string, progress Progress) (*datav1.FileInfo, error) {
+func (c *Client) UploadReader(ctx context.Context, r io.Reader, size int64, remotePath string, progress Progress) (_ *datav1.FileInfo, err error) {
+	defer func() { err = typed(err) }()
 	if err := checkPath(remotePath); err != nil {
 		return nil, err
 	}
@@ -101,15 +114,15 @@ func (c *Client) UploadReader(ctx context.Context, r io.Reader, size int64, remo
 	// A few buffers go round: read into one, send it (Send has marshalled
 	// it when it returns) while another goroutine hashes it, and reuse it
 	// once hashed.
-	bufSize := ChunkSize
-	if size >= 0 && size < ChunkSize {
+	bufSize := datav1.ChunkSize
+	if size >= 0 && size < datav1.ChunkSize {
 		bufSize = int(size) + 1 // small files (stage-out has many): one read sees EOF
 	}
 	free := make(chan []byte, uploadBuffers)
 	for range uploadBuffers {
 		free <- make([]byte, bufSize)
 	}
-	sum := newAsyncHash(nil, func(b []byte) { free <- b[:cap(b)] })
+	sum := asynchash.New(nil, func(b []byte) { free <- b[:cap(b)] })
 	defer sum.Close()
 	data := &datav1.UploadRequest_Data{}
 	req := &datav1.UploadRequest{Msg: data}
@@ -180,7 +193,8 @@ type ChunkFunc func(info *datav1.FileInfo, off uint64, data []byte) error
 // fn, in order. A broken stream resumes where it stopped, up to c.Retries
 // times in a row, and only if the file is still the version it started
 // with. It returns the file's info.
-func (c *Client) Read(ctx context.Context, remotePath string, offset, length uint64, fn ChunkFunc) (*datav1.FileInfo, error) {
+func (c *Client) Read(ctx context.Context, remotePath string, offset, length uint64, fn ChunkFunc) (_ *datav1.FileInfo, err error) {
+	defer func() { err = typed(err) }()
 	if err := checkPath(remotePath); err != nil {
 		return nil, err
 	}
@@ -258,7 +272,8 @@ func (c *Client) ReadRange(ctx context.Context, remotePath string, offset, lengt
 // The file is not fsynced (like cp or curl): a power loss right after
 // Download returns may lose it, and stage-in, the main user, writes it only
 // to build a disk image from it.
-func (c *Client) Download(ctx context.Context, remotePath, localPath string, progress Progress) (*datav1.FileInfo, error) {
+func (c *Client) Download(ctx context.Context, remotePath, localPath string, progress Progress) (_ *datav1.FileInfo, err error) {
+	defer func() { err = typed(err) }()
 	if err := checkPath(remotePath); err != nil {
 		return nil, err
 	}
@@ -278,7 +293,7 @@ func (c *Client) Download(ctx context.Context, remotePath, localPath string, pro
 			return nil, err
 		}
 		// Each received message owns its data: the hash may read it later.
-		ah := newAsyncHash(sum, nil)
+		ah := asynchash.New(sum, nil)
 		info, err := c.Read(ctx, remotePath, have, 0, func(info *datav1.FileInfo, off uint64, data []byte) error {
 			if _, err := f.WriteAt(data, int64(off)); err != nil {
 				return err
@@ -333,7 +348,8 @@ func hashPrefix(f *os.File) (uint64, hash.Hash, error) {
 }
 
 // Stat returns a file's info.
-func (c *Client) Stat(ctx context.Context, remotePath string) (*datav1.FileInfo, error) {
+func (c *Client) Stat(ctx context.Context, remotePath string) (_ *datav1.FileInfo, err error) {
+	defer func() { err = typed(err) }()
 	resp, err := c.API.Stat(ctx, &datav1.StatRequest{Owner: c.Owner, Path: remotePath})
 	if err != nil {
 		return nil, err
@@ -342,7 +358,8 @@ func (c *Client) Stat(ctx context.Context, remotePath string) (*datav1.FileInfo,
 }
 
 // List returns every file whose path starts with prefix, sorted by path.
-func (c *Client) List(ctx context.Context, prefix string) ([]*datav1.FileInfo, error) {
+func (c *Client) List(ctx context.Context, prefix string) (_ []*datav1.FileInfo, err error) {
+	defer func() { err = typed(err) }()
 	var out []*datav1.FileInfo
 	token := ""
 	for {
@@ -361,27 +378,54 @@ func (c *Client) List(ctx context.Context, prefix string) ([]*datav1.FileInfo, e
 // Delete removes one of the caller's files.
 func (c *Client) Delete(ctx context.Context, remotePath string) error {
 	_, err := c.API.Delete(ctx, &datav1.DeleteRequest{Owner: c.Owner, Path: remotePath})
-	return err
+	return typed(err)
 }
 
 // Grant lets grantee read the caller's files under prefix (whole path
 // components; "" is everything).
 func (c *Client) Grant(ctx context.Context, grantee, prefix string) error {
 	_, err := c.API.Grant(ctx, &datav1.GrantRequest{Grantee: grantee, Prefix: prefix})
-	return err
+	return typed(err)
 }
 
 // Revoke takes a grant back.
 func (c *Client) Revoke(ctx context.Context, grantee, prefix string) error {
 	_, err := c.API.Revoke(ctx, &datav1.RevokeRequest{Grantee: grantee, Prefix: prefix})
-	return err
+	return typed(err)
 }
 
 // Grants returns the grants the caller gave and received.
 func (c *Client) Grants(ctx context.Context) (given, received []*datav1.ReadGrant, err error) {
+	defer func() { err = typed(err) }()
 	resp, err := c.API.ListGrants(ctx, &datav1.ListGrantsRequest{})
 	if err != nil {
 		return nil, nil, err
 	}
 	return resp.Given, resp.Received, nil
+}
+
+// typed makes err carry an errdefs sentinel, so the plant and the CLI map
+// it to a real code: a gRPC status becomes its sentinel (for connections
+// not made with Dial), a local file error the nearest one, anything else
+// without a sentinel (a reader that failed, a short write) Internal.
+func typed(err error) error {
+	if err == nil {
+		return nil
+	}
+	err = errdefs.FromGRPC(err)
+	if errdefs.Code(err) != codes.Unknown {
+		return err
+	}
+	if _, remote := status.FromError(err); remote {
+		return err // the server's own Unknown: its code, not ours to change
+	}
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("%w: %w", err, errdefs.ErrNotFound)
+	case errors.Is(err, os.ErrPermission):
+		return fmt.Errorf("%w: %w", err, errdefs.ErrPermissionDenied)
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		return fmt.Errorf("%w: %w", err, errdefs.ErrResourceExhausted)
+	}
+	return fmt.Errorf("%w: %w", err, errdefs.ErrInternal)
 }
