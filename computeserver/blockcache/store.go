@@ -13,7 +13,9 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/services/fsutil"
 )
 
 // Files in Config.Dir.
@@ -38,10 +40,7 @@ func Open(cfg Config) (*Cache, error) {
 	if err != nil {
 		return nil, err
 	}
-	log := cfg.Logger
-	if log == nil {
-		log = zap.NewNop()
-	}
+	log := services.LoggerOr(cfg.Logger)
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("blockcache: %w", err)
 	}
@@ -224,7 +223,7 @@ func (c *Cache) create() error {
 	if err := os.Remove(filepath.Join(c.dir, metaName)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("blockcache: %w", err)
 	}
-	if err := syncDir(c.dir); err != nil {
+	if err := fsutil.SyncDir(c.dir); err != nil {
 		return fmt.Errorf("blockcache: %w", err)
 	}
 	old, err := filepath.Glob(filepath.Join(c.dir, "bank-*"))
@@ -260,17 +259,10 @@ func (c *Cache) create() error {
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(c.dir, metaName+".tmp")
-	if err := writeFileSync(tmp, append(meta, '\n')); err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(c.dir, metaName), append(meta, '\n')); err != nil {
 		return fmt.Errorf("blockcache: %w", err)
 	}
-	if err := syncDir(c.dir); err != nil {
-		return fmt.Errorf("blockcache: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(c.dir, metaName)); err != nil {
-		return fmt.Errorf("blockcache: %w", err)
-	}
-	return syncDir(c.dir)
+	return nil
 }
 
 // loadTags reads the tags into the frames and repairs what a crash can
