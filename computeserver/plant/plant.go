@@ -490,7 +490,7 @@ func (p *Plant) build(ctx context.Context, v *vm, src *source, all, remaining []
 // One at a time, as QEMU needs the whole kernel before it reads the memory
 // state. A hint: QEMU's own reads report errors.
 func (p *Plant) prefetch(ctx context.Context, image string, files ...string) {
-	var whole []*gvfs.File
+	var whole []gvfs.File
 	for _, name := range files {
 		if name == "" {
 			continue

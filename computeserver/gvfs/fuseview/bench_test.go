@@ -1,4 +1,4 @@
-package gvfs
+package fuseview_test
 
 import (
 	"io"
@@ -17,6 +17,7 @@ import (
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
@@ -55,9 +56,9 @@ func newBenchFixture(b *testing.B) *benchFixture {
 	mem := testutil.MemoryLike(rng, benchWANSize, 0.22, 0.05)
 	small := disk[:benchWANSize]
 	publish(b, srv.Client, "bench",
-		goldenFile{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: disk},
-		goldenFile{name: "disk64.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: small},
-		goldenFile{name: "mem.state", kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, data: mem})
+		goldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: disk},
+		goldenFile{Name: "disk64.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: small},
+		goldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Data: mem})
 	return &benchFixture{srv: srv}
 }
 
@@ -108,8 +109,8 @@ func catFile(b *testing.B, path string) {
 	}
 }
 
-func reportProxy(b *testing.B, p *Proxy, before Snapshot) {
-	s := p.snapshot()
+func reportProxy(b *testing.B, p *gvfs.Proxy, before Snapshot) {
+	s := snapshot(p)
 	n := float64(b.N)
 	b.ReportMetric(float64(s.misses-before.misses)/n, "waits/op")
 	b.ReportMetric(float64(s.requests-before.requests)/n, "upstream-reqs/op")
@@ -118,21 +119,21 @@ func reportProxy(b *testing.B, p *Proxy, before Snapshot) {
 // Snapshot is what reportProxy compares.
 type Snapshot struct{ misses, requests uint64 }
 
-func (p *Proxy) snapshot() Snapshot {
-	return Snapshot{misses: p.stats.Misses.Load(), requests: p.stats.Requests.Load()}
+func snapshot(p *gvfs.Proxy) Snapshot {
+	return Snapshot{misses: p.Stats().Misses.Load(), requests: p.Stats().Requests.Load()}
 }
 
 // BenchmarkSequentialRead: 256 MiB in 1 MiB reads through FUSE.
 func BenchmarkSequentialRead(b *testing.B) {
 	fx := newBenchFixture(b)
-	p := newProxy(b, fx.srv.Srv.Addr(), "", func(c *Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
+	p := newProxy(b, fx.srv.Srv.Addr(), "", func(c *gvfs.Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
 	mnt := mount(b, p)
 	path := filepath.Join(mnt, "bench", "disk.raw")
 	readSeq(b, path) // warm the proxy
 
 	b.Run("warm", func(b *testing.B) {
 		b.SetBytes(benchSeqSize)
-		before := p.snapshot()
+		before := snapshot(p)
 		for b.Loop() {
 			b.StopTimer()
 			dropFileCache(b, path)
@@ -150,7 +151,7 @@ func BenchmarkSequentialRead(b *testing.B) {
 	})
 	b.Run("cold-loopback", func(b *testing.B) {
 		b.SetBytes(benchSeqSize)
-		before := p.snapshot()
+		before := snapshot(p)
 		for b.Loop() {
 			b.StopTimer()
 			p.DropCaches()
@@ -170,7 +171,7 @@ func BenchmarkSequentialRead(b *testing.B) {
 // the proxy.
 func BenchmarkRandomRead4K(b *testing.B) {
 	fx := newBenchFixture(b)
-	p := newProxy(b, fx.srv.Srv.Addr(), "", func(c *Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
+	p := newProxy(b, fx.srv.Srv.Addr(), "", func(c *gvfs.Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
 	mnt := mount(b, p)
 	path := filepath.Join(mnt, "bench", "disk.raw")
 	readSeq(b, path)
@@ -257,7 +258,7 @@ func BenchmarkWAN(b *testing.B) {
 		if rtt > 0 {
 			addr = wanUpstream(b, addr, rtt/2)
 		}
-		p := newProxy(b, addr, "", func(c *Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
+		p := newProxy(b, addr, "", func(c *gvfs.Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
 		mnt := mount(b, p)
 		for _, c := range []struct {
 			name, file string
@@ -270,7 +271,7 @@ func BenchmarkWAN(b *testing.B) {
 			b.Run("rtt="+strconv.Itoa(rtt)+"ms/"+c.name, func(b *testing.B) {
 				path := filepath.Join(mnt, "bench", c.file)
 				b.SetBytes(benchWANSize)
-				before := p.snapshot()
+				before := snapshot(p)
 				for b.Loop() {
 					b.StopTimer()
 					p.DropCaches()

@@ -1,4 +1,4 @@
-package gvfs
+package cacheproxy_test
 
 import (
 	"context"
@@ -12,6 +12,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/cacheproxy"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services"
@@ -19,10 +21,10 @@ import (
 
 // serveProxy serves a proxy over upstream as a cache proxy (ProxyService)
 // on 127.0.0.1 and returns it with its address.
-func serveProxy(t *testing.T, upstream string) (*Proxy, string) {
+func serveProxy(t *testing.T, upstream string) (*gvfs.Proxy, string) {
 	t.Helper()
 	p := newProxy(t, upstream, "")
-	svc, err := NewProxyService(p)
+	svc, err := cacheproxy.NewService(p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,12 +57,12 @@ func TestCascade(t *testing.T) {
 	disk := sparseData(rng, 8<<20, 20, 256<<10)
 	mem := testutil.MemoryLike(rng, 3<<20+5, 0.2, 0.2)
 	publish(t, srv.Client, "img",
-		goldenFile{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: disk},
-		goldenFile{name: "mem.state", kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, data: mem})
+		goldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: disk},
+		goldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Data: mem})
 	lan, lanAddr := serveProxy(t, srv.Srv.Addr())
 	second, secondAddr := serveProxy(t, lanAddr) // a chain: image server ← lan ← second
 
-	readAll := func(t *testing.T, p *Proxy) {
+	readAll := func(t *testing.T, p *gvfs.Proxy) {
 		t.Helper()
 		mnt := mount(t, p)
 		for name, want := range map[string][]byte{"disk.raw": disk, "mem.state": mem} {
@@ -147,7 +149,7 @@ func TestCascade(t *testing.T) {
 		if _, err := direct.Flush(ctxT(t), "disk"); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(2*diskTimeout + 100*time.Millisecond)
+		time.Sleep(2*gvfs.DiskRecheck + 100*time.Millisecond)
 		sameBytes(t, "c after a write past the proxy", readVia(t, c, "disk", "disk.raw", 0, size), ref)
 	})
 }

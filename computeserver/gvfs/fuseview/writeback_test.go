@@ -1,4 +1,4 @@
-package gvfs
+package fuseview_test
 
 import (
 	"math/rand/v2"
@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 )
 
@@ -244,7 +245,7 @@ func TestDiskGeneration(t *testing.T) {
 	}
 	// B keeps the manifest of a disk (and the kernel its entry) for a
 	// second; after that, opening the disk again shows the new content.
-	time.Sleep(diskTimeout + 100*time.Millisecond)
+	time.Sleep(gvfs.DiskRecheck + 100*time.Millisecond)
 	got, err = os.ReadFile(pathB)
 	if err != nil {
 		t.Fatal(err)
@@ -265,7 +266,7 @@ func TestDiskZeroBlocksCached(t *testing.T) {
 	const size = 8 << 20
 	golden := sparseData(rand.New(rand.NewPCG(14, 14)), size, 3, 100<<10)
 	diskImage(t, srv.Client, "golden", "disk", golden)
-	p := newProxy(t, srv.Srv.Addr(), "", func(c *Config) { c.ReadAhead = -1 })
+	p := newProxy(t, srv.Srv.Addr(), "", func(c *gvfs.Config) { c.ReadAhead = -1 })
 	sameBytes(t, "first read", readVia(t, p, "disk", "disk.raw", 0, size), golden)
 	reqs := p.Stats().Requests.Load()
 	sameBytes(t, "second read", readVia(t, p, "disk", "disk.raw", 0, size), golden)
