@@ -128,7 +128,7 @@ func (c *Config) AddCacheProxyFlags(fs *pflag.FlagSet) {
 func (c *CacheConfig) AddFlags(fs *pflag.FlagSet) {
 	d := DefaultCacheConfig()
 	c.Capacity, c.BlockSize = d.Capacity, d.BlockSize
-	fs.Var(sizeFlag{&c.Capacity}, "cache-size", "capacity of the disk block cache")
+	fs.Var(sizeFlag[int64]{&c.Capacity}, "cache-size", "capacity of the disk block cache")
 	fs.IntVar(&c.Ways, "cache-ways", d.Ways, "associativity of the disk block cache (frames per set)")
-	fs.Var(intSizeFlag{&c.BlockSize}, "cache-block-size", "frame size of the disk block cache, a power of two from 4KiB to 1MiB")
+	fs.Var(sizeFlag[int]{&c.BlockSize}, "cache-block-size", "frame size of the disk block cache, a power of two from 4KiB to 1MiB")
 }

@@ -8,27 +8,14 @@ import (
 
 // sizeFlag is a byte-size flag that accepts 4GiB, 64KiB, 512MiB or bytes,
 // and prints sizes the way the CLI always has (4.0GiB).
-type sizeFlag struct{ n *int64 }
+type sizeFlag[T int | int64] struct{ n *T }
 
-func (s sizeFlag) String() string { return humanBytes(uint64(*s.n)) }
-func (s sizeFlag) Type() string   { return "size" }
-func (s sizeFlag) Set(v string) error {
+func (s sizeFlag[T]) String() string { return humanBytes(uint64(*s.n)) }
+func (s sizeFlag[T]) Type() string   { return "size" }
+func (s sizeFlag[T]) Set(v string) error {
 	n, err := parseSize(v)
 	if err == nil {
-		*s.n = n
-	}
-	return err
-}
-
-// intSizeFlag is a sizeFlag for an int field.
-type intSizeFlag struct{ n *int }
-
-func (s intSizeFlag) String() string { return humanBytes(uint64(*s.n)) }
-func (s intSizeFlag) Type() string   { return "size" }
-func (s intSizeFlag) Set(v string) error {
-	n, err := parseSize(v)
-	if err == nil {
-		*s.n = int(n)
+		*s.n = T(n)
 	}
 	return err
 }

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/internal/gvfstest"
+
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
@@ -20,11 +22,11 @@ func TestCloseWhileReading(t *testing.T) {
 	rng := rand.New(rand.NewPCG(8, 8))
 	ref := make([]byte, 24<<20)
 	testutil.RandomData(rng, ref)
-	publish(t, srv.Client, "img", goldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: ref})
+	gvfstest.Publish(t, srv.Client, "img", gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: ref})
 	dir := t.TempDir()
 	for round := range 3 {
-		p := newProxy(t, srv.Srv.Addr(), dir)
-		f, err := p.Open(ctxT(t), "img", "disk.raw")
+		p := gvfstest.NewProxy(t, srv.Srv.Addr(), dir)
+		f, err := p.Open(gvfstest.Ctx(t), "img", "disk.raw")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -35,11 +37,11 @@ func TestCloseWhileReading(t *testing.T) {
 				defer wg.Done()
 				b := make([]byte, 256<<10)
 				for off := g * len(ref) / 4; off < (g+1)*len(ref)/4; off += len(b) {
-					n, err := f.ReadAt(ctxT(t), b, int64(off))
+					n, err := f.ReadAt(gvfstest.Ctx(t), b, int64(off))
 					if err != nil {
 						return // closed under us: fine
 					}
-					if d := firstDiff(b[:n], ref[off:off+n]); d != "equal" {
+					if d := gvfstest.FirstDiff(b[:n], ref[off:off+n]); d != "equal" {
 						t.Errorf("round %d: at %d: %s", round, off, d)
 						return
 					}
@@ -47,11 +49,11 @@ func TestCloseWhileReading(t *testing.T) {
 			}()
 		}
 		time.Sleep(time.Duration(20+round*40) * time.Millisecond)
-		closeProxy(t, p)
+		gvfstest.CloseProxy(t, p)
 		wg.Wait()
 	}
-	p := newProxy(t, srv.Srv.Addr(), dir)
-	sameBytes(t, "after closes under readers", readVia(t, p, "img", "disk.raw", 0, len(ref)), ref)
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), dir)
+	gvfstest.SameBytes(t, "after closes under readers", gvfstest.ReadVia(t, p, "img", "disk.raw", 0, len(ref)), ref)
 }
 
 // lateMissCache delays the first miss it reports until the block has been
@@ -87,21 +89,21 @@ func TestCollapseLateMiss(t *testing.T) {
 	srv := testutil.StartServer(t, "")
 	ref := make([]byte, 1<<20)
 	testutil.RandomData(rand.New(rand.NewPCG(9, 9)), ref)
-	publish(t, srv.Client, "img", goldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: ref})
-	p := newProxy(t, srv.Srv.Addr(), "", func(c *gvfs.Config) { c.ReadAhead = -1 })
+	gvfstest.Publish(t, srv.Client, "img", gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: ref})
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), "", func(c *gvfs.Config) { c.ReadAhead = -1 })
 	lc := &lateMissCache{BlockCache: gvfs.BlockCacheOf(p), blocked: make(chan struct{}), filled: make(chan struct{})}
 	lc.armed.Store(true)
 	gvfs.SetBlockCache(p, lc)
-	f, err := p.Open(ctxT(t), "img", "disk.raw")
+	f, err := p.Open(gvfstest.Ctx(t), "img", "disk.raw")
 	if err != nil {
 		t.Fatal(err)
 	}
 	read := func(off int64) error {
 		b := make([]byte, 5000)
-		if _, err := f.ReadAt(ctxT(t), b, off); err != nil {
+		if _, err := f.ReadAt(gvfstest.Ctx(t), b, off); err != nil {
 			return err
 		}
-		if d := firstDiff(b, ref[off:off+5000]); d != "equal" {
+		if d := gvfstest.FirstDiff(b, ref[off:off+5000]); d != "equal" {
 			return errors.New(d)
 		}
 		return nil

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/internal/gvfstest"
+
 	toxiproxy "github.com/Shopify/toxiproxy/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
@@ -55,10 +57,10 @@ func newBenchFixture(b *testing.B) *benchFixture {
 	testutil.RandomNonZero(rng, disk) // no zero pages: every block crosses the wire
 	mem := testutil.MemoryLike(rng, benchWANSize, 0.22, 0.05)
 	small := disk[:benchWANSize]
-	publish(b, srv.Client, "bench",
-		goldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: disk},
-		goldenFile{Name: "disk64.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: small},
-		goldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Data: mem})
+	gvfstest.Publish(b, srv.Client, "bench",
+		gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: disk},
+		gvfstest.GoldenFile{Name: "disk64.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: small},
+		gvfstest.GoldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Data: mem})
 	return &benchFixture{srv: srv}
 }
 
@@ -126,8 +128,8 @@ func snapshot(p *gvfs.Proxy) Snapshot {
 // BenchmarkSequentialRead: 256 MiB in 1 MiB reads through FUSE.
 func BenchmarkSequentialRead(b *testing.B) {
 	fx := newBenchFixture(b)
-	p := newProxy(b, fx.srv.Srv.Addr(), "", func(c *gvfs.Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
-	mnt := mount(b, p)
+	p := gvfstest.NewProxy(b, fx.srv.Srv.Addr(), "", func(c *gvfs.Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
+	mnt := gvfstest.Mount(b, p)
 	path := filepath.Join(mnt, "bench", "disk.raw")
 	readSeq(b, path) // warm the proxy
 
@@ -171,8 +173,8 @@ func BenchmarkSequentialRead(b *testing.B) {
 // the proxy.
 func BenchmarkRandomRead4K(b *testing.B) {
 	fx := newBenchFixture(b)
-	p := newProxy(b, fx.srv.Srv.Addr(), "", func(c *gvfs.Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
-	mnt := mount(b, p)
+	p := gvfstest.NewProxy(b, fx.srv.Srv.Addr(), "", func(c *gvfs.Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
+	mnt := gvfstest.Mount(b, p)
 	path := filepath.Join(mnt, "bench", "disk.raw")
 	readSeq(b, path)
 	const pages = benchSeqSize / 4096
@@ -258,8 +260,8 @@ func BenchmarkWAN(b *testing.B) {
 		if rtt > 0 {
 			addr = wanUpstream(b, addr, rtt/2)
 		}
-		p := newProxy(b, addr, "", func(c *gvfs.Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
-		mnt := mount(b, p)
+		p := gvfstest.NewProxy(b, addr, "", func(c *gvfs.Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
+		mnt := gvfstest.Mount(b, p)
 		for _, c := range []struct {
 			name, file string
 			read       func(*testing.B, string)

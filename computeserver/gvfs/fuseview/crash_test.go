@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/internal/gvfstest"
+
 	"go.uber.org/zap"
 
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
@@ -110,8 +112,8 @@ type crashFixture struct {
 func startChild(t *testing.T, mode string) *crashFixture {
 	t.Helper()
 	fx := &crashFixture{srv: testutil.StartServer(t, ""), mnt: filepath.Join(t.TempDir(), "mnt")}
-	fx.ref = sparseData(rand.New(rand.NewPCG(15, 4)), 1<<20, 8, 64<<10)
-	publish(t, fx.srv.Client, "img", goldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: fx.ref})
+	fx.ref = gvfstest.SparseData(rand.New(rand.NewPCG(15, 4)), 1<<20, 8, 64<<10)
+	gvfstest.Publish(t, fx.srv.Client, "img", gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: fx.ref})
 	hadFusectl := fuseview.FusectlMounted()
 	t.Cleanup(func() {
 		if err := fuseview.ClearDeadMount(fx.mnt, zap.NewNop()); err != nil {
@@ -179,7 +181,7 @@ func (fx *crashFixture) killGrandchild(t *testing.T) {
 // takes more than 10 s, and checks the file reads back.
 func (fx *crashFixture) remount(t *testing.T) {
 	t.Helper()
-	p := newProxy(t, fx.srv.Srv.Addr(), "")
+	p := gvfstest.NewProxy(t, fx.srv.Srv.Addr(), "")
 	done := make(chan error, 1)
 	go func() {
 		_, err := fuseview.Mount(fx.mnt, p, fuseview.MountOptions{})
@@ -201,7 +203,7 @@ func (fx *crashFixture) remount(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sameBytes(t, "after remount", got, fx.ref)
+	gvfstest.SameBytes(t, "after remount", got, fx.ref)
 }
 
 // abortAll aborts every FUSE connection of a mount named vmgrid (only

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/internal/gvfstest"
+
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
@@ -40,13 +42,13 @@ func TestRandomReadsParallel(t *testing.T) {
 	srv := testutil.StartServer(t, "")
 	rng := rand.New(rand.NewPCG(1, 1))
 	const size = 20<<20 + 12345 // a short last block
-	ref := sparseData(rng, size, 40, 512<<10)
-	publish(t, srv.Client, "golden", goldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: ref},
-		goldenFile{Name: "small-blocks.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, BS: 16 << 10, Data: ref[:size/3]})
+	ref := gvfstest.SparseData(rng, size, 40, 512<<10)
+	gvfstest.Publish(t, srv.Client, "golden", gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: ref},
+		gvfstest.GoldenFile{Name: "small-blocks.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, BS: 16 << 10, Data: ref[:size/3]})
 	// 4 MiB in 4 ways: the file does not fit, so blocks are evicted and
 	// fetched again while readers run.
-	p := newProxy(t, srv.Srv.Addr(), "", func(c *gvfs.Config) { c.Cache = gvfs.CacheConfig{Capacity: 4 << 20, Ways: 4, BlockSize: 64 << 10} })
-	mnt := mount(t, p)
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), "", func(c *gvfs.Config) { c.Cache = gvfs.CacheConfig{Capacity: 4 << 20, Ways: 4, BlockSize: 64 << 10} })
+	mnt := gvfstest.Mount(t, p)
 
 	check := func(t *testing.T, name string, want []byte, bs int, read func(b []byte, off int64) (int, error)) {
 		var wg sync.WaitGroup
@@ -68,7 +70,7 @@ func TestRandomReadsParallel(t *testing.T) {
 						t.Errorf("%s: read %d bytes at %d: got %d, want %d", name, n, off, got, end-off)
 						return
 					}
-					if d := firstDiff(buf[:got], want[off:end]); d != "equal" {
+					if d := gvfstest.FirstDiff(buf[:got], want[off:end]); d != "equal" {
 						t.Errorf("%s: read %d bytes at %d: %s", name, n, off, d)
 						return
 					}
@@ -112,11 +114,11 @@ func TestRandomReadsParallel(t *testing.T) {
 			check(t, c.file, c.want, c.bs, f.ReadAt)
 		})
 		t.Run("api/"+c.file, func(t *testing.T) {
-			f, err := p.Open(ctxT(t), "golden", c.file)
+			f, err := p.Open(gvfstest.Ctx(t), "golden", c.file)
 			if err != nil {
 				t.Fatal(err)
 			}
-			check(t, c.file, c.want, c.bs, func(b []byte, off int64) (int, error) { return f.ReadAt(ctxT(t), b, off) })
+			check(t, c.file, c.want, c.bs, func(b []byte, off int64) (int, error) { return f.ReadAt(gvfstest.Ctx(t), b, off) })
 		})
 	}
 	t.Run("whole", func(t *testing.T) {
@@ -124,7 +126,7 @@ func TestRandomReadsParallel(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		sameBytes(t, "whole file", got, ref)
+		gvfstest.SameBytes(t, "whole file", got, ref)
 	})
 	if s := p.Stats(); s.Hits.Load() == 0 || s.Misses.Load() == 0 || s.ZeroBlocks.Load() == 0 {
 		t.Fatalf("hits %d misses %d zero blocks %d: every path should have been taken", s.Hits.Load(), s.Misses.Load(), s.ZeroBlocks.Load())
@@ -137,13 +139,13 @@ func TestWholeFilePolicy(t *testing.T) {
 	srv := testutil.StartServer(t, "")
 	rng := rand.New(rand.NewPCG(2, 2))
 	mem := testutil.MemoryLike(rng, 8<<20+777, 0.22, 0.3)
-	m := publish(t, srv.Client, "vm", goldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Data: mem})
+	m := gvfstest.Publish(t, srv.Client, "vm", gvfstest.GoldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Data: mem})
 	meta := m.Files[0]
 	if meta.Policy != imagev1.TransferPolicy_TRANSFER_POLICY_WHOLE_FILE {
 		t.Fatalf("policy %v", meta.Policy)
 	}
-	p := newProxy(t, srv.Srv.Addr(), "")
-	mnt := mount(t, p)
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), "")
+	mnt := gvfstest.Mount(t, p)
 	path := filepath.Join(mnt, "vm", "mem.state")
 
 	// Readers of the head and of the tail start together with the first
@@ -164,7 +166,7 @@ func TestWholeFilePolicy(t *testing.T) {
 				t.Error(err)
 				return
 			}
-			if d := firstDiff(b, mem[off:off+100]); d != "equal" {
+			if d := gvfstest.FirstDiff(b, mem[off:off+100]); d != "equal" {
 				t.Errorf("at %d: %s", off, d)
 			}
 		}()
@@ -174,8 +176,8 @@ func TestWholeFilePolicy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sameBytes(t, "mem.state", got, mem)
-	waitComplete(t, p, "vm", "mem.state")
+	gvfstest.SameBytes(t, "mem.state", got, mem)
+	gvfstest.WaitComplete(t, p, "vm", "mem.state")
 	if n := p.Stats().FetchedBytes.Load(); n != 0 {
 		t.Fatalf("%d bytes came through the block channel for a whole-file file", n)
 	}
@@ -190,8 +192,8 @@ func TestZeroBlocksNeverFetched(t *testing.T) {
 	srv := testutil.StartServer(t, "")
 	rng := rand.New(rand.NewPCG(3, 3))
 	const size, bs = 32 << 20, 64 << 10
-	ref := sparseData(rng, size, 6, 100<<10)
-	publish(t, srv.Client, "sparse", goldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: ref})
+	ref := gvfstest.SparseData(rng, size, 6, 100<<10)
+	gvfstest.Publish(t, srv.Client, "sparse", gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: ref})
 	var want uint64 // bytes of the blocks with a non-zero page
 	for off := 0; off < size; off += bs {
 		for pg := off; pg < off+bs; pg += 4096 {
@@ -201,13 +203,13 @@ func TestZeroBlocksNeverFetched(t *testing.T) {
 			}
 		}
 	}
-	p := newProxy(t, srv.Srv.Addr(), "")
-	mnt := mount(t, p)
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), "")
+	mnt := gvfstest.Mount(t, p)
 	got, err := os.ReadFile(filepath.Join(mnt, "sparse", "disk.raw"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	sameBytes(t, "sparse disk", got, ref)
+	gvfstest.SameBytes(t, "sparse disk", got, ref)
 	s := p.Stats()
 	if s.FetchedBytes.Load() != want {
 		t.Fatalf("fetched %d bytes, want exactly the %d bytes of blocks holding data", s.FetchedBytes.Load(), want)
@@ -234,10 +236,10 @@ func TestCollapse(t *testing.T) {
 	rng := rand.New(rand.NewPCG(4, 4))
 	ref := make([]byte, 8<<20)
 	testutil.RandomData(rng, ref)
-	publish(t, srv.Client, "img", goldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: ref})
+	gvfstest.Publish(t, srv.Client, "img", gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: ref})
 	for round := range 20 {
-		p := newProxy(t, srv.Srv.Addr(), "", func(c *gvfs.Config) { c.ReadAhead = -1 })
-		f, err := p.Open(ctxT(t), "img", "disk.raw")
+		p := gvfstest.NewProxy(t, srv.Srv.Addr(), "", func(c *gvfs.Config) { c.ReadAhead = -1 })
+		f, err := p.Open(gvfstest.Ctx(t), "img", "disk.raw")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -251,11 +253,11 @@ func TestCollapse(t *testing.T) {
 				defer wg.Done()
 				b := make([]byte, 1000+i)
 				<-start
-				if _, err := f.ReadAt(ctxT(t), b, off+int64(i)); err != nil {
+				if _, err := f.ReadAt(gvfstest.Ctx(t), b, off+int64(i)); err != nil {
 					t.Error(err)
 					return
 				}
-				if d := firstDiff(b, ref[off+int64(i):off+int64(i)+int64(len(b))]); d != "equal" {
+				if d := gvfstest.FirstDiff(b, ref[off+int64(i):off+int64(i)+int64(len(b))]); d != "equal" {
 					t.Errorf("reader %d: %s", i, d)
 				}
 			}()
@@ -266,7 +268,7 @@ func TestCollapse(t *testing.T) {
 		if n := s.FetchedBlocks.Load(); n != 1 {
 			t.Fatalf("round %d: %d readers of one cold block caused %d upstream fetches (%d collapsed)", round, readers, n, s.Collapsed.Load())
 		}
-		closeProxy(t, p)
+		gvfstest.CloseProxy(t, p)
 	}
 }
 
@@ -275,38 +277,38 @@ func TestCollapse(t *testing.T) {
 func TestRestartWarm(t *testing.T) {
 	srv := testutil.StartServer(t, "")
 	rng := rand.New(rand.NewPCG(5, 5))
-	disk := sparseData(rng, 16<<20, 40, 256<<10)
+	disk := gvfstest.SparseData(rng, 16<<20, 40, 256<<10)
 	mem := testutil.MemoryLike(rng, 6<<20, 0.2, 0.2)
-	publish(t, srv.Client, "img",
-		goldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: disk},
-		goldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Data: mem})
+	gvfstest.Publish(t, srv.Client, "img",
+		gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: disk},
+		gvfstest.GoldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Data: mem})
 	dir := t.TempDir()
-	p := newProxy(t, srv.Srv.Addr(), dir)
-	mnt := mount(t, p)
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), dir)
+	mnt := gvfstest.Mount(t, p)
 	for name, want := range map[string][]byte{"disk.raw": disk, "mem.state": mem} {
 		got, err := os.ReadFile(filepath.Join(mnt, "img", name))
 		if err != nil {
 			t.Fatal(err)
 		}
-		sameBytes(t, name, got, want)
+		gvfstest.SameBytes(t, name, got, want)
 	}
 	if p.Stats().FetchedBytes.Load() == 0 || p.FileCache().Received() == 0 {
 		t.Fatal("the first proxy fetched nothing")
 	}
-	waitComplete(t, p, "img", "mem.state")
-	closeProxy(t, p)
-	if isMounted(mnt) {
+	gvfstest.WaitComplete(t, p, "img", "mem.state")
+	gvfstest.CloseProxy(t, p)
+	if gvfstest.IsMounted(mnt) {
 		t.Fatal("Close left the view mounted")
 	}
 
-	p = newProxy(t, srv.Srv.Addr(), dir)
-	mnt = mount(t, p)
+	p = gvfstest.NewProxy(t, srv.Srv.Addr(), dir)
+	mnt = gvfstest.Mount(t, p)
 	for name, want := range map[string][]byte{"disk.raw": disk, "mem.state": mem} {
 		got, err := os.ReadFile(filepath.Join(mnt, "img", name))
 		if err != nil {
 			t.Fatal(err)
 		}
-		sameBytes(t, name+" after restart", got, want)
+		gvfstest.SameBytes(t, name+" after restart", got, want)
 	}
 	if n, r := p.Stats().FetchedBytes.Load(), p.FileCache().Received(); n != 0 || r != 0 {
 		t.Fatalf("the restarted proxy fetched %d block bytes and %d file bytes again", n, r)
@@ -320,18 +322,18 @@ func TestDropCaches(t *testing.T) {
 	disk := make([]byte, 4<<20)
 	testutil.RandomData(rng, disk)
 	mem := testutil.MemoryLike(rng, 3<<20, 0.2, 0.2)
-	publish(t, srv.Client, "img",
-		goldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: disk},
-		goldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Data: mem})
-	p := newProxy(t, srv.Srv.Addr(), "")
-	mnt := mount(t, p)
+	gvfstest.Publish(t, srv.Client, "img",
+		gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: disk},
+		gvfstest.GoldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Data: mem})
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), "")
+	mnt := gvfstest.Mount(t, p)
 	read := func() {
 		for name, want := range map[string][]byte{"disk.raw": disk, "mem.state": mem} {
 			got, err := os.ReadFile(filepath.Join(mnt, "img", name))
 			if err != nil {
 				t.Fatal(err)
 			}
-			sameBytes(t, name, got, want)
+			gvfstest.SameBytes(t, name, got, want)
 		}
 	}
 	read()
@@ -339,7 +341,7 @@ func TestDropCaches(t *testing.T) {
 	if fetched != uint64(len(disk)) {
 		t.Fatalf("fetched %d bytes of a %d-byte disk", fetched, len(disk))
 	}
-	waitComplete(t, p, "img", "mem.state")
+	gvfstest.WaitComplete(t, p, "img", "mem.state")
 	read() // warm: kernel page cache
 	if p.Stats().FetchedBytes.Load() != fetched || p.FileCache().Received() != received {
 		t.Fatal("a warm read fetched again")
@@ -362,9 +364,9 @@ func TestErrors(t *testing.T) {
 	srv := testutil.StartServer(t, "")
 	ref := make([]byte, 1<<20)
 	testutil.RandomData(rand.New(rand.NewPCG(7, 7)), ref)
-	diskImage(t, srv.Client, "golden", "disk", ref)
-	p := newProxy(t, srv.Srv.Addr(), "")
-	mnt := mount(t, p)
+	gvfstest.DiskImage(t, srv.Client, "golden", "disk", ref)
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), "")
+	mnt := gvfstest.Mount(t, p)
 	golden := filepath.Join(mnt, "golden", "disk.raw")
 	disk := filepath.Join(mnt, "disk", "disk.raw")
 
@@ -402,5 +404,5 @@ func TestErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sameBytes(t, "golden after refused writes", got, ref)
+	gvfstest.SameBytes(t, "golden after refused writes", got, ref)
 }

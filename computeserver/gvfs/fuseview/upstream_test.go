@@ -1,7 +1,6 @@
 package fuseview_test
 
 import (
-	"context"
 	"errors"
 	"math/rand/v2"
 	"os"
@@ -9,6 +8,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/internal/gvfstest"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
@@ -40,15 +41,7 @@ func serveStore(t *testing.T, dir, addr string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-served; err != nil {
-			t.Errorf("restarted image server: %v", err)
-		}
-	})
+	gvfstest.Serve(t, srv)
 }
 
 // upstreamFixture is an image with a block-policy and a whole-file file,
@@ -64,11 +57,11 @@ func newUpstreamFixture(t *testing.T, retry time.Duration) *upstreamFixture {
 	fx := &upstreamFixture{srv: testutil.StartServer(t, ""), disk: make([]byte, 4<<20)}
 	testutil.RandomData(rng, fx.disk)
 	fx.mem = testutil.MemoryLike(rng, 2<<20, 0.2, 0.3)
-	publish(t, fx.srv.Client, "img",
-		goldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: fx.disk},
-		goldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Policy: imagev1.TransferPolicy_TRANSFER_POLICY_WHOLE_FILE, Data: fx.mem})
-	p := newProxy(t, fx.srv.Srv.Addr(), "", func(c *gvfs.Config) { c.UpstreamRetry = retry })
-	fx.mnt = mount(t, p)
+	gvfstest.Publish(t, fx.srv.Client, "img",
+		gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: fx.disk},
+		gvfstest.GoldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Policy: imagev1.TransferPolicy_TRANSFER_POLICY_WHOLE_FILE, Data: fx.mem})
+	p := gvfstest.NewProxy(t, fx.srv.Srv.Addr(), "", func(c *gvfs.Config) { c.UpstreamRetry = retry })
+	fx.mnt = gvfstest.Mount(t, p)
 	for _, name := range []string{"disk.raw", "mem.state"} {
 		if _, err := os.Stat(filepath.Join(fx.mnt, "img", name)); err != nil {
 			t.Fatal(err)
@@ -109,8 +102,8 @@ func TestUpstreamRestartWithinRetry(t *testing.T) {
 	if err != nil {
 		t.Fatalf("reads across an image server restart: %v", err)
 	}
-	sameBytes(t, "disk.raw", disk, fx.disk)
-	sameBytes(t, "mem.state", mem, fx.mem)
+	gvfstest.SameBytes(t, "disk.raw", disk, fx.disk)
+	gvfstest.SameBytes(t, "mem.state", mem, fx.mem)
 	if took := time.Since(start); took < time.Second {
 		t.Fatalf("the reads took %s: the image server was not away", took)
 	}

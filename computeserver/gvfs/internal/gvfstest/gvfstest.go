@@ -109,6 +109,21 @@ func NewProxy(t testing.TB, addr, dir string, tweak ...func(*gvfs.Config)) *gvfs
 	return p
 }
 
+// Serve serves srv until the test ends; its cleanup stops the server, so
+// register it after the cleanups of what the server uses (they run later).
+func Serve(t testing.TB, srv *services.Server) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-served; err != nil {
+			t.Errorf("serve %s: %v", srv.Addr(), err)
+		}
+	})
+}
+
 // CloseProxy closes p (unmounting its views) and its upstream connection.
 // It may be called more than once.
 func CloseProxy(t testing.TB, p *gvfs.Proxy) {
