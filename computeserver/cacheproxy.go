@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/cacheproxy"
 	"github.com/vmgrid/vmgrid/services"
 )
 
@@ -22,6 +23,9 @@ type CacheProxyConfig struct {
 	DataDir     string
 	Cache       gvfs.CacheConfig
 	ReadAhead   int
+	// UpstreamRetry is how long reads wait for an upstream that is away
+	// (0: gvfs.DefaultConfig's).
+	UpstreamRetry time.Duration
 }
 
 // CacheProxy is a running cache proxy: ImageService over a cache.
@@ -32,20 +36,20 @@ type CacheProxy struct {
 
 // StartCacheProxy opens the caches and starts serving the read API.
 func StartCacheProxy(cfg CacheProxyConfig) (*CacheProxy, error) {
-	log := cfg.Server.Logger
-	if log == nil {
-		log = zap.NewNop()
-	}
+	log := services.LoggerOr(cfg.Server.Logger)
 	up, err := gvfs.DialUpstream(cfg.Upstream, cfg.UpstreamTLS, cfg.Compress)
 	if err != nil {
 		return nil, err
 	}
-	p, err := gvfs.New(gvfs.Config{Upstream: up, Dir: cfg.DataDir, Cache: cfg.Cache, ReadAhead: cfg.ReadAhead, FlushIdle: -1, Logger: log})
+	p, err := gvfs.New(gvfs.Config{
+		Upstream: up, Dir: cfg.DataDir, Cache: cfg.Cache, ReadAhead: cfg.ReadAhead,
+		UpstreamRetry: cfg.UpstreamRetry, FlushIdle: -1, Logger: log,
+	})
 	if err != nil {
 		up.Close()
 		return nil, err
 	}
-	svc, err := gvfs.NewProxyService(p)
+	svc, err := cacheproxy.NewService(p)
 	if err == nil {
 		var srv *services.Server
 		srv, err = services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/fuseview"
 	"github.com/vmgrid/vmgrid/computeserver/plant"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
@@ -100,7 +101,7 @@ func Start(ctx context.Context, cfg Config) (*Plant, error) {
 	if mnt == "" {
 		mnt = filepath.Join(cfg.DataDir, "mnt")
 	}
-	if _, err := gvfs.Mount(mnt, p, gvfs.MountOptions{}); err != nil {
+	if _, err := fuseview.Mount(mnt, p, fuseview.MountOptions{Logger: log}); err != nil {
 		return fail(err)
 	}
 	name := cfg.Name

@@ -46,6 +46,13 @@ type Config struct {
 	Logger *zap.Logger
 }
 
+// DefaultConfig is the geometry a compute server's cache has unless told
+// otherwise (the defaults of `--cache-size`, `--cache-ways` and
+// `--cache-block-size`): 4 GiB in sets of 8 frames of 64 KiB.
+func DefaultConfig() Config {
+	return Config{Capacity: 4 << 30, Ways: 8, BlockSize: 64 << 10}
+}
+
 // geometry is what a cache on disk must match to be reopened warm. It is
 // stored as JSON in the meta file.
 type geometry struct {

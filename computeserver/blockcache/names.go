@@ -2,14 +2,13 @@ package blockcache
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"sync"
 
 	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/services/fsutil"
 )
 
 // nameTable maps file hashes back to file ids. Tags hold only the hash; the
@@ -133,7 +132,6 @@ func (t *nameTable) compact(keep map[fileHash]bool) error {
 		return nil
 	}
 	path := t.f.Name()
-	tmp := path + ".tmp"
 	var buf []byte
 	kept := make(map[fileHash]string, len(keep))
 	for h := range keep {
@@ -142,13 +140,7 @@ func (t *nameTable) compact(keep map[fileHash]bool) error {
 			kept[h] = name
 		}
 	}
-	if err := writeFileSync(tmp, buf); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	if err := syncDir(filepath.Dir(path)); err != nil {
+	if err := fsutil.WriteFileAtomic(path, buf); err != nil {
 		return err
 	}
 	f, err := os.OpenFile(path, os.O_RDWR, 0o600)
@@ -161,17 +153,3 @@ func (t *nameTable) compact(keep map[fileHash]bool) error {
 }
 
 func (t *nameTable) close() error { return t.f.Close() }
-
-// writeFileSync writes a new file and fsyncs it (not its directory).
-func writeFileSync(path string, b []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	err = errors.Join(err, f.Sync(), f.Close())
-	if err != nil {
-		os.Remove(path)
-	}
-	return err
-}

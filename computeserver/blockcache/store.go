@@ -13,7 +13,9 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/services/fsutil"
 )
 
 // Files in Config.Dir.
@@ -38,10 +40,7 @@ func Open(cfg Config) (*Cache, error) {
 	if err != nil {
 		return nil, err
 	}
-	log := cfg.Logger
-	if log == nil {
-		log = zap.NewNop()
-	}
+	log := services.LoggerOr(cfg.Logger)
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("blockcache: %w", err)
 	}
@@ -224,7 +223,7 @@ func (c *Cache) create() error {
 	if err := os.Remove(filepath.Join(c.dir, metaName)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("blockcache: %w", err)
 	}
-	if err := syncDir(c.dir); err != nil {
+	if err := fsutil.SyncDir(c.dir); err != nil {
 		return fmt.Errorf("blockcache: %w", err)
 	}
 	old, err := filepath.Glob(filepath.Join(c.dir, "bank-*"))
@@ -260,17 +259,10 @@ func (c *Cache) create() error {
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(c.dir, metaName+".tmp")
-	if err := writeFileSync(tmp, append(meta, '\n')); err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(c.dir, metaName), append(meta, '\n')); err != nil {
 		return fmt.Errorf("blockcache: %w", err)
 	}
-	if err := syncDir(c.dir); err != nil {
-		return fmt.Errorf("blockcache: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(c.dir, metaName)); err != nil {
-		return fmt.Errorf("blockcache: %w", err)
-	}
-	return syncDir(c.dir)
+	return nil
 }
 
 // loadTags reads the tags into the frames and repairs what a crash can
@@ -302,69 +294,9 @@ func (c *Cache) loadTags() error {
 	for si := range c.sets {
 		base := si * int(c.stride)
 		end := base + int(c.stride)
-		for i := base; i < end; i++ {
-			f := &c.frames[i]
-			if f.state != stateValid {
-				if f.onDisk {
-					c.release(i)
-				}
-				continue
-			}
-			// A crash between a new version's tag and the old one's
-			// invalidation leaves both: the newer one wins.
-			for j := base; j < i; j++ {
-				o := &c.frames[j]
-				if o.state != stateValid || o.fh != f.fh || o.block != f.block {
-					continue
-				}
-				dups++
-				if o.seq > f.seq {
-					c.release(i)
-					break
-				}
-				c.release(j)
-			}
-		}
-		keys := 0
-		for i := base; i < end; i++ {
-			if c.frames[i].state == stateValid {
-				keys++
-			}
-		}
-		for ; keys > c.ways; keys-- {
-			victim := -1
-			for i := base; i < end; i++ {
-				if f := &c.frames[i]; f.state == stateValid && !f.dirty && (victim < 0 || f.lru < c.frames[victim].lru) {
-					victim = i
-				}
-			}
-			if victim < 0 {
-				break // all dirty: keep them all
-			}
-			c.release(victim)
-			overfull++
-		}
-		for i := base; i < end; i++ {
-			f := &c.frames[i]
-			if f.state != stateValid {
-				continue
-			}
-			c.sets[si].clock = max(c.sets[si].clock, f.lru)
-			if f.dirty {
-				name, ok := c.names.lookup(f.fh)
-				if !ok {
-					// Write records the id durably before the first dirty
-					// tag naming it, so only damage to the journal gets here.
-					c.log.Error("dropping dirty block whose file id is lost",
-						zap.String("file_hash", fmt.Sprintf("%x", f.fh)), zap.Uint64("block", f.block))
-					c.release(i)
-					orphans++
-					continue
-				}
-				c.markDirty(name, f.block, f.length)
-			}
-			c.valid.Add(1)
-		}
+		dups += c.dropOlderVersions(base, end)
+		overfull += c.trimSet(base, end)
+		orphans += c.adoptSet(si, base, end)
 	}
 	if dups+overfull+orphans > 0 {
 		c.log.Warn("repaired block cache tags after a crash", zap.Int("duplicate_versions", dups),
@@ -372,6 +304,86 @@ func (c *Cache) loadTags() error {
 		return fdatasync(c.tags)
 	}
 	return nil
+}
+
+// dropOlderVersions releases the frames [base, end) of a set that are not
+// valid, and the older of two versions of one block: a crash between a new
+// version's tag and the old one's invalidation leaves both.
+func (c *Cache) dropOlderVersions(base, end int) (dups int) {
+	for i := base; i < end; i++ {
+		f := &c.frames[i]
+		if f.state != stateValid {
+			if f.onDisk {
+				c.release(i)
+			}
+			continue
+		}
+		for j := base; j < i; j++ {
+			o := &c.frames[j]
+			if o.state != stateValid || o.fh != f.fh || o.block != f.block {
+				continue
+			}
+			dups++
+			if o.seq > f.seq {
+				c.release(i)
+				break
+			}
+			c.release(j)
+		}
+	}
+	return dups
+}
+
+// trimSet releases the least recently used clean blocks of a set that
+// holds more blocks than ways.
+func (c *Cache) trimSet(base, end int) (overfull int) {
+	keys := 0
+	for i := base; i < end; i++ {
+		if c.frames[i].state == stateValid {
+			keys++
+		}
+	}
+	for ; keys > c.ways; keys-- {
+		victim := -1
+		for i := base; i < end; i++ {
+			if f := &c.frames[i]; f.state == stateValid && !f.dirty && (victim < 0 || f.lru < c.frames[victim].lru) {
+				victim = i
+			}
+		}
+		if victim < 0 {
+			break // all dirty: keep them all
+		}
+		c.release(victim)
+		overfull++
+	}
+	return overfull
+}
+
+// adoptSet counts the valid blocks of set si, sets its clock and records
+// its dirty blocks under their file ids.
+func (c *Cache) adoptSet(si, base, end int) (orphans int) {
+	for i := base; i < end; i++ {
+		f := &c.frames[i]
+		if f.state != stateValid {
+			continue
+		}
+		c.sets[si].clock = max(c.sets[si].clock, f.lru)
+		if f.dirty {
+			name, ok := c.names.lookup(f.fh)
+			if !ok {
+				// Write records the id durably before the first dirty
+				// tag naming it, so only damage to the journal gets here.
+				c.log.Error("dropping dirty block whose file id is lost",
+					zap.String("file_hash", fmt.Sprintf("%x", f.fh)), zap.Uint64("block", f.block))
+				c.release(i)
+				orphans++
+				continue
+			}
+			c.markDirty(name, f.block, f.length)
+		}
+		c.valid.Add(1)
+	}
+	return orphans
 }
 
 func lockDir(dir string) (*os.File, error) {

@@ -72,13 +72,3 @@ func fdatasync(f *os.File) error {
 		}
 	}
 }
-
-// syncDir makes the creation, removal or renaming of entries in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}

@@ -1,8 +1,18 @@
-// Package gvfs is the compute server's data plane: the client-side proxy of
-// GVFS (Zhao, Zhang, Figueiredo, HPDC 2004, §3.2) rebuilt on FUSE and gRPC.
-// An unmodified VM monitor opens MOUNT/IMAGE/FILE; every read the kernel
-// page cache misses comes to the Proxy, which answers it from the nearest
-// place that has the bytes.
+// Package gvfs is the core of the compute server's data plane: the
+// client-side proxy of GVFS (Zhao, Zhang, Figueiredo, HPDC 2004, §3.2)
+// rebuilt on gRPC. It knows nothing of FUSE: a Proxy opens image files
+// (File: a read-only golden file or a read-write persistent disk behind one
+// interface) and answers ReadAt, WriteAt and Sync from the nearest place
+// that has the bytes; views register with it (View) to be told what content
+// to drop.
+//
+// # Packages
+//
+//	gvfs             the core: Proxy, File, caches, write-back, upstream
+//	gvfs/fuseview    the FUSE view MOUNT/IMAGE/FILE over the core (an
+//	                 unmodified VM monitor opens these files)
+//	gvfs/cacheproxy  ImageService served from a Proxy (a cache proxy)
+//	blockcache       the disk block cache under the core
 //
 // # Read path
 //
@@ -40,16 +50,23 @@
 // when another plant wrote it, and its clean cached blocks are dropped
 // (session consistency, as the paper's middleware-driven model).
 //
+// # Upstream away
+//
+// A read whose upstream is unavailable waits and asks again with backoff
+// for Config.UpstreamRetry (2 minutes by default) before it fails, as a
+// hard NFS mount does, so a guest rides out an image server's restart.
+//
 // # Cascade
 //
-// ProxyService serves the same ImageService API from a Proxy, so a cache
+// Package cacheproxy serves the same ImageService API from a Proxy, so a cache
 // proxy in a LAN can stand between compute servers and a distant image
 // server, and proxies chain (GVFS's second-level cache). Publishing,
 // write-back and deletion are forwarded.
 //
 // # Errors
 //
-// FUSE calls return errno values: ENOENT for unknown images and files, EROFS
-// for writes to golden files, EPERM for size changes, ENOSPC for writes past
-// the end of a disk, EIO when the upstream fails.
+// Errors wrap services/errdefs sentinels: NotFound for unknown images and
+// files, FailedPrecondition for writes to golden files, ResourceExhausted
+// for writes past the end of a disk, Unavailable when the upstream stays
+// away. The FUSE view turns them into errno values.
 package gvfs

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -26,9 +27,10 @@ import (
 // compute server finds it warm. Files are keyed by content (SHA-256), so
 // equal files of different images are fetched once.
 type FileCache struct {
-	dir string
-	up  *Upstream
-	log *zap.Logger
+	dir   string
+	up    *Upstream
+	retry time.Duration // Config.UpstreamRetry
+	log   *zap.Logger
 
 	// Fetches run under ctx; Close cancels it and waits for them.
 	ctx     context.Context
@@ -43,8 +45,8 @@ type FileCache struct {
 	received atomic.Uint64 // uncompressed non-zero bytes received
 }
 
-// NewFileCache opens a file cache in dir.
-func NewFileCache(dir string, up *Upstream, log *zap.Logger) (*FileCache, error) {
+// newFileCache opens a file cache in dir.
+func newFileCache(dir string, up *Upstream, retry time.Duration, log *zap.Logger) (*FileCache, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
@@ -56,7 +58,7 @@ func NewFileCache(dir string, up *Upstream, log *zap.Logger) (*FileCache, error)
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &FileCache{dir: dir, up: up, log: log, files: map[string]*wholeFile{}, ctx: ctx, cancel: cancel}, nil
+	return &FileCache{dir: dir, up: up, retry: retry, log: log, files: map[string]*wholeFile{}, ctx: ctx, cancel: cancel}, nil
 }
 
 // Close stops the fetches in flight and waits for them.
@@ -151,9 +153,10 @@ func (w *wholeFile) waitFor(ctx context.Context, end uint64) (*os.File, error) {
 			return f, nil
 		}
 		if !w.fetching {
-			if w.err != nil && !errdefs.IsUnavailable(w.err) {
-				// A permanent failure (not found, corrupt): report it, and let
-				// the next reader try again from scratch.
+			if w.err != nil {
+				// The fetch failed (not found, corrupt, or the upstream away
+				// for longer than Config.UpstreamRetry): report it, and let
+				// the next reader try again.
 				err := w.err
 				w.err = nil
 				w.mu.Unlock()
@@ -196,7 +199,7 @@ func (w *wholeFile) startLocked() error {
 		w.f, w.arrived, w.hash = f, 0, sha256.New()
 	}
 	w.fetching, w.err = true, nil
-	go w.fetch(w.arrived)
+	go w.fetch()
 	return nil
 }
 
@@ -205,11 +208,11 @@ func (w *wholeFile) notifyLocked() {
 	w.changed = make(chan struct{})
 }
 
-func (w *wholeFile) fetch(from uint64) {
+func (w *wholeFile) fetch() {
 	c := w.c
 	defer c.wg.Done()
 	var zero [imagev1.MaxBlockSize]byte
-	err := c.up.Client.FetchFile(c.ctx, w.image, w.name, from, 3, func(off uint64, n uint32, data []byte) error {
+	got := func(off uint64, n uint32, data []byte) error {
 		if data != nil {
 			if _, err := w.f.WriteAt(data, int64(off)); err != nil {
 				return err
@@ -226,6 +229,14 @@ func (w *wholeFile) fetch(from uint64) {
 		w.notifyLocked()
 		w.mu.Unlock()
 		return nil
+	}
+	// An upstream that goes away is waited for; each attempt resumes where
+	// the last one stopped (chunks arrive in order, so the hash goes on).
+	err := retryUnavailable(c.ctx, c.retry, func() error {
+		w.mu.Lock()
+		from := w.arrived
+		w.mu.Unlock()
+		return c.up.Client.FetchFile(c.ctx, w.image, w.name, from, 3, got)
 	})
 	if err == nil && w.arrived != w.size {
 		err = fmt.Errorf("%s/%s: stream ended at %d of %d bytes: %w", w.image, w.name, w.arrived, w.size, errdefs.ErrUnavailable)

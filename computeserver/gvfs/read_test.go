@@ -1,409 +1,19 @@
-package gvfs
+package gvfs_test
 
 import (
 	"errors"
-	"io"
 	"math/rand/v2"
-	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/internal/gvfstest"
+
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
-
-// randomRange picks a read: anywhere, across a block boundary, or at the
-// start of a data region, of 1 byte to 300 KiB, often unaligned.
-func randomRange(rng *rand.Rand, size, bs int) (off, n int) {
-	switch rng.IntN(4) {
-	case 0:
-		off = rng.IntN(size)
-	case 1: // straddle a block boundary
-		off = max(0, (1+rng.IntN(size/bs))*bs-1-rng.IntN(5000))
-	case 2: // the last bytes of the file
-		off = max(0, size-1-rng.IntN(3*bs))
-	default: // page aligned
-		off = rng.IntN(size/4096) * 4096
-	}
-	return min(off, size-1), 1 + rng.IntN(300<<10)
-}
-
-// TestRandomReadsParallel reads random, unaligned ranges of a sparse golden
-// disk through the FUSE view and through the proxy API from many goroutines
-// at once, with a cache small enough to evict and with the caches dropped
-// under the readers, and compares every byte with the reference.
-func TestRandomReadsParallel(t *testing.T) {
-	srv := testutil.StartServer(t, "")
-	rng := rand.New(rand.NewPCG(1, 1))
-	const size = 20<<20 + 12345 // a short last block
-	ref := sparseData(rng, size, 40, 512<<10)
-	publish(t, srv.Client, "golden", goldenFile{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: ref},
-		goldenFile{name: "small-blocks.raw", kind: imagev1.FileKind_FILE_KIND_DISK, bs: 16 << 10, data: ref[:size/3]})
-	// 4 MiB in 4 ways: the file does not fit, so blocks are evicted and
-	// fetched again while readers run.
-	p := newProxy(t, srv.Srv.Addr(), "", func(c *Config) { c.Cache = CacheConfig{Capacity: 4 << 20, Ways: 4, BlockSize: 64 << 10} })
-	mnt := mount(t, p)
-
-	check := func(t *testing.T, name string, want []byte, bs int, read func(b []byte, off int64) (int, error)) {
-		var wg sync.WaitGroup
-		for g := range 8 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				rng := rand.New(rand.NewPCG(uint64(g), 7))
-				buf := make([]byte, 300<<10)
-				for i := 0; i < 60 && !t.Failed(); i++ {
-					off, n := randomRange(rng, len(want), bs)
-					got, err := read(buf[:n], int64(off))
-					if err != nil && !errors.Is(err, io.EOF) {
-						t.Errorf("%s: read %d bytes at %d: %v", name, n, off, err)
-						return
-					}
-					end := min(off+n, len(want))
-					if got != end-off {
-						t.Errorf("%s: read %d bytes at %d: got %d, want %d", name, n, off, got, end-off)
-						return
-					}
-					if d := firstDiff(buf[:got], want[off:end]); d != "equal" {
-						t.Errorf("%s: read %d bytes at %d: %s", name, n, off, d)
-						return
-					}
-				}
-			}()
-		}
-		// Empty the caches (and the kernel's page cache of the view) under
-		// the readers.
-		stop := make(chan struct{})
-		dropped := make(chan struct{})
-		go func() {
-			defer close(dropped)
-			for {
-				select {
-				case <-stop:
-					return
-				case <-time.After(100 * time.Millisecond):
-					p.DropCaches()
-				}
-			}
-		}()
-		wg.Wait()
-		close(stop)
-		<-dropped
-	}
-
-	for _, c := range []struct {
-		file string
-		want []byte
-		bs   int
-	}{{"disk.raw", ref, 64 << 10}, {"small-blocks.raw", ref[:size/3], 16 << 10}} {
-		t.Run("fuse/"+c.file, func(t *testing.T) {
-			f, err := os.Open(filepath.Join(mnt, "golden", c.file))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			if st, err := f.Stat(); err != nil || st.Size() != int64(len(c.want)) || st.Mode().Perm() != 0o444 {
-				t.Fatalf("stat: %v %v", st, err)
-			}
-			check(t, c.file, c.want, c.bs, f.ReadAt)
-		})
-		t.Run("api/"+c.file, func(t *testing.T) {
-			f, err := p.Open(ctxT(t), "golden", c.file)
-			if err != nil {
-				t.Fatal(err)
-			}
-			check(t, c.file, c.want, c.bs, func(b []byte, off int64) (int, error) { return f.ReadAt(ctxT(t), b, off) })
-		})
-	}
-	t.Run("whole", func(t *testing.T) {
-		got, err := os.ReadFile(filepath.Join(mnt, "golden", "disk.raw"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		sameBytes(t, "whole file", got, ref)
-	})
-	if s := p.Stats(); s.Hits.Load() == 0 || s.Misses.Load() == 0 || s.ZeroBlocks.Load() == 0 {
-		t.Fatalf("hits %d misses %d zero blocks %d: every path should have been taken", s.Hits.Load(), s.Misses.Load(), s.ZeroBlocks.Load())
-	}
-}
-
-// TestWholeFilePolicy reads a memory state file (WHOLE_FILE: one compressed
-// stream into the file cache) through the view.
-func TestWholeFilePolicy(t *testing.T) {
-	srv := testutil.StartServer(t, "")
-	rng := rand.New(rand.NewPCG(2, 2))
-	mem := testutil.MemoryLike(rng, 8<<20+777, 0.22, 0.3)
-	m := publish(t, srv.Client, "vm", goldenFile{name: "mem.state", kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, data: mem})
-	meta := m.Files[0]
-	if meta.Policy != imagev1.TransferPolicy_TRANSFER_POLICY_WHOLE_FILE {
-		t.Fatalf("policy %v", meta.Policy)
-	}
-	p := newProxy(t, srv.Srv.Addr(), "")
-	mnt := mount(t, p)
-	path := filepath.Join(mnt, "vm", "mem.state")
-
-	// Readers of the head and of the tail start together with the first
-	// fetch; all of them see the right bytes.
-	var wg sync.WaitGroup
-	for _, off := range []int{0, 4096, len(mem) / 2, len(mem) - 100} {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			f, err := os.Open(path)
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			defer f.Close()
-			b := make([]byte, 100)
-			if _, err := f.ReadAt(b, int64(off)); err != nil {
-				t.Error(err)
-				return
-			}
-			if d := firstDiff(b, mem[off:off+100]); d != "equal" {
-				t.Errorf("at %d: %s", off, d)
-			}
-		}()
-	}
-	wg.Wait()
-	got, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sameBytes(t, "mem.state", got, mem)
-	waitComplete(t, p, "vm", "mem.state")
-	if n := p.Stats().FetchedBytes.Load(); n != 0 {
-		t.Fatalf("%d bytes came through the block channel for a whole-file file", n)
-	}
-	if r := p.FileCache().Received(); r < meta.NonzeroBytes || r > meta.Size {
-		t.Fatalf("the file cache received %d bytes for %d non-zero bytes", r, meta.NonzeroBytes)
-	}
-}
-
-// TestZeroBlocksNeverFetched reads a mostly-zero disk: only blocks holding
-// data cross the wire, the zero ones are answered from the zero map.
-func TestZeroBlocksNeverFetched(t *testing.T) {
-	srv := testutil.StartServer(t, "")
-	rng := rand.New(rand.NewPCG(3, 3))
-	const size, bs = 32 << 20, 64 << 10
-	ref := sparseData(rng, size, 6, 100<<10)
-	publish(t, srv.Client, "sparse", goldenFile{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: ref})
-	var want uint64 // bytes of the blocks with a non-zero page
-	for off := 0; off < size; off += bs {
-		for pg := off; pg < off+bs; pg += 4096 {
-			if !isZero(ref[pg : pg+4096]) {
-				want += bs
-				break
-			}
-		}
-	}
-	p := newProxy(t, srv.Srv.Addr(), "")
-	mnt := mount(t, p)
-	got, err := os.ReadFile(filepath.Join(mnt, "sparse", "disk.raw"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	sameBytes(t, "sparse disk", got, ref)
-	s := p.Stats()
-	if s.FetchedBytes.Load() != want {
-		t.Fatalf("fetched %d bytes, want exactly the %d bytes of blocks holding data", s.FetchedBytes.Load(), want)
-	}
-	if s.ZeroBlocks.Load() == 0 {
-		t.Fatal("no block was answered from the zero map")
-	}
-	t.Logf("%d KiB of %d MiB fetched; %d zero blocks answered locally", want>>10, size>>20, s.ZeroBlocks.Load())
-}
-
-func isZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
-
-// TestCollapse: concurrent readers of one cold block cause one upstream
-// fetch.
-func TestCollapse(t *testing.T) {
-	srv := testutil.StartServer(t, "")
-	rng := rand.New(rand.NewPCG(4, 4))
-	ref := make([]byte, 8<<20)
-	testutil.RandomData(rng, ref)
-	publish(t, srv.Client, "img", goldenFile{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: ref})
-	for round := range 20 {
-		p := newProxy(t, srv.Srv.Addr(), "", func(c *Config) { c.ReadAhead = -1 })
-		f, err := p.Open(ctxT(t), "img", "disk.raw")
-		if err != nil {
-			t.Fatal(err)
-		}
-		const readers = 16
-		off := int64(round) * 300 << 10 // block round*300K/64K, read partly
-		start := make(chan struct{})
-		var wg sync.WaitGroup
-		for i := range readers {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				b := make([]byte, 1000+i)
-				<-start
-				if _, err := f.ReadAt(ctxT(t), b, off+int64(i)); err != nil {
-					t.Error(err)
-					return
-				}
-				if d := firstDiff(b, ref[off+int64(i):off+int64(i)+int64(len(b))]); d != "equal" {
-					t.Errorf("reader %d: %s", i, d)
-				}
-			}()
-		}
-		close(start)
-		wg.Wait()
-		s := p.Stats()
-		if n := s.FetchedBlocks.Load(); n != 1 {
-			t.Fatalf("round %d: %d readers of one cold block caused %d upstream fetches (%d collapsed)", round, readers, n, s.Collapsed.Load())
-		}
-		closeProxy(t, p)
-	}
-}
-
-// TestRestartWarm: a proxy reopened on the same directory serves what the
-// previous one fetched without fetching it again.
-func TestRestartWarm(t *testing.T) {
-	srv := testutil.StartServer(t, "")
-	rng := rand.New(rand.NewPCG(5, 5))
-	disk := sparseData(rng, 16<<20, 40, 256<<10)
-	mem := testutil.MemoryLike(rng, 6<<20, 0.2, 0.2)
-	publish(t, srv.Client, "img",
-		goldenFile{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: disk},
-		goldenFile{name: "mem.state", kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, data: mem})
-	dir := t.TempDir()
-	p := newProxy(t, srv.Srv.Addr(), dir)
-	mnt := mount(t, p)
-	for name, want := range map[string][]byte{"disk.raw": disk, "mem.state": mem} {
-		got, err := os.ReadFile(filepath.Join(mnt, "img", name))
-		if err != nil {
-			t.Fatal(err)
-		}
-		sameBytes(t, name, got, want)
-	}
-	if p.Stats().FetchedBytes.Load() == 0 || p.FileCache().Received() == 0 {
-		t.Fatal("the first proxy fetched nothing")
-	}
-	waitComplete(t, p, "img", "mem.state")
-	closeProxy(t, p)
-	if isMounted(mnt) {
-		t.Fatal("Close left the view mounted")
-	}
-
-	p = newProxy(t, srv.Srv.Addr(), dir)
-	mnt = mount(t, p)
-	for name, want := range map[string][]byte{"disk.raw": disk, "mem.state": mem} {
-		got, err := os.ReadFile(filepath.Join(mnt, "img", name))
-		if err != nil {
-			t.Fatal(err)
-		}
-		sameBytes(t, name+" after restart", got, want)
-	}
-	if n, r := p.Stats().FetchedBytes.Load(), p.FileCache().Received(); n != 0 || r != 0 {
-		t.Fatalf("the restarted proxy fetched %d block bytes and %d file bytes again", n, r)
-	}
-}
-
-// TestDropCaches: after DropCaches every read is fetched again.
-func TestDropCaches(t *testing.T) {
-	srv := testutil.StartServer(t, "")
-	rng := rand.New(rand.NewPCG(6, 6))
-	disk := make([]byte, 4<<20)
-	testutil.RandomData(rng, disk)
-	mem := testutil.MemoryLike(rng, 3<<20, 0.2, 0.2)
-	publish(t, srv.Client, "img",
-		goldenFile{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: disk},
-		goldenFile{name: "mem.state", kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, data: mem})
-	p := newProxy(t, srv.Srv.Addr(), "")
-	mnt := mount(t, p)
-	read := func() {
-		for name, want := range map[string][]byte{"disk.raw": disk, "mem.state": mem} {
-			got, err := os.ReadFile(filepath.Join(mnt, "img", name))
-			if err != nil {
-				t.Fatal(err)
-			}
-			sameBytes(t, name, got, want)
-		}
-	}
-	read()
-	fetched, received := p.Stats().FetchedBytes.Load(), p.FileCache().Received()
-	if fetched != uint64(len(disk)) {
-		t.Fatalf("fetched %d bytes of a %d-byte disk", fetched, len(disk))
-	}
-	waitComplete(t, p, "img", "mem.state")
-	read() // warm: kernel page cache
-	if p.Stats().FetchedBytes.Load() != fetched || p.FileCache().Received() != received {
-		t.Fatal("a warm read fetched again")
-	}
-	blocks, files := p.DropCaches()
-	if blocks != len(disk)/(64<<10) || files != 1 {
-		t.Fatalf("DropCaches dropped %d blocks and %d files", blocks, files)
-	}
-	read()
-	if got := p.Stats().FetchedBytes.Load(); got != 2*fetched {
-		t.Fatalf("after DropCaches %d bytes fetched in all, want %d: the read was not fetched again", got, 2*fetched)
-	}
-	if got := p.FileCache().Received(); got != 2*received {
-		t.Fatalf("after DropCaches the file cache received %d bytes in all, want %d", got, 2*received)
-	}
-}
-
-// TestErrors checks the errno of each kind of failure.
-func TestErrors(t *testing.T) {
-	srv := testutil.StartServer(t, "")
-	ref := make([]byte, 1<<20)
-	testutil.RandomData(rand.New(rand.NewPCG(7, 7)), ref)
-	diskImage(t, srv.Client, "golden", "disk", ref)
-	p := newProxy(t, srv.Srv.Addr(), "")
-	mnt := mount(t, p)
-	golden := filepath.Join(mnt, "golden", "disk.raw")
-	disk := filepath.Join(mnt, "disk", "disk.raw")
-
-	for _, path := range []string{filepath.Join(mnt, "nope"), filepath.Join(mnt, "nope", "disk.raw"), filepath.Join(mnt, "golden", "nope")} {
-		if _, err := os.ReadFile(path); !errors.Is(err, syscall.ENOENT) {
-			t.Errorf("read %s: %v, want ENOENT", path, err)
-		}
-	}
-	// A golden file opens read-write (QEMU does that) but takes no writes.
-	f, err := os.OpenFile(golden, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatalf("read-write open of a golden file: %v", err)
-	}
-	if _, err := f.WriteAt([]byte("x"), 10); !errors.Is(err, syscall.EROFS) {
-		t.Errorf("write to a golden file: %v, want EROFS", err)
-	}
-	f.Close()
-	for _, path := range []string{golden, disk} {
-		if err := os.Truncate(path, 4096); !errors.Is(err, syscall.EPERM) {
-			t.Errorf("truncate %s: %v, want EPERM", path, err)
-		}
-	}
-	f, err = os.OpenFile(disk, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if _, err := f.WriteAt([]byte("past the end"), int64(len(ref))-4); !errors.Is(err, syscall.ENOSPC) {
-		t.Errorf("write past the end of a disk: %v, want ENOSPC", err)
-	}
-	if _, err := f.WriteAt([]byte("fits"), 100); err != nil {
-		t.Errorf("write to a disk: %v", err)
-	}
-	got, err := os.ReadFile(golden)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sameBytes(t, "golden after refused writes", got, ref)
-}
 
 // TestCloseWhileReading closes a proxy under sequential readers with
 // read-ahead fetches in flight; the cache it leaves is sound.
@@ -412,11 +22,11 @@ func TestCloseWhileReading(t *testing.T) {
 	rng := rand.New(rand.NewPCG(8, 8))
 	ref := make([]byte, 24<<20)
 	testutil.RandomData(rng, ref)
-	publish(t, srv.Client, "img", goldenFile{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: ref})
+	gvfstest.Publish(t, srv.Client, "img", gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: ref})
 	dir := t.TempDir()
 	for round := range 3 {
-		p := newProxy(t, srv.Srv.Addr(), dir)
-		f, err := p.Open(ctxT(t), "img", "disk.raw")
+		p := gvfstest.NewProxy(t, srv.Srv.Addr(), dir)
+		f, err := p.Open(gvfstest.Ctx(t), "img", "disk.raw")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -427,11 +37,11 @@ func TestCloseWhileReading(t *testing.T) {
 				defer wg.Done()
 				b := make([]byte, 256<<10)
 				for off := g * len(ref) / 4; off < (g+1)*len(ref)/4; off += len(b) {
-					n, err := f.ReadAt(ctxT(t), b, int64(off))
+					n, err := f.ReadAt(gvfstest.Ctx(t), b, int64(off))
 					if err != nil {
 						return // closed under us: fine
 					}
-					if d := firstDiff(b[:n], ref[off:off+n]); d != "equal" {
+					if d := gvfstest.FirstDiff(b[:n], ref[off:off+n]); d != "equal" {
 						t.Errorf("round %d: at %d: %s", round, off, d)
 						return
 					}
@@ -439,18 +49,18 @@ func TestCloseWhileReading(t *testing.T) {
 			}()
 		}
 		time.Sleep(time.Duration(20+round*40) * time.Millisecond)
-		closeProxy(t, p)
+		gvfstest.CloseProxy(t, p)
 		wg.Wait()
 	}
-	p := newProxy(t, srv.Srv.Addr(), dir)
-	sameBytes(t, "after closes under readers", readVia(t, p, "img", "disk.raw", 0, len(ref)), ref)
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), dir)
+	gvfstest.SameBytes(t, "after closes under readers", gvfstest.ReadVia(t, p, "img", "disk.raw", 0, len(ref)), ref)
 }
 
 // lateMissCache delays the first miss it reports until the block has been
 // filled by another reader's fetch: the reader then asks for a block that is
 // no longer in flight but already cached.
 type lateMissCache struct {
-	blockCache
+	gvfs.BlockCache
 	armed   atomic.Bool
 	blocked chan struct{} // closed when the delayed reader waits
 	filled  chan struct{} // closed after the first fill
@@ -458,7 +68,7 @@ type lateMissCache struct {
 }
 
 func (c *lateMissCache) Get(file string, block uint64, dst []byte) (int, bool, error) {
-	n, ok, err := c.blockCache.Get(file, block, dst)
+	n, ok, err := c.BlockCache.Get(file, block, dst)
 	if !ok && err == nil && c.armed.CompareAndSwap(true, false) {
 		close(c.blocked)
 		<-c.filled
@@ -468,7 +78,7 @@ func (c *lateMissCache) Get(file string, block uint64, dst []byte) (int, bool, e
 }
 
 func (c *lateMissCache) Fill(file string, block uint64, data, digest []byte) error {
-	err := c.blockCache.Fill(file, block, data, digest)
+	err := c.BlockCache.Fill(file, block, data, digest)
 	c.once.Do(func() { close(c.filled) })
 	return err
 }
@@ -479,21 +89,21 @@ func TestCollapseLateMiss(t *testing.T) {
 	srv := testutil.StartServer(t, "")
 	ref := make([]byte, 1<<20)
 	testutil.RandomData(rand.New(rand.NewPCG(9, 9)), ref)
-	publish(t, srv.Client, "img", goldenFile{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: ref})
-	p := newProxy(t, srv.Srv.Addr(), "", func(c *Config) { c.ReadAhead = -1 })
-	lc := &lateMissCache{blockCache: p.cache, blocked: make(chan struct{}), filled: make(chan struct{})}
+	gvfstest.Publish(t, srv.Client, "img", gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: ref})
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), "", func(c *gvfs.Config) { c.ReadAhead = -1 })
+	lc := &lateMissCache{BlockCache: gvfs.BlockCacheOf(p), blocked: make(chan struct{}), filled: make(chan struct{})}
 	lc.armed.Store(true)
-	p.cache = lc
-	f, err := p.Open(ctxT(t), "img", "disk.raw")
+	gvfs.SetBlockCache(p, lc)
+	f, err := p.Open(gvfstest.Ctx(t), "img", "disk.raw")
 	if err != nil {
 		t.Fatal(err)
 	}
 	read := func(off int64) error {
 		b := make([]byte, 5000)
-		if _, err := f.ReadAt(ctxT(t), b, off); err != nil {
+		if _, err := f.ReadAt(gvfstest.Ctx(t), b, off); err != nil {
 			return err
 		}
-		if d := firstDiff(b, ref[off:off+5000]); d != "equal" {
+		if d := gvfstest.FirstDiff(b, ref[off:off+5000]); d != "equal" {
 			return errors.New(d)
 		}
 		return nil

@@ -11,7 +11,6 @@ import (
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services"
-	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
 // Upstream is the next tier toward the image server: the image server
@@ -59,7 +58,8 @@ func (u *Upstream) stream() (*imageclient.BlockStream, error) {
 }
 
 // ReadBlocks reads count blocks from block on, retrying once on a fresh
-// stream when the shared stream broke.
+// stream when the shared stream broke (the proxy waits out an upstream
+// that is away for longer: Config.UpstreamRetry).
 func (u *Upstream) ReadBlocks(ctx context.Context, image, file string, block uint64, count uint32) ([]blockproto.BlockResult, error) {
 	for attempt := 0; ; attempt++ {
 		bs, err := u.stream()
@@ -109,13 +109,4 @@ func (u *Upstream) Close() error {
 	u.mu.Unlock()
 	u.cancel()
 	return u.cc.Close()
-}
-
-func fileOf(m *imagev1.Manifest, name string) (*imagev1.FileMeta, error) {
-	for _, f := range m.Files {
-		if f.Name == name {
-			return f, nil
-		}
-	}
-	return nil, fmt.Errorf("image %q has no file %q: %w", m.Name, name, errdefs.ErrNotFound)
 }

@@ -101,12 +101,10 @@ func (p *Proxy) SetWriteThrough(disk string, on bool) {
 	d.mu.Unlock()
 }
 
-// WriteAt writes to a persistent disk.
-func (f *File) WriteAt(ctx context.Context, src []byte, off int64) (int, error) {
-	d := f.disk
-	if d == nil {
-		return 0, fmt.Errorf("%s/%s is a golden image file: %w", f.image, f.meta.Name, errdefs.ErrFailedPrecondition)
-	}
+// WriteAt writes to a persistent disk. Each block is merged with its
+// current content when the write covers part of it, and stored durably as a
+// dirty block before WriteAt returns.
+func (f *diskFile) WriteAt(ctx context.Context, src []byte, off int64) (int, error) {
 	if off < 0 || uint64(off)+uint64(len(src)) > f.meta.Size {
 		return 0, fmt.Errorf("write at %d..%d is outside disk %s (%d bytes): %w", off, off+int64(len(src)), f.image, f.meta.Size, errdefs.ErrResourceExhausted)
 	}
@@ -116,73 +114,72 @@ func (f *File) WriteAt(ctx context.Context, src []byte, off int64) (int, error) 
 	for written < len(src) {
 		pos := off + int64(written)
 		idx := uint64(pos / bs)
-		bstart := int64(idx) * bs
-		in := pos - bstart
-		blen := int64(f.blockLen(idx))
-		n := min(int64(len(src)-written), blen-in)
-		lock := &d.locks[idx%uint64(len(d.locks))]
-		lock.Lock()
-		block := buf[:blen]
-		if n != blen { // partial: merge with the current content
-			data, zero, err := f.ReadBlock(ctx, idx, block)
-			if err != nil {
-				lock.Unlock()
-				return written, err
-			}
-			if zero {
-				clear(block)
-			} else if &data[0] != &block[0] {
-				copy(block, data)
-			}
-		}
-		copy(block[in:], src[written:written+int(n)])
-		err := f.p.cache.Write(f.key, idx, block)
-		lock.Unlock()
-		if err != nil {
+		in := pos - int64(idx)*bs
+		n := min(int64(len(src)-written), int64(f.blockLen(idx))-in)
+		if err := f.writeBlock(ctx, idx, buf, in, src[written:written+int(n)]); err != nil {
 			return written, err
 		}
 		written += int(n)
 	}
-	d.mu.Lock()
-	wt := d.writeThrough
-	d.mu.Unlock()
-	if wt {
-		if _, err := f.p.Flush(ctx, d.name); err != nil {
+	if f.disk.isWriteThrough() {
+		if _, err := f.p.Flush(ctx, f.disk.name); err != nil {
 			return written, err
 		}
 	} else {
-		f.p.scheduleFlush(d)
+		f.p.scheduleFlush(f.disk)
 	}
 	return written, nil
 }
 
+// writeBlock writes data at in within block idx, using buf (a block) for
+// the merge.
+func (f *diskFile) writeBlock(ctx context.Context, idx uint64, buf []byte, in int64, data []byte) error {
+	lock := &f.disk.locks[idx%uint64(len(f.disk.locks))]
+	lock.Lock()
+	defer lock.Unlock()
+	block := buf[:f.blockLen(idx)]
+	if len(data) != len(block) { // partial: merge with the current content
+		cur, zero, err := f.readBlock(ctx, idx, block)
+		if err != nil {
+			return err
+		}
+		if zero {
+			clear(block)
+		} else if &cur[0] != &block[0] {
+			copy(block, cur)
+		}
+	}
+	copy(block[in:], data)
+	return f.p.cache.Write(f.key, idx, block)
+}
+
 // Sync flushes a write-through disk; dirty blocks of a write-back disk are
 // already durable in the local cache.
-func (f *File) Sync(ctx context.Context) error {
-	if f.disk == nil {
-		return nil
-	}
-	f.disk.mu.Lock()
-	wt := f.disk.writeThrough
-	f.disk.mu.Unlock()
-	if !wt {
+func (f *diskFile) Sync(ctx context.Context) error {
+	if !f.disk.isWriteThrough() {
 		return nil
 	}
 	_, err := f.p.Flush(ctx, f.disk.name)
 	return err
 }
 
+func (d *diskState) isWriteThrough() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.writeThrough
+}
+
 func (p *Proxy) scheduleFlush(d *diskState) {
-	if p.flushIdle < 0 {
+	if p.cfg.FlushIdle < 0 {
 		return
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.timer != nil {
-		d.timer.Reset(p.flushIdle)
+		d.timer.Reset(p.cfg.FlushIdle)
 		return
 	}
-	d.timer = time.AfterFunc(p.flushIdle, func() {
+	d.timer = time.AfterFunc(p.cfg.FlushIdle, func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 		defer cancel()
 		if _, err := p.Flush(ctx, d.name); err != nil {
@@ -237,19 +234,47 @@ func (p *Proxy) Flush(ctx context.Context, disk string) (DiskFlush, error) {
 	start := time.Now()
 	key := diskKey(disk)
 	blocks := p.cache.Dirty(key)
-	res := DiskFlush{Disk: disk}
 	if len(blocks) == 0 {
 		d.mu.Lock()
-		res.Generation = d.gen
-		d.mu.Unlock()
-		return res, nil
+		defer d.mu.Unlock()
+		return DiskFlush{Disk: disk, Generation: d.gen}, nil
 	}
 	sort.Slice(blocks, func(i, j int) bool { return blocks[i] < blocks[j] })
+	res, seqs, err := p.writeBack(ctx, disk, blocks)
+	if err != nil {
+		return res, err
+	}
+	for i, idx := range blocks {
+		if seqs[i] != 0 {
+			if err := p.cache.MarkClean(key, idx, seqs[i]); err != nil {
+				p.log.Warn("mark clean", zap.String("disk", disk), zap.Uint64("block", idx), zap.Error(err))
+			}
+		}
+	}
+	d.mu.Lock()
+	d.gen, d.genKnown = res.Generation, true
+	p.saveGen(disk, res.Generation)
+	d.mu.Unlock()
+	p.committed(disk, res.Generation)
+	took := time.Since(start)
+	p.stats.Flushes.Add(1)
+	p.stats.FlushedBlocks.Add(res.Blocks)
+	p.stats.FlushNanos.Add(int64(took))
+	p.flushHist.Observe(took.Seconds())
+	p.log.Info("disk written back", zap.String("disk", disk), zap.Uint64("blocks", res.Blocks), zap.Uint64("generation", res.Generation), zap.Duration("took", took))
+	return res, nil
+}
+
+// writeBack sends the dirty blocks of a disk in one committed WriteBlocks
+// batch and returns the write sequence of each block it sent (0: cleaned
+// meanwhile, not sent).
+func (p *Proxy) writeBack(ctx context.Context, disk string, blocks []uint64) (DiskFlush, []uint64, error) {
+	res := DiskFlush{Disk: disk}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel() // without a commit the image server drops the batch
 	stream, err := p.up.Client.API.WriteBlocks(ctx)
 	if err != nil {
-		return res, err
+		return res, nil, err
 	}
 	seqs := make([]uint64, len(blocks))
 	const perMsg = 64
@@ -257,9 +282,9 @@ func (p *Proxy) Flush(ctx context.Context, disk string) (DiskFlush, error) {
 	msg := &imagev1.WriteBlocksRequest{Disk: disk}
 	for i, idx := range blocks {
 		buf := make([]byte, bs)
-		n, seq, ok, err := p.cache.ReadDirty(key, idx, buf)
+		n, seq, ok, err := p.cache.ReadDirty(diskKey(disk), idx, buf)
 		if err != nil {
-			return res, err
+			return res, nil, err
 		}
 		if !ok { // cleaned meanwhile (cannot happen under flushMu, but be safe)
 			continue
@@ -270,39 +295,21 @@ func (p *Proxy) Flush(ctx context.Context, disk string) (DiskFlush, error) {
 		res.Bytes += uint64(n)
 		if len(msg.Writes) == perMsg {
 			if err := stream.Send(msg); err != nil {
-				return res, sendErr(stream, err)
+				return res, nil, sendErr(stream, err)
 			}
 			msg = &imagev1.WriteBlocksRequest{}
 		}
 	}
 	msg.Commit = true
 	if err := stream.Send(msg); err != nil {
-		return res, sendErr(stream, err)
+		return res, nil, sendErr(stream, err)
 	}
 	resp, err := stream.CloseAndRecv()
 	if err != nil {
-		return res, fmt.Errorf("write-back of disk %s: %w", disk, err)
-	}
-	for i, idx := range blocks {
-		if seqs[i] != 0 {
-			if err := p.cache.MarkClean(key, idx, seqs[i]); err != nil {
-				p.log.Warn("mark clean", zap.String("disk", disk), zap.Uint64("block", idx), zap.Error(err))
-			}
-		}
+		return res, nil, fmt.Errorf("write-back of disk %s: %w", disk, err)
 	}
 	res.Generation = resp.Generation
-	d.mu.Lock()
-	d.gen, d.genKnown = resp.Generation, true
-	p.saveGen(disk, resp.Generation)
-	d.mu.Unlock()
-	p.committed(disk, resp.Generation)
-	took := time.Since(start)
-	p.stats.Flushes.Add(1)
-	p.stats.FlushedBlocks.Add(res.Blocks)
-	p.stats.FlushNanos.Add(int64(took))
-	p.flushHist.Observe(took.Seconds())
-	p.log.Info("disk written back", zap.String("disk", disk), zap.Uint64("blocks", res.Blocks), zap.Uint64("generation", resp.Generation), zap.Duration("took", took))
-	return res, nil
+	return res, seqs, nil
 }
 
 func sendErr(stream imagev1.ImageService_WriteBlocksClient, err error) error {

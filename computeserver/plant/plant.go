@@ -201,7 +201,7 @@ func (v *vm) classad() *computev1.ClassAd {
 // One at a time, as QEMU needs the whole kernel before it reads the memory
 // state. A hint: QEMU's own reads report errors.
 func (p *Plant) prefetch(ctx context.Context, image string, files ...string) {
-	var whole []*gvfs.File
+	var whole []gvfs.File
 	for _, name := range files {
 		if name == "" {
 			continue

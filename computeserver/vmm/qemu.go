@@ -15,8 +15,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/vmgrid/vmgrid/services"
 	"go.uber.org/zap"
+
+	"github.com/vmgrid/vmgrid/services"
 )
 
 // DefaultBinary is the QEMU system emulator the driver runs.

@@ -11,8 +11,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/vmgrid/vmgrid/services"
 	"go.uber.org/zap"
+
+	"github.com/vmgrid/vmgrid/services"
 )
 
 // QMPError is an error answer from QEMU's monitor.

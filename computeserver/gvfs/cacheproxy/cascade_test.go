@@ -1,7 +1,6 @@
-package gvfs
+package cacheproxy_test
 
 import (
-	"context"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -9,9 +8,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/internal/gvfstest"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/cacheproxy"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services"
@@ -19,10 +22,10 @@ import (
 
 // serveProxy serves a proxy over upstream as a cache proxy (ProxyService)
 // on 127.0.0.1 and returns it with its address.
-func serveProxy(t *testing.T, upstream string) (*Proxy, string) {
+func serveProxy(t *testing.T, upstream string) (*gvfs.Proxy, string) {
 	t.Helper()
-	p := newProxy(t, upstream, "")
-	svc, err := NewProxyService(p)
+	p := gvfstest.NewProxy(t, upstream, "")
+	svc, err := cacheproxy.NewService(p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -31,17 +34,9 @@ func serveProxy(t *testing.T, upstream string) (*Proxy, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx) }()
-	// Registered after newProxy's cleanup, so it runs first: the server
+	// Registered after NewProxy's cleanup, so it runs first: the server
 	// stops before its proxy closes.
-	t.Cleanup(func() {
-		cancel()
-		if err := <-served; err != nil {
-			t.Errorf("cache proxy: %v", err)
-		}
-	})
+	gvfstest.Serve(t, srv)
 	return p, srv.Addr()
 }
 
@@ -52,32 +47,32 @@ func serveProxy(t *testing.T, upstream string) (*Proxy, string) {
 func TestCascade(t *testing.T) {
 	srv := testutil.StartServer(t, "")
 	rng := rand.New(rand.NewPCG(20, 20))
-	disk := sparseData(rng, 8<<20, 20, 256<<10)
+	disk := gvfstest.SparseData(rng, 8<<20, 20, 256<<10)
 	mem := testutil.MemoryLike(rng, 3<<20+5, 0.2, 0.2)
-	publish(t, srv.Client, "img",
-		goldenFile{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: disk},
-		goldenFile{name: "mem.state", kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, data: mem})
+	gvfstest.Publish(t, srv.Client, "img",
+		gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: disk},
+		gvfstest.GoldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Data: mem})
 	lan, lanAddr := serveProxy(t, srv.Srv.Addr())
 	second, secondAddr := serveProxy(t, lanAddr) // a chain: image server ← lan ← second
 
-	readAll := func(t *testing.T, p *Proxy) {
+	readAll := func(t *testing.T, p *gvfs.Proxy) {
 		t.Helper()
-		mnt := mount(t, p)
+		mnt := gvfstest.Mount(t, p)
 		for name, want := range map[string][]byte{"disk.raw": disk, "mem.state": mem} {
 			got, err := os.ReadFile(filepath.Join(mnt, "img", name))
 			if err != nil {
 				t.Fatal(err)
 			}
-			sameBytes(t, name, got, want)
+			gvfstest.SameBytes(t, name, got, want)
 		}
 	}
-	a := newProxy(t, lanAddr, "")
+	a := gvfstest.NewProxy(t, lanAddr, "")
 	readAll(t, a)
 	warmBlocks, warmFiles := lan.Stats().FetchedBytes.Load(), lan.FileCache().Received()
 	if warmBlocks == 0 || warmFiles == 0 {
 		t.Fatalf("the cache proxy fetched %d block bytes and %d file bytes while A read through it", warmBlocks, warmFiles)
 	}
-	b := newProxy(t, lanAddr, "")
+	b := gvfstest.NewProxy(t, lanAddr, "")
 	readAll(t, b)
 	if got := b.Stats().FetchedBytes.Load(); got != warmBlocks {
 		t.Fatalf("B fetched %d block bytes from the proxy, A made it fetch %d", got, warmBlocks)
@@ -91,7 +86,7 @@ func TestCascade(t *testing.T) {
 	}
 
 	t.Run("chain", func(t *testing.T) {
-		c := newProxy(t, secondAddr, "")
+		c := gvfstest.NewProxy(t, secondAddr, "")
 		readAll(t, c)
 		if lan.Stats().FetchedBytes.Load() != warmBlocks {
 			t.Fatal("a read through two proxies reached the image server although the first proxy was warm")
@@ -105,11 +100,11 @@ func TestCascade(t *testing.T) {
 		const size = 1 << 20
 		golden := make([]byte, size)
 		testutil.RandomData(rng, golden)
-		diskImage(t, srv.Client, "golden", "disk", golden)
-		c := newProxy(t, lanAddr, "")
-		direct := newProxy(t, srv.Srv.Addr(), "")
+		gvfstest.DiskImage(t, srv.Client, "golden", "disk", golden)
+		c := gvfstest.NewProxy(t, lanAddr, "")
+		direct := gvfstest.NewProxy(t, srv.Srv.Addr(), "")
 		// c warms itself and the proxy.
-		sameBytes(t, "c before", readVia(t, c, "disk", "disk.raw", 0, size), golden)
+		gvfstest.SameBytes(t, "c before", gvfstest.ReadVia(t, c, "disk", "disk.raw", 0, size), golden)
 
 		// A write-back through the proxy reaches the image server, and the
 		// proxy serves the new content.
@@ -117,19 +112,19 @@ func TestCascade(t *testing.T) {
 		patch := make([]byte, 100_000)
 		testutil.RandomData(rng, patch)
 		copy(ref[5000:], patch)
-		f, err := c.Open(ctxT(t), "disk", "disk.raw")
+		f, err := c.Open(gvfstest.Ctx(t), "disk", "disk.raw")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := f.WriteAt(ctxT(t), patch, 5000); err != nil {
+		if _, err := f.WriteAt(gvfstest.Ctx(t), patch, 5000); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := c.Flush(ctxT(t), "disk"); err != nil {
+		if _, err := c.Flush(gvfstest.Ctx(t), "disk"); err != nil {
 			t.Fatal(err)
 		}
-		sameBytes(t, "image server's copy", fetchAll(t, srv.Client, "disk", "disk.raw", size), ref)
-		d := newProxy(t, lanAddr, "")
-		sameBytes(t, "a cold reader through the proxy", readVia(t, d, "disk", "disk.raw", 0, size), ref)
+		gvfstest.SameBytes(t, "image server's copy", gvfstest.FetchAll(t, srv.Client, "disk", "disk.raw", size), ref)
+		d := gvfstest.NewProxy(t, lanAddr, "")
+		gvfstest.SameBytes(t, "a cold reader through the proxy", gvfstest.ReadVia(t, d, "disk", "disk.raw", 0, size), ref)
 
 		// Another plant writes the disk at the image server, past the
 		// proxy: once the proxy's and c's manifests are a second old, c
@@ -137,17 +132,17 @@ func TestCascade(t *testing.T) {
 		patch2 := make([]byte, 70_000)
 		testutil.RandomData(rng, patch2)
 		copy(ref[600_000:], patch2)
-		g, err := direct.Open(ctxT(t), "disk", "disk.raw")
+		g, err := direct.Open(gvfstest.Ctx(t), "disk", "disk.raw")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := g.WriteAt(ctxT(t), patch2, 600_000); err != nil {
+		if _, err := g.WriteAt(gvfstest.Ctx(t), patch2, 600_000); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := direct.Flush(ctxT(t), "disk"); err != nil {
+		if _, err := direct.Flush(gvfstest.Ctx(t), "disk"); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(2*diskTimeout + 100*time.Millisecond)
-		sameBytes(t, "c after a write past the proxy", readVia(t, c, "disk", "disk.raw", 0, size), ref)
+		time.Sleep(2*gvfs.DiskRecheck + 100*time.Millisecond)
+		gvfstest.SameBytes(t, "c after a write past the proxy", gvfstest.ReadVia(t, c, "disk", "disk.raw", 0, size), ref)
 	})
 }

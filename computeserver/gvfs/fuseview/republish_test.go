@@ -1,4 +1,4 @@
-package gvfs
+package fuseview_test
 
 import (
 	"bytes"
@@ -10,6 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/internal/gvfstest"
+
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
@@ -21,43 +24,43 @@ import (
 func TestRepublishedImage(t *testing.T) {
 	srv := testutil.StartServer(t, "")
 	rng := rand.New(rand.NewPCG(9, 9))
-	version := func() []goldenFile {
+	version := func() []gvfstest.GoldenFile {
 		disk := make([]byte, 2<<20)
 		for i := range disk {
 			disk[i] = byte(rng.Uint32())
 		}
-		return []goldenFile{
-			{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: disk},
-			{name: "mem.state", kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, data: testutil.MemoryLike(rng, 3<<20, 0.2, 0.3)},
+		return []gvfstest.GoldenFile{
+			{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: disk},
+			{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Data: testutil.MemoryLike(rng, 3<<20, 0.2, 0.3)},
 		}
 	}
-	ctx := ctxT(t)
+	ctx := gvfstest.Ctx(t)
 	v1, v2 := version(), version()
-	publish(t, srv.Client, "img", v1...)
-	p := newProxy(t, srv.Srv.Addr(), "", func(c *Config) { c.GoldenRecheck = 200 * time.Millisecond })
-	mnt := mount(t, p)
+	gvfstest.Publish(t, srv.Client, "img", v1...)
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), "", func(c *gvfs.Config) { c.GoldenRecheck = 200 * time.Millisecond })
+	mnt := gvfstest.Mount(t, p)
 	for _, f := range v1 {
-		got, err := os.ReadFile(filepath.Join(mnt, "img", f.name))
+		got, err := os.ReadFile(filepath.Join(mnt, "img", f.Name))
 		if err != nil {
 			t.Fatal(err)
 		}
-		sameBytes(t, "v1 "+f.name, got, f.data)
+		gvfstest.SameBytes(t, "v1 "+f.Name, got, f.Data)
 	}
 
 	if _, err := srv.Client.API.DeleteImage(ctx, &imagev1.DeleteImageRequest{Name: "img"}); err != nil {
 		t.Fatal(err)
 	}
-	publish(t, srv.Client, "img", v2...)
+	gvfstest.Publish(t, srv.Client, "img", v2...)
 	for _, f := range v2 {
-		path := filepath.Join(mnt, "img", f.name)
+		path := filepath.Join(mnt, "img", f.Name)
 		deadline := time.Now().Add(10 * time.Second)
 		for {
 			got, err := os.ReadFile(path)
-			if err == nil && bytes.Equal(got, f.data) {
+			if err == nil && bytes.Equal(got, f.Data) {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("%s still not the republished file after 10s (err %v; %s)", f.name, err, firstDiff(got, f.data))
+				t.Fatalf("%s still not the republished file after 10s (err %v; %s)", f.Name, err, gvfstest.FirstDiff(got, f.Data))
 			}
 			time.Sleep(50 * time.Millisecond)
 		}

@@ -1,4 +1,4 @@
-package gvfs
+package fuseview_test
 
 import (
 	"io"
@@ -12,11 +12,14 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/internal/gvfstest"
+
 	toxiproxy "github.com/Shopify/toxiproxy/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
@@ -54,10 +57,10 @@ func newBenchFixture(b *testing.B) *benchFixture {
 	testutil.RandomNonZero(rng, disk) // no zero pages: every block crosses the wire
 	mem := testutil.MemoryLike(rng, benchWANSize, 0.22, 0.05)
 	small := disk[:benchWANSize]
-	publish(b, srv.Client, "bench",
-		goldenFile{name: "disk.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: disk},
-		goldenFile{name: "disk64.raw", kind: imagev1.FileKind_FILE_KIND_DISK, data: small},
-		goldenFile{name: "mem.state", kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, data: mem})
+	gvfstest.Publish(b, srv.Client, "bench",
+		gvfstest.GoldenFile{Name: "disk.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: disk},
+		gvfstest.GoldenFile{Name: "disk64.raw", Kind: imagev1.FileKind_FILE_KIND_DISK, Data: small},
+		gvfstest.GoldenFile{Name: "mem.state", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Data: mem})
 	return &benchFixture{srv: srv}
 }
 
@@ -108,8 +111,8 @@ func catFile(b *testing.B, path string) {
 	}
 }
 
-func reportProxy(b *testing.B, p *Proxy, before Snapshot) {
-	s := p.snapshot()
+func reportProxy(b *testing.B, p *gvfs.Proxy, before Snapshot) {
+	s := snapshot(p)
 	n := float64(b.N)
 	b.ReportMetric(float64(s.misses-before.misses)/n, "waits/op")
 	b.ReportMetric(float64(s.requests-before.requests)/n, "upstream-reqs/op")
@@ -118,21 +121,21 @@ func reportProxy(b *testing.B, p *Proxy, before Snapshot) {
 // Snapshot is what reportProxy compares.
 type Snapshot struct{ misses, requests uint64 }
 
-func (p *Proxy) snapshot() Snapshot {
-	return Snapshot{misses: p.stats.Misses.Load(), requests: p.stats.Requests.Load()}
+func snapshot(p *gvfs.Proxy) Snapshot {
+	return Snapshot{misses: p.Stats().Misses.Load(), requests: p.Stats().Requests.Load()}
 }
 
 // BenchmarkSequentialRead: 256 MiB in 1 MiB reads through FUSE.
 func BenchmarkSequentialRead(b *testing.B) {
 	fx := newBenchFixture(b)
-	p := newProxy(b, fx.srv.Srv.Addr(), "", func(c *Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
-	mnt := mount(b, p)
+	p := gvfstest.NewProxy(b, fx.srv.Srv.Addr(), "", func(c *gvfs.Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
+	mnt := gvfstest.Mount(b, p)
 	path := filepath.Join(mnt, "bench", "disk.raw")
 	readSeq(b, path) // warm the proxy
 
 	b.Run("warm", func(b *testing.B) {
 		b.SetBytes(benchSeqSize)
-		before := p.snapshot()
+		before := snapshot(p)
 		for b.Loop() {
 			b.StopTimer()
 			dropFileCache(b, path)
@@ -150,7 +153,7 @@ func BenchmarkSequentialRead(b *testing.B) {
 	})
 	b.Run("cold-loopback", func(b *testing.B) {
 		b.SetBytes(benchSeqSize)
-		before := p.snapshot()
+		before := snapshot(p)
 		for b.Loop() {
 			b.StopTimer()
 			p.DropCaches()
@@ -170,8 +173,8 @@ func BenchmarkSequentialRead(b *testing.B) {
 // the proxy.
 func BenchmarkRandomRead4K(b *testing.B) {
 	fx := newBenchFixture(b)
-	p := newProxy(b, fx.srv.Srv.Addr(), "", func(c *Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
-	mnt := mount(b, p)
+	p := gvfstest.NewProxy(b, fx.srv.Srv.Addr(), "", func(c *gvfs.Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
+	mnt := gvfstest.Mount(b, p)
 	path := filepath.Join(mnt, "bench", "disk.raw")
 	readSeq(b, path)
 	const pages = benchSeqSize / 4096
@@ -257,8 +260,8 @@ func BenchmarkWAN(b *testing.B) {
 		if rtt > 0 {
 			addr = wanUpstream(b, addr, rtt/2)
 		}
-		p := newProxy(b, addr, "", func(c *Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
-		mnt := mount(b, p)
+		p := gvfstest.NewProxy(b, addr, "", func(c *gvfs.Config) { c.Cache.Capacity = 1 << 30; c.Logger = nil })
+		mnt := gvfstest.Mount(b, p)
 		for _, c := range []struct {
 			name, file string
 			read       func(*testing.B, string)
@@ -270,7 +273,7 @@ func BenchmarkWAN(b *testing.B) {
 			b.Run("rtt="+strconv.Itoa(rtt)+"ms/"+c.name, func(b *testing.B) {
 				path := filepath.Join(mnt, "bench", c.file)
 				b.SetBytes(benchWANSize)
-				before := p.snapshot()
+				before := snapshot(p)
 				for b.Loop() {
 					b.StopTimer()
 					p.DropCaches()

@@ -1,4 +1,4 @@
-package gvfs
+package fuseview_test
 
 import (
 	"math/rand/v2"
@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs/internal/gvfstest"
+
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 )
 
@@ -69,7 +72,7 @@ func hammer(t *testing.T, ref []byte, writers, ops int, seed uint64, write func(
 					t.Errorf("writer %d: read %d bytes at %d: %d, %v", g, n, off, got, err)
 					return
 				}
-				if d := firstDiff(b, ref[off:off+n]); d != "equal" {
+				if d := gvfstest.FirstDiff(b, ref[off:off+n]); d != "equal" {
 					t.Errorf("writer %d: read back %d bytes at %d: %s", g, n, off, d)
 					return
 				}
@@ -86,13 +89,13 @@ func TestRandomWritesAndFlush(t *testing.T) {
 	srv := testutil.StartServer(t, "")
 	rng := rand.New(rand.NewPCG(10, 10))
 	const size = 6<<20 + 4321
-	golden := sparseData(rng, size, 15, 256<<10)
-	diskImage(t, srv.Client, "golden", "via-fuse", golden)
-	if _, err := srv.Client.API.CreateDisk(ctxT(t), createDisk("via-api", "golden")); err != nil {
+	golden := gvfstest.SparseData(rng, size, 15, 256<<10)
+	gvfstest.DiskImage(t, srv.Client, "golden", "via-fuse", golden)
+	if _, err := srv.Client.API.CreateDisk(gvfstest.Ctx(t), gvfstest.CreateDisk("via-api", "golden")); err != nil {
 		t.Fatal(err)
 	}
-	p := newProxy(t, srv.Srv.Addr(), "")
-	mnt := mount(t, p)
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), "")
+	mnt := gvfstest.Mount(t, p)
 
 	for _, disk := range []string{"via-fuse", "via-api"} {
 		t.Run(disk, func(t *testing.T) {
@@ -106,12 +109,12 @@ func TestRandomWritesAndFlush(t *testing.T) {
 				defer f.Close()
 				write, read = f.WriteAt, f.ReadAt
 			} else {
-				f, err := p.Open(ctxT(t), disk, "disk.raw")
+				f, err := p.Open(gvfstest.Ctx(t), disk, "disk.raw")
 				if err != nil {
 					t.Fatal(err)
 				}
-				write = func(b []byte, off int64) (int, error) { return f.WriteAt(ctxT(t), b, off) }
-				read = func(b []byte, off int64) (int, error) { return f.ReadAt(ctxT(t), b, off) }
+				write = func(b []byte, off int64) (int, error) { return f.WriteAt(gvfstest.Ctx(t), b, off) }
+				read = func(b []byte, off int64) (int, error) { return f.ReadAt(gvfstest.Ctx(t), b, off) }
 			}
 			hammer(t, ref, 6, 60, 11, write, read)
 			if t.Failed() {
@@ -123,18 +126,18 @@ func TestRandomWritesAndFlush(t *testing.T) {
 			if _, err := read(got, 0); err != nil {
 				t.Fatal(err)
 			}
-			sameBytes(t, "disk after writes", got, ref)
-			sameBytes(t, "image server's copy before the flush", fetchAll(t, srv.Client, disk, "disk.raw", size), golden)
+			gvfstest.SameBytes(t, "disk after writes", got, ref)
+			gvfstest.SameBytes(t, "image server's copy before the flush", gvfstest.FetchAll(t, srv.Client, disk, "disk.raw", size), golden)
 
-			res, err := p.Flush(ctxT(t), disk)
+			res, err := p.Flush(gvfstest.Ctx(t), disk)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if res.Blocks == 0 || res.Generation == 0 {
 				t.Fatalf("flush: %+v", res)
 			}
-			sameBytes(t, "image server's copy after the flush", fetchAll(t, srv.Client, disk, "disk.raw", size), ref)
-			again, err := p.Flush(ctxT(t), disk)
+			gvfstest.SameBytes(t, "image server's copy after the flush", gvfstest.FetchAll(t, srv.Client, disk, "disk.raw", size), ref)
+			again, err := p.Flush(gvfstest.Ctx(t), disk)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -142,16 +145,16 @@ func TestRandomWritesAndFlush(t *testing.T) {
 				t.Fatalf("second flush wrote %d blocks (generation %d after %d): a flush must be idempotent", again.Blocks, again.Generation, res.Generation)
 			}
 			// A cold proxy reads the disk back from the image server.
-			cold := newProxy(t, srv.Srv.Addr(), "")
-			sameBytes(t, "disk through a cold proxy", readVia(t, cold, disk, "disk.raw", 0, size), ref)
+			cold := gvfstest.NewProxy(t, srv.Srv.Addr(), "")
+			gvfstest.SameBytes(t, "disk through a cold proxy", gvfstest.ReadVia(t, cold, disk, "disk.raw", 0, size), ref)
 			// And the writer still reads its own writes.
 			if _, err := read(got, 0); err != nil {
 				t.Fatal(err)
 			}
-			sameBytes(t, "disk after the flush", got, ref)
+			gvfstest.SameBytes(t, "disk after the flush", got, ref)
 		})
 	}
-	if all, err := p.FlushAll(ctxT(t)); err != nil || len(all) != 0 {
+	if all, err := p.FlushAll(gvfstest.Ctx(t)); err != nil || len(all) != 0 {
 		t.Fatalf("FlushAll after every disk was flushed: %v, %v", all, err)
 	}
 }
@@ -162,9 +165,9 @@ func TestWritesDuringFlush(t *testing.T) {
 	srv := testutil.StartServer(t, "")
 	const size = 4 << 20
 	golden := make([]byte, size)
-	diskImage(t, srv.Client, "golden", "disk", golden)
-	p := newProxy(t, srv.Srv.Addr(), "")
-	f, err := p.Open(ctxT(t), "disk", "disk.raw")
+	gvfstest.DiskImage(t, srv.Client, "golden", "disk", golden)
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), "")
+	f, err := p.Open(gvfstest.Ctx(t), "disk", "disk.raw")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,23 +182,23 @@ func TestWritesDuringFlush(t *testing.T) {
 				return
 			default:
 			}
-			if _, err := p.Flush(ctxT(t), "disk"); err != nil {
+			if _, err := p.Flush(gvfstest.Ctx(t), "disk"); err != nil {
 				flushed <- err
 				return
 			}
 		}
 	}()
 	hammer(t, ref, 4, 80, 12,
-		func(b []byte, off int64) (int, error) { return f.WriteAt(ctxT(t), b, off) },
-		func(b []byte, off int64) (int, error) { return f.ReadAt(ctxT(t), b, off) })
+		func(b []byte, off int64) (int, error) { return f.WriteAt(gvfstest.Ctx(t), b, off) },
+		func(b []byte, off int64) (int, error) { return f.ReadAt(gvfstest.Ctx(t), b, off) })
 	close(stop)
 	if err := <-flushed; err != nil {
 		t.Fatal(err)
 	}
-	if _, err := p.Flush(ctxT(t), "disk"); err != nil {
+	if _, err := p.Flush(gvfstest.Ctx(t), "disk"); err != nil {
 		t.Fatal(err)
 	}
-	sameBytes(t, "image server's copy", fetchAll(t, srv.Client, "disk", "disk.raw", size), ref)
+	gvfstest.SameBytes(t, "image server's copy", gvfstest.FetchAll(t, srv.Client, "disk", "disk.raw", size), ref)
 }
 
 // TestDiskGeneration: a proxy that cached a disk's blocks sees what another
@@ -207,51 +210,51 @@ func TestDiskGeneration(t *testing.T) {
 	const size = 2 << 20
 	golden := make([]byte, size)
 	testutil.RandomData(rng, golden)
-	diskImage(t, srv.Client, "golden", "disk", golden)
+	gvfstest.DiskImage(t, srv.Client, "golden", "disk", golden)
 
-	a := newProxy(t, srv.Srv.Addr(), "")
-	b := newProxy(t, srv.Srv.Addr(), "")
-	bAPI := newProxy(t, srv.Srv.Addr(), "")
-	mntB := mount(t, b)
+	a := gvfstest.NewProxy(t, srv.Srv.Addr(), "")
+	b := gvfstest.NewProxy(t, srv.Srv.Addr(), "")
+	bAPI := gvfstest.NewProxy(t, srv.Srv.Addr(), "")
+	mntB := gvfstest.Mount(t, b)
 	pathB := filepath.Join(mntB, "disk", "disk.raw")
 	got, err := os.ReadFile(pathB)
 	if err != nil {
 		t.Fatal(err)
 	}
-	sameBytes(t, "B before", got, golden)
-	sameBytes(t, "B (API) before", readVia(t, bAPI, "disk", "disk.raw", 0, size), golden)
+	gvfstest.SameBytes(t, "B before", got, golden)
+	gvfstest.SameBytes(t, "B (API) before", gvfstest.ReadVia(t, bAPI, "disk", "disk.raw", 0, size), golden)
 
 	ref := slices.Clone(golden)
 	patch := make([]byte, 300<<10)
 	testutil.RandomData(rng, patch)
 	copy(ref[100_000:], patch)
-	fa, err := a.Open(ctxT(t), "disk", "disk.raw")
+	fa, err := a.Open(gvfstest.Ctx(t), "disk", "disk.raw")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := fa.WriteAt(ctxT(t), patch, 100_000); err != nil {
+	if _, err := fa.WriteAt(gvfstest.Ctx(t), patch, 100_000); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.Flush(ctxT(t), "disk"); err != nil {
+	if _, err := a.Flush(gvfstest.Ctx(t), "disk"); err != nil {
 		t.Fatal(err)
 	}
 	// A's own clean blocks are current: reopening the disk (its manifest,
 	// fetched before the flush, still cached) must not drop them.
 	before := a.Stats().FetchedBytes.Load()
-	sameBytes(t, "A after its flush", readVia(t, a, "disk", "disk.raw", 100_000, len(patch)), patch)
+	gvfstest.SameBytes(t, "A after its flush", gvfstest.ReadVia(t, a, "disk", "disk.raw", 100_000, len(patch)), patch)
 	if after := a.Stats().FetchedBytes.Load(); after != before {
 		t.Fatalf("A fetched %d bytes of blocks it wrote and flushed itself", after-before)
 	}
 	// B keeps the manifest of a disk (and the kernel its entry) for a
 	// second; after that, opening the disk again shows the new content.
-	time.Sleep(diskTimeout + 100*time.Millisecond)
+	time.Sleep(gvfs.DiskRecheck + 100*time.Millisecond)
 	got, err = os.ReadFile(pathB)
 	if err != nil {
 		t.Fatal(err)
 	}
-	sameBytes(t, "B through FUSE after A's flush", got, ref)
-	sameBytes(t, "B (API) after A's flush", readVia(t, bAPI, "disk", "disk.raw", 0, size), ref)
-	sameBytes(t, "A, manifest refreshed", readVia(t, a, "disk", "disk.raw", 100_000, len(patch)), patch)
+	gvfstest.SameBytes(t, "B through FUSE after A's flush", got, ref)
+	gvfstest.SameBytes(t, "B (API) after A's flush", gvfstest.ReadVia(t, bAPI, "disk", "disk.raw", 0, size), ref)
+	gvfstest.SameBytes(t, "A, manifest refreshed", gvfstest.ReadVia(t, a, "disk", "disk.raw", 100_000, len(patch)), patch)
 	if after := a.Stats().FetchedBytes.Load(); after != before {
 		t.Fatalf("A fetched %d bytes of blocks it wrote and flushed itself", after-before)
 	}
@@ -263,17 +266,17 @@ func TestDiskGeneration(t *testing.T) {
 func TestDiskZeroBlocksCached(t *testing.T) {
 	srv := testutil.StartServer(t, "")
 	const size = 8 << 20
-	golden := sparseData(rand.New(rand.NewPCG(14, 14)), size, 3, 100<<10)
-	diskImage(t, srv.Client, "golden", "disk", golden)
-	p := newProxy(t, srv.Srv.Addr(), "", func(c *Config) { c.ReadAhead = -1 })
-	sameBytes(t, "first read", readVia(t, p, "disk", "disk.raw", 0, size), golden)
+	golden := gvfstest.SparseData(rand.New(rand.NewPCG(14, 14)), size, 3, 100<<10)
+	gvfstest.DiskImage(t, srv.Client, "golden", "disk", golden)
+	p := gvfstest.NewProxy(t, srv.Srv.Addr(), "", func(c *gvfs.Config) { c.ReadAhead = -1 })
+	gvfstest.SameBytes(t, "first read", gvfstest.ReadVia(t, p, "disk", "disk.raw", 0, size), golden)
 	reqs := p.Stats().Requests.Load()
-	sameBytes(t, "second read", readVia(t, p, "disk", "disk.raw", 0, size), golden)
+	gvfstest.SameBytes(t, "second read", gvfstest.ReadVia(t, p, "disk", "disk.raw", 0, size), golden)
 	if n := p.Stats().Requests.Load() - reqs; n != 0 {
 		t.Fatalf("the second read of a disk sent %d requests upstream", n)
 	}
 	// A zero block written afterwards reads back as written.
-	f, err := p.Open(ctxT(t), "disk", "disk.raw")
+	f, err := p.Open(gvfstest.Ctx(t), "disk", "disk.raw")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -281,8 +284,8 @@ func TestDiskZeroBlocksCached(t *testing.T) {
 	for i := range 5000 {
 		ref[size/2+i] = byte(i) | 1
 	}
-	if _, err := f.WriteAt(ctxT(t), ref[size/2:size/2+5000], size/2); err != nil {
+	if _, err := f.WriteAt(gvfstest.Ctx(t), ref[size/2:size/2+5000], size/2); err != nil {
 		t.Fatal(err)
 	}
-	sameBytes(t, "after a write into a zero block", readVia(t, p, "disk", "disk.raw", 0, size), ref)
+	gvfstest.SameBytes(t, "after a write into a zero block", gvfstest.ReadVia(t, p, "disk", "disk.raw", 0, size), ref)
 }
