@@ -255,15 +255,7 @@ func (ts *testShop) create(ctx context.Context, req *shopv1.CreateVMRequest) (*c
 	if err != nil {
 		return nil, err
 	}
-	for {
-		p, err := stream.Recv()
-		if err != nil {
-			return nil, err
-		}
-		if p.Classad != nil {
-			return p.Classad, nil
-		}
-	}
+	return untilClassAd(stream.Recv, func(*shopv1.CreateVMProgress) {})
 }
 
 func codeOf(err error) codes.Code { return errdefs.Code(err) }

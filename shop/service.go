@@ -42,18 +42,24 @@ func (s *Shop) CreateVM(req *shopv1.CreateVMRequest, stream shopv1.ShopService_C
 
 // owned returns the record of a VM of the caller's.
 func (s *Shop) owned(ctx context.Context, vmID string) (*record, int64, error) {
-	owner, err := auth.Owner(ctx)
+	return ownedBy(ctx, "vm", vmID, s.store.vm, func(r *record) string { return r.Owner })
+}
+
+// ownedBy reads what id names with get and checks it is the caller's.
+func ownedBy[T any](ctx context.Context, what, id string, get func(context.Context, string) (T, int64, error), owner func(T) string) (T, int64, error) {
+	var zero T
+	caller, err := auth.Owner(ctx)
 	if err != nil {
-		return nil, 0, err
+		return zero, 0, err
 	}
-	r, rev, err := s.store.vm(ctx, vmID)
+	v, rev, err := get(ctx, id)
 	if err != nil {
-		return nil, 0, err
+		return zero, 0, err
 	}
-	if r.Owner != owner {
-		return nil, 0, fmt.Errorf("vm %q belongs to another owner: %w", vmID, errdefs.ErrPermissionDenied)
+	if owner(v) != caller {
+		return zero, 0, fmt.Errorf("%s %q belongs to another owner: %w", what, id, errdefs.ErrPermissionDenied)
 	}
-	return r, rev, nil
+	return v, rev, nil
 }
 
 // GetVM implements ShopService.GetVM.
@@ -122,18 +128,7 @@ func (s *Shop) SubmitTask(ctx context.Context, req *shopv1.SubmitTaskRequest) (*
 
 // ownedTask returns a task of the caller's and the revision it was read at.
 func (s *Shop) ownedTask(ctx context.Context, id string) (*shopv1.Task, int64, error) {
-	owner, err := auth.Owner(ctx)
-	if err != nil {
-		return nil, 0, err
-	}
-	t, rev, err := s.store.task(ctx, id)
-	if err != nil {
-		return nil, 0, err
-	}
-	if t.Owner != owner {
-		return nil, 0, fmt.Errorf("task %q belongs to another owner: %w", id, errdefs.ErrPermissionDenied)
-	}
-	return t, rev, nil
+	return ownedBy(ctx, "task", id, s.store.task, (*shopv1.Task).GetOwner)
 }
 
 // GetTask implements ShopService.GetTask.

@@ -59,7 +59,7 @@ func (v *vms) create(ctx context.Context, owner string, req *shopv1.CreateVMRequ
 	case rec.State == stateReady:
 		return rec.classad(), nil
 	case rec.State == stateFailed && !rec.Retry:
-		return nil, fmt.Errorf("request %q failed before: %s; use a new request id: %w", req.RequestId, rec.Error, errdefs.ErrFailedPrecondition)
+		return nil, failedBefore(rec)
 	case rec.State == stateFailed:
 		// Retried after a passing failure: the records no longer expire.
 		rec.State, rec.Error, rec.Retry = statePlacing, "", false
@@ -88,9 +88,14 @@ func (v *vms) retried(ctx context.Context, fresh *record, known *requestRecord) 
 	case rec.State == stateReady:
 		return rec.classad(), true, nil
 	case rec.State == stateFailed && !rec.Retry:
-		return nil, true, fmt.Errorf("request %q failed before: %s; use a new request id: %w", fresh.RequestID, rec.Error, errdefs.ErrFailedPrecondition)
+		return nil, true, failedBefore(rec)
 	}
 	return nil, false, nil
+}
+
+// failedBefore is the answer to a retry of a request that failed for good.
+func failedBefore(rec *record) error {
+	return fmt.Errorf("request %q failed before: %s; use a new request id: %w", rec.RequestID, rec.Error, errdefs.ErrFailedPrecondition)
 }
 
 // finish drives the creation and records its outcome.
@@ -257,15 +262,23 @@ func (v *vms) createOn(ctx context.Context, b market.Bid, req *shopv1.CreateVMRe
 	if err != nil {
 		return nil, err
 	}
+	return untilClassAd(stream.Recv, func(p *computev1.CreateVMProgress) {
+		send(&shopv1.CreateVMProgress{Stage: "creating", State: p.State, Message: b.Plant + ": " + p.Message})
+	})
+}
+
+// untilClassAd receives a creation's progress (each) up to the message
+// that carries the classad.
+func untilClassAd[P interface{ GetClassad() *computev1.ClassAd }](recv func() (P, error), each func(P)) (*computev1.ClassAd, error) {
 	for {
-		p, err := stream.Recv()
+		p, err := recv()
 		if err != nil {
 			return nil, err
 		}
-		if p.Classad != nil {
-			return p.Classad, nil
+		if ad := p.GetClassad(); ad != nil {
+			return ad, nil
 		}
-		send(&shopv1.CreateVMProgress{Stage: "creating", State: p.State, Message: b.Plant + ": " + p.Message})
+		each(p)
 	}
 }
 
