@@ -49,7 +49,7 @@ func Start(cfg RunConfig) (*Server, error) {
 	if cfg.Tokens == nil {
 		return nil, fmt.Errorf("the shop needs a tokens file (owners authenticate with bearer tokens)")
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: cfg.Etcd, DialTimeout: 5 * time.Second, Logger: services.Quieter(log.Named("etcd-client"), zap.WarnLevel)})
+	cli, err := clientv3.New(market.ClientConfig(cfg.Etcd, services.Quieter(log.Named("etcd-client"), zap.WarnLevel)))
 	if err != nil {
 		return nil, fmt.Errorf("etcd %v: %w", cfg.Etcd, err)
 	}
@@ -64,7 +64,7 @@ func Start(cfg RunConfig) (*Server, error) {
 	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		var err error
 		shop, err = New(Config{Etcd: cli, Images: imageclient.NewClient(cc), Weights: cfg.Weights,
-			AuctionDeadline: cfg.AuctionDeadline, Shortlist: cfg.Shortlist, PlantTLS: cfg.Server.TLS, DataServer: cfg.DataServer, Log: log}, reg)
+			AuctionDeadline: cfg.AuctionDeadline, Shortlist: cfg.Shortlist, PlantTLS: cfg.Server.TLS, DataServer: cfg.DataServer, Logger: log}, reg)
 		if err == nil {
 			shopv1.RegisterShopServiceServer(gs, shop)
 		}

@@ -89,9 +89,10 @@ func TestShop(t *testing.T) {
 	alice := shopClient(t, g.Shop.Addr(), g.Token)
 
 	var first *computev1.ClassAd
+	firstReq := &shopv1.CreateVMRequest{RequestId: "r1", NetworkDomain: "lab",
+		Config: &computev1.ConfigDAG{Actions: []*computev1.Action{execA("hello", nil, "echo hi")}}}
 	t.Run("create, get, list", func(t *testing.T) {
-		ad, err := createVM(ctx, alice, &shopv1.CreateVMRequest{RequestId: "r1", NetworkDomain: "lab",
-			Config: &computev1.ConfigDAG{Actions: []*computev1.Action{execA("hello", nil, "echo hi")}}})
+		ad, err := createVM(ctx, alice, firstReq)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -167,7 +168,9 @@ func TestShop(t *testing.T) {
 		if err != nil || got.Plant != first.Plant || got.Pid != first.Pid {
 			t.Fatalf("other shop: %v %v", got, err)
 		}
-		again, err := createVM(ctx, c2, &shopv1.CreateVMRequest{RequestId: "r1"})
+		// A retry repeats the request (issue 15 item 9: another request
+		// under a used id is refused).
+		again, err := createVM(ctx, c2, firstReq)
 		if err != nil || again.VmId != first.VmId {
 			t.Fatalf("retry through another shop: %v %v", again, err)
 		}

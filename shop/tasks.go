@@ -4,20 +4,17 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
-	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
-	"github.com/vmgrid/vmgrid/services/auth"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
@@ -29,13 +26,11 @@ import (
 // claim (/vmgrid/taskclaims/ID) under its session lease; every shop looks
 // for unclaimed unfinished tasks every few seconds, so a task whose shop
 // died is taken over. A taken-over task re-runs its command (at least once).
-const (
-	tasksPrefix  = "/vmgrid/tasks/"
-	claimsPrefix = "/vmgrid/taskclaims/"
-	// WorkDir is the task's working directory in the guest: in/ holds the
-	// inputs, out/ is staged out.
-	WorkDir = "/root/work"
-)
+// A run is a list of named steps (taskSteps).
+
+// WorkDir is the task's working directory in the guest: in/ holds the
+// inputs, out/ is staged out.
+const WorkDir = "/root/work"
 
 // TaskID is the task id of an owner's request.
 func TaskID(owner, requestID string) string {
@@ -47,20 +42,25 @@ func terminal(s shopv1.TaskState) bool {
 	return s == shopv1.TaskState_TASK_STATE_SUCCEEDED || s == shopv1.TaskState_TASK_STATE_FAILED || s == shopv1.TaskState_TASK_STATE_CANCELED
 }
 
+// taskRunner runs tasks: its shop's and those of dead shops.
 type taskRunner struct {
-	s       *Shop
-	sess    *concurrency.Session
+	store      taskStore
+	claims     vmStore
+	vms        *vms
+	dataServer string
+	log        *zap.Logger
+
 	mu      sync.Mutex
 	running map[string]bool
 	stop    context.CancelFunc
 	done    chan struct{}
 }
 
-// startTasks runs tasks until Close: its own and those of dead shops.
-func (s *Shop) startTasks() error {
+// startTaskRunner runs tasks until close, adopting unclaimed ones every 3 s.
+func startTaskRunner(store *etcdStore, v *vms, dataServer string, log *zap.Logger) *taskRunner {
 	ctx, cancel := context.WithCancel(context.Background())
-	r := &taskRunner{s: s, sess: s.session, running: map[string]bool{}, stop: cancel, done: make(chan struct{})}
-	s.tasks = r
+	r := &taskRunner{store: store, claims: store, vms: v, dataServer: dataServer, log: log,
+		running: map[string]bool{}, stop: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(r.done)
 		t := time.NewTicker(3 * time.Second)
@@ -74,40 +74,28 @@ func (s *Shop) startTasks() error {
 			}
 		}
 	}()
-	return nil
+	return r
 }
 
-// Close stops running tasks here (other shops take them over).
-func (s *Shop) Close() {
-	if s.tasks != nil {
-		s.tasks.stop()
-		<-s.tasks.done
-	}
-	if s.market != nil {
-		s.market.Close()
-	}
-	s.session.Close()
-	s.mu.Lock()
-	for _, cc := range s.conns {
-		cc.Close()
-	}
-	s.mu.Unlock()
+func (r *taskRunner) close() {
+	r.stop()
+	<-r.done
 }
 
 // adopt starts every unfinished task nobody runs.
 func (r *taskRunner) adopt(ctx context.Context) {
-	resp, err := r.s.cfg.Etcd.Get(ctx, tasksPrefix, clientv3.WithPrefix())
+	tasks, err := r.store.tasks(ctx)
 	if err != nil {
 		return
 	}
-	for _, kv := range resp.Kvs {
-		t := &shopv1.Task{}
-		if protojson.Unmarshal(kv.Value, t) == nil && !terminal(t.State) {
+	for _, t := range tasks {
+		if !terminal(t.State) {
 			r.start(ctx, t.TaskId)
 		}
 	}
 }
 
+// start runs a task here unless this or another shop runs it.
 func (r *taskRunner) start(ctx context.Context, id string) {
 	r.mu.Lock()
 	if r.running[id] {
@@ -119,286 +107,262 @@ func (r *taskRunner) start(ctx context.Context, id string) {
 	go func() {
 		defer func() { r.mu.Lock(); delete(r.running, id); r.mu.Unlock() }()
 		claim := claimsPrefix + id
-		txn, err := r.s.cfg.Etcd.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(claim), "=", 0)).
-			Then(clientv3.OpPut(claim, "", clientv3.WithLease(r.sess.Lease()))).Commit()
-		if err != nil || !txn.Succeeded {
+		if ok, _, err := r.claims.claim(ctx, claim); err != nil || !ok {
 			return // another shop runs it
 		}
-		defer r.s.cfg.Etcd.Delete(context.Background(), claim)
-		r.s.runTask(ctx, id)
+		defer r.claims.release(claim)
+		r.run(ctx, id)
 	}()
 }
 
-func (s *Shop) getTask(ctx context.Context, id string) (*shopv1.Task, int64, error) {
-	resp, err := s.cfg.Etcd.Get(ctx, tasksPrefix+id)
-	if err != nil {
-		return nil, 0, fmt.Errorf("etcd: %v: %w", err, errdefs.ErrUnavailable)
-	}
-	if len(resp.Kvs) == 0 {
-		return nil, resp.Header.Revision, fmt.Errorf("task %q: %w", id, errdefs.ErrNotFound)
-	}
-	t := &shopv1.Task{}
-	if err := protojson.Unmarshal(resp.Kvs[0].Value, t); err != nil {
-		return nil, 0, err
-	}
-	return t, resp.Header.Revision, nil
+// errTaskOver stops a run quietly: the task was canceled (or ended) meanwhile.
+var errTaskOver = errors.New("the task is over")
+
+// taskRun is one run of a task, passed from step to step.
+type taskRun struct {
+	r    *taskRunner
+	id   string
+	spec *shopv1.SubmitTaskRequest
+	log  *zap.Logger
+
+	rec       *record // the task's VM
+	destroyed bool
+	plant     computev1.PlantServiceClient
+	exec      *computev1.ExecVMResponse
+	execErr   error
+	out       *computev1.StageOutResponse
+	outErr    error
 }
 
-// update changes a task unless it was canceled meanwhile; it reports false
-// when the task is over (canceled).
-func (s *Shop) update(ctx context.Context, id string, change func(*shopv1.Task)) (*shopv1.Task, bool, error) {
-	for {
-		resp, err := s.cfg.Etcd.Get(ctx, tasksPrefix+id)
-		if err != nil || len(resp.Kvs) == 0 {
-			return nil, false, fmt.Errorf("task %s: %v", id, err)
-		}
-		t := &shopv1.Task{}
-		if err := protojson.Unmarshal(resp.Kvs[0].Value, t); err != nil {
-			return nil, false, err
-		}
-		if terminal(t.State) {
-			return t, false, nil
-		}
-		change(t)
-		b, _ := protojson.Marshal(t)
-		txn, err := s.cfg.Etcd.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(tasksPrefix+id), "=", resp.Kvs[0].ModRevision)).
-			Then(clientv3.OpPut(tasksPrefix+id, string(b))).Commit()
-		if err != nil {
-			return nil, false, err
-		}
-		if txn.Succeeded {
-			return t, true, nil
-		}
-	}
+// taskStep is a named step of a run; a step's error fails the task.
+type taskStep struct {
+	name string
+	do   func(*taskRun, context.Context) error
 }
 
-// runTask drives a task to its end.
-func (s *Shop) runTask(ctx context.Context, id string) {
-	log := s.log.With(zap.String("task", id))
-	t, _, err := s.getTask(ctx, id)
+// taskSteps is a run, in order. Whatever happens after the VM is made, it
+// is destroyed before the task's end is recorded, so a client that sees
+// the end finds no VM left.
+var taskSteps = []taskStep{
+	{"validate", (*taskRun).validate},
+	{"stage in", (*taskRun).stageIn},
+	{"start", (*taskRun).startVM},
+	{"run", (*taskRun).runCommand},
+	{"stage out", (*taskRun).stageOut},
+}
+
+// run drives a task to its end.
+func (r *taskRunner) run(ctx context.Context, id string) {
+	t, _, err := r.store.task(ctx, id)
 	if err != nil || terminal(t.State) {
 		return
 	}
-	// Cancel follows the task's record.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	go func() {
-		for resp := range s.cfg.Etcd.Watch(ctx, tasksPrefix+id) {
-			for _, ev := range resp.Events {
-				nt := &shopv1.Task{}
-				if ev.Type == clientv3.EventTypeDelete || protojson.Unmarshal(ev.Kv.Value, nt) == nil && nt.State == shopv1.TaskState_TASK_STATE_CANCELED {
-					cancel()
-					return
-				}
+	go r.cancelWith(ctx, id, cancel)
+	run := &taskRun{r: r, id: id, spec: t.Spec, log: r.log.With(zap.String("task", id))}
+	defer run.destroyVM()
+	for _, step := range taskSteps {
+		if err := step.do(run, ctx); err != nil {
+			if !errors.Is(err, errTaskOver) {
+				run.fail(fmt.Errorf("%s: %w", step.name, err))
 			}
-		}
-	}()
-	var destroyVM func()
-	fail := func(format string, args ...any) {
-		if destroyVM != nil {
-			destroyVM()
-		}
-		msg := fmt.Sprintf(format, args...)
-		log.Warn("task failed", zap.String("error", msg))
-		s.update(context.Background(), id, func(t *shopv1.Task) {
-			t.State, t.Error, t.FinishedUnixNano = shopv1.TaskState_TASK_STATE_FAILED, msg, time.Now().UnixNano()
-		})
-	}
-	spec := t.Spec
-	if _, ok, _ := s.update(ctx, id, func(t *shopv1.Task) { t.State = shopv1.TaskState_TASK_STATE_STAGING_IN }); !ok {
-		return
-	}
-	stage := &computev1.Action{Id: "stage_in", Kind: &computev1.Action_StageIn{StageIn: &computev1.StageInAction{
-		Dataserver: s.cfg.DataServer, Files: spec.Inputs, MountPath: WorkDir}}}
-	ad, err := s.create(ctx, t.Owner, &shopv1.CreateVMRequest{RequestId: id, Hardware: spec.Hardware, Image: spec.Image,
-		Config: &computev1.ConfigDAG{Actions: []*computev1.Action{stage}}}, func(*shopv1.CreateVMProgress) {})
-	if err != nil {
-		fail("staging in: %v", err)
-		return
-	}
-	rec, _, err := s.getRecord(ctx, ad.VmId)
-	if err != nil {
-		fail("the task's VM vanished: %v", err)
-		return
-	}
-	// Whatever happens from here, the VM goes (before the task's end is
-	// reported, so a client that sees the end finds no VM left).
-	destroyed := false
-	destroy := func() {
-		if destroyed {
 			return
 		}
-		destroyed = true
-		dctx, dcancel := context.WithTimeout(context.Background(), time.Minute)
-		defer dcancel()
-		if err := s.destroy(dctx, rec); err != nil {
-			log.Warn("destroy the task's VM", zap.Error(err))
-		}
 	}
-	defer destroy()
-	destroyVM = destroy
-	if _, ok, _ := s.update(ctx, id, func(t *shopv1.Task) {
-		t.State, t.VmId, t.Plant = shopv1.TaskState_TASK_STATE_RUNNING, ad.VmId, ad.Plant
-	}); !ok {
-		return
-	}
-	plant, err := s.plant(rec.PlantAddr)
+	run.finish()
+}
+
+// cancelWith cancels a run when its task is canceled or deleted.
+func (r *taskRunner) cancelWith(ctx context.Context, id string, cancel context.CancelFunc) {
+	_, rev, err := r.store.task(ctx, id)
 	if err != nil {
-		fail("plant %s: %v", rec.Plant, err)
 		return
 	}
-	timeout := spec.TimeoutSeconds
+	_ = r.store.watchTask(ctx, id, rev, func(t *shopv1.Task) (bool, error) {
+		if t == nil || t.State == shopv1.TaskState_TASK_STATE_CANCELED {
+			cancel()
+			return true, nil
+		}
+		return false, nil
+	})
+}
+
+// setState records a step's state; errTaskOver if the task ended meanwhile.
+func (tr *taskRun) setState(ctx context.Context, change func(*shopv1.Task)) error {
+	if _, ok, err := tr.r.store.updateTask(ctx, tr.id, change); err != nil || !ok {
+		return errTaskOver
+	}
+	return nil
+}
+
+// validate checks the task before a VM is made for it (a task adopted from
+// another shop was checked by a shop that may be older).
+func (tr *taskRun) validate(context.Context) error {
+	if err := tr.spec.Validate(); err != nil {
+		return fmt.Errorf("%w: %w", err, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// stageIn creates the task's VM with the inputs on its data disk.
+func (tr *taskRun) stageIn(ctx context.Context) error {
+	if err := tr.setState(ctx, func(t *shopv1.Task) { t.State = shopv1.TaskState_TASK_STATE_STAGING_IN }); err != nil {
+		return err
+	}
+	stage := &computev1.Action{Id: "stage_in", Kind: &computev1.Action_StageIn{StageIn: &computev1.StageInAction{
+		Dataserver: tr.r.dataServer, Files: tr.spec.Inputs, MountPath: WorkDir}}}
+	t, _, err := tr.r.store.task(ctx, tr.id)
+	if err != nil {
+		return err
+	}
+	ad, err := tr.r.vms.create(ctx, t.Owner, &shopv1.CreateVMRequest{RequestId: tr.id, Hardware: tr.spec.Hardware, Image: tr.spec.Image,
+		Config: &computev1.ConfigDAG{Actions: []*computev1.Action{stage}}}, func(*shopv1.CreateVMProgress) {})
+	if err != nil {
+		return err
+	}
+	if tr.rec, _, err = tr.r.claims.vm(ctx, ad.VmId); err != nil {
+		return fmt.Errorf("the task's VM vanished: %w", err)
+	}
+	return nil
+}
+
+// startVM records the VM and connects to its plant.
+func (tr *taskRun) startVM(ctx context.Context) error {
+	if err := tr.setState(ctx, func(t *shopv1.Task) {
+		t.State, t.VmId, t.Plant = shopv1.TaskState_TASK_STATE_RUNNING, tr.rec.VMID, tr.rec.Plant
+	}); err != nil {
+		return err
+	}
+	var err error
+	if tr.plant, err = tr.r.vms.plants.get(tr.rec.PlantAddr); err != nil {
+		return fmt.Errorf("plant %s: %w", tr.rec.Plant, err)
+	}
+	return nil
+}
+
+// runCommand runs the command; its failure is the task's outcome, not the
+// run's (the outputs are staged out regardless).
+func (tr *taskRun) runCommand(ctx context.Context) error {
+	timeout := tr.spec.TimeoutSeconds
 	if timeout == 0 {
 		timeout = 3600
 	}
-	run, runErr := plant.ExecVM(ctx, &computev1.ExecVMRequest{VmId: ad.VmId, Exec: &computev1.ExecAction{
-		Argv: []string{"sh", "-c", spec.Command}, Dir: WorkDir, TimeoutSeconds: timeout}})
+	tr.exec, tr.execErr = tr.plant.ExecVM(ctx, &computev1.ExecVMRequest{VmId: tr.rec.VMID, Exec: &computev1.ExecAction{
+		Argv: []string{"sh", "-c", tr.spec.Command}, Dir: WorkDir, TimeoutSeconds: timeout}})
 	if ctx.Err() != nil {
-		return // canceled
+		return errTaskOver // canceled
 	}
-	// Stage out whatever the command left, also when it failed.
-	if _, ok, _ := s.update(ctx, id, func(t *shopv1.Task) { t.State = shopv1.TaskState_TASK_STATE_STAGING_OUT }); !ok {
+	return nil
+}
+
+// stageOut copies out/ to the data server, also when the command failed.
+func (tr *taskRun) stageOut(ctx context.Context) error {
+	if err := tr.setState(ctx, func(t *shopv1.Task) { t.State = shopv1.TaskState_TASK_STATE_STAGING_OUT }); err != nil {
+		return err
+	}
+	prefix := tr.spec.OutputPrefix
+	if prefix == "" {
+		prefix = "tasks/" + tr.id + "/out"
+	}
+	tr.out, tr.outErr = tr.plant.StageOut(ctx, &computev1.StageOutRequest{VmId: tr.rec.VMID, Folder: "out", RemotePrefix: prefix})
+	return nil
+}
+
+// destroyVM destroys the task's VM, once.
+func (tr *taskRun) destroyVM() {
+	if tr.rec == nil || tr.destroyed {
 		return
 	}
-	prefix := spec.OutputPrefix
-	if prefix == "" {
-		prefix = "tasks/" + id + "/out"
+	tr.destroyed = true
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := tr.r.vms.destroy(ctx, tr.rec); err != nil {
+		tr.log.Warn("destroy the task's VM", zap.Error(err))
 	}
-	out, outErr := plant.StageOut(ctx, &computev1.StageOutRequest{VmId: ad.VmId, Folder: "out", RemotePrefix: prefix})
-	destroy()
-	s.update(context.Background(), id, func(t *shopv1.Task) {
+}
+
+// fail ends the task as failed.
+func (tr *taskRun) fail(err error) {
+	tr.destroyVM()
+	tr.log.Warn("task failed", zap.Error(err))
+	tr.r.store.updateTask(context.Background(), tr.id, func(t *shopv1.Task) {
+		t.State, t.Error, t.FinishedUnixNano = shopv1.TaskState_TASK_STATE_FAILED, err.Error(), time.Now().UnixNano()
+	})
+}
+
+// finish records the task's outcome: the command's and the stage-out's.
+func (tr *taskRun) finish() {
+	tr.destroyVM()
+	tr.r.store.updateTask(context.Background(), tr.id, func(t *shopv1.Task) {
 		t.FinishedUnixNano = time.Now().UnixNano()
-		if out != nil {
-			t.Outputs = out.Uploaded
+		if tr.out != nil {
+			t.Outputs = tr.out.Uploaded
 		}
 		var errs []string
-		switch {
-		case runErr != nil:
-			errs = append(errs, "running: "+runErr.Error())
+		if tr.execErr != nil {
+			errs = append(errs, "running: "+tr.execErr.Error())
 			t.ExitCode = -1
-		default:
-			t.ExitCode, t.StderrTail, t.StdoutTail = run.ExitCode, tailString(run.Stderr, 4096), tailString(run.Stdout, 4096)
-			if run.Error != "" {
-				errs = append(errs, run.Error)
+		} else {
+			t.ExitCode, t.StderrTail, t.StdoutTail = tr.exec.ExitCode, string(tailBytes(tr.exec.Stderr, 4096)), string(tailBytes(tr.exec.Stdout, 4096))
+			if tr.exec.Error != "" {
+				errs = append(errs, tr.exec.Error)
 			}
 		}
-		if outErr != nil {
-			errs = append(errs, "staging out: "+outErr.Error())
+		if tr.outErr != nil {
+			errs = append(errs, "staging out: "+tr.outErr.Error())
 		}
 		t.Error = strings.Join(errs, "; ")
+		t.State = shopv1.TaskState_TASK_STATE_FAILED
 		if t.ExitCode == 0 && len(errs) == 0 {
 			t.State = shopv1.TaskState_TASK_STATE_SUCCEEDED
-		} else {
-			t.State = shopv1.TaskState_TASK_STATE_FAILED
 		}
 	})
-	log.Info("task finished", zap.Int32("exit_code", run.GetExitCode()))
+	tr.log.Info("task finished", zap.Int32("exit_code", tr.exec.GetExitCode()))
 }
 
-func tailString(b []byte, n int) string {
-	if len(b) > n {
-		b = b[len(b)-n:]
-	}
-	return string(b)
-}
-
-// SubmitTask implements ShopService.SubmitTask.
-func (s *Shop) SubmitTask(ctx context.Context, req *shopv1.SubmitTaskRequest) (*shopv1.Task, error) {
-	owner, err := auth.Owner(ctx)
+// submitTask records a task (a retry finds the same) and starts it here
+// when this shop runs tasks.
+func submitTask(ctx context.Context, store taskStore, runner *taskRunner, owner string, req *shopv1.SubmitTaskRequest) (*shopv1.Task, error) {
+	id := TaskID(owner, req.RequestId)
+	t := &shopv1.Task{TaskId: id, Owner: owner, State: shopv1.TaskState_TASK_STATE_QUEUED, Spec: req, SubmittedUnixNano: time.Now().UnixNano()}
+	old, err := store.createTask(ctx, t)
 	if err != nil {
 		return nil, err
 	}
-	if s.cfg.DataServer == "" {
-		return nil, fmt.Errorf("this shop has no data server (--dataserver), so it runs no tasks: %w", errdefs.ErrFailedPrecondition)
+	if old != nil { // a retry: the same task
+		return old, nil
 	}
-	id := TaskID(owner, req.RequestId)
-	t := &shopv1.Task{TaskId: id, Owner: owner, State: shopv1.TaskState_TASK_STATE_QUEUED, Spec: req, SubmittedUnixNano: time.Now().UnixNano()}
-	b, _ := protojson.Marshal(t)
-	txn, err := s.cfg.Etcd.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(tasksPrefix+id), "=", 0)).
-		Then(clientv3.OpPut(tasksPrefix+id, string(b))).Else(clientv3.OpGet(tasksPrefix + id)).Commit()
-	if err != nil {
-		return nil, fmt.Errorf("etcd: %v: %w", err, errdefs.ErrUnavailable)
-	}
-	if !txn.Succeeded { // a retry: the same task
-		kvs := txn.Responses[0].GetResponseRange().Kvs
-		if len(kvs) == 1 {
-			old := &shopv1.Task{}
-			if protojson.Unmarshal(kvs[0].Value, old) == nil {
-				return old, nil
-			}
-		}
-	}
-	if s.tasks != nil {
-		s.tasks.start(context.WithoutCancel(ctx), id)
+	if runner != nil {
+		runner.start(context.WithoutCancel(ctx), id)
 	}
 	return t, nil
 }
 
-func (s *Shop) ownedTask(ctx context.Context, id string) (*shopv1.Task, int64, error) {
-	owner, err := auth.Owner(ctx)
-	if err != nil {
-		return nil, 0, err
-	}
-	t, rev, err := s.getTask(ctx, id)
-	if err != nil {
-		return nil, 0, err
-	}
-	if t.Owner != owner {
-		return nil, 0, fmt.Errorf("task %q belongs to another owner: %w", id, errdefs.ErrPermissionDenied)
-	}
-	return t, rev, nil
-}
-
-// GetTask implements ShopService.GetTask.
-func (s *Shop) GetTask(ctx context.Context, req *shopv1.GetTaskRequest) (*shopv1.Task, error) {
-	t, _, err := s.ownedTask(ctx, req.TaskId)
-	return t, err
-}
-
-// CancelTask implements ShopService.CancelTask.
-func (s *Shop) CancelTask(ctx context.Context, req *shopv1.GetTaskRequest) (*shopv1.Task, error) {
-	if _, _, err := s.ownedTask(ctx, req.TaskId); err != nil {
-		return nil, err
-	}
-	t, ok, err := s.update(ctx, req.TaskId, func(t *shopv1.Task) {
+// cancelTask cancels a task that has not ended.
+func cancelTask(ctx context.Context, store taskStore, id string) (*shopv1.Task, error) {
+	t, ok, err := store.updateTask(ctx, id, func(t *shopv1.Task) {
 		t.State, t.Error, t.FinishedUnixNano = shopv1.TaskState_TASK_STATE_CANCELED, "canceled by its owner", time.Now().UnixNano()
 	})
 	if err != nil {
 		return nil, err
 	}
 	if !ok {
-		return t, fmt.Errorf("task %q already ended (%s): %w", req.TaskId, t.State, errdefs.ErrFailedPrecondition)
+		return t, fmt.Errorf("task %q already ended (%s): %w", id, t.State, errdefs.ErrFailedPrecondition)
 	}
 	return t, nil
 }
 
-// WatchTask implements ShopService.WatchTask.
-func (s *Shop) WatchTask(req *shopv1.GetTaskRequest, stream shopv1.ShopService_WatchTaskServer) error {
-	ctx := stream.Context()
-	t, rev, err := s.ownedTask(ctx, req.TaskId)
-	if err != nil {
-		return err
-	}
-	if err := stream.Send(t); err != nil || terminal(t.State) {
-		return err
-	}
-	for resp := range s.cfg.Etcd.Watch(clientv3.WithRequireLeader(ctx), tasksPrefix+req.TaskId, clientv3.WithRev(rev+1)) {
-		if err := resp.Err(); err != nil {
-			return fmt.Errorf("etcd watch: %v: %w", err, errdefs.ErrUnavailable)
+// watchTask sends every change of t after rev until it ends.
+func watchTask(ctx context.Context, store taskStore, t *shopv1.Task, rev int64, send func(*shopv1.Task) error) error {
+	return store.watchTask(ctx, t.TaskId, rev, func(nt *shopv1.Task) (bool, error) {
+		if nt == nil {
+			return true, fmt.Errorf("task %s was deleted while watched: %w", t.TaskId, errdefs.ErrNotFound)
 		}
-		for _, ev := range resp.Events {
-			nt := &shopv1.Task{}
-			if ev.Type == clientv3.EventTypeDelete {
-				return fmt.Errorf("task %s was deleted while watched: %w", req.TaskId, errdefs.ErrNotFound)
-			}
-			if protojson.Unmarshal(ev.Kv.Value, nt) != nil || proto.Equal(nt, t) {
-				continue
-			}
-			t = nt
-			if err := stream.Send(t); err != nil || terminal(t.State) {
-				return err
-			}
+		if proto.Equal(nt, t) {
+			return false, nil
 		}
-	}
-	return ctx.Err()
+		t = nt
+		return terminal(t.State), send(t)
+	})
 }

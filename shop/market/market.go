@@ -1,40 +1,16 @@
-// Package market is the bidding protocol between the shop and the plants
-// (VMPlants §3.4), carried by etcd:
-//
-//	/vmgrid/plants/PLANT          PlantInfo, under the plant's session lease:
-//	                              a plant that dies disappears with its lease
-//	/vmgrid/auctions/ID           Auction open to every plant, under the
-//	                              auction's lease
-//	/vmgrid/invites/PLANT/ID      Auction for invited plants: one key per
-//	                              plant, written in one transaction
-//	/vmgrid/bids/ID/PLANT         Bid, under the same lease: an auction and its
-//	                              bids vanish together when the shop is done
-//
-// The shop publishes an auction; every plant watching the auctions prefix
-// that is invited answers with a bid (a cost, or a refusal with the reason);
-// the shop takes the lowest cost within a deadline, ties broken at random.
-//
-// An auction open to every plant costs one etcd write per plant, which is
-// what bounds placement latency with many plants. The shop therefore keeps a
-// watched copy of the registry (Registry), prices every plant's posted offer
-// with the auction's weights, and invites only the few best (Shortlist); the
-// invited plants bid with their live state. If none of them can host the VM
-// (their posted offers were stale) the shop holds an open auction.
 package market
 
 import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"sort"
 	"strings"
-	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/client/v3/concurrency"
-	"go.uber.org/zap"
 )
 
 // Key prefixes.
@@ -151,157 +127,30 @@ func contains(s []string, v string) bool {
 	return false
 }
 
-// Register keeps a plant's PlantInfo in etcd under its session lease until
-// ctx ends (then the key is removed). Every interval it looks at info() and
-// writes it when it changed (and every 30 s regardless), so the shops'
-// copies of the registry (Registry) lag the plant by about interval.
-// The returned channel closes when the refreshing has stopped; wait for it
-// before closing the session's client.
-func Register(ctx context.Context, sess *concurrency.Session, info func() PlantInfo, interval time.Duration, log *zap.Logger) (<-chan struct{}, error) {
-	cli := sess.Client()
-	var last []byte
-	lastPut := time.Now()
-	put := func(force bool) error {
-		pi := info()
-		b, _ := json.Marshal(pi)
-		if !force && string(b) == string(last) {
-			return nil
-		}
-		if _, err := cli.Put(ctx, PlantsPrefix+pi.Name, string(b), clientv3.WithLease(sess.Lease())); err != nil {
-			return err
-		}
-		last, lastPut = b, time.Now()
-		return nil
-	}
-	if err := put(true); err != nil {
-		return nil, fmt.Errorf("register plant: %w", err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		t := time.NewTicker(interval)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				dctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-				cli.Delete(dctx, PlantsPrefix+info().Name)
-				cancel()
-				return
-			case <-sess.Done():
-				log.Warn("etcd session of the plant ended; it no longer bids")
-				return
-			case <-t.C:
-				if err := put(time.Since(lastPut) > 30*time.Second); err != nil && ctx.Err() == nil {
-					log.Warn("refresh plant registration", zap.Error(err))
-				}
-			}
-		}
-	}()
-	return done, nil
-}
-
-// StartBidder answers, until ctx ends, the open auctions and those that
-// invite plant. It returns once its watches are in place, so a plant that
-// registers after it never misses an auction; the returned channel closes
-// when it has stopped. A plant hears of an invitation only if it is
-// invited, so the work of an auction with a shortlist does not grow with
-// the plants.
-func StartBidder(ctx context.Context, cli *clientv3.Client, plant string, bid func(Auction) Bid, log *zap.Logger) (<-chan struct{}, error) {
-	prefixes := []string{AuctionsPrefix, InvitesPrefix + plant + "/"}
-	var chans []clientv3.WatchChan
-	wctx, cancel := context.WithCancel(ctx)
-	for _, prefix := range prefixes {
-		wch, err := watchFromNow(wctx, cli, prefix)
-		if err != nil {
-			cancel()
-			return nil, err
-		}
-		chans = append(chans, wch)
-	}
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	for i, prefix := range prefixes {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			answer(wctx, cli, prefix, chans[i], plant, bid, log)
-		}()
-	}
-	go func() {
-		wg.Wait()
-		cancel()
-		close(done)
-	}()
-	return done, nil
-}
-
-// watchFromNow watches the keys under prefix and returns once etcd has
-// set the watch up.
-func watchFromNow(ctx context.Context, cli *clientv3.Client, prefix string) (clientv3.WatchChan, error) {
-	wch := cli.Watch(clientv3.WithRequireLeader(ctx), prefix, clientv3.WithPrefix(), clientv3.WithFilterDelete(), clientv3.WithCreatedNotify())
-	select {
-	case resp, ok := <-wch:
-		if !ok {
-			return nil, fmt.Errorf("watch %s: %w", prefix, context.Cause(ctx))
-		}
-		if !resp.Created {
-			return nil, fmt.Errorf("watch %s: %v", prefix, resp.Err())
-		}
-		return wch, nil
-	case <-ctx.Done():
-		return nil, fmt.Errorf("watch %s: %w", prefix, ctx.Err())
-	}
-}
-
-// answer bids in the auctions wch reports until ctx ends. A watch that
-// ends (etcd lost its leader, or compacted) is set up again; auctions
-// published in between are missed, and their shops take the other bids.
-func answer(ctx context.Context, cli *clientv3.Client, prefix string, wch clientv3.WatchChan, plant string, bid func(Auction) Bid, log *zap.Logger) {
-	for {
-		for resp := range wch {
-			if err := resp.Err(); err != nil {
-				log.Warn("auction watch ended; watching again", zap.String("prefix", prefix), zap.Error(err))
-				break
-			}
-			for _, ev := range resp.Events {
-				if ev.Type != clientv3.EventTypePut || ev.Kv.Version != 1 {
-					continue
-				}
-				var a Auction
-				if err := json.Unmarshal(ev.Kv.Value, &a); err != nil || !a.Invites(plant) {
-					continue
-				}
-				b := bid(a)
-				v, _ := json.Marshal(b)
-				if _, err := cli.Put(ctx, BidsPrefix+a.ID+"/"+b.Plant, string(v), clientv3.WithLease(clientv3.LeaseID(a.Lease))); err != nil && ctx.Err() == nil {
-					log.Debug("bid not placed (the auction may be over)", zap.String("auction", a.ID), zap.Error(err))
-				}
-			}
-		}
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(200 * time.Millisecond):
-			}
-			var err error
-			if wch, err = watchFromNow(ctx, cli, prefix); err == nil {
-				break
-			}
-			if ctx.Err() == nil {
-				log.Warn("watch auctions", zap.String("prefix", prefix), zap.Error(err))
-			}
-		}
-	}
-}
-
 // Run holds an auction: it publishes a, waits until every invited plant (or,
 // when a invites all, every registered plant) has bid or the deadline
 // passed, and returns the bids, candidates first by cost (ties in random
-// order), refusals last.
+// order), refusals last. Only bids that are a registered plant's own quote
+// count (see Valid).
 func Run(ctx context.Context, cli *clientv3.Client, a Auction, deadline time.Duration) ([]Bid, error) {
-	lease, err := cli.Grant(ctx, int64(max(deadline/time.Second, 0))+10)
+	return run(ctx, cli, nil, a, deadline)
+}
+
+// run is Run with the registrations taken from reg (nil: read from etcd).
+func run(ctx context.Context, cli *clientv3.Client, reg *Registry, a Auction, deadline time.Duration) ([]Bid, error) {
+	lookup, count, err := registrations(ctx, cli, reg)
+	if err != nil {
+		return nil, err
+	}
+	expect := int64(len(a.Invited))
+	if expect == 0 {
+		if expect = count; expect == 0 {
+			return nil, nil
+		}
+	}
+	lctx, lcancel := context.WithTimeout(ctx, OpTimeout)
+	lease, err := cli.Grant(lctx, int64(max(deadline/time.Second, 0))+10)
+	lcancel()
 	if err != nil {
 		return nil, fmt.Errorf("auction lease: %w", err)
 	}
@@ -311,65 +160,127 @@ func Run(ctx context.Context, cli *clientv3.Client, a Auction, deadline time.Dur
 		cancel()
 	}()
 	a.Lease = int64(lease.ID)
-	expect := int64(len(a.Invited))
-	if expect == 0 {
-		plants, err := cli.Get(ctx, PlantsPrefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
-		if err != nil {
-			return nil, fmt.Errorf("count plants: %w", err)
-		}
-		if expect = plants.Count; expect == 0 {
-			return nil, nil
-		}
-	}
-	b, _ := json.Marshal(a)
 	wctx, cancel := context.WithTimeout(ctx, deadline)
 	defer cancel()
-	// Watch before publishing, from "now": a watch that starts at a past
-	// revision is caught up by etcd only every 100 ms.
-	wch := cli.Watch(clientv3.WithRequireLeader(wctx), BidsPrefix+a.ID+"/", clientv3.WithPrefix(), clientv3.WithCreatedNotify())
-	select {
-	case resp := <-wch:
-		if !resp.Created {
-			return nil, fmt.Errorf("watch bids: %v", resp.Err())
-		}
-	case <-wctx.Done():
-		return nil, fmt.Errorf("watch bids: %w", wctx.Err())
+	wch, err := publish(ctx, wctx, cli, a)
+	if err != nil {
+		return nil, err
 	}
-	var ops []clientv3.Op
-	if len(a.Invited) == 0 {
-		ops = append(ops, clientv3.OpPut(AuctionsPrefix+a.ID, string(b), clientv3.WithLease(lease.ID)))
-	}
-	for _, p := range a.Invited {
-		ops = append(ops, clientv3.OpPut(InvitesPrefix+p+"/"+a.ID, string(b), clientv3.WithLease(lease.ID)))
-	}
-	if _, err := cli.Txn(ctx).Then(ops...).Commit(); err != nil {
-		return nil, fmt.Errorf("publish auction: %w", err)
-	}
-	var bids []Bid
-	seen := map[string]bool{}
-collect:
-	for int64(len(bids)) < expect {
-		select {
-		case resp, ok := <-wch:
-			if !ok {
-				break collect
-			}
-			for _, ev := range resp.Events {
-				var bid Bid
-				if ev.Type == clientv3.EventTypePut && json.Unmarshal(ev.Kv.Value, &bid) == nil && !seen[bid.Plant] && a.Invites(bid.Plant) {
-					seen[bid.Plant] = true
-					bids = append(bids, bid)
-				}
-			}
-		case <-wctx.Done():
-			break collect
-		}
-	}
+	bids := collect(wctx, wch, a, expect, lookup)
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
 	Rank(bids)
 	return bids, nil
+}
+
+// registrations returns how to look a plant's registration up, and how many
+// plants are registered.
+func registrations(ctx context.Context, cli *clientv3.Client, reg *Registry) (func(string) (PlantInfo, bool), int64, error) {
+	if reg != nil {
+		return reg.Plant, int64(reg.Len()), nil
+	}
+	gctx, cancel := context.WithTimeout(ctx, OpTimeout)
+	defer cancel()
+	resp, err := cli.Get(gctx, PlantsPrefix, clientv3.WithPrefix())
+	if err != nil {
+		return nil, 0, fmt.Errorf("read the plant registry: %w", err)
+	}
+	plants := decodePlants(resp.Kvs)
+	return func(name string) (PlantInfo, bool) { p, ok := plants[name]; return p, ok }, int64(len(plants)), nil
+}
+
+// publish watches a's bids (from now: a watch that starts at a past
+// revision is caught up by etcd only every 100 ms), then publishes a.
+func publish(ctx, wctx context.Context, cli *clientv3.Client, a Auction) (clientv3.WatchChan, error) {
+	wch := cli.Watch(clientv3.WithRequireLeader(wctx), BidsPrefix+a.ID+"/", clientv3.WithPrefix(), clientv3.WithCreatedNotify())
+	select {
+	case resp := <-wch:
+		if !resp.Created {
+			return nil, fmt.Errorf("watch bids: %w", resp.Err())
+		}
+	case <-wctx.Done():
+		return nil, fmt.Errorf("watch bids: %w", wctx.Err())
+	}
+	b, _ := json.Marshal(a)
+	lease := clientv3.WithLease(clientv3.LeaseID(a.Lease))
+	var ops []clientv3.Op
+	if len(a.Invited) == 0 {
+		ops = append(ops, clientv3.OpPut(AuctionsPrefix+a.ID, string(b), lease))
+	}
+	for _, p := range a.Invited {
+		ops = append(ops, clientv3.OpPut(InvitesPrefix+p+"/"+a.ID, string(b), lease))
+	}
+	pctx, cancel := context.WithTimeout(ctx, OpTimeout)
+	defer cancel()
+	if _, err := cli.Txn(pctx).Then(ops...).Commit(); err != nil {
+		return nil, fmt.Errorf("publish auction: %w", err)
+	}
+	return wch, nil
+}
+
+// collect gathers the valid bids until expect of them came or wctx ends.
+func collect(wctx context.Context, wch clientv3.WatchChan, a Auction, expect int64, lookup func(string) (PlantInfo, bool)) []Bid {
+	var bids []Bid
+	seen := map[string]bool{}
+	for int64(len(bids)) < expect {
+		select {
+		case resp, ok := <-wch:
+			if !ok {
+				return bids
+			}
+			for _, ev := range resp.Events {
+				var bid Bid
+				if ev.Type != clientv3.EventTypePut || json.Unmarshal(ev.Kv.Value, &bid) != nil || seen[bid.Plant] || !a.Invites(bid.Plant) {
+					continue
+				}
+				if Valid(a, string(ev.Kv.Key), bid, lookup) != nil {
+					continue // not a plant's own quote: a forged or broken bid
+				}
+				seen[bid.Plant] = true
+				bids = append(bids, bid)
+			}
+		case <-wctx.Done():
+			return bids
+		}
+	}
+	return bids
+}
+
+// Valid checks that a bid, found under key, is a registered plant's own
+// quote for a: written under the bidding plant's own name, by a plant
+// registered under that name at the address the bid names, and with a cost
+// a quote can have (finite, and no lower than the cache discount allows).
+// Anyone who can write to etcd can write a bid; this keeps such a bid from
+// winning and from steering a user's VM to an address of its choosing.
+func Valid(a Auction, key string, b Bid, lookup func(string) (PlantInfo, bool)) error {
+	if key != BidsPrefix+a.ID+"/"+b.Plant {
+		return fmt.Errorf("bid of %q under another plant's key %s", b.Plant, key)
+	}
+	p, ok := lookup(b.Plant)
+	if !ok {
+		return fmt.Errorf("bid of %q, which is not a registered plant", b.Plant)
+	}
+	if p.Addr != b.Addr {
+		return fmt.Errorf("bid of %q names %s, its registration %s", b.Plant, b.Addr, p.Addr)
+	}
+	if b.Refusal != "" {
+		return nil
+	}
+	if math.IsNaN(b.Cost) || math.IsInf(b.Cost, 0) || b.Cost < MinCost(a) {
+		return fmt.Errorf("bid of %q costs %v, below any quote (%v)", b.Plant, b.Cost, MinCost(a))
+	}
+	return nil
+}
+
+// MinCost is the lowest cost a quote for a can have: every term of Cost is
+// at least zero but the cache discount, which is at most the whole image.
+func MinCost(a Auction) float64 {
+	w := DefaultWeights()
+	if a.Weights != nil {
+		w = *a.Weights
+	}
+	return -max(w.CachePerGiB, 0)*float64(a.ImageSize)/(1<<30) - 1e-9
 }
 
 // Rank orders bids: candidates by cost, equal costs in random order, then

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 )
@@ -45,13 +46,7 @@ func (r *Registry) load(ctx context.Context) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("read the plant registry: %w", err)
 	}
-	plants := make(map[string]PlantInfo, len(resp.Kvs))
-	for _, kv := range resp.Kvs {
-		var p PlantInfo
-		if json.Unmarshal(kv.Value, &p) == nil {
-			plants[strings.TrimPrefix(string(kv.Key), PlantsPrefix)] = p
-		}
-	}
+	plants := decodePlants(resp.Kvs)
 	r.mu.Lock()
 	r.plants = plants
 	r.mu.Unlock()
@@ -108,6 +103,33 @@ func (r *Registry) Plants() []PlantInfo {
 	return out
 }
 
+// Plant returns a plant's posted offer, if it is registered.
+func (r *Registry) Plant(name string) (PlantInfo, bool) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	p, ok := r.plants[name]
+	return p, ok
+}
+
+// Len is how many plants are registered.
+func (r *Registry) Len() int {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return len(r.plants)
+}
+
+// decodePlants reads registry keys.
+func decodePlants(kvs []*mvccpb.KeyValue) map[string]PlantInfo {
+	plants := make(map[string]PlantInfo, len(kvs))
+	for _, kv := range kvs {
+		var p PlantInfo
+		if json.Unmarshal(kv.Value, &p) == nil {
+			plants[strings.TrimPrefix(string(kv.Key), PlantsPrefix)] = p
+		}
+	}
+	return plants
+}
+
 // Close stops watching.
 func (r *Registry) Close() {
 	r.cancel()
@@ -162,10 +184,10 @@ func Place(ctx context.Context, cli *clientv3.Client, reg *Registry, a Auction, 
 		}
 	}
 	if len(a.Invited) == 0 {
-		bids, err = Run(ctx, cli, a, deadline)
+		bids, err = run(ctx, cli, reg, a, deadline)
 		return bids, false, err
 	}
-	if bids, err = Run(ctx, cli, a, deadline); err != nil {
+	if bids, err = run(ctx, cli, reg, a, deadline); err != nil {
 		return nil, false, err
 	}
 	if len(bids) > 0 && bids[0].Refusal == "" {
@@ -173,6 +195,6 @@ func Place(ctx context.Context, cli *clientv3.Client, reg *Registry, a Auction, 
 	}
 	a.ID += "-open"
 	a.Invited = nil
-	bids, err = Run(ctx, cli, a, deadline)
+	bids, err = run(ctx, cli, reg, a, deadline)
 	return bids, true, err
 }

@@ -35,6 +35,9 @@ const (
 	VMState_VM_STATE_SUSPENDED   VMState = 5
 	VMState_VM_STATE_FAILED      VMState = 6
 	VMState_VM_STATE_DESTROYED   VMState = 7
+	// The VM's plant is gone (its registration lapsed): the shop no longer
+	// knows whether the VM runs. Set by the shop, never by a plant.
+	VMState_VM_STATE_LOST VMState = 8
 )
 
 // Enum value maps for VMState.
@@ -48,6 +51,7 @@ var (
 		5: "VM_STATE_SUSPENDED",
 		6: "VM_STATE_FAILED",
 		7: "VM_STATE_DESTROYED",
+		8: "VM_STATE_LOST",
 	}
 	VMState_value = map[string]int32{
 		"VM_STATE_UNSPECIFIED": 0,
@@ -58,6 +62,7 @@ var (
 		"VM_STATE_SUSPENDED":   5,
 		"VM_STATE_FAILED":      6,
 		"VM_STATE_DESTROYED":   7,
+		"VM_STATE_LOST":        8,
 	}
 )
 
@@ -1961,7 +1966,7 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x06folder\x18\x02 \x01(\tR\x06folder\x12#\n" +
 	"\rremote_prefix\x18\x03 \x01(\tR\fremotePrefix\".\n" +
 	"\x10StageOutResponse\x12\x1a\n" +
-	"\buploaded\x18\x01 \x03(\tR\buploaded*\xc7\x01\n" +
+	"\buploaded\x18\x01 \x03(\tR\buploaded*\xda\x01\n" +
 	"\aVMState\x12\x18\n" +
 	"\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11VM_STATE_FETCHING\x10\x01\x12\x16\n" +
@@ -1970,7 +1975,8 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x10VM_STATE_RUNNING\x10\x04\x12\x16\n" +
 	"\x12VM_STATE_SUSPENDED\x10\x05\x12\x13\n" +
 	"\x0fVM_STATE_FAILED\x10\x06\x12\x16\n" +
-	"\x12VM_STATE_DESTROYED\x10\a2\x9e\x05\n" +
+	"\x12VM_STATE_DESTROYED\x10\a\x12\x11\n" +
+	"\rVM_STATE_LOST\x10\b2\x9e\x05\n" +
 	"\fPlantService\x12U\n" +
 	"\bCreateVM\x12\".vmgrid.compute.v1.CreateVMRequest\x1a#.vmgrid.compute.v1.CreateVMProgress0\x01\x12D\n" +
 	"\x05GetVM\x12\x1f.vmgrid.compute.v1.GetVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12P\n" +

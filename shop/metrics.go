@@ -1,0 +1,39 @@
+package shop
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// metrics are the shop's own.
+type metrics struct {
+	placement prometheus.Histogram
+	creates   *prometheus.CounterVec
+}
+
+func newMetrics() *metrics {
+	return &metrics{
+		placement: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: "vmgrid", Subsystem: "shop", Name: "placement_seconds",
+			Help: "Time from a request to its winning plant chosen.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
+		}),
+		creates: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "vmgrid", Subsystem: "shop", Name: "creates_total", Help: "CreateVM outcomes.",
+		}, []string{"result"}),
+	}
+}
+
+// register registers every metric or none.
+func (m *metrics) register(reg prometheus.Registerer) error {
+	if reg == nil {
+		return nil
+	}
+	var done []prometheus.Collector
+	for _, c := range []prometheus.Collector{m.placement, m.creates} {
+		if err := reg.Register(c); err != nil {
+			for _, d := range done {
+				reg.Unregister(d)
+			}
+			return err
+		}
+		done = append(done, c)
+	}
+	return nil
+}
