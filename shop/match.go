@@ -8,8 +8,8 @@ import (
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
-	"github.com/vmgrid/vmgrid/shop/dag"
 	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/shop/dag"
 )
 
 // match finds the golden image for a request: right hardware, performed

@@ -10,8 +10,8 @@ import (
 
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
-	"github.com/vmgrid/vmgrid/shop/dag"
 	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/shop/dag"
 	"github.com/vmgrid/vmgrid/shop/market"
 )
 
