@@ -40,7 +40,7 @@ func ctxT(t *testing.T) context.Context {
 
 // servePlant starts a compute server in-process and serves it until the
 // test ends.
-func servePlant(t *testing.T, cfg Config) *Plant {
+func servePlant(t *testing.T, cfg Config) *Server {
 	t.Helper()
 	cfg.Server = services.Options{Name: "computeserver", Listen: "127.0.0.1:0", ShutdownTimeout: 5 * time.Second}
 	pl, err := Start(ctxT(t), cfg)

@@ -38,7 +38,7 @@ const (
 type dataServer struct {
 	dir        string
 	tokens     *auth.Tokens
-	srv        *services.Server
+	srv        *dataserver.Server
 	alice, bob *dataserver.Client
 }
 
@@ -62,7 +62,7 @@ func startDataServer(t *testing.T) *dataServer {
 // stopped when the test ends.
 func (d *dataServer) serve(t *testing.T, addr string) {
 	t.Helper()
-	srv, err := dataserver.Start(dataserver.Config{
+	srv, err := dataserver.Start(context.Background(), dataserver.Config{
 		Server:  services.Options{Name: "dataserver", Listen: addr, Logger: zaptest.NewLogger(t, zaptest.Level(zapcore.InfoLevel)), ShutdownTimeout: 5 * time.Second},
 		DataDir: d.dir,
 		Tokens:  d.tokens,

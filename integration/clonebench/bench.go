@@ -195,7 +195,7 @@ func (b *bench) setup(ctx context.Context, res *Results) error {
 	if err != nil {
 		return err
 	}
-	srv, err := imageserver.Start(imageserver.Config{
+	srv, err := imageserver.Start(ctx, imageserver.Config{
 		Server:  services.Options{Name: "imageserver", Listen: "127.0.0.1:0", Logger: b.srvLog.Named("imageserver"), ShutdownTimeout: 5 * time.Second},
 		DataDir: isDir,
 	})

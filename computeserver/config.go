@@ -1,0 +1,76 @@
+package computeserver
+
+import (
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
+	"github.com/vmgrid/vmgrid/services"
+)
+
+// DefaultConfig is the compute server's defaults, the ones its flags show.
+func DefaultConfig() Config {
+	return Config{
+		Server:    services.Options{Name: "computeserver", Listen: "127.0.0.1:7080", MetricsListen: "127.0.0.1:9080"},
+		Upstream:  "127.0.0.1:7070",
+		DataDir:   "/var/lib/vmgrid/compute",
+		Cache:     defaultCache(),
+		FlushIdle: 30 * time.Second,
+		ReadAhead: 32 << 20,
+	}
+}
+
+// AddFlags registers the compute server's flags with c's values as
+// defaults.
+func (c *Config) AddFlags(fs *pflag.FlagSet) {
+	c.Server.AddFlags(fs)
+	addUpstreamFlags(fs, &c.Upstream, &c.Compress, &c.ReadAhead)
+	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for the caches")
+	fs.StringVar(&c.Mountpoint, "mountpoint", c.Mountpoint, "where to mount the FUSE view (default DATA-DIR/mnt)")
+	fs.DurationVar(&c.FlushIdle, "flush-idle", c.FlushIdle, "write dirty disks back after this long without writes (negative: never on idle)")
+	fs.StringVar(&c.Name, "name", c.Name, "plant name in classads and bids (default: HOST-DATADIR)")
+	c.Etcd.AddFlags(fs, "etcd endpoints: register there and bid in the shop's auctions")
+	fs.Uint64Var(&c.GuestMemoryMiB, "guest-memory-mib", c.GuestMemoryMiB, "memory guests may use in all (0: 80% of RAM)")
+	fs.StringVar(&c.DataToken, "data-token", c.DataToken, "service token of the data servers, for task stage-in/out (env VMGRID_DATA_TOKEN)")
+	addCacheFlags(fs, &c.Cache)
+}
+
+// DefaultCacheProxyConfig is the cache proxy's defaults, the ones its flags
+// show.
+func DefaultCacheProxyConfig() CacheProxyConfig {
+	return CacheProxyConfig{
+		Server:    services.Options{Name: "cacheproxy", Listen: "127.0.0.1:7071", MetricsListen: "127.0.0.1:9071"},
+		Upstream:  "127.0.0.1:7070",
+		DataDir:   "/var/lib/vmgrid/cacheproxy",
+		Cache:     defaultCache(),
+		ReadAhead: 32 << 20,
+	}
+}
+
+// AddFlags registers the cache proxy's flags with c's values as defaults.
+func (c *CacheProxyConfig) AddFlags(fs *pflag.FlagSet) {
+	c.Server.AddFlags(fs)
+	addUpstreamFlags(fs, &c.Upstream, &c.Compress, &c.ReadAhead)
+	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for the caches")
+	addCacheFlags(fs, &c.Cache)
+}
+
+func addUpstreamFlags(fs *pflag.FlagSet, upstream *string, compress *bool, readAhead *int) {
+	fs.StringVar(upstream, "upstream", *upstream, "image server or cache proxy to read from")
+	fs.BoolVar(compress, "compress", *compress, "ask the upstream for zstd-compressed blocks (for slow links)")
+	fs.IntVar(readAhead, "read-ahead", *readAhead, "bytes to fetch ahead of a sequential reader")
+}
+
+// defaultCache and addCacheFlags are the disk block cache's defaults and
+// flags; they move to gvfs (CacheConfig's DefaultConfig/AddFlags) when gvfs
+// has them, and these two become calls to those.
+func defaultCache() gvfs.CacheConfig {
+	return gvfs.CacheConfig{Capacity: 4 << 30, Ways: 8, BlockSize: 64 << 10}
+}
+
+func addCacheFlags(fs *pflag.FlagSet, c *gvfs.CacheConfig) {
+	services.SizeVar(fs, &c.Capacity, "cache-size", "capacity of the disk block cache")
+	fs.IntVar(&c.Ways, "cache-ways", c.Ways, "associativity of the disk block cache (frames per set)")
+	services.SizeVar(fs, &c.BlockSize, "cache-block-size", "frame size of the disk block cache, a power of two from 4KiB to 1MiB")
+}
