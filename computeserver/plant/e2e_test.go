@@ -29,7 +29,7 @@ import (
 
 // computeServer is an in-process compute server with a client.
 type computeServer struct {
-	*computeserver.Plant
+	*computeserver.Server
 	dir    string
 	plants computev1.PlantServiceClient
 	stop   func()
@@ -54,7 +54,7 @@ func startCompute(t *testing.T, upstream string) *computeServer {
 		t.Fatal(err)
 	}
 	var once sync.Once
-	cs := &computeServer{Plant: pl, dir: dir, plants: computev1.NewPlantServiceClient(cc)}
+	cs := &computeServer{Server: pl, dir: dir, plants: computev1.NewPlantServiceClient(cc)}
 	cs.stop = func() { once.Do(func() { cc.Close(); cancel(); <-done }) }
 	t.Cleanup(cs.stop)
 	return cs
