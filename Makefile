@@ -1,8 +1,9 @@
 # vmgrid — build, generate, test.
 #
 #   make run        build and run the demo (see README)
-#   make test       everything CI checks: formatting, vet, stale protos, tests with -race
+#   make test       everything CI checks: formatting, vet, stale protos, wire compatibility, tests with -race
 #   make proto      regenerate Go code from proto/ (buf + local plugins)
+#   make proto-image  record proto/image.binpb, the wire API check-breaking keeps when HEAD~1 is absent
 #   make bench      run the benchmarks (slow; not part of test)
 #   make bench-clone  the GVFS cloning experiment (several minutes)
 
@@ -15,7 +16,7 @@ BUF_VERSION          := v1.75.0
 PROTOC_GEN_GO        := v1.36.12
 PROTOC_GEN_GO_GRPC   := v1.6.2
 
-.PHONY: all setup build run test unit check-fmt vet check-protos proto tools bench bench-clone clean
+.PHONY: all setup build run test unit check-fmt vet check-protos check-breaking proto proto-image tools bench bench-clone clean
 
 all: build
 
@@ -57,6 +58,21 @@ check-protos: tools
 	done
 	@echo "generated code is up to date"
 
+# Wire compatibility: the protos must not break the previous commit's. A
+# shallow clone (CI) may lack HEAD~1: then the baseline is the committed
+# image proto/image.binpb (make proto-image records it, at a release).
+check-breaking: tools
+	@if git rev-parse -q --verify HEAD~1 >/dev/null 2>&1; then \
+		buf breaking --against '.git#ref=HEAD~1'; \
+	else \
+		echo "no previous commit (shallow clone): checking against proto/image.binpb"; \
+		buf breaking --against proto/image.binpb; \
+	fi
+	@echo "protos are wire compatible"
+
+proto-image: tools
+	buf build -o proto/image.binpb
+
 check-fmt:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
@@ -67,7 +83,7 @@ vet:
 unit:
 	$(GO) test -race -timeout 20m ./...
 
-test: check-fmt vet check-protos unit
+test: check-fmt vet check-protos check-breaking unit
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./imageserver/

@@ -21,69 +21,52 @@ type CacheProxyConfig struct {
 	UpstreamTLS services.TLSFiles
 	Compress    bool
 	DataDir     string
-	Cache       gvfs.CacheConfig
-	ReadAhead   int
-	// UpstreamRetry is how long reads wait for an upstream that is away
-	// (0: gvfs.DefaultConfig's).
-	UpstreamRetry time.Duration
+	// Proxy is the data plane: cache geometry, read-ahead, how long reads
+	// wait for an absent upstream (its Upstream, Dir and Logger are set by
+	// StartCacheProxy).
+	Proxy gvfs.Config
 }
 
 // CacheProxy is a running cache proxy: ImageService over a cache.
 type CacheProxy struct {
-	Server *services.Server
-	Proxy  *gvfs.Proxy
+	*services.Role
+	Proxy *gvfs.Proxy
 }
 
-// StartCacheProxy opens the caches and starts serving the read API.
-func StartCacheProxy(cfg CacheProxyConfig) (*CacheProxy, error) {
+// StartCacheProxy opens the caches and starts listening; serve with Serve,
+// stop with Close.
+func StartCacheProxy(_ context.Context, cfg CacheProxyConfig) (_ *CacheProxy, err error) {
+	var undo services.Undo
+	defer undo.OnError(&err)
 	log := services.LoggerOr(cfg.Server.Logger)
 	up, err := gvfs.DialUpstream(cfg.Upstream, cfg.UpstreamTLS, cfg.Compress)
 	if err != nil {
 		return nil, err
 	}
-	p, err := gvfs.New(gvfs.Config{
-		Upstream: up, Dir: cfg.DataDir, Cache: cfg.Cache, ReadAhead: cfg.ReadAhead,
-		UpstreamRetry: cfg.UpstreamRetry, FlushIdle: -1, Logger: log,
-	})
+	undo.Push(func() { up.Close() })
+	pc := cfg.Proxy
+	pc.Upstream, pc.Dir, pc.FlushIdle, pc.Logger = up, cfg.DataDir, -1, log
+	p, err := gvfs.New(pc)
 	if err != nil {
-		up.Close()
 		return nil, err
 	}
+	undo.Push(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		p.Close(ctx)
+	})
 	svc, err := cacheproxy.NewService(p)
-	if err == nil {
-		var srv *services.Server
-		srv, err = services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
-			svc.Register(gs)
-			return p.RegisterMetrics(reg)
-		})
-		if err == nil {
-			log.Info("cache proxy ready", zap.String("upstream", cfg.Upstream))
-			return &CacheProxy{Server: srv, Proxy: p}, nil
-		}
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	p.Close(ctx)
-	up.Close()
-	return nil, fmt.Errorf("cache proxy: %w", err)
-}
-
-// Close stops serving and closes the caches.
-func (c *CacheProxy) Close() {
-	c.Server.Shutdown()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c.Proxy.Close(ctx)
-	c.Proxy.Upstream().Close()
-}
-
-// RunCacheProxy serves until ctx ends.
-func RunCacheProxy(ctx context.Context, cfg CacheProxyConfig) error {
-	c, err := StartCacheProxy(cfg)
 	if err != nil {
-		return err
+		return nil, fmt.Errorf("cache proxy: %w", err)
 	}
-	err = c.Server.Serve(ctx)
-	c.Close()
-	return err
+	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
+		svc.Register(gs)
+		return p.RegisterMetrics(reg)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cache proxy: %w", err)
+	}
+	undo.Push(srv.Shutdown)
+	log.Info("cache proxy ready", zap.String("upstream", cfg.Upstream))
+	return &CacheProxy{Role: services.NewRole(srv, &undo), Proxy: p}, nil
 }

@@ -6,6 +6,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 )
@@ -15,7 +16,7 @@ import (
 func TestFlushNames(t *testing.T) {
 	is := testutil.StartServer(t, "")
 	publishDisk(t, is.Client, make([]byte, 1<<20))
-	pl := servePlant(t, Config{Upstream: is.Srv.Addr(), DataDir: t.TempDir(), FlushIdle: -1})
+	pl := servePlant(t, Config{Upstream: is.Srv.Addr(), DataDir: t.TempDir(), Proxy: gvfs.Config{FlushIdle: -1}})
 	cache := cacheClient(t, pl.Server.Addr())
 	for _, c := range []struct {
 		disk string

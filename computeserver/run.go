@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -36,18 +35,21 @@ type Config struct {
 	// unless Mountpoint is set).
 	DataDir    string
 	Mountpoint string
-	Cache      gvfs.CacheConfig
-	FlushIdle  time.Duration
-	ReadAhead  int
-	// Name of the plant in classads (default: the listen address).
+	// Proxy is the data plane: cache geometry, read-ahead, write-back on
+	// idle, how long reads wait for an absent upstream (its Upstream, Dir
+	// and Logger are set by Start).
+	Proxy gvfs.Config
+	// Name of the plant in classads (default: HOST-BASE, BASE the last
+	// element of DataDir).
 	Name string
-	// GuestMemoryMiB is what guests may use in all (0: 80% of RAM).
+	// GuestMemoryMiB is what guests may use in all (0: 80% of RAM; give
+	// each of several plants on one host its share).
 	GuestMemoryMiB uint64
 	// Driver runs the guests (nil: QEMU with TCG).
 	Driver vmm.Driver
-	// Etcd endpoints: when set the plant registers there and bids in the
+	// Etcd: with endpoints the plant registers there and bids in the
 	// shop's auctions.
-	Etcd []string
+	Etcd services.EtcdConfig
 	// Weights price an auction that carries no cost function of its own
 	// (shops send theirs).
 	Weights market.Weights
@@ -56,54 +58,97 @@ type Config struct {
 	DataToken string
 }
 
-// Plant is a running compute server.
-type Plant struct {
-	Server     *services.Server
+// Server is a running compute server: the data plane (Proxy, mounted at
+// Mountpoint) and the plant's production line (Line).
+type Server struct {
+	*services.Role
 	Proxy      *gvfs.Proxy
-	Plant      *plant.Plant
+	Line       *plant.Plant
 	Mountpoint string
 	log        *zap.Logger
-	market     func() // stops registration and bidding
 }
 
+// closeTimeout bounds stopping the VMs and writing dirty disks back.
+const closeTimeout = time.Minute
+
 // Start opens the caches, writes back dirty blocks left by a previous run,
-// mounts the FUSE view and starts the gRPC server.
-func Start(ctx context.Context, cfg Config) (*Plant, error) {
-	log := cfg.Server.Logger
-	if log == nil {
-		log = zap.NewNop()
-	}
-	up, err := gvfs.DialUpstream(cfg.Upstream, cfg.UpstreamTLS, cfg.Compress)
+// mounts the FUSE view, starts the production line and the gRPC server and
+// joins the market; serve with Serve, stop with Close.
+func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
+	var undo services.Undo
+	defer undo.OnError(&err)
+	log := services.LoggerOr(cfg.Server.Logger)
+	p, err := openProxy(ctx, cfg, log, &undo)
 	if err != nil {
 		return nil, err
-	}
-	p, err := gvfs.New(gvfs.Config{
-		Upstream: up, Dir: filepath.Join(cfg.DataDir, "cache"), Cache: cfg.Cache,
-		FlushIdle: cfg.FlushIdle, ReadAhead: cfg.ReadAhead, Logger: log,
-	})
-	if err != nil {
-		up.Close()
-		return nil, err
-	}
-	fail := func(err error) (*Plant, error) {
-		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		p.Close(cctx)
-		up.Close()
-		return nil, err
-	}
-	if flushed, err := p.FlushAll(ctx); err != nil {
-		log.Warn("write-back of dirty blocks from the previous run failed; they stay dirty", zap.Error(err))
-	} else if len(flushed) > 0 {
-		log.Info("wrote back dirty blocks from the previous run", zap.Int("disks", len(flushed)))
 	}
 	mnt := cfg.Mountpoint
 	if mnt == "" {
 		mnt = filepath.Join(cfg.DataDir, "mnt")
 	}
 	if _, err := fuseview.Mount(mnt, p, fuseview.MountOptions{Logger: log}); err != nil {
-		return fail(err)
+		return nil, err // closing the proxy unmounts
 	}
+	pl, err := startLine(cfg, mnt, p, log)
+	if err != nil {
+		return nil, err
+	}
+	undo.Push(func() {
+		cctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+		defer cancel()
+		pl.Close(cctx)
+	})
+	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
+		computev1.RegisterCacheServiceServer(gs, &cacheService{p: p})
+		computev1.RegisterPlantServiceServer(gs, &plantService{p: pl, images: p.Upstream().Client})
+		return p.RegisterMetrics(reg)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("compute server: %w", err)
+	}
+	undo.Push(srv.Shutdown)
+	log.Info("FUSE view mounted", zap.String("mountpoint", mnt), zap.String("upstream", cfg.Upstream))
+	if len(cfg.Etcd.Endpoints) > 0 {
+		stop, err := joinMarket(cfg, srv.Addr(), pl, log)
+		if err != nil {
+			return nil, err
+		}
+		undo.Push(stop)
+	}
+	return &Server{Role: services.NewRole(srv, &undo), Proxy: p, Line: pl, Mountpoint: mnt, log: log}, nil
+}
+
+// openProxy dials the upstream and opens the caches (pushing their closing
+// on undo), then writes back what a previous run left dirty.
+func openProxy(ctx context.Context, cfg Config, log *zap.Logger, undo *services.Undo) (*gvfs.Proxy, error) {
+	up, err := gvfs.DialUpstream(cfg.Upstream, cfg.UpstreamTLS, cfg.Compress)
+	if err != nil {
+		return nil, err
+	}
+	undo.Push(func() { up.Close() })
+	pc := cfg.Proxy
+	pc.Upstream, pc.Dir, pc.Logger = up, filepath.Join(cfg.DataDir, "cache"), log
+	p, err := gvfs.New(pc)
+	if err != nil {
+		return nil, err
+	}
+	undo.Push(func() {
+		cctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+		defer cancel()
+		if err := p.Close(cctx); err != nil {
+			log.Warn("closing the data plane", zap.Error(err))
+		}
+	})
+	if flushed, err := p.FlushAll(ctx); err != nil {
+		log.Warn("write-back of dirty blocks from the previous run failed; they stay dirty", zap.Error(err))
+	} else if len(flushed) > 0 {
+		log.Info("wrote back dirty blocks from the previous run", zap.Int("disks", len(flushed)))
+	}
+	return p, nil
+}
+
+// startLine starts the plant's production line over the view at mnt.
+func startLine(cfg Config, mnt string, p *gvfs.Proxy, log *zap.Logger) (*plant.Plant, error) {
 	name := cfg.Name
 	if name == "" {
 		host, _ := os.Hostname()
@@ -113,39 +158,17 @@ func Start(ctx context.Context, cfg Config) (*Plant, error) {
 	if driver == nil {
 		driver = &vmm.QEMU{Logger: log}
 	}
-	pl, err := plant.New(plant.Config{
+	return plant.New(plant.Config{
 		Name: name, Dir: filepath.Join(cfg.DataDir, "vms"), Mountpoint: mnt, Proxy: p,
 		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, Logger: log, DataToken: cfg.DataToken, DataTLS: cfg.Server.TLS,
 	})
-	if err != nil {
-		return fail(err)
-	}
-	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
-		computev1.RegisterCacheServiceServer(gs, &cacheService{p: p})
-		computev1.RegisterPlantServiceServer(gs, &plantService{p: pl, images: up.Client})
-		return p.RegisterMetrics(reg)
-	})
-	if err != nil {
-		return fail(fmt.Errorf("compute server: %w", err))
-	}
-	log.Info("FUSE view mounted", zap.String("mountpoint", mnt), zap.String("upstream", cfg.Upstream))
-	out := &Plant{Server: srv, Proxy: p, Plant: pl, Mountpoint: mnt, log: log, market: func() {}}
-	if len(cfg.Etcd) > 0 {
-		stop, err := joinMarket(cfg, srv.Addr(), pl, log)
-		if err != nil {
-			srv.Shutdown()
-			pl.Close(ctx)
-			return fail(err)
-		}
-		out.market = stop
-	}
-	return out, nil
 }
 
 // Serve serves until ctx ends; SIGUSR1 flushes every dirty disk (as in the
 // GVFS paper, middleware signals the proxy to write back). At the end the
-// view is unmounted and dirty disks are written back.
-func (pl *Plant) Serve(ctx context.Context) error {
+// server is closed: the VMs stop, the view is unmounted and dirty disks are
+// written back.
+func (s *Server) Serve(ctx context.Context) error {
 	usr1 := make(chan os.Signal, 1)
 	signal.Notify(usr1, syscall.SIGUSR1)
 	defer signal.Stop(usr1)
@@ -155,54 +178,40 @@ func (pl *Plant) Serve(ctx context.Context) error {
 			case <-ctx.Done():
 				return
 			case <-usr1:
-				pl.log.Info("SIGUSR1: writing back every dirty disk")
-				if _, err := pl.Proxy.FlushAll(ctx); err != nil {
-					pl.log.Warn("write-back failed", zap.Error(err))
+				s.log.Info("SIGUSR1: writing back every dirty disk")
+				if _, err := s.Proxy.FlushAll(ctx); err != nil {
+					s.log.Warn("write-back failed", zap.Error(err))
 				}
 			}
 		}
 	}()
-	err := pl.Server.Serve(ctx)
-	pl.Close()
-	return err
-}
-
-// Close stops serving, stops the VMs, unmounts the view and writes back
-// dirty disks.
-func (pl *Plant) Close() {
-	pl.market()
-	pl.Server.Shutdown()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	pl.Plant.Close(ctx)
-	if err := pl.Proxy.Close(ctx); err != nil {
-		pl.log.Warn("closing the data plane", zap.Error(err))
-	}
-	pl.Proxy.Upstream().Close()
+	return s.Role.Serve(ctx)
 }
 
 // Run starts a compute server and serves until ctx ends.
 func Run(ctx context.Context, cfg Config) error {
-	pl, err := Start(ctx, cfg)
+	s, err := Start(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	return pl.Serve(ctx)
+	return s.Serve(ctx)
 }
 
 // joinMarket registers the plant in etcd under a session lease and answers
-// the shop's auctions with the cost function's bids.
-func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (func(), error) {
-	cli, err := clientv3.New(clientv3.Config{Endpoints: cfg.Etcd, DialTimeout: 5 * time.Second,
-		Logger: services.Quieter(log.Named("etcd-client"), zap.WarnLevel)})
+// the shop's auctions with the cost function's bids; stop leaves.
+func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (stop func(), err error) {
+	var undo services.Undo
+	defer undo.OnError(&err)
+	cli, err := cfg.Etcd.New(log)
 	if err != nil {
-		return nil, fmt.Errorf("etcd %v: %w", cfg.Etcd, err)
+		return nil, err
 	}
+	undo.Push(func() { cli.Close() })
 	sess, err := concurrency.NewSession(cli, concurrency.WithTTL(5))
 	if err != nil {
-		cli.Close()
 		return nil, fmt.Errorf("etcd session: %w", err)
 	}
+	undo.Push(func() { sess.Close() }) // revokes the lease: the plant leaves the registry now
 	w := cfg.Weights
 	if w == (market.Weights{}) {
 		w = market.DefaultWeights()
@@ -213,30 +222,20 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (func
 			Running: o.Running, Domains: o.Domains, Images: o.Images}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	undo.Push(cancel)
 	// Bidding first: a shop that sees the plant registered gets its bids.
 	done, err := market.StartBidder(ctx, cli, pl.Offer().Name, func(a market.Auction) market.Bid {
 		return market.Quote(w, info(), a)
 	}, log)
 	if err != nil {
-		cancel()
-		sess.Close()
-		cli.Close()
 		return nil, fmt.Errorf("etcd: %w", err)
 	}
+	undo.Push(func() { cancel(); <-done })
 	registered, err := market.Register(ctx, sess, info, 100*time.Millisecond, log)
 	if err != nil {
-		cancel()
-		<-done
-		sess.Close()
-		cli.Close()
 		return nil, err
 	}
-	log.Info("plant joined the market", zap.Strings("etcd", cfg.Etcd), zap.String("addr", addr))
-	return func() {
-		cancel()
-		<-done
-		<-registered
-		sess.Close() // revokes the lease: the plant leaves the registry now
-		cli.Close()
-	}, nil
+	undo.Push(func() { cancel(); <-registered })
+	log.Info("plant joined the market", zap.Strings("etcd", cfg.Etcd.Endpoints), zap.String("addr", addr))
+	return undo.Run, nil
 }

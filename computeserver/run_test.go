@@ -14,6 +14,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
@@ -40,7 +41,7 @@ func ctxT(t *testing.T) context.Context {
 
 // servePlant starts a compute server in-process and serves it until the
 // test ends.
-func servePlant(t *testing.T, cfg Config) *Plant {
+func servePlant(t *testing.T, cfg Config) *Server {
 	t.Helper()
 	cfg.Server = services.Options{Name: "computeserver", Listen: "127.0.0.1:0", ShutdownTimeout: 5 * time.Second}
 	pl, err := Start(ctxT(t), cfg)
@@ -125,7 +126,7 @@ func TestPlant(t *testing.T) {
 	testutil.RandomData(rand.New(rand.NewPCG(1, 1)), golden[:size/2]) // the rest zero
 	publishDisk(t, is.Client, golden)
 
-	cp, err := StartCacheProxy(CacheProxyConfig{
+	cp, err := StartCacheProxy(context.Background(), CacheProxyConfig{
 		Server:   services.Options{Name: "cacheproxy", Listen: "127.0.0.1:0", ShutdownTimeout: 5 * time.Second},
 		Upstream: is.Srv.Addr(), DataDir: t.TempDir(),
 	})
@@ -134,14 +135,14 @@ func TestPlant(t *testing.T) {
 	}
 	cpCtx, cpCancel := context.WithCancel(context.Background())
 	cpDone := make(chan error, 1)
-	go func() { cpDone <- cp.Server.Serve(cpCtx) }()
+	go func() { cpDone <- cp.Serve(cpCtx) }()
 	t.Cleanup(func() { // after the plant's cleanup: it reads through the proxy
 		cpCancel()
 		<-cpDone
 		cp.Close()
 	})
 
-	pl := servePlant(t, Config{Upstream: cp.Server.Addr(), DataDir: t.TempDir(), FlushIdle: 300 * time.Millisecond})
+	pl := servePlant(t, Config{Upstream: cp.Server.Addr(), DataDir: t.TempDir(), Proxy: gvfs.Config{FlushIdle: 300 * time.Millisecond}})
 	cs := cacheClient(t, pl.Server.Addr())
 	path := filepath.Join(pl.Mountpoint, "disk", "disk.raw")
 	got, err := os.ReadFile(filepath.Join(pl.Mountpoint, "golden", "disk.raw"))

@@ -41,10 +41,10 @@ func benchServer(b *testing.B) *dataclient.Client {
 	if err := tokens.Add("bench-token-1234", "bench"); err != nil {
 		b.Fatal(err)
 	}
-	srv, err := dataserver.Start(dataserver.Config{
-		Server:  services.Options{Name: "dataserver", Listen: "127.0.0.1:0"},
-		DataDir: benchDir(b),
-		Tokens:  tokens,
+	srv, err := dataserver.Start(context.Background(), dataserver.Config{
+		Server: services.Options{Name: "dataserver", Listen: "127.0.0.1:0"},
+		Store:  dataserver.StoreConfig{DataDir: benchDir(b)},
+		Tokens: tokens,
 	})
 	if err != nil {
 		b.Fatal(err)

@@ -5,7 +5,7 @@ import (
 	"errors"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap"
+	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
 
 	"github.com/vmgrid/vmgrid/services"
@@ -14,54 +14,78 @@ import (
 
 // Config is what `vmgrid dataserver` needs.
 type Config struct {
-	Server  services.Options
-	DataDir string
+	Server services.Options
+	Store  StoreConfig
 	// TokensFile maps bearer tokens to owners (see package auth); Tokens
 	// may be given instead. One of them is required: every file has an
 	// owner, so there are no anonymous calls.
 	TokensFile string
 	Tokens     *auth.Tokens
-	// MaxFileSize bounds one file (0: no limit but the disk).
-	MaxFileSize uint64
 }
 
-// Start opens the store and starts serving; the returned server is already
-// listening. Serve it with Server.Serve(ctx).
-func Start(cfg Config) (*services.Server, error) {
-	log := cfg.Server.Logger
-	if log == nil {
-		log = zap.NewNop()
+// DefaultConfig is the data server's defaults, the ones its flags show.
+func DefaultConfig() Config {
+	return Config{
+		Server: services.Options{Name: "dataserver", Listen: "127.0.0.1:7090", MetricsListen: "127.0.0.1:9090"},
+		Store:  DefaultStoreConfig(),
 	}
+}
+
+// AddFlags registers the data server's flags with c's values as defaults.
+func (c *Config) AddFlags(fs *pflag.FlagSet) {
+	c.Server.AddFlags(fs)
+	c.Store.AddFlags(fs)
+	fs.StringVar(&c.TokensFile, "tokens", c.TokensFile, `tokens file: one "TOKEN OWNER" pair per line (required)`)
+	c.Server.AddShutdownFlag(fs)
+}
+
+// Server is a running data server.
+type Server struct {
+	*services.Role
+	Store *Store
+}
+
+// Start opens the store and starts listening; serve with Serve, stop with
+// Close.
+func Start(_ context.Context, cfg Config) (_ *Server, err error) {
+	var undo services.Undo
+	defer undo.OnError(&err)
+	log := services.LoggerOr(cfg.Server.Logger)
 	tokens := cfg.Tokens
 	if tokens == nil {
 		if cfg.TokensFile == "" {
 			return nil, errors.New("the data server needs a tokens file (--tokens): every file has an owner")
 		}
-		var err error
 		if tokens, err = auth.Load(cfg.TokensFile); err != nil {
 			return nil, err
 		}
 	}
-	store, err := OpenStore(cfg.DataDir, log)
+	sc := cfg.Store
+	sc.Logger = log
+	store, err := sc.Open()
 	if err != nil {
 		return nil, err
 	}
-	store.MaxFileSize = cfg.MaxFileSize
 	opts := cfg.Server
 	opts.UnaryInterceptors = append(append([]grpc.UnaryServerInterceptor(nil), opts.UnaryInterceptors...), tokens.UnaryServerInterceptor())
 	opts.StreamInterceptors = append(append([]grpc.StreamServerInterceptor(nil), opts.StreamInterceptors...), tokens.StreamServerInterceptor())
-	return services.NewServer(opts, func(gs *grpc.Server, reg prometheus.Registerer) error {
+	srv, err := services.NewServer(opts, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		svc, err := NewService(store, log, reg)
 		if err == nil {
 			svc.Register(gs)
 		}
 		return err
 	})
+	if err != nil {
+		return nil, err
+	}
+	undo.Push(srv.Shutdown)
+	return &Server{Role: services.NewRole(srv, &undo), Store: store}, nil
 }
 
 // Run serves until ctx ends.
 func Run(ctx context.Context, cfg Config) error {
-	srv, err := Start(cfg)
+	srv, err := Start(ctx, cfg)
 	if err != nil {
 		return err
 	}

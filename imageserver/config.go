@@ -26,12 +26,11 @@ func DefaultStoreConfig() StoreConfig {
 	return StoreConfig{DataDir: "/var/lib/vmgrid/images", BlockSize: blockproto.DefaultBlockSize}
 }
 
-// AddFlags registers the store's flags (--data-dir, --block-size) with the
-// defaults of DefaultStoreConfig.
+// AddFlags registers the store's flags (--data-dir, --block-size) with c's
+// values (DefaultStoreConfig's, usually) as defaults.
 func (c *StoreConfig) AddFlags(fs *pflag.FlagSet) {
-	d := DefaultStoreConfig()
-	fs.StringVar(&c.DataDir, "data-dir", d.DataDir, "directory holding the images")
-	fs.Uint32Var(&c.BlockSize, "block-size", d.BlockSize, "default block size of published files in bytes, a power of two from 4096 to 1048576")
+	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory holding the images")
+	fs.Uint32Var(&c.BlockSize, "block-size", c.BlockSize, "default block size of published files in bytes, a power of two from 4096 to 1048576")
 }
 
 // Open opens the store c describes (see OpenStore).

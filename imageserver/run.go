@@ -4,7 +4,7 @@ import (
 	"context"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap"
+	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
 
 	"github.com/vmgrid/vmgrid/services"
@@ -12,38 +12,60 @@ import (
 
 // Config is what `vmgrid imageserver` needs.
 type Config struct {
-	Server  services.Options
-	DataDir string
-	// BlockSize is the default block size of published files (0: 64 KiB).
-	BlockSize uint32
+	Server services.Options
+	Store  StoreConfig
 }
 
-// Start opens the store and starts serving; the returned server is already
-// listening. Serve it with Server.Serve(ctx).
-func Start(cfg Config) (*services.Server, error) {
-	log := cfg.Server.Logger
-	if log == nil {
-		log = zap.NewNop()
+// DefaultConfig is the image server's defaults, the ones its flags show.
+func DefaultConfig() Config {
+	return Config{
+		Server: services.Options{Name: "imageserver", Listen: "127.0.0.1:7070", MetricsListen: "127.0.0.1:9070"},
+		Store:  DefaultStoreConfig(),
 	}
-	store, err := OpenStore(cfg.DataDir, log)
+}
+
+// AddFlags registers the image server's flags with c's values as defaults.
+func (c *Config) AddFlags(fs *pflag.FlagSet) {
+	c.Server.AddFlags(fs)
+	c.Store.AddFlags(fs)
+	c.Server.AddShutdownFlag(fs)
+}
+
+// Server is a running image server.
+type Server struct {
+	*services.Role
+	Store *Store
+}
+
+// Start opens the store and starts listening; serve with Serve, stop with
+// Close.
+func Start(_ context.Context, cfg Config) (_ *Server, err error) {
+	var undo services.Undo
+	defer undo.OnError(&err)
+	log := services.LoggerOr(cfg.Server.Logger)
+	sc := cfg.Store
+	sc.Logger = log
+	store, err := sc.Open()
 	if err != nil {
 		return nil, err
 	}
-	if cfg.BlockSize != 0 {
-		store.defaultBlockSize = cfg.BlockSize
-	}
-	return services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
+	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		svc, err := NewService(store, log, reg)
 		if err == nil {
 			svc.Register(gs)
 		}
 		return err
 	})
+	if err != nil {
+		return nil, err
+	}
+	undo.Push(srv.Shutdown)
+	return &Server{Role: services.NewRole(srv, &undo), Store: store}, nil
 }
 
 // Run serves until ctx ends.
 func Run(ctx context.Context, cfg Config) error {
-	srv, err := Start(cfg)
+	srv, err := Start(ctx, cfg)
 	if err != nil {
 		return err
 	}

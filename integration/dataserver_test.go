@@ -40,7 +40,7 @@ const (
 type dataServer struct {
 	dir        string
 	tokens     *auth.Tokens
-	srv        *services.Server
+	srv        *dataserver.Server
 	alice, bob *dataclient.Client
 }
 
@@ -64,10 +64,10 @@ func startDataServer(t *testing.T) *dataServer {
 // stopped when the test ends.
 func (d *dataServer) serve(t *testing.T, addr string) {
 	t.Helper()
-	srv, err := dataserver.Start(dataserver.Config{
-		Server:  services.Options{Name: "dataserver", Listen: addr, Logger: zaptest.NewLogger(t, zaptest.Level(zapcore.InfoLevel)), ShutdownTimeout: 5 * time.Second},
-		DataDir: d.dir,
-		Tokens:  d.tokens,
+	srv, err := dataserver.Start(context.Background(), dataserver.Config{
+		Server: services.Options{Name: "dataserver", Listen: addr, Logger: zaptest.NewLogger(t, zaptest.Level(zapcore.InfoLevel)), ShutdownTimeout: 5 * time.Second},
+		Store:  dataserver.StoreConfig{DataDir: d.dir},
+		Tokens: d.tokens,
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -1,12 +1,16 @@
 package services
 
 import (
+	"context"
 	"fmt"
 	"math/bits"
 	"sync"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/mem"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/protoadapt"
 )
@@ -97,4 +101,51 @@ func (p *pow2Pool) Put(b *[]byte) {
 		return
 	}
 	p.classes[bits.Len(uint(c))-1-minClass].Put(b)
+}
+
+// serverCodec is Codec for servers. A request that does not parse is the
+// caller's mistake (InvalidArgument), but gRPC answers Internal for any
+// codec error, and for unary calls before any interceptor runs. So the
+// server's codec leaves the message as it is, notes the error, and the
+// decode interceptors (installed by NewServer with this codec) answer it.
+type serverCodec struct{ codec }
+
+// decodeErrs maps a message that did not parse to its error, from the
+// codec to the interceptor of the same call.
+var decodeErrs sync.Map
+
+func (serverCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	err := codec{}.Unmarshal(data, v)
+	if _, ok := messageOf(v); err != nil && ok {
+		decodeErrs.Store(v, err)
+		return nil
+	}
+	return err
+}
+
+func decodeErr(m any) error {
+	if e, ok := decodeErrs.LoadAndDelete(m); ok {
+		return status.Errorf(codes.InvalidArgument, "malformed request message: %v", e)
+	}
+	return nil
+}
+
+func unaryDecodeErrors(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	if err := decodeErr(req); err != nil {
+		return nil, err
+	}
+	return h(ctx, req)
+}
+
+func streamDecodeErrors(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	return h(srv, decodeStream{ss})
+}
+
+type decodeStream struct{ grpc.ServerStream }
+
+func (s decodeStream) RecvMsg(m any) error {
+	if err := s.ServerStream.RecvMsg(m); err != nil {
+		return err
+	}
+	return decodeErr(m)
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -35,10 +36,17 @@ const (
 	initialWindowSize     = 16 << 20
 	initialConnWindowSize = 64 << 20
 	bufferSize            = 1 << 20
-	// MaxMessageSize bounds every message on the wire. Requests carry their
-	// own tighter limits in Validate, so a too-big payload gets
-	// InvalidArgument with a useful message instead of a transport error.
+	// MaxMessageSize bounds what a client accepts from the servers it chose
+	// to dial (a full manifest of a large image is tens of MiB).
 	MaxMessageSize = 256 << 20
+	// DefaultMaxRecvMsgSize bounds what a server reads of one request
+	// message. gRPC reads a unary request whole before any interceptor (so
+	// before authentication) runs: a large limit lets anyone who can
+	// connect make the server allocate it. Streams carry data in chunks of
+	// at most 4 MiB (PublishData, UploadRequest), so 4 MiB and room for the
+	// envelope is enough for every method but WriteBlocks (see
+	// Options.MaxRecvMsgSize). Requests carry tighter limits in Validate.
+	DefaultMaxRecvMsgSize = 4<<20 + 64<<10
 )
 
 // Options configure a Server.
@@ -60,6 +68,21 @@ type Options struct {
 	// Registry receives the gRPC metrics and the service's own; a new one is
 	// made when nil (so several servers can live in one process).
 	Registry *prometheus.Registry
+	// MaxRecvMsgSize bounds one received message (0: DefaultMaxRecvMsgSize);
+	// raise it only for a server with a method that needs it.
+	MaxRecvMsgSize int
+}
+
+// AddFlags registers --listen and --metrics-listen with o's values as
+// defaults.
+func (o *Options) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.Listen, "listen", o.Listen, "gRPC address to listen on")
+	fs.StringVar(&o.MetricsListen, "metrics-listen", o.MetricsListen, "Prometheus /metrics address (empty: off)")
+}
+
+// AddShutdownFlag registers --shutdown-timeout.
+func (o *Options) AddShutdownFlag(fs *pflag.FlagSet) {
+	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", o.ShutdownTimeout, "how long a graceful stop waits for running calls (0: 10s)")
 }
 
 // Server is a gRPC server with everything every vmgrid service has.
@@ -81,11 +104,7 @@ type Server struct {
 // interceptor chain and calls register to add the service implementations
 // and their metrics; an error from register is returned as it is.
 func NewServer(opts Options, register func(s *grpc.Server, reg prometheus.Registerer) error) (*Server, error) {
-	log := opts.Logger
-	if log == nil {
-		log = zap.NewNop()
-	}
-	log = log.With(zap.String("service", opts.Name))
+	log := LoggerOr(opts.Logger).With(zap.String("service", opts.Name))
 	reg := opts.Registry
 	if reg == nil {
 		reg = prometheus.NewRegistry()
@@ -95,51 +114,10 @@ func NewServer(opts Options, register func(s *grpc.Server, reg prometheus.Regist
 	if err := reg.Register(metrics); err != nil {
 		return nil, fmt.Errorf("metrics: %w", err)
 	}
-
-	recoveryOpt := recovery.WithRecoveryHandler(func(p any) error {
-		log.Error("panic in handler", zap.Any("panic", p), zap.Stack("stack"))
-		return status.Errorf(codes.Internal, "internal error: %v", p)
-	})
-	logOpts := []logging.Option{
-		logging.WithLogOnEvents(logging.FinishCall),
-		logging.WithLevels(codeToLevel),
-		logging.WithErrorFields(func(error) logging.Fields { return nil }),
+	serverOpts, err := serverOptions(opts, metrics, log)
+	if err != nil {
+		return nil, err
 	}
-	zl := InterceptorLogger(log)
-
-	serverOpts := []grpc.ServerOption{
-		grpc.ChainUnaryInterceptor(append(append([]grpc.UnaryServerInterceptor{
-			metrics.UnaryServerInterceptor(),
-			logging.UnaryServerInterceptor(zl, logOpts...),
-			unaryErrors,
-		}, opts.UnaryInterceptors...),
-			validator.UnaryServerInterceptor(),
-			recovery.UnaryServerInterceptor(recoveryOpt),
-		)...),
-		grpc.ChainStreamInterceptor(append(append([]grpc.StreamServerInterceptor{
-			metrics.StreamServerInterceptor(),
-			logging.StreamServerInterceptor(zl, logOpts...),
-			streamErrors,
-		}, opts.StreamInterceptors...),
-			validator.StreamServerInterceptor(),
-			recovery.StreamServerInterceptor(recoveryOpt),
-		)...),
-		grpc.InitialWindowSize(initialWindowSize),
-		grpc.InitialConnWindowSize(initialConnWindowSize),
-		grpc.WriteBufferSize(bufferSize),
-		grpc.ReadBufferSize(bufferSize),
-		grpc.MaxRecvMsgSize(MaxMessageSize),
-		grpc.MaxSendMsgSize(MaxMessageSize),
-		grpc.ForceServerCodecV2(Codec),
-	}
-	if opts.TLS.Enabled() {
-		cfg, err := opts.TLS.serverConfig()
-		if err != nil {
-			return nil, err
-		}
-		serverOpts = append(serverOpts, grpc.Creds(credentials.NewTLS(cfg)))
-	}
-
 	gs := grpc.NewServer(serverOpts...)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
@@ -151,27 +129,91 @@ func NewServer(opts Options, register func(s *grpc.Server, reg prometheus.Regist
 	for name := range gs.GetServiceInfo() {
 		hs.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
 	}
-
-	lis, err := net.Listen("tcp", opts.Listen)
-	if err != nil {
-		return nil, fmt.Errorf("listen %s: %w", opts.Listen, err)
-	}
-	s := &Server{GRPC: gs, Health: hs, Registry: reg, log: log, lis: lis, timeout: opts.ShutdownTimeout}
+	s := &Server{GRPC: gs, Health: hs, Registry: reg, log: log, timeout: opts.ShutdownTimeout}
 	if s.timeout <= 0 {
 		s.timeout = 10 * time.Second
 	}
-	if opts.MetricsListen != "" {
-		mlis, err := net.Listen("tcp", opts.MetricsListen)
-		if err != nil {
-			lis.Close()
-			return nil, fmt.Errorf("listen %s (metrics): %w", opts.MetricsListen, err)
-		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-		s.mlis = mlis
-		s.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	if err := s.listen(opts.Listen, opts.MetricsListen); err != nil {
+		return nil, err
 	}
 	return s, nil
+}
+
+// serverOptions is the interceptor chain (metrics, logging, errors, the
+// caller's, decode errors, validation, recovery) and the transport tuning.
+func serverOptions(opts Options, metrics *grpcprom.ServerMetrics, log *zap.Logger) ([]grpc.ServerOption, error) {
+	recoveryOpt := recovery.WithRecoveryHandler(func(p any) error {
+		log.Error("panic in handler", zap.Any("panic", p), zap.Stack("stack"))
+		return status.Errorf(codes.Internal, "internal error: %v", p)
+	})
+	logOpts := []logging.Option{
+		logging.WithLogOnEvents(logging.FinishCall),
+		logging.WithLevels(codeToLevel),
+		logging.WithErrorFields(func(error) logging.Fields { return nil }),
+	}
+	zl := InterceptorLogger(log)
+	maxRecv := opts.MaxRecvMsgSize
+	if maxRecv <= 0 {
+		maxRecv = DefaultMaxRecvMsgSize
+	}
+	serverOpts := []grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(append(append([]grpc.UnaryServerInterceptor{
+			metrics.UnaryServerInterceptor(),
+			logging.UnaryServerInterceptor(zl, logOpts...),
+			unaryErrors,
+			unaryDecodeErrors,
+		}, opts.UnaryInterceptors...),
+			validator.UnaryServerInterceptor(),
+			recovery.UnaryServerInterceptor(recoveryOpt),
+		)...),
+		grpc.ChainStreamInterceptor(append(append([]grpc.StreamServerInterceptor{
+			metrics.StreamServerInterceptor(),
+			logging.StreamServerInterceptor(zl, logOpts...),
+			streamErrors,
+			streamDecodeErrors,
+		}, opts.StreamInterceptors...),
+			validator.StreamServerInterceptor(),
+			recovery.StreamServerInterceptor(recoveryOpt),
+		)...),
+		grpc.InitialWindowSize(initialWindowSize),
+		grpc.InitialConnWindowSize(initialConnWindowSize),
+		grpc.WriteBufferSize(bufferSize),
+		grpc.ReadBufferSize(bufferSize),
+		grpc.MaxRecvMsgSize(maxRecv),
+		grpc.MaxSendMsgSize(MaxMessageSize),
+		grpc.ForceServerCodecV2(serverCodec{}),
+	}
+	if opts.TLS.Enabled() {
+		cfg, err := opts.TLS.serverConfig()
+		if err != nil {
+			return nil, err
+		}
+		serverOpts = append(serverOpts, grpc.Creds(credentials.NewTLS(cfg)))
+	}
+	return serverOpts, nil
+}
+
+// listen opens the gRPC listener and, when metricsAddr is set, the
+// /metrics one.
+func (s *Server) listen(addr, metricsAddr string) error {
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", addr, err)
+	}
+	s.lis = lis
+	if metricsAddr == "" {
+		return nil
+	}
+	mlis, err := net.Listen("tcp", metricsAddr)
+	if err != nil {
+		lis.Close()
+		return fmt.Errorf("listen %s (metrics): %w", metricsAddr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(s.Registry, promhttp.HandlerOpts{Registry: s.Registry}))
+	s.mlis = mlis
+	s.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	return nil
 }
 
 // Addr is the address the gRPC server listens on.

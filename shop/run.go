@@ -2,12 +2,12 @@ package shop
 
 import (
 	"context"
-	"fmt"
+	"errors"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
+	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
 
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
@@ -17,11 +17,13 @@ import (
 	"github.com/vmgrid/vmgrid/shop/market"
 )
 
-// RunConfig is what `vmgrid shop` needs.
+// RunConfig is what `vmgrid shop` needs (Config is the shop's logic's).
 type RunConfig struct {
-	Server          services.Options
-	Etcd            []string
-	Images          string // image server (or cache proxy) address
+	Server services.Options
+	Etcd   services.EtcdConfig
+	Images string // image server (or cache proxy) address
+	// TokensFile maps bearer tokens to owners; Tokens may be given instead.
+	TokensFile      string
 	Tokens          *auth.Tokens
 	Weights         market.Weights
 	AuctionDeadline time.Duration
@@ -32,65 +34,115 @@ type RunConfig struct {
 	DataServer string
 }
 
-// Server is a running shop.
-type Server struct {
-	*services.Server
-	Shop   *Shop
-	etcd   *clientv3.Client
-	images *grpc.ClientConn
+// DefaultRunConfig is the shop's defaults, the ones its flags show.
+func DefaultRunConfig() RunConfig {
+	return RunConfig{
+		Server:          services.Options{Name: "shop", Listen: "127.0.0.1:7060", MetricsListen: "127.0.0.1:9060"},
+		Etcd:            services.DefaultEtcdConfig(),
+		Images:          "127.0.0.1:7070",
+		TokensFile:      "/etc/vmgrid/tokens",
+		Weights:         market.DefaultWeights(),
+		AuctionDeadline: 500 * time.Millisecond,
+		Shortlist:       8,
+	}
 }
 
-// Start connects to etcd and the image server and starts serving.
-func Start(cfg RunConfig) (*Server, error) {
-	log := cfg.Server.Logger
-	if log == nil {
-		log = zap.NewNop()
-	}
-	if cfg.Tokens == nil {
-		return nil, fmt.Errorf("the shop needs a tokens file (owners authenticate with bearer tokens)")
-	}
-	cli, err := clientv3.New(market.ClientConfig(cfg.Etcd, services.Quieter(log.Named("etcd-client"), zap.WarnLevel)))
+// AddFlags registers the shop's flags with c's values as defaults.
+func (c *RunConfig) AddFlags(fs *pflag.FlagSet) {
+	c.Server.AddFlags(fs)
+	c.Etcd.AddFlags(fs, "etcd endpoints, comma separated")
+	fs.StringVar(&c.Images, "images", c.Images, "image server (the warehouse) to match requests against")
+	fs.StringVar(&c.TokensFile, "tokens", c.TokensFile, "tokens file: TOKEN OWNER per line")
+	fs.DurationVar(&c.AuctionDeadline, "auction-deadline", c.AuctionDeadline, "how long to wait for bids")
+	fs.Var(shortlistValue{&c.Shortlist}, "auction-shortlist", "invite the N plants (at most 100) whose registered offers cost least (0: every plant bids)")
+	fs.StringVar(&c.DataServer, "dataserver", c.DataServer, "data server that tasks stage files with (empty: no tasks)")
+	c.addWeightFlags(fs)
+}
+
+func (c *RunConfig) addWeightFlags(fs *pflag.FlagSet) {
+	w := &c.Weights
+	fs.Float64Var(&w.Compute, "cost-compute", w.Compute, "bid cost per VM running on a plant")
+	fs.Float64Var(&w.Network, "cost-network", w.Network, "bid cost of a new host-only network for a client domain")
+	fs.Float64Var(&w.CachePerGiB, "cost-cache-per-gib", w.CachePerGiB, "bid discount per GiB of the image a plant already holds")
+	fs.Float64Var(&w.Memory, "cost-memory", w.Memory, "bid cost times the fraction of a plant's guest memory in use")
+}
+
+// shortlistValue is --auction-shortlist: 0 (or less) on the command line is
+// an open auction, which Config spells -1 (its 0 is the default).
+type shortlistValue struct{ n *int }
+
+func (s shortlistValue) String() string { return strconv.Itoa(*s.n) }
+func (s shortlistValue) Type() string   { return "int" }
+func (s shortlistValue) Set(v string) error {
+	n, err := strconv.Atoi(v)
 	if err != nil {
-		return nil, fmt.Errorf("etcd %v: %w", cfg.Etcd, err)
+		return err
 	}
-	cc, err := services.Dial(cfg.Images, cfg.Server.TLS)
+	if n <= 0 {
+		n = -1
+	}
+	*s.n = n
+	return nil
+}
+
+// Server is a running shop.
+type Server struct {
+	*services.Role
+	Shop *Shop
+}
+
+// Start connects to etcd and the image server and starts listening; serve
+// with Serve, stop with Close.
+func Start(_ context.Context, cfg RunConfig) (_ *Server, err error) {
+	var undo services.Undo
+	defer undo.OnError(&err)
+	log := services.LoggerOr(cfg.Server.Logger)
+	tokens, err := cfg.tokens()
 	if err != nil {
-		cli.Close()
 		return nil, err
 	}
-	cfg.Server.UnaryInterceptors = append(cfg.Server.UnaryInterceptors, cfg.Tokens.UnaryServerInterceptor())
-	cfg.Server.StreamInterceptors = append(cfg.Server.StreamInterceptors, cfg.Tokens.StreamServerInterceptor())
+	cli, err := cfg.Etcd.New(log)
+	if err != nil {
+		return nil, err
+	}
+	undo.Push(func() { cli.Close() })
+	cc, err := services.Dial(cfg.Images, cfg.Server.TLS)
+	if err != nil {
+		return nil, err
+	}
+	undo.Push(func() { cc.Close() })
+	cfg.Server.UnaryInterceptors = append(cfg.Server.UnaryInterceptors, tokens.UnaryServerInterceptor())
+	cfg.Server.StreamInterceptors = append(cfg.Server.StreamInterceptors, tokens.StreamServerInterceptor())
 	var shop *Shop
 	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		var err error
 		shop, err = New(Config{Etcd: cli, Images: imageclient.NewClient(cc), Weights: cfg.Weights,
 			AuctionDeadline: cfg.AuctionDeadline, Shortlist: cfg.Shortlist, PlantTLS: cfg.Server.TLS, DataServer: cfg.DataServer, Logger: log}, reg)
-		if err == nil {
-			shopv1.RegisterShopServiceServer(gs, shop)
+		if err != nil {
+			return err
 		}
-		return err
+		undo.Push(shop.Close)
+		shopv1.RegisterShopServiceServer(gs, shop)
+		return nil
 	})
 	if err != nil {
-		cc.Close()
-		cli.Close()
 		return nil, err
 	}
+	undo.Push(srv.Shutdown)
 	if cfg.DataServer != "" {
 		if err := shop.startTasks(); err != nil {
-			srv.Shutdown()
-			cc.Close()
-			cli.Close()
 			return nil, err
 		}
 	}
-	return &Server{Server: srv, Shop: shop, etcd: cli, images: cc}, nil
+	return &Server{Role: services.NewRole(srv, &undo), Shop: shop}, nil
 }
 
-// Serve serves until ctx ends.
-func (s *Server) Serve(ctx context.Context) error {
-	err := s.Server.Serve(ctx)
-	s.Shop.Close()
-	s.images.Close()
-	s.etcd.Close()
-	return err
+func (c RunConfig) tokens() (*auth.Tokens, error) {
+	switch {
+	case c.Tokens != nil:
+		return c.Tokens, nil
+	case c.TokensFile != "":
+		return auth.Load(c.TokensFile)
+	}
+	return nil, errors.New("the shop needs a tokens file (owners authenticate with bearer tokens)")
 }

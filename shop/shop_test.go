@@ -65,7 +65,7 @@ func execA(id string, after []string, script string) *computev1.Action {
 func vmsOnPlants(t *testing.T, g *grid.Grid, id string) int {
 	n := 0
 	for _, p := range g.Plants {
-		if _, err := p.Plant.GetVM(id); err == nil {
+		if _, err := p.Line.GetVM(id); err == nil {
 			n++
 		}
 	}
@@ -78,7 +78,7 @@ func TestShop(t *testing.T) {
 	testutil.NeedQEMU(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	g, err := grid.Up(ctx, grid.Config{Dir: testutil.ShortTempDir(t), Plants: 3, Golden: "tiny", AgentPath: testutil.GuestAgent(t), NoFsync: true, Log: zaptest.NewLogger(t)})
+	g, err := grid.Up(ctx, grid.Config{Dir: testutil.ShortTempDir(t), Plants: 3, Golden: "tiny", AgentPath: testutil.GuestAgent(t), NoFsync: true, Logger: zaptest.NewLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,7 +155,7 @@ func TestShop(t *testing.T) {
 
 	t.Run("a shop restarted in between answers as before", func(t *testing.T) {
 		tokens, _ := auth.Load(g.TokensFile)
-		s2, err := shop.Start(shop.RunConfig{Server: services.Options{Listen: "127.0.0.1:0"}, Etcd: []string{g.Etcd.Endpoint}, Images: g.Images.Addr(), Tokens: tokens})
+		s2, err := shop.Start(ctx, shop.RunConfig{Server: services.Options{Listen: "127.0.0.1:0"}, Etcd: services.EtcdConfig{Endpoints: []string{g.Etcd.Endpoint}}, Images: g.Images.Addr(), Tokens: tokens})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -107,28 +107,25 @@ func (c CacheConfig) withDefaults() CacheConfig {
 
 // AddFlags registers the flags of a compute server's data plane
 // (--read-ahead, --flush-idle, --upstream-retry and the cache flags) with
-// the defaults of DefaultConfig.
+// c's values (DefaultConfig's, usually) as defaults.
 func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	c.AddCacheProxyFlags(fs)
-	fs.DurationVar(&c.FlushIdle, "flush-idle", DefaultConfig().FlushIdle, "write dirty disks back after this long without writes (negative: never on idle)")
+	fs.DurationVar(&c.FlushIdle, "flush-idle", c.FlushIdle, "write dirty disks back after this long without writes (negative: never on idle)")
 }
 
 // AddCacheProxyFlags registers the flags a cache proxy shares with a
 // compute server (every flag of AddFlags but --flush-idle: a cache proxy
 // holds no dirty disks).
 func (c *Config) AddCacheProxyFlags(fs *pflag.FlagSet) {
-	d := DefaultConfig()
-	fs.IntVar(&c.ReadAhead, "read-ahead", d.ReadAhead, "bytes to fetch ahead of a sequential reader")
-	fs.DurationVar(&c.UpstreamRetry, "upstream-retry", d.UpstreamRetry, "how long reads wait for an upstream that is away before they fail (negative: fail at once)")
+	fs.IntVar(&c.ReadAhead, "read-ahead", c.ReadAhead, "bytes to fetch ahead of a sequential reader")
+	fs.DurationVar(&c.UpstreamRetry, "upstream-retry", c.UpstreamRetry, "how long reads wait for an upstream that is away before they fail (negative: fail at once)")
 	c.Cache.AddFlags(fs)
 }
 
 // AddFlags registers --cache-size, --cache-ways and --cache-block-size with
-// the defaults of DefaultCacheConfig.
+// c's values as defaults.
 func (c *CacheConfig) AddFlags(fs *pflag.FlagSet) {
-	d := DefaultCacheConfig()
-	c.Capacity, c.BlockSize = d.Capacity, d.BlockSize
-	fs.Var(sizeFlag[int64]{&c.Capacity}, "cache-size", "capacity of the disk block cache")
-	fs.IntVar(&c.Ways, "cache-ways", d.Ways, "associativity of the disk block cache (frames per set)")
-	fs.Var(sizeFlag[int]{&c.BlockSize}, "cache-block-size", "frame size of the disk block cache, a power of two from 4KiB to 1MiB")
+	services.SizeVar(fs, &c.Capacity, "cache-size", "capacity of the disk block cache")
+	fs.IntVar(&c.Ways, "cache-ways", c.Ways, "associativity of the disk block cache (frames per set)")
+	services.SizeVar(fs, &c.BlockSize, "cache-block-size", "frame size of the disk block cache, a power of two from 4KiB to 1MiB")
 }

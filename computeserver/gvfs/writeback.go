@@ -277,8 +277,10 @@ func (p *Proxy) writeBack(ctx context.Context, disk string, blocks []uint64) (Di
 		return res, nil, err
 	}
 	seqs := make([]uint64, len(blocks))
-	const perMsg = 64
 	bs := p.cache.BlockSize()
+	// A message stays within what servers read of one request
+	// (services.DefaultMaxRecvMsgSize): at most 4 MiB of blocks.
+	perMsg := max(1, min(64, (4<<20)/int(bs)))
 	msg := &imagev1.WriteBlocksRequest{Disk: disk}
 	for i, idx := range blocks {
 		buf := make([]byte, bs)

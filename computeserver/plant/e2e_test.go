@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/vmgrid/vmgrid/computeserver"
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/computeserver/plant"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	"github.com/vmgrid/vmgrid/imagebuild"
@@ -29,7 +30,7 @@ import (
 
 // computeServer is an in-process compute server with a client.
 type computeServer struct {
-	*computeserver.Plant
+	*computeserver.Server
 	dir    string
 	plants computev1.PlantServiceClient
 	stop   func()
@@ -41,7 +42,7 @@ func startCompute(t *testing.T, upstream string, driver ...vmm.Driver) *computeS
 	ctx, cancel := context.WithCancel(context.Background())
 	cfg := computeserver.Config{
 		Server:   services.Options{Name: "computeserver", Listen: "127.0.0.1:0", Logger: zaptest.NewLogger(t)},
-		Upstream: upstream, DataDir: dir, FlushIdle: -1,
+		Upstream: upstream, DataDir: dir, Proxy: gvfs.Config{FlushIdle: -1},
 	}
 	if len(driver) > 0 {
 		cfg.Driver = driver[0]
@@ -58,7 +59,7 @@ func startCompute(t *testing.T, upstream string, driver ...vmm.Driver) *computeS
 		t.Fatal(err)
 	}
 	var once sync.Once
-	cs := &computeServer{Plant: pl, dir: dir, plants: computev1.NewPlantServiceClient(cc)}
+	cs := &computeServer{Server: pl, dir: dir, plants: computev1.NewPlantServiceClient(cc)}
 	cs.stop = func() { once.Do(func() { cc.Close(); cancel(); <-done }) }
 	t.Cleanup(cs.stop)
 	return cs

@@ -28,10 +28,10 @@ func startServer(t *testing.T) string {
 	if err := tokens.Add(token, "alice"); err != nil {
 		t.Fatal(err)
 	}
-	srv, err := dataserver.Start(dataserver.Config{
-		Server:  services.Options{Name: "dataserver", Listen: "127.0.0.1:0"},
-		DataDir: t.TempDir(),
-		Tokens:  tokens,
+	srv, err := dataserver.Start(context.Background(), dataserver.Config{
+		Server: services.Options{Name: "dataserver", Listen: "127.0.0.1:0"},
+		Store:  dataserver.StoreConfig{DataDir: t.TempDir()},
+		Tokens: tokens,
 	})
 	if err != nil {
 		t.Fatal(err)

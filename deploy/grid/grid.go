@@ -46,23 +46,28 @@ type Config struct {
 	Golden string
 	// AgentPath is the static guest agent put into golden images.
 	AgentPath string
+	// GuestMemoryMiB is what the guests of all plants may use together
+	// (0: 80% of the host's RAM); each plant gets an equal share, so plants
+	// on one host do not each count on the same memory.
+	GuestMemoryMiB uint64
 	// NoFsync runs etcd without fsync (tests).
 	NoFsync bool
-	Log     *zap.Logger
+	Logger  *zap.Logger
 }
 
 // Grid is a running grid.
 type Grid struct {
 	Etcd       *shop.EmbeddedEtcd
-	Images     *services.Server
-	Plants     []*computeserver.Plant
+	Images     *imageserver.Server
+	Plants     []*computeserver.Server
 	Shop       *shop.Server
-	Data       *services.Server
+	Data       *dataserver.Server
 	Token      string // a token of the owner "demo"
 	PlantToken string // the plants' service token (stage-in/out)
 	TokensFile string
 	log        *zap.Logger
-	stops      []func() // in start order; Close runs them backwards
+	tokens     *auth.Tokens
+	undo       services.Undo // Close runs it: the start, backwards
 }
 
 func freeAddr(host string, port int) (string, error) {
@@ -85,97 +90,123 @@ func Up(ctx context.Context, cfg Config) (g *Grid, err error) {
 	if cfg.Host == "" {
 		cfg.Host = "127.0.0.1"
 	}
-	log := cfg.Log
-	if log == nil {
-		log = zap.NewNop()
-	}
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return nil, err
 	}
-	g = &Grid{log: log}
-	defer func() {
-		if err != nil {
-			g.Close()
+	g = &Grid{log: services.LoggerOr(cfg.Logger)}
+	defer g.undo.OnError(&err)
+	for _, step := range []func(context.Context, Config) error{g.startEtcd, g.startImages, g.startData, g.startPlants, g.startShop} {
+		if err := step(ctx, cfg); err != nil {
+			return nil, err
 		}
-	}()
-	serve := func(f func(context.Context) error) {
-		sctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() { defer close(done); f(sctx) }()
-		g.stops = append(g.stops, func() { cancel(); <-done })
 	}
+	return g, nil
+}
 
+// serve serves r until Close.
+func (g *Grid) serve(r interface{ Serve(context.Context) error }) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Serve(ctx) }()
+	g.undo.Push(func() { cancel(); <-done })
+}
+
+func (g *Grid) startEtcd(_ context.Context, cfg Config) (err error) {
 	ca, _ := freeAddr(cfg.Host, 0)
 	pa, _ := freeAddr(cfg.Host, 0)
-	if g.Etcd, err = shop.StartEtcd(filepath.Join(cfg.Dir, "etcd"), ca, pa, cfg.NoFsync, log); err != nil {
-		return g, err
+	if g.Etcd, err = shop.StartEtcd(filepath.Join(cfg.Dir, "etcd"), ca, pa, cfg.NoFsync, g.log); err != nil {
+		return err
 	}
-	g.stops = append(g.stops, g.Etcd.Close)
-	etcd := []string{g.Etcd.Endpoint}
+	g.undo.Push(g.Etcd.Close)
+	return nil
+}
 
+// startImages starts the image server and builds the golden image into it
+// when it lacks it.
+func (g *Grid) startImages(ctx context.Context, cfg Config) error {
 	ia, err := freeAddr(cfg.Host, cfg.ImagesPort)
 	if err != nil {
-		return g, err
+		return err
 	}
-	g.Images, err = imageserver.Start(imageserver.Config{
-		Server:  services.Options{Name: "imageserver", Listen: ia, Logger: log.Named("imageserver")},
-		DataDir: filepath.Join(cfg.Dir, "images"),
-	})
-	if err != nil {
-		return g, err
+	if g.Images, err = imageserver.Start(ctx, imageserver.Config{
+		Server: services.Options{Name: "imageserver", Listen: ia, Logger: g.log.Named("imageserver")},
+		Store:  imageserver.StoreConfig{DataDir: filepath.Join(cfg.Dir, "images")},
+	}); err != nil {
+		return err
 	}
-	serve(g.Images.Serve)
+	g.serve(g.Images)
+	if cfg.Golden == "" {
+		return nil
+	}
+	return ensureGolden(ctx, cfg, g.Images.Addr(), g.log)
+}
 
-	if cfg.Golden != "" {
-		if err := ensureGolden(ctx, cfg, g.Images.Addr(), log); err != nil {
-			return g, err
-		}
+func (g *Grid) startData(ctx context.Context, cfg Config) (err error) {
+	if g.Token, g.PlantToken, g.TokensFile, err = tokensFile(cfg.Dir); err != nil {
+		return err
 	}
+	if g.tokens, err = auth.Load(g.TokensFile); err != nil {
+		return err
+	}
+	if g.Data, err = dataserver.Start(ctx, dataserver.Config{
+		Server: services.Options{Name: "dataserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: g.log.Named("dataserver")},
+		Store:  dataserver.StoreConfig{DataDir: filepath.Join(cfg.Dir, "data")}, Tokens: g.tokens,
+	}); err != nil {
+		return err
+	}
+	g.serve(g.Data)
+	return nil
+}
 
-	g.Token, g.PlantToken, g.TokensFile, err = tokensFile(cfg.Dir)
+func (g *Grid) startPlants(ctx context.Context, cfg Config) error {
+	memory, err := plantMemoryMiB(cfg)
 	if err != nil {
-		return g, err
+		return err
 	}
-	tokens, err := auth.Load(g.TokensFile)
-	if err != nil {
-		return g, err
-	}
-	g.Data, err = dataserver.Start(dataserver.Config{
-		Server:  services.Options{Name: "dataserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: log.Named("dataserver")},
-		DataDir: filepath.Join(cfg.Dir, "data"), Tokens: tokens,
-	})
-	if err != nil {
-		return g, err
-	}
-	serve(g.Data.Serve)
-
 	for i := range cfg.Plants {
 		pl, err := computeserver.Start(ctx, computeserver.Config{
 			DataToken: g.PlantToken,
-			Server:    services.Options{Name: "computeserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: log.Named(fmt.Sprintf("plant%d", i))},
+			Server:    services.Options{Name: "computeserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: g.log.Named(fmt.Sprintf("plant%d", i))},
 			Upstream:  g.Images.Addr(), DataDir: filepath.Join(cfg.Dir, fmt.Sprintf("p%d", i)),
-			Name: fmt.Sprintf("plant%d", i), Etcd: etcd,
+			Name: fmt.Sprintf("plant%d", i), Etcd: g.etcdConfig(), GuestMemoryMiB: memory,
 		})
 		if err != nil {
-			return g, fmt.Errorf("plant %d: %w", i, err)
+			return fmt.Errorf("plant %d: %w", i, err)
 		}
 		g.Plants = append(g.Plants, pl)
-		serve(pl.Serve)
+		g.serve(pl)
 	}
+	return nil
+}
 
+// plantMemoryMiB is each plant's share of the guest memory of the host.
+func plantMemoryMiB(cfg Config) (uint64, error) {
+	total := cfg.GuestMemoryMiB
+	if total == 0 {
+		total = plant.DefaultMemoryMiB()
+	}
+	return max(total/uint64(cfg.Plants), 1), nil
+}
+
+func (g *Grid) startShop(ctx context.Context, cfg Config) error {
 	sa, err := freeAddr(cfg.Host, cfg.ShopPort)
 	if err != nil {
-		return g, err
+		return err
 	}
-	g.Shop, err = shop.Start(shop.RunConfig{
-		Server: services.Options{Name: "shop", Listen: sa, Logger: log.Named("shop")},
-		Etcd:   etcd, Images: g.Images.Addr(), Tokens: tokens, DataServer: g.Data.Addr(),
-	})
-	if err != nil {
-		return g, err
+	if g.Shop, err = shop.Start(ctx, shop.RunConfig{
+		Server: services.Options{Name: "shop", Listen: sa, Logger: g.log.Named("shop")},
+		Etcd:   g.etcdConfig(), Images: g.Images.Addr(), Tokens: g.tokens, DataServer: g.Data.Addr(),
+	}); err != nil {
+		return err
 	}
-	serve(g.Shop.Serve)
-	return g, nil
+	g.serve(g.Shop)
+	return nil
+}
+
+func (g *Grid) etcdConfig() services.EtcdConfig {
+	c := services.DefaultEtcdConfig()
+	c.Endpoints = []string{g.Etcd.Endpoint}
+	return c
 }
 
 // tokensFile keeps a tokens file in dir with a token for the owner "demo"
@@ -238,10 +269,5 @@ func ensureGolden(ctx context.Context, cfg Config, images string, log *zap.Logge
 }
 
 // Close stops everything: the shop, the plants (their VMs are stopped and
-// views unmounted), the image server, etcd.
-func (g *Grid) Close() {
-	for i := len(g.stops) - 1; i >= 0; i-- {
-		g.stops[i]()
-	}
-	g.stops = nil
-}
+// views unmounted), the data and image servers, etcd.
+func (g *Grid) Close() { g.undo.Run() }

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
 
 	"github.com/vmgrid/vmgrid/computeserver/plant"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
@@ -47,9 +48,9 @@ type Options struct {
 	// WorkDir is where the run's temporary directory is made (default: the
 	// system's). Keep it short: unix sockets live below it.
 	WorkDir string
-	// Log receives progress; ServerLog the logs of the servers and guests
+	// Logger receives progress; ServerLogger the logs of the servers and guests
 	// the run starts (nil: Log at warn level).
-	Log, ServerLog *zap.Logger
+	Logger, ServerLogger *zap.Logger
 	// Rows to measure, by key (RowLocal, …; RowWarm comes with RowCold,
 	// RowLimit needs both RowLocal and RowCold); empty means every row.
 	Rows []string
@@ -137,18 +138,16 @@ func Run(ctx context.Context, opts Options) (res *Results, err error) {
 			return nil, fmt.Errorf("no row %q", k)
 		}
 	}
-	if opts.Log == nil {
-		opts.Log = zap.NewNop()
-	}
-	if opts.ServerLog == nil {
-		opts.ServerLog = services.Quieter(opts.Log, zap.WarnLevel)
+	opts.Logger = services.LoggerOr(opts.Logger)
+	if opts.ServerLogger == nil {
+		opts.ServerLogger = services.Quieter(opts.Logger, zap.WarnLevel)
 	}
 	for _, bin := range []string{"qemu-system-x86_64", "qemu-img", "qemu-nbd"} {
 		if _, err := exec.LookPath(bin); err != nil {
 			return nil, fmt.Errorf("%s is not installed (qemu-system-x86, qemu-utils): %w", bin, err)
 		}
 	}
-	b := &bench{opts: opts, log: opts.Log, srvLog: opts.ServerLog, rows: map[string]*Row{}}
+	b := &bench{opts: opts, log: opts.Logger, srvLog: opts.ServerLogger, rows: map[string]*Row{}}
 	b.driver = &vmm.QEMU{Logger: b.srvLog}
 	defer b.cleanup()
 	started := time.Now()
@@ -193,27 +192,50 @@ func (b *bench) setup(ctx context.Context, res *Results) error {
 			return err
 		}
 	}
-	isDir, err := b.dir("is")
+	images, cc, err := b.startImageServer(ctx)
 	if err != nil {
 		return err
 	}
-	srv, err := imageserver.Start(imageserver.Config{
-		Server:  services.Options{Name: "imageserver", Listen: "127.0.0.1:0", Logger: b.srvLog.Named("imageserver"), ShutdownTimeout: 5 * time.Second},
-		DataDir: isDir,
+	if err := b.buildGolden(ctx, cc, agentPath, res); err != nil {
+		return err
+	}
+	if err := b.startImageSide(ctx, images); err != nil {
+		return err
+	}
+	if !b.wants(RowL2) {
+		return nil
+	}
+	return b.startL2(ctx)
+}
+
+// startImageServer starts the in-process image server and a connection
+// to it.
+func (b *bench) startImageServer(ctx context.Context) (addr string, cc *grpc.ClientConn, err error) {
+	isDir, err := b.dir("is")
+	if err != nil {
+		return "", nil, err
+	}
+	srv, err := imageserver.Start(ctx, imageserver.Config{
+		Server: services.Options{Name: "imageserver", Listen: "127.0.0.1:0", Logger: b.srvLog.Named("imageserver"), ShutdownTimeout: 5 * time.Second},
+		Store:  imageserver.StoreConfig{DataDir: isDir},
 	})
 	if err != nil {
-		return fmt.Errorf("image server: %w", err)
+		return "", nil, fmt.Errorf("image server: %w", err)
 	}
 	sctx, stop := context.WithCancel(context.WithoutCancel(ctx))
 	served := make(chan struct{})
 	go func() { srv.Serve(sctx); close(served) }() //nolint:errcheck // logged by the server
 	b.defer_(func() { stop(); <-served })
-	cc, err := services.Dial(srv.Addr(), services.TLSFiles{})
-	if err != nil {
-		return err
+	if cc, err = services.Dial(srv.Addr(), services.TLSFiles{}); err != nil {
+		return "", nil, err
 	}
 	b.defer_(func() { cc.Close() })
+	return srv.Addr(), cc, nil
+}
 
+// buildGolden builds and publishes the golden image and copies its files
+// to the compute side's disk (the local row's).
+func (b *bench) buildGolden(ctx context.Context, cc *grpc.ClientConn, agentPath string, res *Results) error {
 	b.log.Info("building the golden image", zap.String("image", image))
 	start := time.Now()
 	gdir, err := b.dir("golden")
@@ -243,10 +265,15 @@ func (b *bench) setup(ctx context.Context, res *Results) error {
 		res.Golden.Size += size
 	}
 	b.log.Info("golden image published", zap.Duration("took", time.Since(start)), zap.Uint64("bytes", res.Golden.Size))
+	return nil
+}
 
+// startImageSide starts the WAN and exposes through it the image server,
+// a plain file server (the full copy row) and qemu-nbd (the NBD row).
+func (b *bench) startImageSide(ctx context.Context, images string) (err error) {
 	b.wan = NewWAN(b.opts.RTT, b.opts.BandwidthMbit*1e6)
 	b.defer_(b.wan.Close)
-	if b.imagesWAN, err = b.wan.Expose("images", srv.Addr()); err != nil {
+	if b.imagesWAN, err = b.wan.Expose("images", images); err != nil {
 		return err
 	}
 	fs, err := startFileServer(b.goldenPath)
@@ -257,7 +284,7 @@ func (b *bench) setup(ctx context.Context, res *Results) error {
 	if b.copyWAN, err = b.wan.Expose("copy", fs.Addr()); err != nil {
 		return err
 	}
-	nbd, err := startNBD(ctx, b.goldenPath[plant.RootFile], gdir)
+	nbd, err := startNBD(ctx, b.goldenPath[plant.RootFile], filepath.Join(b.work, "golden"))
 	if err != nil {
 		return err
 	}
@@ -267,11 +294,12 @@ func (b *bench) setup(ctx context.Context, res *Results) error {
 		return err
 	}
 	b.nbdURL = "nbd://" + nbdWAN + "/" + nbdExport
+	return nil
+}
 
-	if !b.wants(RowL2) {
-		return nil
-	}
-	// The second-level cache, warmed by one clone through it.
+// startL2 starts the second-level cache and warms it by one clone
+// through it.
+func (b *bench) startL2(ctx context.Context) (err error) {
 	l2Dir, err := b.dir("l2")
 	if err != nil {
 		return err

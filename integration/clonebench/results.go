@@ -148,58 +148,18 @@ var rowInfo = []rowDesc{
 // finish orders the rows, adds the limit row, and computes medians, ratios
 // and targets.
 func (b *bench) finish(res *Results) {
-	bps := b.opts.BandwidthMbit * 1e6
 	rtt := time.Duration(b.opts.RTT.Milliseconds()/2*2) * time.Millisecond
 	res.Settings = Settings{
 		RTTSeconds: rtt.Seconds(), BandwidthMbit: b.opts.BandwidthMbit, Repeats: b.opts.Repeats, Plants: b.opts.Plants, Compress: b.opts.Compress,
 		WAN:       "toxiproxy (in-process): latency toxic RTT/2 each way + bandwidth shared by every connection, per direction",
 		PageCache: "local files: fsync + posix_fadvise(DONTNEED) before each local run; vmgrid: fresh data dir and FUSE mount per cold plant",
 	}
-	if local, cold := b.rows[RowLocal], b.rows[RowCold]; local != nil && cold != nil {
-		lim := &Row{Key: RowLimit}
-		for i := range min(len(local.Runs), len(cold.Runs)) {
-			nd := cold.Runs[i].Needed
-			s := local.Runs[i].Seconds + rtt.Seconds()
-			if bps > 0 && nd != nil {
-				s += float64(nd.Compressed) * 8 / bps
-			}
-			r := Sample{Seconds: s}
-			if nd != nil {
-				r.WANDown = nd.Compressed
-			}
-			lim.Runs = append(lim.Runs, r)
-		}
-		b.rows[RowLimit] = lim
-	}
+	b.limitRow(rtt)
 	for _, info := range rowInfo {
-		row := b.rows[info.key]
-		if row == nil || len(row.Runs) == 0 {
-			continue
+		if row := b.rows[info.key]; row != nil && len(row.Runs) > 0 {
+			b.summarize(row, info)
+			res.Rows = append(res.Rows, row)
 		}
-		row.Name, row.How, row.Reference = info.name, info.how, info.ref
-		if info.perPlant {
-			row.Name += fmt.Sprintf(" ×%d", b.opts.Plants)
-		}
-		secs := make([]float64, len(row.Runs))
-		bytes := make([]float64, len(row.Runs))
-		phaseRuns := map[string][]float64{}
-		for i, r := range row.Runs {
-			secs[i] = r.Seconds
-			bytes[i] = float64(r.WANUp + r.WANDown)
-			for k, v := range r.Phases {
-				phaseRuns[k] = append(phaseRuns[k], v)
-			}
-		}
-		row.Median, row.Min, row.Max = stats(secs)
-		mb, _, _ := stats(bytes)
-		row.WANBytes = uint64(mb)
-		if len(phaseRuns) > 0 {
-			row.Phases = map[string]float64{}
-			for k, v := range phaseRuns {
-				row.Phases[k], _, _ = stats(v)
-			}
-		}
-		res.Rows = append(res.Rows, row)
 	}
 	full, local := res.Row(RowFullCopy), res.Row(RowLocal)
 	for _, row := range res.Rows {
@@ -210,6 +170,63 @@ func (b *bench) finish(res *Results) {
 			row.VsLocal = row.Median / local.Median
 		}
 	}
+	res.checkTargets()
+}
+
+// limitRow is the floor: local plus the compressed bytes a cold clone
+// needed over the bandwidth plus one round trip.
+func (b *bench) limitRow(rtt time.Duration) {
+	bps := b.opts.BandwidthMbit * 1e6
+	local, cold := b.rows[RowLocal], b.rows[RowCold]
+	if local == nil || cold == nil {
+		return
+	}
+	lim := &Row{Key: RowLimit}
+	for i := range min(len(local.Runs), len(cold.Runs)) {
+		nd := cold.Runs[i].Needed
+		s := local.Runs[i].Seconds + rtt.Seconds()
+		if bps > 0 && nd != nil {
+			s += float64(nd.Compressed) * 8 / bps
+		}
+		r := Sample{Seconds: s}
+		if nd != nil {
+			r.WANDown = nd.Compressed
+		}
+		lim.Runs = append(lim.Runs, r)
+	}
+	b.rows[RowLimit] = lim
+}
+
+// summarize names a row and computes its median, range, WAN bytes and
+// phase medians from its runs.
+func (b *bench) summarize(row *Row, info rowDesc) {
+	row.Name, row.How, row.Reference = info.name, info.how, info.ref
+	if info.perPlant {
+		row.Name += fmt.Sprintf(" ×%d", b.opts.Plants)
+	}
+	secs := make([]float64, len(row.Runs))
+	bytes := make([]float64, len(row.Runs))
+	phaseRuns := map[string][]float64{}
+	for i, r := range row.Runs {
+		secs[i] = r.Seconds
+		bytes[i] = float64(r.WANUp + r.WANDown)
+		for k, v := range r.Phases {
+			phaseRuns[k] = append(phaseRuns[k], v)
+		}
+	}
+	row.Median, row.Min, row.Max = stats(secs)
+	mb, _, _ := stats(bytes)
+	row.WANBytes = uint64(mb)
+	if len(phaseRuns) > 0 {
+		row.Phases = map[string]float64{}
+		for k, v := range phaseRuns {
+			row.Phases[k], _, _ = stats(v)
+		}
+	}
+}
+
+// checkTargets compares the rows with the paper's claims.
+func (res *Results) checkTargets() {
 	ratio := func(a, b string) float64 {
 		ra, rb := res.Row(a), res.Row(b)
 		if ra == nil || rb == nil || rb.Median == 0 {

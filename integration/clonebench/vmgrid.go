@@ -22,7 +22,7 @@ var benchCache = gvfs.CacheConfig{Capacity: 1 << 30, Ways: 8, BlockSize: 64 << 1
 
 // node is an in-process compute server and a client of its PlantService.
 type node struct {
-	*computeserver.Plant
+	*computeserver.Server
 	name   string
 	cc     *grpc.ClientConn
 	client computev1.PlantServiceClient
@@ -35,14 +35,14 @@ func startNode(ctx context.Context, name, dir, upstream string, compress bool, d
 	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	pl, err := computeserver.Start(sctx, computeserver.Config{
 		Server:   services.Options{Name: "computeserver", Listen: "127.0.0.1:0", Logger: log.Named(name), ShutdownTimeout: 5 * time.Second},
-		Upstream: upstream, Compress: compress, DataDir: dir, Cache: benchCache,
-		FlushIdle: -1, Name: name, Driver: driver,
+		Upstream: upstream, Compress: compress, DataDir: dir,
+		Proxy: gvfs.Config{Cache: benchCache, FlushIdle: -1}, Name: name, Driver: driver,
 	})
 	if err != nil {
 		cancel()
 		return nil, fmt.Errorf("compute server %s: %w", name, err)
 	}
-	n := &node{Plant: pl, name: name, cancel: cancel, served: make(chan struct{})}
+	n := &node{Server: pl, name: name, cancel: cancel, served: make(chan struct{})}
 	go func() { pl.Serve(sctx); close(n.served) }() //nolint:errcheck // Serve logs its own failures
 	if n.cc, err = services.Dial(pl.Server.Addr(), services.TLSFiles{}); err != nil {
 		n.Close()
@@ -137,16 +137,16 @@ type cacheProxy struct {
 }
 
 func startCacheProxy(ctx context.Context, dir, upstream string, compress bool, log *zap.Logger) (*cacheProxy, error) {
-	cp, err := computeserver.StartCacheProxy(computeserver.CacheProxyConfig{
+	cp, err := computeserver.StartCacheProxy(ctx, computeserver.CacheProxyConfig{
 		Server:   services.Options{Name: "cacheproxy", Listen: "127.0.0.1:0", Logger: log.Named("cacheproxy"), ShutdownTimeout: 5 * time.Second},
-		Upstream: upstream, Compress: compress, DataDir: dir, Cache: benchCache,
+		Upstream: upstream, Compress: compress, DataDir: dir, Proxy: gvfs.Config{Cache: benchCache},
 	})
 	if err != nil {
 		return nil, err
 	}
 	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	c := &cacheProxy{CacheProxy: cp, cancel: cancel, served: make(chan struct{})}
-	go func() { cp.Server.Serve(sctx); close(c.served) }() //nolint:errcheck // logged by the server
+	go func() { cp.Serve(sctx); close(c.served) }() //nolint:errcheck // logged by the server
 	if _, err := cp.Proxy.Upstream().List(ctx); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("cache proxy: upstream %s: %w", upstream, err)
@@ -154,10 +154,8 @@ func startCacheProxy(ctx context.Context, dir, upstream string, compress bool, l
 	return c, nil
 }
 
-func (c *cacheProxy) Addr() string { return c.Server.Addr() }
-
+// Close stops serving; Serve then closes the proxy.
 func (c *cacheProxy) Close() {
 	c.cancel()
 	<-c.served
-	c.CacheProxy.Close()
 }

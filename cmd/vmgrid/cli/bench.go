@@ -61,7 +61,7 @@ Results: a table on stdout, results.json and results.md in --out.`,
 				return err
 			}
 			defer log.Sync() //nolint:errcheck
-			o.Log = log.Named("bench")
+			o.Logger = log.Named("bench")
 			o.Command = commandLine(cmd)
 			log.Info("clone benchmark", zap.Duration("rtt", o.RTT), zap.Float64("bandwidth_mbit", o.BandwidthMbit),
 				zap.Int("repeats", o.Repeats), zap.Int("plants", o.Plants))

@@ -1,12 +1,19 @@
-// Package cli is the vmgrid command line: server roles and client verbs.
-// main only calls Main, so tests can drive the whole CLI in-process.
+// Package cli is the vmgrid command line: server roles and client verbs,
+// one file per command group (as etcdctl lays out its commands): up.go,
+// vm.go, task.go, data.go, image.go (image_build.go), cache.go, bench.go,
+// and one file per server role (shop.go, imageserver.go, dataserver.go,
+// computeserver.go, cacheproxy.go). dial.go holds what they share: the
+// address of the service a verb talks to, and the prologue of a server
+// role. main only calls Main, so tests can drive the whole CLI in-process.
 package cli
 
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -20,12 +27,20 @@ import (
 // Main runs the CLI with args (without the program name) and returns the
 // process exit code.
 func Main(args []string) int {
-	root := NewRoot()
-	root.SetArgs(args)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	return run(ctx, args, os.Stdout, os.Stderr)
+}
+
+// run is Main with its context and output given: a failure is one line
+// on stderr and exit code 1.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	root := NewRoot()
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
 	if err := root.ExecuteContext(ctx); err != nil {
-		fmt.Fprintln(os.Stderr, "vmgrid:", describe(err))
+		fmt.Fprintln(stderr, "vmgrid:", describe(err))
 		return 1
 	}
 	return 0
@@ -50,7 +65,7 @@ func (g *globals) logger() (*zap.Logger, error) { return services.NewLogger(g.lo
 // NewRoot builds the command tree.
 func NewRoot() *cobra.Command {
 	g := &globals{}
-	root := &cobra.Command{
+	root := group(&cobra.Command{
 		Use:   "vmgrid",
 		Short: "Provision virtual machines across many hosts, fast",
 		Long: `vmgrid provisions virtual machines from golden images kept on image servers.
@@ -63,13 +78,31 @@ Client verbs:   vmgrid image publish|ls|get|fetch|rm|create-disk
                 vmgrid data put|get|ls|stat|rm|grant|revoke|grants`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
-	}
+	}, upCmd(g), shopCmd(g), vmCmd(g), taskCmd(g), imageserverCmd(g), computeserverCmd(g), cacheproxyCmd(g),
+		imageCmd(g), cacheCmd(g), benchCmd(g), dataserverCmd(g), dataCmd(g))
 	pf := root.PersistentFlags()
 	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	pf.BoolVar(&g.logDev, "log-console", false, "human-readable console logs instead of JSON")
 	pf.StringVar(&g.tls.CertFile, "tls-cert", "", "PEM certificate (server: its certificate; client: a client certificate for mutual TLS)")
 	pf.StringVar(&g.tls.KeyFile, "tls-key", "", "PEM private key of --tls-cert")
 	pf.StringVar(&g.tls.CAFile, "tls-ca", "", "PEM CA bundle (server: require client certificates signed by it; client: trust servers signed by it)")
-	root.AddCommand(upCmd(g), shopCmd(g), vmCmd(g), taskCmd(g), imageserverCmd(g), computeserverCmd(g), cacheproxyCmd(g), imageCmd(g), cacheCmd(g), benchCmd(g), dataserverCmd(g), dataCmd(g))
 	return root
+}
+
+// group makes c a command group: run without a subcommand, or with one it
+// does not know, it fails with a one-line error (cobra would print the
+// help and exit 0).
+func group(c *cobra.Command, subs ...*cobra.Command) *cobra.Command {
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		if len(args) == 0 {
+			return fmt.Errorf("%s: missing subcommand (see %s --help)", cmd.CommandPath(), cmd.CommandPath())
+		}
+		return fmt.Errorf("%s: unknown subcommand %q (see %s --help)", cmd.CommandPath(), args[0], cmd.CommandPath())
+	}
+	c.AddCommand(subs...)
+	// A group runs only to fail, so its usage shows no "vmgrid vm [flags]"
+	// line of its own (subcommands inherit the template).
+	c.SetUsageTemplate(strings.Replace(c.UsageTemplate(), "Usage:{{if .Runnable}}",
+		"Usage:{{if and .Runnable (not .HasAvailableSubCommands)}}", 1))
+	return c
 }

@@ -11,60 +11,31 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
 	"github.com/vmgrid/vmgrid/dataserver/dataclient"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 )
 
+// dataFlags name the data server and the owner the data verbs act as.
 type dataFlags struct {
-	server string
-	token  string
-	owner  string
-	quiet  bool
+	service
+	owner string
+	quiet bool
 }
 
 func (f *dataFlags) client(g *globals) (*dataclient.Client, func(), error) {
-	if f.token == "" {
-		return nil, nil, errors.New("no token: pass --token or set VMGRID_TOKEN")
-	}
-	cc, err := dataclient.Dial(f.server, g.tls, f.token)
+	cl, done, err := connect(g, &f.service, dataclient.NewClient)
 	if err != nil {
 		return nil, nil, err
 	}
-	c := dataclient.NewClient(cc)
-	c.Owner = f.owner
-	return c, func() { cc.Close() }, nil
-}
-
-// bar returns a progress callback drawing a byte progress bar (none with
-// --quiet) and a function that finishes it.
-func (f *dataFlags) bar(desc string) (dataclient.Progress, func()) {
-	var b *progressbar.ProgressBar
-	progress := func(done, total uint64) {
-		if f.quiet {
-			return
-		}
-		if b == nil {
-			max := int64(total)
-			if total == 0 {
-				max = -1 // unknown: a spinner
-			}
-			b = progressbar.DefaultBytes(max, desc)
-		}
-		_ = b.Set64(int64(done))
-	}
-	return progress, func() {
-		if b != nil {
-			_ = b.Finish()
-		}
-	}
+	cl.Owner = f.owner
+	return cl, done, nil
 }
 
 func dataCmd(g *globals) *cobra.Command {
 	f := &dataFlags{}
-	c := &cobra.Command{
+	c := group(&cobra.Command{
 		Use:   "data",
 		Short: "Upload, download, list and delete your files on a data server",
 		Long: `Upload, download, list and delete your files on a data server.
@@ -72,17 +43,13 @@ func dataCmd(g *globals) *cobra.Command {
 Every file belongs to the owner of the token (--token, env VMGRID_TOKEN);
 remote paths are relative, e.g. in/video.mp4. With --owner you read files
 another owner shared with you (vmgrid data grant).`,
-	}
-	server := os.Getenv("VMGRID_DATASERVER")
-	if server == "" {
-		server = "127.0.0.1:7090"
-	}
+	}, dataPutCmd(g, f), dataGetCmd(g, f), dataListCmd(g, f), dataStatCmd(g, f), dataRmCmd(g, f),
+		dataGrantCmd(g, f, "grant", "Let another owner read your files under PREFIX (whole path components; default: all)"),
+		dataGrantCmd(g, f, "revoke", "Take back a grant"), dataGrantsCmd(g, f))
 	pf := c.PersistentFlags()
-	pf.StringVar(&f.server, "server", server, "data server address (env VMGRID_DATASERVER)")
-	pf.StringVar(&f.token, "token", os.Getenv("VMGRID_TOKEN"), "bearer token (env VMGRID_TOKEN)")
+	f.addrFlag(pf, "server", "VMGRID_DATASERVER", "127.0.0.1:7090", "data server")
+	f.tokenFlag(pf, "no token: pass --token or set VMGRID_TOKEN")
 	pf.StringVar(&f.owner, "owner", "", "read another owner's shared files (get, ls, stat)")
-	c.AddCommand(dataPutCmd(g, f), dataGetCmd(g, f), dataListCmd(g, f), dataStatCmd(g, f), dataRmCmd(g, f),
-		dataGrantCmd(g, f), dataRevokeCmd(g, f), dataGrantsCmd(g, f))
 	return c
 }
 
@@ -107,15 +74,15 @@ func dataPutCmd(g *globals, f *dataFlags) *cobra.Command {
 				return err
 			}
 			defer done()
-			progress, finish := f.bar("uploading " + remote)
+			update, finish := progress(cmd.ErrOrStderr(), f.quiet, "uploading "+remote)
 			start := time.Now()
 			var info *datav1.FileInfo
 			if local == "-" {
-				info, err = cl.UploadReader(cmd.Context(), os.Stdin, -1, remote, progress)
+				info, err = cl.UploadReader(cmd.Context(), os.Stdin, -1, remote, update)
 			} else {
-				info, err = cl.Upload(cmd.Context(), local, remote, progress)
+				info, err = cl.Upload(cmd.Context(), local, remote, update)
 			}
-			finish()
+			finish(err)
 			if err != nil {
 				return err
 			}
@@ -154,10 +121,10 @@ interruption resumes from LOCAL.partial.`,
 			if st, err := os.Stat(local); err == nil && st.IsDir() {
 				local = filepath.Join(local, path.Base(remote))
 			}
-			progress, finish := f.bar("downloading " + remote)
+			update, finish := progress(cmd.ErrOrStderr(), f.quiet, "downloading "+remote)
 			start := time.Now()
-			info, err := cl.Download(cmd.Context(), remote, local, progress)
-			finish()
+			info, err := cl.Download(cmd.Context(), remote, local, update)
+			finish(err)
 			if err != nil {
 				return err
 			}
@@ -245,10 +212,11 @@ func dataRmCmd(g *globals, f *dataFlags) *cobra.Command {
 	}
 }
 
-func dataGrantCmd(g *globals, f *dataFlags) *cobra.Command {
+// dataGrantCmd is grant and revoke: the same arguments, the opposite call.
+func dataGrantCmd(g *globals, f *dataFlags, verb, short string) *cobra.Command {
 	return &cobra.Command{
-		Use:   "grant OWNER [PREFIX]",
-		Short: "Let another owner read your files under PREFIX (whole path components; default: all)",
+		Use:   verb + " OWNER [PREFIX]",
+		Short: short,
 		Args:  cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			prefix := ""
@@ -260,34 +228,17 @@ func dataGrantCmd(g *globals, f *dataFlags) *cobra.Command {
 				return err
 			}
 			defer done()
+			if verb == "revoke" {
+				if err := cl.Revoke(cmd.Context(), args[0], prefix); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "revoked %s on %q\n", args[0], prefix)
+				return nil
+			}
 			if err := cl.Grant(cmd.Context(), args[0], prefix); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "%s may read %q\n", args[0], prefix)
-			return nil
-		},
-	}
-}
-
-func dataRevokeCmd(g *globals, f *dataFlags) *cobra.Command {
-	return &cobra.Command{
-		Use:   "revoke OWNER [PREFIX]",
-		Short: "Take back a grant",
-		Args:  cobra.RangeArgs(1, 2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			prefix := ""
-			if len(args) == 2 {
-				prefix = args[1]
-			}
-			cl, done, err := f.client(g)
-			if err != nil {
-				return err
-			}
-			defer done()
-			if err := cl.Revoke(cmd.Context(), args[0], prefix); err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "revoked %s on %q\n", args[0], prefix)
 			return nil
 		},
 	}

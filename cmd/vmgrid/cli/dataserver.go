@@ -1,15 +1,16 @@
 package cli
 
 import (
+	"context"
+
 	"github.com/spf13/cobra"
 
 	"github.com/vmgrid/vmgrid/dataserver"
 )
 
 func dataserverCmd(g *globals) *cobra.Command {
-	var cfg dataserver.Config
-	var maxFile int64
-	c := &cobra.Command{
+	cfg := dataserver.DefaultConfig()
+	c := serverCmd(g, &cobra.Command{
 		Use:   "dataserver",
 		Short: "Serve the data repository: task inputs and outputs, every file with an owner",
 		Long: `Serve the data repository (Goiri et al. §3): clients upload the input files
@@ -25,27 +26,8 @@ the client sends; files are stored under --data-dir sharded per owner.
 
 Health (grpc.health.v1) and server reflection are served on the gRPC port,
 Prometheus metrics on --metrics-listen at /metrics.`,
-		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := g.logger()
-			if err != nil {
-				return err
-			}
-			defer log.Sync() //nolint:errcheck
-			cfg.Server.Name = "dataserver"
-			cfg.Server.Logger = log
-			cfg.Server.TLS = g.tls
-			cfg.MaxFileSize = uint64(maxFile)
-			return dataserver.Run(cmd.Context(), cfg)
-		},
-	}
-	f := c.Flags()
-	f.StringVar(&cfg.Server.Listen, "listen", "127.0.0.1:7090", "gRPC address to listen on")
-	f.StringVar(&cfg.Server.MetricsListen, "metrics-listen", "127.0.0.1:9090", "Prometheus /metrics address (empty: off)")
-	f.StringVar(&cfg.DataDir, "data-dir", "/var/lib/vmgrid/data", "directory holding the files")
-	f.StringVar(&cfg.TokensFile, "tokens", "", `tokens file: one "TOKEN OWNER" pair per line (required)`)
-	f.Var(sizeValue{&maxFile}, "max-file-size", "largest file accepted, e.g. 100GiB (0: no limit but the disk)")
-	f.DurationVar(&cfg.Server.ShutdownTimeout, "shutdown-timeout", 0, "how long a graceful stop waits for running calls (0: 10s)")
+	}, &cfg.Server, func(ctx context.Context) error { return serve(ctx, dataserver.Start, cfg) })
+	cfg.AddFlags(c.Flags())
 	_ = c.MarkFlagRequired("tokens")
 	return c
 }

@@ -1,7 +1,7 @@
 package cli
 
 import (
-	"encoding/hex"
+	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,39 +10,27 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
-	"github.com/vmgrid/vmgrid/services"
 )
 
-type imageFlags struct {
-	server string
-}
+// imageFlags name the image server the image verbs talk to.
+type imageFlags struct{ service }
 
 func (f *imageFlags) client(g *globals) (*imageclient.Client, func(), error) {
-	cc, err := services.Dial(f.server, g.tls)
-	if err != nil {
-		return nil, nil, err
-	}
-	return imageclient.NewClient(cc), func() { cc.Close() }, nil
+	return connect(g, &f.service, imageclient.NewClient)
 }
 
 func imageCmd(g *globals) *cobra.Command {
 	f := &imageFlags{}
-	c := &cobra.Command{
+	c := group(&cobra.Command{
 		Use:   "image",
 		Short: "Publish, list, inspect, fetch and delete images on an image server",
-	}
-	def := os.Getenv("VMGRID_IMAGESERVER")
-	if def == "" {
-		def = "127.0.0.1:7070"
-	}
-	c.PersistentFlags().StringVar(&f.server, "server", def, "image server address (env VMGRID_IMAGESERVER)")
-	c.AddCommand(imagePublishCmd(g, f), imageBuildCmd(g, f), imageListCmd(g, f), imageGetCmd(g, f), imageRmCmd(g, f), imageFetchCmd(g, f), imageCreateDiskCmd(g, f))
+	}, imagePublishCmd(g, f), imageBuildCmd(g, f), imageListCmd(g, f), imageGetCmd(g, f), imageRmCmd(g, f), imageFetchCmd(g, f), imageCreateDiskCmd(g, f))
+	f.addrFlag(c.PersistentFlags(), "server", "VMGRID_IMAGESERVER", "127.0.0.1:7070", "image server")
 	return c
 }
 
@@ -109,21 +97,10 @@ func imagePublishCmd(g *globals, f *imageFlags) *cobra.Command {
 				return err
 			}
 			defer done()
-			var bar *progressbar.ProgressBar
-			progress := func(n, total uint64) {
-				if quiet {
-					return
-				}
-				if bar == nil {
-					bar = progressbar.DefaultBytes(int64(total), "publishing "+spec.Name)
-				}
-				_ = bar.Set64(int64(n))
-			}
+			update, finish := progress(cmd.ErrOrStderr(), quiet, "publishing "+spec.Name)
 			start := time.Now()
-			resp, err := cl.Publish(cmd.Context(), spec, progress)
-			if bar != nil {
-				_ = bar.Finish()
-			}
+			resp, err := cl.Publish(cmd.Context(), spec, update)
+			finish(err)
 			if err != nil {
 				return err
 			}
@@ -309,56 +286,75 @@ SHA-256.`,
 	return c
 }
 
-func fetchToFile(cmd *cobra.Command, cl *imageclient.Client, image, file, out string) error {
-	resp, err := cl.API.GetImage(cmd.Context(), &imagev1.GetImageRequest{Name: image})
+// fetchToFile downloads one file of an image into out.partial and renames
+// it to out once its SHA-256 matches. After a failed transfer out.partial
+// stays (what arrived is kept for a resumable fetch); a download that does
+// not match its digest is removed.
+func fetchToFile(cmd *cobra.Command, cl *imageclient.Client, image, file, out string) (err error) {
+	meta, err := fileMeta(cmd, cl, image, file)
 	if err != nil {
 		return err
-	}
-	var meta *imagev1.FileMeta
-	for _, fm := range resp.Manifest.Files {
-		if fm.Name == file {
-			meta = fm
-		}
-	}
-	if meta == nil {
-		return fmt.Errorf("image %s has no file %s", image, file)
 	}
 	tmp := out + ".partial"
 	w, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return err
 	}
-	defer os.Remove(tmp) // after a successful rename this does nothing
 	defer w.Close()
 	if err := w.Truncate(int64(meta.Size)); err != nil {
 		return err
 	}
-	bar := progressbar.DefaultBytes(int64(meta.Size), "fetching "+file)
+	update, finish := progress(cmd.ErrOrStderr(), false, "fetching "+file)
+	var done uint64
 	err = cl.FetchFile(cmd.Context(), image, file, 0, 3, func(off uint64, n uint32, data []byte) error {
 		if data != nil {
 			if _, err := w.WriteAt(data, int64(off)); err != nil {
 				return err
 			}
 		}
-		return bar.Add(int(n))
+		done += uint64(n)
+		update(done, meta.Size)
+		return nil
 	})
-	_ = bar.Finish()
+	finish(err)
 	if err != nil {
-		return err
+		return fmt.Errorf("fetching %s/%s (%s of %s arrived, kept in %s): %w", image, file, humanBytes(done), humanBytes(meta.Size), tmp, err)
 	}
-	if meta.Sha256 != nil {
-		sum, err := fileSHA256(w)
-		if err != nil {
-			return err
-		}
-		if hex.EncodeToString(sum) != hex.EncodeToString(meta.Sha256) {
-			return fmt.Errorf("%s: checksum mismatch after download; not saved", file)
-		}
+	if err := verify(w, meta); err != nil {
+		os.Remove(tmp)
+		return err
 	}
 	if err := w.Sync(); err != nil {
 		return err
 	}
 	return os.Rename(tmp, out)
+}
+
+func fileMeta(cmd *cobra.Command, cl *imageclient.Client, image, file string) (*imagev1.FileMeta, error) {
+	resp, err := cl.API.GetImage(cmd.Context(), &imagev1.GetImageRequest{Name: image})
+	if err != nil {
+		return nil, err
+	}
+	for _, fm := range resp.Manifest.Files {
+		if fm.Name == file {
+			return fm, nil
+		}
+	}
+	return nil, fmt.Errorf("image %s has no file %s", image, file)
+}
+
+func verify(f *os.File, meta *imagev1.FileMeta) error {
+	if meta.Sha256 == nil {
+		return nil
+	}
+	sum, err := fileSHA256(f)
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(sum, meta.Sha256) {
+		return fmt.Errorf("%s: checksum mismatch after download; not saved", meta.Name)
+	}
+	return nil
 }
 
 func imageCreateDiskCmd(g *globals, f *imageFlags) *cobra.Command {
@@ -386,17 +382,4 @@ func imageCreateDiskCmd(g *globals, f *imageFlags) *cobra.Command {
 	c.Flags().StringVar(&req.SourceFile, "file", "", "disk file of the image (default: its only disk)")
 	_ = c.MarkFlagRequired("from")
 	return c
-}
-
-func humanBytes(n uint64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%dB", n)
-	}
-	div, exp := uint64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f%ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

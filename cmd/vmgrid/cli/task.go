@@ -1,12 +1,9 @@
 package cli
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 	"time"
 
@@ -18,14 +15,17 @@ import (
 )
 
 func taskCmd(g *globals) *cobra.Command {
-	f := &vmFlags{shop: envOr("VMGRID_SHOP", "127.0.0.1:7060"), token: os.Getenv("VMGRID_TOKEN")}
-	c := &cobra.Command{Use: "task", Short: "Run commands in fresh VMs with files staged in and out (through a shop)"}
-	c.PersistentFlags().StringVar(&f.shop, "shop", f.shop, "shop address (env VMGRID_SHOP)")
-	c.PersistentFlags().StringVar(&f.token, "token", f.token, "bearer token (env VMGRID_TOKEN)")
+	s := &service{}
+	c := group(&cobra.Command{Use: "task", Short: "Run commands in fresh VMs with files staged in and out (through a shop)"},
+		taskSubmitCmd(g, s), taskGetCmd(g, s), taskWaitCmd(g, s), taskCancelCmd(g, s))
+	shopService(c, s)
+	return c
+}
 
-	req := &shopv1.SubmitTaskRequest{}
+func taskSubmitCmd(g *globals, s *service) *cobra.Command {
+	req := &shopv1.SubmitTaskRequest{Hardware: &computev1.Hardware{}}
 	var wait bool
-	submit := &cobra.Command{
+	c := &cobra.Command{
 		Use:   "submit --input PATH... -- COMMAND",
 		Short: "Submit a task: inputs from the data server, a command, outputs back",
 		Long: `Submit a task. The shop creates a VM whose data disk holds your --input files
@@ -40,11 +40,9 @@ fails — and destroys the VM.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			req.Command = strings.Join(args, " ")
 			if req.RequestId == "" {
-				var b [6]byte
-				_, _ = rand.Read(b[:])
-				req.RequestId = "task-" + hex.EncodeToString(b[:])
+				req.RequestId = randomID("task-")
 			}
-			cl, done, err := f.client(g)
+			cl, done, err := shopClient(g, s)
 			if err != nil {
 				return err
 			}
@@ -60,18 +58,20 @@ fails — and destroys the VM.`,
 			return waitTask(cmd, cl, t.TaskId)
 		},
 	}
-	fl := submit.Flags()
+	fl := c.Flags()
 	fl.StringVar(&req.RequestId, "request-id", "", "idempotency key (default: random)")
 	fl.StringArrayVar(&req.Inputs, "input", nil, "input file on the data server (repeat)")
 	fl.StringVar(&req.OutputPrefix, "output-prefix", "", "where outputs go on the data server (default tasks/TASK_ID/out)")
 	fl.StringVar(&req.Image, "image", "", "golden image (default: the best match)")
 	fl.Uint32Var(&req.TimeoutSeconds, "timeout-seconds", 0, "kill the command after this long (0: one hour)")
 	fl.BoolVar(&wait, "wait", false, "wait for the task to end (exit status: the task's)")
-	req.Hardware = &computev1.Hardware{}
+	return c
+}
 
-	get := &cobra.Command{Use: "get TASK", Short: "Print a task", Args: cobra.ExactArgs(1),
+func taskGetCmd(g *globals, s *service) *cobra.Command {
+	return &cobra.Command{Use: "get TASK", Short: "Print a task", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, done, err := f.client(g)
+			cl, done, err := shopClient(g, s)
 			if err != nil {
 				return err
 			}
@@ -84,18 +84,24 @@ fails — and destroys the VM.`,
 			fmt.Fprintln(cmd.OutOrStdout(), string(b))
 			return nil
 		}}
-	waitC := &cobra.Command{Use: "wait TASK", Short: "Follow a task to its end (exit status: the task's)", Args: cobra.ExactArgs(1),
+}
+
+func taskWaitCmd(g *globals, s *service) *cobra.Command {
+	return &cobra.Command{Use: "wait TASK", Short: "Follow a task to its end (exit status: the task's)", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, done, err := f.client(g)
+			cl, done, err := shopClient(g, s)
 			if err != nil {
 				return err
 			}
 			defer done()
 			return waitTask(cmd, cl, args[0])
 		}}
-	cancel := &cobra.Command{Use: "cancel TASK", Short: "Cancel a task (its VM is destroyed)", Args: cobra.ExactArgs(1),
+}
+
+func taskCancelCmd(g *globals, s *service) *cobra.Command {
+	return &cobra.Command{Use: "cancel TASK", Short: "Cancel a task (its VM is destroyed)", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, done, err := f.client(g)
+			cl, done, err := shopClient(g, s)
 			if err != nil {
 				return err
 			}
@@ -103,8 +109,6 @@ fails — and destroys the VM.`,
 			_, err = cl.CancelTask(cmd.Context(), &shopv1.GetTaskRequest{TaskId: args[0]})
 			return err
 		}}
-	c.AddCommand(submit, get, waitC, cancel)
-	return c
 }
 
 // errTaskFailed makes `vmgrid task wait` exit non-zero for a failed task.

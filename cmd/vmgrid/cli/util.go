@@ -4,6 +4,8 @@ import (
 	"crypto/sha256"
 	"io"
 	"os"
+
+	"github.com/vmgrid/vmgrid/services"
 )
 
 func fileSHA256(f *os.File) ([]byte, error) {
@@ -13,3 +15,5 @@ func fileSHA256(f *os.File) ([]byte, error) {
 	}
 	return h.Sum(nil), nil
 }
+
+func humanBytes(n uint64) string { return services.HumanBytes(n) }

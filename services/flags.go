@@ -1,26 +1,34 @@
-package gvfs
+package services
 
 import (
 	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/spf13/pflag"
 )
 
-// sizeFlag is a byte-size flag that accepts 4GiB, 64KiB, 512MiB or bytes,
-// and prints sizes the way the CLI always has (4.0GiB).
-type sizeFlag[T int | int64] struct{ n *T }
-
-func (s sizeFlag[T]) String() string { return humanBytes(uint64(*s.n)) }
-func (s sizeFlag[T]) Type() string   { return "size" }
-func (s sizeFlag[T]) Set(v string) error {
-	n, err := parseSize(v)
-	if err == nil {
-		*s.n = T(n)
-	}
-	return err
+// SizeVar registers a byte-size flag that accepts 4GiB, 64KiB, 512MiB or a
+// number of bytes; *p's value is the default.
+func SizeVar[T ~int | ~int64 | ~uint64](fs *pflag.FlagSet, p *T, name, usage string) {
+	fs.Var(sizeValue[T]{p}, name, usage)
 }
 
-func parseSize(v string) (int64, error) {
+type sizeValue[T ~int | ~int64 | ~uint64] struct{ p *T }
+
+func (s sizeValue[T]) String() string { return HumanBytes(uint64(*s.p)) }
+func (s sizeValue[T]) Type() string   { return "size" }
+func (s sizeValue[T]) Set(v string) error {
+	n, err := ParseSize(v)
+	if err != nil {
+		return err
+	}
+	*s.p = T(n)
+	return nil
+}
+
+// ParseSize parses a byte size with an optional binary unit.
+func ParseSize(v string) (int64, error) {
 	units := []struct {
 		suffix string
 		mult   int64
@@ -40,7 +48,8 @@ func parseSize(v string) (int64, error) {
 	return n * mult, nil
 }
 
-func humanBytes(n uint64) string {
+// HumanBytes prints n with a binary unit: 512B, 64.0KiB, 4.0GiB.
+func HumanBytes(n uint64) string {
 	const unit = 1024
 	if n < unit {
 		return fmt.Sprintf("%dB", n)

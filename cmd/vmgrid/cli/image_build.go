@@ -1,0 +1,122 @@
+package cli
+
+import (
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vmgrid/vmgrid/computeserver/plant"
+	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	"github.com/vmgrid/vmgrid/imagebuild"
+	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+	"github.com/vmgrid/vmgrid/services/errdefs"
+)
+
+// buildFlags are the flags of vmgrid image build.
+type buildFlags struct {
+	name, dagFile, keep, agentPath string
+	execs, kernelArgs              []string
+	vcpus, memoryMiB               int
+	diskMiB                        int64
+}
+
+func imageBuildCmd(g *globals, f *imageFlags) *cobra.Command {
+	b := &buildFlags{}
+	c := &cobra.Command{
+		Use:   "build RECIPE",
+		Short: "Build a golden image on this machine (boot it, configure it, suspend it) and publish it",
+		Long: `Build a golden image for real and publish it. The recipe "tiny" is Debian's
+cloud kernel (the package is fetched and cached), a small ext4 root disk with
+busybox and the guest agent (--agent; default vmgrid-agent beside this
+binary, or this binary, statically linked), booted under QEMU (with
+init_on_free=1) until the agent answers. The optional configuration actions
+(--exec, chained in order, or --dag FILE) run in the guest and are recorded
+with their digests, so requests whose DAG starts with them match the image
+and skip them. Then the guest's page cache is dropped, the guest is
+suspended to a memory state and the files are published as one image.`,
+		Example: `  vmgrid image build tiny
+  vmgrid image build tiny --name tiny-app --exec 'echo configured > /etc/app.conf'`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if args[0] != "tiny" {
+				return fmt.Errorf("unknown recipe %q: the recipes are: tiny", args[0])
+			}
+			if b.name == "" {
+				b.name = args[0]
+			}
+			return b.run(cmd, g, f)
+		},
+	}
+	fl := c.Flags()
+	fl.StringVar(&b.name, "name", "", "name of the published image (default: the recipe's)")
+	fl.StringArrayVar(&b.execs, "exec", nil, "shell command run in the guest before it is suspended; repeat (run in order)")
+	fl.StringVar(&b.dagFile, "dag", "", "file holding a configuration DAG as JSON, as for vmgrid vm create (instead of --exec)")
+	fl.IntVar(&b.vcpus, "vcpus", 1, "virtual CPUs")
+	fl.IntVar(&b.memoryMiB, "memory-mib", 256, "guest memory in MiB")
+	fl.Int64Var(&b.diskMiB, "disk-mib", 256, "root disk size in MiB")
+	fl.StringArrayVar(&b.kernelArgs, "kernel-arg", nil, "extra kernel command line argument; repeat")
+	fl.StringVar(&b.agentPath, "agent", "", "static guest agent binary (default: vmgrid-agent beside this binary, else this binary)")
+	fl.StringVar(&b.keep, "work-dir", "", "build here and keep the files (default: a temporary directory, removed)")
+	return c
+}
+
+func (b *buildFlags) run(cmd *cobra.Command, g *globals, f *imageFlags) error {
+	log, err := g.logger()
+	if err != nil {
+		return err
+	}
+	defer log.Sync() //nolint:errcheck
+	if b.agentPath == "" {
+		if b.agentPath, err = guestAgent(); err != nil {
+			return err
+		}
+	}
+	d, err := buildDAG(b.dagFile, "", "", "", b.execs)
+	if err != nil {
+		return err
+	}
+	cl, done, err := f.client(g)
+	if err != nil {
+		return err
+	}
+	defer done()
+	ctx := cmd.Context()
+	// A long build for a name that is taken would fail only at the end.
+	if _, err := cl.API.GetImage(ctx, &imagev1.GetImageRequest{Name: b.name}); err == nil {
+		return fmt.Errorf("image %q already exists on %s: remove it (vmgrid image rm %s) or pick --name", b.name, f.addr, b.name)
+	} else if !errdefs.IsNotFound(err) {
+		return err
+	}
+	work, cleanup, err := b.workDir()
+	if err != nil {
+		return err
+	}
+	defer cleanup()
+	start := time.Now()
+	gold, err := plant.BuildGolden(ctx, plant.GoldenOptions{
+		Name: b.name, WorkDir: work, Driver: &vmm.QEMU{Logger: log}, Publish: cl, Logger: log, Actions: d.Actions,
+		Recipe: &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": b.agentPath},
+			VCPUs: b.vcpus, MemoryMiB: b.memoryMiB, DiskSize: b.diskMiB << 20, ExtraCmdline: b.kernelArgs, Logger: log},
+	})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(cmd.OutOrStdout(), "built and published %s on %s in %s (%d files, %d actions performed)\n",
+		b.name, f.addr, time.Since(start).Round(time.Millisecond), len(gold.Files), len(gold.Attrs.Actions))
+	return nil
+}
+
+// workDir is --work-dir, kept, or a temporary directory that cleanup
+// removes.
+func (b *buildFlags) workDir() (dir string, cleanup func(), err error) {
+	if b.keep != "" {
+		return b.keep, func() {}, os.MkdirAll(b.keep, 0o755)
+	}
+	// Short: the build directory holds unix sockets.
+	if dir, err = os.MkdirTemp("/tmp", "vmgrid-build-"); err != nil {
+		return "", nil, err
+	}
+	return dir, func() { os.RemoveAll(dir) }, nil
+}

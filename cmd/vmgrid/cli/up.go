@@ -1,0 +1,117 @@
+package cli
+
+import (
+	"debug/elf"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vmgrid/vmgrid/deploy/grid"
+)
+
+func upCmd(g *globals) *cobra.Command {
+	var cfg grid.Config
+	c := &cobra.Command{
+		Use:   "up",
+		Short: "Start a whole grid on this machine: etcd, image server, plants, shop",
+		Long: `Start a whole grid on this machine in one process: an embedded etcd, an image
+server, --plants compute servers (each with its FUSE view under --dir) and
+the shop. The first start builds the tiny golden image (Debian's cloud
+kernel, busybox, the guest agent: vmgrid-agent beside this binary, or this
+binary) and publishes it. It writes
+DIR/env with the addresses and a token, and runs until interrupted.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			defer log.Sync() //nolint:errcheck
+			if cfg.Golden != "" {
+				if cfg.AgentPath, err = guestAgent(); err != nil {
+					return err
+				}
+			}
+			cfg.Logger = log
+			if cfg.Dir, err = filepath.Abs(cfg.Dir); err != nil {
+				return err
+			}
+			gr, err := grid.Up(cmd.Context(), cfg)
+			if err != nil {
+				return err
+			}
+			defer gr.Close()
+			envFile := filepath.Join(cfg.Dir, "env")
+			if err := writeEnv(envFile, gr); err != nil {
+				return err
+			}
+			printUp(cmd.OutOrStdout(), gr, envFile)
+			<-cmd.Context().Done() // Main's context ends on SIGINT and SIGTERM
+			fmt.Fprintln(cmd.OutOrStdout(), "stopping")
+			return nil
+		},
+	}
+	f := c.Flags()
+	f.StringVar(&cfg.Dir, "dir", "/var/lib/vmgrid/up", "directory for everything the grid keeps (short: unix sockets live below it)")
+	f.IntVar(&cfg.Plants, "plants", 2, "number of compute servers")
+	f.IntVar(&cfg.ShopPort, "shop-port", 7060, "shop port (0: any)")
+	f.IntVar(&cfg.ImagesPort, "images-port", 7070, "image server port (0: any)")
+	f.StringVar(&cfg.Golden, "golden", "tiny", "golden image to build and publish if missing (empty: none)")
+	f.Uint64Var(&cfg.GuestMemoryMiB, "guest-memory-mib", 0, "memory the guests of all plants may use together, divided among the plants (0: 80% of RAM)")
+	return c
+}
+
+// writeEnv writes the grid's addresses and token as shell exports.
+func writeEnv(file string, gr *grid.Grid) error {
+	env := fmt.Sprintf("export VMGRID_SHOP=%s\nexport VMGRID_TOKEN=%s\nexport VMGRID_IMAGESERVER=%s\nexport VMGRID_DATASERVER=%s\nexport VMGRID_ETCD=%s\n",
+		gr.Shop.Addr(), gr.Token, gr.Images.Addr(), gr.Data.Addr(), gr.Etcd.Endpoint)
+	for i, p := range gr.Plants {
+		env += fmt.Sprintf("export VMGRID_PLANT%d=%s\n", i, p.Addr())
+	}
+	return os.WriteFile(file, []byte(env), 0o600)
+}
+
+func printUp(out io.Writer, gr *grid.Grid, envFile string) {
+	fmt.Fprintf(out, "vmgrid is up: shop %s, image server %s, data server %s, etcd %s, %d plants\n", gr.Shop.Addr(), gr.Images.Addr(), gr.Data.Addr(), gr.Etcd.Endpoint, len(gr.Plants))
+	for i, p := range gr.Plants {
+		fmt.Fprintf(out, "  plant%d %s  view %s\n", i, p.Addr(), p.Mountpoint)
+	}
+	fmt.Fprintf(out, "owner \"demo\", tokens file %s\nuse it:  . %s && vmgrid vm create --hostname demo1\n", gr.TokensFile, envFile)
+}
+
+// guestAgent returns the static guest agent to put into golden images:
+// vmgrid-agent beside this executable (make build puts it there; being
+// small, it leaves less of itself in a golden image's memory state), or
+// this executable, which is the agent too when statically linked.
+func guestAgent() (string, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	if a := filepath.Join(filepath.Dir(exe), "vmgrid-agent"); isStatic(a) == nil {
+		return a, nil
+	}
+	if err := isStatic(exe); err != nil {
+		return "", err
+	}
+	return exe, nil
+}
+
+// isStatic checks that exe is a statically linked executable (it can run
+// inside a guest).
+func isStatic(exe string) error {
+	f, err := elf.Open(exe)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return fmt.Errorf("%s is dynamically linked; build it with CGO_ENABLED=0 (make build does) so it can be the guest agent", exe)
+		}
+	}
+	return nil
+}

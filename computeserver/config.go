@@ -1,0 +1,56 @@
+package computeserver
+
+import (
+	"github.com/spf13/pflag"
+
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
+	"github.com/vmgrid/vmgrid/services"
+)
+
+// DefaultConfig is the compute server's defaults, the ones its flags show.
+func DefaultConfig() Config {
+	return Config{
+		Server:   services.Options{Name: "computeserver", Listen: "127.0.0.1:7080", MetricsListen: "127.0.0.1:9080"},
+		Upstream: "127.0.0.1:7070",
+		DataDir:  "/var/lib/vmgrid/compute",
+		Proxy:    gvfs.DefaultConfig(),
+	}
+}
+
+// AddFlags registers the compute server's flags with c's values as
+// defaults.
+func (c *Config) AddFlags(fs *pflag.FlagSet) {
+	c.Server.AddFlags(fs)
+	addUpstreamFlags(fs, &c.Upstream, &c.Compress)
+	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for the caches")
+	fs.StringVar(&c.Mountpoint, "mountpoint", c.Mountpoint, "where to mount the FUSE view (default DATA-DIR/mnt)")
+	fs.StringVar(&c.Name, "name", c.Name, "plant name in classads and bids (default: HOST-DATADIR)")
+	c.Etcd.AddFlags(fs, "etcd endpoints: register there and bid in the shop's auctions")
+	fs.Uint64Var(&c.GuestMemoryMiB, "guest-memory-mib", c.GuestMemoryMiB, "memory guests may use in all (0: 80% of RAM)")
+	fs.StringVar(&c.DataToken, "data-token", c.DataToken, "service token of the data servers, for task stage-in/out (env VMGRID_DATA_TOKEN)")
+	c.Proxy.AddFlags(fs)
+}
+
+// DefaultCacheProxyConfig is the cache proxy's defaults, the ones its flags
+// show.
+func DefaultCacheProxyConfig() CacheProxyConfig {
+	return CacheProxyConfig{
+		Server:   services.Options{Name: "cacheproxy", Listen: "127.0.0.1:7071", MetricsListen: "127.0.0.1:9071"},
+		Upstream: "127.0.0.1:7070",
+		DataDir:  "/var/lib/vmgrid/cacheproxy",
+		Proxy:    gvfs.DefaultConfig(),
+	}
+}
+
+// AddFlags registers the cache proxy's flags with c's values as defaults.
+func (c *CacheProxyConfig) AddFlags(fs *pflag.FlagSet) {
+	c.Server.AddFlags(fs)
+	addUpstreamFlags(fs, &c.Upstream, &c.Compress)
+	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for the caches")
+	c.Proxy.AddCacheProxyFlags(fs)
+}
+
+func addUpstreamFlags(fs *pflag.FlagSet, upstream *string, compress *bool) {
+	fs.StringVar(upstream, "upstream", *upstream, "image server or cache proxy to read from")
+	fs.BoolVar(compress, "compress", *compress, "ask the upstream for zstd-compressed blocks (for slow links)")
+}
