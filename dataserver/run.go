@@ -21,6 +21,10 @@ type Config struct {
 	// owner, so there are no anonymous calls.
 	TokensFile string
 	Tokens     *auth.Tokens
+	// TaskKeyFile, when set, is the key (auth.NewTaskKeyFile) the shop
+	// signs task credentials with: plants present those to stage a task's
+	// files (its owner's to read, its output prefix to write).
+	TaskKeyFile string
 	// MaxFileSize bounds one file (0: no limit but the disk).
 	MaxFileSize uint64
 }
@@ -42,14 +46,21 @@ func Start(cfg Config) (*services.Server, error) {
 			return nil, err
 		}
 	}
+	a := &auth.Authenticator{Tokens: tokens, Policy: auth.DataPolicy()}
+	if cfg.TaskKeyFile != "" {
+		var err error
+		if a.TaskKey, err = auth.LoadTaskKey(cfg.TaskKeyFile); err != nil {
+			return nil, err
+		}
+	}
 	store, err := OpenStore(cfg.DataDir, log)
 	if err != nil {
 		return nil, err
 	}
 	store.MaxFileSize = cfg.MaxFileSize
 	opts := cfg.Server
-	opts.UnaryInterceptors = append(append([]grpc.UnaryServerInterceptor(nil), opts.UnaryInterceptors...), tokens.UnaryServerInterceptor())
-	opts.StreamInterceptors = append(append([]grpc.StreamServerInterceptor(nil), opts.StreamInterceptors...), tokens.StreamServerInterceptor())
+	opts.UnaryInterceptors = append(append([]grpc.UnaryServerInterceptor(nil), opts.UnaryInterceptors...), a.UnaryServerInterceptor())
+	opts.StreamInterceptors = append(append([]grpc.StreamServerInterceptor(nil), opts.StreamInterceptors...), a.StreamServerInterceptor())
 	return services.NewServer(opts, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		svc, err := NewService(store, log, reg)
 		if err == nil {

@@ -58,8 +58,9 @@ func Start(cfg RunConfig) (*Server, error) {
 		cli.Close()
 		return nil, err
 	}
-	cfg.Server.UnaryInterceptors = append(cfg.Server.UnaryInterceptors, cfg.Tokens.UnaryServerInterceptor())
-	cfg.Server.StreamInterceptors = append(cfg.Server.StreamInterceptors, cfg.Tokens.StreamServerInterceptor())
+	a := &auth.Authenticator{Tokens: cfg.Tokens, Policy: auth.ShopPolicy()}
+	cfg.Server.UnaryInterceptors = append(cfg.Server.UnaryInterceptors, a.UnaryServerInterceptor())
+	cfg.Server.StreamInterceptors = append(cfg.Server.StreamInterceptors, a.StreamServerInterceptor())
 	var shop *Shop
 	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		var err error

@@ -59,10 +59,13 @@ type Grid struct {
 	Shop       *shop.Server
 	Data       *services.Server
 	Token      string // a token of the owner "demo"
-	PlantToken string // the plants' service token (stage-in/out)
+	PlantToken string // the plants' service token
 	TokensFile string
-	log        *zap.Logger
-	stops      []func() // in start order; Close runs them backwards
+	// TaskKeyFile signs task credentials (the shop) and checks them (the
+	// data server): plants stage with those, not with a token of theirs.
+	TaskKeyFile string
+	log         *zap.Logger
+	stops       []func() // in start order; Close runs them backwards
 }
 
 func freeAddr(host string, port int) (string, error) {
@@ -140,9 +143,12 @@ func Up(ctx context.Context, cfg Config) (g *Grid, err error) {
 	if err != nil {
 		return g, err
 	}
+	if g.TaskKeyFile, err = taskKeyFile(cfg.Dir); err != nil {
+		return g, err
+	}
 	g.Data, err = dataserver.Start(dataserver.Config{
 		Server:  services.Options{Name: "dataserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: log.Named("dataserver")},
-		DataDir: filepath.Join(cfg.Dir, "data"), Tokens: tokens,
+		DataDir: filepath.Join(cfg.Dir, "data"), Tokens: tokens, TaskKeyFile: g.TaskKeyFile,
 	})
 	if err != nil {
 		return g, err
@@ -151,9 +157,9 @@ func Up(ctx context.Context, cfg Config) (g *Grid, err error) {
 
 	for i := range cfg.Plants {
 		pl, err := computeserver.Start(ctx, computeserver.Config{
-			DataToken: g.PlantToken,
-			Server:    services.Options{Name: "computeserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: log.Named(fmt.Sprintf("plant%d", i))},
-			Upstream:  g.Images.Addr(), DataDir: filepath.Join(cfg.Dir, fmt.Sprintf("p%d", i)),
+			DataServer: g.Data.Addr(),
+			Server:     services.Options{Name: "computeserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: log.Named(fmt.Sprintf("plant%d", i))},
+			Upstream:   g.Images.Addr(), DataDir: filepath.Join(cfg.Dir, fmt.Sprintf("p%d", i)),
 			Name: fmt.Sprintf("plant%d", i), Etcd: etcd,
 		})
 		if err != nil {
@@ -200,6 +206,15 @@ func tokensFile(dir string) (token, plants, path string, err error) {
 	content := "# TOKEN OWNER [service] — bearer tokens of the shop's and data server's owners\n" +
 		token + " demo\n" + plants + " vmgrid-plants service\n"
 	return token, plants, path, os.WriteFile(path, []byte(content), 0o600)
+}
+
+// taskKeyFile keeps the task key in dir (and reuses it on the next start).
+func taskKeyFile(dir string) (string, error) {
+	path := filepath.Join(dir, "task.key")
+	if _, err := auth.LoadTaskKey(path); err == nil {
+		return path, nil
+	}
+	return path, auth.NewTaskKeyFile(path)
 }
 
 func randomToken() string {

@@ -96,8 +96,8 @@ It is also a plant (PlantService): it clones golden images into QEMU guests
 (a qcow2 redo log over the golden disk on the view, the memory state
 restored through it), configures them through the guest agent, and
 suspends/resumes persistent VMs. With --etcd it registers in the shop's
-registry and bids in its auctions; --data-token lets it stage task files
-in and out of a data server.`,
+registry and bids in its auctions; --dataserver lets it stage task files
+in and out of that data server, with the task credentials the shop sends.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := g.logger()
@@ -121,7 +121,7 @@ in and out of a data server.`,
 	f.StringVar(&cfg.Name, "name", "", "plant name in classads and bids (default: HOST-DATADIR)")
 	f.StringSliceVar(&cfg.Etcd, "etcd", nil, "etcd endpoints: register there and bid in the shop's auctions")
 	f.Uint64Var(&cfg.GuestMemoryMiB, "guest-memory-mib", 0, "memory guests may use in all (0: 80% of RAM)")
-	f.StringVar(&cfg.DataToken, "data-token", os.Getenv("VMGRID_DATA_TOKEN"), "service token of the data servers, for task stage-in/out (env VMGRID_DATA_TOKEN)")
+	f.StringVar(&cfg.DataServer, "dataserver", "", "data server of task stage-in/out (requests bring task credentials for it; empty: no staging)")
 	cacheFlags(f, &cfg.Cache)
 	return c
 }

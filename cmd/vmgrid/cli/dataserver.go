@@ -44,6 +44,7 @@ Prometheus metrics on --metrics-listen at /metrics.`,
 	f.StringVar(&cfg.Server.MetricsListen, "metrics-listen", "127.0.0.1:9090", "Prometheus /metrics address (empty: off)")
 	f.StringVar(&cfg.DataDir, "data-dir", "/var/lib/vmgrid/data", "directory holding the files")
 	f.StringVar(&cfg.TokensFile, "tokens", "", `tokens file: one "TOKEN OWNER" pair per line (required)`)
+	f.StringVar(&cfg.TaskKeyFile, "task-key", "", "key file checking the shop's task credentials (plants stage task files with them; empty: none accepted)")
 	f.Var(sizeValue{&maxFile}, "max-file-size", "largest file accepted, e.g. 100GiB (0: no limit but the disk)")
 	f.DurationVar(&cfg.Server.ShutdownTimeout, "shutdown-timeout", 0, "how long a graceful stop waits for running calls (0: 10s)")
 	_ = c.MarkFlagRequired("tokens")
