@@ -211,4 +211,3 @@ func TestNoActAs(t *testing.T) {
 		t.Fatalf("bob with act-as alice stats her file: %v", err)
 	}
 }
-
