@@ -76,20 +76,9 @@ func stagesIn(actions []*computev1.Action) bool {
 // al.'s stage-in), and remembers the disk for StageOut.
 func (p *Plant) stageIn(v *vm) func(context.Context, *runner, *computev1.StageInAction, *computev1.ActionResult) error {
 	return func(ctx context.Context, r *runner, a *computev1.StageInAction, res *computev1.ActionResult) error {
-		v.mu.Lock()
-		owner, cred := v.ad.Owner, v.dataCred
-		v.mu.Unlock()
-		if owner == "" {
-			return fmt.Errorf("stage-in needs the VM's owner")
-		}
-		c, done, err := p.dataClient(cred)
+		disk, err := p.buildDataDisk(ctx, v, a)
 		if err != nil {
 			return err
-		}
-		defer done()
-		disk := filepath.Join(v.dir, "data.raw")
-		if err := datadisk.Build(ctx, c, a.Files, a.SizeMib, disk); err != nil {
-			return fmt.Errorf("build the data disk: %w", err)
 		}
 		if err := r.hotplug(ctx, "data", disk, res); err != nil {
 			return err
@@ -112,6 +101,28 @@ func (p *Plant) stageIn(v *vm) func(context.Context, *runner, *computev1.StageIn
 		res.Results["files"] = fmt.Sprint(len(a.Files))
 		return nil
 	}
+}
+
+// buildDataDisk builds a VM's data disk from its owner's files on the
+// plant's data server, with the credential its CreateVM brought.
+// a.Dataserver is not read: where credentials go is not a request's choice.
+func (p *Plant) buildDataDisk(ctx context.Context, v *vm, a *computev1.StageInAction) (string, error) {
+	v.mu.Lock()
+	owner, cred := v.ad.Owner, v.dataCred
+	v.mu.Unlock()
+	if owner == "" {
+		return "", fmt.Errorf("stage-in needs the VM's owner")
+	}
+	c, done, err := p.dataClient(cred)
+	if err != nil {
+		return "", err
+	}
+	defer done()
+	disk := filepath.Join(v.dir, "data.raw")
+	if err := datadisk.Build(ctx, c, a.Files, a.SizeMib, disk); err != nil {
+		return "", fmt.Errorf("build the data disk: %w", err)
+	}
+	return disk, nil
 }
 
 // StageOut copies a folder of the VM's data disk to the data server under
