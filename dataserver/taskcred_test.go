@@ -3,18 +3,15 @@ package dataserver_test
 import (
 	"bytes"
 	"context"
-	"path/filepath"
 	"testing"
 	"time"
 
-	"go.uber.org/zap/zaptest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
 
-	"github.com/vmgrid/vmgrid/dataserver"
 	"github.com/vmgrid/vmgrid/dataserver/dataclient"
+	"github.com/vmgrid/vmgrid/internal/testutil"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
-	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
@@ -34,7 +31,6 @@ type credServer struct {
 
 func startCredServer(t *testing.T) *credServer {
 	t.Helper()
-	dir := t.TempDir()
 	tokens := &auth.Tokens{}
 	for _, e := range []struct {
 		token, name string
@@ -44,41 +40,13 @@ func startCredServer(t *testing.T) *credServer {
 			t.Fatal(err)
 		}
 	}
-	keyFile := filepath.Join(dir, "task.key")
-	if err := auth.NewTaskKeyFile(keyFile); err != nil {
-		t.Fatal(err)
-	}
-	key, err := auth.LoadTaskKey(keyFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := dataserver.Start(dataserver.Config{
-		Server:  services.Options{Name: "dataserver", Listen: "127.0.0.1:0", Logger: zaptest.NewLogger(t), ShutdownTimeout: 5 * time.Second},
-		DataDir: filepath.Join(dir, "data"), Tokens: tokens, TaskKeyFile: keyFile,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-served; err != nil {
-			t.Errorf("serve: %v", err)
-		}
-	})
-	return &credServer{addr: srv.Addr(), key: key}
+	s := &credServer{}
+	s.addr, s.key = testutil.DataServer(t, tokens)
+	return s
 }
 
 func (s *credServer) client(t *testing.T, token string, extra ...grpc.DialOption) *dataclient.Client {
-	t.Helper()
-	cc, err := dataclient.Dial(s.addr, services.TLSFiles{}, token, extra...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cc.Close() })
-	return dataclient.NewClient(cc)
+	return testutil.DataClient(t, s.addr, token, extra...)
 }
 
 func (s *credServer) task(t *testing.T, owner, task string, ttl time.Duration) *dataclient.Client {

@@ -5,7 +5,6 @@ import (
 	"context"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -13,13 +12,9 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap/zaptest"
-
-	"github.com/vmgrid/vmgrid/dataserver"
 	"github.com/vmgrid/vmgrid/dataserver/dataclient"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
-	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
@@ -34,46 +29,15 @@ type dataGrid struct {
 
 func startDataGrid(t *testing.T) *dataGrid {
 	t.Helper()
-	for _, p := range []string{"mkfs.ext4", "debugfs"} {
-		if _, err := exec.LookPath(p); err != nil {
-			t.Skipf("%s not installed (e2fsprogs)", p)
-		}
-	}
-	dir := t.TempDir()
+	testutil.NeedE2fsprogs(t)
 	tokens := &auth.Tokens{}
 	if tokens.Add("alice-token-0001", "alice") != nil || tokens.Add("bob-token-0002", "bob") != nil {
 		t.Fatal("tokens")
 	}
-	keyFile := filepath.Join(dir, "task.key")
-	if err := auth.NewTaskKeyFile(keyFile); err != nil {
-		t.Fatal(err)
-	}
-	srv, err := dataserver.Start(dataserver.Config{
-		Server:  services.Options{Name: "dataserver", Listen: "127.0.0.1:0", Logger: zaptest.NewLogger(t), ShutdownTimeout: 5 * time.Second},
-		DataDir: filepath.Join(dir, "data"), Tokens: tokens, TaskKeyFile: keyFile,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan struct{})
-	go func() { srv.Serve(ctx); close(served) }()
-	t.Cleanup(func() { cancel(); <-served })
-	d := &dataGrid{addr: srv.Addr()}
-	if d.key, err = auth.LoadTaskKey(keyFile); err != nil {
-		t.Fatal(err)
-	}
-	d.alice, d.bob = d.client(t, "alice-token-0001"), d.client(t, "bob-token-0002")
+	d := &dataGrid{}
+	d.addr, d.key = testutil.DataServer(t, tokens)
+	d.alice, d.bob = testutil.DataClient(t, d.addr, "alice-token-0001"), testutil.DataClient(t, d.addr, "bob-token-0002")
 	return d
-}
-
-func (d *dataGrid) client(t *testing.T, token string) *dataclient.Client {
-	cc, err := dataclient.Dial(d.addr, services.TLSFiles{}, token)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cc.Close() })
-	return dataclient.NewClient(cc)
 }
 
 func (d *dataGrid) mint(t *testing.T, owner, task string, ttl time.Duration) string {
@@ -165,7 +129,7 @@ func TestStagingIsConfiguredAndScoped(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if out := debugfs(t, disk, "-R", "cat /in/job/in.txt"); !strings.Contains(out, "data of job/in.txt") {
+	if out := testutil.Debugfs(t, disk, "-R", "cat /in/job/in.txt"); !strings.Contains(out, "data of job/in.txt") {
 		t.Fatalf("in/job/in.txt on the data disk: %q", out)
 	}
 	if n := dialed.Load(); n != 0 {
@@ -183,7 +147,7 @@ func TestStagingIsConfiguredAndScoped(t *testing.T) {
 	if err := os.WriteFile(res, []byte("42\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	debugfs(t, disk, "-w", "-R", "write "+res+" /out/result.txt")
+	testutil.Debugfs(t, disk, "-w", "-R", "write "+res+" /out/result.txt")
 	got, err := p.StageOut(ctx, &computev1.StageOutRequest{VmId: "vm-1", RemotePrefix: "tasks/t-1/out"})
 	if err != nil || !slices.Equal(got, []string{"tasks/t-1/out/result.txt"}) {
 		t.Fatalf("stage-out with CreateVM's credential: %v %v", got, err)
@@ -208,14 +172,4 @@ func TestStagingIsConfiguredAndScoped(t *testing.T) {
 	if ad, err := os.ReadFile(filepath.Join(v.dir, "classad.json")); err != nil || bytes.Contains(ad, []byte(cred)) {
 		t.Fatalf("classad.json: %v, or the credential is in it", err)
 	}
-}
-
-// debugfs runs a debugfs request on image and returns its output.
-func debugfs(t *testing.T, image string, args ...string) string {
-	t.Helper()
-	out, err := exec.Command("debugfs", append(args, image)...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("debugfs %v: %v: %s", args, err, out)
-	}
-	return string(out)
 }
