@@ -27,7 +27,7 @@ func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.Name, "name", c.Name, "plant name in classads and bids (default: HOST-DATADIR)")
 	c.Etcd.AddFlags(fs, "etcd endpoints: register there and bid in the shop's auctions")
 	fs.Uint64Var(&c.GuestMemoryMiB, "guest-memory-mib", c.GuestMemoryMiB, "memory guests may use in all (0: 80% of RAM)")
-	fs.StringVar(&c.DataToken, "data-token", c.DataToken, "service token of the data servers, for task stage-in/out (env VMGRID_DATA_TOKEN)")
+	fs.StringVar(&c.DataServer, "dataserver", c.DataServer, "data server of task stage-in/out (requests bring task credentials for it; empty: no staging)")
 	c.Proxy.AddFlags(fs)
 }
 

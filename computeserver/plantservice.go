@@ -65,7 +65,7 @@ func (s *plantService) ExecVM(ctx context.Context, req *computev1.ExecVMRequest)
 }
 
 func (s *plantService) StageOut(ctx context.Context, req *computev1.StageOutRequest) (*computev1.StageOutResponse, error) {
-	up, err := s.p.StageOut(ctx, req.VmId, req.Folder, req.RemotePrefix)
+	up, err := s.p.StageOut(ctx, req)
 	if err != nil {
 		return nil, err
 	}

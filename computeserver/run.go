@@ -53,9 +53,9 @@ type Config struct {
 	// Weights price an auction that carries no cost function of its own
 	// (shops send theirs).
 	Weights market.Weights
-	// DataToken is a service token of the data servers, for stage-in and
-	// stage-out on behalf of VM owners.
-	DataToken string
+	// DataServer is the data server of stage-in and stage-out (requests
+	// bring task credentials for it; they cannot name another).
+	DataServer string
 }
 
 // Server is a running compute server: the data plane (Proxy, mounted at
@@ -160,7 +160,7 @@ func startLine(cfg Config, mnt string, p *gvfs.Proxy, log *zap.Logger) (*plant.P
 	}
 	return plant.New(plant.Config{
 		Name: name, Dir: filepath.Join(cfg.DataDir, "vms"), Mountpoint: mnt, Proxy: p,
-		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, Logger: log, DataToken: cfg.DataToken, DataTLS: cfg.Server.TLS,
+		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, Logger: log, DataServer: cfg.DataServer, DataTLS: cfg.Server.TLS,
 	})
 }
 

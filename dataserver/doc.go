@@ -15,6 +15,13 @@
 // the owner" (their §7 names it the weakest link) made explicit: tokens
 // per user, TLS between services, grants instead of shared accounts.
 //
+// Plants do not have a token of their own here: they present a task
+// credential the shop minted for one owner and one task (auth.MintTask,
+// checked with --task-key). It reads that owner's files only (not what
+// others granted the owner), uploads only under tasks/TASK/
+// (auth.TaskOutputPrefix), and may not delete or grant (auth.DataPolicy).
+// Service tokens are refused: nothing acts for every owner.
+//
 // Paths are validated (datav1.ValidatePath): relative, slash-separated,
 // components of [A-Za-z0-9._-] other than "." and "..". A path is a file and
 // its leading components are directories, as on the data disk built from

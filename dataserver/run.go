@@ -21,6 +21,10 @@ type Config struct {
 	// owner, so there are no anonymous calls.
 	TokensFile string
 	Tokens     *auth.Tokens
+	// TaskKeyFile, when set, is the key (auth.NewTaskKeyFile) the shop
+	// signs task credentials with: plants present those to stage a task's
+	// files (its owner's to read, its output prefix to write).
+	TaskKeyFile string
 }
 
 // DefaultConfig is the data server's defaults, the ones its flags show.
@@ -35,7 +39,8 @@ func DefaultConfig() Config {
 func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	c.Server.AddFlags(fs)
 	c.Store.AddFlags(fs)
-	fs.StringVar(&c.TokensFile, "tokens", c.TokensFile, `tokens file: one "TOKEN OWNER" pair per line (required)`)
+	fs.StringVar(&c.TokensFile, "tokens", c.TokensFile, `tokens file: one "TOKEN NAME [ROLE]" line per caller (required)`)
+	fs.StringVar(&c.TaskKeyFile, "task-key", c.TaskKeyFile, "key file checking the shop's task credentials (plants stage task files with them; empty: none accepted)")
 	c.Server.AddShutdownFlag(fs)
 }
 
@@ -67,8 +72,14 @@ func Start(_ context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	opts := cfg.Server
-	opts.UnaryInterceptors = append(append([]grpc.UnaryServerInterceptor(nil), opts.UnaryInterceptors...), tokens.UnaryServerInterceptor())
-	opts.StreamInterceptors = append(append([]grpc.StreamServerInterceptor(nil), opts.StreamInterceptors...), tokens.StreamServerInterceptor())
+	a := &auth.Authenticator{Tokens: tokens, Policy: auth.DataPolicy()}
+	if cfg.TaskKeyFile != "" {
+		if a.TaskKey, err = auth.LoadTaskKey(cfg.TaskKeyFile); err != nil {
+			return nil, err
+		}
+	}
+	opts.UnaryInterceptors = append(append([]grpc.UnaryServerInterceptor(nil), opts.UnaryInterceptors...), a.UnaryServerInterceptor())
+	opts.StreamInterceptors = append(append([]grpc.StreamServerInterceptor(nil), opts.StreamInterceptors...), a.StreamServerInterceptor())
 	srv, err := services.NewServer(opts, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		svc, err := NewService(store, log, reg)
 		if err == nil {

@@ -71,9 +71,23 @@ func NewService(store *Store, log *zap.Logger, reg prometheus.Registerer) (*Serv
 // Register adds the service to a gRPC server.
 func (s *Service) Register(gs *grpc.Server) { datav1.RegisterDataServiceServer(gs, s) }
 
+// reader returns the caller of a read of owner's files ("" is the
+// caller's own). A task credential reads its owner's files only, not what
+// other owners granted that owner: it is scoped to one owner's task.
+func reader(ctx context.Context, owner string) (string, error) {
+	c, err := auth.CallerOf(ctx)
+	if err != nil {
+		return "", err
+	}
+	if c.Role == auth.RoleTask && owner != "" && owner != c.Name {
+		return "", fmt.Errorf("the credential of task %q reads only %q's files, not %q's: %w", c.Task, c.Name, owner, errdefs.ErrPermissionDenied)
+	}
+	return c.Name, nil
+}
+
 // Upload implements DataService.Upload.
 func (s *Service) Upload(stream datav1.DataService_UploadServer) (err error) {
-	caller, err := auth.Owner(stream.Context())
+	c, err := auth.CallerOf(stream.Context())
 	if err != nil {
 		return err
 	}
@@ -85,7 +99,10 @@ func (s *Service) Upload(stream datav1.DataService_UploadServer) (err error) {
 	if h == nil {
 		return fmt.Errorf("the first upload message must be the header: %w", errdefs.ErrInvalidArgument)
 	}
-	up, err := s.store.BeginUpload(caller, h.Owner, h.Path, h.SizeHint)
+	if !c.TaskMayWrite(h.Path) {
+		return fmt.Errorf("the credential of task %q writes only under %q, not %q: %w", c.Task, auth.TaskOutputPrefix(c.Task), h.Path, errdefs.ErrPermissionDenied)
+	}
+	up, err := s.store.BeginUpload(c.Name, h.Owner, h.Path, h.SizeHint)
 	if err != nil {
 		return err
 	}
@@ -126,7 +143,7 @@ var chunkPool = sync.Pool{New: func() any { b := make([]byte, datav1.ChunkSize);
 
 // Download implements DataService.Download.
 func (s *Service) Download(req *datav1.DownloadRequest, stream datav1.DataService_DownloadServer) error {
-	caller, err := auth.Owner(stream.Context())
+	caller, err := reader(stream.Context(), req.Owner)
 	if err != nil {
 		return err
 	}
@@ -174,7 +191,7 @@ func (s *Service) Download(req *datav1.DownloadRequest, stream datav1.DataServic
 
 // List implements DataService.List.
 func (s *Service) List(ctx context.Context, req *datav1.ListRequest) (*datav1.ListResponse, error) {
-	caller, err := auth.Owner(ctx)
+	caller, err := reader(ctx, req.Owner)
 	if err != nil {
 		return nil, err
 	}
@@ -191,7 +208,7 @@ func (s *Service) List(ctx context.Context, req *datav1.ListRequest) (*datav1.Li
 
 // Stat implements DataService.Stat.
 func (s *Service) Stat(ctx context.Context, req *datav1.StatRequest) (*datav1.StatResponse, error) {
-	caller, err := auth.Owner(ctx)
+	caller, err := reader(ctx, req.Owner)
 	if err != nil {
 		return nil, err
 	}

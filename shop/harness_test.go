@@ -224,9 +224,10 @@ func startTestShop(t *testing.T, te *testEtcd, cfg Config) *testShop {
 	}
 	cfg.Etcd, cfg.Images, cfg.Logger = te.newClient(), imageclient.NewClient(cc), zaptest.NewLogger(t).Named("shop")
 	ts := &testShop{}
+	a := &auth.Authenticator{Tokens: tokens, Policy: auth.ShopPolicy()}
 	srv, err := services.NewServer(services.Options{Name: "shop", Listen: "127.0.0.1:0", Logger: zap.NewNop(),
-		UnaryInterceptors:  []grpc.UnaryServerInterceptor{tokens.UnaryServerInterceptor()},
-		StreamInterceptors: []grpc.StreamServerInterceptor{tokens.StreamServerInterceptor()},
+		UnaryInterceptors:  []grpc.UnaryServerInterceptor{a.UnaryServerInterceptor()},
+		StreamInterceptors: []grpc.StreamServerInterceptor{a.StreamServerInterceptor()},
 	}, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		var err error
 		if ts.shop, err = New(cfg, reg); err == nil {

@@ -111,8 +111,9 @@ func Start(_ context.Context, cfg RunConfig) (_ *Server, err error) {
 		return nil, err
 	}
 	undo.Push(func() { cc.Close() })
-	cfg.Server.UnaryInterceptors = append(cfg.Server.UnaryInterceptors, tokens.UnaryServerInterceptor())
-	cfg.Server.StreamInterceptors = append(cfg.Server.StreamInterceptors, tokens.StreamServerInterceptor())
+	a := &auth.Authenticator{Tokens: tokens, Policy: auth.ShopPolicy()}
+	cfg.Server.UnaryInterceptors = append(cfg.Server.UnaryInterceptors, a.UnaryServerInterceptor())
+	cfg.Server.StreamInterceptors = append(cfg.Server.StreamInterceptors, a.StreamServerInterceptor())
 	var shop *Shop
 	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		var err error

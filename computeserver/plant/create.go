@@ -33,6 +33,9 @@ func (p *Plant) CreateVM(ctx context.Context, req *computev1.CreateVMRequest, pr
 	if err != nil {
 		return nil, err
 	}
+	if err := p.checkStaging(plan, req.DataCredential); err != nil {
+		return nil, err
+	}
 	id := req.VmId
 	if id == "" {
 		id = newID()
@@ -62,7 +65,7 @@ func (p *Plant) CreateVM(ctx context.Context, req *computev1.CreateVMRequest, pr
 		State: computev1.VMState_VM_STATE_FETCHING, CreatedUnixNano: time.Now().UnixNano(),
 		PersistentDisk: req.PersistentDisk, Labels: req.Labels,
 	}
-	return p.claimAndBuild(ctx, ad, diskMiB, src, plan, progress)
+	return p.claimAndBuild(ctx, ad, req.DataCredential, diskMiB, src, plan, progress)
 }
 
 // ResumeVM brings back a suspended persistent VM.
@@ -70,6 +73,9 @@ func (p *Plant) ResumeVM(ctx context.Context, req *computev1.ResumeVMRequest, pr
 	old := req.Classad
 	plan, diskMiB, err := p.plan(req.Config)
 	if err != nil {
+		return nil, err
+	}
+	if err := p.checkStaging(plan, ""); err != nil {
 		return nil, err
 	}
 	progress(computev1.VMState_VM_STATE_FETCHING, "reading the suspended state")
@@ -87,7 +93,7 @@ func (p *Plant) ResumeVM(ctx context.Context, req *computev1.ResumeVMRequest, pr
 		ad.Hardware = &computev1.Hardware{}
 	}
 	ad.Hardware.MemoryMib = uint64(src.config.Spec.MemoryMiB)
-	return p.claimAndBuild(ctx, ad, diskMiB, src, plan, progress)
+	return p.claimAndBuild(ctx, ad, "", diskMiB, src, plan, progress)
 }
 
 // plan derives a request's plan and checks up front that the plant has the
@@ -106,9 +112,10 @@ func (p *Plant) plan(d *computev1.ConfigDAG) (*dag.Plan, uint64, error) {
 	return plan, need, nil
 }
 
-// claimAndBuild registers the VM and sends it down the production line,
-// or waits for the creation a retried request started before.
-func (p *Plant) claimAndBuild(ctx context.Context, ad *computev1.ClassAd, diskMiB uint64, src *source, plan *dag.Plan, progress Progress) (*computev1.ClassAd, error) {
+// claimAndBuild registers the VM (with the data credential its stage-in
+// and stage-out present) and sends it down the production line, or waits
+// for the creation a retried request started before.
+func (p *Plant) claimAndBuild(ctx context.Context, ad *computev1.ClassAd, dataCred string, diskMiB uint64, src *source, plan *dag.Plan, progress Progress) (*computev1.ClassAd, error) {
 	v, fresh, err := p.claim(ad.VmId, ad, diskMiB)
 	if err != nil {
 		return nil, err
@@ -116,6 +123,9 @@ func (p *Plant) claimAndBuild(ctx context.Context, ad *computev1.ClassAd, diskMi
 	if !fresh {
 		return v.wait(ctx)
 	}
+	v.mu.Lock()
+	v.dataCred = dataCred
+	v.mu.Unlock()
 	return p.build(ctx, v, src, plan, progress)
 }
 

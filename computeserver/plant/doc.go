@@ -20,4 +20,14 @@
 // A persistent VM boots from a persistent disk (read-write on the FUSE view,
 // written back to the image server); SuspendVM publishes its memory state as
 // an image so ResumeVM can bring it back on any plant (GVFS scenario 1).
+//
+// # Staging
+//
+// A stage_in action builds a data disk from the owner's files (package
+// datadisk) and StageOut copies its out/ back. Both talk to the data server
+// of the plant's configuration (Config.DataServer) and nowhere else, with
+// the task credential the request brings (data_credential, minted by the
+// shop for one owner and one task): a request cannot choose where the
+// plant sends credentials, and the plant has no key to every owner's files.
+// The credential stays in memory, never in classad.json or a log.
 package plant

@@ -26,6 +26,7 @@ import (
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services"
+	"github.com/vmgrid/vmgrid/services/auth"
 )
 
 // computeServer is an in-process compute server with a client.
@@ -36,7 +37,7 @@ type computeServer struct {
 	stop   func()
 }
 
-func startCompute(t *testing.T, upstream string, driver ...vmm.Driver) *computeServer {
+func startCompute(t *testing.T, upstream string, opts ...func(*computeserver.Config)) *computeServer {
 	t.Helper()
 	dir := testutil.ShortTempDir(t)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -44,8 +45,8 @@ func startCompute(t *testing.T, upstream string, driver ...vmm.Driver) *computeS
 		Server:   services.Options{Name: "computeserver", Listen: "127.0.0.1:0", Logger: zaptest.NewLogger(t)},
 		Upstream: upstream, DataDir: dir, Proxy: gvfs.Config{FlushIdle: -1},
 	}
-	if len(driver) > 0 {
-		cfg.Driver = driver[0]
+	for _, o := range opts {
+		o(&cfg)
 	}
 	pl, err := computeserver.Start(ctx, cfg)
 	if err != nil {
@@ -245,7 +246,7 @@ func TestProductionLine(t *testing.T) {
 
 	t.Run("QEMU dying while the agent is awaited fails the creation at once", func(t *testing.T) {
 		// Issue 15 item 6: the plant waited the agent's full 2 minutes.
-		cs3 := startCompute(t, is.Srv.Addr(), dyingDriver{&vmm.QEMU{}})
+		cs3 := startCompute(t, is.Srv.Addr(), func(c *computeserver.Config) { c.Driver = dyingDriver{&vmm.QEMU{}} })
 		start := time.Now()
 		_, _, err := create(ctx, cs3.plants, &computev1.CreateVMRequest{VmId: "vm-dies", Image: "tiny"})
 		if took := time.Since(start); took > 60*time.Second {
@@ -274,6 +275,10 @@ func TestProductionLine(t *testing.T) {
 		if _, _, err := create(ctx, cs.plants, &computev1.CreateVMRequest{Image: "tiny", Config: cycle}); code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "cycle") {
 			t.Fatalf("cycle: %v", err)
 		}
+	})
+
+	t.Run("stage in and out with a task credential, at the plant's data server only", func(t *testing.T) {
+		stageInAndOut(t, ctx, is.Srv.Addr())
 	})
 
 	t.Run("suspend on one plant, resume on another", func(t *testing.T) {
@@ -316,6 +321,62 @@ func TestProductionLine(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// stageInAndOut is issue 15 item 1 with a real guest: a request cannot
+// name the data server; the plant stages the owner's files in from its
+// configured one with the request's task credential, and the task's
+// outputs back out under tasks/TASK/ with the same credential.
+func stageInAndOut(t *testing.T, ctx context.Context, upstream string) {
+	testutil.NeedE2fsprogs(t)
+	tokens := &auth.Tokens{}
+	if err := tokens.Add("alice-token-0001", "alice"); err != nil {
+		t.Fatal(err)
+	}
+	addr, key := testutil.DataServer(t, tokens)
+	alice := testutil.DataClient(t, addr, "alice-token-0001")
+	in := "hello from alice\n"
+	if _, err := alice.UploadReader(ctx, strings.NewReader(in), int64(len(in)), "job/in.txt", nil); err != nil {
+		t.Fatal(err)
+	}
+	cs := startCompute(t, upstream, func(c *computeserver.Config) { c.DataServer = addr })
+	cred, err := key.MintTask("alice", "t-1", 5*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stage := &computev1.StageInAction{Files: []string{"job/in.txt"}}
+	dag := host("", &computev1.Action{Id: "stage", Kind: &computev1.Action_StageIn{StageIn: stage}},
+		&computev1.Action{Id: "run", After: []string{"stage"}, Kind: &computev1.Action_Exec{Exec: &computev1.ExecAction{
+			Argv: []string{"sh", "-c", "{ cat /root/work/in/job/in.txt; echo done; } > /root/work/out/r.txt"}}}})
+	req := &computev1.CreateVMRequest{VmId: "vm-stage", Image: "tiny", Owner: "alice", Config: dag}
+	if _, _, err := create(ctx, cs.plants, req); code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "data_credential") {
+		t.Fatalf("stage_in without a credential: %v", err)
+	}
+	req.DataCredential = cred
+	stage.Dataserver = "127.0.0.1:1"
+	if _, _, err := create(ctx, cs.plants, req); code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "stage_in.dataserver") {
+		t.Fatalf("stage_in naming a data server: %v", err)
+	}
+	stage.Dataserver = ""
+	ad, _, err := create(ctx, cs.plants, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cs.plants.DestroyVM(ctx, &computev1.DestroyVMRequest{VmId: ad.VmId})
+	out, err := cs.plants.StageOut(ctx, &computev1.StageOutRequest{VmId: ad.VmId, RemotePrefix: "tasks/t-1/out"})
+	if err != nil || len(out.GetUploaded()) != 1 || out.Uploaded[0] != "tasks/t-1/out/r.txt" {
+		t.Fatalf("stage-out: %v %v", out, err)
+	}
+	var b strings.Builder
+	if _, err := alice.ReadRange(ctx, "tasks/t-1/out/r.txt", 0, 0, &b); err != nil || b.String() != in+"done\n" {
+		t.Fatalf("the task's output: %q %v", b.String(), err)
+	}
+	if _, err := cs.plants.StageOut(ctx, &computev1.StageOutRequest{VmId: ad.VmId, RemotePrefix: "elsewhere"}); code(err) != codes.PermissionDenied {
+		t.Fatalf("stage-out outside the task's prefix: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(cs.dir, "vms", ad.VmId, "classad.json")); err != nil || strings.Contains(string(b), cred) {
+		t.Fatalf("classad.json: %v, or the credential is in it", err)
+	}
 }
 
 // dyingDriver runs real QEMU and kills it (SIGKILL) as soon as the restored

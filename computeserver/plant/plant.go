@@ -45,10 +45,12 @@ type Config struct {
 	// DiskMiB caps the disks host actions (attach_disk, stage_in) of all
 	// its VMs may take, beyond the free space of Dir; 0: no cap.
 	DiskMiB uint64
-	// DataToken is a service token of the data servers (stage-in/out act
-	// for the VM's owner with it); DataTLS secures those connections.
-	DataToken string
-	DataTLS   services.TLSFiles
+	// DataServer is the data server stage-in and stage-out use: grid
+	// configuration, never a request's choice, since the plant presents
+	// the owners' task credentials there. Empty: the plant stages nothing.
+	// DataTLS secures those connections.
+	DataServer string
+	DataTLS    services.TLSFiles
 	// StageOutTimeout bounds one stage-out (0: DefaultStageOutTimeout).
 	StageOutTimeout time.Duration
 	Logger          *zap.Logger
@@ -111,7 +113,10 @@ type vm struct {
 
 	diskMiB uint64 // what its host actions take on the plant's disk
 
-	dataDisk, dataMount, dataServer string // stage-in data disk (host path), its guest mount, its data server
+	dataDisk, dataMount string // stage-in data disk (host path), its guest mount
+	// dataCred is the task credential CreateVM brought, for stage-in and a
+	// StageOut that brings none. Memory only: never in classad.json or logs.
+	dataCred string
 }
 
 // New opens a plant. VMs left running by a previous process are stopped

@@ -63,11 +63,14 @@ type Grid struct {
 	Shop       *shop.Server
 	Data       *dataserver.Server
 	Token      string // a token of the owner "demo"
-	PlantToken string // the plants' service token (stage-in/out)
-	TokensFile string
-	log        *zap.Logger
-	tokens     *auth.Tokens
-	undo       services.Undo // Close runs it: the start, backwards
+	PlantToken string // the plants' service token
+	// TaskKeyFile signs task credentials (the shop) and checks them (the
+	// data server): plants stage with those, not with a token of theirs.
+	TaskKeyFile string
+	TokensFile  string
+	log         *zap.Logger
+	tokens      *auth.Tokens
+	undo        services.Undo // Close runs it: the start, backwards
 }
 
 func freeAddr(host string, port int) (string, error) {
@@ -148,9 +151,12 @@ func (g *Grid) startData(ctx context.Context, cfg Config) (err error) {
 	if g.tokens, err = auth.Load(g.TokensFile); err != nil {
 		return err
 	}
+	if g.TaskKeyFile, err = taskKeyFile(cfg.Dir); err != nil {
+		return err
+	}
 	if g.Data, err = dataserver.Start(ctx, dataserver.Config{
 		Server: services.Options{Name: "dataserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: g.log.Named("dataserver")},
-		Store:  dataserver.StoreConfig{DataDir: filepath.Join(cfg.Dir, "data")}, Tokens: g.tokens,
+		Store:  dataserver.StoreConfig{DataDir: filepath.Join(cfg.Dir, "data")}, Tokens: g.tokens, TaskKeyFile: g.TaskKeyFile,
 	}); err != nil {
 		return err
 	}
@@ -165,9 +171,9 @@ func (g *Grid) startPlants(ctx context.Context, cfg Config) error {
 	}
 	for i := range cfg.Plants {
 		pl, err := computeserver.Start(ctx, computeserver.Config{
-			DataToken: g.PlantToken,
-			Server:    services.Options{Name: "computeserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: g.log.Named(fmt.Sprintf("plant%d", i))},
-			Upstream:  g.Images.Addr(), DataDir: filepath.Join(cfg.Dir, fmt.Sprintf("p%d", i)),
+			DataServer: g.Data.Addr(),
+			Server:     services.Options{Name: "computeserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: g.log.Named(fmt.Sprintf("plant%d", i))},
+			Upstream:   g.Images.Addr(), DataDir: filepath.Join(cfg.Dir, fmt.Sprintf("p%d", i)),
 			Name: fmt.Sprintf("plant%d", i), Etcd: g.etcdConfig(), GuestMemoryMiB: memory,
 		})
 		if err != nil {
@@ -231,6 +237,15 @@ func tokensFile(dir string) (token, plants, path string, err error) {
 	content := "# TOKEN OWNER [service] — bearer tokens of the shop's and data server's owners\n" +
 		token + " demo\n" + plants + " vmgrid-plants service\n"
 	return token, plants, path, os.WriteFile(path, []byte(content), 0o600)
+}
+
+// taskKeyFile keeps the task key in dir (and reuses it on the next start).
+func taskKeyFile(dir string) (string, error) {
+	path := filepath.Join(dir, "task.key")
+	if _, err := auth.LoadTaskKey(path); err == nil {
+		return path, nil
+	}
+	return path, auth.NewTaskKeyFile(path)
 }
 
 func randomToken() string {

@@ -1,16 +1,3 @@
-// Package auth maps bearer tokens to owners. Every call to a service that
-// has owners (the shop, the data server) carries "authorization: Bearer
-// TOKEN" metadata; the interceptors look the token up in a tokens file and
-// put the owner in the context. Handlers ask Owner(ctx).
-//
-// A tokens file has one "TOKEN OWNER" pair per line; blank lines and lines
-// starting with # are ignored. Tokens are compared in constant time and
-// never logged.
-//
-// A line "TOKEN OWNER service" makes a service token: its holder (the
-// plants, staging files in and out for the shop's tasks) may act for any
-// owner by sending "x-vmgrid-act-as: OWNER"; without that header it acts as
-// OWNER itself.
 package auth
 
 import (
@@ -23,14 +10,37 @@ import (
 	"sync"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/metadata"
-
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
-// Tokens maps tokens to owners. Tokens loaded from a file follow the file:
+// Role is what a caller is to the grid.
+type Role string
+
+// The roles a token can carry.
+const (
+	// RoleOwner is a user: they see and change only their own things.
+	RoleOwner Role = "owner"
+	// RoleOperator runs the grid: every owner's things, images, caches.
+	RoleOperator Role = "operator"
+	// RolePublisher may publish and delete golden images.
+	RolePublisher Role = "publisher"
+	// RoleService is a vmgrid service calling another (shop → plant,
+	// plant → image server).
+	RoleService Role = "service"
+	// RoleTask is a task credential: one owner's files, one task's outputs.
+	RoleTask Role = "task"
+)
+
+func parseRole(s string) (Role, error) {
+	switch r := Role(s); r {
+	case RoleOwner, RoleOperator, RolePublisher, RoleService:
+		return r, nil
+	}
+	return "", fmt.Errorf("unknown role %q (want owner, operator, publisher or service)", s)
+}
+
+// Tokens maps tokens to callers. Tokens loaded from a file follow the file:
 // an edit takes effect within a second, without a restart.
 type Tokens struct {
 	mu      sync.Mutex
@@ -41,13 +51,10 @@ type Tokens struct {
 }
 
 type entry struct {
-	token   []byte
-	owner   string
-	service bool
+	token []byte
+	name  string
+	role  Role
 }
-
-// ActAsHeader is the metadata key a service token names its owner with.
-const ActAsHeader = "x-vmgrid-act-as"
 
 // Load reads a tokens file.
 func Load(path string) (*Tokens, error) {
@@ -76,26 +83,42 @@ func parse(path string) (*Tokens, error) {
 			continue
 		}
 		fields := strings.Fields(line)
-		if len(fields) < 2 || len(fields) > 3 || len(fields) == 3 && fields[2] != "service" {
-			return nil, fmt.Errorf("tokens file %s line %d: want TOKEN OWNER [service]", path, n)
+		if len(fields) < 2 || len(fields) > 3 {
+			return nil, fmt.Errorf("tokens file %s line %d: want TOKEN NAME [ROLE]", path, n)
 		}
-		if err := t.Add(fields[0], fields[1]); err != nil {
+		role := RoleOwner
+		if len(fields) == 3 {
+			if role, err = parseRole(fields[2]); err != nil {
+				return nil, fmt.Errorf("tokens file %s line %d: %w", path, n, err)
+			}
+		}
+		if err := t.AddRole(fields[0], fields[1], role); err != nil {
 			return nil, fmt.Errorf("tokens file %s line %d: %w", path, n, err)
 		}
-		t.entries[len(t.entries)-1].service = len(fields) == 3
 	}
 	return t, s.Err()
 }
 
-// Add maps token to owner.
-func (t *Tokens) Add(token, owner string) error {
+// Add maps token to an owner.
+func (t *Tokens) Add(token, owner string) error { return t.AddRole(token, owner, RoleOwner) }
+
+// AddRole maps token to a caller named name with role.
+func (t *Tokens) AddRole(token, name string, role Role) error {
 	if len(token) < 8 {
-		return fmt.Errorf("token for %q is shorter than 8 characters", owner)
+		return fmt.Errorf("token for %q is shorter than 8 characters", name)
 	}
-	if err := imagev1.ValidateName("owner", owner); err != nil {
+	if strings.HasPrefix(token, taskPrefix) {
+		return fmt.Errorf("token for %q starts with %q, which marks task credentials", name, taskPrefix)
+	}
+	if err := imagev1.ValidateName("name", name); err != nil {
 		return err
 	}
-	t.entries = append(t.entries, entry{token: []byte(token), owner: owner})
+	if _, err := parseRole(string(role)); err != nil {
+		return err
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.entries = append(t.entries, entry{token: []byte(token), name: name, role: role})
 	return nil
 }
 
@@ -115,116 +138,62 @@ func (t *Tokens) reload() {
 	}
 }
 
-// lookup returns the owner of token and whether it is a service token.
-func (t *Tokens) lookup(token string) (string, bool, bool) {
+// lookup returns the caller a token names. Every entry is compared, so the
+// time taken does not say which one matched.
+func (t *Tokens) lookup(token string) (Caller, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.reload()
-	owner, service, found := "", false, 0
+	var c Caller
+	found := 0
 	for _, e := range t.entries {
 		if subtle.ConstantTimeCompare(e.token, []byte(token)) == 1 {
-			owner, service, found = e.owner, e.service, 1
+			c, found = Caller{Name: e.name, Role: e.role}, 1
 		}
 	}
-	return owner, service, found == 1
+	return c, found == 1
 }
 
-type ownerKey struct{}
-
-// Owner returns the authenticated owner of a call.
-func Owner(ctx context.Context) (string, error) {
-	o, ok := ctx.Value(ownerKey{}).(string)
-	if !ok || o == "" {
-		return "", fmt.Errorf("no authenticated owner: %w", errdefs.ErrUnauthenticated)
-	}
-	return o, nil
+// Caller is who a call comes from.
+type Caller struct {
+	// Name is the owner for owners and task credentials, the operator's,
+	// publisher's or service's name otherwise.
+	Name string
+	Role Role
+	// Task is the task (or VM request) a task credential is scoped to.
+	Task string
 }
 
-// WithOwner returns ctx carrying owner (for tests and in-process callers).
+// Sees reports whether the caller may see or change things of owner:
+// their own, or any for operators.
+func (c Caller) Sees(owner string) bool {
+	return c.Role == RoleOperator || c.Name == owner && c.Role != RoleService
+}
+
+type callerKey struct{}
+
+// WithCaller returns ctx carrying c (for tests and in-process callers).
+func WithCaller(ctx context.Context, c Caller) context.Context {
+	return context.WithValue(ctx, callerKey{}, c)
+}
+
+// WithOwner returns ctx carrying an owner (for tests and in-process callers).
 func WithOwner(ctx context.Context, owner string) context.Context {
-	return context.WithValue(ctx, ownerKey{}, owner)
+	return WithCaller(ctx, Caller{Name: owner, Role: RoleOwner})
 }
 
-func (t *Tokens) authenticate(ctx context.Context, method string, skip func(string) bool) (context.Context, error) {
-	if skip != nil && skip(method) {
-		return ctx, nil
+// CallerOf returns the authenticated caller of a call.
+func CallerOf(ctx context.Context) (Caller, error) {
+	c, ok := ctx.Value(callerKey{}).(Caller)
+	if !ok || c.Name == "" {
+		return Caller{}, fmt.Errorf("no authenticated caller: %w", errdefs.ErrUnauthenticated)
 	}
-	md, _ := metadata.FromIncomingContext(ctx)
-	vals := md.Get("authorization")
-	if len(vals) == 0 {
-		return nil, fmt.Errorf("%s needs an \"authorization: Bearer TOKEN\" header: %w", method, errdefs.ErrUnauthenticated)
-	}
-	token, ok := strings.CutPrefix(vals[0], "Bearer ")
-	if !ok {
-		return nil, fmt.Errorf("the authorization header must be \"Bearer TOKEN\": %w", errdefs.ErrUnauthenticated)
-	}
-	owner, service, ok := t.lookup(strings.TrimSpace(token))
-	if !ok {
-		return nil, fmt.Errorf("unknown token: %w", errdefs.ErrUnauthenticated)
-	}
-	if as := md.Get(ActAsHeader); len(as) > 0 {
-		if !service {
-			return nil, fmt.Errorf("only service tokens may act for another owner: %w", errdefs.ErrPermissionDenied)
-		}
-		if err := imagev1.ValidateName(ActAsHeader, as[0]); err != nil {
-			return nil, fmt.Errorf("%v: %w", err, errdefs.ErrInvalidArgument)
-		}
-		owner = as[0]
-	}
-	return WithOwner(ctx, owner), nil
+	return c, nil
 }
 
-// Public reports which methods need no token (health, reflection).
-func Public(method string) bool {
-	return strings.HasPrefix(method, "/grpc.health.v1.") || strings.HasPrefix(method, "/grpc.reflection.")
+// Owner returns the name of the authenticated caller of a call: the owner
+// whose things it may touch (an operator's own name for operators).
+func Owner(ctx context.Context) (string, error) {
+	c, err := CallerOf(ctx)
+	return c.Name, err
 }
-
-// UnaryServerInterceptor authenticates unary calls.
-func (t *Tokens) UnaryServerInterceptor() grpc.UnaryServerInterceptor {
-	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-		ctx, err := t.authenticate(ctx, info.FullMethod, Public)
-		if err != nil {
-			return nil, errdefs.ToGRPC(err)
-		}
-		return h(ctx, req)
-	}
-}
-
-// StreamServerInterceptor authenticates streaming calls.
-func (t *Tokens) StreamServerInterceptor() grpc.StreamServerInterceptor {
-	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-		ctx, err := t.authenticate(ss.Context(), info.FullMethod, Public)
-		if err != nil {
-			return errdefs.ToGRPC(err)
-		}
-		return h(srv, &ctxStream{ss, ctx})
-	}
-}
-
-type ctxStream struct {
-	grpc.ServerStream
-	ctx context.Context
-}
-
-func (s *ctxStream) Context() context.Context { return s.ctx }
-
-// Credentials is a per-call credential sending a bearer token.
-type Credentials struct {
-	Token string
-	// ActAs names the owner a service token acts for.
-	ActAs string
-	// Insecure allows sending the token without TLS (loopback, tests).
-	Insecure bool
-}
-
-// GetRequestMetadata implements credentials.PerRPCCredentials.
-func (c Credentials) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
-	md := map[string]string{"authorization": "Bearer " + c.Token}
-	if c.ActAs != "" {
-		md[ActAsHeader] = c.ActAs
-	}
-	return md, nil
-}
-
-// RequireTransportSecurity implements credentials.PerRPCCredentials.
-func (c Credentials) RequireTransportSecurity() bool { return !c.Insecure }

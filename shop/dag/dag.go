@@ -214,8 +214,8 @@ func validateKind(a *computev1.Action) error {
 			return fmt.Errorf("attach_disk size %d MiB: want 1..1048576", k.AttachDisk.SizeMib)
 		}
 	case *computev1.Action_StageIn:
-		if k.StageIn.Dataserver == "" {
-			return errors.New("stage_in needs the data server's address")
+		if k.StageIn.Dataserver != "" { //nolint:staticcheck // read only to refuse it
+			return computev1.ErrStageInDataserver
 		}
 		if p := k.StageIn.MountPath; p != "" && p[0] != '/' {
 			return fmt.Errorf("stage_in mount_path %q is not absolute", p)

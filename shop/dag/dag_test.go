@@ -12,7 +12,7 @@ func execA(id string, after ...string) *computev1.Action {
 }
 
 func stageIn(id string, files ...string) *computev1.Action {
-	return &computev1.Action{Id: id, Kind: &computev1.Action_StageIn{StageIn: &computev1.StageInAction{Dataserver: "ds:1", Files: files}}}
+	return &computev1.Action{Id: id, Kind: &computev1.Action_StageIn{StageIn: &computev1.StageInAction{Files: files}}}
 }
 
 func TestValidateNamesTheNode(t *testing.T) {

@@ -2,7 +2,6 @@ package cli
 
 import (
 	"context"
-	"os"
 
 	"github.com/spf13/cobra"
 
@@ -11,7 +10,6 @@ import (
 
 func computeserverCmd(g *globals) *cobra.Command {
 	cfg := computeserver.DefaultConfig()
-	cfg.DataToken = os.Getenv("VMGRID_DATA_TOKEN")
 	c := serverCmd(g, &cobra.Command{
 		Use:   "computeserver",
 		Short: "Run a compute server (plant): FUSE view of images with its caches, and the production line",
@@ -31,8 +29,8 @@ It is also a plant (PlantService): it clones golden images into QEMU guests
 (a qcow2 redo log over the golden disk on the view, the memory state
 restored through it), configures them through the guest agent, and
 suspends/resumes persistent VMs. With --etcd it registers in the shop's
-registry and bids in its auctions; --data-token lets it stage task files
-in and out of a data server.`,
+registry and bids in its auctions; --dataserver lets it stage task files
+in and out of that data server, with the task credentials the shop sends.`,
 	}, &cfg.Server, func(ctx context.Context) error {
 		cfg.UpstreamTLS = g.tls
 		return serve(ctx, computeserver.Start, cfg)

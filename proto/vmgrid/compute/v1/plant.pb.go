@@ -503,11 +503,17 @@ func (x *AttachDiskAction) GetSizeMib() uint64 {
 // the owner's files from the data server under in/ and an empty out/,
 // plugs it into the guest and mounts it at mount_path.
 type StageInAction struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Dataserver    string                 `protobuf:"bytes,1,opt,name=dataserver,proto3" json:"dataserver,omitempty"`                // address of the data server
-	Files         []string               `protobuf:"bytes,2,rep,name=files,proto3" json:"files,omitempty"`                          // the owner's files (paths on the data server)
-	MountPath     string                 `protobuf:"bytes,3,opt,name=mount_path,json=mountPath,proto3" json:"mount_path,omitempty"` // default /root/work
-	SizeMib       uint64                 `protobuf:"varint,4,opt,name=size_mib,json=sizeMib,proto3" json:"size_mib,omitempty"`      // 0: twice the inputs plus 64 MiB
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// No longer honoured: the data server is grid configuration (the
+	// plant's --dataserver), never part of a request, so a user cannot choose
+	// where a plant sends credentials. A non-empty value is refused
+	// (InvalidArgument). Kept for wire compatibility.
+	//
+	// Deprecated: Marked as deprecated in vmgrid/compute/v1/plant.proto.
+	Dataserver    string   `protobuf:"bytes,1,opt,name=dataserver,proto3" json:"dataserver,omitempty"`
+	Files         []string `protobuf:"bytes,2,rep,name=files,proto3" json:"files,omitempty"`                          // the owner's files (paths on the data server)
+	MountPath     string   `protobuf:"bytes,3,opt,name=mount_path,json=mountPath,proto3" json:"mount_path,omitempty"` // default /root/work
+	SizeMib       uint64   `protobuf:"varint,4,opt,name=size_mib,json=sizeMib,proto3" json:"size_mib,omitempty"`      // 0: twice the inputs plus 64 MiB
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -542,6 +548,7 @@ func (*StageInAction) Descriptor() ([]byte, []int) {
 	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{7}
 }
 
+// Deprecated: Marked as deprecated in vmgrid/compute/v1/plant.proto.
 func (x *StageInAction) GetDataserver() string {
 	if x != nil {
 		return x.Dataserver
@@ -1124,6 +1131,11 @@ type CreateVMRequest struct {
 	// throw-away redo log over the image's disk.
 	PersistentDisk string            `protobuf:"bytes,6,opt,name=persistent_disk,json=persistentDisk,proto3" json:"persistent_disk,omitempty"`
 	Labels         map[string]string `protobuf:"bytes,7,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// A task credential minted by the shop for this VM's owner and request
+	// (or task): the plant presents it to its configured data server for
+	// stage_in (and keeps it in memory for a later StageOut that brings
+	// none), and nowhere else. Never logged.
+	DataCredential string `protobuf:"bytes,8,opt,name=data_credential,json=dataCredential,proto3" json:"data_credential,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -1205,6 +1217,13 @@ func (x *CreateVMRequest) GetLabels() map[string]string {
 		return x.Labels
 	}
 	return nil
+}
+
+func (x *CreateVMRequest) GetDataCredential() string {
+	if x != nil {
+		return x.DataCredential
+	}
+	return ""
 }
 
 type CreateVMProgress struct {
@@ -1720,9 +1739,13 @@ type StageOutRequest struct {
 	// Folder of the data disk to copy (default "out").
 	Folder string `protobuf:"bytes,2,opt,name=folder,proto3" json:"folder,omitempty"`
 	// Where the files go on the data server (under the VM's owner).
-	RemotePrefix  string `protobuf:"bytes,3,opt,name=remote_prefix,json=remotePrefix,proto3" json:"remote_prefix,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	RemotePrefix string `protobuf:"bytes,3,opt,name=remote_prefix,json=remotePrefix,proto3" json:"remote_prefix,omitempty"`
+	// A task credential minted by the shop for this VM's owner and request
+	// (or task); the plant presents it to its configured data server and
+	// nowhere else. Empty: the one CreateVM brought. Never logged.
+	DataCredential string `protobuf:"bytes,4,opt,name=data_credential,json=dataCredential,proto3" json:"data_credential,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *StageOutRequest) Reset() {
@@ -1772,6 +1795,13 @@ func (x *StageOutRequest) GetFolder() string {
 func (x *StageOutRequest) GetRemotePrefix() string {
 	if x != nil {
 		return x.RemotePrefix
+	}
+	return ""
+}
+
+func (x *StageOutRequest) GetDataCredential() string {
+	if x != nil {
+		return x.DataCredential
 	}
 	return ""
 }
@@ -1852,10 +1882,10 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\aoptions\x18\x04 \x01(\tR\aoptions\"A\n" +
 	"\x10AttachDiskAction\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
-	"\bsize_mib\x18\x02 \x01(\x04R\asizeMib\"\x7f\n" +
-	"\rStageInAction\x12\x1e\n" +
+	"\bsize_mib\x18\x02 \x01(\x04R\asizeMib\"\x83\x01\n" +
+	"\rStageInAction\x12\"\n" +
 	"\n" +
-	"dataserver\x18\x01 \x01(\tR\n" +
+	"dataserver\x18\x01 \x01(\tB\x02\x18\x01R\n" +
 	"dataserver\x12\x14\n" +
 	"\x05files\x18\x02 \x03(\tR\x05files\x12\x1d\n" +
 	"\n" +
@@ -1918,7 +1948,7 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\rfetched_bytes\x18\x12 \x01(\x04R\ffetchedBytes\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xed\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x96\x03\n" +
 	"\x0fCreateVMRequest\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n" +
 	"\x05owner\x18\x02 \x01(\tR\x05owner\x12\x14\n" +
@@ -1926,7 +1956,8 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\bhardware\x18\x04 \x01(\v2\x1b.vmgrid.compute.v1.HardwareR\bhardware\x124\n" +
 	"\x06config\x18\x05 \x01(\v2\x1c.vmgrid.compute.v1.ConfigDAGR\x06config\x12'\n" +
 	"\x0fpersistent_disk\x18\x06 \x01(\tR\x0epersistentDisk\x12F\n" +
-	"\x06labels\x18\a \x03(\v2..vmgrid.compute.v1.CreateVMRequest.LabelsEntryR\x06labels\x1a9\n" +
+	"\x06labels\x18\a \x03(\v2..vmgrid.compute.v1.CreateVMRequest.LabelsEntryR\x06labels\x12'\n" +
+	"\x0fdata_credential\x18\b \x01(\tR\x0edataCredential\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb9\x01\n" +
@@ -1960,11 +1991,12 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x05error\x18\x05 \x01(\tR\x05error\x1a:\n" +
 	"\fResultsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"c\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x8c\x01\n" +
 	"\x0fStageOutRequest\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x16\n" +
 	"\x06folder\x18\x02 \x01(\tR\x06folder\x12#\n" +
-	"\rremote_prefix\x18\x03 \x01(\tR\fremotePrefix\".\n" +
+	"\rremote_prefix\x18\x03 \x01(\tR\fremotePrefix\x12'\n" +
+	"\x0fdata_credential\x18\x04 \x01(\tR\x0edataCredential\".\n" +
 	"\x10StageOutResponse\x12\x1a\n" +
 	"\buploaded\x18\x01 \x03(\tR\buploaded*\xda\x01\n" +
 	"\aVMState\x12\x18\n" +

@@ -60,18 +60,40 @@ func (r *CreateVMRequest) Validate() error {
 	if err := validateHardware(r.Hardware); err != nil {
 		return err
 	}
-	return validateKinds(r.GetConfig().GetActions(), "config")
+	if err := validateDataCredential(r.DataCredential); err != nil {
+		return err
+	}
+	return validateActions(r.GetConfig().GetActions(), "config")
 }
 
-// validateKinds rejects actions whose kind this build does not know: a
-// newer client's oneof member arrives as an unknown field, and no kind.
-// The rest of the DAG is checked by package dag, which names the node.
-func validateKinds(actions []*Action, where string) error {
+// MaxDataCredentialLen bounds a request's data_credential: a task
+// credential is a few hundred bytes.
+const MaxDataCredentialLen = 4096
+
+func validateDataCredential(c string) error {
+	if len(c) > MaxDataCredentialLen {
+		return fmt.Errorf("data_credential is %d bytes long; the limit is %d", len(c), MaxDataCredentialLen)
+	}
+	return nil
+}
+
+// ErrStageInDataserver is why a stage_in naming a data server is refused:
+// a request must not choose where a plant sends credentials.
+var ErrStageInDataserver = errors.New("stage_in.dataserver: the data server is grid configuration (the plant's --dataserver), not part of a request")
+
+// validateActions rejects actions whose kind this build does not know (a
+// newer client's oneof member arrives as an unknown field, and no kind) and
+// stage_in actions that name a data server. The rest of the DAG is checked
+// by package dag, which names the node.
+func validateActions(actions []*Action, where string) error {
 	for i, a := range actions {
 		if a.GetKind() == nil {
 			return fmt.Errorf("%s.actions[%d] (%q): no action kind this plant knows", where, i, a.GetId())
 		}
-		if err := validateKinds(a.GetOnError(), fmt.Sprintf("%s.actions[%d].on_error", where, i)); err != nil {
+		if a.GetStageIn().GetDataserver() != "" { //nolint:staticcheck // read only to refuse it
+			return fmt.Errorf("%s.actions[%d] (%q): %w", where, i, a.GetId(), ErrStageInDataserver)
+		}
+		if err := validateActions(a.GetOnError(), fmt.Sprintf("%s.actions[%d].on_error", where, i)); err != nil {
 			return err
 		}
 	}
@@ -110,7 +132,7 @@ func (r *ResumeVMRequest) Validate() error {
 	if err := validateEnum("classad.state", c.State, VMState_name); err != nil {
 		return err
 	}
-	if err := validateKinds(r.GetConfig().GetActions(), "config"); err != nil {
+	if err := validateActions(r.GetConfig().GetActions(), "config"); err != nil {
 		return err
 	}
 	return imagev1.ValidateName("classad.persistent_disk", c.PersistentDisk)
@@ -128,4 +150,9 @@ func (r *ExecVMRequest) Validate() error {
 }
 
 // Validate checks a StageOut request.
-func (r *StageOutRequest) Validate() error { return validateVMID(r.VmId, true) }
+func (r *StageOutRequest) Validate() error {
+	if err := validateVMID(r.VmId, true); err != nil {
+		return err
+	}
+	return validateDataCredential(r.DataCredential)
+}
