@@ -7,11 +7,11 @@ import (
 )
 
 func TestStoreConfigFlags(t *testing.T) {
-	var c StoreConfig
+	c := DefaultStoreConfig()
 	fs := pflag.NewFlagSet("dataserver", pflag.ContinueOnError)
 	c.AddFlags(fs)
 	if c != DefaultStoreConfig() {
-		t.Fatalf("after AddFlags: %+v, want the defaults %+v", c, DefaultStoreConfig())
+		t.Fatalf("after AddFlags: %+v, want the defaults %+v (flags show c's values)", c, DefaultStoreConfig())
 	}
 	dir := t.TempDir()
 	if err := fs.Parse([]string{"--data-dir", dir, "--max-file-size", "100GiB"}); err != nil {

@@ -10,11 +10,11 @@ import (
 )
 
 func TestStoreConfigFlags(t *testing.T) {
-	var c StoreConfig
+	c := DefaultStoreConfig()
 	fs := pflag.NewFlagSet("imageserver", pflag.ContinueOnError)
 	c.AddFlags(fs)
 	if c != DefaultStoreConfig() {
-		t.Fatalf("after AddFlags: %+v, want the defaults %+v", c, DefaultStoreConfig())
+		t.Fatalf("after AddFlags: %+v, want the defaults %+v (flags show c's values)", c, DefaultStoreConfig())
 	}
 	dir := t.TempDir()
 	if err := fs.Parse([]string{"--data-dir", dir, "--block-size", "16384"}); err != nil {

@@ -91,7 +91,7 @@ func TestComputeServerCrash(t *testing.T) {
 	sameContent(t, "image server's copy after the crash", fetchFile(t, ic, "disk", "disk.raw", size), golden)
 
 	cs.restart() // writes back what the previous run left dirty, then mounts
-	for _, want := range []string{"unmounting a stale FUSE mount", "wrote back dirty blocks from the previous run"} {
+	for _, want := range []string{"aborting and unmounting a FUSE view left by a killed process", "wrote back dirty blocks from the previous run"} {
 		if !strings.Contains(cs.log.String(), want) {
 			t.Errorf("the restarted compute server did not log %q", want)
 		}
