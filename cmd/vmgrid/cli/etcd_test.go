@@ -1,14 +1,15 @@
 package cli
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"io"
 	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -18,20 +19,6 @@ import (
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/pki"
 )
-
-// syncBuffer is a bytes.Buffer a running command writes while the test
-// reads it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
 
 func freeAddr(t *testing.T) string {
 	t.Helper()
@@ -75,24 +62,22 @@ func TestEtcdCommand(t *testing.T) {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
 	client := freeAddr(t)
-	var outw, errw syncBuffer
+	// stdout is a pipe: its first line says etcd serves (with its users).
+	pr, pw := io.Pipe()
+	var errw bytes.Buffer // read once run is done
 	done := make(chan int, 1)
 	go func() {
+		defer pw.Close()
 		done <- run(ctx, []string{"etcd", "--data-dir", filepath.Join(dir, "etcd"), "--listen-client", client, "--listen-peer", freeAddr(t),
 			"--tls-cert", d.TLS("etcd").CertFile, "--tls-key", d.TLS("etcd").KeyFile, "--tls-ca", d.CA(),
-			"--users", "shop", "--root-cert", d.TLS("root").CertFile, "--root-key", d.TLS("root").KeyFile, "--unsafe-no-fsync", "--log-level", "error"}, &outw, &errw)
+			"--users", "shop", "--root-cert", d.TLS("root").CertFile, "--root-key", d.TLS("root").KeyFile, "--unsafe-no-fsync", "--log-level", "error"}, pw, &errw)
 	}()
-	for deadline := time.Now().Add(time.Minute); !strings.Contains(outw.String(), "etcd is serving"); {
-		select {
-		case code := <-done:
-			t.Fatalf("vmgrid etcd exited %d: %s", code, errw.String())
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("vmgrid etcd did not serve in a minute: %s", errw.String())
-		}
-	}
+	line, err := bufio.NewReader(pr).ReadString('\n')
+	go io.Copy(io.Discard, pr) //nolint:errcheck
 	endpoint := "https://" + client
+	if err != nil || !strings.HasPrefix(line, "etcd is serving clients at "+endpoint) {
+		t.Fatalf("vmgrid etcd: %q %v (exit %d: %s)", line, err, <-done, errw.String())
+	}
 	if err := etcdPut(endpoint, d.TLS("shop")); err != nil {
 		t.Fatalf("the shop's certificate: %v", err)
 	}
