@@ -152,10 +152,16 @@ func etcdUsers(cfg Config) []string {
 // makePKI makes (or keeps) the CA and a certificate for every service,
 // valid for the grid's host and the loopback names.
 func (g *Grid) makePKI(_ context.Context, cfg Config) error {
+	dir := filepath.Join(cfg.Dir, "pki")
 	if cfg.Insecure {
+		// A secure grid's etcd keeps authentication on: plaintext clients
+		// could not register there.
+		if _, err := os.Stat(dir); err == nil {
+			return fmt.Errorf("%s held a secure grid (its etcd requires certificates): start an insecure one in another directory", cfg.Dir)
+		}
 		return nil
 	}
-	g.PKI = pki.Dir(filepath.Join(cfg.Dir, "pki"))
+	g.PKI = pki.Dir(dir)
 	hosts := []string{cfg.Host, "127.0.0.1", "::1", "localhost"}
 	if h, err := os.Hostname(); err == nil {
 		hosts = append(hosts, h)

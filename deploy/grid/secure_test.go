@@ -151,3 +151,15 @@ func TestUpSecureVM(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A directory that held a secure grid does not start an insecure one: its
+// etcd would refuse every plaintext client.
+func TestUpInsecureRefusesSecureDir(t *testing.T) {
+	dir := testutil.ShortTempDir(t)
+	if err := os.MkdirAll(dir+"/pki", 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Up(context.Background(), Config{Dir: dir, Insecure: true, NoFsync: true, Logger: zaptest.NewLogger(t)}); err == nil || !strings.Contains(err.Error(), "secure grid") {
+		t.Fatalf("insecure grid in a secure grid's directory: %v", err)
+	}
+}
