@@ -3,6 +3,8 @@
 # all-in-one grid (embedded etcd, image server, two plants, the shop; the
 # tiny golden image is built and published on the first start), create a VM
 # through the shop, show its classad and console output, destroy it, stop.
+# Everything speaks mutual TLS: DIR/env exports the client's certificate
+# (VMGRID_TLS_*), which the CLI's --tls-* flags default to.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VMGRID=${VMGRID:-./bin/vmgrid}

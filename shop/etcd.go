@@ -166,3 +166,6 @@ func addUser(ctx context.Context, cli *clientv3.Client, name, role string) error
 
 // Close stops the server.
 func (ee *EmbeddedEtcd) Close() { ee.e.Close() }
+
+// Err reports a failure of the running server (it has stopped serving).
+func (ee *EmbeddedEtcd) Err() <-chan error { return ee.e.Err() }

@@ -78,7 +78,7 @@ func TestShop(t *testing.T) {
 	testutil.NeedQEMU(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	g, err := grid.Up(ctx, grid.Config{Dir: testutil.ShortTempDir(t), Plants: 3, Golden: "tiny", AgentPath: testutil.GuestAgent(t), NoFsync: true, Logger: zaptest.NewLogger(t)})
+	g, err := grid.Up(ctx, grid.Config{Dir: testutil.ShortTempDir(t), Plants: 3, Golden: "tiny", AgentPath: testutil.GuestAgent(t), NoFsync: true, Insecure: true, Logger: zaptest.NewLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,13 @@
 // Package grid starts a whole vmgrid on one machine (`vmgrid up`): an
 // embedded etcd, an image server, N compute servers, the shop, and builds
 // and publishes the tiny golden image when the warehouse lacks it.
+//
+// By default the grid is secure: a CA and a certificate per service in
+// Dir/pki (services/pki), mutual TLS on every gRPC server and every hop
+// between them, and an etcd that serves TLS only, requires client
+// certificates and lets only the shop's and the plants' identities (their
+// certificates' CNs) read and write the grid's keys. Config.Insecure keeps
+// the plaintext mode of old (tests and benchmarks).
 package grid
 
 import (
@@ -28,6 +35,7 @@ import (
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
 	"github.com/vmgrid/vmgrid/services/errdefs"
+	"github.com/vmgrid/vmgrid/services/pki"
 	"github.com/vmgrid/vmgrid/shop"
 )
 
@@ -52,7 +60,10 @@ type Config struct {
 	GuestMemoryMiB uint64
 	// NoFsync runs etcd without fsync (tests).
 	NoFsync bool
-	Logger  *zap.Logger
+	// Insecure serves everything in plaintext, etcd without
+	// authentication (tests and benchmarks); the default is mutual TLS.
+	Insecure bool
+	Logger   *zap.Logger
 }
 
 // Grid is a running grid.
@@ -71,6 +82,11 @@ type Grid struct {
 	log         *zap.Logger
 	tokens      *auth.Tokens
 	undo        services.Undo // Close runs it: the start, backwards
+
+	// PKI holds the CA and the services' certificates, ClientTLS the
+	// client's (the CLI's): both zero when the grid is insecure.
+	PKI       pki.Dir
+	ClientTLS services.TLSFiles
 }
 
 func freeAddr(host string, port int) (string, error) {
@@ -98,7 +114,7 @@ func Up(ctx context.Context, cfg Config) (g *Grid, err error) {
 	}
 	g = &Grid{log: services.LoggerOr(cfg.Logger)}
 	defer g.undo.OnError(&err)
-	for _, step := range []func(context.Context, Config) error{g.startEtcd, g.startImages, g.startData, g.startPlants, g.startShop} {
+	for _, step := range []func(context.Context, Config) error{g.makePKI, g.startEtcd, g.startImages, g.startData, g.startPlants, g.startShop} {
 		if err := step(ctx, cfg); err != nil {
 			return nil, err
 		}
@@ -114,10 +130,67 @@ func (g *Grid) serve(r interface{ Serve(context.Context) error }) {
 	g.undo.Push(func() { cancel(); <-done })
 }
 
+// clientName is the identity of the CLI (and of the grid's own calls, such
+// as publishing the golden image); rootName is etcd's administrator.
+const (
+	clientName = "client"
+	rootName   = "root"
+)
+
+// plantName is the name, and the identity, of the i-th plant.
+func plantName(i int) string { return fmt.Sprintf("plant%d", i) }
+
+// etcdUsers are the identities allowed into etcd: the shop and the plants.
+func etcdUsers(cfg Config) []string {
+	users := []string{"shop"}
+	for i := range cfg.Plants {
+		users = append(users, plantName(i))
+	}
+	return users
+}
+
+// makePKI makes (or keeps) the CA and a certificate for every service,
+// valid for the grid's host and the loopback names.
+func (g *Grid) makePKI(_ context.Context, cfg Config) error {
+	dir := filepath.Join(cfg.Dir, "pki")
+	if cfg.Insecure {
+		// A secure grid's etcd keeps authentication on: plaintext clients
+		// could not register there.
+		if _, err := os.Stat(dir); err == nil {
+			return fmt.Errorf("%s held a secure grid (its etcd requires certificates): start an insecure one in another directory", cfg.Dir)
+		}
+		return nil
+	}
+	g.PKI = pki.Dir(dir)
+	hosts := []string{cfg.Host, "127.0.0.1", "::1", "localhost"}
+	if h, err := os.Hostname(); err == nil {
+		hosts = append(hosts, h)
+	}
+	names := append([]string{"etcd", rootName, "imageserver", "dataserver", clientName}, etcdUsers(cfg)...)
+	if err := pki.Ensure(g.PKI, hosts, names...); err != nil {
+		return err
+	}
+	g.ClientTLS = g.tls(clientName)
+	return nil
+}
+
+// tls is what the service name serves and dials with: its certificate as
+// both server and client, and the CA (none when the grid is insecure).
+func (g *Grid) tls(name string) services.TLSFiles {
+	if g.PKI == "" {
+		return services.TLSFiles{}
+	}
+	return g.PKI.TLS(name)
+}
+
 func (g *Grid) startEtcd(_ context.Context, cfg Config) (err error) {
 	ca, _ := freeAddr(cfg.Host, 0)
 	pa, _ := freeAddr(cfg.Host, 0)
-	if g.Etcd, err = shop.StartEtcd(filepath.Join(cfg.Dir, "etcd"), ca, pa, cfg.NoFsync, g.log); err != nil {
+	ec := shop.EtcdServerConfig{Dir: filepath.Join(cfg.Dir, "etcd"), ClientAddr: ca, PeerAddr: pa, NoFsync: cfg.NoFsync, Logger: g.log}
+	if !cfg.Insecure {
+		ec.TLS, ec.Users, ec.Root = g.tls("etcd"), etcdUsers(cfg), g.tls(rootName)
+	}
+	if g.Etcd, err = shop.StartEtcdServer(ec); err != nil {
 		return err
 	}
 	g.undo.Push(g.Etcd.Close)
@@ -132,7 +205,7 @@ func (g *Grid) startImages(ctx context.Context, cfg Config) error {
 		return err
 	}
 	if g.Images, err = imageserver.Start(ctx, imageserver.Config{
-		Server: services.Options{Name: "imageserver", Listen: ia, Logger: g.log.Named("imageserver")},
+		Server: services.Options{Name: "imageserver", Listen: ia, Logger: g.log.Named("imageserver"), TLS: g.tls("imageserver")},
 		Store:  imageserver.StoreConfig{DataDir: filepath.Join(cfg.Dir, "images")},
 	}); err != nil {
 		return err
@@ -141,7 +214,7 @@ func (g *Grid) startImages(ctx context.Context, cfg Config) error {
 	if cfg.Golden == "" {
 		return nil
 	}
-	return ensureGolden(ctx, cfg, g.Images.Addr(), g.log)
+	return ensureGolden(ctx, cfg, g.Images.Addr(), g.ClientTLS, g.log)
 }
 
 func (g *Grid) startData(ctx context.Context, cfg Config) (err error) {
@@ -155,7 +228,7 @@ func (g *Grid) startData(ctx context.Context, cfg Config) (err error) {
 		return err
 	}
 	if g.Data, err = dataserver.Start(ctx, dataserver.Config{
-		Server: services.Options{Name: "dataserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: g.log.Named("dataserver")},
+		Server: services.Options{Name: "dataserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: g.log.Named("dataserver"), TLS: g.tls("dataserver")},
 		Store:  dataserver.StoreConfig{DataDir: filepath.Join(cfg.Dir, "data")}, Tokens: g.tokens, TaskKeyFile: g.TaskKeyFile,
 	}); err != nil {
 		return err
@@ -170,11 +243,14 @@ func (g *Grid) startPlants(ctx context.Context, cfg Config) error {
 		return err
 	}
 	for i := range cfg.Plants {
+		name := plantName(i)
+		// The plant's certificate serves its API and is its client
+		// certificate to the image server, the data server and etcd.
 		pl, err := computeserver.Start(ctx, computeserver.Config{
 			DataServer: g.Data.Addr(),
-			Server:     services.Options{Name: "computeserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: g.log.Named(fmt.Sprintf("plant%d", i))},
-			Upstream:   g.Images.Addr(), DataDir: filepath.Join(cfg.Dir, fmt.Sprintf("p%d", i)),
-			Name: fmt.Sprintf("plant%d", i), Etcd: g.etcdConfig(), GuestMemoryMiB: memory,
+			Server:     services.Options{Name: "computeserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: g.log.Named(name), TLS: g.tls(name)},
+			Upstream:   g.Images.Addr(), UpstreamTLS: g.tls(name), DataDir: filepath.Join(cfg.Dir, fmt.Sprintf("p%d", i)),
+			Name: name, Etcd: g.etcdConfig(name), GuestMemoryMiB: memory,
 		})
 		if err != nil {
 			return fmt.Errorf("plant %d: %w", i, err)
@@ -200,8 +276,8 @@ func (g *Grid) startShop(ctx context.Context, cfg Config) error {
 		return err
 	}
 	if g.Shop, err = shop.Start(ctx, shop.RunConfig{
-		Server: services.Options{Name: "shop", Listen: sa, Logger: g.log.Named("shop")},
-		Etcd:   g.etcdConfig(), Images: g.Images.Addr(), Tokens: g.tokens, DataServer: g.Data.Addr(),
+		Server: services.Options{Name: "shop", Listen: sa, Logger: g.log.Named("shop"), TLS: g.tls("shop")},
+		Etcd:   g.etcdConfig("shop"), Images: g.Images.Addr(), Tokens: g.tokens, DataServer: g.Data.Addr(),
 	}); err != nil {
 		return err
 	}
@@ -209,9 +285,11 @@ func (g *Grid) startShop(ctx context.Context, cfg Config) error {
 	return nil
 }
 
-func (g *Grid) etcdConfig() services.EtcdConfig {
+// etcdConfig is how the service name reaches etcd: with its certificate,
+// whose CN is its etcd user.
+func (g *Grid) etcdConfig(name string) services.EtcdConfig {
 	c := services.DefaultEtcdConfig()
-	c.Endpoints = []string{g.Etcd.Endpoint}
+	c.Endpoints, c.TLS = []string{g.Etcd.Endpoint}, g.tls(name)
 	return c
 }
 
@@ -256,8 +334,8 @@ func randomToken() string {
 
 // ensureGolden builds and publishes the golden image unless the warehouse
 // has it.
-func ensureGolden(ctx context.Context, cfg Config, images string, log *zap.Logger) error {
-	cc, err := services.Dial(images, services.TLSFiles{})
+func ensureGolden(ctx context.Context, cfg Config, images string, tlsFiles services.TLSFiles, log *zap.Logger) error {
+	cc, err := services.Dial(images, tlsFiles)
 	if err != nil {
 		return err
 	}

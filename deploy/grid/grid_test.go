@@ -2,7 +2,6 @@ package grid
 
 import (
 	"context"
-	"os"
 	"syscall"
 	"testing"
 	"time"
@@ -15,9 +14,7 @@ import (
 // Plants on one host share its memory: together they offer no more than
 // the 80% of RAM one plant alone would (each assumed 80% before).
 func TestUpDividesGuestMemory(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("plants mount FUSE views: needs root")
-	}
+	needRoot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	g, err := Up(ctx, Config{Dir: testutil.ShortTempDir(t), Plants: 2, NoFsync: true, Logger: zaptest.NewLogger(t)})

@@ -1,8 +1,8 @@
 // Package cli is the vmgrid command line: server roles and client verbs,
 // one file per command group (as etcdctl lays out its commands): up.go,
 // vm.go, task.go, data.go, image.go (image_build.go), cache.go, bench.go,
-// and one file per server role (shop.go, imageserver.go, dataserver.go,
-// computeserver.go, cacheproxy.go). dial.go holds what they share: the
+// certs.go, and one file per server role (shop.go, imageserver.go,
+// dataserver.go, computeserver.go, cacheproxy.go, etcd.go). dial.go holds what they share: the
 // address of the service a verb talks to, and the prologue of a server
 // role. main only calls Main, so tests can drive the whole CLI in-process.
 package cli
@@ -72,20 +72,23 @@ func NewRoot() *cobra.Command {
 Compute servers read images block by block on demand through a local cache;
 nothing is copied up front.
 
-Server roles:   vmgrid imageserver | computeserver | cacheproxy | dataserver
+Server roles:   vmgrid imageserver | computeserver | cacheproxy | dataserver | etcd
+Certificates:   vmgrid certs (a CA and the services' mutual-TLS certificates)
 Client verbs:   vmgrid image publish|ls|get|fetch|rm|create-disk
                 vmgrid cache flush|stats|drop
                 vmgrid data put|get|ls|stat|rm|grant|revoke|grants`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
-	}, upCmd(g), shopCmd(g), vmCmd(g), taskCmd(g), imageserverCmd(g), computeserverCmd(g), cacheproxyCmd(g),
+	}, upCmd(g), etcdCmd(g), certsCmd(g), shopCmd(g), vmCmd(g), taskCmd(g), imageserverCmd(g), computeserverCmd(g), cacheproxyCmd(g),
 		imageCmd(g), cacheCmd(g), benchCmd(g), dataserverCmd(g), dataCmd(g))
 	pf := root.PersistentFlags()
 	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	pf.BoolVar(&g.logDev, "log-console", false, "human-readable console logs instead of JSON")
-	pf.StringVar(&g.tls.CertFile, "tls-cert", "", "PEM certificate (server: its certificate; client: a client certificate for mutual TLS)")
-	pf.StringVar(&g.tls.KeyFile, "tls-key", "", "PEM private key of --tls-cert")
-	pf.StringVar(&g.tls.CAFile, "tls-ca", "", "PEM CA bundle (server: require client certificates signed by it; client: trust servers signed by it)")
+	// The TLS files default from the environment: `vmgrid up` writes the
+	// client's into DIR/env, so a shell that sourced it speaks mutual TLS.
+	pf.StringVar(&g.tls.CertFile, "tls-cert", os.Getenv("VMGRID_TLS_CERT"), "PEM certificate (server: its certificate; client: a client certificate for mutual TLS) (env VMGRID_TLS_CERT)")
+	pf.StringVar(&g.tls.KeyFile, "tls-key", os.Getenv("VMGRID_TLS_KEY"), "PEM private key of --tls-cert (env VMGRID_TLS_KEY)")
+	pf.StringVar(&g.tls.CAFile, "tls-ca", os.Getenv("VMGRID_TLS_CA"), "PEM CA bundle (server: require client certificates signed by it; client: trust servers signed by it) (env VMGRID_TLS_CA)")
 	return root
 }
 

@@ -22,7 +22,13 @@ server, --plants compute servers (each with its FUSE view under --dir) and
 the shop. The first start builds the tiny golden image (Debian's cloud
 kernel, busybox, the guest agent: vmgrid-agent beside this binary, or this
 binary) and publishes it. It writes
-DIR/env with the addresses and a token, and runs until interrupted.`,
+DIR/env with the addresses and a token, and runs until interrupted.
+
+Every gRPC server and etcd speak mutual TLS only, with a CA and one
+certificate per service made in DIR/pki (kept across restarts); etcd lets in
+only the shop's and the plants' certificates. DIR/env names the client's
+certificate (VMGRID_TLS_CA, VMGRID_TLS_CERT, VMGRID_TLS_KEY, the defaults of
+--tls-ca, --tls-cert and --tls-key). --insecure serves plaintext instead.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := g.logger()
@@ -60,6 +66,7 @@ DIR/env with the addresses and a token, and runs until interrupted.`,
 	f.IntVar(&cfg.ShopPort, "shop-port", 7060, "shop port (0: any)")
 	f.IntVar(&cfg.ImagesPort, "images-port", 7070, "image server port (0: any)")
 	f.StringVar(&cfg.Golden, "golden", "tiny", "golden image to build and publish if missing (empty: none)")
+	f.BoolVar(&cfg.Insecure, "insecure", false, "plaintext everywhere and etcd without authentication (tests and benchmarks only)")
 	f.Uint64Var(&cfg.GuestMemoryMiB, "guest-memory-mib", 0, "memory the guests of all plants may use together, divided among the plants (0: 80% of RAM)")
 	return c
 }
@@ -71,6 +78,9 @@ func writeEnv(file string, gr *grid.Grid) error {
 	for i, p := range gr.Plants {
 		env += fmt.Sprintf("export VMGRID_PLANT%d=%s\n", i, p.Addr())
 	}
+	if t := gr.ClientTLS; t.Enabled() {
+		env += fmt.Sprintf("export VMGRID_TLS_CA=%s\nexport VMGRID_TLS_CERT=%s\nexport VMGRID_TLS_KEY=%s\n", t.CAFile, t.CertFile, t.KeyFile)
+	}
 	return os.WriteFile(file, []byte(env), 0o600)
 }
 
@@ -78,6 +88,9 @@ func printUp(out io.Writer, gr *grid.Grid, envFile string) {
 	fmt.Fprintf(out, "vmgrid is up: shop %s, image server %s, data server %s, etcd %s, %d plants\n", gr.Shop.Addr(), gr.Images.Addr(), gr.Data.Addr(), gr.Etcd.Endpoint, len(gr.Plants))
 	for i, p := range gr.Plants {
 		fmt.Fprintf(out, "  plant%d %s  view %s\n", i, p.Addr(), p.Mountpoint)
+	}
+	if gr.ClientTLS.Enabled() {
+		fmt.Fprintf(out, "mutual TLS everywhere: the CA and certificates are in %s\n", gr.PKI)
 	}
 	fmt.Fprintf(out, "owner \"demo\", tokens file %s\nuse it:  . %s && vmgrid vm create --hostname demo1\n", gr.TokensFile, envFile)
 }
