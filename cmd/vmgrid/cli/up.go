@@ -22,7 +22,10 @@ server, --plants compute servers (each with its FUSE view under --dir) and
 the shop. The first start builds the tiny golden image (Debian's cloud
 kernel, busybox, the guest agent: vmgrid-agent beside this binary, or this
 binary) and publishes it. It writes
-DIR/env with the addresses and a token, and runs until interrupted.`,
+DIR/env with the addresses, the token of the owner "demo"
+(VMGRID_TOKEN) and the operator's (VMGRID_OPERATOR_TOKEN), and runs until
+interrupted. Every service takes tokens (DIR/tokens); the services call each
+other with the service token in DIR/service.token.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := g.logger()
@@ -68,6 +71,8 @@ DIR/env with the addresses and a token, and runs until interrupted.`,
 func writeEnv(file string, gr *grid.Grid) error {
 	env := fmt.Sprintf("export VMGRID_SHOP=%s\nexport VMGRID_TOKEN=%s\nexport VMGRID_IMAGESERVER=%s\nexport VMGRID_DATASERVER=%s\nexport VMGRID_ETCD=%s\n",
 		gr.Shop.Addr(), gr.Token, gr.Images.Addr(), gr.Data.Addr(), gr.Etcd.Endpoint)
+	// The image and cache verbs take the operator's token when it is set.
+	env += fmt.Sprintf("export VMGRID_OPERATOR_TOKEN=%s\n", gr.OperatorToken)
 	for i, p := range gr.Plants {
 		env += fmt.Sprintf("export VMGRID_PLANT%d=%s\n", i, p.Addr())
 	}
@@ -79,7 +84,7 @@ func printUp(out io.Writer, gr *grid.Grid, envFile string) {
 	for i, p := range gr.Plants {
 		fmt.Fprintf(out, "  plant%d %s  view %s\n", i, p.Addr(), p.Mountpoint)
 	}
-	fmt.Fprintf(out, "owner \"demo\", tokens file %s\nuse it:  . %s && vmgrid vm create --hostname demo1\n", gr.TokensFile, envFile)
+	fmt.Fprintf(out, "owner \"demo\" and the operator, tokens file %s\nuse it:  . %s && vmgrid vm create --hostname demo1\n", gr.TokensFile, envFile)
 }
 
 // guestAgent returns the static guest agent to put into golden images:
