@@ -12,6 +12,7 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/computeserver/gvfs/cacheproxy"
 	"github.com/vmgrid/vmgrid/services"
+	"github.com/vmgrid/vmgrid/services/auth"
 )
 
 // CacheProxyConfig is what `vmgrid cacheproxy` needs.
@@ -25,6 +26,13 @@ type CacheProxyConfig struct {
 	// wait for an absent upstream (its Upstream, Dir and Logger are set by
 	// StartCacheProxy).
 	Proxy gvfs.Config
+	// TokensFile maps bearer tokens to callers; Tokens may be given
+	// instead. One is required (auth.CacheProxyPolicy).
+	TokensFile string
+	Tokens     *auth.Tokens
+	// ServiceTokenFile holds the proxy's token for its upstream (role
+	// service there): it forwards with its own identity, not its callers'.
+	ServiceTokenFile string
 }
 
 // CacheProxy is a running cache proxy: ImageService over a cache.
@@ -39,11 +47,14 @@ func StartCacheProxy(_ context.Context, cfg CacheProxyConfig) (_ *CacheProxy, er
 	var undo services.Undo
 	defer undo.OnError(&err)
 	log := services.LoggerOr(cfg.Server.Logger)
-	up, err := gvfs.DialUpstream(cfg.Upstream, cfg.UpstreamTLS, cfg.Compress)
+	tokens, err := services.ServerTokens(cfg.Tokens, cfg.TokensFile, "the cache proxy")
 	if err != nil {
 		return nil, err
 	}
-	undo.Push(func() { up.Close() })
+	up, err := dialUpstream(cfg.Upstream, cfg.UpstreamTLS, cfg.Compress, cfg.ServiceTokenFile, &undo)
+	if err != nil {
+		return nil, err
+	}
 	pc := cfg.Proxy
 	pc.Upstream, pc.Dir, pc.FlushIdle, pc.Logger = up, cfg.DataDir, -1, log
 	p, err := gvfs.New(pc)
@@ -59,7 +70,8 @@ func StartCacheProxy(_ context.Context, cfg CacheProxyConfig) (_ *CacheProxy, er
 	if err != nil {
 		return nil, fmt.Errorf("cache proxy: %w", err)
 	}
-	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
+	opts := cfg.Server.Authenticated(&auth.Authenticator{Tokens: tokens, Policy: auth.CacheProxyPolicy()})
+	srv, err := services.NewServer(opts, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		svc.Register(gs)
 		return p.RegisterMetrics(reg)
 	})

@@ -28,6 +28,8 @@ func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	c.Etcd.AddFlags(fs, "etcd endpoints: register there and bid in the shop's auctions")
 	fs.Uint64Var(&c.GuestMemoryMiB, "guest-memory-mib", c.GuestMemoryMiB, "memory guests may use in all (0: 80% of RAM)")
 	fs.StringVar(&c.DataServer, "dataserver", c.DataServer, "data server of task stage-in/out (requests bring task credentials for it; empty: no staging)")
+	services.AddTokensFlag(fs, &c.TokensFile)
+	services.AddServiceTokenFlag(fs, &c.ServiceTokenFile, "to the upstream")
 	c.Proxy.AddFlags(fs)
 }
 
@@ -47,6 +49,8 @@ func (c *CacheProxyConfig) AddFlags(fs *pflag.FlagSet) {
 	c.Server.AddFlags(fs)
 	addUpstreamFlags(fs, &c.Upstream, &c.Compress)
 	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for the caches")
+	services.AddTokensFlag(fs, &c.TokensFile)
+	services.AddServiceTokenFlag(fs, &c.ServiceTokenFile, "to the upstream")
 	c.Proxy.AddCacheProxyFlags(fs)
 }
 

@@ -26,6 +26,10 @@ func progressSender(start time.Time, send func(*computev1.CreateVMProgress) erro
 	}
 }
 
+// CreateVM creates a VM for req.Owner. The plant believes the owner a
+// request names only because auth.PlantPolicy admits services (the shop,
+// which authenticated the owner) and operators alone: an owner's token never
+// gets here, so no one forges another owner's VM.
 func (s *plantService) CreateVM(req *computev1.CreateVMRequest, stream computev1.PlantService_CreateVMServer) error {
 	start := time.Now()
 	ad, err := s.p.CreateVM(stream.Context(), req, progressSender(start, stream.Send))
@@ -49,6 +53,7 @@ func (s *plantService) GetVM(_ context.Context, req *computev1.GetVMRequest) (*c
 }
 
 func (s *plantService) ListVMs(_ context.Context, req *computev1.ListVMsRequest) (*computev1.ListVMsResponse, error) {
+	// req.Owner is the shop's word, as in CreateVM.
 	return &computev1.ListVMsResponse{Vms: s.p.ListVMs(req.Owner)}, nil
 }
 

@@ -20,6 +20,7 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	"github.com/vmgrid/vmgrid/services"
+	"github.com/vmgrid/vmgrid/services/auth"
 	"github.com/vmgrid/vmgrid/shop/market"
 )
 
@@ -56,6 +57,14 @@ type Config struct {
 	// DataServer is the data server of stage-in and stage-out (requests
 	// bring task credentials for it; they cannot name another).
 	DataServer string
+	// TokensFile maps bearer tokens to callers; Tokens may be given
+	// instead. One is required: the plant takes orders only from services
+	// (the shop) and operators (auth.PlantPolicy).
+	TokensFile string
+	Tokens     *auth.Tokens
+	// ServiceTokenFile holds the plant's token for its upstream (role
+	// service there): write-back and profiles need one.
+	ServiceTokenFile string
 }
 
 // Server is a running compute server: the data plane (Proxy, mounted at
@@ -78,6 +87,10 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	var undo services.Undo
 	defer undo.OnError(&err)
 	log := services.LoggerOr(cfg.Server.Logger)
+	tokens, err := services.ServerTokens(cfg.Tokens, cfg.TokensFile, "the compute server")
+	if err != nil {
+		return nil, err
+	}
 	p, err := openProxy(ctx, cfg, log, &undo)
 	if err != nil {
 		return nil, err
@@ -98,7 +111,8 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		defer cancel()
 		pl.Close(cctx)
 	})
-	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
+	opts := cfg.Server.Authenticated(&auth.Authenticator{Tokens: tokens, Policy: auth.PlantPolicy()})
+	srv, err := services.NewServer(opts, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		computev1.RegisterCacheServiceServer(gs, &cacheService{p: p})
 		computev1.RegisterPlantServiceServer(gs, &plantService{p: pl, images: p.Upstream().Client})
 		return p.RegisterMetrics(reg)
@@ -121,11 +135,10 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 // openProxy dials the upstream and opens the caches (pushing their closing
 // on undo), then writes back what a previous run left dirty.
 func openProxy(ctx context.Context, cfg Config, log *zap.Logger, undo *services.Undo) (*gvfs.Proxy, error) {
-	up, err := gvfs.DialUpstream(cfg.Upstream, cfg.UpstreamTLS, cfg.Compress)
+	up, err := dialUpstream(cfg.Upstream, cfg.UpstreamTLS, cfg.Compress, cfg.ServiceTokenFile, undo)
 	if err != nil {
 		return nil, err
 	}
-	undo.Push(func() { up.Close() })
 	pc := cfg.Proxy
 	pc.Upstream, pc.Dir, pc.Logger = up, filepath.Join(cfg.DataDir, "cache"), log
 	p, err := gvfs.New(pc)
@@ -145,6 +158,21 @@ func openProxy(ctx context.Context, cfg Config, log *zap.Logger, undo *services.
 		log.Info("wrote back dirty blocks from the previous run", zap.Int("disks", len(flushed)))
 	}
 	return p, nil
+}
+
+// dialUpstream dials the upstream as this service (the token in
+// tokenFile) and pushes closing it on undo.
+func dialUpstream(addr string, tls services.TLSFiles, compress bool, tokenFile string, undo *services.Undo) (*gvfs.Upstream, error) {
+	token, err := services.ServiceToken(tokenFile)
+	if err != nil {
+		return nil, err
+	}
+	up, err := gvfs.DialUpstream(addr, tls, compress, services.WithToken(token, tls))
+	if err != nil {
+		return nil, err
+	}
+	undo.Push(func() { up.Close() })
+	return up, nil
 }
 
 // startLine starts the plant's production line over the view at mnt.

@@ -44,6 +44,7 @@ func ctxT(t *testing.T) context.Context {
 func servePlant(t *testing.T, cfg Config) *Server {
 	t.Helper()
 	cfg.Server = services.Options{Name: "computeserver", Listen: "127.0.0.1:0", ShutdownTimeout: 5 * time.Second}
+	cfg.Tokens, cfg.ServiceTokenFile = testutil.Tokens(t), testutil.ServiceTokenFile(t)
 	pl, err := Start(ctxT(t), cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -78,7 +79,7 @@ func isMounted(dir string) bool {
 }
 
 func cacheClient(t *testing.T, addr string) computev1.CacheServiceClient {
-	cc, err := services.Dial(addr, services.TLSFiles{})
+	cc, err := services.Dial(addr, services.TLSFiles{}, testutil.As(testutil.OperatorToken))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,7 +129,7 @@ func TestPlant(t *testing.T) {
 
 	cp, err := StartCacheProxy(context.Background(), CacheProxyConfig{
 		Server:   services.Options{Name: "cacheproxy", Listen: "127.0.0.1:0", ShutdownTimeout: 5 * time.Second},
-		Upstream: is.Srv.Addr(), DataDir: t.TempDir(),
+		Upstream: is.Srv.Addr(), DataDir: t.TempDir(), Tokens: testutil.Tokens(t), ServiceTokenFile: testutil.ServiceTokenFile(t),
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -2,7 +2,6 @@ package dataserver
 
 import (
 	"context"
-	"errors"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
@@ -39,7 +38,7 @@ func DefaultConfig() Config {
 func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	c.Server.AddFlags(fs)
 	c.Store.AddFlags(fs)
-	fs.StringVar(&c.TokensFile, "tokens", c.TokensFile, `tokens file: one "TOKEN NAME [ROLE]" line per caller (required)`)
+	services.AddTokensFlag(fs, &c.TokensFile)
 	fs.StringVar(&c.TaskKeyFile, "task-key", c.TaskKeyFile, "key file checking the shop's task credentials (plants stage task files with them; empty: none accepted)")
 	c.Server.AddShutdownFlag(fs)
 }
@@ -56,14 +55,9 @@ func Start(_ context.Context, cfg Config) (_ *Server, err error) {
 	var undo services.Undo
 	defer undo.OnError(&err)
 	log := services.LoggerOr(cfg.Server.Logger)
-	tokens := cfg.Tokens
-	if tokens == nil {
-		if cfg.TokensFile == "" {
-			return nil, errors.New("the data server needs a tokens file (--tokens): every file has an owner")
-		}
-		if tokens, err = auth.Load(cfg.TokensFile); err != nil {
-			return nil, err
-		}
+	tokens, err := services.ServerTokens(cfg.Tokens, cfg.TokensFile, "the data server")
+	if err != nil {
+		return nil, err
 	}
 	sc := cfg.Store
 	sc.Logger = log
@@ -71,16 +65,13 @@ func Start(_ context.Context, cfg Config) (_ *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
-	opts := cfg.Server
 	a := &auth.Authenticator{Tokens: tokens, Policy: auth.DataPolicy()}
 	if cfg.TaskKeyFile != "" {
 		if a.TaskKey, err = auth.LoadTaskKey(cfg.TaskKeyFile); err != nil {
 			return nil, err
 		}
 	}
-	opts.UnaryInterceptors = append(append([]grpc.UnaryServerInterceptor(nil), opts.UnaryInterceptors...), a.UnaryServerInterceptor())
-	opts.StreamInterceptors = append(append([]grpc.StreamServerInterceptor(nil), opts.StreamInterceptors...), a.StreamServerInterceptor())
-	srv, err := services.NewServer(opts, func(gs *grpc.Server, reg prometheus.Registerer) error {
+	srv, err := services.NewServer(cfg.Server.Authenticated(a), func(gs *grpc.Server, reg prometheus.Registerer) error {
 		svc, err := NewService(store, log, reg)
 		if err == nil {
 			svc.Register(gs)

@@ -65,7 +65,11 @@ echo
 echo "== a task: input staged in from the data server, command run in a fresh VM, output staged out"
 printf 'the quick brown fox jumps over the lazy dog\n' >"$dir/words.txt"
 "$VMGRID" data put -q "$dir/words.txt" words.txt
-"$VMGRID" task submit --input words.txt --output-prefix demo/out --wait -- 'wc -w < in/words.txt > out/count.txt'
-"$VMGRID" data get -q demo/out/count.txt "$dir/count.txt"
+# Outputs go under the task's own prefix (tasks/TASK_ID/): the credential
+# the shop gives the plant for the task writes nowhere else.
+out=$("$VMGRID" task submit --input words.txt --wait -- 'wc -w < in/words.txt > out/count.txt')
+echo "$out"
+task=$(echo "$out" | head -1)
+"$VMGRID" data get -q "tasks/$task/out/count.txt" "$dir/count.txt"
 echo "words counted in the VM: $(cat "$dir/count.txt")"
 echo "== done; stopping the grid"

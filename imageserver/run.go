@@ -8,12 +8,18 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/vmgrid/vmgrid/services"
+	"github.com/vmgrid/vmgrid/services/auth"
 )
 
 // Config is what `vmgrid imageserver` needs.
 type Config struct {
 	Server services.Options
 	Store  StoreConfig
+	// TokensFile maps bearer tokens to callers (see package auth); Tokens
+	// may be given instead. One of them is required: publishing, deleting
+	// and writing disks are for operators, publishers and services only.
+	TokensFile string
+	Tokens     *auth.Tokens
 }
 
 // DefaultConfig is the image server's defaults, the ones its flags show.
@@ -28,6 +34,7 @@ func DefaultConfig() Config {
 func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	c.Server.AddFlags(fs)
 	c.Store.AddFlags(fs)
+	services.AddTokensFlag(fs, &c.TokensFile)
 	c.Server.AddShutdownFlag(fs)
 }
 
@@ -43,13 +50,18 @@ func Start(_ context.Context, cfg Config) (_ *Server, err error) {
 	var undo services.Undo
 	defer undo.OnError(&err)
 	log := services.LoggerOr(cfg.Server.Logger)
+	tokens, err := services.ServerTokens(cfg.Tokens, cfg.TokensFile, "the image server")
+	if err != nil {
+		return nil, err
+	}
 	sc := cfg.Store
 	sc.Logger = log
 	store, err := sc.Open()
 	if err != nil {
 		return nil, err
 	}
-	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
+	opts := cfg.Server.Authenticated(&auth.Authenticator{Tokens: tokens, Policy: auth.ImagePolicy()})
+	srv, err := services.NewServer(opts, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		svc, err := NewService(store, log, reg)
 		if err == nil {
 			svc.Register(gs)

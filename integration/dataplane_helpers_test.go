@@ -202,12 +202,14 @@ func run(t *testing.T, args ...string) string {
 }
 
 func startImageServer(t *testing.T) *proc {
-	return spawn(t, "imageserver", "imageserver", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir", t.TempDir())
+	return spawn(t, "imageserver", "imageserver", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir", t.TempDir(),
+		"--tokens", testutil.TokensFile(t))
 }
 
 func startCacheProxy(t *testing.T, upstream string) *proc {
 	return spawn(t, "cacheproxy "+upstream, "cacheproxy", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-		"--upstream", upstream, "--data-dir", t.TempDir(), "--cache-size", "256MiB")
+		"--upstream", upstream, "--data-dir", t.TempDir(), "--cache-size", "256MiB",
+		"--tokens", testutil.TokensFile(t), "--service-token-file", testutil.ServiceTokenFile(t))
 }
 
 // computeServer is a spawned compute server and its mount point.
@@ -233,7 +235,8 @@ func startComputeServer(t *testing.T, upstream, dataDir string) *computeServer {
 		}
 	})
 	p := spawn(t, "computeserver "+filepath.Base(dataDir), "computeserver", "--listen", "127.0.0.1:0", "--metrics-listen", "",
-		"--upstream", upstream, "--data-dir", dataDir, "--flush-idle=-1s", "--cache-size", "256MiB")
+		"--upstream", upstream, "--data-dir", dataDir, "--flush-idle=-1s", "--cache-size", "256MiB",
+		"--tokens", testutil.TokensFile(t), "--service-token-file", testutil.ServiceTokenFile(t))
 	return &computeServer{proc: p, DataDir: dataDir, Mnt: mnt}
 }
 
@@ -251,10 +254,11 @@ func isMounted(dir string) bool {
 	return false
 }
 
-// dial connects to a service; the connection is closed when the test ends.
+// dial connects to a service as the operator; the connection is closed
+// when the test ends.
 func dial(t *testing.T, addr string) *grpc.ClientConn {
 	t.Helper()
-	cc, err := services.Dial(addr, services.TLSFiles{})
+	cc, err := services.Dial(addr, services.TLSFiles{}, testutil.As(testutil.OperatorToken))
 	if err != nil {
 		t.Fatal(err)
 	}

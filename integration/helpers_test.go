@@ -20,6 +20,8 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	// The CLI verbs the tests run (cache, image) call as the operator.
+	os.Setenv("VMGRID_OPERATOR_TOKEN", testutil.OperatorToken)
 	goleak.VerifyTestMain(m)
 }
 

@@ -9,6 +9,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/services"
+	"github.com/vmgrid/vmgrid/services/auth"
 	"github.com/vmgrid/vmgrid/shop/market"
 )
 
@@ -23,6 +24,11 @@ type Config struct {
 	// are invited to bid (default 8); below zero every plant bids.
 	Shortlist int
 	PlantTLS  services.TLSFiles
+	// ServiceToken is the shop's identity (role service) at the plants.
+	ServiceToken string
+	// TaskKey signs the task credentials a plant stages files with (one
+	// owner, one task or request, short-lived); without it no stage_in runs.
+	TaskKey auth.TaskKey
 	// DataServer is the data server tasks stage files from and to.
 	DataServer string
 	// FailedTTL is how long the records of a failed request are kept (a

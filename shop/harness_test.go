@@ -3,6 +3,7 @@ package shop
 import (
 	"context"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"go.uber.org/zap/zaptest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
@@ -120,12 +122,17 @@ type fakePlant struct {
 	mu      sync.Mutex
 	vms     map[string]bool
 	creates int
+	// last is the last CreateVM and the authorization header it came with.
+	last     *computev1.CreateVMRequest
+	lastAuth string
 }
 
 func (p *fakePlant) CreateVM(req *computev1.CreateVMRequest, stream computev1.PlantService_CreateVMServer) error {
+	md, _ := metadata.FromIncomingContext(stream.Context())
 	p.mu.Lock()
 	p.vms[req.VmId] = true
 	p.creates++
+	p.last, p.lastAuth = req, strings.Join(md.Get("authorization"), ",")
 	p.mu.Unlock()
 	return stream.Send(&computev1.CreateVMProgress{Classad: &computev1.ClassAd{VmId: req.VmId, Owner: req.Owner, Image: req.Image,
 		Plant: p.name, State: computev1.VMState_VM_STATE_RUNNING, Labels: req.Labels}})

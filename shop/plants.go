@@ -11,15 +11,16 @@ import (
 
 // plantPool keeps one connection per plant address, for the shop's life.
 type plantPool struct {
-	tls services.TLSFiles
+	tls   services.TLSFiles
+	token string // the shop's service token
 
 	mu      sync.Mutex
 	clients map[string]computev1.PlantServiceClient
 	conns   []*grpc.ClientConn
 }
 
-func newPlantPool(tls services.TLSFiles) *plantPool {
-	return &plantPool{tls: tls, clients: map[string]computev1.PlantServiceClient{}}
+func newPlantPool(tls services.TLSFiles, token string) *plantPool {
+	return &plantPool{tls: tls, token: token, clients: map[string]computev1.PlantServiceClient{}}
 }
 
 // get returns the client of the plant at addr.
@@ -29,7 +30,7 @@ func (p *plantPool) get(addr string) (computev1.PlantServiceClient, error) {
 	if c := p.clients[addr]; c != nil {
 		return c, nil
 	}
-	cc, err := services.Dial(addr, p.tls)
+	cc, err := services.Dial(addr, p.tls, services.WithToken(p.token, p.tls))
 	if err != nil {
 		return nil, err
 	}

@@ -30,8 +30,16 @@ type RunConfig struct {
 	// Shortlist: see Config.Shortlist.
 	Shortlist int
 	// DataServer is the data server tasks stage files with ("" runs no
-	// tasks).
+	// tasks). Plants stage with their own --dataserver; this one only says
+	// the shop runs tasks.
 	DataServer string
+	// ServiceTokenFile holds the shop's token (role service) for the plants
+	// and the image server.
+	ServiceTokenFile string
+	// TaskKeyFile is the key (shared with the data servers) the shop signs
+	// task credentials with: a plant stages one owner's files for one task
+	// or request with them. Required for tasks and stage_in.
+	TaskKeyFile string
 }
 
 // DefaultRunConfig is the shop's defaults, the ones its flags show.
@@ -52,7 +60,9 @@ func (c *RunConfig) AddFlags(fs *pflag.FlagSet) {
 	c.Server.AddFlags(fs)
 	c.Etcd.AddFlags(fs, "etcd endpoints, comma separated")
 	fs.StringVar(&c.Images, "images", c.Images, "image server (the warehouse) to match requests against")
-	fs.StringVar(&c.TokensFile, "tokens", c.TokensFile, "tokens file: TOKEN OWNER per line")
+	services.AddTokensFlag(fs, &c.TokensFile)
+	services.AddServiceTokenFlag(fs, &c.ServiceTokenFile, "to the plants and the image server")
+	fs.StringVar(&c.TaskKeyFile, "task-key", c.TaskKeyFile, "key file signing task credentials (the data servers' --task-key; required with --dataserver)")
 	fs.DurationVar(&c.AuctionDeadline, "auction-deadline", c.AuctionDeadline, "how long to wait for bids")
 	fs.Var(shortlistValue{&c.Shortlist}, "auction-shortlist", "invite the N plants (at most 100) whose registered offers cost least (0: every plant bids)")
 	fs.StringVar(&c.DataServer, "dataserver", c.DataServer, "data server that tasks stage files with (empty: no tasks)")
@@ -97,7 +107,11 @@ func Start(_ context.Context, cfg RunConfig) (_ *Server, err error) {
 	var undo services.Undo
 	defer undo.OnError(&err)
 	log := services.LoggerOr(cfg.Server.Logger)
-	tokens, err := cfg.tokens()
+	tokens, err := services.ServerTokens(cfg.Tokens, cfg.TokensFile, "the shop")
+	if err != nil {
+		return nil, err
+	}
+	token, key, err := cfg.identity()
 	if err != nil {
 		return nil, err
 	}
@@ -106,19 +120,18 @@ func Start(_ context.Context, cfg RunConfig) (_ *Server, err error) {
 		return nil, err
 	}
 	undo.Push(func() { cli.Close() })
-	cc, err := services.Dial(cfg.Images, cfg.Server.TLS)
+	cc, err := services.Dial(cfg.Images, cfg.Server.TLS, services.WithToken(token, cfg.Server.TLS))
 	if err != nil {
 		return nil, err
 	}
 	undo.Push(func() { cc.Close() })
-	a := &auth.Authenticator{Tokens: tokens, Policy: auth.ShopPolicy()}
-	cfg.Server.UnaryInterceptors = append(cfg.Server.UnaryInterceptors, a.UnaryServerInterceptor())
-	cfg.Server.StreamInterceptors = append(cfg.Server.StreamInterceptors, a.StreamServerInterceptor())
+	opts := cfg.Server.Authenticated(&auth.Authenticator{Tokens: tokens, Policy: auth.ShopPolicy()})
 	var shop *Shop
-	srv, err := services.NewServer(cfg.Server, func(gs *grpc.Server, reg prometheus.Registerer) error {
+	srv, err := services.NewServer(opts, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		var err error
 		shop, err = New(Config{Etcd: cli, Images: imageclient.NewClient(cc), Weights: cfg.Weights,
-			AuctionDeadline: cfg.AuctionDeadline, Shortlist: cfg.Shortlist, PlantTLS: cfg.Server.TLS, DataServer: cfg.DataServer, Logger: log}, reg)
+			AuctionDeadline: cfg.AuctionDeadline, Shortlist: cfg.Shortlist, PlantTLS: cfg.Server.TLS, DataServer: cfg.DataServer,
+			ServiceToken: token, TaskKey: key, Logger: log}, reg)
 		if err != nil {
 			return err
 		}
@@ -138,12 +151,17 @@ func Start(_ context.Context, cfg RunConfig) (_ *Server, err error) {
 	return &Server{Role: services.NewRole(srv, &undo), Shop: shop}, nil
 }
 
-func (c RunConfig) tokens() (*auth.Tokens, error) {
-	switch {
-	case c.Tokens != nil:
-		return c.Tokens, nil
-	case c.TokensFile != "":
-		return auth.Load(c.TokensFile)
+// identity reads the shop's service token and task key.
+func (c RunConfig) identity() (token string, key auth.TaskKey, err error) {
+	if token, err = services.ServiceToken(c.ServiceTokenFile); err != nil {
+		return "", nil, err
 	}
-	return nil, errors.New("the shop needs a tokens file (owners authenticate with bearer tokens)")
+	if c.TaskKeyFile != "" {
+		if key, err = auth.LoadTaskKey(c.TaskKeyFile); err != nil {
+			return "", nil, err
+		}
+	} else if c.DataServer != "" {
+		return "", nil, errors.New("a shop that runs tasks (--dataserver) needs --task-key: plants stage with the credentials it signs")
+	}
+	return token, key, nil
 }

@@ -39,7 +39,7 @@ type Shop struct {
 // in one place when a later step fails.
 func New(cfg Config, reg prometheus.Registerer) (_ *Shop, err error) {
 	cfg = cfg.withDefaults()
-	s := &Shop{cfg: cfg, log: cfg.Logger, plants: newPlantPool(cfg.PlantTLS), metrics: newMetrics()}
+	s := &Shop{cfg: cfg, log: cfg.Logger, plants: newPlantPool(cfg.PlantTLS, cfg.ServiceToken), metrics: newMetrics()}
 	defer func() {
 		if err != nil {
 			s.Close()
@@ -71,7 +71,7 @@ func New(cfg Config, reg prometheus.Registerer) (_ *Shop, err error) {
 
 // startTasks runs tasks until Close: its own and those of dead shops.
 func (s *Shop) startTasks() error {
-	s.tasks = startTaskRunner(s.store, s.vms, s.cfg.DataServer, s.log)
+	s.tasks = startTaskRunner(s.store, s.vms, s.log)
 	return nil
 }
 

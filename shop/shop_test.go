@@ -155,7 +155,7 @@ func TestShop(t *testing.T) {
 
 	t.Run("a shop restarted in between answers as before", func(t *testing.T) {
 		tokens, _ := auth.Load(g.TokensFile)
-		s2, err := shop.Start(ctx, shop.RunConfig{Server: services.Options{Listen: "127.0.0.1:0"}, Etcd: services.EtcdConfig{Endpoints: []string{g.Etcd.Endpoint}}, Images: g.Images.Addr(), Tokens: tokens})
+		s2, err := shop.Start(ctx, shop.RunConfig{Server: services.Options{Listen: "127.0.0.1:0"}, Etcd: services.EtcdConfig{Endpoints: []string{g.Etcd.Endpoint}}, Images: g.Images.Addr(), Tokens: tokens, ServiceTokenFile: g.ServiceTokenFile})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -204,7 +204,7 @@ func TestShop(t *testing.T) {
 
 	t.Run("a DAG that partly matches a golden image runs only the rest", func(t *testing.T) {
 		setup := execA("setup", nil, "echo configured > /etc/app.conf")
-		cc, err := services.Dial(g.Images.Addr(), services.TLSFiles{})
+		cc, err := services.Dial(g.Images.Addr(), services.TLSFiles{}, services.WithToken(g.OperatorToken, services.TLSFiles{}))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -292,6 +292,12 @@ func TestShop(t *testing.T) {
 		bad := run("fails", "echo partial > out/partial.txt; echo oops >&2; exit 3")
 		if bad.State != shopv1.TaskState_TASK_STATE_FAILED || bad.ExitCode != 3 || !strings.Contains(bad.StderrTail, "oops") || len(bad.Outputs) != 1 {
 			t.Fatalf("failing task %+v", bad)
+		}
+		// Outputs go under the task's own prefix: its credential writes
+		// nowhere else.
+		if _, err := alice.SubmitTask(ctx, &shopv1.SubmitTaskRequest{RequestId: "elsewhere", Inputs: []string{"words.txt"}, Command: "true",
+			OutputPrefix: "notes"}); code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "output_prefix") {
+			t.Fatalf("an output prefix outside the task: %v", err)
 		}
 		again, err := alice.SubmitTask(ctx, &shopv1.SubmitTaskRequest{RequestId: "count", Command: "true"})
 		if err != nil || again.TaskId != ok.TaskId || again.State != shopv1.TaskState_TASK_STATE_SUCCEEDED {

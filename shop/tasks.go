@@ -15,6 +15,7 @@ import (
 
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
+	"github.com/vmgrid/vmgrid/services/auth"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
@@ -44,11 +45,10 @@ func terminal(s shopv1.TaskState) bool {
 
 // taskRunner runs tasks: its shop's and those of dead shops.
 type taskRunner struct {
-	store      taskStore
-	claims     vmStore
-	vms        *vms
-	dataServer string
-	log        *zap.Logger
+	store  taskStore
+	claims vmStore
+	vms    *vms
+	log    *zap.Logger
 
 	mu      sync.Mutex
 	running map[string]bool
@@ -57,9 +57,9 @@ type taskRunner struct {
 }
 
 // startTaskRunner runs tasks until close, adopting unclaimed ones every 3 s.
-func startTaskRunner(store *etcdStore, v *vms, dataServer string, log *zap.Logger) *taskRunner {
+func startTaskRunner(store *etcdStore, v *vms, log *zap.Logger) *taskRunner {
 	ctx, cancel := context.WithCancel(context.Background())
-	r := &taskRunner{store: store, claims: store, vms: v, dataServer: dataServer, log: log,
+	r := &taskRunner{store: store, claims: store, vms: v, log: log,
 		running: map[string]bool{}, stop: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(r.done)
@@ -202,7 +202,7 @@ func (tr *taskRun) validate(context.Context) error {
 	if err := tr.spec.Validate(); err != nil {
 		return fmt.Errorf("%w: %w", err, errdefs.ErrInvalidArgument)
 	}
-	return nil
+	return checkOutputPrefix(tr.id, tr.spec.OutputPrefix)
 }
 
 // stageIn creates the task's VM with the inputs on its data disk.
@@ -210,8 +210,9 @@ func (tr *taskRun) stageIn(ctx context.Context) error {
 	if err := tr.setState(ctx, func(t *shopv1.Task) { t.State = shopv1.TaskState_TASK_STATE_STAGING_IN }); err != nil {
 		return err
 	}
+	// No data server named: the plant stages with the one the grid gave it.
 	stage := &computev1.Action{Id: "stage_in", Kind: &computev1.Action_StageIn{StageIn: &computev1.StageInAction{
-		Dataserver: tr.r.dataServer, Files: tr.spec.Inputs, MountPath: WorkDir}}}
+		Files: tr.spec.Inputs, MountPath: WorkDir}}}
 	t, _, err := tr.r.store.task(ctx, tr.id)
 	if err != nil {
 		return err
@@ -263,9 +264,15 @@ func (tr *taskRun) stageOut(ctx context.Context) error {
 	}
 	prefix := tr.spec.OutputPrefix
 	if prefix == "" {
-		prefix = "tasks/" + tr.id + "/out"
+		prefix = auth.TaskOutputPrefix(tr.id) + "out"
 	}
-	tr.out, tr.outErr = tr.plant.StageOut(ctx, &computev1.StageOutRequest{VmId: tr.rec.VMID, Folder: "out", RemotePrefix: prefix})
+	// A fresh credential: the command may have outlived the creation's.
+	cred, err := tr.r.vms.cfg.mint(tr.rec.Owner, tr.id)
+	if err != nil {
+		tr.outErr = err
+		return nil
+	}
+	tr.out, tr.outErr = tr.plant.StageOut(ctx, &computev1.StageOutRequest{VmId: tr.rec.VMID, Folder: "out", RemotePrefix: prefix, DataCredential: cred})
 	return nil
 }
 
@@ -325,6 +332,9 @@ func (tr *taskRun) finish() {
 // when this shop runs tasks.
 func submitTask(ctx context.Context, store taskStore, runner *taskRunner, owner string, req *shopv1.SubmitTaskRequest) (*shopv1.Task, error) {
 	id := TaskID(owner, req.RequestId)
+	if err := checkOutputPrefix(id, req.OutputPrefix); err != nil {
+		return nil, err
+	}
 	t := &shopv1.Task{TaskId: id, Owner: owner, State: shopv1.TaskState_TASK_STATE_QUEUED, Spec: req, SubmittedUnixNano: time.Now().UnixNano()}
 	old, err := store.createTask(ctx, t)
 	if err != nil {

@@ -259,8 +259,13 @@ func (v *vms) createOn(ctx context.Context, b market.Bid, req *shopv1.CreateVMRe
 	if req.NetworkDomain != "" {
 		labels["domain"] = req.NetworkDomain
 	}
+	cred, err := v.cfg.dataCredential(rec, req.Config)
+	if err != nil {
+		return nil, err
+	}
 	stream, err := c.CreateVM(ctx, &computev1.CreateVMRequest{
 		VmId: rec.VMID, Owner: rec.Owner, Image: rec.Image, Hardware: req.Hardware, Config: req.Config, Labels: labels,
+		DataCredential: cred,
 	})
 	if err != nil {
 		return nil, err

@@ -29,9 +29,10 @@ type Upstream struct {
 }
 
 // DialUpstream connects to addr. With compress set, blocks may come
-// zstd-compressed (worth it on slow links, a loss on loopback).
-func DialUpstream(addr string, tls services.TLSFiles, compress bool) (*Upstream, error) {
-	cc, err := services.Dial(addr, tls)
+// zstd-compressed (worth it on slow links, a loss on loopback). extra
+// adds dial options (the caller's identity: services.WithToken).
+func DialUpstream(addr string, tls services.TLSFiles, compress bool, extra ...grpc.DialOption) (*Upstream, error) {
+	cc, err := services.Dial(addr, tls, extra...)
 	if err != nil {
 		return nil, err
 	}

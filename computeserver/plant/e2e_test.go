@@ -43,7 +43,7 @@ func startCompute(t *testing.T, upstream string, opts ...func(*computeserver.Con
 	ctx, cancel := context.WithCancel(context.Background())
 	cfg := computeserver.Config{
 		Server:   services.Options{Name: "computeserver", Listen: "127.0.0.1:0", Logger: zaptest.NewLogger(t)},
-		Upstream: upstream, DataDir: dir, Proxy: gvfs.Config{FlushIdle: -1},
+		Upstream: upstream, DataDir: dir, Proxy: gvfs.Config{FlushIdle: -1}, Tokens: testutil.Tokens(t),
 	}
 	for _, o := range opts {
 		o(&cfg)
@@ -55,7 +55,7 @@ func startCompute(t *testing.T, upstream string, opts ...func(*computeserver.Con
 	}
 	done := make(chan struct{})
 	go func() { pl.Serve(ctx); close(done) }()
-	cc, err := services.Dial(pl.Server.Addr(), services.TLSFiles{})
+	cc, err := services.Dial(pl.Server.Addr(), services.TLSFiles{}, testutil.As(testutil.ServiceToken))
 	if err != nil {
 		t.Fatal(err)
 	}

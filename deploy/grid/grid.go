@@ -68,13 +68,17 @@ type Config struct {
 
 // Grid is a running grid.
 type Grid struct {
-	Etcd       *shop.EmbeddedEtcd
-	Images     *imageserver.Server
-	Plants     []*computeserver.Server
-	Shop       *shop.Server
-	Data       *dataserver.Server
-	Token      string // a token of the owner "demo"
-	PlantToken string // the plants' service token
+	Etcd          *shop.EmbeddedEtcd
+	Images        *imageserver.Server
+	Plants        []*computeserver.Server
+	Shop          *shop.Server
+	Data          *dataserver.Server
+	Token         string // a token of the owner "demo"
+	OperatorToken string // a token of the operator (images, caches)
+	// ServiceToken is the identity of the grid's services to one another
+	// (plants, shop, cache proxies), in ServiceTokenFile.
+	ServiceToken     string
+	ServiceTokenFile string
 	// TaskKeyFile signs task credentials (the shop) and checks them (the
 	// data server): plants stage with those, not with a token of theirs.
 	TaskKeyFile string
@@ -114,7 +118,7 @@ func Up(ctx context.Context, cfg Config) (g *Grid, err error) {
 	}
 	g = &Grid{log: services.LoggerOr(cfg.Logger)}
 	defer g.undo.OnError(&err)
-	for _, step := range []func(context.Context, Config) error{g.makePKI, g.startEtcd, g.startImages, g.startData, g.startPlants, g.startShop} {
+	for _, step := range []func(context.Context, Config) error{g.makePKI, g.startTokens, g.startEtcd, g.startImages, g.startData, g.startPlants, g.startShop} {
 		if err := step(ctx, cfg); err != nil {
 			return nil, err
 		}
@@ -206,7 +210,7 @@ func (g *Grid) startImages(ctx context.Context, cfg Config) error {
 	}
 	if g.Images, err = imageserver.Start(ctx, imageserver.Config{
 		Server: services.Options{Name: "imageserver", Listen: ia, Logger: g.log.Named("imageserver"), TLS: g.tls("imageserver")},
-		Store:  imageserver.StoreConfig{DataDir: filepath.Join(cfg.Dir, "images")},
+		Store:  imageserver.StoreConfig{DataDir: filepath.Join(cfg.Dir, "images")}, Tokens: g.tokens,
 	}); err != nil {
 		return err
 	}
@@ -214,19 +218,27 @@ func (g *Grid) startImages(ctx context.Context, cfg Config) error {
 	if cfg.Golden == "" {
 		return nil
 	}
-	return ensureGolden(ctx, cfg, g.Images.Addr(), g.ClientTLS, g.log)
+	return ensureGolden(ctx, cfg, g.Images.Addr(), g.ClientTLS, g.OperatorToken, g.log)
 }
 
-func (g *Grid) startData(ctx context.Context, cfg Config) (err error) {
-	if g.Token, g.PlantToken, g.TokensFile, err = tokensFile(cfg.Dir); err != nil {
+// startTokens keeps the grid's tokens file, service token file and task
+// key in cfg.Dir (made on the first start, reused on the next).
+func (g *Grid) startTokens(_ context.Context, cfg Config) (err error) {
+	if g.TokensFile, err = g.tokensFile(cfg.Dir); err != nil {
 		return err
 	}
 	if g.tokens, err = auth.Load(g.TokensFile); err != nil {
 		return err
 	}
-	if g.TaskKeyFile, err = taskKeyFile(cfg.Dir); err != nil {
+	g.ServiceTokenFile = filepath.Join(cfg.Dir, "service.token")
+	if err := os.WriteFile(g.ServiceTokenFile, []byte(g.ServiceToken+"\n"), 0o600); err != nil {
 		return err
 	}
+	g.TaskKeyFile, err = taskKeyFile(cfg.Dir)
+	return err
+}
+
+func (g *Grid) startData(ctx context.Context, cfg Config) (err error) {
 	if g.Data, err = dataserver.Start(ctx, dataserver.Config{
 		Server: services.Options{Name: "dataserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: g.log.Named("dataserver"), TLS: g.tls("dataserver")},
 		Store:  dataserver.StoreConfig{DataDir: filepath.Join(cfg.Dir, "data")}, Tokens: g.tokens, TaskKeyFile: g.TaskKeyFile,
@@ -251,6 +263,7 @@ func (g *Grid) startPlants(ctx context.Context, cfg Config) error {
 			Server:     services.Options{Name: "computeserver", Listen: net.JoinHostPort(cfg.Host, "0"), Logger: g.log.Named(name), TLS: g.tls(name)},
 			Upstream:   g.Images.Addr(), UpstreamTLS: g.tls(name), DataDir: filepath.Join(cfg.Dir, fmt.Sprintf("p%d", i)),
 			Name: name, Etcd: g.etcdConfig(name), GuestMemoryMiB: memory,
+			Tokens: g.tokens, ServiceTokenFile: g.ServiceTokenFile,
 		})
 		if err != nil {
 			return fmt.Errorf("plant %d: %w", i, err)
@@ -278,6 +291,7 @@ func (g *Grid) startShop(ctx context.Context, cfg Config) error {
 	if g.Shop, err = shop.Start(ctx, shop.RunConfig{
 		Server: services.Options{Name: "shop", Listen: sa, Logger: g.log.Named("shop"), TLS: g.tls("shop")},
 		Etcd:   g.etcdConfig("shop"), Images: g.Images.Addr(), Tokens: g.tokens, DataServer: g.Data.Addr(),
+		ServiceTokenFile: g.ServiceTokenFile, TaskKeyFile: g.TaskKeyFile,
 	}); err != nil {
 		return err
 	}
@@ -293,28 +307,30 @@ func (g *Grid) etcdConfig(name string) services.EtcdConfig {
 	return c
 }
 
-// tokensFile keeps a tokens file in dir with a token for the owner "demo"
-// and a service token for the plants (and reuses them on the next start).
-func tokensFile(dir string) (token, plants, path string, err error) {
-	path = filepath.Join(dir, "tokens")
+// tokensFile keeps a tokens file in dir with a token for the owner
+// "demo", one for the operator and the services' token (and reuses them on
+// the next start).
+func (g *Grid) tokensFile(dir string) (string, error) {
+	path := filepath.Join(dir, "tokens")
 	if b, err := os.ReadFile(path); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
-			f := strings.Fields(line)
-			switch {
-			case len(f) == 2 && f[1] == "demo":
-				token = f[0]
-			case len(f) == 3 && f[1] == "vmgrid-plants":
-				plants = f[0]
+			switch f := strings.Fields(line); {
+			case len(f) == 2 && f[1] == "demo" || len(f) == 3 && f[1] == "demo" && f[2] == "owner":
+				g.Token = f[0]
+			case len(f) == 3 && f[2] == "operator":
+				g.OperatorToken = f[0]
+			case len(f) == 3 && f[2] == "service":
+				g.ServiceToken = f[0]
 			}
 		}
-		if token != "" && plants != "" {
-			return token, plants, path, nil
+		if g.Token != "" && g.OperatorToken != "" && g.ServiceToken != "" {
+			return path, nil
 		}
 	}
-	token, plants = randomToken(), randomToken()
-	content := "# TOKEN OWNER [service] — bearer tokens of the shop's and data server's owners\n" +
-		token + " demo\n" + plants + " vmgrid-plants service\n"
-	return token, plants, path, os.WriteFile(path, []byte(content), 0o600)
+	g.Token, g.OperatorToken, g.ServiceToken = randomToken(), randomToken(), randomToken()
+	content := "# TOKEN NAME [owner|operator|publisher|service] (see vmgrid README, \"Who may call what\")\n" +
+		g.Token + " demo owner\n" + g.OperatorToken + " operator operator\n" + g.ServiceToken + " vmgrid service\n"
+	return path, os.WriteFile(path, []byte(content), 0o600)
 }
 
 // taskKeyFile keeps the task key in dir (and reuses it on the next start).
@@ -334,8 +350,8 @@ func randomToken() string {
 
 // ensureGolden builds and publishes the golden image unless the warehouse
 // has it.
-func ensureGolden(ctx context.Context, cfg Config, images string, tlsFiles services.TLSFiles, log *zap.Logger) error {
-	cc, err := services.Dial(images, tlsFiles)
+func ensureGolden(ctx context.Context, cfg Config, images string, tlsFiles services.TLSFiles, token string, log *zap.Logger) error {
+	cc, err := services.Dial(images, tlsFiles, services.WithToken(token, tlsFiles))
 	if err != nil {
 		return err
 	}

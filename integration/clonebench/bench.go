@@ -103,6 +103,7 @@ type bench struct {
 	copyWAN    string // the file server, across the WAN
 	nbdURL     string // qemu-nbd, across the WAN
 	l2         *cacheProxy
+	id         identity // the servers' tokens (startImageServer makes them)
 
 	rows map[string]*Row
 
@@ -215,9 +216,12 @@ func (b *bench) startImageServer(ctx context.Context) (addr string, cc *grpc.Cli
 	if err != nil {
 		return "", nil, err
 	}
+	if b.id, err = newIdentity(isDir); err != nil {
+		return "", nil, err
+	}
 	srv, err := imageserver.Start(ctx, imageserver.Config{
 		Server: services.Options{Name: "imageserver", Listen: "127.0.0.1:0", Logger: b.srvLog.Named("imageserver"), ShutdownTimeout: 5 * time.Second},
-		Store:  imageserver.StoreConfig{DataDir: isDir},
+		Store:  imageserver.StoreConfig{DataDir: filepath.Join(isDir, "store")}, Tokens: b.id.tokens,
 	})
 	if err != nil {
 		return "", nil, fmt.Errorf("image server: %w", err)
@@ -226,7 +230,7 @@ func (b *bench) startImageServer(ctx context.Context) (addr string, cc *grpc.Cli
 	served := make(chan struct{})
 	go func() { srv.Serve(sctx); close(served) }() //nolint:errcheck // logged by the server
 	b.defer_(func() { stop(); <-served })
-	if cc, err = services.Dial(srv.Addr(), services.TLSFiles{}); err != nil {
+	if cc, err = b.id.dial(srv.Addr()); err != nil {
 		return "", nil, err
 	}
 	b.defer_(func() { cc.Close() })
@@ -304,7 +308,7 @@ func (b *bench) startL2(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	if b.l2, err = startCacheProxy(ctx, l2Dir, b.imagesWAN, b.opts.Compress, b.srvLog); err != nil {
+	if b.l2, err = startCacheProxy(ctx, b.id, l2Dir, b.imagesWAN, b.opts.Compress, b.srvLog); err != nil {
 		return err
 	}
 	b.defer_(b.l2.Close)
@@ -458,7 +462,7 @@ func (b *bench) copyAndClone(ctx context.Context, key string, rep int, names []s
 // runColdWarm clones twice on a fresh plant: cold, then warm.
 func (b *bench) runColdWarm(ctx context.Context, rep int) error {
 	dir := filepath.Join(b.work, fmt.Sprintf("cs-cold-%d", rep))
-	n, err := startNode(ctx, fmt.Sprintf("cold-%d", rep), dir, b.imagesWAN, b.opts.Compress, b.driver, b.srvLog)
+	n, err := startNode(ctx, b.id, fmt.Sprintf("cold-%d", rep), dir, b.imagesWAN, b.opts.Compress, b.driver, b.srvLog)
 	if err != nil {
 		return err
 	}
@@ -515,7 +519,7 @@ func (b *bench) runParallel(ctx context.Context, rep int) error {
 
 func (b *bench) runParallelL2(ctx context.Context, rep int) error {
 	dir := filepath.Join(b.work, fmt.Sprintf("l2par-%d", rep))
-	cp, err := startCacheProxy(ctx, dir, b.imagesWAN, b.opts.Compress, b.srvLog)
+	cp, err := startCacheProxy(ctx, b.id, dir, b.imagesWAN, b.opts.Compress, b.srvLog)
 	if err != nil {
 		return err
 	}
@@ -584,7 +588,7 @@ func (b *bench) vmgridClones(ctx context.Context, name, upstream string, compres
 	}()
 	for i := range nodes {
 		var err error
-		if nodes[i], err = startNode(ctx, fmt.Sprintf("%s-%d", name, i), b.nodeDir(name, i), upstream, compress, b.driver, b.srvLog); err != nil {
+		if nodes[i], err = startNode(ctx, b.id, fmt.Sprintf("%s-%d", name, i), b.nodeDir(name, i), upstream, compress, b.driver, b.srvLog); err != nil {
 			return Sample{}, nil, err
 		}
 	}

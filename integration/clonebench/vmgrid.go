@@ -31,12 +31,13 @@ type node struct {
 	once   sync.Once
 }
 
-func startNode(ctx context.Context, name, dir, upstream string, compress bool, driver vmm.Driver, log *zap.Logger) (*node, error) {
+func startNode(ctx context.Context, id identity, name, dir, upstream string, compress bool, driver vmm.Driver, log *zap.Logger) (*node, error) {
 	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	pl, err := computeserver.Start(sctx, computeserver.Config{
 		Server:   services.Options{Name: "computeserver", Listen: "127.0.0.1:0", Logger: log.Named(name), ShutdownTimeout: 5 * time.Second},
 		Upstream: upstream, Compress: compress, DataDir: dir,
 		Proxy: gvfs.Config{Cache: benchCache, FlushIdle: -1}, Name: name, Driver: driver,
+		Tokens: id.tokens, ServiceTokenFile: id.serviceFile,
 	})
 	if err != nil {
 		cancel()
@@ -44,7 +45,7 @@ func startNode(ctx context.Context, name, dir, upstream string, compress bool, d
 	}
 	n := &node{Server: pl, name: name, cancel: cancel, served: make(chan struct{})}
 	go func() { pl.Serve(sctx); close(n.served) }() //nolint:errcheck // Serve logs its own failures
-	if n.cc, err = services.Dial(pl.Server.Addr(), services.TLSFiles{}); err != nil {
+	if n.cc, err = id.dial(pl.Server.Addr()); err != nil {
 		n.Close()
 		return nil, err
 	}
@@ -136,10 +137,11 @@ type cacheProxy struct {
 	served chan struct{}
 }
 
-func startCacheProxy(ctx context.Context, dir, upstream string, compress bool, log *zap.Logger) (*cacheProxy, error) {
+func startCacheProxy(ctx context.Context, id identity, dir, upstream string, compress bool, log *zap.Logger) (*cacheProxy, error) {
 	cp, err := computeserver.StartCacheProxy(ctx, computeserver.CacheProxyConfig{
 		Server:   services.Options{Name: "cacheproxy", Listen: "127.0.0.1:0", Logger: log.Named("cacheproxy"), ShutdownTimeout: 5 * time.Second},
 		Upstream: upstream, Compress: compress, DataDir: dir, Proxy: gvfs.Config{Cache: benchCache},
+		Tokens: id.tokens, ServiceTokenFile: id.serviceFile,
 	})
 	if err != nil {
 		return nil, err

@@ -15,6 +15,7 @@ func cacheCmd(g *globals) *cobra.Command {
 	c := group(&cobra.Command{Use: "cache", Short: "Flush, inspect and empty a compute server's caches"},
 		cacheFlushCmd(g, s), cacheStatsCmd(g, s), cacheDropCmd(g, s))
 	s.addrFlag(c.PersistentFlags(), "server", "VMGRID_COMPUTESERVER", "127.0.0.1:7080", "compute server")
+	s.operatorTokenFlag(c.PersistentFlags())
 	return c
 }
 

@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
@@ -58,6 +59,9 @@ type globals struct {
 	logLevel string
 	logDev   bool
 	tls      services.TLSFiles
+	// timeout bounds every unary call, and how long a stream waits to
+	// reach its service.
+	timeout time.Duration
 }
 
 func (g *globals) logger() (*zap.Logger, error) { return services.NewLogger(g.logLevel, g.logDev) }
@@ -84,6 +88,7 @@ Client verbs:   vmgrid image publish|ls|get|fetch|rm|create-disk
 	pf := root.PersistentFlags()
 	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	pf.BoolVar(&g.logDev, "log-console", false, "human-readable console logs instead of JSON")
+	pf.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline of each call to a service (streams: of reaching the service; 0: none)")
 	// The TLS files default from the environment: `vmgrid up` writes the
 	// client's into DIR/env, so a shell that sourced it speaks mutual TLS.
 	pf.StringVar(&g.tls.CertFile, "tls-cert", os.Getenv("VMGRID_TLS_CERT"), "PEM certificate (server: its certificate; client: a client certificate for mutual TLS) (env VMGRID_TLS_CERT)")

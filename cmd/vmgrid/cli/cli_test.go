@@ -15,6 +15,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/imageserver"
 	"github.com/vmgrid/vmgrid/services"
+	"github.com/vmgrid/vmgrid/services/auth"
 )
 
 func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
@@ -89,7 +90,13 @@ func cutProxy(t *testing.T, target string, limit int64) string {
 func TestImageFetchFailsTruthfully(t *testing.T) {
 	clearEnv(t)
 	ctx := context.Background()
-	srv, err := imageserver.Start(ctx, imageserver.Config{Server: services.Options{Name: "imageserver", Listen: "127.0.0.1:0"}, Store: imageserver.StoreConfig{DataDir: t.TempDir()}})
+	tokens := &auth.Tokens{}
+	if err := tokens.AddRole("operator-token", "ops", auth.RoleOperator); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("VMGRID_OPERATOR_TOKEN", "operator-token")
+	srv, err := imageserver.Start(ctx, imageserver.Config{Server: services.Options{Name: "imageserver", Listen: "127.0.0.1:0"},
+		Store: imageserver.StoreConfig{DataDir: t.TempDir()}, Tokens: tokens})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,5 +128,59 @@ func TestImageFetchFailsTruthfully(t *testing.T) {
 	}
 	if _, err := os.Stat(out); err == nil {
 		t.Fatal("a failed fetch left PATH")
+	}
+}
+
+// silentListener accepts connections and never answers: a service that
+// hangs (issue 15 item 5: `vm ls` hung for 12 minutes during an outage).
+func silentListener(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+		}
+	}()
+	return l.Addr().String()
+}
+
+// Every call has a deadline: a unary call ends after --timeout, a stream
+// that cannot reach its service too, each with one line naming it.
+func TestCallsHaveDeadlines(t *testing.T) {
+	clearEnv(t)
+	addr := silentListener(t)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"vm", "ls", "--shop", addr, "--token", "some-token"}, "shop " + addr + " did not answer within 1s (--timeout)"},
+		{[]string{"vm", "watch", "vm-1", "--shop", addr, "--token", "some-token"}, "shop " + addr + ": not reached within 1s"},
+		{[]string{"image", "ls", "--server", addr, "--token", "some-token"}, "image server " + addr + " did not answer"},
+		{[]string{"cache", "stats", "--server", addr, "--token", "some-token"}, "compute server " + addr + " did not answer"},
+		{[]string{"data", "ls", "--server", addr, "--token", "some-token"}, "data server " + addr + " did not answer"},
+	} {
+		start := time.Now()
+		code, _, stderr := runCLI(t, append(tc.args, "--timeout", "1s")...)
+		took := time.Since(start)
+		if code == 0 || strings.Count(strings.TrimSpace(stderr), "\n") != 0 || !strings.Contains(stderr, tc.want) || took > 10*time.Second {
+			t.Errorf("vmgrid %s: exit %d after %s, stderr %q; want one line with %q within seconds", strings.Join(tc.args, " "), code, took, stderr, tc.want)
+		}
+	}
+	// A service that refuses connections fails at once, naming it.
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	closed := l.Addr().String()
+	l.Close()
+	start := time.Now()
+	code, _, stderr := runCLI(t, "vm", "create", "--shop", closed, "--token", "some-token")
+	if code == 0 || !strings.Contains(stderr, "Unavailable: shop "+closed) || time.Since(start) > 10*time.Second {
+		t.Errorf("vm create against a closed port: exit %d after %s: %q", code, time.Since(start), stderr)
 	}
 }

@@ -17,7 +17,7 @@ var update = flag.Bool("update", false, "rewrite testdata/*.golden from the curr
 // help text does not depend on the shell the test runs in.
 func clearEnv(t *testing.T) {
 	for _, k := range []string{"VMGRID_SHOP", "VMGRID_TOKEN", "VMGRID_IMAGESERVER", "VMGRID_DATASERVER",
-		"VMGRID_COMPUTESERVER", "VMGRID_DATA_TOKEN",
+		"VMGRID_COMPUTESERVER", "VMGRID_DATA_TOKEN", "VMGRID_OPERATOR_TOKEN",
 		"VMGRID_TLS_CA", "VMGRID_TLS_CERT", "VMGRID_TLS_KEY"} {
 		t.Setenv(k, "")
 		os.Unsetenv(k)

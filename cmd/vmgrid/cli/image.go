@@ -31,6 +31,7 @@ func imageCmd(g *globals) *cobra.Command {
 		Short: "Publish, list, inspect, fetch and delete images on an image server",
 	}, imagePublishCmd(g, f), imageBuildCmd(g, f), imageListCmd(g, f), imageGetCmd(g, f), imageRmCmd(g, f), imageFetchCmd(g, f), imageCreateDiskCmd(g, f))
 	f.addrFlag(c.PersistentFlags(), "server", "VMGRID_IMAGESERVER", "127.0.0.1:7070", "image server")
+	f.operatorTokenFlag(c.PersistentFlags())
 	return c
 }
 

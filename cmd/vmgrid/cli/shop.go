@@ -14,7 +14,7 @@ func shopCmd(g *globals) *cobra.Command {
 		Use:   "shop",
 		Short: "Run a shop: CreateVM by auction among the plants, classads in etcd",
 		Long: `Run a shop (VMPlants' VMShop). Clients ask it for VMs with a bearer token
-(--tokens file: one "TOKEN OWNER" per line). It matches the request's
+(--tokens file: one "TOKEN NAME [ROLE]" per line). It matches the request's
 configuration DAG against the golden images, holds an auction in etcd among
 the plants registered there, asks the winner to create the VM and keeps the
 classad in etcd. It keeps no state of its own: run as many as you like.

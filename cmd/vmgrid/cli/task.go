@@ -61,7 +61,7 @@ fails — and destroys the VM.`,
 	fl := c.Flags()
 	fl.StringVar(&req.RequestId, "request-id", "", "idempotency key (default: random)")
 	fl.StringArrayVar(&req.Inputs, "input", nil, "input file on the data server (repeat)")
-	fl.StringVar(&req.OutputPrefix, "output-prefix", "", "where outputs go on the data server (default tasks/TASK_ID/out)")
+	fl.StringVar(&req.OutputPrefix, "output-prefix", "", "where outputs go on the data server: under tasks/TASK_ID/ (default tasks/TASK_ID/out)")
 	fl.StringVar(&req.Image, "image", "", "golden image (default: the best match)")
 	fl.Uint32Var(&req.TimeoutSeconds, "timeout-seconds", 0, "kill the command after this long (0: one hour)")
 	fl.BoolVar(&wait, "wait", false, "wait for the task to end (exit status: the task's)")

@@ -22,7 +22,10 @@ server, --plants compute servers (each with its FUSE view under --dir) and
 the shop. The first start builds the tiny golden image (Debian's cloud
 kernel, busybox, the guest agent: vmgrid-agent beside this binary, or this
 binary) and publishes it. It writes
-DIR/env with the addresses and a token, and runs until interrupted.
+DIR/env with the addresses, the token of the owner "demo"
+(VMGRID_TOKEN) and the operator's (VMGRID_OPERATOR_TOKEN), and runs until
+interrupted. Every service takes tokens (DIR/tokens); the services call each
+other with the service token in DIR/service.token.
 
 Every gRPC server and etcd speak mutual TLS only, with a CA and one
 certificate per service made in DIR/pki (kept across restarts); etcd lets in
@@ -75,6 +78,8 @@ certificate (VMGRID_TLS_CA, VMGRID_TLS_CERT, VMGRID_TLS_KEY, the defaults of
 func writeEnv(file string, gr *grid.Grid) error {
 	env := fmt.Sprintf("export VMGRID_SHOP=%s\nexport VMGRID_TOKEN=%s\nexport VMGRID_IMAGESERVER=%s\nexport VMGRID_DATASERVER=%s\nexport VMGRID_ETCD=%s\n",
 		gr.Shop.Addr(), gr.Token, gr.Images.Addr(), gr.Data.Addr(), gr.Etcd.Endpoint)
+	// The image and cache verbs take the operator's token when it is set.
+	env += fmt.Sprintf("export VMGRID_OPERATOR_TOKEN=%s\n", gr.OperatorToken)
 	for i, p := range gr.Plants {
 		env += fmt.Sprintf("export VMGRID_PLANT%d=%s\n", i, p.Addr())
 	}
@@ -92,7 +97,7 @@ func printUp(out io.Writer, gr *grid.Grid, envFile string) {
 	if gr.ClientTLS.Enabled() {
 		fmt.Fprintf(out, "mutual TLS everywhere: the CA and certificates are in %s\n", gr.PKI)
 	}
-	fmt.Fprintf(out, "owner \"demo\", tokens file %s\nuse it:  . %s && vmgrid vm create --hostname demo1\n", gr.TokensFile, envFile)
+	fmt.Fprintf(out, "owner \"demo\" and the operator, tokens file %s\nuse it:  . %s && vmgrid vm create --hostname demo1\n", gr.TokensFile, envFile)
 }
 
 // guestAgent returns the static guest agent to put into golden images:
