@@ -21,6 +21,13 @@ func TestFaults(t *testing.T) {
 	t.Logf("grid up in %v (golden image built)", time.Since(begin).Round(time.Second))
 
 	t.Run("smoke", func(t *testing.T) { g.smoke(t) })
+	t.Run("kill9", func(t *testing.T) {
+		t.Run("dataserver", g.kill9DataServer)
+		t.Run("imageserver", g.kill9Images)
+		t.Run("cacheproxy", g.kill9Proxy)
+		t.Run("shop", g.kill9Shop)
+		t.Run("plant", g.kill9Plant)
+	})
 }
 
 // finish checks nothing is left behind and logs the summary.

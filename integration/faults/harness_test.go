@@ -183,6 +183,10 @@ func (p *proc) start() {
 	p.mu.Unlock()
 	go func() {
 		err := cmd.Wait()
+		if lf, ferr := os.OpenFile(p.logPath, os.O_WRONLY|os.O_APPEND, 0); ferr == nil {
+			fmt.Fprintf(lf, "=== exit %s: %v\n", time.Now().Format(time.RFC3339Nano), err)
+			lf.Close()
+		}
 		p.mu.Lock()
 		p.waitErr = err
 		p.mu.Unlock()

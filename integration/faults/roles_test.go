@@ -93,7 +93,7 @@ func (g *grid) roleArgs(role string, s roleSpec) []string {
 			"--upstream-retry", retry.String())
 	case "computeserver":
 		a = append(base, "--data-dir", s.DataDir, "--upstream", s.Upstream, "--name", s.Name,
-			"--dataserver", g.data.addr, "--guest-memory-mib", "1536", "--cache-size", "512MiB",
+			"--dataserver", g.data.addr, "--guest-memory-mib", "3072", "--cache-size", "512MiB",
 			"--flush-idle=-1s", "--upstream-retry", retry.String())
 		if s.Etcd != "" {
 			a = append(a, "--etcd", "http://"+s.Etcd)
