@@ -13,7 +13,7 @@
 //
 //	go test -tags faults -count=1 -v ./integration/faults/
 //
-// VMGRID_FAULTS_LONG=1 adds the 60 s etcd outage. Role command lines are
+// VMGRID_FAULTS_SHORT=1 leaves out the 60 s etcd outage (for a quick local run). Role command lines are
 // built in one place (roleArgs in roles_test.go), which follows the flags
 // the binary has (--tokens, --service-token-file, --task-key, vmgrid etcd).
 package faults

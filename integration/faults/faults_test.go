@@ -28,6 +28,7 @@ func TestFaults(t *testing.T) {
 		t.Run("shop", g.kill9Shop)
 		t.Run("plant", g.kill9Plant)
 	})
+	t.Run("etcd-outage", g.etcdOutages)
 }
 
 // finish checks nothing is left behind and logs the summary.
