@@ -29,6 +29,8 @@ func TestFaults(t *testing.T) {
 		t.Run("plant", g.kill9Plant)
 	})
 	t.Run("etcd-outage", g.etcdOutages)
+	t.Run("exfiltration", g.exfiltration)
+	t.Run("unauthenticated", g.unauthenticated)
 	t.Run("upstream-gone-during-clone", func(t *testing.T) {
 		t.Run("back-within-retry", g.upstreamBack)
 		t.Run("gone", g.upstreamGone)
