@@ -31,6 +31,7 @@ func TestFaults(t *testing.T) {
 	t.Run("etcd-outage", g.etcdOutages)
 	t.Run("exfiltration", g.exfiltration)
 	t.Run("unauthenticated", g.unauthenticated)
+	t.Run("bad-inputs", g.badInputs)
 	t.Run("upstream-gone-during-clone", func(t *testing.T) {
 		t.Run("back-within-retry", g.upstreamBack)
 		t.Run("gone", g.upstreamGone)

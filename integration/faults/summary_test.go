@@ -15,6 +15,7 @@ import (
 var (
 	faultsInjected, faultsSurvived atomic.Int64
 	badInputs, badInputsAnswered   atomic.Int64
+	badInputsOpen                  atomic.Int64
 	writesAcked, writesLost        atomic.Int64
 	exfilTried, exfilRefused       atomic.Int64
 	exfilLeaked                    atomic.Int64 // probes whose address got a connection
@@ -56,7 +57,7 @@ func summary() []string {
 	sort.Strings(keys)
 	return []string{
 		fmt.Sprintf("faults: %d injected, %d survived", faultsInjected.Load(), faultsSurvived.Load()),
-		fmt.Sprintf("bad inputs: %d tried, %d answered with the expected code (process healthy after each)", badInputs.Load(), badInputsAnswered.Load()),
+		fmt.Sprintf("bad inputs: %d tried, %d answered with the expected code and the process healthy, %d known open", badInputs.Load(), badInputsAnswered.Load(), badInputsOpen.Load()),
 		fmt.Sprintf("unauthenticated RPCs: %d refused of %d (%s)", refused, total, strings.Join(keys, ", ")),
 		fmt.Sprintf("credential-exfiltration probes: %d tried, %d refused, %d reached the address", exfilTried.Load(), exfilRefused.Load(), exfilLeaked.Load()),
 		fmt.Sprintf("acknowledged writes: %d, lost %d", writesAcked.Load(), writesLost.Load()),
