@@ -65,6 +65,12 @@ func (g *grid) coldClone(t *testing.T, p *plant, id string, back time.Duration) 
 		return nil, err
 	}
 	killed := false
+	restarted := make(chan struct{})
+	if back <= 0 {
+		close(restarted)
+	}
+	// The image server is back before the next test, whatever happened.
+	defer func() { <-restarted }()
 	for {
 		m, err := st.Recv()
 		if err != nil {
@@ -74,7 +80,7 @@ func (g *grid) coldClone(t *testing.T, p *plant, id string, back time.Duration) 
 			killed = true
 			g.images.kill9()
 			if back > 0 {
-				go func() { time.Sleep(back); g.images.restart() }()
+				go func() { defer close(restarted); time.Sleep(back); g.images.restart() }()
 			}
 		}
 		if m.GetClassad() != nil {
