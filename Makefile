@@ -4,6 +4,7 @@
 #   make test       everything CI checks: formatting, vet, stale protos, wire compatibility, tests with -race
 #   make proto      regenerate Go code from proto/ (buf + local plugins)
 #   make proto-image  record proto/image.binpb, the wire API check-breaking keeps when HEAD~1 is absent
+#   make faults     the fault-injection suite (integration/faults: real processes killed, etcd stopped, probes)
 #   make bench      run the benchmarks (slow; not part of test)
 #   make bench-clone  the GVFS cloning experiment (several minutes)
 
@@ -16,7 +17,7 @@ BUF_VERSION          := v1.75.0
 PROTOC_GEN_GO        := v1.36.12
 PROTOC_GEN_GO_GRPC   := v1.6.2
 
-.PHONY: all setup build run test unit check-fmt vet check-protos check-breaking proto proto-image tools bench bench-clone clean
+.PHONY: all setup build run test faults unit check-fmt vet check-protos check-breaking proto proto-image tools bench bench-clone clean
 
 all: build
 
@@ -84,6 +85,12 @@ unit:
 	$(GO) test -race -timeout 20m ./...
 
 test: check-fmt vet check-protos check-breaking unit
+
+# The audit's kinds of test as a suite of their own (build tag faults):
+# without -race, for speed; it needs root, FUSE, QEMU and KVM.
+faults: build
+	$(GO) vet -tags faults ./integration/faults/
+	$(GO) test -tags faults -count=1 -v -timeout 12m ./integration/faults/
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./imageserver/
