@@ -12,7 +12,6 @@ import (
 	"go.uber.org/zap/zaptest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"github.com/vmgrid/vmgrid/computeserver"
@@ -57,9 +56,12 @@ func startAuthGrid(t *testing.T) *authGrid {
 		t.Fatal(err)
 	}
 	t.Cleanup(g.Close)
+	// The grid speaks mutual TLS; the probes present the grid's client
+	// certificate, so what refuses them is the tokens check.
+	gridTLS = g.ClientTLS
 	cp, err := computeserver.StartCacheProxy(ctx, computeserver.CacheProxyConfig{
-		Server:   services.Options{Name: "cacheproxy", Listen: "127.0.0.1:0", ShutdownTimeout: 5 * time.Second},
-		Upstream: g.Images.Addr(), DataDir: t.TempDir(), TokensFile: g.TokensFile, ServiceTokenFile: g.ServiceTokenFile,
+		Server:   services.Options{Name: "cacheproxy", Listen: "127.0.0.1:0", ShutdownTimeout: 5 * time.Second, TLS: g.ClientTLS},
+		Upstream: g.Images.Addr(), UpstreamTLS: g.ClientTLS, DataDir: t.TempDir(), TokensFile: g.TokensFile, ServiceTokenFile: g.ServiceTokenFile,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -71,10 +73,13 @@ func startAuthGrid(t *testing.T) *authGrid {
 	return &authGrid{Grid: g, proxy: cp}
 }
 
+// gridTLS is the client certificate of the grid under test.
+var gridTLS services.TLSFiles
+
 // conn dials addr sending no token (the probe adds its own header).
 func conn(t *testing.T, addr string) *grpc.ClientConn {
 	t.Helper()
-	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	cc, err := services.Dial(addr, gridTLS)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,7 +90,7 @@ func conn(t *testing.T, addr string) *grpc.ClientConn {
 // asCaller dials addr as token (services.Dial: errors carry codes).
 func asCaller(t *testing.T, addr, token string) *grpc.ClientConn {
 	t.Helper()
-	cc, err := services.Dial(addr, services.TLSFiles{}, services.WithToken(token, services.TLSFiles{}))
+	cc, err := services.Dial(addr, gridTLS, services.WithToken(token, gridTLS))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -227,7 +232,7 @@ func TestCredentialsStayInTheGrid(t *testing.T) {
 
 	// A task credential reads its owner's files and writes its task's
 	// outputs, nothing of anyone else's.
-	demo := testutil.DataClient(t, g.Data.Addr(), g.Token)
+	demo := dataAs(t, g.Data.Addr(), g.Token)
 	if _, err := demo.UploadReader(ctx, strings.NewReader("demo's secret"), -1, "secret.txt", nil); err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +242,7 @@ func TestCredentialsStayInTheGrid(t *testing.T) {
 	}
 	mine, _ := key.MintTask("demo", "t-1", time.Minute)
 	theirs, _ := key.MintTask("mallory", "t-2", time.Minute)
-	asTask := testutil.DataClient(t, g.Data.Addr(), mine)
+	asTask := dataAs(t, g.Data.Addr(), mine)
 	if _, err := asTask.Stat(ctx, "secret.txt"); err != nil {
 		t.Fatalf("the owner's task credential reads the owner's file: %v", err)
 	}
@@ -247,7 +252,7 @@ func TestCredentialsStayInTheGrid(t *testing.T) {
 	if _, err := asTask.UploadReader(ctx, strings.NewReader("x"), -1, auth.TaskOutputPrefix("t-1")+"out/x", nil); err != nil {
 		t.Fatalf("a task credential writing its outputs: %v", err)
 	}
-	other := testutil.DataClient(t, g.Data.Addr(), theirs)
+	other := dataAs(t, g.Data.Addr(), theirs)
 	for _, c := range []*dataclient.Client{other, other.ForOwner("demo")} {
 		if fi, err := c.Stat(ctx, "secret.txt"); err == nil {
 			t.Fatalf("another owner's task credential reads demo's file: %v", fi)
@@ -344,4 +349,15 @@ func TestNoRoleStartsWithoutTokens(t *testing.T) {
 			t.Errorf("%s without tokens: %v", name, err)
 		}
 	}
+}
+
+// dataAs is a data server client sending token over the grid's TLS.
+func dataAs(t *testing.T, addr, token string) *dataclient.Client {
+	t.Helper()
+	cc, err := dataclient.Dial(addr, gridTLS, token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return dataclient.NewClient(cc)
 }
