@@ -59,6 +59,7 @@ DIR/env with the addresses and a token, and runs until interrupted.`,
 	f.IntVar(&cfg.Plants, "plants", 2, "number of compute servers")
 	f.IntVar(&cfg.ShopPort, "shop-port", 7060, "shop port (0: any)")
 	f.IntVar(&cfg.ImagesPort, "images-port", 7070, "image server port (0: any)")
+	f.IntVar(&cfg.HTTPPort, "http-port", 8060, "port of the shop's dashboard and HTTP/JSON API (0: any)")
 	f.StringVar(&cfg.Golden, "golden", "tiny", "golden image to build and publish if missing (empty: none)")
 	f.Uint64Var(&cfg.GuestMemoryMiB, "guest-memory-mib", 0, "memory the guests of all plants may use together, divided among the plants (0: 80% of RAM)")
 	return c
@@ -79,6 +80,7 @@ func printUp(out io.Writer, gr *grid.Grid, envFile string) {
 	for i, p := range gr.Plants {
 		fmt.Fprintf(out, "  plant%d %s  view %s\n", i, p.Addr(), p.Mountpoint)
 	}
+	fmt.Fprintf(out, "dashboard and HTTP/JSON API %s (sign in with $VMGRID_TOKEN)\n", gr.URL())
 	fmt.Fprintf(out, "owner \"demo\", tokens file %s\nuse it:  . %s && vmgrid vm create --hostname demo1\n", gr.TokensFile, envFile)
 }
 
