@@ -99,7 +99,7 @@ func (s *Server) routes(gw http.Handler) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/v1/", gw)
 	mux.HandleFunc("GET /v1/events", s.events)
-	mux.Handle("GET /", http.FileServerFS(assets))
+	mux.Handle("/", http.FileServerFS(assets))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		r.Body = http.MaxBytesReader(w, r.Body, maxBody)
 		mux.ServeHTTP(w, r)

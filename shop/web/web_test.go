@@ -90,13 +90,22 @@ type apiError struct {
 	Message string `json:"message"`
 }
 
+// wantError checks an error answer: the status, and a message — at the
+// top ({"code", "message"}) or, from a server stream that failed before
+// its first message, in {"error": {…}}.
 func wantError(t *testing.T, what string, status int, body []byte, wantStatus int) apiError {
 	t.Helper()
-	var e apiError
-	if status != wantStatus || json.Unmarshal(body, &e) != nil || e.Message == "" {
+	var e struct {
+		apiError
+		Error *apiError
+	}
+	if json.Unmarshal(body, &e) == nil && e.Error != nil {
+		e.apiError = *e.Error
+	}
+	if status != wantStatus || e.Message == "" {
 		t.Fatalf("%s: %d %s, want %d with a message", what, status, body, wantStatus)
 	}
-	return e
+	return e.apiError
 }
 
 func testAPI(ctx context.Context, t *testing.T, g *grid.Grid) {
