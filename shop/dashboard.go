@@ -24,20 +24,11 @@ var _ web.Source = (*Shop)(nil)
 // Overview implements web.Source: owners see their VMs and tasks,
 // operators everyone's; the images are the warehouse's.
 func (s *Shop) Overview(ctx context.Context, c auth.Caller) (*web.Overview, error) {
-	recs, err := s.store.vms(ctx)
+	vms, err := s.vms.list(ctx, c.Sees)
 	if err != nil {
 		return nil, err
 	}
-	driven, err := s.store.claimed(ctx, drivingPrefix)
-	if err != nil {
-		return nil, err
-	}
-	o := &web.Overview{}
-	for _, r := range recs {
-		if c.Sees(r.Owner) {
-			o.VMs = append(o.VMs, s.vms.view(ctx, r, driven))
-		}
-	}
+	o := &web.Overview{VMs: vms}
 	tasks, err := s.store.tasks(ctx)
 	if err != nil {
 		return nil, err
