@@ -16,6 +16,7 @@ export PATH := $(TOOLS):$(PATH)
 BUF_VERSION          := v1.75.0
 PROTOC_GEN_GO        := v1.36.12
 PROTOC_GEN_GO_GRPC   := v1.6.2
+PROTOC_GEN_GATEWAY   := v2.29.0
 
 .PHONY: all setup build run test faults unit check-fmt vet check-protos check-breaking proto proto-image tools bench bench-clone clean
 
@@ -40,21 +41,26 @@ $(TOOLS)/protoc-gen-go:
 $(TOOLS)/protoc-gen-go-grpc:
 	GOBIN=$(TOOLS) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC)
 
-tools: $(TOOLS)/buf $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc
+$(TOOLS)/protoc-gen-grpc-gateway:
+	GOBIN=$(TOOLS) $(GO) install github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-grpc-gateway@$(PROTOC_GEN_GATEWAY)
+
+tools: $(TOOLS)/buf $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/protoc-gen-grpc-gateway
 
 proto: tools
 	buf lint
 	buf generate
 
-# Regenerate into a scratch copy and compare: fails when committed code is stale.
+# Regenerate into a scratch copy and compare: fails when committed code is
+# stale (*.pb.gw.go: the shop's HTTP/JSON gateway).
+GENERATED := -name '*.pb.go' -o -name '*.pb.gw.go'
 check-protos: tools
 	@rm -rf .build/protocheck && mkdir -p .build/protocheck
 	@cp -r proto buf.yaml buf.gen.yaml .build/protocheck/
-	@cd .build/protocheck && find proto -name '*.pb.go' -delete && buf lint && buf generate
-	@for f in $$(cd .build/protocheck && find proto -name '*.pb.go'); do \
+	@cd .build/protocheck && find proto \( $(GENERATED) \) -delete && buf lint && buf generate
+	@for f in $$(cd .build/protocheck && find proto $(GENERATED)); do \
 		cmp -s "$$f" ".build/protocheck/$$f" || { echo "generated code is stale: $$f (run make proto)"; exit 1; }; \
 	done
-	@for f in $$(find proto -name '*.pb.go'); do \
+	@for f in $$(find proto $(GENERATED)); do \
 		[ -f ".build/protocheck/$$f" ] || { echo "generated file without a source: $$f"; exit 1; }; \
 	done
 	@echo "generated code is up to date"

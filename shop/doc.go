@@ -12,7 +12,9 @@
 // named steps), over a store (store.go: VM, request and task records in
 // etcd behind vmStore and taskStore). plants.go is the pool of plant
 // connections, lost.go the handling of VMs whose plant is gone, metrics.go
-// the shop's metrics, config.go its settings and flags.
+// the shop's metrics, config.go its settings and flags. dashboard.go is the
+// shop as the source of its HTTP side (package web: the HTTP/JSON API, the
+// events stream and the dashboard on --http-listen).
 //
 // # Idempotency
 //

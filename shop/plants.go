@@ -9,35 +9,51 @@ import (
 	"github.com/vmgrid/vmgrid/services"
 )
 
-// plantPool keeps one connection per plant address, for the shop's life.
+// plantPool keeps one connection per plant address, for the shop's life;
+// the plant's services (PlantService, CacheService) share it.
 type plantPool struct {
 	tls   services.TLSFiles
 	token string // the shop's service token
 
-	mu      sync.Mutex
-	clients map[string]computev1.PlantServiceClient
-	conns   []*grpc.ClientConn
+	mu    sync.Mutex
+	conns map[string]*grpc.ClientConn
 }
 
 func newPlantPool(tls services.TLSFiles, token string) *plantPool {
-	return &plantPool{tls: tls, token: token, clients: map[string]computev1.PlantServiceClient{}}
+	return &plantPool{tls: tls, token: token, conns: map[string]*grpc.ClientConn{}}
 }
 
-// get returns the client of the plant at addr.
-func (p *plantPool) get(addr string) (computev1.PlantServiceClient, error) {
+// conn returns the connection to the plant at addr.
+func (p *plantPool) conn(addr string) (*grpc.ClientConn, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if c := p.clients[addr]; c != nil {
-		return c, nil
+	if cc := p.conns[addr]; cc != nil {
+		return cc, nil
 	}
 	cc, err := services.Dial(addr, p.tls, services.WithToken(p.token, p.tls))
 	if err != nil {
 		return nil, err
 	}
-	p.conns = append(p.conns, cc)
-	c := computev1.NewPlantServiceClient(cc)
-	p.clients[addr] = c
-	return c, nil
+	p.conns[addr] = cc
+	return cc, nil
+}
+
+// get returns the client of the plant at addr.
+func (p *plantPool) get(addr string) (computev1.PlantServiceClient, error) {
+	cc, err := p.conn(addr)
+	if err != nil {
+		return nil, err
+	}
+	return computev1.NewPlantServiceClient(cc), nil
+}
+
+// cache returns the client of the cache service of the plant at addr.
+func (p *plantPool) cache(addr string) (computev1.CacheServiceClient, error) {
+	cc, err := p.conn(addr)
+	if err != nil {
+		return nil, err
+	}
+	return computev1.NewCacheServiceClient(cc), nil
 }
 
 // Close closes every connection.
@@ -47,5 +63,5 @@ func (p *plantPool) Close() {
 	for _, cc := range p.conns {
 		cc.Close()
 	}
-	p.conns, p.clients = nil, map[string]computev1.PlantServiceClient{}
+	p.conns = map[string]*grpc.ClientConn{}
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
 	"github.com/vmgrid/vmgrid/shop/market"
+	"github.com/vmgrid/vmgrid/shop/web"
 )
 
 // RunConfig is what `vmgrid shop` needs (Config is the shop's logic's).
@@ -40,6 +41,9 @@ type RunConfig struct {
 	// task credentials with: a plant stages one owner's files for one task
 	// or request with them. Required for tasks and stage_in.
 	TaskKeyFile string
+	// HTTPListen serves the HTTP/JSON API and the dashboard (shop/web)
+	// there ("" serves none).
+	HTTPListen string
 }
 
 // DefaultRunConfig is the shop's defaults, the ones its flags show.
@@ -66,6 +70,7 @@ func (c *RunConfig) AddFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.AuctionDeadline, "auction-deadline", c.AuctionDeadline, "how long to wait for bids")
 	fs.Var(shortlistValue{&c.Shortlist}, "auction-shortlist", "invite the N plants (at most 100) whose registered offers cost least (0: every plant bids)")
 	fs.StringVar(&c.DataServer, "dataserver", c.DataServer, "data server that tasks stage files with (empty: no tasks)")
+	fs.StringVar(&c.HTTPListen, "http-listen", c.HTTPListen, "serve the HTTP/JSON API and the dashboard on this address (empty: none)")
 	c.addWeightFlags(fs)
 }
 
@@ -99,11 +104,13 @@ func (s shortlistValue) Set(v string) error {
 type Server struct {
 	*services.Role
 	Shop *Shop
+	// HTTP is the HTTP/JSON API and dashboard (nil without HTTPListen).
+	HTTP *web.Server
 }
 
 // Start connects to etcd and the image server and starts listening; serve
 // with Serve, stop with Close.
-func Start(_ context.Context, cfg RunConfig) (_ *Server, err error) {
+func Start(ctx context.Context, cfg RunConfig) (_ *Server, err error) {
 	var undo services.Undo
 	defer undo.OnError(&err)
 	log := services.LoggerOr(cfg.Server.Logger)
@@ -125,7 +132,8 @@ func Start(_ context.Context, cfg RunConfig) (_ *Server, err error) {
 		return nil, err
 	}
 	undo.Push(func() { cc.Close() })
-	opts := cfg.Server.Authenticated(&auth.Authenticator{Tokens: tokens, Policy: auth.ShopPolicy()})
+	a := &auth.Authenticator{Tokens: tokens, Policy: auth.ShopPolicy()}
+	opts := cfg.Server.Authenticated(a)
 	var shop *Shop
 	srv, err := services.NewServer(opts, func(gs *grpc.Server, reg prometheus.Registerer) error {
 		var err error
@@ -148,7 +156,24 @@ func Start(_ context.Context, cfg RunConfig) (_ *Server, err error) {
 			return nil, err
 		}
 	}
-	return &Server{Role: services.NewRole(srv, &undo), Shop: shop}, nil
+	hs, err := startHTTP(ctx, cfg, srv.Addr(), a, shop)
+	if err != nil {
+		return nil, err
+	}
+	if hs != nil {
+		undo.Push(hs.Close)
+	}
+	return &Server{Role: services.NewRole(srv, &undo), Shop: shop, HTTP: hs}, nil
+}
+
+// startHTTP serves the HTTP side when configured: its gateway dials the
+// shop's own gRPC address.
+func startHTTP(ctx context.Context, cfg RunConfig, addr string, a *auth.Authenticator, shop *Shop) (*web.Server, error) {
+	if cfg.HTTPListen == "" {
+		return nil, nil
+	}
+	return web.Start(ctx, web.Config{Listen: cfg.HTTPListen, Shop: addr, TLS: cfg.Server.TLS, Auth: a, Source: shop,
+		Logger: services.LoggerOr(cfg.Server.Logger).Named("http")})
 }
 
 // identity reads the shop's service token and task key.

@@ -77,7 +77,7 @@ func (s *Shop) ListVMs(ctx context.Context, _ *shopv1.ListVMsRequest) (*shopv1.L
 	if err != nil {
 		return nil, err
 	}
-	ads, err := s.vms.list(ctx, owner)
+	ads, err := s.vms.list(ctx, func(o string) bool { return o == owner })
 	if err != nil {
 		return nil, err
 	}

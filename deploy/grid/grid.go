@@ -48,8 +48,9 @@ type Config struct {
 	// Host is the address every server listens on (default 127.0.0.1);
 	// ports are picked free unless the fixed ones below are set.
 	Host string
-	// Fixed ports (0: any free port).
-	ShopPort, ImagesPort int
+	// Fixed ports (0: any free port). HTTPPort is the shop's HTTP/JSON API
+	// and dashboard.
+	ShopPort, ImagesPort, HTTPPort int
 	// Golden is the image built and published when missing ("" skips).
 	Golden string
 	// AgentPath is the static guest agent put into golden images.
@@ -288,9 +289,13 @@ func (g *Grid) startShop(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	ha, err := freeAddr(cfg.Host, cfg.HTTPPort)
+	if err != nil {
+		return err
+	}
 	if g.Shop, err = shop.Start(ctx, shop.RunConfig{
 		Server: services.Options{Name: "shop", Listen: sa, Logger: g.log.Named("shop"), TLS: g.tls("shop")},
-		Etcd:   g.etcdConfig("shop"), Images: g.Images.Addr(), Tokens: g.tokens, DataServer: g.Data.Addr(),
+		Etcd:   g.etcdConfig("shop"), Images: g.Images.Addr(), Tokens: g.tokens, DataServer: g.Data.Addr(), HTTPListen: ha,
 		ServiceTokenFile: g.ServiceTokenFile, TaskKeyFile: g.TaskKeyFile,
 	}); err != nil {
 		return err
@@ -376,6 +381,9 @@ func ensureGolden(ctx context.Context, cfg Config, images string, tlsFiles servi
 	})
 	return err
 }
+
+// URL is the shop's dashboard and HTTP/JSON API.
+func (g *Grid) URL() string { return g.Shop.HTTP.URL() }
 
 // Close stops everything: the shop, the plants (their VMs are stopped and
 // views unmounted), the data and image servers, etcd.

@@ -94,7 +94,12 @@ func bearer(ctx context.Context, method string) (string, error) {
 	if len(vals) == 0 {
 		return "", fmt.Errorf("%s needs an \"authorization: Bearer TOKEN\" header: %w", method, errdefs.ErrUnauthenticated)
 	}
-	scheme, token, ok := strings.Cut(strings.TrimSpace(vals[0]), " ")
+	return parseBearer(vals[0])
+}
+
+// parseBearer reads "Bearer TOKEN" (the scheme in any case, RFC 7235).
+func parseBearer(header string) (string, error) {
+	scheme, token, ok := strings.Cut(strings.TrimSpace(header), " ")
 	if !ok || !strings.EqualFold(scheme, "bearer") || strings.TrimSpace(token) == "" {
 		return "", fmt.Errorf("the authorization header must be \"Bearer TOKEN\": %w", errdefs.ErrUnauthenticated)
 	}

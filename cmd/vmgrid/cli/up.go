@@ -68,6 +68,7 @@ certificate (VMGRID_TLS_CA, VMGRID_TLS_CERT, VMGRID_TLS_KEY, the defaults of
 	f.IntVar(&cfg.Plants, "plants", 2, "number of compute servers")
 	f.IntVar(&cfg.ShopPort, "shop-port", 7060, "shop port (0: any)")
 	f.IntVar(&cfg.ImagesPort, "images-port", 7070, "image server port (0: any)")
+	f.IntVar(&cfg.HTTPPort, "http-port", 8060, "port of the shop's dashboard and HTTP/JSON API (0: any)")
 	f.StringVar(&cfg.Golden, "golden", "tiny", "golden image to build and publish if missing (empty: none)")
 	f.BoolVar(&cfg.Insecure, "insecure", false, "plaintext everywhere and etcd without authentication (tests and benchmarks only)")
 	f.Uint64Var(&cfg.GuestMemoryMiB, "guest-memory-mib", 0, "memory the guests of all plants may use together, divided among the plants (0: 80% of RAM)")
@@ -97,6 +98,7 @@ func printUp(out io.Writer, gr *grid.Grid, envFile string) {
 	if gr.ClientTLS.Enabled() {
 		fmt.Fprintf(out, "mutual TLS everywhere: the CA and certificates are in %s\n", gr.PKI)
 	}
+	fmt.Fprintf(out, "dashboard and HTTP/JSON API %s (sign in with $VMGRID_TOKEN)\n", gr.URL())
 	fmt.Fprintf(out, "owner \"demo\" and the operator, tokens file %s\nuse it:  . %s && vmgrid vm create --hostname demo1\n", gr.TokensFile, envFile)
 }
 

@@ -24,6 +24,9 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// A VM's state. A creation goes FETCHING → RESTORING → CONFIGURING →
+// RUNNING, or ends FAILED (the classad's error says why). The shop reports
+// a creation it is placing as FETCHING.
 type VMState int32
 
 const (
@@ -93,9 +96,13 @@ func (VMState) EnumDescriptor() ([]byte, []int) {
 	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{0}
 }
 
+// A VM's hardware. In a request a zero field means "the image's": a VM
+// restored from a golden image's memory state has exactly that image's
+// hardware, so the shop matches set fields against the golden images (see
+// shop.v1.CreateVMRequest.hardware). In a classad: what the VM has.
 type Hardware struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Arch          string                 `protobuf:"bytes,1,opt,name=arch,proto3" json:"arch,omitempty"`                             // empty: the image's
+	Arch          string                 `protobuf:"bytes,1,opt,name=arch,proto3" json:"arch,omitempty"`                             // e.g. "x86_64"; empty: the image's
 	Vcpus         uint32                 `protobuf:"varint,2,opt,name=vcpus,proto3" json:"vcpus,omitempty"`                          // 0: the image's
 	MemoryMib     uint64                 `protobuf:"varint,3,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"` // 0: the image's
 	unknownFields protoimpl.UnknownFields
@@ -154,11 +161,13 @@ func (x *Hardware) GetMemoryMib() uint64 {
 }
 
 // Guest actions run by the agent.
+// ExecAction runs a program in the guest (no shell: argv[0] is looked up
+// in PATH); a non-zero exit fails the action.
 type ExecAction struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	Argv           []string               `protobuf:"bytes,1,rep,name=argv,proto3" json:"argv,omitempty"`
-	Env            []string               `protobuf:"bytes,2,rep,name=env,proto3" json:"env,omitempty"` // KEY=VALUE
-	Dir            string                 `protobuf:"bytes,3,opt,name=dir,proto3" json:"dir,omitempty"`
+	Env            []string               `protobuf:"bytes,2,rep,name=env,proto3" json:"env,omitempty"`                                              // KEY=VALUE
+	Dir            string                 `protobuf:"bytes,3,opt,name=dir,proto3" json:"dir,omitempty"`                                              // working directory; empty: the agent's
 	TimeoutSeconds uint32                 `protobuf:"varint,4,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"` // 0: 300
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
@@ -222,11 +231,12 @@ func (x *ExecAction) GetTimeoutSeconds() uint32 {
 	return 0
 }
 
+// WriteFileAction writes a file in the guest (replacing it).
 type WriteFileAction struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
-	Content       []byte                 `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
-	Mode          uint32                 `protobuf:"varint,3,opt,name=mode,proto3" json:"mode,omitempty"`
+	Content       []byte                 `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"` // base64 in JSON
+	Mode          uint32                 `protobuf:"varint,3,opt,name=mode,proto3" json:"mode,omitempty"`      // permission bits; 0: 0644
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -326,10 +336,11 @@ func (x *SetHostnameAction) GetHostname() string {
 	return ""
 }
 
+// AddUserAction adds a user with an authorized SSH key.
 type AddUserAction struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	User          string                 `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
-	SshKey        string                 `protobuf:"bytes,2,opt,name=ssh_key,json=sshKey,proto3" json:"ssh_key,omitempty"`
+	SshKey        string                 `protobuf:"bytes,2,opt,name=ssh_key,json=sshKey,proto3" json:"ssh_key,omitempty"` // one authorized_keys line
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -378,6 +389,7 @@ func (x *AddUserAction) GetSshKey() string {
 	return ""
 }
 
+// MountAction mounts a file system in the guest (mount(8)'s arguments).
 type MountAction struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Device        string                 `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
@@ -577,13 +589,18 @@ func (x *StageInAction) GetSizeMib() uint64 {
 	return 0
 }
 
-// One node of a configuration DAG (VMPlants §3.1).
+// One node of a configuration DAG (VMPlants §3.1). Its identity (the
+// digest in ActionResult and in golden images' performed actions) covers
+// its definition and its predecessors', so a golden image that performed
+// the same actions in an order the DAG allows skips them.
 type Action struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Unique within the DAG.
+	// Unique within the DAG; a name ([A-Za-z0-9._-], ≤ 128).
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// Predecessors: ids of actions that must run before this one.
 	After []string `protobuf:"bytes,2,rep,name=after,proto3" json:"after,omitempty"`
+	// Exactly one.
+	//
 	// Types that are valid to be assigned to Kind:
 	//
 	//	*Action_Exec
@@ -770,6 +787,7 @@ func (*Action_AttachDisk) isAction_Kind() {}
 
 func (*Action_StageIn) isAction_Kind() {}
 
+// A configuration DAG: the actions in any order; `after` orders them.
 type ConfigDAG struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Actions       []*Action              `protobuf:"bytes,1,rep,name=actions,proto3" json:"actions,omitempty"`
@@ -814,20 +832,26 @@ func (x *ConfigDAG) GetActions() []*Action {
 	return nil
 }
 
+// What one configuration action did.
 type ActionResult struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The action's id in the request's DAG.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// Identity of the action: a digest of its definition and of its
 	// predecessors' digests.
 	Digest string `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
 	// Performed already in the golden image: not run again.
-	Skipped   bool              `protobuf:"varint,3,opt,name=skipped,proto3" json:"skipped,omitempty"`
-	ExitCode  int32             `protobuf:"varint,4,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
-	Stdout    []byte            `protobuf:"bytes,5,opt,name=stdout,proto3" json:"stdout,omitempty"`
-	Stderr    []byte            `protobuf:"bytes,6,opt,name=stderr,proto3" json:"stderr,omitempty"`
-	Results   map[string]string `protobuf:"bytes,7,rep,name=results,proto3" json:"results,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	Error     string            `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
-	TookNanos int64             `protobuf:"varint,9,opt,name=took_nanos,json=tookNanos,proto3" json:"took_nanos,omitempty"`
+	Skipped bool `protobuf:"varint,3,opt,name=skipped,proto3" json:"skipped,omitempty"`
+	// Of an exec action.
+	ExitCode int32 `protobuf:"varint,4,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
+	// The last bytes of its output (base64 in JSON).
+	Stdout []byte `protobuf:"bytes,5,opt,name=stdout,proto3" json:"stdout,omitempty"`
+	Stderr []byte `protobuf:"bytes,6,opt,name=stderr,proto3" json:"stderr,omitempty"`
+	// Values the action reported (host actions: e.g. the disk's device).
+	Results map[string]string `protobuf:"bytes,7,rep,name=results,proto3" json:"results,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Why it failed; empty when it succeeded.
+	Error     string `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
+	TookNanos int64  `protobuf:"varint,9,opt,name=took_nanos,json=tookNanos,proto3" json:"took_nanos,omitempty"`
 	// Failed, then fixed by its on_error actions.
 	Recovered     bool `protobuf:"varint,10,opt,name=recovered,proto3" json:"recovered,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -937,25 +961,36 @@ func (x *ActionResult) GetRecovered() bool {
 // ClassAd describes a VM (VMPlants' classad): where it runs, what it came
 // from, how to reach it and what its configuration produced.
 type ClassAd struct {
-	state    protoimpl.MessageState `protogen:"open.v1"`
-	VmId     string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
-	Plant    string                 `protobuf:"bytes,2,opt,name=plant,proto3" json:"plant,omitempty"`
-	Image    string                 `protobuf:"bytes,3,opt,name=image,proto3" json:"image,omitempty"`
-	Owner    string                 `protobuf:"bytes,4,opt,name=owner,proto3" json:"owner,omitempty"`
-	State    VMState                `protobuf:"varint,5,opt,name=state,proto3,enum=vmgrid.compute.v1.VMState" json:"state,omitempty"`
-	Hardware *Hardware              `protobuf:"bytes,6,opt,name=hardware,proto3" json:"hardware,omitempty"`
-	// Serial console log on the plant, and the guest agent's socket.
-	ConsoleLog      string            `protobuf:"bytes,7,opt,name=console_log,json=consoleLog,proto3" json:"console_log,omitempty"`
-	AgentSocket     string            `protobuf:"bytes,8,opt,name=agent_socket,json=agentSocket,proto3" json:"agent_socket,omitempty"`
-	SshEndpoint     string            `protobuf:"bytes,9,opt,name=ssh_endpoint,json=sshEndpoint,proto3" json:"ssh_endpoint,omitempty"`
-	Actions         []*ActionResult   `protobuf:"bytes,10,rep,name=actions,proto3" json:"actions,omitempty"`
-	CreatedUnixNano int64             `protobuf:"varint,11,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
-	ReadyNanos      int64             `protobuf:"varint,12,opt,name=ready_nanos,json=readyNanos,proto3" json:"ready_nanos,omitempty"`            // CreateVM to ready
-	PersistentDisk  string            `protobuf:"bytes,13,opt,name=persistent_disk,json=persistentDisk,proto3" json:"persistent_disk,omitempty"` // root disk of a persistent VM
-	SuspendedImage  string            `protobuf:"bytes,14,opt,name=suspended_image,json=suspendedImage,proto3" json:"suspended_image,omitempty"` // memory state image of a suspended VM
-	Labels          map[string]string `protobuf:"bytes,15,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	Error           string            `protobuf:"bytes,16,opt,name=error,proto3" json:"error,omitempty"`
-	Pid             int32             `protobuf:"varint,17,opt,name=pid,proto3" json:"pid,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The VM's id: from the shop, derived from (owner, request_id).
+	VmId string `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	// The plant that runs it (empty while it is being placed).
+	Plant string `protobuf:"bytes,2,opt,name=plant,proto3" json:"plant,omitempty"`
+	// The golden image it was cloned from.
+	Image string  `protobuf:"bytes,3,opt,name=image,proto3" json:"image,omitempty"`
+	Owner string  `protobuf:"bytes,4,opt,name=owner,proto3" json:"owner,omitempty"`
+	State VMState `protobuf:"varint,5,opt,name=state,proto3,enum=vmgrid.compute.v1.VMState" json:"state,omitempty"`
+	// What the VM has (the golden image's).
+	Hardware *Hardware `protobuf:"bytes,6,opt,name=hardware,proto3" json:"hardware,omitempty"`
+	// Serial console log on the plant, and the guest agent's socket (paths
+	// on the plant's host, for operators).
+	ConsoleLog  string `protobuf:"bytes,7,opt,name=console_log,json=consoleLog,proto3" json:"console_log,omitempty"`
+	AgentSocket string `protobuf:"bytes,8,opt,name=agent_socket,json=agentSocket,proto3" json:"agent_socket,omitempty"`
+	// HOST:PORT to reach the guest's SSH at. Empty for now: VMs have no
+	// network reachable from outside their plant yet.
+	SshEndpoint string `protobuf:"bytes,9,opt,name=ssh_endpoint,json=sshEndpoint,proto3" json:"ssh_endpoint,omitempty"`
+	// One per action of the request's DAG, in the order they ran.
+	Actions         []*ActionResult `protobuf:"bytes,10,rep,name=actions,proto3" json:"actions,omitempty"`
+	CreatedUnixNano int64           `protobuf:"varint,11,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
+	ReadyNanos      int64           `protobuf:"varint,12,opt,name=ready_nanos,json=readyNanos,proto3" json:"ready_nanos,omitempty"`            // CreateVM to ready
+	PersistentDisk  string          `protobuf:"bytes,13,opt,name=persistent_disk,json=persistentDisk,proto3" json:"persistent_disk,omitempty"` // root disk of a persistent VM
+	SuspendedImage  string          `protobuf:"bytes,14,opt,name=suspended_image,json=suspendedImage,proto3" json:"suspended_image,omitempty"` // memory state image of a suspended VM
+	// The request's labels, and "domain" (the network domain).
+	Labels map[string]string `protobuf:"bytes,15,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Why the VM is FAILED or LOST; empty otherwise.
+	Error string `protobuf:"bytes,16,opt,name=error,proto3" json:"error,omitempty"`
+	// The VM's process on its plant.
+	Pid int32 `protobuf:"varint,17,opt,name=pid,proto3" json:"pid,omitempty"`
 	// Bytes the plant fetched from its upstream while creating this VM.
 	FetchedBytes  uint64 `protobuf:"varint,18,opt,name=fetched_bytes,json=fetchedBytes,proto3" json:"fetched_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields

@@ -27,6 +27,9 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// A task's life: QUEUED → STAGING_IN (its VM is made, inputs on its data
+// disk) → RUNNING → STAGING_OUT → SUCCEEDED, or FAILED / CANCELED from any
+// state.
 type TaskState int32
 
 const (
@@ -92,18 +95,23 @@ func (TaskState) EnumDescriptor() ([]byte, []int) {
 }
 
 type SubmitTaskRequest struct {
-	state     protoimpl.MessageState `protogen:"open.v1"`
-	RequestId string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	Hardware  *v1.Hardware           `protobuf:"bytes,2,opt,name=hardware,proto3" json:"hardware,omitempty"`
-	Image     string                 `protobuf:"bytes,3,opt,name=image,proto3" json:"image,omitempty"` // empty: the best match
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required; client-chosen, unique per owner (see Names); makes the call
+	// idempotent. The task id is derived from (owner, request_id).
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// The task's VM: see CreateVMRequest.hardware.
+	Hardware *v1.Hardware `protobuf:"bytes,2,opt,name=hardware,proto3" json:"hardware,omitempty"`
+	// Pin a golden image; empty: the best match.
+	Image string `protobuf:"bytes,3,opt,name=image,proto3" json:"image,omitempty"`
 	// Input files of the owner on the data server; the guest sees them under
 	// WORK/in/ (WORK is /root/work), and writes its outputs to WORK/out/.
 	Inputs []string `protobuf:"bytes,4,rep,name=inputs,proto3" json:"inputs,omitempty"`
-	// Run with sh -c in WORK.
+	// Required; run with sh -c in WORK (at most 64 KiB).
 	Command string `protobuf:"bytes,5,opt,name=command,proto3" json:"command,omitempty"`
 	// Where the outputs go on the data server (default tasks/TASK_ID/out).
-	OutputPrefix   string `protobuf:"bytes,6,opt,name=output_prefix,json=outputPrefix,proto3" json:"output_prefix,omitempty"`
-	TimeoutSeconds uint32 `protobuf:"varint,7,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"` // 0: one hour
+	OutputPrefix string `protobuf:"bytes,6,opt,name=output_prefix,json=outputPrefix,proto3" json:"output_prefix,omitempty"`
+	// Bound on the command's run; 0: one hour, at most a week.
+	TimeoutSeconds uint32 `protobuf:"varint,7,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -188,23 +196,30 @@ func (x *SubmitTaskRequest) GetTimeoutSeconds() uint32 {
 }
 
 type Task struct {
-	state    protoimpl.MessageState `protogen:"open.v1"`
-	TaskId   string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
-	Owner    string                 `protobuf:"bytes,2,opt,name=owner,proto3" json:"owner,omitempty"`
-	State    TaskState              `protobuf:"varint,3,opt,name=state,proto3,enum=vmgrid.shop.v1.TaskState" json:"state,omitempty"`
-	Spec     *SubmitTaskRequest     `protobuf:"bytes,4,opt,name=spec,proto3" json:"spec,omitempty"`
-	VmId     string                 `protobuf:"bytes,5,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
-	Plant    string                 `protobuf:"bytes,6,opt,name=plant,proto3" json:"plant,omitempty"`
-	ExitCode int32                  `protobuf:"varint,7,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	TaskId string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	Owner  string                 `protobuf:"bytes,2,opt,name=owner,proto3" json:"owner,omitempty"`
+	State  TaskState              `protobuf:"varint,3,opt,name=state,proto3,enum=vmgrid.shop.v1.TaskState" json:"state,omitempty"`
+	// The submission, as given.
+	Spec *SubmitTaskRequest `protobuf:"bytes,4,opt,name=spec,proto3" json:"spec,omitempty"`
+	// The VM the task runs in, and its plant (once placed).
+	VmId  string `protobuf:"bytes,5,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	Plant string `protobuf:"bytes,6,opt,name=plant,proto3" json:"plant,omitempty"`
+	// The command's exit status (meaningful once RUNNING is over).
+	ExitCode int32 `protobuf:"varint,7,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
 	// The last bytes of the command's standard error.
-	StderrTail        string   `protobuf:"bytes,8,opt,name=stderr_tail,json=stderrTail,proto3" json:"stderr_tail,omitempty"`
-	StdoutTail        string   `protobuf:"bytes,9,opt,name=stdout_tail,json=stdoutTail,proto3" json:"stdout_tail,omitempty"`
-	Outputs           []string `protobuf:"bytes,10,rep,name=outputs,proto3" json:"outputs,omitempty"` // staged out
-	Error             string   `protobuf:"bytes,11,opt,name=error,proto3" json:"error,omitempty"`
-	SubmittedUnixNano int64    `protobuf:"varint,12,opt,name=submitted_unix_nano,json=submittedUnixNano,proto3" json:"submitted_unix_nano,omitempty"`
-	FinishedUnixNano  int64    `protobuf:"varint,13,opt,name=finished_unix_nano,json=finishedUnixNano,proto3" json:"finished_unix_nano,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	StderrTail string `protobuf:"bytes,8,opt,name=stderr_tail,json=stderrTail,proto3" json:"stderr_tail,omitempty"`
+	// The last bytes of the command's standard output.
+	StdoutTail string `protobuf:"bytes,9,opt,name=stdout_tail,json=stdoutTail,proto3" json:"stdout_tail,omitempty"`
+	// Data-server paths of the outputs staged out.
+	Outputs []string `protobuf:"bytes,10,rep,name=outputs,proto3" json:"outputs,omitempty"`
+	// Why the task FAILED (or was CANCELED); empty otherwise.
+	Error             string `protobuf:"bytes,11,opt,name=error,proto3" json:"error,omitempty"`
+	SubmittedUnixNano int64  `protobuf:"varint,12,opt,name=submitted_unix_nano,json=submittedUnixNano,proto3" json:"submitted_unix_nano,omitempty"`
+	// 0 until the task ends.
+	FinishedUnixNano int64 `protobuf:"varint,13,opt,name=finished_unix_nano,json=finishedUnixNano,proto3" json:"finished_unix_nano,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Task) Reset() {
@@ -329,8 +344,9 @@ func (x *Task) GetFinishedUnixNano() int64 {
 }
 
 type GetTaskRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	TaskId        string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required: Task.task_id.
+	TaskId        string `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -374,15 +390,30 @@ func (x *GetTaskRequest) GetTaskId() string {
 
 type CreateVMRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen, unique per owner; makes the call idempotent.
-	RequestId string        `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	Hardware  *v1.Hardware  `protobuf:"bytes,2,opt,name=hardware,proto3" json:"hardware,omitempty"`
-	Config    *v1.ConfigDAG `protobuf:"bytes,3,opt,name=config,proto3" json:"config,omitempty"`
+	// Required; client-chosen, unique per owner (see Names); makes the call
+	// idempotent. The VM id is derived from (owner, request_id). A retry
+	// must repeat the request exactly.
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Hardware selects golden images: a VM is cloned from a golden image's
+	// memory state, so it has exactly its image's hardware. A zero field
+	// (empty arch, 0 vCPUs, 0 MiB) accepts any image's; a set one accepts
+	// only images with exactly that value — a request for 2 vCPUs with only
+	// 1-vCPU images answers FAILED_PRECONDITION "no golden image matches",
+	// listing the images' hardware. The classad's hardware is what the VM
+	// got. (Cold boots with other hardware are not offered yet.)
+	Hardware *v1.Hardware `protobuf:"bytes,2,opt,name=hardware,proto3" json:"hardware,omitempty"`
+	// Configuration actions (VMPlants §3.1), a DAG; the golden image with
+	// the most of them already performed (subset, prefix and partial-order
+	// tests) is chosen, and the plant runs the rest. Empty: none.
+	Config *v1.ConfigDAG `protobuf:"bytes,3,opt,name=config,proto3" json:"config,omitempty"`
 	// Client network domain: VMs of one domain share a host-only network on
 	// a plant (VMPlants §3.4's network cost).
 	NetworkDomain string `protobuf:"bytes,4,opt,name=network_domain,json=networkDomain,proto3" json:"network_domain,omitempty"`
-	// Pin a golden image instead of letting the shop match one.
-	Image         string            `protobuf:"bytes,5,opt,name=image,proto3" json:"image,omitempty"`
+	// Pin a golden image instead of letting the shop match one (it must
+	// still match hardware and config).
+	Image string `protobuf:"bytes,5,opt,name=image,proto3" json:"image,omitempty"`
+	// Free-form labels copied into the classad (at most 64; keys up to 128
+	// bytes, values up to 1024, 16 KiB together). The plant adds "domain".
 	Labels        map[string]string `protobuf:"bytes,6,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -460,6 +491,7 @@ func (x *CreateVMRequest) GetLabels() map[string]string {
 	return nil
 }
 
+// A plant's answer to a VM's auction (VMPlants §3.4): the lowest cost wins.
 type Bid struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Plant string                 `protobuf:"bytes,1,opt,name=plant,proto3" json:"plant,omitempty"`
@@ -522,14 +554,17 @@ func (x *Bid) GetRefusal() string {
 }
 
 type CreateVMProgress struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Stage         string                 `protobuf:"bytes,1,opt,name=stage,proto3" json:"stage,omitempty"` // matching, bidding, creating, ready
-	Message       string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
-	ElapsedNanos  int64                  `protobuf:"varint,3,opt,name=elapsed_nanos,json=elapsedNanos,proto3" json:"elapsed_nanos,omitempty"`
-	State         v1.VMState             `protobuf:"varint,4,opt,name=state,proto3,enum=vmgrid.compute.v1.VMState" json:"state,omitempty"`
-	Bids          []*Bid                 `protobuf:"bytes,5,rep,name=bids,proto3" json:"bids,omitempty"`       // in the bidding stage
-	Image         string                 `protobuf:"bytes,6,opt,name=image,proto3" json:"image,omitempty"`     // the matched golden image
-	Classad       *v1.ClassAd            `protobuf:"bytes,7,opt,name=classad,proto3" json:"classad,omitempty"` // in the last message
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Stage string                 `protobuf:"bytes,1,opt,name=stage,proto3" json:"stage,omitempty"` // matching, bidding, creating, ready
+	// For people: what happens now.
+	Message string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	// Since the call began.
+	ElapsedNanos int64 `protobuf:"varint,3,opt,name=elapsed_nanos,json=elapsedNanos,proto3" json:"elapsed_nanos,omitempty"`
+	// The VM's state on its plant (creating, ready).
+	State         v1.VMState  `protobuf:"varint,4,opt,name=state,proto3,enum=vmgrid.compute.v1.VMState" json:"state,omitempty"`
+	Bids          []*Bid      `protobuf:"bytes,5,rep,name=bids,proto3" json:"bids,omitempty"`       // in the bidding stage
+	Image         string      `protobuf:"bytes,6,opt,name=image,proto3" json:"image,omitempty"`     // the matched golden image
+	Classad       *v1.ClassAd `protobuf:"bytes,7,opt,name=classad,proto3" json:"classad,omitempty"` // in the last message
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -614,8 +649,9 @@ func (x *CreateVMProgress) GetClassad() *v1.ClassAd {
 }
 
 type GetVMRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	VmId          string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required: ClassAd.vm_id.
+	VmId          string `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -738,8 +774,9 @@ func (x *ListVMsResponse) GetVms() []*v1.ClassAd {
 }
 
 type DestroyVMRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	VmId          string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required: ClassAd.vm_id.
+	VmId          string `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -818,8 +855,9 @@ func (*DestroyVMResponse) Descriptor() ([]byte, []int) {
 }
 
 type WatchVMRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	VmId          string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required: ClassAd.vm_id.
+	VmId          string `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }

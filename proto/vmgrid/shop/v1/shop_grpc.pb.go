@@ -40,27 +40,91 @@ const (
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
-// Every call carries "authorization: Bearer TOKEN"; the token names the
-// owner. An owner sees and destroys only its own VMs.
+// ShopService is the API users and their programs call (also as HTTP/JSON:
+// shop_http.yaml; see the README's API guide).
+//
+// Authentication: every call carries "authorization: Bearer TOKEN" (the
+// scheme in any case). The token names the caller: an owner sees and
+// destroys only their own VMs and tasks. Without a valid token every RPC
+// answers UNAUTHENTICATED; a token of a role the shop does not serve
+// (service, publisher) answers PERMISSION_DENIED.
+//
+// Codes every RPC may answer besides those listed with it:
+// UNAUTHENTICATED and PERMISSION_DENIED as above; INVALID_ARGUMENT for a
+// request that fails validation (the message names the field and the
+// rule); UNAVAILABLE
+// when etcd (the VM information system), the image server or the plants
+// cannot be reached — retry, with the same request_id where there is one;
+// DEADLINE_EXCEEDED and CANCELLED from the caller's deadline.
+//
+// Names: request_id, vm_id, task_id, image and network_domain are 1 to 128
+// characters of [A-Za-z0-9._-], starting with a letter or digit, without
+// "..". request_id is required where a request has one.
 type ShopServiceClient interface {
-	// CreateVM places a VM by auction and creates it; progress is streamed,
-	// the last message carries the classad. Idempotent on request_id: a
-	// retried call (to any shop) returns the same VM, never a second one.
+	// CreateVM matches a golden image, places the VM by auction among the
+	// plants, creates it on the winner and streams the progress: stages
+	// "matching" (image set), "bidding" (bids set), "creating" (the plant's
+	// progress, state set), and "ready", whose message carries the classad.
+	//
+	// Idempotent on (owner, request_id): a retried call — to any shop —
+	// returns the same VM, never a second one; a call racing a creation in
+	// progress waits for it. The creation goes on when the caller goes away.
+	//
+	// A creation that fails stays in ListVMs (state FAILED, error set) until
+	// DestroyVM removes it — also one that never reached a plant. A retry of
+	// a request that failed for good answers FAILED_PRECONDITION (use a new
+	// request_id); one that failed for a passing reason (UNAVAILABLE,
+	// RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) tries again.
+	//
+	// Codes: INVALID_ARGUMENT (a field, the config DAG: cycles, unknown
+	// predecessors, duplicate ids); NOT_FOUND (image names no golden image);
+	// FAILED_PRECONDITION (no golden image matches hardware and config; a
+	// configuration action failed — the message names it; the request_id
+	// failed before or its VM was destroyed since); ALREADY_EXISTS (the
+	// request_id was used for a different request); RESOURCE_EXHAUSTED (no
+	// plant is registered or none can host the VM: the message has every
+	// plant's refusal); UNAVAILABLE.
 	CreateVM(ctx context.Context, in *CreateVMRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[CreateVMProgress], error)
+	// GetVM returns a VM's classad as the shop sees it now: LOST when its
+	// plant's registration lapsed, FAILED when its plant no longer runs it or
+	// the shop creating it went away. Codes: NOT_FOUND (no such VM, or it
+	// was destroyed); PERMISSION_DENIED (another owner's).
 	GetVM(ctx context.Context, in *GetVMRequest, opts ...grpc.CallOption) (*v1.ClassAd, error)
+	// ListVMs returns the caller's VMs (for an operator token: the
+	// operator's own), including FAILED creations not yet destroyed, in no
+	// particular order.
 	ListVMs(ctx context.Context, in *ListVMsRequest, opts ...grpc.CallOption) (*ListVMsResponse, error)
+	// DestroyVM stops the VM on its plant and removes its records (and the
+	// request's: its request_id can then not be retried). A FAILED or LOST
+	// VM is removed at once (a lost plant destroys it when it is back).
+	// Codes: NOT_FOUND (no such VM — also for a second DestroyVM of the same
+	// VM); PERMISSION_DENIED (another owner's); UNAVAILABLE (the plant could
+	// not be reached: the VM is kept, retry).
 	DestroyVM(ctx context.Context, in *DestroyVMRequest, opts ...grpc.CallOption) (*DestroyVMResponse, error)
 	// WatchVM streams the classad whenever it changes, starting with the
-	// current one.
+	// current one; the stream ends after a classad in state DESTROYED (the
+	// VM was destroyed). Codes as GetVM.
 	WatchVM(ctx context.Context, in *WatchVMRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[v1.ClassAd], error)
 	// Tasks (Goiri et al.): the shop creates a VM whose data disk holds the
 	// task's input files from the data server, runs the command, copies the
 	// output folder back to the data server — also when the command failed —
-	// and destroys the VM. Idempotent on request_id; state lives in etcd.
+	// and destroys the VM. Idempotent on (owner, request_id): a retry returns
+	// the same task. State lives in etcd: a task survives its shop.
+	// Codes: INVALID_ARGUMENT (a field); FAILED_PRECONDITION (this shop has
+	// no data server, so runs no tasks); ALREADY_EXISTS (the request_id was
+	// used for a different task). Failures while the task runs do not fail
+	// the call: they end the task in state FAILED with error set.
 	SubmitTask(ctx context.Context, in *SubmitTaskRequest, opts ...grpc.CallOption) (*Task, error)
+	// GetTask returns a task. Codes: NOT_FOUND; PERMISSION_DENIED (another
+	// owner's).
 	GetTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*Task, error)
-	// WatchTask streams the task whenever it changes, until it ends.
+	// WatchTask streams the task whenever it changes, starting with the
+	// current one, until it ends (SUCCEEDED, FAILED or CANCELED). Codes as
+	// GetTask.
 	WatchTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Task], error)
+	// CancelTask ends a task as CANCELED (its VM is destroyed; outputs
+	// staged out so far stay) and returns it. Codes as GetTask, and
+	// FAILED_PRECONDITION for a task that already ended.
 	CancelTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*Task, error)
 }
 
@@ -193,27 +257,91 @@ func (c *shopServiceClient) CancelTask(ctx context.Context, in *GetTaskRequest, 
 // All implementations must embed UnimplementedShopServiceServer
 // for forward compatibility.
 //
-// Every call carries "authorization: Bearer TOKEN"; the token names the
-// owner. An owner sees and destroys only its own VMs.
+// ShopService is the API users and their programs call (also as HTTP/JSON:
+// shop_http.yaml; see the README's API guide).
+//
+// Authentication: every call carries "authorization: Bearer TOKEN" (the
+// scheme in any case). The token names the caller: an owner sees and
+// destroys only their own VMs and tasks. Without a valid token every RPC
+// answers UNAUTHENTICATED; a token of a role the shop does not serve
+// (service, publisher) answers PERMISSION_DENIED.
+//
+// Codes every RPC may answer besides those listed with it:
+// UNAUTHENTICATED and PERMISSION_DENIED as above; INVALID_ARGUMENT for a
+// request that fails validation (the message names the field and the
+// rule); UNAVAILABLE
+// when etcd (the VM information system), the image server or the plants
+// cannot be reached — retry, with the same request_id where there is one;
+// DEADLINE_EXCEEDED and CANCELLED from the caller's deadline.
+//
+// Names: request_id, vm_id, task_id, image and network_domain are 1 to 128
+// characters of [A-Za-z0-9._-], starting with a letter or digit, without
+// "..". request_id is required where a request has one.
 type ShopServiceServer interface {
-	// CreateVM places a VM by auction and creates it; progress is streamed,
-	// the last message carries the classad. Idempotent on request_id: a
-	// retried call (to any shop) returns the same VM, never a second one.
+	// CreateVM matches a golden image, places the VM by auction among the
+	// plants, creates it on the winner and streams the progress: stages
+	// "matching" (image set), "bidding" (bids set), "creating" (the plant's
+	// progress, state set), and "ready", whose message carries the classad.
+	//
+	// Idempotent on (owner, request_id): a retried call — to any shop —
+	// returns the same VM, never a second one; a call racing a creation in
+	// progress waits for it. The creation goes on when the caller goes away.
+	//
+	// A creation that fails stays in ListVMs (state FAILED, error set) until
+	// DestroyVM removes it — also one that never reached a plant. A retry of
+	// a request that failed for good answers FAILED_PRECONDITION (use a new
+	// request_id); one that failed for a passing reason (UNAVAILABLE,
+	// RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) tries again.
+	//
+	// Codes: INVALID_ARGUMENT (a field, the config DAG: cycles, unknown
+	// predecessors, duplicate ids); NOT_FOUND (image names no golden image);
+	// FAILED_PRECONDITION (no golden image matches hardware and config; a
+	// configuration action failed — the message names it; the request_id
+	// failed before or its VM was destroyed since); ALREADY_EXISTS (the
+	// request_id was used for a different request); RESOURCE_EXHAUSTED (no
+	// plant is registered or none can host the VM: the message has every
+	// plant's refusal); UNAVAILABLE.
 	CreateVM(*CreateVMRequest, grpc.ServerStreamingServer[CreateVMProgress]) error
+	// GetVM returns a VM's classad as the shop sees it now: LOST when its
+	// plant's registration lapsed, FAILED when its plant no longer runs it or
+	// the shop creating it went away. Codes: NOT_FOUND (no such VM, or it
+	// was destroyed); PERMISSION_DENIED (another owner's).
 	GetVM(context.Context, *GetVMRequest) (*v1.ClassAd, error)
+	// ListVMs returns the caller's VMs (for an operator token: the
+	// operator's own), including FAILED creations not yet destroyed, in no
+	// particular order.
 	ListVMs(context.Context, *ListVMsRequest) (*ListVMsResponse, error)
+	// DestroyVM stops the VM on its plant and removes its records (and the
+	// request's: its request_id can then not be retried). A FAILED or LOST
+	// VM is removed at once (a lost plant destroys it when it is back).
+	// Codes: NOT_FOUND (no such VM — also for a second DestroyVM of the same
+	// VM); PERMISSION_DENIED (another owner's); UNAVAILABLE (the plant could
+	// not be reached: the VM is kept, retry).
 	DestroyVM(context.Context, *DestroyVMRequest) (*DestroyVMResponse, error)
 	// WatchVM streams the classad whenever it changes, starting with the
-	// current one.
+	// current one; the stream ends after a classad in state DESTROYED (the
+	// VM was destroyed). Codes as GetVM.
 	WatchVM(*WatchVMRequest, grpc.ServerStreamingServer[v1.ClassAd]) error
 	// Tasks (Goiri et al.): the shop creates a VM whose data disk holds the
 	// task's input files from the data server, runs the command, copies the
 	// output folder back to the data server — also when the command failed —
-	// and destroys the VM. Idempotent on request_id; state lives in etcd.
+	// and destroys the VM. Idempotent on (owner, request_id): a retry returns
+	// the same task. State lives in etcd: a task survives its shop.
+	// Codes: INVALID_ARGUMENT (a field); FAILED_PRECONDITION (this shop has
+	// no data server, so runs no tasks); ALREADY_EXISTS (the request_id was
+	// used for a different task). Failures while the task runs do not fail
+	// the call: they end the task in state FAILED with error set.
 	SubmitTask(context.Context, *SubmitTaskRequest) (*Task, error)
+	// GetTask returns a task. Codes: NOT_FOUND; PERMISSION_DENIED (another
+	// owner's).
 	GetTask(context.Context, *GetTaskRequest) (*Task, error)
-	// WatchTask streams the task whenever it changes, until it ends.
+	// WatchTask streams the task whenever it changes, starting with the
+	// current one, until it ends (SUCCEEDED, FAILED or CANCELED). Codes as
+	// GetTask.
 	WatchTask(*GetTaskRequest, grpc.ServerStreamingServer[Task]) error
+	// CancelTask ends a task as CANCELED (its VM is destroyed; outputs
+	// staged out so far stay) and returns it. Codes as GetTask, and
+	// FAILED_PRECONDITION for a task that already ended.
 	CancelTask(context.Context, *GetTaskRequest) (*Task, error)
 	mustEmbedUnimplementedShopServiceServer()
 }
