@@ -112,7 +112,8 @@ func (g *grid) targets() []target {
 		{"imageserver", g.images.addr, []grpc.ServiceDesc{imagev1.ImageService_ServiceDesc}},
 		{"dataserver", g.data.addr, []grpc.ServiceDesc{datav1.DataService_ServiceDesc}},
 		{"computeserver", g.plants[0].addr, []grpc.ServiceDesc{computev1.PlantService_ServiceDesc, computev1.CacheService_ServiceDesc}},
-		{"cacheproxy", g.proxy.addr, []grpc.ServiceDesc{imagev1.ImageService_ServiceDesc, computev1.CacheService_ServiceDesc}},
+		// A cache proxy serves the image API only (no CacheService).
+		{"cacheproxy", g.proxy.addr, []grpc.ServiceDesc{imagev1.ImageService_ServiceDesc}},
 		{"shop", g.shop.addr, []grpc.ServiceDesc{shopv1.ShopService_ServiceDesc}},
 	}
 }
@@ -131,14 +132,15 @@ func (g *grid) unauthenticated(t *testing.T) {
 			g.countProbe(t, tg, m.name, r)
 		}
 		// An owner may read images from the proxy, but neither order a
-		// plant about nor touch caches.
+		// plant about nor write through the proxy.
 		switch tg.role {
 		case "computeserver":
 			g.countProbe(t, tg, "owner token", authprobe.Probe(context.Background(), cc, "Bearer "+ownerToken,
 				[]codes.Code{codes.PermissionDenied}, 5*time.Second, tg.descs...))
 		case "cacheproxy":
 			g.countProbe(t, tg, "owner token", authprobe.Probe(context.Background(), cc, "Bearer "+ownerToken,
-				[]codes.Code{codes.PermissionDenied}, 5*time.Second, computev1.CacheService_ServiceDesc))
+				[]codes.Code{codes.PermissionDenied}, 5*time.Second,
+				authprobe.Only(imagev1.ImageService_ServiceDesc, "Publish", "DeleteImage", "CreateDisk", "WriteBlocks", "PutProfile")))
 		}
 		if err := healthy(tg.addr); err != nil {
 			t.Errorf("%s after the probes: %v", tg.role, err)
