@@ -70,3 +70,17 @@ func loadPool(file string) (*x509.CertPool, error) {
 	}
 	return pool, nil
 }
+
+// HTTPSConfig is a server configuration for HTTPS that browsers and curl
+// use: the certificate, and no client certificate (HTTP callers
+// authenticate with bearer tokens). Nil without a certificate.
+func (t TLSFiles) HTTPSConfig() (*tls.Config, error) {
+	if t.CertFile == "" {
+		return nil, nil
+	}
+	return TLSFiles{CertFile: t.CertFile, KeyFile: t.KeyFile}.serverConfig()
+}
+
+// ClientConfig is the client side of t (the CA to trust, a client
+// certificate), for HTTP clients of vmgrid's HTTPS endpoints.
+func (t TLSFiles) ClientConfig() (*tls.Config, error) { return t.clientConfig() }

@@ -13,6 +13,7 @@ import (
 
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
+	"github.com/vmgrid/vmgrid/services/errdefs"
 	"github.com/vmgrid/vmgrid/shop/market"
 )
 
@@ -221,6 +222,12 @@ func TestOversizedRequests(t *testing.T) {
 		if _, err := ts.client.SubmitTask(ctx, &shopv1.SubmitTaskRequest{RequestId: "t", Command: "true", Inputs: []string{in}}); codeOf(err) != codes.InvalidArgument {
 			t.Fatalf("task input %q: %v", in, err)
 		}
+	}
+	// Clients can act on what was refused: the field comes as a
+	// google.rpc.BadRequest detail over the wire.
+	_, err := ts.client.SubmitTask(ctx, &shopv1.SubmitTaskRequest{RequestId: "bad id!", Command: "true"})
+	if got := errdefs.FieldViolations(err); codeOf(err) != codes.InvalidArgument || len(got) != 1 || got[0] != "request_id" {
+		t.Fatalf("a bad request_id: %v, field violations %v", err, got)
 	}
 	if p.created() != 0 {
 		t.Fatalf("the plant was asked to create %d VMs", p.created())

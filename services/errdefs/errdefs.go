@@ -69,15 +69,20 @@ func Code(err error) codes.Code {
 }
 
 // ToGRPC turns a domain error into a gRPC status error. Errors that already
-// are gRPC status errors pass through unchanged.
+// are gRPC status errors keep their code and message. An InvalidArgument
+// that names a field gets a google.rpc.BadRequest detail for it.
 func ToGRPC(err error) error {
 	if err == nil {
 		return nil
 	}
-	if _, ok := status.FromError(err); ok {
-		return err
+	st, ok := status.FromError(err)
+	if !ok {
+		return withDetails(status.New(Code(err), message(err))).Err()
 	}
-	return status.Error(Code(err), message(err))
+	if d := withDetails(st); d != st {
+		return d.Err()
+	}
+	return err
 }
 
 // message is err's text without the trailing ": not found" that wrapping a

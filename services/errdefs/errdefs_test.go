@@ -46,3 +46,27 @@ func TestUnknownAndPassthrough(t *testing.T) {
 		t.Fatal("context.Canceled")
 	}
 }
+
+func TestInvalidArgumentNamesItsField(t *testing.T) {
+	err := ToGRPC(fmt.Errorf("config.actions[2].exec.command: is empty: %w", ErrInvalidArgument))
+	if got := FieldViolations(err); len(got) != 1 || got[0] != "config.actions[2].exec.command" {
+		t.Fatalf("field violations %v of %v", got, err)
+	}
+	if st, _ := status.FromError(err); st.Message() != "config.actions[2].exec.command: is empty" {
+		t.Fatalf("message %q", st.Message())
+	}
+	// A status that already is one gets its details too; other codes and
+	// messages without a field get none.
+	if got := FieldViolations(ToGRPC(status.Error(codes.InvalidArgument, "request_id: too long"))); len(got) != 1 || got[0] != "request_id" {
+		t.Fatalf("from a status: %v", got)
+	}
+	if got := FieldViolations(ToGRPC(fmt.Errorf("vm x: %w", ErrNotFound))); got != nil {
+		t.Fatalf("NotFound: %v", got)
+	}
+	if got := FieldViolations(ToGRPC(fmt.Errorf(`request_id "a b" is not allowed: %w`, ErrInvalidArgument))); len(got) != 1 || got[0] != "request_id" {
+		t.Fatalf("a quoted value: %v", got)
+	}
+	if got := FieldViolations(ToGRPC(fmt.Errorf("Something is off: %w", ErrInvalidArgument))); got != nil {
+		t.Fatalf("no field: %v", got)
+	}
+}

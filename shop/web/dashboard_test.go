@@ -28,7 +28,10 @@ func chromium(t *testing.T) string {
 // own sessionStorage, so its own sign-in.
 func browser(ctx context.Context, t *testing.T) context.Context {
 	opts := append(chromedp.DefaultExecAllocatorOptions[:], chromedp.ExecPath(chromium(t)),
-		chromedp.NoSandbox, chromedp.DisableGPU, chromedp.WindowSize(1440, 1400))
+		chromedp.NoSandbox, chromedp.DisableGPU, chromedp.WindowSize(1440, 1400),
+		// The grid serves HTTPS with its own CA, which this fresh profile
+		// does not trust.
+		chromedp.Flag("ignore-certificate-errors", true))
 	actx, cancel := chromedp.NewExecAllocator(ctx, opts...)
 	t.Cleanup(cancel)
 	bctx, cancel := chromedp.NewContext(actx, chromedp.WithLogf(t.Logf))

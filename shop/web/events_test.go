@@ -23,7 +23,7 @@ func follow(ctx context.Context, t *testing.T, base, token string) <-chan sse {
 	t.Helper()
 	req, _ := http.NewRequestWithContext(ctx, "GET", base+"/v1/events", nil)
 	req.Header.Set("Authorization", "bearer "+token) // any case of the scheme
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := httpc.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}

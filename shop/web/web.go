@@ -2,6 +2,7 @@ package web
 
 import (
 	"context"
+	"crypto/tls"
 	"embed"
 	"errors"
 	"io/fs"
@@ -26,7 +27,9 @@ const maxBody = 16 << 20
 type Config struct {
 	// Listen is the HTTP address (host:port; port 0 picks one).
 	Listen string
-	// Shop is the shop's gRPC address the API gateway dials, with TLS.
+	// Shop is the shop's gRPC address the API gateway dials, with TLS;
+	// with a certificate in TLS the HTTP side serves HTTPS with it too
+	// (no client certificates: HTTP callers bring bearer tokens).
 	Shop string
 	TLS  services.TLSFiles
 	// Auth authenticates the events stream (the API is authenticated by
@@ -40,14 +43,16 @@ type Config struct {
 
 // Server is a running HTTP side.
 type Server struct {
-	cfg  Config
-	log  *zap.Logger
-	ln   net.Listener
-	srv  *http.Server
-	cc   *grpc.ClientConn
-	hub  *hub
-	done chan struct{}
-	undo services.Undo // Close runs it
+	cfg Config
+	log *zap.Logger
+	ln  net.Listener
+	srv *http.Server
+	cc  *grpc.ClientConn
+	hub *hub
+	// https: the listener speaks TLS.
+	https bool
+	done  chan struct{}
+	undo  services.Undo // Close runs it
 }
 
 // Start listens and serves until Close.
@@ -70,6 +75,14 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	undo.Push(s.hub.close)
 	if s.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
 		return nil, err
+	}
+	tc, err := cfg.TLS.HTTPSConfig()
+	if err != nil {
+		s.ln.Close()
+		return nil, err
+	}
+	if tc != nil {
+		s.ln, s.https = tls.NewListener(s.ln, tc), true
 	}
 	s.srv = &http.Server{Handler: s.routes(gw), ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog: zap.NewStdLog(s.log.Named("http"))}
@@ -110,7 +123,12 @@ func (s *Server) routes(gw http.Handler) http.Handler {
 func (s *Server) Addr() string { return s.ln.Addr().String() }
 
 // URL is the dashboard's (and the API's) base URL.
-func (s *Server) URL() string { return "http://" + s.Addr() + "/" }
+func (s *Server) URL() string {
+	if s.https {
+		return "https://" + s.Addr() + "/"
+	}
+	return "http://" + s.Addr() + "/"
+}
 
 // Close stops serving: open event streams end, the gateway's connection
 // closes. It is safe to call more than once.

@@ -13,14 +13,12 @@ import (
 	"time"
 
 	"go.uber.org/zap/zaptest"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
 
 	"github.com/vmgrid/vmgrid/deploy/grid"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
 	"github.com/vmgrid/vmgrid/services"
-	"github.com/vmgrid/vmgrid/services/auth"
 )
 
 // Tokens the tests add to the grid's tokens file.
@@ -32,6 +30,9 @@ const (
 // TestWeb starts one `vmgrid up` grid (two plants, the tiny golden image,
 // QEMU guests) and tries its HTTP side: the JSON API with net/http, the
 // events stream, and the dashboard in a real headless Chromium.
+// httpc is the tests' HTTP client: it trusts the grid's CA.
+var httpc = http.DefaultClient
+
 func TestWeb(t *testing.T) {
 	testutil.NeedQEMU(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
@@ -42,6 +43,11 @@ func TestWeb(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer g.Close()
+	tc, err := g.ClientTLS.ClientConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	httpc = &http.Client{Transport: &http.Transport{TLSClientConfig: tc}}
 	appendTokens(t, g, bobToken+" bob", operatorToken+" ops operator")
 	t.Run("HTTP/JSON API", func(t *testing.T) { testAPI(ctx, t, g) })
 	t.Run("events", func(t *testing.T) { testEvents(ctx, t, g) })
@@ -73,7 +79,7 @@ func call(ctx context.Context, t *testing.T, method, url, token, body string) (i
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := httpc.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,7 +122,7 @@ func testAPI(ctx context.Context, t *testing.T, g *grid.Grid) {
 	// The same message as the gRPC call's.
 	st, body = call(ctx, t, "POST", base+"/v1/vms", g.Token, `{"requestId": "not a valid id!"}`)
 	e := wantError(t, "bad request id", st, body, http.StatusBadRequest)
-	cc, err := services.Dial(g.Shop.Addr(), services.TLSFiles{}, grpc.WithPerRPCCredentials(auth.Credentials{Token: g.Token, Insecure: true}))
+	cc, err := services.Dial(g.Shop.Addr(), g.ClientTLS, services.WithToken(g.Token, g.ClientTLS))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +163,7 @@ func createOverHTTP(ctx context.Context, t *testing.T, base, token, body string)
 	t.Helper()
 	req, _ := http.NewRequestWithContext(ctx, "POST", base+"/v1/vms", strings.NewReader(body))
 	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := httpc.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
