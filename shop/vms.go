@@ -299,8 +299,8 @@ func (v *vms) get(ctx context.Context, r *record) (*computev1.ClassAd, error) {
 	return v.view(ctx, r, driven), nil
 }
 
-// list returns the classads of an owner's VMs.
-func (v *vms) list(ctx context.Context, owner string) ([]*computev1.ClassAd, error) {
+// list returns the classads of the VMs whose owner passes sees.
+func (v *vms) list(ctx context.Context, sees func(owner string) bool) ([]*computev1.ClassAd, error) {
 	recs, err := v.store.vms(ctx)
 	if err != nil {
 		return nil, err
@@ -311,7 +311,7 @@ func (v *vms) list(ctx context.Context, owner string) ([]*computev1.ClassAd, err
 	}
 	var out []*computev1.ClassAd
 	for _, r := range recs {
-		if r.Owner == owner {
+		if sees(r.Owner) {
 			out = append(out, v.view(ctx, r, driven))
 		}
 	}
