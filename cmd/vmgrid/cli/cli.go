@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -109,7 +110,12 @@ and ls prints -o table (default), wide, json or yaml.`,
 	}, upCmd(g), etcdCmd(g), certsCmd(g), shopCmd(g), vmCmd(g), taskCmd(g), imageserverCmd(g), computeserverCmd(g), cacheproxyCmd(g),
 		imageCmd(g), cacheCmd(g), benchCmd(g), dataserverCmd(g), dataCmd(g), contextCmd(g))
 	root.Long += "\n\n" + verbList(root)
-	pf := root.PersistentFlags()
+	g.addFlags(root.PersistentFlags())
+	return root
+}
+
+// addFlags registers the global flags on pf.
+func (g *globals) addFlags(pf *pflag.FlagSet) {
 	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	pf.BoolVar(&g.logDev, "log-console", false, "human-readable console logs instead of JSON")
 	pf.StringVar(&g.config, "config", "", "client config file with the contexts (env VMGRID_CONFIG, default $XDG_CONFIG_HOME/vmgrid/config.yaml)")
@@ -120,7 +126,6 @@ and ls prints -o table (default), wide, json or yaml.`,
 	pf.StringVar(&g.tls.CertFile, "tls-cert", os.Getenv("VMGRID_TLS_CERT"), "PEM certificate (server: its certificate; client: a client certificate for mutual TLS) (env VMGRID_TLS_CERT)")
 	pf.StringVar(&g.tls.KeyFile, "tls-key", os.Getenv("VMGRID_TLS_KEY"), "PEM private key of --tls-cert (env VMGRID_TLS_KEY)")
 	pf.StringVar(&g.tls.CAFile, "tls-ca", os.Getenv("VMGRID_TLS_CA"), "PEM CA bundle (server: require client certificates signed by it; client: trust servers signed by it) (env VMGRID_TLS_CA)")
-	return root
 }
 
 // verbList lists every command of root, a group with its verbs: the root
