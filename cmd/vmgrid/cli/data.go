@@ -170,11 +170,7 @@ func dataStatCmd(g *globals, f *dataFlags) *cobra.Command {
 		Short:   "Show a file's owner, size, time and SHA-256",
 		Args:    cobra.ExactArgs(1),
 		RunE: f.verb(g, func(cmd *cobra.Command, args []string, cl *dataclient.Client) error {
-			fi, err := cl.Stat(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			return printItems(cmd.OutOrStdout(), &o, fi, []*datav1.FileInfo{fi}, fileColumns)
+			return show(cmd, &o, fileColumns)(cl.Stat(cmd.Context(), args[0]))
 		}),
 	}
 	o.register(c)

@@ -33,7 +33,7 @@ func cliOK(t *testing.T, args ...string) string {
 	t.Helper()
 	code, out, stderr := cliRun(t, args...)
 	if code != 0 {
-		t.Fatalf("vmgrid %s: exit %d: %s", strings.Join(args, " "), code, stderr)
+		t.Fatalf("vmgrid %s: exit %d: %s%s", strings.Join(args, " "), code, out, stderr)
 	}
 	return out
 }
@@ -192,18 +192,18 @@ func testDataAndTaskVerbs(t *testing.T) {
 	if err := os.WriteFile(local, []byte("one two three\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cliOK(t, "data", "put", "-q", local, "in/words.txt")
-	files := items(cliJSON[obj](t, "data", "ls", "in/"), "files")
-	if len(files) != 1 || files[0]["path"] != "in/words.txt" || files[0]["size"] != "14" {
+	cliOK(t, "data", "put", "-q", local, "words.txt")
+	files := items(cliJSON[obj](t, "data", "ls", "words"), "files")
+	if len(files) != 1 || files[0]["path"] != "words.txt" || files[0]["size"] != "14" {
 		t.Fatalf("data ls: %v", files) // protojson: 64-bit integers are strings
 	}
 	out := filepath.Join(t.TempDir(), "back.txt")
-	cliOK(t, "data", "get", "-q", "in/words.txt", out)
+	cliOK(t, "data", "get", "-q", "words.txt", out)
 	if b, _ := os.ReadFile(out); string(b) != "one two three\n" {
 		t.Fatalf("data get: %q", b)
 	}
 
-	sub := cliOK(t, "task", "submit", "--request-id", "cli-task", "--input", "in/words.txt", "--wait", "--", "wc -w < in/words.txt > out/count.txt")
+	sub := cliOK(t, "task", "submit", "--request-id", "cli-task", "--input", "words.txt", "--wait", "--", "wc -w < in/words.txt > out/count.txt")
 	id := strings.Fields(sub)[0]
 	task := cliJSON[obj](t, "task", "get", id)
 	if task["state"] != "TASK_STATE_SUCCEEDED" || task["taskId"] != id || len(task["outputs"].([]any)) != 1 {
@@ -215,8 +215,8 @@ func testDataAndTaskVerbs(t *testing.T) {
 		t.Fatalf("the task counted %q", b)
 	}
 
-	cliOK(t, "data", "rm", "in/words.txt")
-	if files := items(cliJSON[obj](t, "data", "list", "in/"), "files"); len(files) != 0 {
+	cliOK(t, "data", "rm", "words.txt")
+	if files := items(cliJSON[obj](t, "data", "list", "words"), "files"); len(files) != 0 {
 		t.Fatalf("data ls after rm: %v", files)
 	}
 }

@@ -119,3 +119,14 @@ func rawJSON(m proto.Message) json.RawMessage {
 	}
 	return b
 }
+
+// show prints the item a call returned (a get): show(cmd, &o,
+// cols)(cl.GetVM(…)).
+func show[T any](cmd *cobra.Command, o *output, cols []column[T]) func(T, error) error {
+	return func(item T, err error) error {
+		if err != nil {
+			return err
+		}
+		return printItems(cmd.OutOrStdout(), o, item, []T{item}, cols)
+	}
+}

@@ -84,11 +84,7 @@ func taskGetCmd(g *globals, s *service) *cobra.Command {
 	var o output
 	c := &cobra.Command{Use: "get TASK", Aliases: []string{"show"}, Short: "Print a task", Args: cobra.ExactArgs(1),
 		RunE: shopVerb(g, s, func(cmd *cobra.Command, args []string, cl shopv1.ShopServiceClient) error {
-			t, err := cl.GetTask(cmd.Context(), &shopv1.GetTaskRequest{TaskId: args[0]})
-			if err != nil {
-				return err
-			}
-			return printItems(cmd.OutOrStdout(), &o, t, []*shopv1.Task{t}, taskColumns)
+			return show(cmd, &o, taskColumns)(cl.GetTask(cmd.Context(), &shopv1.GetTaskRequest{TaskId: args[0]}))
 		})}
 	o.register(c)
 	return c

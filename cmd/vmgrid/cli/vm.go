@@ -161,11 +161,7 @@ func vmGetCmd(g *globals, s *service) *cobra.Command {
 	var o output
 	c := &cobra.Command{Use: "get VM", Aliases: []string{"show"}, Short: "Print a VM's classad", Args: cobra.ExactArgs(1),
 		RunE: shopVerb(g, s, func(cmd *cobra.Command, args []string, cl shopv1.ShopServiceClient) error {
-			ad, err := cl.GetVM(cmd.Context(), &shopv1.GetVMRequest{VmId: args[0]})
-			if err != nil {
-				return err
-			}
-			return printItems(cmd.OutOrStdout(), &o, ad, []*computev1.ClassAd{ad}, vmColumns)
+			return show(cmd, &o, vmColumns)(cl.GetVM(cmd.Context(), &shopv1.GetVMRequest{VmId: args[0]}))
 		})}
 	o.register(c)
 	return c
