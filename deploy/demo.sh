@@ -15,6 +15,8 @@ shop_port=${VMGRID_DEMO_SHOP_PORT:-7060}
 images_port=${VMGRID_DEMO_IMAGES_PORT:-7070}
 mkdir -p "$dir"
 log="$dir/up.log"
+# vmgrid up writes its context here, not into the user's config file.
+export VMGRID_CONFIG="$dir/config.yaml"
 
 echo "== vmgrid up (logs in $log; the first start builds the golden image)"
 "$VMGRID" up --dir "$dir" --plants 2 --shop-port "$shop_port" --images-port "$images_port" --log-level warn >"$log" 2>&1 &
@@ -39,7 +41,7 @@ echo "== the warehouse"
 
 echo
 echo "== create a VM through the shop (match, auction, clone, configure)"
-out=$("$VMGRID" vm create --request-id "demo-$(date +%s)" --domain demo --hostname demo1 --user alice \
+out=$("$VMGRID" vm create -o json --request-id "demo-$(date +%s)" --domain demo --hostname demo1 --user alice \
 	--ssh-key "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDemoKeyOnly alice@demo" \
 	--exec 'echo "kernel=$(uname -r)" > "$VMGRID_RESULTS"; echo "uptime=$(cut -d" " -f1 /proc/uptime)" >> "$VMGRID_RESULTS"' \
 	--exec 'echo "vmgrid demo: $(hostname) is configured; users: $(cut -d: -f1 /etc/passwd | tr "\n" " ")" > /dev/console')

@@ -194,7 +194,10 @@ func (p *proc) stop() {
 // run runs a vmgrid CLI verb to completion and returns its output.
 func run(t *testing.T, args ...string) string {
 	t.Helper()
-	out, err := exec.Command(vmgridBin(t), args...).CombinedOutput()
+	cmd := exec.Command(vmgridBin(t), args...)
+	// Not the contexts of whoever runs the tests (vmgrid up writes one).
+	cmd.Env = append(os.Environ(), "VMGRID_CONFIG="+filepath.Join(t.TempDir(), "config.yaml"))
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("vmgrid %s: %v\n%s", strings.Join(args, " "), err, out)
 	}

@@ -162,14 +162,17 @@ func TestCascade(t *testing.T) {
 	}
 	stats := func(cs *computeServer) *computev1.GetCacheStatsResponse {
 		t.Helper()
-		out := run(t, "cache", "stats", "--server", cs.Addr)
-		var st struct {
-			FetchedBytes   string `json:"fetchedBytes"`
-			FileCacheBytes string `json:"fileCacheBytes"`
+		out := run(t, "cache", "stats", "--server", cs.Addr, "-o", "json")
+		var servers []struct {
+			Stats struct {
+				FetchedBytes   string `json:"fetchedBytes"`
+				FileCacheBytes string `json:"fileCacheBytes"`
+			} `json:"stats"`
 		}
-		if err := json.Unmarshal([]byte(out), &st); err != nil {
+		if err := json.Unmarshal([]byte(out), &servers); err != nil || len(servers) != 1 {
 			t.Fatalf("vmgrid cache stats: %v\n%s", err, out)
 		}
+		st := servers[0].Stats
 		r := &computev1.GetCacheStatsResponse{}
 		r.FetchedBytes = parseU(t, st.FetchedBytes)
 		r.FileCacheBytes = parseU(t, st.FileCacheBytes)

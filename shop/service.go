@@ -72,12 +72,20 @@ func (s *Shop) GetVM(ctx context.Context, req *shopv1.GetVMRequest) (*computev1.
 }
 
 // ListVMs implements ShopService.ListVMs.
-func (s *Shop) ListVMs(ctx context.Context, _ *shopv1.ListVMsRequest) (*shopv1.ListVMsResponse, error) {
-	owner, err := auth.Owner(ctx)
+// Everyone lists their own VMs; operators may ask for all owners'.
+func (s *Shop) ListVMs(ctx context.Context, req *shopv1.ListVMsRequest) (*shopv1.ListVMsResponse, error) {
+	c, err := auth.CallerOf(ctx)
 	if err != nil {
 		return nil, err
 	}
-	ads, err := s.vms.list(ctx, func(o string) bool { return o == owner })
+	sees := func(o string) bool { return o == c.Name }
+	if req.All {
+		if c.Role != auth.RoleOperator {
+			return nil, fmt.Errorf("listing every owner's VMs takes an operator token: %w", errdefs.ErrPermissionDenied)
+		}
+		sees = c.Sees
+	}
+	ads, err := s.vms.list(ctx, sees)
 	if err != nil {
 		return nil, err
 	}

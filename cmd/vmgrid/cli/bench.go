@@ -12,12 +12,10 @@ import (
 )
 
 func benchCmd(g *globals) *cobra.Command {
-	c := &cobra.Command{
+	return group(&cobra.Command{
 		Use:   "bench",
 		Short: "Benchmarks that run real guests on this machine",
-	}
-	c.AddCommand(benchCloneCmd(g))
-	return c
+	}, benchCloneCmd(g))
 }
 
 func benchCloneCmd(g *globals) *cobra.Command {

@@ -8,6 +8,7 @@
 package cli
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -62,9 +64,32 @@ type globals struct {
 	// timeout bounds every unary call, and how long a stream waits to
 	// reach its service.
 	timeout time.Duration
+	// config is --config (client contexts), contextName --context.
+	config, contextName string
+	cx                  *clientContext // loaded once, by clientContext
 }
 
 func (g *globals) logger() (*zap.Logger, error) { return services.NewLogger(g.logLevel, g.logDev) }
+
+// withLogger runs fn with the logger of the global flags, synced after.
+func (g *globals) withLogger(fn func(log *zap.Logger) error) error {
+	log, err := g.logger()
+	if err != nil {
+		return err
+	}
+	defer log.Sync() //nolint:errcheck
+	return fn(log)
+}
+
+// clientTLS is the client's TLS files: the flags (their defaults are the
+// environment's), else the context's.
+func (g *globals) clientTLS() (services.TLSFiles, error) {
+	cx, err := g.clientContext()
+	if err != nil {
+		return services.TLSFiles{}, err
+	}
+	return services.TLSFiles{CAFile: cmp.Or(g.tls.CAFile, cx.TLSCA), CertFile: cmp.Or(g.tls.CertFile, cx.TLSCert), KeyFile: cmp.Or(g.tls.KeyFile, cx.TLSKey)}, nil
+}
 
 // NewRoot builds the command tree.
 func NewRoot() *cobra.Command {
@@ -76,25 +101,54 @@ func NewRoot() *cobra.Command {
 Compute servers read images block by block on demand through a local cache;
 nothing is copied up front.
 
-Server roles:   vmgrid imageserver | computeserver | cacheproxy | dataserver | etcd
-Certificates:   vmgrid certs (a CA and the services' mutual-TLS certificates)
-Client verbs:   vmgrid image publish|ls|get|fetch|rm|create-disk
-                vmgrid cache flush|stats|drop
-                vmgrid data put|get|ls|stat|rm|grant|revoke|grants`,
+Client verbs take their addresses, token and TLS files from, first to last:
+flags, environment variables, the current context of the client config
+file (vmgrid context; vmgrid up writes one), built-in defaults. Every get
+and ls prints -o table (default), wide, json or yaml.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}, upCmd(g), etcdCmd(g), certsCmd(g), shopCmd(g), vmCmd(g), taskCmd(g), imageserverCmd(g), computeserverCmd(g), cacheproxyCmd(g),
-		imageCmd(g), cacheCmd(g), benchCmd(g), dataserverCmd(g), dataCmd(g))
-	pf := root.PersistentFlags()
+		imageCmd(g), cacheCmd(g), benchCmd(g), dataserverCmd(g), dataCmd(g), contextCmd(g))
+	root.Long += "\n\n" + verbList(root)
+	g.addFlags(root.PersistentFlags())
+	return root
+}
+
+// addFlags registers the global flags on pf.
+func (g *globals) addFlags(pf *pflag.FlagSet) {
 	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	pf.BoolVar(&g.logDev, "log-console", false, "human-readable console logs instead of JSON")
+	pf.StringVar(&g.config, "config", "", "client config file with the contexts (env VMGRID_CONFIG, default $XDG_CONFIG_HOME/vmgrid/config.yaml)")
+	pf.StringVar(&g.contextName, "context", "", "use this context instead of the current one (vmgrid up: the name of the context it writes, default the base name of --dir)")
 	pf.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline of each call to a service (streams: of reaching the service; 0: none)")
 	// The TLS files default from the environment: `vmgrid up` writes the
 	// client's into DIR/env, so a shell that sourced it speaks mutual TLS.
 	pf.StringVar(&g.tls.CertFile, "tls-cert", os.Getenv("VMGRID_TLS_CERT"), "PEM certificate (server: its certificate; client: a client certificate for mutual TLS) (env VMGRID_TLS_CERT)")
 	pf.StringVar(&g.tls.KeyFile, "tls-key", os.Getenv("VMGRID_TLS_KEY"), "PEM private key of --tls-cert (env VMGRID_TLS_KEY)")
 	pf.StringVar(&g.tls.CAFile, "tls-ca", os.Getenv("VMGRID_TLS_CA"), "PEM CA bundle (server: require client certificates signed by it; client: trust servers signed by it) (env VMGRID_TLS_CA)")
-	return root
+}
+
+// verbList lists every command of root, a group with its verbs: the root
+// help names them all, and stays true as verbs come and go.
+func verbList(root *cobra.Command) string {
+	var b strings.Builder
+	b.WriteString("Every command:")
+	for _, c := range root.Commands() {
+		if !c.IsAvailableCommand() || c.Name() == "help" || c.Name() == "completion" {
+			continue
+		}
+		var verbs []string
+		for _, v := range c.Commands() {
+			if v.IsAvailableCommand() {
+				verbs = append(verbs, v.Name())
+			}
+		}
+		b.WriteString("\n  vmgrid " + c.Name())
+		if len(verbs) > 0 {
+			b.WriteString(" " + strings.Join(verbs, "|"))
+		}
+	}
+	return b.String()
 }
 
 // group makes c a command group: run without a subcommand, or with one it

@@ -116,7 +116,7 @@ func TestImageFetchFailsTruthfully(t *testing.T) {
 		t.Fatalf("publish: %s", stderr)
 	}
 	out := filepath.Join(dir, "fetched")
-	code, _, stderr := runCLI(t, "image", "--server", cutProxy(t, srv.Addr(), 4<<20), "fetch", "img", "mem.state", "-o", out)
+	code, _, stderr := runCLI(t, "image", "--server", cutProxy(t, srv.Addr(), 4<<20), "fetch", "img", "mem.state", "--output-file", out)
 	if code == 0 {
 		t.Fatal("a fetch through a connection cut after 4 MiB of 16 MiB succeeded")
 	}

@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
@@ -17,50 +19,135 @@ import (
 	"github.com/vmgrid/vmgrid/services"
 )
 
-// service is the server a client verb talks to: an address from a flag
-// whose default is an environment variable, and a bearer token the same
-// way (every service authenticates every call).
+// service is the server a client verb talks to and the bearer token it
+// sends (every service authenticates every call). Each comes from, first
+// to last: the flag, the environment, the client context (config.go), the
+// built-in default; resolve picks them when the verb runs.
 type service struct {
-	addr  string
-	what  string // "shop", "image server": names it in errors
-	token string
+	what string // "shop", "image server": names it in errors
+	// addrs is the address setting; ctxAddr its value in a context.
+	addrs   setting
+	ctxAddr func(*clientContext) []string
+	token   setting
+	// operator: the verb mostly needs an operator or publisher token
+	// (publishing, deleting, disks, caches, vm ls --all).
+	operator bool
 	// noToken is the error when no token was given.
 	noToken string
 }
 
-// addrFlag registers the address flag (--NAME, default $ENV or def).
-func (s *service) addrFlag(fs *pflag.FlagSet, name, env, def, what string) {
-	s.addr, s.what = envOr(env, def), what
-	fs.StringVar(&s.addr, name, s.addr, fmt.Sprintf("%s address (env %s)", what, env))
+// setting is a flag whose value, when not given, comes from environment
+// variables, then from a context, then from the flag's default.
+type setting struct {
+	flag *pflag.Flag
+	envs []string
 }
 
-// tokenFlag registers --token (default $VMGRID_TOKEN), sent with every
-// call.
+func (st setting) value(fromContext ...string) string {
+	if st.flag.Changed {
+		return st.flag.Value.String()
+	}
+	for _, e := range st.envs {
+		if v := os.Getenv(e); v != "" {
+			return v
+		}
+	}
+	for _, v := range fromContext {
+		if v != "" {
+			return v
+		}
+	}
+	return st.flag.DefValue
+}
+
+func newSetting(fs *pflag.FlagSet, name string, envs ...string) setting {
+	return setting{flag: fs.Lookup(name), envs: envs}
+}
+
+// addrFlag registers the address flag (--NAME, env ENV, then the
+// context's, then def).
+func (s *service) addrFlag(fs *pflag.FlagSet, name, env, def, what string, fromContext func(*clientContext) []string) {
+	s.what, s.ctxAddr = what, fromContext
+	fs.String(name, def, fmt.Sprintf("%s address (env %s, else the context's)", what, env))
+	s.addrs = newSetting(fs, name, env)
+}
+
+// tokenFlag registers --token (env VMGRID_TOKEN, else the context's),
+// sent with every call.
 func (s *service) tokenFlag(fs *pflag.FlagSet, noToken string) {
 	s.noToken = noToken
-	fs.StringVar(&s.token, "token", os.Getenv("VMGRID_TOKEN"), "bearer token (env VMGRID_TOKEN)")
+	fs.String("token", "", "bearer token (env VMGRID_TOKEN, else the context's)")
+	s.token = newSetting(fs, "token")
 }
 
 // operatorTokenFlag registers --token for verbs that mostly need an
-// operator or publisher (publishing, deleting, disks, caches): its default
-// is $VMGRID_OPERATOR_TOKEN when set, else $VMGRID_TOKEN.
+// operator or publisher: $VMGRID_OPERATOR_TOKEN comes before
+// $VMGRID_TOKEN, and the context's operator token before its token.
 func (s *service) operatorTokenFlag(fs *pflag.FlagSet) {
-	s.noToken = "no token: pass --token or set VMGRID_OPERATOR_TOKEN (or VMGRID_TOKEN; vmgrid up writes both into DIR/env)"
-	fs.StringVar(&s.token, "token", envOr("VMGRID_OPERATOR_TOKEN", os.Getenv("VMGRID_TOKEN")),
-		"bearer token (env VMGRID_OPERATOR_TOKEN, else VMGRID_TOKEN)")
+	s.operator = true
+	s.noToken = "no token: pass --token or set VMGRID_OPERATOR_TOKEN (or VMGRID_TOKEN; vmgrid up writes both into DIR/env and its context)"
+	fs.String("token", "", "bearer token (env VMGRID_OPERATOR_TOKEN, else VMGRID_TOKEN, else the context's operator token, else its token)")
+	s.token = newSetting(fs, "token")
 }
 
-func (s *service) dial(g *globals) (*grpc.ClientConn, error) {
-	if s.token == "" {
+// bearer picks the token.
+func (s *service) bearer(g *globals) (string, error) {
+	cx, err := g.clientContext()
+	if err != nil {
+		return "", err
+	}
+	if s.operator {
+		s.token.envs = []string{"VMGRID_OPERATOR_TOKEN", "VMGRID_TOKEN"}
+		return s.token.value(cx.OperatorToken, cx.Token), nil
+	}
+	s.token.envs = []string{"VMGRID_TOKEN"}
+	return s.token.value(cx.Token), nil
+}
+
+// addrList is the address setting as a comma-separated list.
+func (s *service) addrList(g *globals) ([]string, error) {
+	cx, err := g.clientContext()
+	if err != nil {
+		return nil, err
+	}
+	v := s.addrs.value(strings.Join(s.ctxAddr(cx), ","))
+	var out []string
+	for _, a := range strings.Split(v, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			out = append(out, a)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no %s address", s.what)
+	}
+	return out, nil
+}
+
+// dial connects to the service at addr with the token and TLS files of
+// the settings.
+func (s *service) dial(g *globals, addr string) (*grpc.ClientConn, error) {
+	token, err := s.bearer(g)
+	if err != nil {
+		return nil, err
+	}
+	if token == "" {
 		return nil, errors.New(s.noToken)
 	}
-	return services.Dial(s.addr, g.tls, services.WithToken(s.token, g.tls),
-		grpc.WithChainUnaryInterceptor(s.unaryDeadline(g.timeout)), grpc.WithChainStreamInterceptor(s.streamConnect(g.timeout)))
+	tls, err := g.clientTLS()
+	if err != nil {
+		return nil, err
+	}
+	t := target{what: s.what, addr: addr}
+	return services.Dial(addr, tls, services.WithToken(token, tls),
+		grpc.WithChainUnaryInterceptor(t.unaryDeadline(g.timeout)), grpc.WithChainStreamInterceptor(t.streamConnect(g.timeout)))
 }
+
+// target is the service a connection reaches, as errors name it.
+type target struct{ what, addr string }
 
 // unaryDeadline bounds every unary call by d (--timeout) and says in one
 // line which service did not answer or could not be reached.
-func (s *service) unaryDeadline(d time.Duration) grpc.UnaryClientInterceptor {
+func (s target) unaryDeadline(d time.Duration) grpc.UnaryClientInterceptor {
 	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 		if d > 0 {
 			var cancel context.CancelFunc
@@ -73,7 +160,7 @@ func (s *service) unaryDeadline(d time.Duration) grpc.UnaryClientInterceptor {
 
 // streamConnect gives streams (vm create, watch, publish, fetch) no overall
 // deadline, but fails them when the service is not reached within d.
-func (s *service) streamConnect(d time.Duration) grpc.StreamClientInterceptor {
+func (s target) streamConnect(d time.Duration) grpc.StreamClientInterceptor {
 	return func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
 		if err := connected(ctx, cc, d); err != nil {
 			return nil, status.Errorf(codes.DeadlineExceeded, "%s %s: not reached within %s (--timeout)", s.what, s.addr, d)
@@ -104,7 +191,7 @@ func connected(ctx context.Context, cc *grpc.ClientConn, d time.Duration) error 
 }
 
 // explain names the service in a deadline or connection error.
-func (s *service) explain(ctx context.Context, d time.Duration, err error) error {
+func (s target) explain(ctx context.Context, d time.Duration, err error) error {
 	switch status.Code(err) {
 	case codes.DeadlineExceeded:
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
@@ -116,20 +203,30 @@ func (s *service) explain(ctx context.Context, d time.Duration, err error) error
 	return err
 }
 
-// connect dials s and wraps the connection in a client; done closes it.
-func connect[T any](g *globals, s *service, client func(grpc.ClientConnInterface) T) (cl T, done func(), err error) {
-	cc, err := s.dial(g)
-	if err != nil {
-		return cl, nil, err
+// verbFunc is a client verb's body, given a client of its service.
+type verbFunc[T any] func(cmd *cobra.Command, args []string, cl T) error
+
+// withClient makes a verb's RunE: a client of s (at its first address),
+// handed to fn.
+func withClient[T any](g *globals, s *service, client func(grpc.ClientConnInterface) T, fn verbFunc[T]) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		addrs, err := s.addrList(g)
+		if err != nil {
+			return err
+		}
+		return callAt(g, s, addrs[0], client, func(cl T) error { return fn(cmd, args, cl) })
 	}
-	return client(cc), func() { cc.Close() }, nil
 }
 
-func envOr(k, def string) string {
-	if v := os.Getenv(k); v != "" {
-		return v
+// callAt dials s at addr, wraps the connection in a client, runs fn and
+// closes.
+func callAt[T any](g *globals, s *service, addr string, client func(grpc.ClientConnInterface) T, fn func(T) error) error {
+	cc, err := s.dial(g, addr)
+	if err != nil {
+		return err
 	}
-	return def
+	defer cc.Close()
+	return fn(client(cc))
 }
 
 // serverCmd completes c as a server role: the logger and the global TLS
@@ -137,13 +234,10 @@ func envOr(k, def string) string {
 func serverCmd(g *globals, c *cobra.Command, opts *services.Options, run func(ctx context.Context) error) *cobra.Command {
 	c.Args = cobra.NoArgs
 	c.RunE = func(cmd *cobra.Command, _ []string) error {
-		log, err := g.logger()
-		if err != nil {
-			return err
-		}
-		defer log.Sync() //nolint:errcheck
-		opts.Logger, opts.TLS = log, g.tls
-		return run(cmd.Context())
+		return g.withLogger(func(log *zap.Logger) error {
+			opts.Logger, opts.TLS = log, g.tls
+			return run(cmd.Context())
+		})
 	}
 	return c
 }

@@ -13,8 +13,8 @@ import (
 
 var update = flag.Bool("update", false, "rewrite testdata/*.golden from the current --help output")
 
-// clearEnv unsets the variables whose values become flag defaults, so the
-// help text does not depend on the shell the test runs in.
+// clearEnv unsets the variables whose values become flag defaults or
+// settings, so the tests do not depend on the shell they run in.
 func clearEnv(t *testing.T) {
 	for _, k := range []string{"VMGRID_SHOP", "VMGRID_TOKEN", "VMGRID_IMAGESERVER", "VMGRID_DATASERVER",
 		"VMGRID_COMPUTESERVER", "VMGRID_DATA_TOKEN", "VMGRID_OPERATOR_TOKEN",
@@ -22,6 +22,8 @@ func clearEnv(t *testing.T) {
 		t.Setenv(k, "")
 		os.Unsetenv(k)
 	}
+	// Nor on the contexts of whoever runs it.
+	t.Setenv("VMGRID_CONFIG", filepath.Join(t.TempDir(), "config.yaml"))
 }
 
 func commandPaths(c *cobra.Command) [][]string {

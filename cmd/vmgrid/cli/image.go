@@ -2,16 +2,15 @@ package cli
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
-	"text/tabwriter"
-	"time"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
@@ -20,8 +19,9 @@ import (
 // imageFlags name the image server the image verbs talk to.
 type imageFlags struct{ service }
 
-func (f *imageFlags) client(g *globals) (*imageclient.Client, func(), error) {
-	return connect(g, &f.service, imageclient.NewClient)
+// verb is an image verb's RunE with a client of the image server.
+func (f *imageFlags) verb(g *globals, fn verbFunc[*imageclient.Client]) func(*cobra.Command, []string) error {
+	return withClient(g, &f.service, imageclient.NewClient, fn)
 }
 
 func imageCmd(g *globals) *cobra.Command {
@@ -30,7 +30,7 @@ func imageCmd(g *globals) *cobra.Command {
 		Use:   "image",
 		Short: "Publish, list, inspect, fetch and delete images on an image server",
 	}, imagePublishCmd(g, f), imageBuildCmd(g, f), imageListCmd(g, f), imageGetCmd(g, f), imageRmCmd(g, f), imageFetchCmd(g, f), imageCreateDiskCmd(g, f))
-	f.addrFlag(c.PersistentFlags(), "server", "VMGRID_IMAGESERVER", "127.0.0.1:7070", "image server")
+	f.addrFlag(c.PersistentFlags(), "server", "VMGRID_IMAGESERVER", "127.0.0.1:7070", "image server", func(cx *clientContext) []string { return []string{cx.ImageServer} })
 	f.operatorTokenFlag(c.PersistentFlags())
 	return c
 }
@@ -93,20 +93,18 @@ func imagePublishCmd(g *globals, f *imageFlags) *cobra.Command {
 				}
 				attrs.Actions = append(attrs.Actions, &imagev1.Action{Name: parts[0], Kind: parts[1], Digest: parts[2]})
 			}
-			cl, done, err := f.client(g)
-			if err != nil {
-				return err
-			}
-			defer done()
-			update, finish := progress(cmd.ErrOrStderr(), quiet, "publishing "+spec.Name)
-			start := time.Now()
-			resp, err := cl.Publish(cmd.Context(), spec, update)
-			finish(err)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "published %s: %d files, %s sent in %s\n", resp.Manifest.Name, len(resp.Manifest.Files), humanBytes(resp.BytesReceived), time.Since(start).Round(time.Millisecond))
-			return nil
+			return f.verb(g, func(cmd *cobra.Command, _ []string, cl *imageclient.Client) error {
+				var resp *imagev1.PublishResponse
+				took, err := transfer(cmd, quiet, "publishing "+spec.Name, func(update func(done, total uint64)) (err error) {
+					resp, err = cl.Publish(cmd.Context(), spec, update)
+					return err
+				})
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "published %s: %d files, %s sent in %s\n", resp.Manifest.Name, len(resp.Manifest.Files), humanBytes(resp.BytesReceived), took)
+				return nil
+			})(cmd, args)
 		},
 	}
 	fl := c.Flags()
@@ -138,61 +136,87 @@ func parseLabels(labels []string) (map[string]string, error) {
 	return m, nil
 }
 
+// imageColumns are the table of image ls and image get.
+var imageColumns = []column[*imagev1.Manifest]{
+	{name: "NAME", value: func(m *imagev1.Manifest) string { return m.Name }},
+	{name: "KIND", value: imageKind},
+	{name: "ARCH", value: func(m *imagev1.Manifest) string { return m.GetAttributes().GetArch() }},
+	{name: "VCPUS", value: func(m *imagev1.Manifest) string { return fmt.Sprint(m.GetAttributes().GetVcpus()) }},
+	{name: "MEMORY", value: func(m *imagev1.Manifest) string { return fmt.Sprintf("%dMiB", m.GetAttributes().GetMemoryMib()) }},
+	{name: "OS", value: func(m *imagev1.Manifest) string { return dash(m.GetAttributes().GetOs()) }},
+	{name: "FILES", value: func(m *imagev1.Manifest) string { return fmt.Sprint(len(m.Files)) }},
+	{name: "SIZE", value: func(m *imagev1.Manifest) string { size, _ := imageBytes(m); return humanBytes(size) }},
+	{name: "NON-ZERO", value: func(m *imagev1.Manifest) string {
+		if m.Writable {
+			return "-"
+		}
+		_, nz := imageBytes(m)
+		return humanBytes(nz)
+	}},
+	{name: "ACTIONS", value: func(m *imagev1.Manifest) string { return fmt.Sprint(len(m.GetAttributes().GetActions())) }},
+	{name: "PARENT", wide: true, value: func(m *imagev1.Manifest) string { return dash(m.GetAttributes().GetParent()) }},
+	{name: "BASE", wide: true, value: func(m *imagev1.Manifest) string { return dash(m.BaseImage) }},
+	{name: "LABELS", wide: true, value: func(m *imagev1.Manifest) string { return dash(labelList(m.GetAttributes().GetLabels())) }},
+}
+
+func imageKind(m *imagev1.Manifest) string {
+	if m.Writable {
+		return "disk (gen " + strconv.FormatUint(m.Generation, 10) + ")"
+	}
+	return "golden"
+}
+
+// imageBytes is the size of an image's files and their non-zero bytes.
+func imageBytes(m *imagev1.Manifest) (size, nonzero uint64) {
+	for _, fm := range m.Files {
+		size += fm.Size
+		nonzero += fm.NonzeroBytes
+	}
+	return size, nonzero
+}
+
+func labelList(labels map[string]string) string {
+	var ls []string
+	for k, v := range labels {
+		ls = append(ls, k+"="+v)
+	}
+	slices.Sort(ls)
+	return strings.Join(ls, ",")
+}
+
+var imageKinds = map[string]imagev1.ListImagesRequest_Kind{
+	"": imagev1.ListImagesRequest_KIND_ALL, "all": imagev1.ListImagesRequest_KIND_ALL,
+	"golden": imagev1.ListImagesRequest_KIND_GOLDEN, "disk": imagev1.ListImagesRequest_KIND_WRITABLE,
+}
+
 func imageListCmd(g *globals, f *imageFlags) *cobra.Command {
 	req := &imagev1.ListImagesRequest{}
 	var labels []string
 	var kind string
+	var o output
+	list := f.verb(g, func(cmd *cobra.Command, _ []string, cl *imageclient.Client) error {
+		resp, err := cl.API.ListImages(cmd.Context(), req)
+		if err != nil {
+			return err
+		}
+		return printItems(cmd.OutOrStdout(), &o, resp, resp.Images, imageColumns)
+	})
 	c := &cobra.Command{
 		Use:     "ls",
 		Aliases: []string{"list"},
 		Short:   "List images and persistent disks",
 		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		RunE: func(cmd *cobra.Command, args []string) error {
 			var err error
 			if req.Labels, err = parseLabels(labels); err != nil {
 				return err
 			}
-			switch kind {
-			case "", "all":
-			case "golden":
-				req.Kind = imagev1.ListImagesRequest_KIND_GOLDEN
-			case "disk":
-				req.Kind = imagev1.ListImagesRequest_KIND_WRITABLE
-			default:
+			k, ok := imageKinds[kind]
+			if !ok {
 				return fmt.Errorf("--kind %q: want all, golden or disk", kind)
 			}
-			cl, done, err := f.client(g)
-			if err != nil {
-				return err
-			}
-			defer done()
-			resp, err := cl.API.ListImages(cmd.Context(), req)
-			if err != nil {
-				return err
-			}
-			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "NAME\tKIND\tARCH\tVCPUS\tMEMORY\tOS\tFILES\tSIZE\tNON-ZERO\tACTIONS")
-			for _, m := range resp.Images {
-				a := m.Attributes
-				if a == nil {
-					a = &imagev1.ImageAttributes{}
-				}
-				var size, nz uint64
-				for _, fm := range m.Files {
-					size += fm.Size
-					nz += fm.NonzeroBytes
-				}
-				k := "golden"
-				if m.Writable {
-					k = "disk (gen " + strconv.FormatUint(m.Generation, 10) + ")"
-				}
-				nzs := humanBytes(nz)
-				if m.Writable {
-					nzs = "-"
-				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%dMiB\t%s\t%d\t%s\t%s\t%d\n", m.Name, k, a.Arch, a.Vcpus, a.MemoryMib, a.Os, len(m.Files), humanBytes(size), nzs, len(a.Actions))
-			}
-			return w.Flush()
+			req.Kind = k
+			return list(cmd, args)
 		},
 	}
 	fl := c.Flags()
@@ -203,21 +227,19 @@ func imageListCmd(g *globals, f *imageFlags) *cobra.Command {
 	fl.Uint64Var(&req.MinMemoryMib, "min-memory-mib", 0, "only images with at least this much memory")
 	fl.StringArrayVar(&labels, "label", nil, "only images with this KEY=VALUE label; repeat")
 	fl.StringVar(&kind, "kind", "all", "all, golden or disk")
+	o.register(c)
 	return c
 }
 
 func imageGetCmd(g *globals, f *imageFlags) *cobra.Command {
 	var full bool
+	var o output
 	c := &cobra.Command{
-		Use:   "get NAME",
-		Short: "Print an image's manifest as JSON",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, done, err := f.client(g)
-			if err != nil {
-				return err
-			}
-			defer done()
+		Use:     "get NAME",
+		Aliases: []string{"show"},
+		Short:   "Print an image's manifest",
+		Args:    cobra.ExactArgs(1),
+		RunE: f.verb(g, func(cmd *cobra.Command, args []string, cl *imageclient.Client) error {
 			v := imagev1.View_VIEW_BASIC
 			if full {
 				v = imagev1.View_VIEW_FULL
@@ -226,15 +248,11 @@ func imageGetCmd(g *globals, f *imageFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			b, err := protojson.MarshalOptions{Multiline: true}.Marshal(resp.Manifest)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintln(cmd.OutOrStdout(), string(b))
-			return nil
-		},
+			return printItems(cmd.OutOrStdout(), &o, resp.Manifest, []*imagev1.Manifest{resp.Manifest}, imageColumns)
+		}),
 	}
-	c.Flags().BoolVar(&full, "full", false, "include zero maps and block digests")
+	c.Flags().BoolVar(&full, "full", false, "include zero maps and block digests (-o json, yaml)")
+	o.register(c)
 	return c
 }
 
@@ -244,46 +262,30 @@ func imageRmCmd(g *globals, f *imageFlags) *cobra.Command {
 		Aliases: []string{"delete"},
 		Short:   "Delete images or persistent disks",
 		Args:    cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, done, err := f.client(g)
-			if err != nil {
+		RunE: f.verb(g, func(cmd *cobra.Command, args []string, cl *imageclient.Client) error {
+			return each(cmd, args, "deleted", func(n string) error {
+				_, err := cl.API.DeleteImage(cmd.Context(), &imagev1.DeleteImageRequest{Name: n})
 				return err
-			}
-			defer done()
-			for _, n := range args {
-				if _, err := cl.API.DeleteImage(cmd.Context(), &imagev1.DeleteImageRequest{Name: n}); err != nil {
-					return err
-				}
-				fmt.Fprintln(cmd.OutOrStdout(), "deleted", n)
-			}
-			return nil
-		},
+			})
+		}),
 	}
 }
 
 func imageFetchCmd(g *globals, f *imageFlags) *cobra.Command {
 	var out string
 	c := &cobra.Command{
-		Use:   "fetch IMAGE FILE -o PATH",
+		Use:   "fetch IMAGE FILE [--output-file PATH]",
 		Short: "Download one file of an image through the compressed whole-file channel",
 		Long: `Download one file of an image through the zstd whole-file channel. Zero
 chunks are not sent and are left as holes in PATH. The download is written
 to PATH.partial and renamed when complete and verified against the file's
 SHA-256.`,
 		Args: cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, done, err := f.client(g)
-			if err != nil {
-				return err
-			}
-			defer done()
-			if out == "" {
-				out = args[1]
-			}
-			return fetchToFile(cmd, cl, args[0], args[1], out)
-		},
+		RunE: f.verb(g, func(cmd *cobra.Command, args []string, cl *imageclient.Client) error {
+			return fetchToFile(cmd, cl, args[0], args[1], cmp.Or(out, args[1]))
+		}),
 	}
-	c.Flags().StringVarP(&out, "output", "o", "", "where to write the file (default: FILE in the current directory)")
+	c.Flags().StringVar(&out, "output-file", "", "where to write the file (default: FILE in the current directory)")
 	return c
 }
 
@@ -305,19 +307,19 @@ func fetchToFile(cmd *cobra.Command, cl *imageclient.Client, image, file, out st
 	if err := w.Truncate(int64(meta.Size)); err != nil {
 		return err
 	}
-	update, finish := progress(cmd.ErrOrStderr(), false, "fetching "+file)
 	var done uint64
-	err = cl.FetchFile(cmd.Context(), image, file, 0, 3, func(off uint64, n uint32, data []byte) error {
-		if data != nil {
-			if _, err := w.WriteAt(data, int64(off)); err != nil {
-				return err
+	_, err = transfer(cmd, false, "fetching "+file, func(update func(done, total uint64)) error {
+		return cl.FetchFile(cmd.Context(), image, file, 0, 3, func(off uint64, n uint32, data []byte) error {
+			if data != nil {
+				if _, err := w.WriteAt(data, int64(off)); err != nil {
+					return err
+				}
 			}
-		}
-		done += uint64(n)
-		update(done, meta.Size)
-		return nil
+			done += uint64(n)
+			update(done, meta.Size)
+			return nil
+		})
 	})
-	finish(err)
 	if err != nil {
 		return fmt.Errorf("fetching %s/%s (%s of %s arrived, kept in %s): %w", image, file, humanBytes(done), humanBytes(meta.Size), tmp, err)
 	}
@@ -364,20 +366,15 @@ func imageCreateDiskCmd(g *globals, f *imageFlags) *cobra.Command {
 		Use:   "create-disk NAME --from IMAGE [--file FILE]",
 		Short: "Create a persistent disk from a golden image without copying it",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
+		RunE: f.verb(g, func(cmd *cobra.Command, args []string, cl *imageclient.Client) error {
 			req.Name = args[0]
-			cl, done, err := f.client(g)
-			if err != nil {
-				return err
-			}
-			defer done()
 			resp, err := cl.API.CreateDisk(cmd.Context(), req)
 			if err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "created disk %s from %s/%s (%s)\n", resp.Manifest.Name, resp.Manifest.BaseImage, resp.Manifest.BaseFile, humanBytes(resp.Manifest.Files[0].Size))
 			return nil
-		},
+		}),
 	}
 	c.Flags().StringVar(&req.SourceImage, "from", "", "golden image to create the disk from (required)")
 	c.Flags().StringVar(&req.SourceFile, "file", "", "disk file of the image (default: its only disk)")

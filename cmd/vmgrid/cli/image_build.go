@@ -6,10 +6,13 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"go.uber.org/zap"
 
 	"github.com/vmgrid/vmgrid/computeserver/plant"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	"github.com/vmgrid/vmgrid/imagebuild"
+	"github.com/vmgrid/vmgrid/imageserver/imageclient"
+	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
@@ -63,29 +66,30 @@ suspended to a memory state and the files are published as one image.`,
 }
 
 func (b *buildFlags) run(cmd *cobra.Command, g *globals, f *imageFlags) error {
-	log, err := g.logger()
-	if err != nil {
-		return err
-	}
-	defer log.Sync() //nolint:errcheck
-	if b.agentPath == "" {
-		if b.agentPath, err = guestAgent(); err != nil {
+	return g.withLogger(func(log *zap.Logger) (err error) {
+		if b.agentPath == "" {
+			if b.agentPath, err = guestAgent(); err != nil {
+				return err
+			}
+		}
+		d, err := buildDAG(b.dagFile, "", "", "", b.execs)
+		if err != nil {
 			return err
 		}
-	}
-	d, err := buildDAG(b.dagFile, "", "", "", b.execs)
-	if err != nil {
-		return err
-	}
-	cl, done, err := f.client(g)
-	if err != nil {
-		return err
-	}
-	defer done()
+		return f.verb(g, func(cmd *cobra.Command, _ []string, cl *imageclient.Client) error {
+			addrs, _ := f.addrList(g) // the verb found them
+			return b.build(cmd, log, cl, addrs[0], d)
+		})(cmd, nil)
+	})
+}
+
+// build builds the golden image and publishes it with cl (to the image
+// server at addr).
+func (b *buildFlags) build(cmd *cobra.Command, log *zap.Logger, cl *imageclient.Client, addr string, d *computev1.ConfigDAG) error {
 	ctx := cmd.Context()
 	// A long build for a name that is taken would fail only at the end.
 	if _, err := cl.API.GetImage(ctx, &imagev1.GetImageRequest{Name: b.name}); err == nil {
-		return fmt.Errorf("image %q already exists on %s: remove it (vmgrid image rm %s) or pick --name", b.name, f.addr, b.name)
+		return fmt.Errorf("image %q already exists on %s: remove it (vmgrid image rm %s) or pick --name", b.name, addr, b.name)
 	} else if !errdefs.IsNotFound(err) {
 		return err
 	}
@@ -104,7 +108,7 @@ func (b *buildFlags) run(cmd *cobra.Command, g *globals, f *imageFlags) error {
 		return err
 	}
 	fmt.Fprintf(cmd.OutOrStdout(), "built and published %s on %s in %s (%d files, %d actions performed)\n",
-		b.name, f.addr, time.Since(start).Round(time.Millisecond), len(gold.Files), len(gold.Attrs.Actions))
+		b.name, addr, time.Since(start).Round(time.Millisecond), len(gold.Files), len(gold.Attrs.Actions))
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
 )
 
 // progress returns a callback drawing a byte progress bar on w (nothing
@@ -56,4 +57,14 @@ func newBar(w io.Writer, total uint64, desc string) *progressbar.ProgressBar {
 		progressbar.OptionFullWidth(),
 		progressbar.OptionSetRenderBlankState(true),
 	)
+}
+
+// transfer runs fn with the update of a progress bar on stderr (see
+// progress) and says how long it took.
+func transfer(cmd *cobra.Command, quiet bool, desc string, fn func(update func(done, total uint64)) error) (time.Duration, error) {
+	update, finish := progress(cmd.ErrOrStderr(), quiet, desc)
+	start := time.Now()
+	err := fn(update)
+	finish(err)
+	return time.Since(start).Round(time.Millisecond), err
 }

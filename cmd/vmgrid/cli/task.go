@@ -3,12 +3,10 @@ package cli
 import (
 	"errors"
 	"fmt"
-	"io"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/protobuf/encoding/protojson"
 
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
@@ -25,6 +23,17 @@ func taskCmd(g *globals) *cobra.Command {
 func taskSubmitCmd(g *globals, s *service) *cobra.Command {
 	req := &shopv1.SubmitTaskRequest{Hardware: &computev1.Hardware{}}
 	var wait bool
+	submit := shopVerb(g, s, func(cmd *cobra.Command, _ []string, cl shopv1.ShopServiceClient) error {
+		t, err := cl.SubmitTask(cmd.Context(), req)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(cmd.OutOrStdout(), t.TaskId)
+		if !wait {
+			return nil
+		}
+		return waitTask(cmd, cl, t.TaskId)
+	})
 	c := &cobra.Command{
 		Use:   "submit --input PATH... -- COMMAND",
 		Short: "Submit a task: inputs from the data server, a command, outputs back",
@@ -42,20 +51,7 @@ fails — and destroys the VM.`,
 			if req.RequestId == "" {
 				req.RequestId = randomID("task-")
 			}
-			cl, done, err := shopClient(g, s)
-			if err != nil {
-				return err
-			}
-			defer done()
-			t, err := cl.SubmitTask(cmd.Context(), req)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintln(cmd.OutOrStdout(), t.TaskId)
-			if !wait {
-				return nil
-			}
-			return waitTask(cmd, cl, t.TaskId)
+			return submit(cmd, args)
 		},
 	}
 	fl := c.Flags()
@@ -68,47 +64,45 @@ fails — and destroys the VM.`,
 	return c
 }
 
+// taskColumns are the table of task get.
+var taskColumns = []column[*shopv1.Task]{
+	{name: "TASK", value: func(t *shopv1.Task) string { return t.TaskId }},
+	{name: "STATE", value: func(t *shopv1.Task) string { return taskState(t.State) }},
+	{name: "EXIT", value: func(t *shopv1.Task) string { return fmt.Sprint(t.ExitCode) }},
+	{name: "VM", value: func(t *shopv1.Task) string { return dash(t.VmId) }},
+	{name: "PLANT", value: func(t *shopv1.Task) string { return dash(t.Plant) }},
+	{name: "AGE", value: func(t *shopv1.Task) string { return age(t.SubmittedUnixNano) }},
+	{name: "OWNER", wide: true, value: func(t *shopv1.Task) string { return t.Owner }},
+	{name: "COMMAND", wide: true, value: func(t *shopv1.Task) string { return t.GetSpec().GetCommand() }},
+	{name: "OUTPUTS", wide: true, value: func(t *shopv1.Task) string { return dash(strings.Join(t.Outputs, ",")) }},
+	{name: "ERROR", wide: true, value: func(t *shopv1.Task) string { return dash(t.Error) }},
+}
+
+func taskState(st shopv1.TaskState) string { return strings.TrimPrefix(st.String(), "TASK_STATE_") }
+
 func taskGetCmd(g *globals, s *service) *cobra.Command {
-	return &cobra.Command{Use: "get TASK", Short: "Print a task", Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, done, err := shopClient(g, s)
-			if err != nil {
-				return err
-			}
-			defer done()
-			t, err := cl.GetTask(cmd.Context(), &shopv1.GetTaskRequest{TaskId: args[0]})
-			if err != nil {
-				return err
-			}
-			b, _ := protojson.MarshalOptions{Multiline: true}.Marshal(t)
-			fmt.Fprintln(cmd.OutOrStdout(), string(b))
-			return nil
-		}}
+	var o output
+	c := &cobra.Command{Use: "get TASK", Aliases: []string{"show"}, Short: "Print a task", Args: cobra.ExactArgs(1),
+		RunE: shopVerb(g, s, func(cmd *cobra.Command, args []string, cl shopv1.ShopServiceClient) error {
+			return show(cmd, &o, taskColumns)(cl.GetTask(cmd.Context(), &shopv1.GetTaskRequest{TaskId: args[0]}))
+		})}
+	o.register(c)
+	return c
 }
 
 func taskWaitCmd(g *globals, s *service) *cobra.Command {
 	return &cobra.Command{Use: "wait TASK", Short: "Follow a task to its end (exit status: the task's)", Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, done, err := shopClient(g, s)
-			if err != nil {
-				return err
-			}
-			defer done()
+		RunE: shopVerb(g, s, func(cmd *cobra.Command, args []string, cl shopv1.ShopServiceClient) error {
 			return waitTask(cmd, cl, args[0])
-		}}
+		})}
 }
 
 func taskCancelCmd(g *globals, s *service) *cobra.Command {
 	return &cobra.Command{Use: "cancel TASK", Short: "Cancel a task (its VM is destroyed)", Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, done, err := shopClient(g, s)
-			if err != nil {
-				return err
-			}
-			defer done()
-			_, err = cl.CancelTask(cmd.Context(), &shopv1.GetTaskRequest{TaskId: args[0]})
+		RunE: shopVerb(g, s, func(cmd *cobra.Command, args []string, cl shopv1.ShopServiceClient) error {
+			_, err := cl.CancelTask(cmd.Context(), &shopv1.GetTaskRequest{TaskId: args[0]})
 			return err
-		}}
+		})}
 }
 
 // errTaskFailed makes `vmgrid task wait` exit non-zero for a failed task.
@@ -121,22 +115,19 @@ func waitTask(cmd *cobra.Command, cl shopv1.ShopServiceClient, id string) error 
 	}
 	start := time.Now()
 	var last *shopv1.Task
-	for {
-		t, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			return err
-		}
+	err = follow(stream.Recv, func(t *shopv1.Task) error {
 		last = t
-		fmt.Fprintf(cmd.ErrOrStderr(), "%7s  %s\n", time.Since(start).Round(time.Millisecond), strings.TrimPrefix(t.State.String(), "TASK_STATE_"))
+		fmt.Fprintf(cmd.ErrOrStderr(), "%7s  %s\n", time.Since(start).Round(time.Millisecond), taskState(t.State))
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	if last == nil {
 		return fmt.Errorf("task %s: no state", id)
 	}
 	out := cmd.OutOrStdout()
-	fmt.Fprintf(out, "%s: %s, exit code %d\n", id, strings.TrimPrefix(last.State.String(), "TASK_STATE_"), last.ExitCode)
+	fmt.Fprintf(out, "%s: %s, exit code %d\n", id, taskState(last.State), last.ExitCode)
 	for _, o := range last.Outputs {
 		fmt.Fprintln(out, "  output:", o)
 	}

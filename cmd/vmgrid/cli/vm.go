@@ -5,13 +5,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
@@ -20,12 +20,13 @@ import (
 // shopService registers --shop and --token on a command group whose verbs
 // talk to a shop.
 func shopService(c *cobra.Command, s *service) {
-	s.addrFlag(c.PersistentFlags(), "shop", "VMGRID_SHOP", "127.0.0.1:7060", "shop")
-	s.tokenFlag(c.PersistentFlags(), "no token: pass --token or set VMGRID_TOKEN (vmgrid up prints one)")
+	s.addrFlag(c.PersistentFlags(), "shop", "VMGRID_SHOP", "127.0.0.1:7060", "shop", func(cx *clientContext) []string { return []string{cx.Shop} })
+	s.tokenFlag(c.PersistentFlags(), "no token: pass --token or set VMGRID_TOKEN (vmgrid up prints one and writes a context)")
 }
 
-func shopClient(g *globals, s *service) (shopv1.ShopServiceClient, func(), error) {
-	return connect(g, s, shopv1.NewShopServiceClient)
+// shopVerb is a verb's RunE with a shop client.
+func shopVerb(g *globals, s *service, fn verbFunc[shopv1.ShopServiceClient]) func(*cobra.Command, []string) error {
+	return withClient(g, s, shopv1.NewShopServiceClient, fn)
 }
 
 func vmCmd(g *globals) *cobra.Command {
@@ -36,10 +37,23 @@ func vmCmd(g *globals) *cobra.Command {
 	return c
 }
 
-func printClassAd(w io.Writer, ad *computev1.ClassAd) {
-	b, _ := protojson.MarshalOptions{Multiline: true}.Marshal(ad)
-	fmt.Fprintln(w, string(b))
+// vmColumns are the table of vm ls and vm get.
+var vmColumns = []column[*computev1.ClassAd]{
+	{name: "VM", value: func(a *computev1.ClassAd) string { return a.VmId }},
+	{name: "OWNER", value: func(a *computev1.ClassAd) string { return a.Owner }},
+	{name: "STATE", value: func(a *computev1.ClassAd) string { return vmState(a.State) }},
+	{name: "PLANT", value: func(a *computev1.ClassAd) string { return dash(a.Plant) }},
+	{name: "IMAGE", value: func(a *computev1.ClassAd) string { return dash(a.Image) }},
+	{name: "READY", value: func(a *computev1.ClassAd) string { return nanos(a.ReadyNanos) }},
+	{name: "AGE", value: func(a *computev1.ClassAd) string { return age(a.CreatedUnixNano) }},
+	{name: "VCPUS", wide: true, value: func(a *computev1.ClassAd) string { return fmt.Sprint(a.GetHardware().GetVcpus()) }},
+	{name: "MEMORY", wide: true, value: func(a *computev1.ClassAd) string { return fmt.Sprintf("%dMiB", a.GetHardware().GetMemoryMib()) }},
+	{name: "FETCHED", wide: true, value: func(a *computev1.ClassAd) string { return humanBytes(a.FetchedBytes) }},
+	{name: "SSH", wide: true, value: func(a *computev1.ClassAd) string { return dash(a.SshEndpoint) }},
+	{name: "ERROR", wide: true, value: func(a *computev1.ClassAd) string { return dash(a.Error) }},
 }
+
+func vmState(st computev1.VMState) string { return strings.TrimPrefix(st.String(), "VM_STATE_") }
 
 // dagFlags are the ways to give a configuration DAG on the command line.
 type dagFlags struct {
@@ -62,6 +76,7 @@ func vmCreateCmd(g *globals, s *service) *cobra.Command {
 	var d dagFlags
 	var memory uint64
 	var vcpus uint32
+	var o output
 	c := &cobra.Command{
 		Use:   "create",
 		Short: "Create a VM: match a golden image, auction, clone, configure",
@@ -81,12 +96,9 @@ makes the call idempotent (default: a random id).`,
 				return err
 			}
 			req.Config = dag
-			cl, done, err := shopClient(g, s)
-			if err != nil {
-				return err
-			}
-			defer done()
-			return createVM(cmd, cl, &req)
+			return shopVerb(g, s, func(cmd *cobra.Command, _ []string, cl shopv1.ShopServiceClient) error {
+				return createVM(cmd, cl, &req, &o)
+			})(cmd, nil)
 		},
 	}
 	fl := c.Flags()
@@ -100,31 +112,37 @@ makes the call idempotent (default: a random id).`,
 	fl.StringVar(&d.sshKey, "ssh-key", "", "SSH public key of --user")
 	fl.StringArrayVar(&d.execs, "exec", nil, "run a shell command in the guest (repeat; in order)")
 	fl.StringVar(&d.file, "dag", "", "file holding a configuration DAG as JSON (instead of the flags above)")
+	o.register(c)
 	return c
 }
 
 // createVM follows the creation's progress on stderr and prints the
 // classad.
-func createVM(cmd *cobra.Command, cl shopv1.ShopServiceClient, req *shopv1.CreateVMRequest) error {
+func createVM(cmd *cobra.Command, cl shopv1.ShopServiceClient, req *shopv1.CreateVMRequest, o *output) error {
 	stream, err := cl.CreateVM(cmd.Context(), req)
 	if err != nil {
 		return err
 	}
-	for {
-		p, err := stream.Recv()
-		if err != nil {
-			return err
-		}
+	var ad *computev1.ClassAd
+	err = follow(stream.Recv, func(p *shopv1.CreateVMProgress) error {
 		if p.Classad != nil {
-			printClassAd(cmd.OutOrStdout(), p.Classad)
-			return nil
+			ad = p.Classad
+			return errStop
 		}
 		msg := p.Message
 		if len(p.Bids) > 0 {
 			msg += " [" + strings.Join(bidList(p.Bids), ", ") + "]"
 		}
 		fmt.Fprintf(cmd.ErrOrStderr(), "%7s  %-9s %s\n", time.Duration(p.ElapsedNanos).Round(time.Millisecond), p.Stage, msg)
+		return nil
+	})
+	if err != nil {
+		return err
 	}
+	if ad == nil {
+		return errors.New("the shop ended the creation without a classad")
+	}
+	return printItems(cmd.OutOrStdout(), o, ad, []*computev1.ClassAd{ad}, vmColumns)
 }
 
 func bidList(bids []*shopv1.Bid) []string {
@@ -140,82 +158,62 @@ func bidList(bids []*shopv1.Bid) []string {
 }
 
 func vmGetCmd(g *globals, s *service) *cobra.Command {
-	return &cobra.Command{Use: "get VM", Short: "Print a VM's classad", Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, done, err := shopClient(g, s)
-			if err != nil {
-				return err
-			}
-			defer done()
-			ad, err := cl.GetVM(cmd.Context(), &shopv1.GetVMRequest{VmId: args[0]})
-			if err != nil {
-				return err
-			}
-			printClassAd(cmd.OutOrStdout(), ad)
-			return nil
-		}}
+	var o output
+	c := &cobra.Command{Use: "get VM", Aliases: []string{"show"}, Short: "Print a VM's classad", Args: cobra.ExactArgs(1),
+		RunE: shopVerb(g, s, func(cmd *cobra.Command, args []string, cl shopv1.ShopServiceClient) error {
+			return show(cmd, &o, vmColumns)(cl.GetVM(cmd.Context(), &shopv1.GetVMRequest{VmId: args[0]}))
+		})}
+	o.register(c)
+	return c
 }
 
 func vmListCmd(g *globals, s *service) *cobra.Command {
-	return &cobra.Command{Use: "ls", Short: "List your VMs", Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, done, err := shopClient(g, s)
-			if err != nil {
-				return err
-			}
-			defer done()
-			resp, err := cl.ListVMs(cmd.Context(), &shopv1.ListVMsRequest{})
-			if err != nil {
-				return err
-			}
-			for _, ad := range resp.Vms {
-				fmt.Fprintf(cmd.OutOrStdout(), "%s\t%s\t%s\t%s\n", ad.VmId, strings.TrimPrefix(ad.State.String(), "VM_STATE_"), ad.Plant, ad.Image)
-			}
-			return nil
+	var o output
+	var all bool
+	list := shopVerb(g, s, func(cmd *cobra.Command, _ []string, cl shopv1.ShopServiceClient) error {
+		resp, err := cl.ListVMs(cmd.Context(), &shopv1.ListVMsRequest{All: all})
+		if err != nil {
+			return err
+		}
+		return printItems(cmd.OutOrStdout(), &o, resp, resp.Vms, vmColumns)
+	})
+	c := &cobra.Command{Use: "ls", Aliases: []string{"list"}, Short: "List your VMs (--all: every owner's, for operators)", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			s.operator = all // every owner's VMs take the operator's token
+			return list(cmd, args)
 		}}
+	c.Flags().BoolVarP(&all, "all", "A", false, "every owner's VMs (an operator token: --token, VMGRID_OPERATOR_TOKEN or the context's)")
+	o.register(c)
+	return c
 }
 
 func vmRmCmd(g *globals, s *service) *cobra.Command {
-	return &cobra.Command{Use: "rm VM...", Short: "Destroy VMs", Args: cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, done, err := shopClient(g, s)
-			if err != nil {
+	return &cobra.Command{Use: "rm VM...", Aliases: []string{"delete"}, Short: "Destroy VMs", Args: cobra.MinimumNArgs(1),
+		RunE: shopVerb(g, s, func(cmd *cobra.Command, args []string, cl shopv1.ShopServiceClient) error {
+			return each(cmd, args, "destroyed", func(id string) error {
+				_, err := cl.DestroyVM(cmd.Context(), &shopv1.DestroyVMRequest{VmId: id})
 				return err
-			}
-			defer done()
-			for _, id := range args {
-				if _, err := cl.DestroyVM(cmd.Context(), &shopv1.DestroyVMRequest{VmId: id}); err != nil {
-					return err
-				}
-				fmt.Fprintln(cmd.OutOrStdout(), "destroyed", id)
-			}
-			return nil
-		}}
+			})
+		})}
 }
 
 func vmWatchCmd(g *globals, s *service) *cobra.Command {
-	return &cobra.Command{Use: "watch VM", Short: "Print the classad whenever it changes", Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, done, err := shopClient(g, s)
-			if err != nil {
-				return err
-			}
-			defer done()
+	return &cobra.Command{Use: "watch VM", Short: "Print what changes in a VM's classad (state transitions, changed fields)", Args: cobra.ExactArgs(1),
+		RunE: shopVerb(g, s, func(cmd *cobra.Command, args []string, cl shopv1.ShopServiceClient) error {
 			stream, err := cl.WatchVM(cmd.Context(), &shopv1.WatchVMRequest{VmId: args[0]})
 			if err != nil {
 				return err
 			}
-			for {
-				ad, err := stream.Recv()
-				if err != nil {
-					if errors.Is(err, io.EOF) {
-						return nil
-					}
-					return err
+			start := time.Now()
+			var prev proto.Message // nil: the first classad prints every field
+			return follow(stream.Recv, func(ad *computev1.ClassAd) error {
+				for _, ch := range changes(prev, ad) {
+					fmt.Fprintf(cmd.OutOrStdout(), "%7s  %s\n", time.Since(start).Round(time.Millisecond), ch)
 				}
-				printClassAd(cmd.OutOrStdout(), ad)
-			}
-		}}
+				prev = ad
+				return nil
+			})
+		})}
 }
 
 func buildDAG(file, hostname, user, key string, execs []string) (*computev1.ConfigDAG, error) {

@@ -694,7 +694,10 @@ func (x *GetVMRequest) GetVmId() string {
 }
 
 type ListVMsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Every owner's VMs, not only the caller's: operators only (others get
+	// PERMISSION_DENIED).
+	All           bool `protobuf:"varint,1,opt,name=all,proto3" json:"all,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -727,6 +730,13 @@ func (x *ListVMsRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use ListVMsRequest.ProtoReflect.Descriptor instead.
 func (*ListVMsRequest) Descriptor() ([]byte, []int) {
 	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ListVMsRequest) GetAll() bool {
+	if x != nil {
+		return x.All
+	}
+	return false
 }
 
 type ListVMsResponse struct {
@@ -956,8 +966,9 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\x05image\x18\x06 \x01(\tR\x05image\x124\n" +
 	"\aclassad\x18\a \x01(\v2\x1a.vmgrid.compute.v1.ClassAdR\aclassad\"#\n" +
 	"\fGetVMRequest\x12\x13\n" +
-	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\"\x10\n" +
-	"\x0eListVMsRequest\"?\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\"\"\n" +
+	"\x0eListVMsRequest\x12\x10\n" +
+	"\x03all\x18\x01 \x01(\bR\x03all\"?\n" +
 	"\x0fListVMsResponse\x12,\n" +
 	"\x03vms\x18\x01 \x03(\v2\x1a.vmgrid.compute.v1.ClassAdR\x03vms\"'\n" +
 	"\x10DestroyVMRequest\x12\x13\n" +

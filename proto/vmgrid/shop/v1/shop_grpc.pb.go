@@ -90,9 +90,10 @@ type ShopServiceClient interface {
 	// the shop creating it went away. Codes: NOT_FOUND (no such VM, or it
 	// was destroyed); PERMISSION_DENIED (another owner's).
 	GetVM(ctx context.Context, in *GetVMRequest, opts ...grpc.CallOption) (*v1.ClassAd, error)
-	// ListVMs returns the caller's VMs (for an operator token: the
-	// operator's own), including FAILED creations not yet destroyed, in no
-	// particular order.
+	// ListVMs returns the caller's VMs (with all, an operator token gets
+	// every owner's), including FAILED creations not yet destroyed, in no
+	// particular order. Codes: PERMISSION_DENIED (all without an operator
+	// token).
 	ListVMs(ctx context.Context, in *ListVMsRequest, opts ...grpc.CallOption) (*ListVMsResponse, error)
 	// DestroyVM stops the VM on its plant and removes its records (and the
 	// request's: its request_id can then not be retried). A FAILED or LOST
@@ -307,9 +308,10 @@ type ShopServiceServer interface {
 	// the shop creating it went away. Codes: NOT_FOUND (no such VM, or it
 	// was destroyed); PERMISSION_DENIED (another owner's).
 	GetVM(context.Context, *GetVMRequest) (*v1.ClassAd, error)
-	// ListVMs returns the caller's VMs (for an operator token: the
-	// operator's own), including FAILED creations not yet destroyed, in no
-	// particular order.
+	// ListVMs returns the caller's VMs (with all, an operator token gets
+	// every owner's), including FAILED creations not yet destroyed, in no
+	// particular order. Codes: PERMISSION_DENIED (all without an operator
+	// token).
 	ListVMs(context.Context, *ListVMsRequest) (*ListVMsResponse, error)
 	// DestroyVM stops the VM on its plant and removes its records (and the
 	// request's: its request_id can then not be retried). A FAILED or LOST
