@@ -4,7 +4,10 @@ package faults
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -43,14 +46,19 @@ func (g *grid) upstreamBackAt(t *testing.T, at computev1.VMState) {
 	survived(t)
 }
 
-// upstreamGone: the image server stays away; the creation fails with
-// Unavailable soon after the plant's --upstream-retry (the console's tail
-// in the message), and no QEMU of it is left.
+// upstreamGone: the image server goes away with everything of the image
+// but its memory state on the plant, and stays away; the restore fails
+// with Unavailable soon after the plant's --upstream-retry (the console's
+// tail in the message), and no QEMU of it is left. (Killed at RESTORING
+// instead, the image server may go after the plant has prefetched the
+// whole memory state, and the clone then succeeds.)
 func (g *grid) upstreamGone(t *testing.T) {
 	const retry, margin = 3 * time.Second, 7 * time.Second
 	p := g.startPlant("cold-gone", g.images.addr, false, retry)
+	warmAllButMemory(t, p, "tiny")
+	g.images.kill9()
 	start := time.Now()
-	ad, err := g.coldClone(t, p, "up-gone", computev1.VMState_VM_STATE_RESTORING, 0)
+	ad, err := g.coldClone(t, p, "up-gone", computev1.VMState_VM_STATE_UNSPECIFIED, 0)
 	took := time.Since(start)
 	t.Logf("clone with the upstream gone: %v after %v", err, took.Round(100*time.Millisecond))
 	if err == nil {
@@ -67,9 +75,38 @@ func (g *grid) upstreamGone(t *testing.T) {
 	survived(t)
 }
 
+// warmAllButMemory reads through plant p's view what a restore of image
+// needs before the memory state: its configuration and kernels (the
+// plant's manifest cache holds the image).
+func warmAllButMemory(t *testing.T, p *plant, image string) {
+	t.Helper()
+	dir := filepath.Join(p.mnt, image)
+	b, err := os.ReadFile(filepath.Join(dir, "vm.json"))
+	if err != nil {
+		t.Fatalf("read vm.json through %s's view: %v", p.name, err)
+	}
+	var cfg struct {
+		Kernel       string `json:"kernel"`
+		Initrd       string `json:"initrd"`
+		ResumeKernel string `json:"resume_kernel"`
+		Memory       string `json:"memory"`
+	}
+	if err := json.Unmarshal(b, &cfg); err != nil || cfg.Memory == "" {
+		t.Fatalf("vm.json of %s: %v (memory state %q)", image, err, cfg.Memory)
+	}
+	for _, f := range []string{cfg.Kernel, cfg.Initrd, cfg.ResumeKernel} {
+		if f == "" {
+			continue
+		}
+		if _, err := os.ReadFile(filepath.Join(dir, f)); err != nil {
+			t.Fatalf("read %s through %s's view: %v", f, p.name, err)
+		}
+	}
+}
+
 // coldClone asks plant p for a VM of "tiny", kills the image server when
-// the plant reports state at and, when back > 0, starts it again after
-// back.
+// the plant reports state at (UNSPECIFIED: never) and, when back > 0,
+// starts it again after back.
 func (g *grid) coldClone(t *testing.T, p *plant, id string, at computev1.VMState, back time.Duration) (*computev1.ClassAd, error) {
 	t.Helper()
 	c := computev1.NewPlantServiceClient(g.dial(p.addr, serviceToken))
@@ -79,7 +116,7 @@ func (g *grid) coldClone(t *testing.T, p *plant, id string, at computev1.VMState
 	if err != nil {
 		return nil, err
 	}
-	killed := false
+	killed := at == computev1.VMState_VM_STATE_UNSPECIFIED
 	restarted := make(chan struct{})
 	if back <= 0 {
 		close(restarted)
