@@ -54,7 +54,11 @@
 //
 // A read whose upstream is unavailable waits and asks again with backoff
 // for Config.UpstreamRetry (2 minutes by default) before it fails, as a
-// hard NFS mount does, so a guest rides out an image server's restart.
+// hard NFS mount does, so a guest rides out an image server's restart. So
+// does the first look at an image's manifest. The window counts from the
+// start of the outage, shared by every read of the upstream: once it has
+// passed, reads fail at once until the upstream answers again, and
+// Upstream.Unreachable tells a plant why its guest saw I/O errors.
 //
 // # Cascade
 //

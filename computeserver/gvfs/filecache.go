@@ -232,11 +232,12 @@ func (w *wholeFile) fetch() {
 	}
 	// An upstream that goes away is waited for; each attempt resumes where
 	// the last one stopped (chunks arrive in order, so the hash goes on).
-	err := retryUnavailable(c.ctx, c.retry, func() error {
+	// FetchFile itself does not retry: its waits would add to the window.
+	err := c.up.retry(c.ctx, c.retry, func() error {
 		w.mu.Lock()
 		from := w.arrived
 		w.mu.Unlock()
-		return c.up.Client.FetchFile(c.ctx, w.image, w.name, from, 3, got)
+		return c.up.Client.FetchFile(c.ctx, w.image, w.name, from, 0, got)
 	})
 	if err == nil && w.arrived != w.size {
 		err = fmt.Errorf("%s/%s: stream ended at %d of %d bytes: %w", w.image, w.name, w.arrived, w.size, errdefs.ErrUnavailable)

@@ -171,7 +171,7 @@ func (p *Proxy) Image(ctx context.Context, name string) (*imagev1.Manifest, erro
 		}
 	}
 	if err == nil {
-		m, err = p.up.Manifest(ctx, name)
+		m, err = p.fetchManifest(ctx, name, e == nil)
 	}
 	if err != nil {
 		return p.imageFailed(name, e, err)
@@ -188,6 +188,22 @@ func (p *Proxy) Image(ctx context.Context, name string) (*imagev1.Manifest, erro
 	}
 	p.manifests[name] = &manifestEntry{m: m, fetched: time.Now()}
 	return m, nil
+}
+
+// fetchManifest asks the upstream for a full manifest. With nothing known
+// of the name (a clone's first look at its golden image) it waits for an
+// upstream that is away, as reads do (Config.UpstreamRetry); with a
+// manifest known, that one holds meanwhile (imageFailed).
+func (p *Proxy) fetchManifest(ctx context.Context, name string, wait bool) (*imagev1.Manifest, error) {
+	if !wait {
+		return p.up.Manifest(ctx, name)
+	}
+	var m *imagev1.Manifest
+	err := p.up.retry(ctx, p.cfg.UpstreamRetry, func() (err error) {
+		m, err = p.up.Manifest(ctx, name)
+		return err
+	})
+	return m, err
 }
 
 // imageFailed answers a manifest the upstream could not give: what we knew

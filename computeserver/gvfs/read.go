@@ -316,7 +316,7 @@ func (p *Proxy) cachedFetch(f *blockFile, idx uint64) *fetch {
 func (p *Proxy) fetchRun(f *blockFile, idxs []uint64, fes []*fetch) {
 	defer p.bg.Done()
 	var res []blockproto.BlockResult
-	err := retryUnavailable(p.ctx, p.cfg.UpstreamRetry, func() error {
+	err := p.up.retry(p.ctx, p.cfg.UpstreamRetry, func() error {
 		p.stats.Requests.Add(1)
 		var err error
 		res, err = p.up.ReadBlocks(p.ctx, f.image, f.meta.Name, idxs[0], uint32(len(idxs)))

@@ -26,6 +26,7 @@ type Upstream struct {
 	cancel context.CancelFunc
 	mu     sync.Mutex
 	bs     *imageclient.BlockStream
+	out    outage
 }
 
 // DialUpstream connects to addr. With compress set, blocks may come

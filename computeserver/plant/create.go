@@ -165,8 +165,11 @@ func (p *Plant) source(ctx context.Context, image string) (*source, error) {
 		return nil, err
 	}
 	f, err := p.cfg.Proxy.Open(ctx, image, ConfigFile)
-	if err != nil {
+	if errdefs.IsNotFound(err) {
 		return nil, fmt.Errorf("image %q has no %s, so this plant cannot run it: %w", image, ConfigFile, errdefs.ErrFailedPrecondition)
+	}
+	if err != nil {
+		return nil, err // the upstream away: Unavailable, not the image's fault
 	}
 	b := make([]byte, f.Size())
 	if _, err := f.ReadAt(ctx, b, 0); err != nil {

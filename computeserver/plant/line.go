@@ -70,6 +70,7 @@ func (l *line) run(ctx context.Context) error {
 			undo = append(undo, u)
 		}
 		if err != nil {
+			err = l.upstreamCause(err)
 			l.log.Warn("VM creation failed; cleaning up", zap.String("step", s.name), zap.Error(err))
 			for i := len(undo) - 1; i >= 0; i-- {
 				undo[i]()
@@ -78,6 +79,21 @@ func (l *line) run(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// upstreamCause names the cause of a failure when reads of the image gave
+// up on an unreachable upstream meanwhile (Upstream.Unreachable): QEMU or
+// the guest died of their I/O errors ("qemu … Input/output error"), which
+// is no fault of the machine's, and the creation may succeed once the
+// image server is back. Only the upstream's error is wrapped, so the code
+// is Unavailable whatever the step's own error wraps; its text (with the
+// console's tail) stays in the message.
+func (l *line) upstreamCause(err error) error {
+	up := l.p.cfg.Proxy.Upstream().Unreachable(l.start)
+	if up == nil {
+		return err
+	}
+	return fmt.Errorf("%w; so the VM failed: %s", up, err.Error())
 }
 
 func (l *line) cloned() bool   { return l.src.rootDisk == "" }

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 )
 
 // TestFaults starts one grid and breaks it in every way the audit did, one
@@ -33,7 +35,8 @@ func TestFaults(t *testing.T) {
 	t.Run("unauthenticated", g.unauthenticated)
 	t.Run("bad-inputs", g.badInputs)
 	t.Run("upstream-gone-during-clone", func(t *testing.T) {
-		t.Run("back-within-retry", g.upstreamBack)
+		t.Run("back-within-retry-fetching", g.upstreamBack(computev1.VMState_VM_STATE_FETCHING))
+		t.Run("back-within-retry-restoring", g.upstreamBack(computev1.VMState_VM_STATE_RESTORING))
 		t.Run("gone", g.upstreamGone)
 	})
 }

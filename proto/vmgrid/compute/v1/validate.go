@@ -63,7 +63,13 @@ func (r *CreateVMRequest) Validate() error {
 	if err := validateDataCredential(r.DataCredential); err != nil {
 		return err
 	}
-	return validateActions(r.GetConfig().GetActions(), "config")
+	if err := ValidateLabels(r.Labels); err != nil {
+		return err
+	}
+	if err := validateActions(r.GetConfig().GetActions(), "config"); err != nil {
+		return err
+	}
+	return ValidateSize("request", r, MaxRequestBytes)
 }
 
 // MaxDataCredentialLen bounds a request's data_credential: a task

@@ -2,6 +2,7 @@ package computev1
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -68,4 +69,36 @@ func TestStageInDataserverIsRefused(t *testing.T) {
 	if err := out.Validate(); err == nil || !strings.Contains(err.Error(), "data_credential") {
 		t.Fatalf("oversized stage-out credential: %v", err)
 	}
+}
+
+// TestLabelsAndSizeAreBounded is issue 15 item 10: a 2 MB label made the
+// plant create a VM the shop then could not record. The plant refuses what
+// the shop refuses (one set of limits), before it creates anything.
+func TestLabelsAndSizeAreBounded(t *testing.T) {
+	validate := validator.UnaryServerInterceptor()
+	ok := func(context.Context, any) (any, error) { return nil, nil }
+	for name, req := range map[string]*CreateVMRequest{
+		"2 MB label":       {Image: "tiny", Labels: map[string]string{"big": strings.Repeat("x", 2<<20)}},
+		"too many labels":  {Image: "tiny", Labels: manyLabels(MaxLabels + 1)},
+		"control in a key": {Image: "tiny", Labels: map[string]string{"a\nb": "v"}},
+		"huge request": {Image: "tiny", Config: &ConfigDAG{Actions: []*Action{{Id: "a",
+			Kind: &Action_Exec{Exec: &ExecAction{Argv: []string{strings.Repeat("y", MaxRequestBytes)}}}}}}},
+	} {
+		_, err := validate(context.Background(), req, &grpc.UnaryServerInfo{FullMethod: "/vmgrid.compute.v1.PlantService/CreateVM"}, ok)
+		if status.Code(err) != codes.InvalidArgument {
+			t.Errorf("%s: %v, want InvalidArgument", name, err)
+		}
+	}
+	fine := &CreateVMRequest{Image: "tiny", Labels: manyLabels(MaxLabels)}
+	if err := fine.Validate(); err != nil {
+		t.Fatalf("%d small labels: %v", MaxLabels, err)
+	}
+}
+
+func manyLabels(n int) map[string]string {
+	m := map[string]string{}
+	for i := range n {
+		m[fmt.Sprintf("k%d", i)] = "v"
+	}
+	return m
 }

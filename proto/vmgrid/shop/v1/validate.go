@@ -4,23 +4,21 @@ import (
 	"errors"
 	"fmt"
 
-	"google.golang.org/protobuf/proto"
-
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	datav1 "github.com/vmgrid/vmgrid/proto/vmgrid/data/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
 
-// Limits. What the shop accepts it must be able to record: a request's VM
-// record (its classad with the request's labels and results) goes into one
-// etcd write, and etcd refuses writes over 1.5 MiB by default, so a request
-// is held well under that.
+// Limits. What the shop accepts it must be able to record, and the plant
+// must accept (computev1's limits): a CreateVM request leaves room for
+// what the shop adds before it asks a plant (VM id, owner, data
+// credential).
 const (
-	MaxRequestBytes = 256 << 10 // a whole CreateVM or SubmitTask request
-	MaxLabels       = 64
-	MaxLabelKey     = 128
-	MaxLabelValue   = 1024
-	MaxLabelBytes   = 16 << 10 // all labels together
+	MaxRequestBytes = computev1.MaxRequestBytes - computev1.MaxDataCredentialLen - 4<<10 // a whole CreateVM or SubmitTask request
+	MaxLabels       = computev1.MaxLabels
+	MaxLabelKey     = computev1.MaxLabelKey
+	MaxLabelValue   = computev1.MaxLabelValue
+	MaxLabelBytes   = computev1.MaxLabelBytes
 	MaxCommandBytes = 64 << 10
 	MaxTaskInputs   = 1024
 	MaxTaskTimeout  = 7 * 24 * 3600 // seconds
@@ -40,10 +38,10 @@ func (r *CreateVMRequest) Validate() error {
 	if err := validateCommon(r.Image, r.Hardware); err != nil {
 		return err
 	}
-	if err := validateLabels(r.Labels); err != nil {
+	if err := computev1.ValidateLabels(r.Labels); err != nil {
 		return err
 	}
-	return validateSize("request", r)
+	return computev1.ValidateSize("request", r, MaxRequestBytes)
 }
 
 // validateCommon checks what VM and task requests share.
@@ -61,42 +59,6 @@ func validateCommon(image string, h *computev1.Hardware) error {
 	}
 	if h.Arch != "" {
 		return imagev1.ValidateName("hardware.arch", h.Arch)
-	}
-	return nil
-}
-
-func validateLabels(labels map[string]string) error {
-	if len(labels) > MaxLabels {
-		return fmt.Errorf("%d labels; the limit is %d", len(labels), MaxLabels)
-	}
-	total := 0
-	for k, v := range labels {
-		if k == "" || len(k) > MaxLabelKey || hasControl(k) {
-			return fmt.Errorf("label key %.40q: 1 to %d printable bytes", k, MaxLabelKey)
-		}
-		if len(v) > MaxLabelValue {
-			return fmt.Errorf("label %q: value is %d bytes; the limit is %d", k, len(v), MaxLabelValue)
-		}
-		total += len(k) + len(v)
-	}
-	if total > MaxLabelBytes {
-		return fmt.Errorf("labels are %d bytes; the limit is %d", total, MaxLabelBytes)
-	}
-	return nil
-}
-
-func hasControl(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] < 0x20 || s[i] == 0x7f {
-			return true
-		}
-	}
-	return false
-}
-
-func validateSize(what string, m proto.Message) error {
-	if n := proto.Size(m); n > MaxRequestBytes {
-		return fmt.Errorf("%s is %d bytes; the limit is %d (it must fit in the VM's record)", what, n, MaxRequestBytes)
 	}
 	return nil
 }
@@ -139,7 +101,7 @@ func (r *SubmitTaskRequest) Validate() error {
 	if err := validateCommon(r.Image, r.Hardware); err != nil {
 		return err
 	}
-	return validateSize("task", r)
+	return computev1.ValidateSize("task", r, MaxRequestBytes)
 }
 
 // Validate checks a task lookup.
