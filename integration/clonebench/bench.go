@@ -107,25 +107,10 @@ type bench struct {
 
 	rows map[string]*Row
 
-	mu       sync.Mutex
-	cleanups []func()
+	undo services.Undo // what the run started, stopped in reverse
 }
 
-func (b *bench) defer_(f func()) {
-	b.mu.Lock()
-	b.cleanups = append(b.cleanups, f)
-	b.mu.Unlock()
-}
-
-func (b *bench) cleanup() {
-	b.mu.Lock()
-	fs := b.cleanups
-	b.cleanups = nil
-	b.mu.Unlock()
-	for i := len(fs) - 1; i >= 0; i-- {
-		fs[i]()
-	}
-}
+func (b *bench) defer_(f func()) { b.undo.Push(f) }
 
 // Run runs the benchmark and returns its results. Everything it started is
 // stopped and removed when it returns.
@@ -150,7 +135,7 @@ func Run(ctx context.Context, opts Options) (res *Results, err error) {
 	}
 	b := &bench{opts: opts, log: opts.Logger, srvLog: opts.ServerLogger, rows: map[string]*Row{}}
 	b.driver = &vmm.QEMU{Logger: b.srvLog}
-	defer b.cleanup()
+	defer b.undo.Run()
 	started := time.Now()
 	if b.work, err = os.MkdirTemp(opts.WorkDir, "vgcb"); err != nil {
 		return nil, err
