@@ -26,10 +26,12 @@ import (
 var productionLine = []step{
 	{name: "prepare", do: (*line).prepare},
 	{name: "redo log", when: (*line).cloned, do: (*line).redoLog},
+	{name: "generation id", when: (*line).restored, do: (*line).generationID},
 	{name: "restore", when: (*line).restored, do: (*line).restore},
 	{name: "boot", when: (*line).booted, do: (*line).boot},
 	{name: "agent", do: (*line).agent},
 	{name: "clock", do: (*line).clock},
+	{name: "identity", do: (*line).identity},
 	{name: "actions", do: (*line).actions},
 	{name: "finish", do: (*line).finish},
 }
@@ -183,7 +185,7 @@ func (l *line) started(m vmm.Machine, err error) (func(), error) {
 func (l *line) agent(ctx context.Context) (func(), error) {
 	l.progress(computev1.VMState_VM_STATE_CONFIGURING, "waiting for the guest agent")
 	l.v.setState(computev1.VMState_VM_STATE_CONFIGURING)
-	ac, err := waitAgent(ctx, l.v.m, l.spec.Channels[0].Socket, agentTimeout)
+	ac, err := waitAgent(ctx, l.v.m, l.spec.Channels[0].Socket, l.p.cfg.agentTimeout())
 	if err != nil {
 		return nil, fmt.Errorf("the guest agent of %s did not answer: %w", l.v.ad.VmId, err)
 	}
@@ -264,7 +266,7 @@ func waitAgent(ctx context.Context, m vmm.Machine, socket string, timeout time.D
 	default:
 	}
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", err, errdefs.ErrUnavailable)
+		return nil, fmt.Errorf("%w (waited %s): %w\n--- guest console (tail) ---\n%s", err, timeout, errdefs.ErrUnavailable, tail(m.ConsoleLog(), 2000))
 	}
 	return ac, nil
 }

@@ -53,7 +53,11 @@ type Config struct {
 	DataTLS    services.TLSFiles
 	// StageOutTimeout bounds one stage-out (0: DefaultStageOutTimeout).
 	StageOutTimeout time.Duration
-	Logger          *zap.Logger
+	// AgentTimeout bounds the wait for a clone's guest agent (0:
+	// DefaultAgentTimeout); a guest that never answers fails its creation
+	// then, with its console's last lines.
+	AgentTimeout time.Duration
+	Logger       *zap.Logger
 }
 
 // DefaultStageOutTimeout bounds a stage-out whose caller set no deadline
