@@ -119,7 +119,9 @@ func runCloneBench(cmd *cobra.Command, g *globals, images *imageFlags, o clonebe
 	}
 	var res *clonebench.Results
 	err := images.verb(g, func(cmd *cobra.Command, _ []string, cl *imageclient.Client) error {
-		o.Golden = func(ctx context.Context, dir string) (*plant.Golden, error) { return fetchGolden(ctx, cl, o.Image, dir) }
+		o.Golden = func(ctx context.Context, dir string) (*plant.Golden, error) {
+			return fetchGolden(ctx, cl, o.Image, dir)
+		}
 		var err error
 		res, err = clonebench.Run(cmd.Context(), o)
 		return err
