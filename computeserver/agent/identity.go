@@ -228,8 +228,9 @@ func fingerprint(pub string) (string, error) {
 }
 
 // VMGenIDAddr is the guest-physical address of the VM generation ID of
-// QEMU's vmgenid device: the SSDT names it VGIA (the firmware patches it
-// in); the 16 bytes there are the GUID. The guest cannot read them itself
+// QEMU's vmgenid device: the SSDT names the address of its buffer VGIA
+// (the firmware patches it in), and the 16 bytes of the GUID are 40 bytes
+// into it (the device's ADDR method returns VGIA + 0x28). The guest cannot read them itself
 // without the vmgenid driver (Debian's cloud kernel has none, and /dev/mem
 // stops at the end of RAM), but the host can, through QEMU: that is how the
 // plant checks that a restored clone really got its new GUID.
@@ -241,11 +242,14 @@ func VMGenIDAddr() (uint64, error) {
 			continue
 		}
 		if a, ok := vgia(b); ok && a != 0 {
-			return a, nil
+			return a + vmgenidGUIDOffset, nil
 		}
 	}
 	return 0, errors.New("no vmgenid device (no VGIA in the ACPI tables)")
 }
+
+// vmgenidGUIDOffset is QEMU's VMGENID_GUID_OFFSET.
+const vmgenidGUIDOffset = 40
 
 // vgia finds Name(VGIA, <DWord or QWord>) in an AML table.
 func vgia(aml []byte) (uint64, bool) {

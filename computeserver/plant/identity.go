@@ -37,6 +37,19 @@ const identityEntropy = 256
 // boot under TCG with systemd takes tens of seconds).
 const DefaultAgentTimeout = agentTimeout
 
+// suspendedLabel marks the images SuspendVM publishes: resuming one brings
+// back the same machine, which keeps its identity.
+const suspendedLabel = "suspended-vm"
+
+// newMachine says the line makes a new machine from a golden image rather
+// than resuming a suspended one.
+func (l *line) newMachine() bool {
+	return l.src.manifest.GetAttributes().GetLabels()[suspendedLabel] == ""
+}
+
+// newClone: a restored new machine (the generation ID changes only there).
+func (l *line) newClone() bool { return l.restored() && l.newMachine() }
+
 // generationID gives a clone of an image with a vmgenid device its own GUID.
 func (l *line) generationID(context.Context) (func(), error) {
 	if l.spec.VMGenID != "" {

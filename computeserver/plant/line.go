@@ -26,12 +26,12 @@ import (
 var productionLine = []step{
 	{name: "prepare", do: (*line).prepare},
 	{name: "redo log", when: (*line).cloned, do: (*line).redoLog},
-	{name: "generation id", when: (*line).restored, do: (*line).generationID},
+	{name: "generation id", when: (*line).newClone, do: (*line).generationID},
 	{name: "restore", when: (*line).restored, do: (*line).restore},
 	{name: "boot", when: (*line).booted, do: (*line).boot},
 	{name: "agent", do: (*line).agent},
 	{name: "clock", do: (*line).clock},
-	{name: "identity", do: (*line).identity},
+	{name: "identity", when: (*line).newMachine, do: (*line).identity},
 	{name: "actions", do: (*line).actions},
 	{name: "finish", do: (*line).finish},
 }

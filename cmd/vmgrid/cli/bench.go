@@ -87,15 +87,20 @@ Results: a table on stdout, results.json and results.md in --out.`,
 			return nil
 		},
 	}
-	f := c.Flags()
+	addCloneBenchFlags(c.Flags(), &o, &out, &smoke, images)
+	return c
+}
+
+// addCloneBenchFlags registers bench clone's flags.
+func addCloneBenchFlags(f *pflag.FlagSet, o *clonebench.Options, out *string, smoke *bool, images *imageFlags) {
 	f.DurationVar(&o.RTT, "rtt", clonebench.DefaultRTT, "round trip the WAN adds (half each way, whole milliseconds)")
 	f.Float64Var(&o.BandwidthMbit, "bandwidth-mbit", clonebench.DefaultBandwidthMbit, "WAN bandwidth in Mbit/s, each direction, shared by all connections (0: unlimited)")
 	f.IntVar(&o.Repeats, "repeats", clonebench.DefaultRepeats, "runs of every row (median, min, max)")
 	f.IntVar(&o.Plants, "plants", clonebench.DefaultPlants, "compute servers that clone at once in the parallel rows")
 	f.BoolVar(&o.Compress, "compress", true, "compute servers ask for zstd-compressed blocks across the WAN")
-	f.StringVar(&out, "out", "", "directory for results.json and results.md (empty: only print the table)")
+	f.StringVar(out, "out", "", "directory for results.json and results.md (empty: only print the table)")
 	f.StringSliceVar(&o.Rows, "rows", nil, "rows to measure (default all): local, full_copy, qemu_nbd, vmgrid_cold (with vmgrid_warm), vmgrid_l2, vmgrid_parallel, parallel_l2, parallel_local")
-	f.BoolVar(&smoke, "smoke", false, "quick run for CI: 1 repeat, --rtt 4ms, --bandwidth-mbit 1000, --plants 2, no reference rows, unless given")
+	f.BoolVar(smoke, "smoke", false, "quick run for CI: 1 repeat, --rtt 4ms, --bandwidth-mbit 1000, --plants 2, no reference rows, unless given")
 	f.StringVar(&o.Agent, "agent", "", "static guest agent binary (default: build cmd/vmgrid-agent with the go tool)")
 	f.StringSliceVar(&o.GuestCmdline, "guest-cmdline", nil, "appended to the golden image's kernel command line (e.g. mitigations=off)")
 	f.BoolVar(&o.Keep, "keep", false, "keep the run's directory (golden image, QEMU logs) for inspection")
@@ -103,9 +108,8 @@ Results: a table on stdout, results.json and results.md in --out.`,
 	f.StringVar(&o.Recipe, "recipe", clonebench.RecipeTiny, "golden image recipe: tiny or debian")
 	f.StringSliceVar(&o.Packages, "packages", nil, "debian: more packages to install, comma-separated")
 	f.StringVar(&o.Image, "image", "", "clone this published image (fetched from --server) instead of building one")
-	images.addrFlag(f, "server", "VMGRID_IMAGESERVER", "127.0.0.1:7070", "image server of --image", func(cx *clientContext) []string { return []string{cx.ImageServer} })
+	images.addrFlag(f, "server", "VMGRID_IMAGESERVER", "127.0.0.1:7070", "image server (for --image)", func(cx *clientContext) []string { return []string{cx.ImageServer} })
 	images.operatorTokenFlag(f)
-	return c
 }
 
 // runCloneBench runs the benchmark; with --image, the golden image is
