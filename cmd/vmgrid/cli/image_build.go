@@ -20,6 +20,8 @@ import (
 // buildFlags are the flags of vmgrid image build.
 type buildFlags struct {
 	name, dagFile, keep, agentPath string
+	from                           string        // --from IMAGE (image_build_from.go)
+	guestTimeout                   time.Duration // its cold boot
 	execs, kernelArgs              []string
 	vcpus, memoryMiB               int
 	diskMiB                        int64
@@ -28,7 +30,7 @@ type buildFlags struct {
 func imageBuildCmd(g *globals, f *imageFlags) *cobra.Command {
 	b := &buildFlags{}
 	c := &cobra.Command{
-		Use:   "build RECIPE",
+		Use:   "build RECIPE | --from IMAGE",
 		Short: "Build a golden image on this machine (boot it, configure it, suspend it) and publish it",
 		Long: `Build a golden image for real and publish it. The recipe "tiny" is Debian's
 cloud kernel (the package is fetched and cached), a small ext4 root disk with
@@ -38,11 +40,24 @@ init_on_free=1) until the agent answers. The optional configuration actions
 (--exec, chained in order, or --dag FILE) run in the guest and are recorded
 with their digests, so requests whose DAG starts with them match the image
 and skip them. Then the guest's page cache is dropped, the guest is
-suspended to a memory state and the files are published as one image.`,
+suspended to a memory state and the files are published as one image.
+
+With --from IMAGE (instead of a recipe) the build starts from an image on
+the image server, typically one vmgrid image import published without a
+memory state: it is fetched, booted cold from firmware, configured through
+its guest agent (qemu-ga for an image imported with --agent qemu-ga or
+cloud-init, which must then carry qemu-ga too; vmgrid's agent for --agent
+vmgrid) once the boot has settled (systemctl is-system-running --wait),
+suspended and published as --name with a memory state: its clones restore
+instead of booting, and are configured through qemu-ga.`,
 		Example: `  vmgrid image build tiny
-  vmgrid image build tiny --name tiny-app --exec 'echo configured > /etc/app.conf'`,
-		Args: cobra.ExactArgs(1),
+  vmgrid image build tiny --name tiny-app --exec 'echo configured > /etc/app.conf'
+  vmgrid image build --from debian-12 --name debian-12-warm --exec 'apt-get clean'`,
+		Args: cobra.RangeArgs(0, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if b.from != "" || len(args) == 0 {
+				return b.runFrom(cmd, g, f, args)
+			}
 			if args[0] != "tiny" {
 				return fmt.Errorf("unknown recipe %q: the recipes are: tiny", args[0])
 			}
@@ -62,6 +77,7 @@ suspended to a memory state and the files are published as one image.`,
 	fl.StringArrayVar(&b.kernelArgs, "kernel-arg", nil, "extra kernel command line argument; repeat")
 	fl.StringVar(&b.agentPath, "agent", "", "static guest agent binary (default: vmgrid-agent beside this binary, else this binary)")
 	fl.StringVar(&b.keep, "work-dir", "", "build here and keep the files (default: a temporary directory, removed)")
+	fromFlags(fl, b)
 	return c
 }
 
