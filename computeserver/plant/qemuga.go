@@ -176,7 +176,12 @@ func (q *qgaAgent) addUser(ctx context.Context, req agent.Request) (*agent.Respo
 	if err != nil || resp.Error != "" || req.SSHKey == "" {
 		return resp, err
 	}
-	return q.answer(q.c.AddAuthorizedKeys(ctx, req.User, strings.TrimSpace(req.SSHKey)))
+	if resp, err := q.answer(q.c.AddAuthorizedKeys(ctx, req.User, strings.TrimSpace(req.SSHKey))); err != nil || resp.Error != "" {
+		return resp, err
+	}
+	// qemu-ga 7.2 leaves the last key without a newline, which the next
+	// tool that appends a key would join to it.
+	return q.shell(ctx, `f=$(getent passwd "$1" | cut -d: -f6)/.ssh/authorized_keys; [ -z "$(tail -c1 "$f")" ] || echo >> "$f"`, req.User)
 }
 
 // waitQGA dials a guest's qemu-ga and waits until it answers, for at most
