@@ -4,6 +4,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
+	"github.com/vmgrid/vmgrid/computeserver/plant"
 	"github.com/vmgrid/vmgrid/services"
 )
 
@@ -28,6 +29,7 @@ func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	c.Etcd.AddFlags(fs, "etcd endpoints: register there and bid in the shop's auctions")
 	fs.Uint64Var(&c.GuestMemoryMiB, "guest-memory-mib", c.GuestMemoryMiB, "memory guests may use in all (0: 80% of RAM)")
 	fs.DurationVar(&c.AgentTimeout, "agent-timeout", c.AgentTimeout, "how long a clone's guest agent may take to answer before the creation fails (0: 2m)")
+	fs.DurationVar(&c.GuestTimeout, "guest-timeout", plant.DefaultGuestTimeout, "how long a cold boot of a stock image may take until its guest is configured (qemu-ga answers, cloud-init done)")
 	fs.StringVar(&c.DataServer, "dataserver", c.DataServer, "data server of task stage-in/out (requests bring task credentials for it; empty: no staging)")
 	services.AddTokensFlag(fs, &c.TokensFile)
 	services.AddServiceTokenFlag(fs, &c.ServiceTokenFile, "to the upstream")

@@ -46,6 +46,9 @@ type Config struct {
 	// GuestMemoryMiB is what guests may use in all (0: 80% of RAM; give
 	// each of several plants on one host its share).
 	GuestMemoryMiB uint64
+	// GuestTimeout bounds a stock image's cold boot until its guest is
+	// configured (0: plant.DefaultGuestTimeout).
+	GuestTimeout time.Duration
 	// Driver runs the guests (nil: QEMU with TCG).
 	Driver vmm.Driver
 	// Etcd: with endpoints the plant registers there and bids in the
@@ -191,7 +194,7 @@ func startLine(cfg Config, mnt string, p *gvfs.Proxy, log *zap.Logger) (*plant.P
 	}
 	return plant.New(plant.Config{
 		Name: name, Dir: filepath.Join(cfg.DataDir, "vms"), Mountpoint: mnt, Proxy: p,
-		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, Logger: log, DataServer: cfg.DataServer, DataTLS: cfg.Server.TLS,
+		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, GuestTimeout: cfg.GuestTimeout, Logger: log, DataServer: cfg.DataServer, DataTLS: cfg.Server.TLS,
 		AgentTimeout: cfg.AgentTimeout,
 	})
 }

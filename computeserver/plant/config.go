@@ -36,7 +36,8 @@ type VMConfig struct {
 	// line, disk formats and interfaces, channels, extra devices. Paths
 	// are empty.
 	Spec vmm.Spec `json:"spec"`
-	// Files of the image that the machine uses.
+	// Files of the image that the machine uses. An empty Kernel boots
+	// from firmware (SeaBIOS and the root disk's own boot loader).
 	Kernel string `json:"kernel"`
 	Initrd string `json:"initrd,omitempty"`
 	Root   string `json:"root"`
@@ -80,8 +81,9 @@ func decodeConfig(b []byte) (*VMConfig, error) {
 	if err := json.Unmarshal(b, &c); err != nil {
 		return nil, fmt.Errorf("vm.json: %w", err)
 	}
-	if c.Version != 1 || c.Kernel == "" || c.Root == "" || len(c.Spec.Disks) == 0 {
-		return nil, fmt.Errorf("vm.json: version %d, kernel %q, root %q, %d disks: not a configuration this plant can run", c.Version, c.Kernel, c.Root, len(c.Spec.Disks))
+	// No kernel: the machine boots from firmware (imported images).
+	if c.Version != 1 || c.Root == "" || len(c.Spec.Disks) == 0 {
+		return nil, fmt.Errorf("vm.json: version %d, root %q, %d disks: not a configuration this plant can run", c.Version, c.Root, len(c.Spec.Disks))
 	}
 	return &c, nil
 }

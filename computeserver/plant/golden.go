@@ -51,6 +51,13 @@ type GoldenOptions struct {
 	// AgentTimeout bounds the boot: the wait for the agent, then the
 	// image's Ready command (0: DefaultAgentTimeout).
 	AgentTimeout time.Duration
+
+	// From builds from an existing image on the image server (Publish)
+	// instead of Recipe: an imported image without a memory state, booted
+	// from firmware (golden_from.go). GuestTimeout bounds its cold boot
+	// until its guest agent answers (0: DefaultGuestTimeout).
+	From         string
+	GuestTimeout time.Duration
 }
 
 // Golden is a built golden image on local disk.
@@ -101,10 +108,11 @@ type goldenBuild struct {
 	img     *imagebuild.Image
 	overlay string // the redo log the build boots on
 	m       vmm.Machine
-	ac      *agent.Client
+	ac      guestAgent
 	// performed is what the image records of its actions.
 	performed []*imagev1.Action
 	mem, root string
+	from      *fromSource // a From build's source (golden_from.go)
 }
 
 func (b *goldenBuild) kill() {
@@ -117,6 +125,9 @@ func (b *goldenBuild) kill() {
 }
 
 func (b *goldenBuild) files(ctx context.Context) error {
+	if b.opts.From != "" {
+		return b.fromFiles(ctx)
+	}
 	img, err := b.opts.Recipe.Build(ctx, filepath.Join(b.opts.WorkDir, "files"))
 	if err != nil {
 		return fmt.Errorf("recipe %s: %w", b.opts.Recipe.Name(), err)
@@ -129,6 +140,9 @@ func (b *goldenBuild) files(ctx context.Context) error {
 // built until the suspend (then the log is folded in), and waits for the
 // agent.
 func (b *goldenBuild) boot(ctx context.Context) error {
+	if b.opts.From != "" {
+		return b.fromBoot(ctx)
+	}
 	img := b.img
 	b.overlay = filepath.Join(b.opts.WorkDir, "build.qcow2")
 	if err := qemuImg(ctx, "create", "-q", "-f", "qcow2", "-b", img.RootDisk, "-F", "raw", b.overlay); err != nil {
@@ -200,7 +214,10 @@ func (b *goldenBuild) commit(ctx context.Context) error {
 
 // describe writes vm.json and the resume kernel, and lists the image's
 // attributes and files.
-func (b *goldenBuild) describe(context.Context) error {
+func (b *goldenBuild) describe(ctx context.Context) error {
+	if b.opts.From != "" {
+		return b.fromDescribe(ctx)
+	}
 	g, img, dir := b.g, b.img, b.opts.WorkDir
 	used := b.m.Spec()
 	tmpl := used
@@ -256,7 +273,7 @@ func (b *goldenBuild) publish(ctx context.Context) error {
 // would be in the memory state every clone fetches, and a clone reads again
 // only the few files it touches. (The kernel zeroes the freed pages when
 // booted with init_on_free=1, as the tiny recipe is, so they cost nothing.)
-func dropCaches(ctx context.Context, ac *agent.Client) error {
+func dropCaches(ctx context.Context, ac guestAgent) error {
 	r, err := ac.Do(ctx, agent.Request{Op: agent.OpExec, Argv: []string{"/bin/sh", "-c", "sync && echo 3 > /proc/sys/vm/drop_caches"}})
 	if err != nil {
 		return fmt.Errorf("drop the guest's caches before the suspend: %w", err)

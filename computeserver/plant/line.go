@@ -25,14 +25,18 @@ import (
 // New stages (lazy memory, networks, migration) are steps added here.
 var productionLine = []step{
 	{name: "prepare", do: (*line).prepare},
+	{name: "stock machine", when: (*line).stockMachineNeeded, do: (*line).stockMachine}, // stock.go
+	{name: "cloud-init seed", when: (*line).cloudInit, do: (*line).cloudInitSeed},       // cloudinit.go
 	{name: "redo log", when: (*line).cloned, do: (*line).redoLog},
 	{name: "generation id", when: (*line).newClone, do: (*line).generationID},
 	{name: "restore", when: (*line).restored, do: (*line).restore},
 	{name: "boot", when: (*line).booted, do: (*line).boot},
-	{name: "agent", do: (*line).agent},
-	{name: "clock", do: (*line).clock},
-	{name: "identity", when: (*line).newMachine, do: (*line).identity},
-	{name: "actions", do: (*line).actions},
+	{name: "agent", when: (*line).vmgridAgent, do: (*line).agent},
+	{name: "qemu-ga", when: (*line).qemuGA, do: (*line).qemuGAWait},
+	{name: "cloud-init", when: (*line).cloudInit, do: (*line).cloudInitWait},
+	{name: "clock", when: (*line).hasAgent, do: (*line).clock},
+	{name: "identity", when: func(l *line) bool { return l.newMachine() && l.hasAgent() }, do: (*line).identity},
+	{name: "actions", when: (*line).actionsLeft, do: (*line).actions},
 	{name: "finish", do: (*line).finish},
 }
 
@@ -58,6 +62,7 @@ type line struct {
 	fetched0 uint64
 	spec     vmm.Spec
 	ad       *computev1.ClassAd // the result
+	seeded   *seed              // the cloud-init seed that carried the actions (cloudinit.go)
 }
 
 // run runs the steps that apply; on failure it undoes what was done.

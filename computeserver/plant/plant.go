@@ -19,7 +19,6 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/vmgrid/vmgrid/computeserver/agent"
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
@@ -57,6 +56,10 @@ type Config struct {
 	// DefaultAgentTimeout); a guest that never answers fails its creation
 	// then, with its console's last lines.
 	AgentTimeout time.Duration
+	// GuestTimeout bounds the cold boot of a stock image until its guest
+	// is configured (qemu-ga answers, cloud-init is done); 0:
+	// DefaultGuestTimeout.
+	GuestTimeout time.Duration
 	Logger       *zap.Logger
 }
 
@@ -105,7 +108,7 @@ type vm struct {
 	mu      sync.Mutex
 	ad      *computev1.ClassAd
 	m       vmm.Machine
-	agent   *agent.Client
+	agent   guestAgent // vmgrid's agent or qemu-ga
 	dir     string
 	ready   chan struct{} // closed when creation ended
 	err     error         // creation error

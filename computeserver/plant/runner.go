@@ -20,7 +20,7 @@ import (
 // builds alike: guest actions through the agent, host actions (attach_disk,
 // stage_in) on the plant, next to the machine.
 type runner struct {
-	agent *agent.Client
+	agent guestAgent
 	m     vmm.Machine
 	// dir holds the disk files of host actions.
 	dir string

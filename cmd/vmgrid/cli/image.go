@@ -29,7 +29,7 @@ func imageCmd(g *globals) *cobra.Command {
 	c := group(&cobra.Command{
 		Use:   "image",
 		Short: "Publish, list, inspect, fetch and delete images on an image server",
-	}, imagePublishCmd(g, f), imageBuildCmd(g, f), imageListCmd(g, f), imageGetCmd(g, f), imageRmCmd(g, f), imageFetchCmd(g, f), imageCreateDiskCmd(g, f))
+	}, imagePublishCmd(g, f), imageImportCmd(g, f), imageBuildCmd(g, f), imageListCmd(g, f), imageGetCmd(g, f), imageRmCmd(g, f), imageFetchCmd(g, f), imageCreateDiskCmd(g, f))
 	f.addrFlag(c.PersistentFlags(), "server", "VMGRID_IMAGESERVER", "127.0.0.1:7070", "image server", func(cx *clientContext) []string { return []string{cx.ImageServer} })
 	f.operatorTokenFlag(c.PersistentFlags())
 	return c

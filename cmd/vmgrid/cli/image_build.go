@@ -22,6 +22,8 @@ import (
 // buildFlags are the flags of vmgrid image build.
 type buildFlags struct {
 	name, dagFile, keep, agentPath string
+	from                           string        // --from IMAGE (image_build_from.go)
+	guestTimeout                   time.Duration // its cold boot
 	execs, kernelArgs, packages    []string
 	vcpus, memoryMiB               int
 	diskMiB                        int64
@@ -35,7 +37,7 @@ var recipes = []string{"tiny", "debian"}
 func imageBuildCmd(g *globals, f *imageFlags) *cobra.Command {
 	b := &buildFlags{}
 	c := &cobra.Command{
-		Use:   "build RECIPE",
+		Use:   "build RECIPE | --from IMAGE",
 		Short: "Build a golden image on this machine (boot it, configure it, suspend it) and publish it",
 		Long: `Build a golden image for real and publish it. Both recipes boot Debian's
 cloud kernel (the package is fetched and cached) under QEMU (with
@@ -58,12 +60,25 @@ starts with them match the image and skip them. Then the guest's page cache
 is dropped, the guest is suspended to a memory state and the files are
 published as one image. A guest whose agent does not answer (or, debian, does
 not finish booting) within --agent-timeout fails the build with its
-console's last lines; nothing is published.`,
+console's last lines; nothing is published.
+
+With --from IMAGE (instead of a recipe) the build starts from an image on
+the image server, typically one vmgrid image import published without a
+memory state: it is fetched, booted cold from firmware, configured through
+its guest agent (qemu-ga for an image imported with --agent qemu-ga or
+cloud-init, which must then carry qemu-ga too; vmgrid's agent for --agent
+vmgrid) once the boot has settled (systemctl is-system-running --wait),
+suspended and published as --name with a memory state: its clones restore
+instead of booting, and are configured through qemu-ga.`,
 		Example: `  vmgrid image build tiny
   vmgrid image build tiny --name tiny-app --exec 'echo configured > /etc/app.conf'
-  vmgrid image build debian --packages curl,python3 --disk-mib 2048`,
-		Args: cobra.ExactArgs(1),
+  vmgrid image build debian --packages curl,python3 --disk-mib 2048
+  vmgrid image build --from debian-12 --name debian-12-warm --exec 'apt-get clean'`,
+		Args: cobra.RangeArgs(0, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if b.from != "" || len(args) == 0 {
+				return b.runFrom(cmd, g, f, args)
+			}
 			if !slices.Contains(recipes, args[0]) {
 				return fmt.Errorf("unknown recipe %q: the recipes are: %s", args[0], strings.Join(recipes, ", "))
 			}
@@ -89,6 +104,7 @@ console's last lines; nothing is published.`,
 	fl.StringArrayVar(&b.kernelArgs, "kernel-arg", nil, "extra kernel command line argument; repeat")
 	fl.StringVar(&b.agentPath, "agent", "", "static guest agent binary (default: vmgrid-agent beside this binary, else this binary)")
 	fl.StringVar(&b.keep, "work-dir", "", "build here and keep the files (default: a temporary directory, removed)")
+	fromFlags(fl, b)
 	return c
 }
 

@@ -185,6 +185,126 @@ func (Compression) EnumDescriptor() ([]byte, []int) {
 	return file_vmgrid_image_v1_image_proto_rawDescGZIP(), []int{2}
 }
 
+// Boot is how a machine of an image starts when it has no memory state to
+// restore (an image with one restores it, whatever its boot).
+type Boot int32
+
+const (
+	// BOOT_UNSPECIFIED reads as BOOT_KERNEL.
+	Boot_BOOT_UNSPECIFIED Boot = 0
+	// The image's kernel file (and initramfs) is loaded by QEMU directly
+	// (-kernel): the images vmgrid builds from recipes.
+	Boot_BOOT_KERNEL Boot = 1
+	// The machine boots from firmware (SeaBIOS) with the image's own boot
+	// loader and kernel in its root disk: imported stock images.
+	Boot_BOOT_FIRMWARE Boot = 2
+)
+
+// Enum value maps for Boot.
+var (
+	Boot_name = map[int32]string{
+		0: "BOOT_UNSPECIFIED",
+		1: "BOOT_KERNEL",
+		2: "BOOT_FIRMWARE",
+	}
+	Boot_value = map[string]int32{
+		"BOOT_UNSPECIFIED": 0,
+		"BOOT_KERNEL":      1,
+		"BOOT_FIRMWARE":    2,
+	}
+)
+
+func (x Boot) Enum() *Boot {
+	p := new(Boot)
+	*p = x
+	return p
+}
+
+func (x Boot) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Boot) Descriptor() protoreflect.EnumDescriptor {
+	return file_vmgrid_image_v1_image_proto_enumTypes[3].Descriptor()
+}
+
+func (Boot) Type() protoreflect.EnumType {
+	return &file_vmgrid_image_v1_image_proto_enumTypes[3]
+}
+
+func (x Boot) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Boot.Descriptor instead.
+func (Boot) EnumDescriptor() ([]byte, []int) {
+	return file_vmgrid_image_v1_image_proto_rawDescGZIP(), []int{3}
+}
+
+// GuestAgent is the path through which a plant configures the guest (runs
+// the configuration actions of a request: hostname, users and SSH keys,
+// files, commands) and later runs ExecVM.
+type GuestAgent int32
+
+const (
+	// GUEST_AGENT_UNSPECIFIED reads as GUEST_AGENT_VMGRID.
+	GuestAgent_GUEST_AGENT_UNSPECIFIED GuestAgent = 0
+	// vmgrid's own agent on virtio-serial port org.vmgrid.agent.0.
+	GuestAgent_GUEST_AGENT_VMGRID GuestAgent = 1
+	// The QEMU guest agent (qemu-ga) on virtio-serial port
+	// org.qemu.guest_agent.0: every action goes through guest-exec,
+	// guest-file-* and guest-set-time.
+	GuestAgent_GUEST_AGENT_QEMU_GA GuestAgent = 2
+	// cloud-init with the NoCloud data source: the plant writes the actions
+	// into a "cidata" seed disk (meta-data, user-data) for a cold boot and
+	// reads the outcome from the serial console. Where the guest also runs
+	// qemu-ga, the plant uses it afterwards (ExecVM).
+	GuestAgent_GUEST_AGENT_CLOUD_INIT GuestAgent = 3
+)
+
+// Enum value maps for GuestAgent.
+var (
+	GuestAgent_name = map[int32]string{
+		0: "GUEST_AGENT_UNSPECIFIED",
+		1: "GUEST_AGENT_VMGRID",
+		2: "GUEST_AGENT_QEMU_GA",
+		3: "GUEST_AGENT_CLOUD_INIT",
+	}
+	GuestAgent_value = map[string]int32{
+		"GUEST_AGENT_UNSPECIFIED": 0,
+		"GUEST_AGENT_VMGRID":      1,
+		"GUEST_AGENT_QEMU_GA":     2,
+		"GUEST_AGENT_CLOUD_INIT":  3,
+	}
+)
+
+func (x GuestAgent) Enum() *GuestAgent {
+	p := new(GuestAgent)
+	*p = x
+	return p
+}
+
+func (x GuestAgent) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (GuestAgent) Descriptor() protoreflect.EnumDescriptor {
+	return file_vmgrid_image_v1_image_proto_enumTypes[4].Descriptor()
+}
+
+func (GuestAgent) Type() protoreflect.EnumType {
+	return &file_vmgrid_image_v1_image_proto_enumTypes[4]
+}
+
+func (x GuestAgent) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use GuestAgent.Descriptor instead.
+func (GuestAgent) EnumDescriptor() ([]byte, []int) {
+	return file_vmgrid_image_v1_image_proto_rawDescGZIP(), []int{4}
+}
+
 type View int32
 
 const (
@@ -215,11 +335,11 @@ func (x View) String() string {
 }
 
 func (View) Descriptor() protoreflect.EnumDescriptor {
-	return file_vmgrid_image_v1_image_proto_enumTypes[3].Descriptor()
+	return file_vmgrid_image_v1_image_proto_enumTypes[5].Descriptor()
 }
 
 func (View) Type() protoreflect.EnumType {
-	return &file_vmgrid_image_v1_image_proto_enumTypes[3]
+	return &file_vmgrid_image_v1_image_proto_enumTypes[5]
 }
 
 func (x View) Number() protoreflect.EnumNumber {
@@ -228,7 +348,7 @@ func (x View) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use View.Descriptor instead.
 func (View) EnumDescriptor() ([]byte, []int) {
-	return file_vmgrid_image_v1_image_proto_rawDescGZIP(), []int{3}
+	return file_vmgrid_image_v1_image_proto_rawDescGZIP(), []int{5}
 }
 
 // ALL (default), GOLDEN only, or WRITABLE disks only.
@@ -265,11 +385,11 @@ func (x ListImagesRequest_Kind) String() string {
 }
 
 func (ListImagesRequest_Kind) Descriptor() protoreflect.EnumDescriptor {
-	return file_vmgrid_image_v1_image_proto_enumTypes[4].Descriptor()
+	return file_vmgrid_image_v1_image_proto_enumTypes[6].Descriptor()
 }
 
 func (ListImagesRequest_Kind) Type() protoreflect.EnumType {
-	return &file_vmgrid_image_v1_image_proto_enumTypes[4]
+	return &file_vmgrid_image_v1_image_proto_enumTypes[6]
 }
 
 func (x ListImagesRequest_Kind) Number() protoreflect.EnumNumber {
@@ -345,14 +465,21 @@ func (x *Action) GetDigest() string {
 }
 
 type ImageAttributes struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Arch          string                 `protobuf:"bytes,1,opt,name=arch,proto3" json:"arch,omitempty"` // e.g. "x86_64"
-	Vcpus         uint32                 `protobuf:"varint,2,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
-	MemoryMib     uint64                 `protobuf:"varint,3,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
-	Os            string                 `protobuf:"bytes,4,opt,name=os,proto3" json:"os,omitempty"`           // e.g. "debian-12"
-	Actions       []*Action              `protobuf:"bytes,5,rep,name=actions,proto3" json:"actions,omitempty"` // in the order they were performed
-	Parent        string                 `protobuf:"bytes,6,opt,name=parent,proto3" json:"parent,omitempty"`   // image this one was derived from, if any
-	Labels        map[string]string      `protobuf:"bytes,7,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Arch      string                 `protobuf:"bytes,1,opt,name=arch,proto3" json:"arch,omitempty"` // e.g. "x86_64"
+	Vcpus     uint32                 `protobuf:"varint,2,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	MemoryMib uint64                 `protobuf:"varint,3,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	Os        string                 `protobuf:"bytes,4,opt,name=os,proto3" json:"os,omitempty"`           // e.g. "debian-12"
+	Actions   []*Action              `protobuf:"bytes,5,rep,name=actions,proto3" json:"actions,omitempty"` // in the order they were performed
+	Parent    string                 `protobuf:"bytes,6,opt,name=parent,proto3" json:"parent,omitempty"`   // image this one was derived from, if any
+	Labels    map[string]string      `protobuf:"bytes,7,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// How a machine of this image starts and how the plant configures its
+	// guest (issue 11: stock images). Both are chosen when the image is made
+	// (vmgrid image build, vmgrid image import --agent) and read by plants;
+	// an image published before they existed reads as BOOT_KERNEL and
+	// GUEST_AGENT_VMGRID, what every image of that time was.
+	Boot          Boot       `protobuf:"varint,8,opt,name=boot,proto3,enum=vmgrid.image.v1.Boot" json:"boot,omitempty"`
+	GuestAgent    GuestAgent `protobuf:"varint,9,opt,name=guest_agent,json=guestAgent,proto3,enum=vmgrid.image.v1.GuestAgent" json:"guest_agent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -434,6 +561,20 @@ func (x *ImageAttributes) GetLabels() map[string]string {
 		return x.Labels
 	}
 	return nil
+}
+
+func (x *ImageAttributes) GetBoot() Boot {
+	if x != nil {
+		return x.Boot
+	}
+	return Boot_BOOT_UNSPECIFIED
+}
+
+func (x *ImageAttributes) GetGuestAgent() GuestAgent {
+	if x != nil {
+		return x.GuestAgent
+	}
+	return GuestAgent_GUEST_AGENT_UNSPECIFIED
 }
 
 // FileMeta is the per-file meta-data computed at publish.
@@ -2270,7 +2411,7 @@ const file_vmgrid_image_v1_image_proto_rawDesc = "" +
 	"\x06Action\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x16\n" +
-	"\x06digest\x18\x03 \x01(\tR\x06digest\"\xb6\x02\n" +
+	"\x06digest\x18\x03 \x01(\tR\x06digest\"\x9f\x03\n" +
 	"\x0fImageAttributes\x12\x12\n" +
 	"\x04arch\x18\x01 \x01(\tR\x04arch\x12\x14\n" +
 	"\x05vcpus\x18\x02 \x01(\rR\x05vcpus\x12\x1d\n" +
@@ -2279,7 +2420,10 @@ const file_vmgrid_image_v1_image_proto_rawDesc = "" +
 	"\x02os\x18\x04 \x01(\tR\x02os\x121\n" +
 	"\aactions\x18\x05 \x03(\v2\x17.vmgrid.image.v1.ActionR\aactions\x12\x16\n" +
 	"\x06parent\x18\x06 \x01(\tR\x06parent\x12D\n" +
-	"\x06labels\x18\a \x03(\v2,.vmgrid.image.v1.ImageAttributes.LabelsEntryR\x06labels\x1a9\n" +
+	"\x06labels\x18\a \x03(\v2,.vmgrid.image.v1.ImageAttributes.LabelsEntryR\x06labels\x12)\n" +
+	"\x04boot\x18\b \x01(\x0e2\x15.vmgrid.image.v1.BootR\x04boot\x12<\n" +
+	"\vguest_agent\x18\t \x01(\x0e2\x1b.vmgrid.image.v1.GuestAgentR\n" +
+	"guestAgent\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd5\x02\n" +
@@ -2444,7 +2588,17 @@ const file_vmgrid_image_v1_image_proto_rawDesc = "" +
 	"\x1aTRANSFER_POLICY_WHOLE_FILE\x10\x02*9\n" +
 	"\vCompression\x12\x14\n" +
 	"\x10COMPRESSION_NONE\x10\x00\x12\x14\n" +
-	"\x10COMPRESSION_ZSTD\x10\x01*%\n" +
+	"\x10COMPRESSION_ZSTD\x10\x01*@\n" +
+	"\x04Boot\x12\x14\n" +
+	"\x10BOOT_UNSPECIFIED\x10\x00\x12\x0f\n" +
+	"\vBOOT_KERNEL\x10\x01\x12\x11\n" +
+	"\rBOOT_FIRMWARE\x10\x02*v\n" +
+	"\n" +
+	"GuestAgent\x12\x1b\n" +
+	"\x17GUEST_AGENT_UNSPECIFIED\x10\x00\x12\x16\n" +
+	"\x12GUEST_AGENT_VMGRID\x10\x01\x12\x17\n" +
+	"\x13GUEST_AGENT_QEMU_GA\x10\x02\x12\x1a\n" +
+	"\x16GUEST_AGENT_CLOUD_INIT\x10\x03*%\n" +
 	"\x04View\x12\x0e\n" +
 	"\n" +
 	"VIEW_BASIC\x10\x00\x12\r\n" +
@@ -2478,102 +2632,106 @@ func file_vmgrid_image_v1_image_proto_rawDescGZIP() []byte {
 	return file_vmgrid_image_v1_image_proto_rawDescData
 }
 
-var file_vmgrid_image_v1_image_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
+var file_vmgrid_image_v1_image_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
 var file_vmgrid_image_v1_image_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_vmgrid_image_v1_image_proto_goTypes = []any{
 	(FileKind)(0),               // 0: vmgrid.image.v1.FileKind
 	(TransferPolicy)(0),         // 1: vmgrid.image.v1.TransferPolicy
 	(Compression)(0),            // 2: vmgrid.image.v1.Compression
-	(View)(0),                   // 3: vmgrid.image.v1.View
-	(ListImagesRequest_Kind)(0), // 4: vmgrid.image.v1.ListImagesRequest.Kind
-	(*Action)(nil),              // 5: vmgrid.image.v1.Action
-	(*ImageAttributes)(nil),     // 6: vmgrid.image.v1.ImageAttributes
-	(*FileMeta)(nil),            // 7: vmgrid.image.v1.FileMeta
-	(*Manifest)(nil),            // 8: vmgrid.image.v1.Manifest
-	(*PublishFile)(nil),         // 9: vmgrid.image.v1.PublishFile
-	(*PublishHeader)(nil),       // 10: vmgrid.image.v1.PublishHeader
-	(*PublishData)(nil),         // 11: vmgrid.image.v1.PublishData
-	(*PublishCommit)(nil),       // 12: vmgrid.image.v1.PublishCommit
-	(*PublishRequest)(nil),      // 13: vmgrid.image.v1.PublishRequest
-	(*PublishResponse)(nil),     // 14: vmgrid.image.v1.PublishResponse
-	(*ListImagesRequest)(nil),   // 15: vmgrid.image.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),  // 16: vmgrid.image.v1.ListImagesResponse
-	(*GetImageRequest)(nil),     // 17: vmgrid.image.v1.GetImageRequest
-	(*GetImageResponse)(nil),    // 18: vmgrid.image.v1.GetImageResponse
-	(*DeleteImageRequest)(nil),  // 19: vmgrid.image.v1.DeleteImageRequest
-	(*DeleteImageResponse)(nil), // 20: vmgrid.image.v1.DeleteImageResponse
-	(*ReadBlocksRequest)(nil),   // 21: vmgrid.image.v1.ReadBlocksRequest
-	(*Error)(nil),               // 22: vmgrid.image.v1.Error
-	(*ReadBlocksResponse)(nil),  // 23: vmgrid.image.v1.ReadBlocksResponse
-	(*FetchFileRequest)(nil),    // 24: vmgrid.image.v1.FetchFileRequest
-	(*FetchFileResponse)(nil),   // 25: vmgrid.image.v1.FetchFileResponse
-	(*CreateDiskRequest)(nil),   // 26: vmgrid.image.v1.CreateDiskRequest
-	(*CreateDiskResponse)(nil),  // 27: vmgrid.image.v1.CreateDiskResponse
-	(*BlockWrite)(nil),          // 28: vmgrid.image.v1.BlockWrite
-	(*WriteBlocksRequest)(nil),  // 29: vmgrid.image.v1.WriteBlocksRequest
-	(*WriteBlocksResponse)(nil), // 30: vmgrid.image.v1.WriteBlocksResponse
-	(*ProfileEntry)(nil),        // 31: vmgrid.image.v1.ProfileEntry
-	(*PutProfileRequest)(nil),   // 32: vmgrid.image.v1.PutProfileRequest
-	(*PutProfileResponse)(nil),  // 33: vmgrid.image.v1.PutProfileResponse
-	(*GetProfileRequest)(nil),   // 34: vmgrid.image.v1.GetProfileRequest
-	(*GetProfileResponse)(nil),  // 35: vmgrid.image.v1.GetProfileResponse
-	nil,                         // 36: vmgrid.image.v1.ImageAttributes.LabelsEntry
-	nil,                         // 37: vmgrid.image.v1.ListImagesRequest.LabelsEntry
-	nil,                         // 38: vmgrid.image.v1.CreateDiskRequest.LabelsEntry
+	(Boot)(0),                   // 3: vmgrid.image.v1.Boot
+	(GuestAgent)(0),             // 4: vmgrid.image.v1.GuestAgent
+	(View)(0),                   // 5: vmgrid.image.v1.View
+	(ListImagesRequest_Kind)(0), // 6: vmgrid.image.v1.ListImagesRequest.Kind
+	(*Action)(nil),              // 7: vmgrid.image.v1.Action
+	(*ImageAttributes)(nil),     // 8: vmgrid.image.v1.ImageAttributes
+	(*FileMeta)(nil),            // 9: vmgrid.image.v1.FileMeta
+	(*Manifest)(nil),            // 10: vmgrid.image.v1.Manifest
+	(*PublishFile)(nil),         // 11: vmgrid.image.v1.PublishFile
+	(*PublishHeader)(nil),       // 12: vmgrid.image.v1.PublishHeader
+	(*PublishData)(nil),         // 13: vmgrid.image.v1.PublishData
+	(*PublishCommit)(nil),       // 14: vmgrid.image.v1.PublishCommit
+	(*PublishRequest)(nil),      // 15: vmgrid.image.v1.PublishRequest
+	(*PublishResponse)(nil),     // 16: vmgrid.image.v1.PublishResponse
+	(*ListImagesRequest)(nil),   // 17: vmgrid.image.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),  // 18: vmgrid.image.v1.ListImagesResponse
+	(*GetImageRequest)(nil),     // 19: vmgrid.image.v1.GetImageRequest
+	(*GetImageResponse)(nil),    // 20: vmgrid.image.v1.GetImageResponse
+	(*DeleteImageRequest)(nil),  // 21: vmgrid.image.v1.DeleteImageRequest
+	(*DeleteImageResponse)(nil), // 22: vmgrid.image.v1.DeleteImageResponse
+	(*ReadBlocksRequest)(nil),   // 23: vmgrid.image.v1.ReadBlocksRequest
+	(*Error)(nil),               // 24: vmgrid.image.v1.Error
+	(*ReadBlocksResponse)(nil),  // 25: vmgrid.image.v1.ReadBlocksResponse
+	(*FetchFileRequest)(nil),    // 26: vmgrid.image.v1.FetchFileRequest
+	(*FetchFileResponse)(nil),   // 27: vmgrid.image.v1.FetchFileResponse
+	(*CreateDiskRequest)(nil),   // 28: vmgrid.image.v1.CreateDiskRequest
+	(*CreateDiskResponse)(nil),  // 29: vmgrid.image.v1.CreateDiskResponse
+	(*BlockWrite)(nil),          // 30: vmgrid.image.v1.BlockWrite
+	(*WriteBlocksRequest)(nil),  // 31: vmgrid.image.v1.WriteBlocksRequest
+	(*WriteBlocksResponse)(nil), // 32: vmgrid.image.v1.WriteBlocksResponse
+	(*ProfileEntry)(nil),        // 33: vmgrid.image.v1.ProfileEntry
+	(*PutProfileRequest)(nil),   // 34: vmgrid.image.v1.PutProfileRequest
+	(*PutProfileResponse)(nil),  // 35: vmgrid.image.v1.PutProfileResponse
+	(*GetProfileRequest)(nil),   // 36: vmgrid.image.v1.GetProfileRequest
+	(*GetProfileResponse)(nil),  // 37: vmgrid.image.v1.GetProfileResponse
+	nil,                         // 38: vmgrid.image.v1.ImageAttributes.LabelsEntry
+	nil,                         // 39: vmgrid.image.v1.ListImagesRequest.LabelsEntry
+	nil,                         // 40: vmgrid.image.v1.CreateDiskRequest.LabelsEntry
 }
 var file_vmgrid_image_v1_image_proto_depIdxs = []int32{
-	5,  // 0: vmgrid.image.v1.ImageAttributes.actions:type_name -> vmgrid.image.v1.Action
-	36, // 1: vmgrid.image.v1.ImageAttributes.labels:type_name -> vmgrid.image.v1.ImageAttributes.LabelsEntry
-	0,  // 2: vmgrid.image.v1.FileMeta.kind:type_name -> vmgrid.image.v1.FileKind
-	1,  // 3: vmgrid.image.v1.FileMeta.policy:type_name -> vmgrid.image.v1.TransferPolicy
-	6,  // 4: vmgrid.image.v1.Manifest.attributes:type_name -> vmgrid.image.v1.ImageAttributes
-	7,  // 5: vmgrid.image.v1.Manifest.files:type_name -> vmgrid.image.v1.FileMeta
-	0,  // 6: vmgrid.image.v1.PublishFile.kind:type_name -> vmgrid.image.v1.FileKind
-	1,  // 7: vmgrid.image.v1.PublishFile.policy:type_name -> vmgrid.image.v1.TransferPolicy
-	6,  // 8: vmgrid.image.v1.PublishHeader.attributes:type_name -> vmgrid.image.v1.ImageAttributes
-	9,  // 9: vmgrid.image.v1.PublishHeader.files:type_name -> vmgrid.image.v1.PublishFile
-	10, // 10: vmgrid.image.v1.PublishRequest.header:type_name -> vmgrid.image.v1.PublishHeader
-	11, // 11: vmgrid.image.v1.PublishRequest.data:type_name -> vmgrid.image.v1.PublishData
-	12, // 12: vmgrid.image.v1.PublishRequest.commit:type_name -> vmgrid.image.v1.PublishCommit
-	8,  // 13: vmgrid.image.v1.PublishResponse.manifest:type_name -> vmgrid.image.v1.Manifest
-	37, // 14: vmgrid.image.v1.ListImagesRequest.labels:type_name -> vmgrid.image.v1.ListImagesRequest.LabelsEntry
-	4,  // 15: vmgrid.image.v1.ListImagesRequest.kind:type_name -> vmgrid.image.v1.ListImagesRequest.Kind
-	8,  // 16: vmgrid.image.v1.ListImagesResponse.images:type_name -> vmgrid.image.v1.Manifest
-	3,  // 17: vmgrid.image.v1.GetImageRequest.view:type_name -> vmgrid.image.v1.View
-	8,  // 18: vmgrid.image.v1.GetImageResponse.manifest:type_name -> vmgrid.image.v1.Manifest
-	2,  // 19: vmgrid.image.v1.ReadBlocksRequest.accept:type_name -> vmgrid.image.v1.Compression
-	2,  // 20: vmgrid.image.v1.ReadBlocksResponse.compression:type_name -> vmgrid.image.v1.Compression
-	22, // 21: vmgrid.image.v1.ReadBlocksResponse.error:type_name -> vmgrid.image.v1.Error
-	38, // 22: vmgrid.image.v1.CreateDiskRequest.labels:type_name -> vmgrid.image.v1.CreateDiskRequest.LabelsEntry
-	8,  // 23: vmgrid.image.v1.CreateDiskResponse.manifest:type_name -> vmgrid.image.v1.Manifest
-	28, // 24: vmgrid.image.v1.WriteBlocksRequest.writes:type_name -> vmgrid.image.v1.BlockWrite
-	31, // 25: vmgrid.image.v1.PutProfileRequest.entries:type_name -> vmgrid.image.v1.ProfileEntry
-	31, // 26: vmgrid.image.v1.GetProfileResponse.entries:type_name -> vmgrid.image.v1.ProfileEntry
-	13, // 27: vmgrid.image.v1.ImageService.Publish:input_type -> vmgrid.image.v1.PublishRequest
-	15, // 28: vmgrid.image.v1.ImageService.ListImages:input_type -> vmgrid.image.v1.ListImagesRequest
-	17, // 29: vmgrid.image.v1.ImageService.GetImage:input_type -> vmgrid.image.v1.GetImageRequest
-	19, // 30: vmgrid.image.v1.ImageService.DeleteImage:input_type -> vmgrid.image.v1.DeleteImageRequest
-	21, // 31: vmgrid.image.v1.ImageService.ReadBlocks:input_type -> vmgrid.image.v1.ReadBlocksRequest
-	24, // 32: vmgrid.image.v1.ImageService.FetchFile:input_type -> vmgrid.image.v1.FetchFileRequest
-	26, // 33: vmgrid.image.v1.ImageService.CreateDisk:input_type -> vmgrid.image.v1.CreateDiskRequest
-	29, // 34: vmgrid.image.v1.ImageService.WriteBlocks:input_type -> vmgrid.image.v1.WriteBlocksRequest
-	32, // 35: vmgrid.image.v1.ImageService.PutProfile:input_type -> vmgrid.image.v1.PutProfileRequest
-	34, // 36: vmgrid.image.v1.ImageService.GetProfile:input_type -> vmgrid.image.v1.GetProfileRequest
-	14, // 37: vmgrid.image.v1.ImageService.Publish:output_type -> vmgrid.image.v1.PublishResponse
-	16, // 38: vmgrid.image.v1.ImageService.ListImages:output_type -> vmgrid.image.v1.ListImagesResponse
-	18, // 39: vmgrid.image.v1.ImageService.GetImage:output_type -> vmgrid.image.v1.GetImageResponse
-	20, // 40: vmgrid.image.v1.ImageService.DeleteImage:output_type -> vmgrid.image.v1.DeleteImageResponse
-	23, // 41: vmgrid.image.v1.ImageService.ReadBlocks:output_type -> vmgrid.image.v1.ReadBlocksResponse
-	25, // 42: vmgrid.image.v1.ImageService.FetchFile:output_type -> vmgrid.image.v1.FetchFileResponse
-	27, // 43: vmgrid.image.v1.ImageService.CreateDisk:output_type -> vmgrid.image.v1.CreateDiskResponse
-	30, // 44: vmgrid.image.v1.ImageService.WriteBlocks:output_type -> vmgrid.image.v1.WriteBlocksResponse
-	33, // 45: vmgrid.image.v1.ImageService.PutProfile:output_type -> vmgrid.image.v1.PutProfileResponse
-	35, // 46: vmgrid.image.v1.ImageService.GetProfile:output_type -> vmgrid.image.v1.GetProfileResponse
-	37, // [37:47] is the sub-list for method output_type
-	27, // [27:37] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	7,  // 0: vmgrid.image.v1.ImageAttributes.actions:type_name -> vmgrid.image.v1.Action
+	38, // 1: vmgrid.image.v1.ImageAttributes.labels:type_name -> vmgrid.image.v1.ImageAttributes.LabelsEntry
+	3,  // 2: vmgrid.image.v1.ImageAttributes.boot:type_name -> vmgrid.image.v1.Boot
+	4,  // 3: vmgrid.image.v1.ImageAttributes.guest_agent:type_name -> vmgrid.image.v1.GuestAgent
+	0,  // 4: vmgrid.image.v1.FileMeta.kind:type_name -> vmgrid.image.v1.FileKind
+	1,  // 5: vmgrid.image.v1.FileMeta.policy:type_name -> vmgrid.image.v1.TransferPolicy
+	8,  // 6: vmgrid.image.v1.Manifest.attributes:type_name -> vmgrid.image.v1.ImageAttributes
+	9,  // 7: vmgrid.image.v1.Manifest.files:type_name -> vmgrid.image.v1.FileMeta
+	0,  // 8: vmgrid.image.v1.PublishFile.kind:type_name -> vmgrid.image.v1.FileKind
+	1,  // 9: vmgrid.image.v1.PublishFile.policy:type_name -> vmgrid.image.v1.TransferPolicy
+	8,  // 10: vmgrid.image.v1.PublishHeader.attributes:type_name -> vmgrid.image.v1.ImageAttributes
+	11, // 11: vmgrid.image.v1.PublishHeader.files:type_name -> vmgrid.image.v1.PublishFile
+	12, // 12: vmgrid.image.v1.PublishRequest.header:type_name -> vmgrid.image.v1.PublishHeader
+	13, // 13: vmgrid.image.v1.PublishRequest.data:type_name -> vmgrid.image.v1.PublishData
+	14, // 14: vmgrid.image.v1.PublishRequest.commit:type_name -> vmgrid.image.v1.PublishCommit
+	10, // 15: vmgrid.image.v1.PublishResponse.manifest:type_name -> vmgrid.image.v1.Manifest
+	39, // 16: vmgrid.image.v1.ListImagesRequest.labels:type_name -> vmgrid.image.v1.ListImagesRequest.LabelsEntry
+	6,  // 17: vmgrid.image.v1.ListImagesRequest.kind:type_name -> vmgrid.image.v1.ListImagesRequest.Kind
+	10, // 18: vmgrid.image.v1.ListImagesResponse.images:type_name -> vmgrid.image.v1.Manifest
+	5,  // 19: vmgrid.image.v1.GetImageRequest.view:type_name -> vmgrid.image.v1.View
+	10, // 20: vmgrid.image.v1.GetImageResponse.manifest:type_name -> vmgrid.image.v1.Manifest
+	2,  // 21: vmgrid.image.v1.ReadBlocksRequest.accept:type_name -> vmgrid.image.v1.Compression
+	2,  // 22: vmgrid.image.v1.ReadBlocksResponse.compression:type_name -> vmgrid.image.v1.Compression
+	24, // 23: vmgrid.image.v1.ReadBlocksResponse.error:type_name -> vmgrid.image.v1.Error
+	40, // 24: vmgrid.image.v1.CreateDiskRequest.labels:type_name -> vmgrid.image.v1.CreateDiskRequest.LabelsEntry
+	10, // 25: vmgrid.image.v1.CreateDiskResponse.manifest:type_name -> vmgrid.image.v1.Manifest
+	30, // 26: vmgrid.image.v1.WriteBlocksRequest.writes:type_name -> vmgrid.image.v1.BlockWrite
+	33, // 27: vmgrid.image.v1.PutProfileRequest.entries:type_name -> vmgrid.image.v1.ProfileEntry
+	33, // 28: vmgrid.image.v1.GetProfileResponse.entries:type_name -> vmgrid.image.v1.ProfileEntry
+	15, // 29: vmgrid.image.v1.ImageService.Publish:input_type -> vmgrid.image.v1.PublishRequest
+	17, // 30: vmgrid.image.v1.ImageService.ListImages:input_type -> vmgrid.image.v1.ListImagesRequest
+	19, // 31: vmgrid.image.v1.ImageService.GetImage:input_type -> vmgrid.image.v1.GetImageRequest
+	21, // 32: vmgrid.image.v1.ImageService.DeleteImage:input_type -> vmgrid.image.v1.DeleteImageRequest
+	23, // 33: vmgrid.image.v1.ImageService.ReadBlocks:input_type -> vmgrid.image.v1.ReadBlocksRequest
+	26, // 34: vmgrid.image.v1.ImageService.FetchFile:input_type -> vmgrid.image.v1.FetchFileRequest
+	28, // 35: vmgrid.image.v1.ImageService.CreateDisk:input_type -> vmgrid.image.v1.CreateDiskRequest
+	31, // 36: vmgrid.image.v1.ImageService.WriteBlocks:input_type -> vmgrid.image.v1.WriteBlocksRequest
+	34, // 37: vmgrid.image.v1.ImageService.PutProfile:input_type -> vmgrid.image.v1.PutProfileRequest
+	36, // 38: vmgrid.image.v1.ImageService.GetProfile:input_type -> vmgrid.image.v1.GetProfileRequest
+	16, // 39: vmgrid.image.v1.ImageService.Publish:output_type -> vmgrid.image.v1.PublishResponse
+	18, // 40: vmgrid.image.v1.ImageService.ListImages:output_type -> vmgrid.image.v1.ListImagesResponse
+	20, // 41: vmgrid.image.v1.ImageService.GetImage:output_type -> vmgrid.image.v1.GetImageResponse
+	22, // 42: vmgrid.image.v1.ImageService.DeleteImage:output_type -> vmgrid.image.v1.DeleteImageResponse
+	25, // 43: vmgrid.image.v1.ImageService.ReadBlocks:output_type -> vmgrid.image.v1.ReadBlocksResponse
+	27, // 44: vmgrid.image.v1.ImageService.FetchFile:output_type -> vmgrid.image.v1.FetchFileResponse
+	29, // 45: vmgrid.image.v1.ImageService.CreateDisk:output_type -> vmgrid.image.v1.CreateDiskResponse
+	32, // 46: vmgrid.image.v1.ImageService.WriteBlocks:output_type -> vmgrid.image.v1.WriteBlocksResponse
+	35, // 47: vmgrid.image.v1.ImageService.PutProfile:output_type -> vmgrid.image.v1.PutProfileResponse
+	37, // 48: vmgrid.image.v1.ImageService.GetProfile:output_type -> vmgrid.image.v1.GetProfileResponse
+	39, // [39:49] is the sub-list for method output_type
+	29, // [29:39] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_vmgrid_image_v1_image_proto_init() }
@@ -2591,7 +2749,7 @@ func file_vmgrid_image_v1_image_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmgrid_image_v1_image_proto_rawDesc), len(file_vmgrid_image_v1_image_proto_rawDesc)),
-			NumEnums:      5,
+			NumEnums:      7,
 			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   1,

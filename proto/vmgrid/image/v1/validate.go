@@ -86,6 +86,13 @@ func (a *ImageAttributes) Validate() error {
 			return err
 		}
 	}
+	// A plant must know how to boot and configure what it is given.
+	if _, ok := Boot_name[int32(a.Boot)]; !ok {
+		return fmt.Errorf("attributes.boot: unknown value %d", a.Boot)
+	}
+	if _, ok := GuestAgent_name[int32(a.GuestAgent)]; !ok {
+		return fmt.Errorf("attributes.guest_agent: unknown value %d", a.GuestAgent)
+	}
 	if len(a.Actions) > MaxActions {
 		return fmt.Errorf("attributes.actions: %d actions; the limit is %d", len(a.Actions), MaxActions)
 	}

@@ -77,6 +77,7 @@ func TestValidateRequests(t *testing.T) {
 		{"header bad label", &PublishRequest{Msg: &PublishRequest_Header{Header: &PublishHeader{Name: "img", Files: many(1), Attributes: &ImageAttributes{Labels: map[string]string{"a b": "c"}}}}}, "label key"},
 		{"header action without digest", &PublishRequest{Msg: &PublishRequest_Header{Header: &PublishHeader{Name: "img", Files: many(1), Attributes: &ImageAttributes{Actions: []*Action{{Name: "x"}}}}}}, "actions[0]"},
 		{"header long arch", &PublishRequest{Msg: &PublishRequest_Header{Header: &PublishHeader{Name: "img", Files: many(1), Attributes: &ImageAttributes{Arch: strings.Repeat("x", 33)}}}}, "arch"},
+		{"header unknown guest agent", &PublishRequest{Msg: &PublishRequest_Header{Header: &PublishHeader{Name: "img", Files: many(1), Attributes: &ImageAttributes{GuestAgent: 9}}}}, "guest_agent"},
 		{"header bad kind", hdr("img", &PublishFile{Name: "a", Kind: 99}), "files[0].kind"},
 		{"header bad policy", hdr("img", file("a", 1, 0), &PublishFile{Name: "b", Policy: 99}), "files[1].policy"},
 		{"header negative kind", hdr("img", &PublishFile{Name: "a", Kind: -1}), "files[0].kind"},
