@@ -16,6 +16,9 @@ const (
 	OpMount     = "mount"
 	OpSetTime   = "set_time"
 	OpReadFile  = "read_file"
+
+	// Networks (net.go).
+	OpNetwork = "configure_network"
 )
 
 // Request is one action for the agent.
@@ -49,6 +52,14 @@ type Request struct {
 
 	// set_time.
 	UnixNano int64 `json:"unix_nano,omitempty"`
+
+	// configure_network (net.go): the NIC with MAC gets Address (CIDR),
+	// MTU and, when set, a default route via Gateway; Hostname is set too
+	// when given.
+	MAC     string `json:"mac,omitempty"`
+	Address string `json:"address,omitempty"`
+	Gateway string `json:"gateway,omitempty"`
+	MTU     int    `json:"mtu,omitempty"`
 }
 
 // Response is the outcome of a Request.

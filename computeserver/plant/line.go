@@ -25,10 +25,12 @@ import (
 // New stages (lazy memory, networks, migration) are steps added here.
 var productionLine = []step{
 	{name: "prepare", do: (*line).prepare},
+	{name: "network", when: (*line).networked, do: (*line).network},
 	{name: "redo log", when: (*line).cloned, do: (*line).redoLog},
 	{name: "restore", when: (*line).restored, do: (*line).restore},
 	{name: "boot", when: (*line).booted, do: (*line).boot},
 	{name: "agent", do: (*line).agent},
+	{name: "nic", when: (*line).networked, do: (*line).plugNIC},
 	{name: "clock", do: (*line).clock},
 	{name: "actions", do: (*line).actions},
 	{name: "finish", do: (*line).finish},
@@ -56,6 +58,10 @@ type line struct {
 	fetched0 uint64
 	spec     vmm.Spec
 	ad       *computev1.ClassAd // the result
+	// network.go: the NIC, its segment's MTU, hot-plug ports it took.
+	nic        vmm.NIC
+	mtu        int
+	hotplugged int
 }
 
 // run runs the steps that apply; on failure it undoes what was done.
@@ -205,7 +211,7 @@ func (l *line) clock(ctx context.Context) (func(), error) {
 // actions runs the configuration actions the golden image has not
 // performed.
 func (l *line) actions(ctx context.Context) (func(), error) {
-	r := &runner{agent: l.v.agent, m: l.v.m, dir: l.v.dir, stageIn: l.p.stageIn(l.v)}
+	r := &runner{agent: l.v.agent, m: l.v.m, dir: l.v.dir, stageIn: l.p.stageIn(l.v), hotplugged: l.hotplugged}
 	results, f := r.run(ctx, l.plan, func(s dag.Step) {
 		l.progress(computev1.VMState_VM_STATE_CONFIGURING, fmt.Sprintf("action %s (%s)", s.Action.Id, s.Kind))
 	})

@@ -22,6 +22,7 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/agent"
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	"github.com/vmgrid/vmgrid/computeserver/vnet"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services"
@@ -54,6 +55,9 @@ type Config struct {
 	// StageOutTimeout bounds one stage-out (0: DefaultStageOutTimeout).
 	StageOutTimeout time.Duration
 	Logger          *zap.Logger
+	// Network makes the guests' segments (network.go); nil: VMs with a
+	// network are refused.
+	Network *vnet.Manager
 }
 
 // DefaultStageOutTimeout bounds a stage-out whose caller set no deadline
@@ -134,6 +138,9 @@ func New(cfg Config) (*Plant, error) {
 	}
 	p := &Plant{cfg: cfg, log: cfg.Logger, vms: map[string]*vm{}, images: map[string]uint64{}}
 	p.reap()
+	if err := p.reconcileNetwork(); err != nil {
+		return nil, err
+	}
 	return p, nil
 }
 
@@ -257,6 +264,7 @@ func (p *Plant) teardown(v *vm) {
 		v.agent.Close()
 	}
 	p.stopMachine(v)
+	p.detachNetwork(v)
 	if err := os.RemoveAll(v.dir); err != nil {
 		p.log.Warn("remove VM directory", zap.String("dir", v.dir), zap.Error(err))
 	}

@@ -117,6 +117,7 @@ func (d *QEMU) Start(ctx context.Context, spec Spec) (Machine, error) {
 	cmd.Dir = spec.Dir
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
+	cmd.ExtraFiles = nicFiles(spec.NICs)
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		// Its own process group: Kill reaches QEMU and anything it
 		// spawned, and a terminal's ^C does not.

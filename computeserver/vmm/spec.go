@@ -111,6 +111,9 @@ type Spec struct {
 	Incoming   *Incoming
 	// ExtraArgs are appended to QEMU's command line as they are.
 	ExtraArgs []string
+
+	// Networks (nic.go): virtio-net NICs on taps the caller opened.
+	NICs []NIC `json:",omitempty"`
 }
 
 const maxSocketPath = 107 // sizeof(sun_path) - 1
@@ -187,6 +190,7 @@ func (s *Spec) Validate() error {
 			errs = append(errs, errors.New("spec: Incoming.IgnoreShared needs a MemoryFile to take RAM from"))
 		}
 	}
+	errs = append(errs, validateNICs(s.NICs))
 	return errors.Join(errs...)
 }
 
@@ -266,6 +270,7 @@ func (s *Spec) args(accel string) []string {
 		// opened, and the state file is handed over as a descriptor.
 		a = append(a, "-S", "-incoming", "defer")
 	}
+	a = append(a, nicArgs(s.NICs)...)
 	return append(a, s.ExtraArgs...)
 }
 

@@ -25,7 +25,7 @@ type Config struct {
 	// /proc/PID/ns/net) that holds the plant's devices and underlay
 	// address; empty: the process's own.
 	Netns string
-	// Prefix starts every device name of this plant (4 characters;
+	// Prefix starts every device name of this plant (5 characters;
 	// empty: PrefixFor of the plant's name).
 	Prefix string
 }
@@ -48,17 +48,17 @@ func (c *Config) Validate() error {
 	if c.Port < 0 || c.Port > 65535 {
 		return fmt.Errorf("vnet: VXLAN port %d out of range", c.Port)
 	}
-	if len(c.Prefix) != 4 {
-		return fmt.Errorf("vnet: device prefix %q must be 4 characters", c.Prefix)
+	if len(c.Prefix) != 5 {
+		return fmt.Errorf("vnet: device prefix %q must be 5 characters", c.Prefix)
 	}
 	return nil
 }
 
-// PrefixFor is the device prefix of a plant: "v" and 3 hex digits of its
+// PrefixFor is the device prefix of a plant: "v" and 4 hex digits of its
 // name's digest.
 func PrefixFor(plant string) string {
 	s := sha256.Sum256([]byte(plant))
-	return "v" + hex.EncodeToString(s[:2])[:3]
+	return "v" + hex.EncodeToString(s[:2])
 }
 
 // Names of a plant's devices (see the package doc).

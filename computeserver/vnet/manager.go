@@ -92,7 +92,9 @@ func (m *Manager) readMTU() error {
 		addrs, _ := netlink.AddrList(l, netlink.FAMILY_V4)
 		for _, a := range addrs {
 			if a.IP.Equal(m.underlay) {
-				m.mtu = l.Attrs().MTU - vxlanOverhead
+				// Guests see Ethernet's usual MTU at most (loopback's 64 KiB
+				// would be legal but unlike any real NIC).
+				m.mtu = min(l.Attrs().MTU, 1500) - vxlanOverhead
 				return nil
 			}
 		}
@@ -124,7 +126,7 @@ func (m *Manager) Reconcile(keep map[string]bool) error {
 		var errs []error
 		for _, l := range links {
 			name := l.Attrs().Name
-			if !strings.HasPrefix(name, m.cfg.Prefix) || len(name) < 11 || used[name] {
+			if !strings.HasPrefix(name, m.cfg.Prefix) || len(name) < 12 || used[name] {
 				continue
 			}
 			if err := netlink.LinkDel(l); err != nil && !isNotFound(err) {
