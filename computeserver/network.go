@@ -88,7 +88,7 @@ func syncPeers(m *vnet.Manager, plants []market.PlantInfo, log *zap.Logger) {
 // networkInfo adds the plant's underlay and segments to its offer.
 func networkInfo(pi *market.PlantInfo, pl *plant.Plant) {
 	if m := pl.Network(); m != nil {
-		pi.Underlay, pi.VNIs = m.Config().Underlay, m.VNIs()
+		pi.Underlay, pi.VNIs = m.Endpoint(), m.VNIs()
 	}
 }
 

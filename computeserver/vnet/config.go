@@ -9,7 +9,8 @@ import (
 	"github.com/spf13/pflag"
 )
 
-// DefaultPort is the VXLAN UDP port (IANA).
+// DefaultPort is the VXLAN UDP port IANA assigned (firewalled grids may
+// want to set it: --vxlan-port).
 const DefaultPort = 4789
 
 // Config configures a plant's networks.
@@ -18,8 +19,9 @@ type Config struct {
 	// and arrive at; other plants send to it. Empty: the compute server
 	// takes the host of its listen address.
 	Underlay string
-	// Port is the VXLAN UDP port (0: DefaultPort). All plants of a grid
-	// use the same one.
+	// Port is the VXLAN UDP port; 0 picks a free one at start. Peers
+	// learn it from the registry, so plants may differ (plants sharing a
+	// host must: VXLANs of one VNI and port clash).
 	Port int
 	// Netns is the path of the network namespace (/run/netns/NAME,
 	// /proc/PID/ns/net) that holds the plant's devices and underlay
@@ -30,13 +32,14 @@ type Config struct {
 	Prefix string
 }
 
-// DefaultConfig is a plant's network configuration before its flags.
-func DefaultConfig() Config { return Config{Port: DefaultPort} }
+// DefaultConfig is a plant's network configuration before its flags: the
+// VXLAN port picked at start.
+func DefaultConfig() Config { return Config{} }
 
 // AddFlags registers the network flags.
 func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.Underlay, "underlay-addr", c.Underlay, "this plant's address for the VXLAN underlay of guest networks (other plants send to it; default: the host of --listen)")
-	fs.IntVar(&c.Port, "vxlan-port", c.Port, "UDP port of the VXLAN underlay (the same on every plant)")
+	fs.IntVar(&c.Port, "vxlan-port", c.Port, "UDP port of this plant's VXLAN underlay (0: a free one; peers learn it from etcd)")
 	fs.StringVar(&c.Netns, "netns", c.Netns, "network namespace (path) for the plant's bridges, VXLANs and taps (default: the process's)")
 }
 

@@ -2,8 +2,11 @@
 // networks joined across hosts as with VNET): per client domain a segment,
 // that is a Linux bridge and a VXLAN device (one VNI per domain) bound to
 // the plant's underlay address, one tap per VM on the bridge, and VXLAN
-// flood entries (all-zero FDB entries) towards the other plants that host
-// the domain. Everything goes through netlink (github.com/vishvananda/netlink);
+// flood entries (all-zero FDB entries, with the peer's port) towards the
+// other plants that host the domain. VXLAN learning is off: a learned entry
+// would keep a peer's address without its port, and plants sharing a host
+// use ports of their own; unicast frames are replicated to the domain's
+// plants instead. Everything goes through netlink (github.com/vishvananda/netlink);
 // nothing parses `ip` output.
 //
 // # Names

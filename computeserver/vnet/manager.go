@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -54,9 +55,6 @@ type Attachment struct {
 
 // New opens a plant's network manager. Call Reconcile before use.
 func New(cfg Config, log *zap.Logger) (*Manager, error) {
-	if cfg.Port == 0 {
-		cfg.Port = DefaultPort
-	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -72,11 +70,22 @@ func New(cfg Config, log *zap.Logger) (*Manager, error) {
 		m.ns.Close()
 		return nil, err
 	}
+	if m.cfg.Port == 0 {
+		if err := m.do(m.pickPort); err != nil {
+			m.ns.Close()
+			return nil, err
+		}
+	}
 	return m, nil
 }
 
-// Config is the manager's configuration.
+// Config is the manager's configuration (its port chosen).
 func (m *Manager) Config() Config { return m.cfg }
+
+// Endpoint is this plant's VXLAN endpoint, ADDR:PORT, for its peers.
+func (m *Manager) Endpoint() string {
+	return net.JoinHostPort(m.underlay.String(), strconv.Itoa(m.cfg.Port))
+}
 
 // do runs f in the plant's namespace.
 func (m *Manager) do(f func() error) error { return inNS(m.ns, f) }
@@ -100,6 +109,18 @@ func (m *Manager) readMTU() error {
 		}
 	}
 	return fmt.Errorf("vnet: no link has the underlay address %s in the plant's network namespace (--underlay-addr)", m.underlay)
+}
+
+// pickPort takes a UDP port free on the underlay address for the plant's
+// VXLANs (Config.Port 0): plants sharing a host do not clash, and peers
+// learn the port from the registry.
+func (m *Manager) pickPort() error {
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: m.underlay})
+	if err != nil {
+		return fmt.Errorf("vnet: pick a VXLAN port on %s: %w", m.underlay, err)
+	}
+	m.cfg.Port = c.LocalAddr().(*net.UDPAddr).Port
+	return c.Close()
 }
 
 // Reconcile removes this plant's devices that no running VM uses: at

@@ -30,7 +30,11 @@ func (m *Manager) makeSegment(vni uint32, hostAddr *net.IPNet) (_ *segment, err 
 		}
 		vx := &netlink.Vxlan{
 			LinkAttrs: netlink.LinkAttrs{Name: m.cfg.vxlanName(vni), MTU: m.mtu, MasterIndex: br.Index},
-			VxlanId:   int(vni), SrcAddr: m.underlay, Port: m.cfg.Port, Learning: true,
+			VxlanId:   int(vni), SrcAddr: m.underlay, Port: m.cfg.Port,
+			// No learning: a learned entry keeps the peer's address but not its
+			// port (plants may use different ports), so frames go to the
+			// flood entries, which carry both (head-end replication).
+			Learning: false,
 		}
 		if err := netlink.LinkAdd(vx); err != nil {
 			if errors.Is(err, unix.EEXIST) {
@@ -122,8 +126,9 @@ func (m *Manager) removeSegment(s *segment) {
 	m.log.Info("segment removed", zap.Uint32("vni", s.vni))
 }
 
-// SetPeers makes vni's VXLAN flood to exactly the given underlay addresses
-// (the other plants that host the domain): one all-zero FDB entry each.
+// SetPeers makes vni's VXLAN flood to exactly the given endpoints
+// (ADDR:PORT of the other plants that host the domain; this plant's own is
+// skipped): one all-zero FDB entry each.
 // A VNI this plant has no segment of is ignored.
 func (m *Manager) SetPeers(vni uint32, peers []string) error {
 	m.mu.Lock()
@@ -134,8 +139,8 @@ func (m *Manager) SetPeers(vni uint32, peers []string) error {
 	}
 	want := map[string]bool{}
 	for _, p := range peers {
-		if ip := net.ParseIP(p); ip != nil && !ip.Equal(m.underlay) {
-			want[ip.String()] = true
+		if _, _, err := net.SplitHostPort(p); err == nil && p != m.Endpoint() {
+			want[p] = true
 		}
 	}
 	var errs []error
@@ -146,7 +151,7 @@ func (m *Manager) SetPeers(vni uint32, peers []string) error {
 		}
 		for p := range want {
 			if !s.peers[p] {
-				if err := netlink.NeighAppend(floodEntry(vx, p)); err != nil {
+				if err := floodEntry(vx.Attrs().Index, p, false); err != nil {
 					errs = append(errs, fmt.Errorf("flood entry to %s: %w", p, err))
 					continue
 				}
@@ -155,7 +160,7 @@ func (m *Manager) SetPeers(vni uint32, peers []string) error {
 		}
 		for p := range s.peers {
 			if !want[p] {
-				if err := netlink.NeighDel(floodEntry(vx, p)); err != nil && !errors.Is(err, unix.ENOENT) {
+				if err := floodEntry(vx.Attrs().Index, p, true); err != nil && !errors.Is(err, unix.ENOENT) {
 					errs = append(errs, fmt.Errorf("remove flood entry to %s: %w", p, err))
 					continue
 				}
@@ -170,7 +175,7 @@ func (m *Manager) SetPeers(vni uint32, peers []string) error {
 	return nil
 }
 
-// Peers lists the underlay addresses vni floods to.
+// Peers lists the endpoints vni floods to.
 func (m *Manager) Peers(vni uint32) []string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -182,13 +187,6 @@ func (m *Manager) Peers(vni uint32) []string {
 	}
 	sort.Strings(out)
 	return out
-}
-
-func floodEntry(vx netlink.Link, peer string) *netlink.Neigh {
-	return &netlink.Neigh{
-		LinkIndex: vx.Attrs().Index, Family: unix.AF_BRIDGE, State: netlink.NUD_PERMANENT | netlink.NUD_NOARP,
-		Flags: netlink.NTF_SELF, IP: net.ParseIP(peer), HardwareAddr: make(net.HardwareAddr, 6),
-	}
 }
 
 // Dial opens a TCP connection from the plant's dialer on vni's segment to

@@ -77,13 +77,13 @@ func TestSegmentsAcrossHosts(t *testing.T) {
 			}
 		}
 	}
-	if err := a.SetPeers(101, []string{ha.Addr, hb.Addr}); err != nil {
+	if err := a.SetPeers(101, []string{a.Endpoint(), b.Endpoint()}); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.SetPeers(101, []string{ha.Addr, hb.Addr}); err != nil {
+	if err := b.SetPeers(101, []string{a.Endpoint(), b.Endpoint()}); err != nil {
 		t.Fatal(err)
 	}
-	if got := a.Peers(101); !slices.Equal(got, []string{hb.Addr}) {
+	if got := a.Peers(101); !slices.Equal(got, []string{b.Endpoint()}) {
 		t.Fatalf("peers of a: %v, want only b's", got)
 	}
 	got, _ := listenIn(t, b, 101, "10.77.0.2:7000")

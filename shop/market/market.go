@@ -34,8 +34,8 @@ type PlantInfo struct {
 	// Images maps golden images to the bytes of them the plant holds in
 	// its caches.
 	Images map[string]uint64 `json:"images,omitempty"`
-	// Underlay is the plant's VXLAN underlay address and VNIs the segments
-	// it has (vnet): the other plants of a domain flood its frames there.
+	// Underlay is the plant's VXLAN endpoint (ADDR:PORT) and VNIs the
+	// segments it has (vnet): the other plants of a domain flood there.
 	Underlay string   `json:"underlay,omitempty"`
 	VNIs     []uint32 `json:"vnis,omitempty"`
 }
