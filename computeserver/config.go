@@ -5,6 +5,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/computeserver/plant"
+	"github.com/vmgrid/vmgrid/computeserver/vnet"
 	"github.com/vmgrid/vmgrid/services"
 )
 
@@ -15,6 +16,7 @@ func DefaultConfig() Config {
 		Upstream: "127.0.0.1:7070",
 		DataDir:  "/var/lib/vmgrid/compute",
 		Proxy:    gvfs.DefaultConfig(),
+		Network:  vnet.DefaultConfig(),
 	}
 }
 
@@ -34,6 +36,7 @@ func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	services.AddTokensFlag(fs, &c.TokensFile)
 	services.AddServiceTokenFlag(fs, &c.ServiceTokenFile, "to the upstream")
 	c.Proxy.AddFlags(fs)
+	c.Network.AddFlags(fs)
 }
 
 // DefaultCacheProxyConfig is the cache proxy's defaults, the ones its flags

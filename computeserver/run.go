@@ -18,6 +18,7 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/gvfs/fuseview"
 	"github.com/vmgrid/vmgrid/computeserver/plant"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	"github.com/vmgrid/vmgrid/computeserver/vnet"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
@@ -71,6 +72,8 @@ type Config struct {
 	// AgentTimeout bounds the wait for a clone's guest agent (0:
 	// plant.DefaultAgentTimeout).
 	AgentTimeout time.Duration
+	// Network: the guests' segments (network.go, vnet).
+	Network vnet.Config
 }
 
 // Server is a running compute server: the data plane (Proxy, mounted at
@@ -192,11 +195,20 @@ func startLine(cfg Config, mnt string, p *gvfs.Proxy, log *zap.Logger) (*plant.P
 	if driver == nil {
 		driver = &vmm.QEMU{Logger: log}
 	}
-	return plant.New(plant.Config{
+	nm, err := openNetwork(cfg, name, log)
+	if err != nil {
+		return nil, err
+	}
+	pl, err := plant.New(plant.Config{
 		Name: name, Dir: filepath.Join(cfg.DataDir, "vms"), Mountpoint: mnt, Proxy: p,
 		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, GuestTimeout: cfg.GuestTimeout, Logger: log, DataServer: cfg.DataServer, DataTLS: cfg.Server.TLS,
 		AgentTimeout: cfg.AgentTimeout,
+		Network:      nm,
 	})
+	if err != nil && nm != nil {
+		nm.Close()
+	}
+	return pl, err
 }
 
 // Serve serves until ctx ends; SIGUSR1 flushes every dirty disk (as in the
@@ -256,6 +268,7 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (stop
 		return market.PlantInfo{Name: o.Name, Addr: addr, Arch: "x86_64", MemoryMiB: o.MemoryMiB, MemoryFreeMiB: o.FreeMiB,
 			Running: o.Running, Domains: o.Domains, Images: o.Images}
 	}
+	info = withNetwork(info, pl)
 	ctx, cancel := context.WithCancel(context.Background())
 	undo.Push(cancel)
 	// Bidding first: a shop that sees the plant registered gets its bids.
@@ -271,6 +284,13 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (stop
 		return nil, err
 	}
 	undo.Push(func() { cancel(); <-registered })
+	if m := pl.Network(); m != nil {
+		peers, err := followPeers(ctx, cli, m, log)
+		if err != nil {
+			return nil, err
+		}
+		undo.Push(func() { cancel(); <-peers })
+	}
 	log.Info("plant joined the market", zap.Strings("etcd", cfg.Etcd.Endpoints), zap.String("addr", addr))
 	return undo.Run, nil
 }

@@ -13,12 +13,14 @@ import (
 )
 
 // TinyModules are the modules the tiny image loads at boot: virtio over PCI,
-// virtio block disks, and virtio_console for a virtio-serial agent channel.
+// virtio block disks, virtio_console for a virtio-serial agent channel, and
+// virtio_net (with the failover modules it needs) for a NIC a clone gets
+// hot-plugged.
 // NVMe and ext4 are built into Debian's cloud kernel, so the root disk needs
 // none of them.
 var TinyModules = []string{
 	"virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-	"virtio_pci", "virtio_blk", "virtio_console",
+	"virtio_pci", "virtio_blk", "virtio_console", "failover", "net_failover", "virtio_net",
 }
 
 // DefaultHook keeps the guest up and idle; the guest powers off when its

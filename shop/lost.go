@@ -99,6 +99,7 @@ func (v *vms) reap(ctx context.Context, interval time.Duration) {
 		for key := range orders {
 			v.carryOut(ctx, key)
 		}
+		v.net.reclaim(ctx, v.registry)
 	}
 }
 

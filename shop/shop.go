@@ -59,7 +59,8 @@ func New(cfg Config, reg prometheus.Registerer) (_ *Shop, err error) {
 		return nil, err
 	}
 	s.store = &etcdStore{cli: cfg.Etcd, sess: s.session}
-	s.vms = &vms{cfg: cfg, log: cfg.Logger, store: s.store, plants: s.plants, registry: s.market, metrics: s.metrics}
+	s.vms = &vms{cfg: cfg, log: cfg.Logger, store: s.store, plants: s.plants, registry: s.market, metrics: s.metrics,
+		net: &networks{s: s.store, log: cfg.Logger}}
 	rctx, stop := context.WithCancel(context.Background())
 	s.stopReaper, s.reaped = stop, make(chan struct{})
 	go func() {

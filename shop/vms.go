@@ -24,6 +24,7 @@ type vms struct {
 	plants   *plantPool
 	registry *market.Registry
 	metrics  *metrics
+	net      *networks // domains and leases (networks.go)
 }
 
 // progress reports a creation's progress to its caller.
@@ -36,6 +37,9 @@ func (v *vms) create(ctx context.Context, owner string, req *shopv1.CreateVMRequ
 	plan, err := dag.New(req.Config)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w: %w", err, errdefs.ErrInvalidArgument)
+	}
+	if err := v.claimDomain(ctx, owner, req.NetworkDomain); err != nil {
+		return nil, err
 	}
 	fresh := &record{VMID: VMID(owner, req.RequestId), Owner: owner, RequestID: req.RequestId, State: statePlacing, RequestHash: requestHash(req)}
 	known, err := v.store.createRequest(ctx, fresh)
@@ -263,9 +267,13 @@ func (v *vms) createOn(ctx context.Context, b market.Bid, req *shopv1.CreateVMRe
 	if err != nil {
 		return nil, err
 	}
+	nw, err := v.attachment(ctx, rec, req.NetworkDomain, b.Plant)
+	if err != nil {
+		return nil, err
+	}
 	stream, err := c.CreateVM(ctx, &computev1.CreateVMRequest{
 		VmId: rec.VMID, Owner: rec.Owner, Image: rec.Image, Hardware: req.Hardware, Config: req.Config, Labels: labels,
-		DataCredential: cred,
+		DataCredential: cred, Network: nw,
 	})
 	if err != nil {
 		return nil, err
@@ -335,6 +343,9 @@ func (v *vms) destroy(ctx context.Context, r *record) error {
 		if _, err := c.DestroyVM(ctx, &computev1.DestroyVMRequest{VmId: r.VMID}); err != nil && !errdefs.IsNotFound(err) {
 			return fmt.Errorf("plant %s: %w", r.Plant, err)
 		}
+	}
+	if err := v.releaseLease(ctx, r.VMID); err != nil {
+		return err
 	}
 	return v.store.remove(ctx, r)
 }

@@ -87,6 +87,8 @@ func Handle(ctx context.Context, req *Request) Response {
 	case OpSetTime:
 		tv := syscall.NsecToTimeval(req.UnixNano)
 		err = syscall.Settimeofday(&tv)
+	case OpNetwork:
+		err = configureNetwork(ctx, req)
 	default:
 		err = fmt.Errorf("unknown operation %q", req.Op)
 	}

@@ -23,6 +23,8 @@ const (
 	// SSH host keys (then sshd is started). A request with none of those
 	// set only reports the identity.
 	OpIdentity = "identity"
+	// Networks (net.go).
+	OpNetwork = "configure_network"
 )
 
 // Request is one action for the agent.
@@ -63,6 +65,13 @@ type Request struct {
 	Entropy     []byte `json:"entropy,omitempty"`
 	MachineID   string `json:"machine_id,omitempty"`
 	SSHHostKeys bool   `json:"ssh_host_keys,omitempty"`
+	// configure_network (net.go): the NIC with MAC gets Address (CIDR),
+	// MTU and, when set, a default route via Gateway; Hostname is set too
+	// when given.
+	MAC     string `json:"mac,omitempty"`
+	Address string `json:"address,omitempty"`
+	Gateway string `json:"gateway,omitempty"`
+	MTU     int    `json:"mtu,omitempty"`
 }
 
 // Response is the outcome of a Request.

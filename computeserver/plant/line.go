@@ -25,6 +25,7 @@ import (
 // New stages (lazy memory, networks, migration) are steps added here.
 var productionLine = []step{
 	{name: "prepare", do: (*line).prepare},
+	{name: "network", when: (*line).networked, do: (*line).network},
 	{name: "stock machine", when: (*line).stockMachineNeeded, do: (*line).stockMachine}, // stock.go
 	{name: "cloud-init seed", when: (*line).cloudInit, do: (*line).cloudInitSeed},       // cloudinit.go
 	{name: "redo log", when: (*line).cloned, do: (*line).redoLog},
@@ -34,6 +35,7 @@ var productionLine = []step{
 	{name: "agent", when: (*line).vmgridAgent, do: (*line).agent},
 	{name: "qemu-ga", when: (*line).qemuGA, do: (*line).qemuGAWait},
 	{name: "cloud-init", when: (*line).cloudInit, do: (*line).cloudInitWait},
+	{name: "nic", when: func(l *line) bool { return l.networked() && l.vmgridAgent() }, do: (*line).plugNIC},
 	{name: "clock", when: (*line).hasAgent, do: (*line).clock},
 	{name: "identity", when: func(l *line) bool { return l.newMachine() && l.hasAgent() }, do: (*line).identity},
 	{name: "actions", when: (*line).actionsLeft, do: (*line).actions},
@@ -63,6 +65,10 @@ type line struct {
 	spec     vmm.Spec
 	ad       *computev1.ClassAd // the result
 	seeded   *seed              // the cloud-init seed that carried the actions (cloudinit.go)
+	// network.go: the NIC, its segment's MTU, hot-plug ports it took.
+	nic        vmm.NIC
+	mtu        int
+	hotplugged int
 }
 
 // run runs the steps that apply; on failure it undoes what was done.
@@ -212,7 +218,7 @@ func (l *line) clock(ctx context.Context) (func(), error) {
 // actions runs the configuration actions the golden image has not
 // performed.
 func (l *line) actions(ctx context.Context) (func(), error) {
-	r := &runner{agent: l.v.agent, m: l.v.m, dir: l.v.dir, stageIn: l.p.stageIn(l.v)}
+	r := &runner{agent: l.v.agent, m: l.v.m, dir: l.v.dir, stageIn: l.p.stageIn(l.v), hotplugged: l.hotplugged}
 	results, f := r.run(ctx, l.plan, func(s dag.Step) {
 		l.progress(computev1.VMState_VM_STATE_CONFIGURING, fmt.Sprintf("action %s (%s)", s.Action.Id, s.Kind))
 	})

@@ -21,6 +21,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	"github.com/vmgrid/vmgrid/computeserver/vnet"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services"
@@ -61,6 +62,9 @@ type Config struct {
 	// DefaultGuestTimeout.
 	GuestTimeout time.Duration
 	Logger       *zap.Logger
+	// Network makes the guests' segments (network.go); nil: VMs with a
+	// network are refused.
+	Network *vnet.Manager
 }
 
 // DefaultStageOutTimeout bounds a stage-out whose caller set no deadline
@@ -141,6 +145,9 @@ func New(cfg Config) (*Plant, error) {
 	}
 	p := &Plant{cfg: cfg, log: cfg.Logger, vms: map[string]*vm{}, images: map[string]uint64{}}
 	p.reap()
+	if err := p.reconcileNetwork(); err != nil {
+		return nil, err
+	}
 	return p, nil
 }
 
@@ -264,6 +271,7 @@ func (p *Plant) teardown(v *vm) {
 		v.agent.Close()
 	}
 	p.stopMachine(v)
+	p.detachNetwork(v)
 	if err := os.RemoveAll(v.dir); err != nil {
 		p.log.Warn("remove VM directory", zap.String("dir", v.dir), zap.Error(err))
 	}

@@ -28,6 +28,9 @@ func (p *Plant) SuspendVM(ctx context.Context, id string, images *imageclient.Cl
 	if v.ad.PersistentDisk == "" {
 		return nil, fmt.Errorf("vm %q is a clone whose redo log lives on this plant; only persistent VMs (created with persistent_disk) can be suspended: %w", id, errdefs.ErrFailedPrecondition)
 	}
+	if v.ad.Network != nil {
+		return nil, fmt.Errorf("vm %q has a network, and suspending a VM with a NIC is not supported yet: %w", id, errdefs.ErrFailedPrecondition)
+	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if v.m == nil {

@@ -115,8 +115,8 @@ func (d *QEMU) Start(ctx context.Context, spec Spec) (Machine, error) {
 	defer logFile.Close() // the child has its own copy
 	cmd := exec.Command(bin, spec.args(accel)...)
 	cmd.Dir = spec.Dir
-	cmd.Stdout = logFile
-	cmd.Stderr = logFile
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.ExtraFiles = nicFiles(spec.NICs) // nic.go
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		// Its own process group: Kill reaches QEMU and anything it
 		// spawned, and a terminal's ^C does not.

@@ -119,6 +119,8 @@ type Spec struct {
 	// new one into guest memory and notifies the guest), which is how a
 	// clone learns it is not the machine that was saved.
 	VMGenID string `json:",omitempty"`
+	// Networks (nic.go): virtio-net NICs on taps the caller opened.
+	NICs []NIC `json:",omitempty"`
 }
 
 const maxSocketPath = 107 // sizeof(sun_path) - 1
@@ -196,6 +198,7 @@ func (s *Spec) Validate() error {
 			errs = append(errs, errors.New("spec: Incoming.IgnoreShared needs a MemoryFile to take RAM from"))
 		}
 	}
+	errs = append(errs, validateNICs(s.NICs))
 	return errors.Join(errs...)
 }
 
@@ -276,6 +279,7 @@ func (s *Spec) args(accel string) []string {
 		a = append(a, "-S", "-incoming", "defer")
 	}
 	a = append(a, s.identityArgs()...)
+	a = append(a, nicArgs(s.NICs)...)
 	return append(a, s.ExtraArgs...)
 }
 

@@ -34,6 +34,10 @@ type PlantInfo struct {
 	// Images maps golden images to the bytes of them the plant holds in
 	// its caches.
 	Images map[string]uint64 `json:"images,omitempty"`
+	// Underlay is the plant's VXLAN endpoint (ADDR:PORT) and VNIs the
+	// segments it has (vnet): the other plants of a domain flood there.
+	Underlay string   `json:"underlay,omitempty"`
+	VNIs     []uint32 `json:"vnis,omitempty"`
 }
 
 // Auction is a request for bids.
@@ -93,7 +97,10 @@ func Cost(w Weights, p PlantInfo, a Auction) (float64, string) {
 		return 0, fmt.Sprintf("plant %s has %d MiB of guest memory free, the VM needs %d", p.Name, p.MemoryFreeMiB, a.MemoryMiB)
 	}
 	cost := w.Compute * float64(p.Running)
-	if !contains(p.Domains, a.Domain) {
+	// A VM of a domain the plant hosts no VM of costs making the domain's
+	// segment there (bridge, VXLAN, dialer): the one-time network charge.
+	// A VM without a domain needs no segment.
+	if a.Domain != "" && !contains(p.Domains, a.Domain) {
 		cost += w.Network
 	}
 	cached := p.Images[a.Image]

@@ -992,7 +992,9 @@ type ClassAd struct {
 	// The VM's process on its plant.
 	Pid int32 `protobuf:"varint,17,opt,name=pid,proto3" json:"pid,omitempty"`
 	// Bytes the plant fetched from its upstream while creating this VM.
-	FetchedBytes  uint64 `protobuf:"varint,18,opt,name=fetched_bytes,json=fetchedBytes,proto3" json:"fetched_bytes,omitempty"`
+	FetchedBytes uint64 `protobuf:"varint,18,opt,name=fetched_bytes,json=fetchedBytes,proto3" json:"fetched_bytes,omitempty"`
+	// The VM's NIC on its domain's segment (unset: the VM has no network).
+	Network       *NetworkAttachment `protobuf:"bytes,19,opt,name=network,proto3" json:"network,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1153,6 +1155,13 @@ func (x *ClassAd) GetFetchedBytes() uint64 {
 	return 0
 }
 
+func (x *ClassAd) GetNetwork() *NetworkAttachment {
+	if x != nil {
+		return x.Network
+	}
+	return nil
+}
+
 type CreateVMRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Client-chosen id; a retry with the same id returns the same VM. Empty:
@@ -1171,8 +1180,11 @@ type CreateVMRequest struct {
 	// stage_in (and keeps it in memory for a later StageOut that brings
 	// none), and nowhere else. Never logged.
 	DataCredential string `protobuf:"bytes,8,opt,name=data_credential,json=dataCredential,proto3" json:"data_credential,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The VM's NIC on its network domain's segment, leased by the shop
+	// (unset: no network).
+	Network       *NetworkAttachment `protobuf:"bytes,9,opt,name=network,proto3" json:"network,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateVMRequest) Reset() {
@@ -1261,6 +1273,118 @@ func (x *CreateVMRequest) GetDataCredential() string {
 	return ""
 }
 
+func (x *CreateVMRequest) GetNetwork() *NetworkAttachment {
+	if x != nil {
+		return x.Network
+	}
+	return nil
+}
+
+// NetworkAttachment is a VM's lease on its domain's segment: a virtio-net
+// NIC on the domain's bridge, joined to the other plants of the domain by
+// VXLAN. Domains never share a segment.
+type NetworkAttachment struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The network domain (VMPlants' client domain), owned by one owner.
+	Domain string `protobuf:"bytes,1,opt,name=domain,proto3" json:"domain,omitempty"`
+	// The domain's VXLAN network identifier (1 .. 2^24-1), unique in the grid.
+	Vni uint32 `protobuf:"varint,2,opt,name=vni,proto3" json:"vni,omitempty"`
+	// The NIC's MAC address (aa:bb:cc:dd:ee:ff), unique in the grid.
+	Mac string `protobuf:"bytes,3,opt,name=mac,proto3" json:"mac,omitempty"`
+	// The guest's address and prefix length (10.1.2.3/24).
+	Address string `protobuf:"bytes,4,opt,name=address,proto3" json:"address,omitempty"`
+	// The plant's own address on the segment (its dialer, CIDR), for
+	// connections the plant opens to the guest (port-forward); leased per
+	// domain and plant.
+	HostAddress string `protobuf:"bytes,5,opt,name=host_address,json=hostAddress,proto3" json:"host_address,omitempty"`
+	// The domain lets its guests reach beyond their segment (NAT on the
+	// plant). Off by default.
+	Egress bool `protobuf:"varint,6,opt,name=egress,proto3" json:"egress,omitempty"`
+	// The guest's hostname (a set_hostname action overrides it).
+	Hostname      string `protobuf:"bytes,7,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkAttachment) Reset() {
+	*x = NetworkAttachment{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkAttachment) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkAttachment) ProtoMessage() {}
+
+func (x *NetworkAttachment) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkAttachment.ProtoReflect.Descriptor instead.
+func (*NetworkAttachment) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *NetworkAttachment) GetDomain() string {
+	if x != nil {
+		return x.Domain
+	}
+	return ""
+}
+
+func (x *NetworkAttachment) GetVni() uint32 {
+	if x != nil {
+		return x.Vni
+	}
+	return 0
+}
+
+func (x *NetworkAttachment) GetMac() string {
+	if x != nil {
+		return x.Mac
+	}
+	return ""
+}
+
+func (x *NetworkAttachment) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *NetworkAttachment) GetHostAddress() string {
+	if x != nil {
+		return x.HostAddress
+	}
+	return ""
+}
+
+func (x *NetworkAttachment) GetEgress() bool {
+	if x != nil {
+		return x.Egress
+	}
+	return false
+}
+
+func (x *NetworkAttachment) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
 type CreateVMProgress struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
 	State        VMState                `protobuf:"varint,1,opt,name=state,proto3,enum=vmgrid.compute.v1.VMState" json:"state,omitempty"`
@@ -1274,7 +1398,7 @@ type CreateVMProgress struct {
 
 func (x *CreateVMProgress) Reset() {
 	*x = CreateVMProgress{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[13]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1286,7 +1410,7 @@ func (x *CreateVMProgress) String() string {
 func (*CreateVMProgress) ProtoMessage() {}
 
 func (x *CreateVMProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[13]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1299,7 +1423,7 @@ func (x *CreateVMProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVMProgress.ProtoReflect.Descriptor instead.
 func (*CreateVMProgress) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{13}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CreateVMProgress) GetState() VMState {
@@ -1339,7 +1463,7 @@ type GetVMRequest struct {
 
 func (x *GetVMRequest) Reset() {
 	*x = GetVMRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[14]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1351,7 +1475,7 @@ func (x *GetVMRequest) String() string {
 func (*GetVMRequest) ProtoMessage() {}
 
 func (x *GetVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[14]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1364,7 +1488,7 @@ func (x *GetVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVMRequest.ProtoReflect.Descriptor instead.
 func (*GetVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{14}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetVMRequest) GetVmId() string {
@@ -1383,7 +1507,7 @@ type ListVMsRequest struct {
 
 func (x *ListVMsRequest) Reset() {
 	*x = ListVMsRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[15]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1395,7 +1519,7 @@ func (x *ListVMsRequest) String() string {
 func (*ListVMsRequest) ProtoMessage() {}
 
 func (x *ListVMsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[15]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1408,7 +1532,7 @@ func (x *ListVMsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMsRequest.ProtoReflect.Descriptor instead.
 func (*ListVMsRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{15}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListVMsRequest) GetOwner() string {
@@ -1427,7 +1551,7 @@ type ListVMsResponse struct {
 
 func (x *ListVMsResponse) Reset() {
 	*x = ListVMsResponse{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[16]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1439,7 +1563,7 @@ func (x *ListVMsResponse) String() string {
 func (*ListVMsResponse) ProtoMessage() {}
 
 func (x *ListVMsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[16]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1452,7 +1576,7 @@ func (x *ListVMsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMsResponse.ProtoReflect.Descriptor instead.
 func (*ListVMsResponse) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{16}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListVMsResponse) GetVms() []*ClassAd {
@@ -1471,7 +1595,7 @@ type DestroyVMRequest struct {
 
 func (x *DestroyVMRequest) Reset() {
 	*x = DestroyVMRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[17]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1483,7 +1607,7 @@ func (x *DestroyVMRequest) String() string {
 func (*DestroyVMRequest) ProtoMessage() {}
 
 func (x *DestroyVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[17]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1496,7 +1620,7 @@ func (x *DestroyVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyVMRequest.ProtoReflect.Descriptor instead.
 func (*DestroyVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{17}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *DestroyVMRequest) GetVmId() string {
@@ -1514,7 +1638,7 @@ type DestroyVMResponse struct {
 
 func (x *DestroyVMResponse) Reset() {
 	*x = DestroyVMResponse{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[18]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1526,7 +1650,7 @@ func (x *DestroyVMResponse) String() string {
 func (*DestroyVMResponse) ProtoMessage() {}
 
 func (x *DestroyVMResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[18]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1539,7 +1663,7 @@ func (x *DestroyVMResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyVMResponse.ProtoReflect.Descriptor instead.
 func (*DestroyVMResponse) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{18}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{19}
 }
 
 type SuspendVMRequest struct {
@@ -1551,7 +1675,7 @@ type SuspendVMRequest struct {
 
 func (x *SuspendVMRequest) Reset() {
 	*x = SuspendVMRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[19]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1563,7 +1687,7 @@ func (x *SuspendVMRequest) String() string {
 func (*SuspendVMRequest) ProtoMessage() {}
 
 func (x *SuspendVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[19]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1576,7 +1700,7 @@ func (x *SuspendVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendVMRequest.ProtoReflect.Descriptor instead.
 func (*SuspendVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{19}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SuspendVMRequest) GetVmId() string {
@@ -1598,7 +1722,7 @@ type ResumeVMRequest struct {
 
 func (x *ResumeVMRequest) Reset() {
 	*x = ResumeVMRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[20]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1610,7 +1734,7 @@ func (x *ResumeVMRequest) String() string {
 func (*ResumeVMRequest) ProtoMessage() {}
 
 func (x *ResumeVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[20]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1623,7 +1747,7 @@ func (x *ResumeVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeVMRequest.ProtoReflect.Descriptor instead.
 func (*ResumeVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{20}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ResumeVMRequest) GetClassad() *ClassAd {
@@ -1650,7 +1774,7 @@ type ExecVMRequest struct {
 
 func (x *ExecVMRequest) Reset() {
 	*x = ExecVMRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[21]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1662,7 +1786,7 @@ func (x *ExecVMRequest) String() string {
 func (*ExecVMRequest) ProtoMessage() {}
 
 func (x *ExecVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[21]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1675,7 +1799,7 @@ func (x *ExecVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecVMRequest.ProtoReflect.Descriptor instead.
 func (*ExecVMRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{21}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ExecVMRequest) GetVmId() string {
@@ -1705,7 +1829,7 @@ type ExecVMResponse struct {
 
 func (x *ExecVMResponse) Reset() {
 	*x = ExecVMResponse{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[22]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1717,7 +1841,7 @@ func (x *ExecVMResponse) String() string {
 func (*ExecVMResponse) ProtoMessage() {}
 
 func (x *ExecVMResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[22]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1730,7 +1854,7 @@ func (x *ExecVMResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecVMResponse.ProtoReflect.Descriptor instead.
 func (*ExecVMResponse) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{22}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ExecVMResponse) GetExitCode() int32 {
@@ -1785,7 +1909,7 @@ type StageOutRequest struct {
 
 func (x *StageOutRequest) Reset() {
 	*x = StageOutRequest{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[23]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1797,7 +1921,7 @@ func (x *StageOutRequest) String() string {
 func (*StageOutRequest) ProtoMessage() {}
 
 func (x *StageOutRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[23]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1810,7 +1934,7 @@ func (x *StageOutRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StageOutRequest.ProtoReflect.Descriptor instead.
 func (*StageOutRequest) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{23}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *StageOutRequest) GetVmId() string {
@@ -1850,7 +1974,7 @@ type StageOutResponse struct {
 
 func (x *StageOutResponse) Reset() {
 	*x = StageOutResponse{}
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[24]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1862,7 +1986,7 @@ func (x *StageOutResponse) String() string {
 func (*StageOutResponse) ProtoMessage() {}
 
 func (x *StageOutResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[24]
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1875,7 +1999,7 @@ func (x *StageOutResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StageOutResponse.ProtoReflect.Descriptor instead.
 func (*StageOutResponse) Descriptor() ([]byte, []int) {
-	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{24}
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *StageOutResponse) GetUploaded() []string {
@@ -1958,7 +2082,7 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	" \x01(\bR\trecovered\x1a:\n" +
 	"\fResultsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd4\x05\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x94\x06\n" +
 	"\aClassAd\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n" +
 	"\x05plant\x18\x02 \x01(\tR\x05plant\x12\x14\n" +
@@ -1980,10 +2104,11 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x06labels\x18\x0f \x03(\v2&.vmgrid.compute.v1.ClassAd.LabelsEntryR\x06labels\x12\x14\n" +
 	"\x05error\x18\x10 \x01(\tR\x05error\x12\x10\n" +
 	"\x03pid\x18\x11 \x01(\x05R\x03pid\x12#\n" +
-	"\rfetched_bytes\x18\x12 \x01(\x04R\ffetchedBytes\x1a9\n" +
+	"\rfetched_bytes\x18\x12 \x01(\x04R\ffetchedBytes\x12>\n" +
+	"\anetwork\x18\x13 \x01(\v2$.vmgrid.compute.v1.NetworkAttachmentR\anetwork\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x96\x03\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd6\x03\n" +
 	"\x0fCreateVMRequest\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n" +
 	"\x05owner\x18\x02 \x01(\tR\x05owner\x12\x14\n" +
@@ -1992,10 +2117,19 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x06config\x18\x05 \x01(\v2\x1c.vmgrid.compute.v1.ConfigDAGR\x06config\x12'\n" +
 	"\x0fpersistent_disk\x18\x06 \x01(\tR\x0epersistentDisk\x12F\n" +
 	"\x06labels\x18\a \x03(\v2..vmgrid.compute.v1.CreateVMRequest.LabelsEntryR\x06labels\x12'\n" +
-	"\x0fdata_credential\x18\b \x01(\tR\x0edataCredential\x1a9\n" +
+	"\x0fdata_credential\x18\b \x01(\tR\x0edataCredential\x12>\n" +
+	"\anetwork\x18\t \x01(\v2$.vmgrid.compute.v1.NetworkAttachmentR\anetwork\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb9\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc0\x01\n" +
+	"\x11NetworkAttachment\x12\x16\n" +
+	"\x06domain\x18\x01 \x01(\tR\x06domain\x12\x10\n" +
+	"\x03vni\x18\x02 \x01(\rR\x03vni\x12\x10\n" +
+	"\x03mac\x18\x03 \x01(\tR\x03mac\x12\x18\n" +
+	"\aaddress\x18\x04 \x01(\tR\aaddress\x12!\n" +
+	"\fhost_address\x18\x05 \x01(\tR\vhostAddress\x12\x16\n" +
+	"\x06egress\x18\x06 \x01(\bR\x06egress\x12\x1a\n" +
+	"\bhostname\x18\a \x01(\tR\bhostname\"\xb9\x01\n" +
 	"\x10CreateVMProgress\x120\n" +
 	"\x05state\x18\x01 \x01(\x0e2\x1a.vmgrid.compute.v1.VMStateR\x05state\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12#\n" +
@@ -2067,7 +2201,7 @@ func file_vmgrid_compute_v1_plant_proto_rawDescGZIP() []byte {
 }
 
 var file_vmgrid_compute_v1_plant_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_vmgrid_compute_v1_plant_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_vmgrid_compute_v1_plant_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_vmgrid_compute_v1_plant_proto_goTypes = []any{
 	(VMState)(0),              // 0: vmgrid.compute.v1.VMState
 	(*Hardware)(nil),          // 1: vmgrid.compute.v1.Hardware
@@ -2083,22 +2217,23 @@ var file_vmgrid_compute_v1_plant_proto_goTypes = []any{
 	(*ActionResult)(nil),      // 11: vmgrid.compute.v1.ActionResult
 	(*ClassAd)(nil),           // 12: vmgrid.compute.v1.ClassAd
 	(*CreateVMRequest)(nil),   // 13: vmgrid.compute.v1.CreateVMRequest
-	(*CreateVMProgress)(nil),  // 14: vmgrid.compute.v1.CreateVMProgress
-	(*GetVMRequest)(nil),      // 15: vmgrid.compute.v1.GetVMRequest
-	(*ListVMsRequest)(nil),    // 16: vmgrid.compute.v1.ListVMsRequest
-	(*ListVMsResponse)(nil),   // 17: vmgrid.compute.v1.ListVMsResponse
-	(*DestroyVMRequest)(nil),  // 18: vmgrid.compute.v1.DestroyVMRequest
-	(*DestroyVMResponse)(nil), // 19: vmgrid.compute.v1.DestroyVMResponse
-	(*SuspendVMRequest)(nil),  // 20: vmgrid.compute.v1.SuspendVMRequest
-	(*ResumeVMRequest)(nil),   // 21: vmgrid.compute.v1.ResumeVMRequest
-	(*ExecVMRequest)(nil),     // 22: vmgrid.compute.v1.ExecVMRequest
-	(*ExecVMResponse)(nil),    // 23: vmgrid.compute.v1.ExecVMResponse
-	(*StageOutRequest)(nil),   // 24: vmgrid.compute.v1.StageOutRequest
-	(*StageOutResponse)(nil),  // 25: vmgrid.compute.v1.StageOutResponse
-	nil,                       // 26: vmgrid.compute.v1.ActionResult.ResultsEntry
-	nil,                       // 27: vmgrid.compute.v1.ClassAd.LabelsEntry
-	nil,                       // 28: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
-	nil,                       // 29: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	(*NetworkAttachment)(nil), // 14: vmgrid.compute.v1.NetworkAttachment
+	(*CreateVMProgress)(nil),  // 15: vmgrid.compute.v1.CreateVMProgress
+	(*GetVMRequest)(nil),      // 16: vmgrid.compute.v1.GetVMRequest
+	(*ListVMsRequest)(nil),    // 17: vmgrid.compute.v1.ListVMsRequest
+	(*ListVMsResponse)(nil),   // 18: vmgrid.compute.v1.ListVMsResponse
+	(*DestroyVMRequest)(nil),  // 19: vmgrid.compute.v1.DestroyVMRequest
+	(*DestroyVMResponse)(nil), // 20: vmgrid.compute.v1.DestroyVMResponse
+	(*SuspendVMRequest)(nil),  // 21: vmgrid.compute.v1.SuspendVMRequest
+	(*ResumeVMRequest)(nil),   // 22: vmgrid.compute.v1.ResumeVMRequest
+	(*ExecVMRequest)(nil),     // 23: vmgrid.compute.v1.ExecVMRequest
+	(*ExecVMResponse)(nil),    // 24: vmgrid.compute.v1.ExecVMResponse
+	(*StageOutRequest)(nil),   // 25: vmgrid.compute.v1.StageOutRequest
+	(*StageOutResponse)(nil),  // 26: vmgrid.compute.v1.StageOutResponse
+	nil,                       // 27: vmgrid.compute.v1.ActionResult.ResultsEntry
+	nil,                       // 28: vmgrid.compute.v1.ClassAd.LabelsEntry
+	nil,                       // 29: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
+	nil,                       // 30: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
 }
 var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	2,  // 0: vmgrid.compute.v1.Action.exec:type_name -> vmgrid.compute.v1.ExecAction
@@ -2110,42 +2245,44 @@ var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	8,  // 6: vmgrid.compute.v1.Action.stage_in:type_name -> vmgrid.compute.v1.StageInAction
 	9,  // 7: vmgrid.compute.v1.Action.on_error:type_name -> vmgrid.compute.v1.Action
 	9,  // 8: vmgrid.compute.v1.ConfigDAG.actions:type_name -> vmgrid.compute.v1.Action
-	26, // 9: vmgrid.compute.v1.ActionResult.results:type_name -> vmgrid.compute.v1.ActionResult.ResultsEntry
+	27, // 9: vmgrid.compute.v1.ActionResult.results:type_name -> vmgrid.compute.v1.ActionResult.ResultsEntry
 	0,  // 10: vmgrid.compute.v1.ClassAd.state:type_name -> vmgrid.compute.v1.VMState
 	1,  // 11: vmgrid.compute.v1.ClassAd.hardware:type_name -> vmgrid.compute.v1.Hardware
 	11, // 12: vmgrid.compute.v1.ClassAd.actions:type_name -> vmgrid.compute.v1.ActionResult
-	27, // 13: vmgrid.compute.v1.ClassAd.labels:type_name -> vmgrid.compute.v1.ClassAd.LabelsEntry
-	1,  // 14: vmgrid.compute.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
-	10, // 15: vmgrid.compute.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
-	28, // 16: vmgrid.compute.v1.CreateVMRequest.labels:type_name -> vmgrid.compute.v1.CreateVMRequest.LabelsEntry
-	0,  // 17: vmgrid.compute.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
-	12, // 18: vmgrid.compute.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
-	12, // 19: vmgrid.compute.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
-	12, // 20: vmgrid.compute.v1.ResumeVMRequest.classad:type_name -> vmgrid.compute.v1.ClassAd
-	10, // 21: vmgrid.compute.v1.ResumeVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
-	2,  // 22: vmgrid.compute.v1.ExecVMRequest.exec:type_name -> vmgrid.compute.v1.ExecAction
-	29, // 23: vmgrid.compute.v1.ExecVMResponse.results:type_name -> vmgrid.compute.v1.ExecVMResponse.ResultsEntry
-	13, // 24: vmgrid.compute.v1.PlantService.CreateVM:input_type -> vmgrid.compute.v1.CreateVMRequest
-	15, // 25: vmgrid.compute.v1.PlantService.GetVM:input_type -> vmgrid.compute.v1.GetVMRequest
-	16, // 26: vmgrid.compute.v1.PlantService.ListVMs:input_type -> vmgrid.compute.v1.ListVMsRequest
-	18, // 27: vmgrid.compute.v1.PlantService.DestroyVM:input_type -> vmgrid.compute.v1.DestroyVMRequest
-	20, // 28: vmgrid.compute.v1.PlantService.SuspendVM:input_type -> vmgrid.compute.v1.SuspendVMRequest
-	21, // 29: vmgrid.compute.v1.PlantService.ResumeVM:input_type -> vmgrid.compute.v1.ResumeVMRequest
-	22, // 30: vmgrid.compute.v1.PlantService.ExecVM:input_type -> vmgrid.compute.v1.ExecVMRequest
-	24, // 31: vmgrid.compute.v1.PlantService.StageOut:input_type -> vmgrid.compute.v1.StageOutRequest
-	14, // 32: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	12, // 33: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	17, // 34: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
-	19, // 35: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
-	12, // 36: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
-	14, // 37: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	23, // 38: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
-	25, // 39: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
-	32, // [32:40] is the sub-list for method output_type
-	24, // [24:32] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	28, // 13: vmgrid.compute.v1.ClassAd.labels:type_name -> vmgrid.compute.v1.ClassAd.LabelsEntry
+	14, // 14: vmgrid.compute.v1.ClassAd.network:type_name -> vmgrid.compute.v1.NetworkAttachment
+	1,  // 15: vmgrid.compute.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
+	10, // 16: vmgrid.compute.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
+	29, // 17: vmgrid.compute.v1.CreateVMRequest.labels:type_name -> vmgrid.compute.v1.CreateVMRequest.LabelsEntry
+	14, // 18: vmgrid.compute.v1.CreateVMRequest.network:type_name -> vmgrid.compute.v1.NetworkAttachment
+	0,  // 19: vmgrid.compute.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
+	12, // 20: vmgrid.compute.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
+	12, // 21: vmgrid.compute.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
+	12, // 22: vmgrid.compute.v1.ResumeVMRequest.classad:type_name -> vmgrid.compute.v1.ClassAd
+	10, // 23: vmgrid.compute.v1.ResumeVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
+	2,  // 24: vmgrid.compute.v1.ExecVMRequest.exec:type_name -> vmgrid.compute.v1.ExecAction
+	30, // 25: vmgrid.compute.v1.ExecVMResponse.results:type_name -> vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	13, // 26: vmgrid.compute.v1.PlantService.CreateVM:input_type -> vmgrid.compute.v1.CreateVMRequest
+	16, // 27: vmgrid.compute.v1.PlantService.GetVM:input_type -> vmgrid.compute.v1.GetVMRequest
+	17, // 28: vmgrid.compute.v1.PlantService.ListVMs:input_type -> vmgrid.compute.v1.ListVMsRequest
+	19, // 29: vmgrid.compute.v1.PlantService.DestroyVM:input_type -> vmgrid.compute.v1.DestroyVMRequest
+	21, // 30: vmgrid.compute.v1.PlantService.SuspendVM:input_type -> vmgrid.compute.v1.SuspendVMRequest
+	22, // 31: vmgrid.compute.v1.PlantService.ResumeVM:input_type -> vmgrid.compute.v1.ResumeVMRequest
+	23, // 32: vmgrid.compute.v1.PlantService.ExecVM:input_type -> vmgrid.compute.v1.ExecVMRequest
+	25, // 33: vmgrid.compute.v1.PlantService.StageOut:input_type -> vmgrid.compute.v1.StageOutRequest
+	15, // 34: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	12, // 35: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	18, // 36: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
+	20, // 37: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
+	12, // 38: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
+	15, // 39: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	24, // 40: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
+	26, // 41: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
+	34, // [34:42] is the sub-list for method output_type
+	26, // [26:34] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_vmgrid_compute_v1_plant_proto_init() }
@@ -2168,7 +2305,7 @@ func file_vmgrid_compute_v1_plant_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmgrid_compute_v1_plant_proto_rawDesc), len(file_vmgrid_compute_v1_plant_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   29,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -63,6 +63,9 @@ func (r *CreateVMRequest) Validate() error {
 	if err := validateDataCredential(r.DataCredential); err != nil {
 		return err
 	}
+	if err := validateNetwork(r.Network); err != nil {
+		return err
+	}
 	if err := ValidateLabels(r.Labels); err != nil {
 		return err
 	}

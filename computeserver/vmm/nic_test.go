@@ -1,0 +1,71 @@
+package vmm
+
+import (
+	"context"
+	"net"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmgrid/vmgrid/computeserver/vnet"
+	"github.com/vmgrid/vmgrid/computeserver/vnet/vnettest"
+)
+
+// A NIC on the command line: QEMU takes the tap's descriptor (the tap lives
+// in another namespace than QEMU), the device has the MAC, and the tap
+// goes with QEMU.
+func TestNICOnTheCommandLine(t *testing.T) {
+	d := driver(t)
+	img := tinyImage(t)
+	h := vnettest.NewLAN(t).Host()
+	nm, err := vnet.New(vnet.Config{Underlay: h.Addr, Netns: h.Netns, Prefix: vnet.PrefixFor(t.Name())}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nm.Close()
+	at, err := nm.Attach(7, &net.IPNet{IP: net.ParseIP("10.66.0.1"), Mask: net.CIDRMask(24, 32)}, "vm-nic")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	spec := tinySpec(t, img, overlay(t, img.RootDisk))
+	spec.NICs = []NIC{{ID: "net0", MAC: "02:00:00:00:07:02", Tap: at.Tap}}
+	m, err := d.Start(ctx, spec)
+	at.Tap.Close() // QEMU has its own
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Kill()
+	var filters []struct {
+		Name    string `json:"name"`
+		MainMac string `json:"main-mac"`
+	}
+	if err := m.QMP(ctx, "query-rx-filter", nil, &filters); err != nil {
+		t.Fatal(err)
+	}
+	if len(filters) != 1 || filters[0].MainMac != "02:00:00:00:07:02" {
+		t.Fatalf("NICs %+v", filters)
+	}
+	if devs, _ := nm.Devices(); !slices.Contains(devs, at.TapName) {
+		t.Fatalf("the tap is gone while QEMU runs: %v", devs)
+	}
+	if err := m.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if devs, _ := nm.Devices(); slices.Contains(devs, at.TapName) {
+		t.Fatalf("the tap outlived QEMU: %v", devs)
+	}
+}
+
+func TestNICArgs(t *testing.T) {
+	s := Spec{Dir: "/tmp/x", NICs: []NIC{{ID: "net0", MAC: "02:00:00:00:00:01"}}}
+	if err := s.Validate(); err == nil {
+		t.Fatal("a NIC without a tap must be refused")
+	}
+	a := strings.Join(nicArgs(s.NICs), " ")
+	if a != "-netdev tap,id=net0,fd=3 -device virtio-net-pci,netdev=net0,id=net0-dev,mac=02:00:00:00:00:01" {
+		t.Fatalf("args %q", a)
+	}
+}
