@@ -1889,7 +1889,7 @@ var File_vmgrid_compute_v1_plant_proto protoreflect.FileDescriptor
 
 const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\n" +
-	"\x1dvmgrid/compute/v1/plant.proto\x12\x11vmgrid.compute.v1\"S\n" +
+	"\x1dvmgrid/compute/v1/plant.proto\x12\x11vmgrid.compute.v1\x1a\x1evmgrid/compute/v1/access.proto\"S\n" +
 	"\bHardware\x12\x12\n" +
 	"\x04arch\x18\x01 \x01(\tR\x04arch\x12\x14\n" +
 	"\x05vcpus\x18\x02 \x01(\rR\x05vcpus\x12\x1d\n" +
@@ -2043,7 +2043,7 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x12VM_STATE_SUSPENDED\x10\x05\x12\x13\n" +
 	"\x0fVM_STATE_FAILED\x10\x06\x12\x16\n" +
 	"\x12VM_STATE_DESTROYED\x10\a\x12\x11\n" +
-	"\rVM_STATE_LOST\x10\b2\x9e\x05\n" +
+	"\rVM_STATE_LOST\x10\b2\xb5\a\n" +
 	"\fPlantService\x12U\n" +
 	"\bCreateVM\x12\".vmgrid.compute.v1.CreateVMRequest\x1a#.vmgrid.compute.v1.CreateVMProgress0\x01\x12D\n" +
 	"\x05GetVM\x12\x1f.vmgrid.compute.v1.GetVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12P\n" +
@@ -2052,7 +2052,11 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\tSuspendVM\x12#.vmgrid.compute.v1.SuspendVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12U\n" +
 	"\bResumeVM\x12\".vmgrid.compute.v1.ResumeVMRequest\x1a#.vmgrid.compute.v1.CreateVMProgress0\x01\x12M\n" +
 	"\x06ExecVM\x12 .vmgrid.compute.v1.ExecVMRequest\x1a!.vmgrid.compute.v1.ExecVMResponse\x12S\n" +
-	"\bStageOut\x12\".vmgrid.compute.v1.StageOutRequest\x1a#.vmgrid.compute.v1.StageOutResponseB<Z:github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1;computev1b\x06proto3"
+	"\bStageOut\x12\".vmgrid.compute.v1.StageOutRequest\x1a#.vmgrid.compute.v1.StageOutResponse\x12]\n" +
+	"\n" +
+	"ExecStream\x12$.vmgrid.compute.v1.ExecStreamRequest\x1a%.vmgrid.compute.v1.ExecStreamResponse(\x010\x01\x12T\n" +
+	"\aConsole\x12!.vmgrid.compute.v1.ConsoleRequest\x1a\".vmgrid.compute.v1.ConsoleResponse(\x010\x01\x12`\n" +
+	"\vPortForward\x12%.vmgrid.compute.v1.PortForwardRequest\x1a&.vmgrid.compute.v1.PortForwardResponse(\x010\x01B<Z:github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1;computev1b\x06proto3"
 
 var (
 	file_vmgrid_compute_v1_plant_proto_rawDescOnce sync.Once
@@ -2069,36 +2073,42 @@ func file_vmgrid_compute_v1_plant_proto_rawDescGZIP() []byte {
 var file_vmgrid_compute_v1_plant_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
 var file_vmgrid_compute_v1_plant_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_vmgrid_compute_v1_plant_proto_goTypes = []any{
-	(VMState)(0),              // 0: vmgrid.compute.v1.VMState
-	(*Hardware)(nil),          // 1: vmgrid.compute.v1.Hardware
-	(*ExecAction)(nil),        // 2: vmgrid.compute.v1.ExecAction
-	(*WriteFileAction)(nil),   // 3: vmgrid.compute.v1.WriteFileAction
-	(*SetHostnameAction)(nil), // 4: vmgrid.compute.v1.SetHostnameAction
-	(*AddUserAction)(nil),     // 5: vmgrid.compute.v1.AddUserAction
-	(*MountAction)(nil),       // 6: vmgrid.compute.v1.MountAction
-	(*AttachDiskAction)(nil),  // 7: vmgrid.compute.v1.AttachDiskAction
-	(*StageInAction)(nil),     // 8: vmgrid.compute.v1.StageInAction
-	(*Action)(nil),            // 9: vmgrid.compute.v1.Action
-	(*ConfigDAG)(nil),         // 10: vmgrid.compute.v1.ConfigDAG
-	(*ActionResult)(nil),      // 11: vmgrid.compute.v1.ActionResult
-	(*ClassAd)(nil),           // 12: vmgrid.compute.v1.ClassAd
-	(*CreateVMRequest)(nil),   // 13: vmgrid.compute.v1.CreateVMRequest
-	(*CreateVMProgress)(nil),  // 14: vmgrid.compute.v1.CreateVMProgress
-	(*GetVMRequest)(nil),      // 15: vmgrid.compute.v1.GetVMRequest
-	(*ListVMsRequest)(nil),    // 16: vmgrid.compute.v1.ListVMsRequest
-	(*ListVMsResponse)(nil),   // 17: vmgrid.compute.v1.ListVMsResponse
-	(*DestroyVMRequest)(nil),  // 18: vmgrid.compute.v1.DestroyVMRequest
-	(*DestroyVMResponse)(nil), // 19: vmgrid.compute.v1.DestroyVMResponse
-	(*SuspendVMRequest)(nil),  // 20: vmgrid.compute.v1.SuspendVMRequest
-	(*ResumeVMRequest)(nil),   // 21: vmgrid.compute.v1.ResumeVMRequest
-	(*ExecVMRequest)(nil),     // 22: vmgrid.compute.v1.ExecVMRequest
-	(*ExecVMResponse)(nil),    // 23: vmgrid.compute.v1.ExecVMResponse
-	(*StageOutRequest)(nil),   // 24: vmgrid.compute.v1.StageOutRequest
-	(*StageOutResponse)(nil),  // 25: vmgrid.compute.v1.StageOutResponse
-	nil,                       // 26: vmgrid.compute.v1.ActionResult.ResultsEntry
-	nil,                       // 27: vmgrid.compute.v1.ClassAd.LabelsEntry
-	nil,                       // 28: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
-	nil,                       // 29: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	(VMState)(0),                // 0: vmgrid.compute.v1.VMState
+	(*Hardware)(nil),            // 1: vmgrid.compute.v1.Hardware
+	(*ExecAction)(nil),          // 2: vmgrid.compute.v1.ExecAction
+	(*WriteFileAction)(nil),     // 3: vmgrid.compute.v1.WriteFileAction
+	(*SetHostnameAction)(nil),   // 4: vmgrid.compute.v1.SetHostnameAction
+	(*AddUserAction)(nil),       // 5: vmgrid.compute.v1.AddUserAction
+	(*MountAction)(nil),         // 6: vmgrid.compute.v1.MountAction
+	(*AttachDiskAction)(nil),    // 7: vmgrid.compute.v1.AttachDiskAction
+	(*StageInAction)(nil),       // 8: vmgrid.compute.v1.StageInAction
+	(*Action)(nil),              // 9: vmgrid.compute.v1.Action
+	(*ConfigDAG)(nil),           // 10: vmgrid.compute.v1.ConfigDAG
+	(*ActionResult)(nil),        // 11: vmgrid.compute.v1.ActionResult
+	(*ClassAd)(nil),             // 12: vmgrid.compute.v1.ClassAd
+	(*CreateVMRequest)(nil),     // 13: vmgrid.compute.v1.CreateVMRequest
+	(*CreateVMProgress)(nil),    // 14: vmgrid.compute.v1.CreateVMProgress
+	(*GetVMRequest)(nil),        // 15: vmgrid.compute.v1.GetVMRequest
+	(*ListVMsRequest)(nil),      // 16: vmgrid.compute.v1.ListVMsRequest
+	(*ListVMsResponse)(nil),     // 17: vmgrid.compute.v1.ListVMsResponse
+	(*DestroyVMRequest)(nil),    // 18: vmgrid.compute.v1.DestroyVMRequest
+	(*DestroyVMResponse)(nil),   // 19: vmgrid.compute.v1.DestroyVMResponse
+	(*SuspendVMRequest)(nil),    // 20: vmgrid.compute.v1.SuspendVMRequest
+	(*ResumeVMRequest)(nil),     // 21: vmgrid.compute.v1.ResumeVMRequest
+	(*ExecVMRequest)(nil),       // 22: vmgrid.compute.v1.ExecVMRequest
+	(*ExecVMResponse)(nil),      // 23: vmgrid.compute.v1.ExecVMResponse
+	(*StageOutRequest)(nil),     // 24: vmgrid.compute.v1.StageOutRequest
+	(*StageOutResponse)(nil),    // 25: vmgrid.compute.v1.StageOutResponse
+	nil,                         // 26: vmgrid.compute.v1.ActionResult.ResultsEntry
+	nil,                         // 27: vmgrid.compute.v1.ClassAd.LabelsEntry
+	nil,                         // 28: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
+	nil,                         // 29: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	(*ExecStreamRequest)(nil),   // 30: vmgrid.compute.v1.ExecStreamRequest
+	(*ConsoleRequest)(nil),      // 31: vmgrid.compute.v1.ConsoleRequest
+	(*PortForwardRequest)(nil),  // 32: vmgrid.compute.v1.PortForwardRequest
+	(*ExecStreamResponse)(nil),  // 33: vmgrid.compute.v1.ExecStreamResponse
+	(*ConsoleResponse)(nil),     // 34: vmgrid.compute.v1.ConsoleResponse
+	(*PortForwardResponse)(nil), // 35: vmgrid.compute.v1.PortForwardResponse
 }
 var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	2,  // 0: vmgrid.compute.v1.Action.exec:type_name -> vmgrid.compute.v1.ExecAction
@@ -2133,16 +2143,22 @@ var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	21, // 29: vmgrid.compute.v1.PlantService.ResumeVM:input_type -> vmgrid.compute.v1.ResumeVMRequest
 	22, // 30: vmgrid.compute.v1.PlantService.ExecVM:input_type -> vmgrid.compute.v1.ExecVMRequest
 	24, // 31: vmgrid.compute.v1.PlantService.StageOut:input_type -> vmgrid.compute.v1.StageOutRequest
-	14, // 32: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	12, // 33: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	17, // 34: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
-	19, // 35: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
-	12, // 36: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
-	14, // 37: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	23, // 38: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
-	25, // 39: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
-	32, // [32:40] is the sub-list for method output_type
-	24, // [24:32] is the sub-list for method input_type
+	30, // 32: vmgrid.compute.v1.PlantService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
+	31, // 33: vmgrid.compute.v1.PlantService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
+	32, // 34: vmgrid.compute.v1.PlantService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
+	14, // 35: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	12, // 36: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	17, // 37: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
+	19, // 38: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
+	12, // 39: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
+	14, // 40: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	23, // 41: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
+	25, // 42: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
+	33, // 43: vmgrid.compute.v1.PlantService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
+	34, // 44: vmgrid.compute.v1.PlantService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
+	35, // 45: vmgrid.compute.v1.PlantService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
+	35, // [35:46] is the sub-list for method output_type
+	24, // [24:35] is the sub-list for method input_type
 	24, // [24:24] is the sub-list for extension type_name
 	24, // [24:24] is the sub-list for extension extendee
 	0,  // [0:24] is the sub-list for field type_name
@@ -2153,6 +2169,7 @@ func file_vmgrid_compute_v1_plant_proto_init() {
 	if File_vmgrid_compute_v1_plant_proto != nil {
 		return
 	}
+	file_vmgrid_compute_v1_access_proto_init()
 	file_vmgrid_compute_v1_plant_proto_msgTypes[8].OneofWrappers = []any{
 		(*Action_Exec)(nil),
 		(*Action_WriteFile)(nil),
