@@ -53,8 +53,8 @@ type streams struct {
 type session struct {
 	in   chan Request  // input for the command, in order
 	done chan struct{} // closed when the command's exit was sent
-	cmd *exec.Cmd
-	pty *os.File // the terminal's master; nil without a terminal
+	cmd  *exec.Cmd
+	pty  *os.File // the terminal's master; nil without a terminal
 }
 
 // take handles req if it is a stream operation, reporting whether it was.
