@@ -992,7 +992,10 @@ type ClassAd struct {
 	// The VM's process on its plant.
 	Pid int32 `protobuf:"varint,17,opt,name=pid,proto3" json:"pid,omitempty"`
 	// Bytes the plant fetched from its upstream while creating this VM.
-	FetchedBytes  uint64 `protobuf:"varint,18,opt,name=fetched_bytes,json=fetchedBytes,proto3" json:"fetched_bytes,omitempty"`
+	FetchedBytes uint64 `protobuf:"varint,18,opt,name=fetched_bytes,json=fetchedBytes,proto3" json:"fetched_bytes,omitempty"`
+	// The first user the request's add_user actions made: who `vmgrid vm
+	// ssh` logs in as. Empty: none was added.
+	LoginUser     string `protobuf:"bytes,40,opt,name=login_user,json=loginUser,proto3" json:"login_user,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1151,6 +1154,13 @@ func (x *ClassAd) GetFetchedBytes() uint64 {
 		return x.FetchedBytes
 	}
 	return 0
+}
+
+func (x *ClassAd) GetLoginUser() string {
+	if x != nil {
+		return x.LoginUser
+	}
+	return ""
 }
 
 type CreateVMRequest struct {
@@ -1958,7 +1968,7 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	" \x01(\bR\trecovered\x1a:\n" +
 	"\fResultsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd4\x05\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf3\x05\n" +
 	"\aClassAd\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n" +
 	"\x05plant\x18\x02 \x01(\tR\x05plant\x12\x14\n" +
@@ -1980,7 +1990,9 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x06labels\x18\x0f \x03(\v2&.vmgrid.compute.v1.ClassAd.LabelsEntryR\x06labels\x12\x14\n" +
 	"\x05error\x18\x10 \x01(\tR\x05error\x12\x10\n" +
 	"\x03pid\x18\x11 \x01(\x05R\x03pid\x12#\n" +
-	"\rfetched_bytes\x18\x12 \x01(\x04R\ffetchedBytes\x1a9\n" +
+	"\rfetched_bytes\x18\x12 \x01(\x04R\ffetchedBytes\x12\x1d\n" +
+	"\n" +
+	"login_user\x18( \x01(\tR\tloginUser\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x96\x03\n" +
