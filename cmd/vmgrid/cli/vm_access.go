@@ -99,7 +99,9 @@ func runExec(cmd *cobra.Command, cl shopv1.ShopServiceClient, start *computev1.E
 	if forwardStdin {
 		go sendChunks(cmd.InOrStdin(), func(b []byte) error {
 			return stream.Send(&computev1.ExecStreamRequest{Kind: &computev1.ExecStreamRequest_Stdin{Stdin: b}})
-		}, func() { _ = stream.Send(&computev1.ExecStreamRequest{Kind: &computev1.ExecStreamRequest_StdinClose{StdinClose: true}}) })
+		}, func() {
+			_ = stream.Send(&computev1.ExecStreamRequest{Kind: &computev1.ExecStreamRequest_StdinClose{StdinClose: true}})
+		})
 		if start.Tty {
 			go forwardResizes(ctx, cmd.InOrStdin(), stream)
 		}
