@@ -6,6 +6,9 @@ import "github.com/prometheus/client_golang/prometheus"
 type metrics struct {
 	placement prometheus.Histogram
 	creates   *prometheus.CounterVec
+	// Access streams (access.go), by kind: exec, console, port-forward.
+	accessOpen  *prometheus.GaugeVec
+	accessBytes *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -17,6 +20,14 @@ func newMetrics() *metrics {
 		creates: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "vmgrid", Subsystem: "shop", Name: "creates_total", Help: "CreateVM outcomes.",
 		}, []string{"result"}),
+		accessOpen: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "vmgrid", Subsystem: "shop", Name: "access_streams_open",
+			Help: "Open exec, console and port-forward streams relayed to plants.",
+		}, []string{"kind"}),
+		accessBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "vmgrid", Subsystem: "shop", Name: "access_bytes_total",
+			Help: "Bytes of access stream messages relayed, to the guest (in) and from it (out).",
+		}, []string{"kind", "direction"}),
 	}
 }
 
@@ -26,7 +37,7 @@ func (m *metrics) register(reg prometheus.Registerer) error {
 		return nil
 	}
 	var done []prometheus.Collector
-	for _, c := range []prometheus.Collector{m.placement, m.creates} {
+	for _, c := range []prometheus.Collector{m.placement, m.creates, m.accessOpen, m.accessBytes} {
 		if err := reg.Register(c); err != nil {
 			for _, d := range done {
 				reg.Unregister(d)

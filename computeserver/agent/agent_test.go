@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bufio"
 	"context"
 	"net"
 	"os"
@@ -20,7 +19,7 @@ func pipeClient(t *testing.T) *Client {
 	done := make(chan struct{})
 	go func() { defer close(done); Serve(ctx, a) }()
 	t.Cleanup(func() { cancel(); b.Close(); a.Close(); <-done })
-	return &Client{conn: b, r: bufio.NewReader(b)}
+	return newClient(b)
 }
 
 func TestExecOutputsExitCodeAndResults(t *testing.T) {
@@ -105,7 +104,7 @@ func TestDoHonoursContext(t *testing.T) {
 			}
 		}
 	}()
-	c := &Client{conn: b, r: bufio.NewReader(b)}
+	c := newClient(b)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	if _, err := c.Do(ctx, Request{Op: OpPing}); err == nil {

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -33,23 +34,34 @@ func FindPort(name string) (string, error) {
 	return "", fmt.Errorf("no virtio-serial port named %s", name)
 }
 
-// Serve runs the agent on rw until ctx ends or rw fails.
+// Serve runs the agent on rw until ctx ends or rw fails. Requests run
+// concurrently (a long exec does not hold up the others); responses carry
+// their request's ID. Streams' commands end with the connection.
 func Serve(ctx context.Context, rw io.ReadWriter) error {
+	ctx, cancel := context.WithCancel(ctx)
+	out := &encoder{enc: json.NewEncoder(rw)}
+	ss := &streams{ctx: ctx, out: out, m: map[uint64]*session{}}
+	var handlers sync.WaitGroup
+	defer func() { cancel(); handlers.Wait(); ss.wg.Wait() }()
 	r := bufio.NewReaderSize(rw, 1<<20)
-	enc := json.NewEncoder(rw)
 	for ctx.Err() == nil {
 		line, err := r.ReadBytes('\n')
 		if len(bytes.TrimSpace(line)) > 0 {
 			var req Request
-			var resp Response
 			if jerr := json.Unmarshal(line, &req); jerr != nil {
-				resp = Response{Error: "bad request: " + jerr.Error()}
-			} else {
-				resp = Handle(ctx, &req)
-			}
-			resp.ID = req.ID
-			if werr := enc.Encode(&resp); werr != nil {
-				return werr
+				if werr := out.send(&Response{ID: req.ID, Error: "bad request: " + jerr.Error()}); werr != nil {
+					return werr
+				}
+			} else if !ss.take(&req) {
+				handlers.Add(1)
+				go func() {
+					defer handlers.Done()
+					resp := Handle(ctx, &req)
+					resp.ID = req.ID
+					if out.send(&resp) != nil {
+						cancel() // the connection is gone: so is the loop
+					}
+				}()
 			}
 		}
 		if err != nil {

@@ -25,6 +25,12 @@ const (
 	OpIdentity = "identity"
 	// Networks (net.go).
 	OpNetwork = "configure_network"
+	// Streams (stream.go): exec_stream starts a command whose output comes
+	// back as responses with More set, ending with one without; input
+	// sends it stdin, end of input, a window size or a signal and gets no
+	// response. Several streams run at once beside ordinary requests.
+	OpExecStream = "exec_stream"
+	OpInput      = "input"
 )
 
 // Request is one action for the agent.
@@ -72,6 +78,16 @@ type Request struct {
 	Address string `json:"address,omitempty"`
 	Gateway string `json:"gateway,omitempty"`
 	MTU     int    `json:"mtu,omitempty"`
+	// exec_stream (with Argv, Env, Dir): a pseudo-terminal of Rows x Cols.
+	TTY  bool   `json:"tty,omitempty"`
+	Rows uint16 `json:"rows,omitempty"`
+	Cols uint16 `json:"cols,omitempty"`
+	// input: the exec_stream it is for (that request's ID), then stdin
+	// Data, EOF (end of stdin), a new window size (Rows, Cols) or Signal.
+	Stream uint64 `json:"stream,omitempty"`
+	Data   []byte `json:"data,omitempty"`
+	EOF    bool   `json:"eof,omitempty"`
+	Signal int    `json:"signal,omitempty"`
 }
 
 // Response is the outcome of a Request.
@@ -94,6 +110,12 @@ type Response struct {
 
 	// identity (identity.go): the guest's identity after the request.
 	Identity *Identity `json:"identity,omitempty"`
+	// exec_stream: More says more responses of this ID follow; those
+	// carry Data written by the command on FD (1 stdout, 2 stderr). The
+	// last has More false and ExitCode (or Error).
+	More bool   `json:"more,omitempty"`
+	FD   int    `json:"fd,omitempty"`
+	Data []byte `json:"data,omitempty"`
 }
 
 // MaxOutput bounds the output kept of a command (its tail).

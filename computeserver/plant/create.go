@@ -63,7 +63,7 @@ func (p *Plant) CreateVM(ctx context.Context, req *computev1.CreateVMRequest, pr
 	ad := &computev1.ClassAd{
 		VmId: id, Plant: p.cfg.Name, Image: req.Image, Owner: req.Owner, Hardware: hw,
 		State: computev1.VMState_VM_STATE_FETCHING, CreatedUnixNano: time.Now().UnixNano(),
-		PersistentDisk: req.PersistentDisk, Labels: req.Labels, Network: req.Network,
+		PersistentDisk: req.PersistentDisk, Labels: req.Labels, Network: req.Network, LoginUser: loginUser(req.Config),
 	}
 	return p.claimAndBuild(ctx, ad, req.DataCredential, diskMiB, src, plan, progress)
 }

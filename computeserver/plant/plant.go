@@ -128,6 +128,8 @@ type vm struct {
 	// dataCred is the task credential CreateVM brought, for stage-in and a
 	// StageOut that brings none. Memory only: never in classad.json or logs.
 	dataCred string
+
+	access accessSet // open exec, console and port-forward streams (access.go)
 }
 
 // New opens a plant. VMs left running by a previous process are stopped
@@ -267,6 +269,7 @@ func (p *Plant) persist(v *vm) {
 
 // teardown stops a VM's machine and removes its files.
 func (p *Plant) teardown(v *vm) {
+	v.access.close()
 	if v.agent != nil {
 		v.agent.Close()
 	}

@@ -94,7 +94,7 @@ func (d *QEMU) Start(ctx context.Context, spec Spec) (Machine, error) {
 	}
 	// Leftovers of an earlier machine in the same directory would be taken
 	// for this one's.
-	for _, name := range []string{qmpSocketName, consoleLogName, qemuLogName} {
+	for _, name := range []string{qmpSocketName, consoleSocketName, consoleLogName, qemuLogName} {
 		if err := os.Remove(filepath.Join(spec.Dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("vmm: %w", err)
 		}

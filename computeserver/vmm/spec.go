@@ -150,7 +150,7 @@ func (s *Spec) Validate() error {
 	var errs []error
 	if s.Dir == "" {
 		errs = append(errs, errors.New("spec: Dir is required"))
-	} else if p := filepath.Join(s.Dir, qmpSocketName); len(p) > maxSocketPath {
+	} else if p := filepath.Join(s.Dir, consoleSocketName); len(p) > maxSocketPath { // the longest socket name
 		errs = append(errs, fmt.Errorf("spec: Dir %q is too long for a unix socket path (%d > %d bytes)", s.Dir, len(p), maxSocketPath))
 	}
 	if s.VCPUs < 0 || s.MemoryMiB < 0 {
@@ -206,7 +206,9 @@ func (s *Spec) Validate() error {
 const (
 	qmpSocketName  = "qmp.sock"
 	consoleLogName = "console.log"
-	qemuLogName    = "qemu.log"
+	// consoleSocketName is the serial console's socket (console.go).
+	consoleSocketName = "console.sock"
+	qemuLogName       = "qemu.log"
 )
 
 // args is QEMU's command line for s (defaults applied, paths absolute).
@@ -221,7 +223,11 @@ func (s *Spec) args(accel string) []string {
 		"-smp", strconv.Itoa(s.VCPUs),
 		"-m", strconv.Itoa(s.MemoryMiB) + "M",
 		"-qmp", "unix:" + qemuEscape(filepath.Join(s.Dir, qmpSocketName)) + ",server=on,wait=off",
-		"-chardev", "file,id=console0,path=" + qemuEscape(filepath.Join(s.Dir, consoleLogName)),
+		// The serial console is a socket one client at a time attaches to
+		// (console.go); QEMU logs everything the guest writes to
+		// console.log, attached or not.
+		"-chardev", "socket,id=console0,server=on,wait=off,path=" + qemuEscape(filepath.Join(s.Dir, consoleSocketName)) +
+			",logfile=" + qemuEscape(filepath.Join(s.Dir, consoleLogName)),
 		"-serial", "chardev:console0",
 	}
 	machine := s.Machine

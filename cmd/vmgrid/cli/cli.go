@@ -10,6 +10,7 @@ package cli
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -43,6 +44,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	if err := root.ExecuteContext(ctx); err != nil {
+		var exit *exitCodeError // vm exec, vm ssh: the command's own exit code
+		if errors.As(err, &exit) {
+			return exit.code
+		}
 		fmt.Fprintln(stderr, "vmgrid:", describe(err))
 		return 1
 	}

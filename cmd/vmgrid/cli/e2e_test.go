@@ -181,6 +181,7 @@ func testVMVerbs(t *testing.T, gr *grid.Grid) {
 	if table := cliOK(t, "vm", "list"); !strings.HasPrefix(table, "VM ") || !strings.Contains(table, id) || !strings.Contains(table, "RUNNING") {
 		t.Fatalf("vm list:\n%s", table)
 	}
+	testVMExec(t, id)
 	cliOK(t, "vm", "delete", id)
 	if got := vmIDs(t); len(got) != 0 {
 		t.Fatalf("vm ls after rm: %v", got)
@@ -218,5 +219,32 @@ func testDataAndTaskVerbs(t *testing.T) {
 	cliOK(t, "data", "rm", "words.txt")
 	if files := items(cliJSON[obj](t, "data", "list", "words"), "files"); len(files) != 0 {
 		t.Fatalf("data ls after rm: %v", files)
+	}
+}
+
+// vm exec streams the command's output and exits with its exit code; with
+// -i it forwards stdin.
+func testVMExec(t *testing.T, id string) {
+	code, out, stderr := cliRun(t, "vm", "exec", id, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+	if code != 7 || out != "out\n" || !strings.Contains(stderr, "err") {
+		t.Fatalf("vm exec: exit %d stdout %q stderr %q", code, out, stderr)
+	}
+	in := filepath.Join(t.TempDir(), "in")
+	if err := os.WriteFile(in, []byte("shout\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	old := os.Stdin
+	os.Stdin = f // cobra's default input
+	defer func() { os.Stdin = old }()
+	if out := cliOK(t, "vm", "exec", "-i", id, "--", "tr", "a-z", "A-Z"); out != "SHOUT\n" {
+		t.Fatalf("vm exec -i: %q", out)
+	}
+	if code, _, stderr := cliRun(t, "vm", "port-forward", id, "x"); code == 0 || !strings.Contains(stderr, "REMOTE is a port") {
+		t.Fatalf("vm port-forward with a bad port: exit %d %s", code, stderr)
 	}
 }

@@ -994,7 +994,10 @@ type ClassAd struct {
 	// Bytes the plant fetched from its upstream while creating this VM.
 	FetchedBytes uint64 `protobuf:"varint,18,opt,name=fetched_bytes,json=fetchedBytes,proto3" json:"fetched_bytes,omitempty"`
 	// The VM's NIC on its domain's segment (unset: the VM has no network).
-	Network       *NetworkAttachment `protobuf:"bytes,19,opt,name=network,proto3" json:"network,omitempty"`
+	Network *NetworkAttachment `protobuf:"bytes,19,opt,name=network,proto3" json:"network,omitempty"`
+	// The first user the request's add_user actions made: who `vmgrid vm
+	// ssh` logs in as. Empty: none was added.
+	LoginUser     string `protobuf:"bytes,40,opt,name=login_user,json=loginUser,proto3" json:"login_user,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1160,6 +1163,13 @@ func (x *ClassAd) GetNetwork() *NetworkAttachment {
 		return x.Network
 	}
 	return nil
+}
+
+func (x *ClassAd) GetLoginUser() string {
+	if x != nil {
+		return x.LoginUser
+	}
+	return ""
 }
 
 type CreateVMRequest struct {
@@ -2013,7 +2023,7 @@ var File_vmgrid_compute_v1_plant_proto protoreflect.FileDescriptor
 
 const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\n" +
-	"\x1dvmgrid/compute/v1/plant.proto\x12\x11vmgrid.compute.v1\"S\n" +
+	"\x1dvmgrid/compute/v1/plant.proto\x12\x11vmgrid.compute.v1\x1a\x1evmgrid/compute/v1/access.proto\"S\n" +
 	"\bHardware\x12\x12\n" +
 	"\x04arch\x18\x01 \x01(\tR\x04arch\x12\x14\n" +
 	"\x05vcpus\x18\x02 \x01(\rR\x05vcpus\x12\x1d\n" +
@@ -2082,7 +2092,7 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	" \x01(\bR\trecovered\x1a:\n" +
 	"\fResultsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x94\x06\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb3\x06\n" +
 	"\aClassAd\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n" +
 	"\x05plant\x18\x02 \x01(\tR\x05plant\x12\x14\n" +
@@ -2105,7 +2115,9 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x05error\x18\x10 \x01(\tR\x05error\x12\x10\n" +
 	"\x03pid\x18\x11 \x01(\x05R\x03pid\x12#\n" +
 	"\rfetched_bytes\x18\x12 \x01(\x04R\ffetchedBytes\x12>\n" +
-	"\anetwork\x18\x13 \x01(\v2$.vmgrid.compute.v1.NetworkAttachmentR\anetwork\x1a9\n" +
+	"\anetwork\x18\x13 \x01(\v2$.vmgrid.compute.v1.NetworkAttachmentR\anetwork\x12\x1d\n" +
+	"\n" +
+	"login_user\x18( \x01(\tR\tloginUser\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd6\x03\n" +
@@ -2177,7 +2189,7 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x12VM_STATE_SUSPENDED\x10\x05\x12\x13\n" +
 	"\x0fVM_STATE_FAILED\x10\x06\x12\x16\n" +
 	"\x12VM_STATE_DESTROYED\x10\a\x12\x11\n" +
-	"\rVM_STATE_LOST\x10\b2\x9e\x05\n" +
+	"\rVM_STATE_LOST\x10\b2\xb5\a\n" +
 	"\fPlantService\x12U\n" +
 	"\bCreateVM\x12\".vmgrid.compute.v1.CreateVMRequest\x1a#.vmgrid.compute.v1.CreateVMProgress0\x01\x12D\n" +
 	"\x05GetVM\x12\x1f.vmgrid.compute.v1.GetVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12P\n" +
@@ -2186,7 +2198,11 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\tSuspendVM\x12#.vmgrid.compute.v1.SuspendVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12U\n" +
 	"\bResumeVM\x12\".vmgrid.compute.v1.ResumeVMRequest\x1a#.vmgrid.compute.v1.CreateVMProgress0\x01\x12M\n" +
 	"\x06ExecVM\x12 .vmgrid.compute.v1.ExecVMRequest\x1a!.vmgrid.compute.v1.ExecVMResponse\x12S\n" +
-	"\bStageOut\x12\".vmgrid.compute.v1.StageOutRequest\x1a#.vmgrid.compute.v1.StageOutResponseB<Z:github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1;computev1b\x06proto3"
+	"\bStageOut\x12\".vmgrid.compute.v1.StageOutRequest\x1a#.vmgrid.compute.v1.StageOutResponse\x12]\n" +
+	"\n" +
+	"ExecStream\x12$.vmgrid.compute.v1.ExecStreamRequest\x1a%.vmgrid.compute.v1.ExecStreamResponse(\x010\x01\x12T\n" +
+	"\aConsole\x12!.vmgrid.compute.v1.ConsoleRequest\x1a\".vmgrid.compute.v1.ConsoleResponse(\x010\x01\x12`\n" +
+	"\vPortForward\x12%.vmgrid.compute.v1.PortForwardRequest\x1a&.vmgrid.compute.v1.PortForwardResponse(\x010\x01B<Z:github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1;computev1b\x06proto3"
 
 var (
 	file_vmgrid_compute_v1_plant_proto_rawDescOnce sync.Once
@@ -2203,37 +2219,43 @@ func file_vmgrid_compute_v1_plant_proto_rawDescGZIP() []byte {
 var file_vmgrid_compute_v1_plant_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
 var file_vmgrid_compute_v1_plant_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_vmgrid_compute_v1_plant_proto_goTypes = []any{
-	(VMState)(0),              // 0: vmgrid.compute.v1.VMState
-	(*Hardware)(nil),          // 1: vmgrid.compute.v1.Hardware
-	(*ExecAction)(nil),        // 2: vmgrid.compute.v1.ExecAction
-	(*WriteFileAction)(nil),   // 3: vmgrid.compute.v1.WriteFileAction
-	(*SetHostnameAction)(nil), // 4: vmgrid.compute.v1.SetHostnameAction
-	(*AddUserAction)(nil),     // 5: vmgrid.compute.v1.AddUserAction
-	(*MountAction)(nil),       // 6: vmgrid.compute.v1.MountAction
-	(*AttachDiskAction)(nil),  // 7: vmgrid.compute.v1.AttachDiskAction
-	(*StageInAction)(nil),     // 8: vmgrid.compute.v1.StageInAction
-	(*Action)(nil),            // 9: vmgrid.compute.v1.Action
-	(*ConfigDAG)(nil),         // 10: vmgrid.compute.v1.ConfigDAG
-	(*ActionResult)(nil),      // 11: vmgrid.compute.v1.ActionResult
-	(*ClassAd)(nil),           // 12: vmgrid.compute.v1.ClassAd
-	(*CreateVMRequest)(nil),   // 13: vmgrid.compute.v1.CreateVMRequest
-	(*NetworkAttachment)(nil), // 14: vmgrid.compute.v1.NetworkAttachment
-	(*CreateVMProgress)(nil),  // 15: vmgrid.compute.v1.CreateVMProgress
-	(*GetVMRequest)(nil),      // 16: vmgrid.compute.v1.GetVMRequest
-	(*ListVMsRequest)(nil),    // 17: vmgrid.compute.v1.ListVMsRequest
-	(*ListVMsResponse)(nil),   // 18: vmgrid.compute.v1.ListVMsResponse
-	(*DestroyVMRequest)(nil),  // 19: vmgrid.compute.v1.DestroyVMRequest
-	(*DestroyVMResponse)(nil), // 20: vmgrid.compute.v1.DestroyVMResponse
-	(*SuspendVMRequest)(nil),  // 21: vmgrid.compute.v1.SuspendVMRequest
-	(*ResumeVMRequest)(nil),   // 22: vmgrid.compute.v1.ResumeVMRequest
-	(*ExecVMRequest)(nil),     // 23: vmgrid.compute.v1.ExecVMRequest
-	(*ExecVMResponse)(nil),    // 24: vmgrid.compute.v1.ExecVMResponse
-	(*StageOutRequest)(nil),   // 25: vmgrid.compute.v1.StageOutRequest
-	(*StageOutResponse)(nil),  // 26: vmgrid.compute.v1.StageOutResponse
-	nil,                       // 27: vmgrid.compute.v1.ActionResult.ResultsEntry
-	nil,                       // 28: vmgrid.compute.v1.ClassAd.LabelsEntry
-	nil,                       // 29: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
-	nil,                       // 30: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	(VMState)(0),                // 0: vmgrid.compute.v1.VMState
+	(*Hardware)(nil),            // 1: vmgrid.compute.v1.Hardware
+	(*ExecAction)(nil),          // 2: vmgrid.compute.v1.ExecAction
+	(*WriteFileAction)(nil),     // 3: vmgrid.compute.v1.WriteFileAction
+	(*SetHostnameAction)(nil),   // 4: vmgrid.compute.v1.SetHostnameAction
+	(*AddUserAction)(nil),       // 5: vmgrid.compute.v1.AddUserAction
+	(*MountAction)(nil),         // 6: vmgrid.compute.v1.MountAction
+	(*AttachDiskAction)(nil),    // 7: vmgrid.compute.v1.AttachDiskAction
+	(*StageInAction)(nil),       // 8: vmgrid.compute.v1.StageInAction
+	(*Action)(nil),              // 9: vmgrid.compute.v1.Action
+	(*ConfigDAG)(nil),           // 10: vmgrid.compute.v1.ConfigDAG
+	(*ActionResult)(nil),        // 11: vmgrid.compute.v1.ActionResult
+	(*ClassAd)(nil),             // 12: vmgrid.compute.v1.ClassAd
+	(*CreateVMRequest)(nil),     // 13: vmgrid.compute.v1.CreateVMRequest
+	(*NetworkAttachment)(nil),   // 14: vmgrid.compute.v1.NetworkAttachment
+	(*CreateVMProgress)(nil),    // 15: vmgrid.compute.v1.CreateVMProgress
+	(*GetVMRequest)(nil),        // 16: vmgrid.compute.v1.GetVMRequest
+	(*ListVMsRequest)(nil),      // 17: vmgrid.compute.v1.ListVMsRequest
+	(*ListVMsResponse)(nil),     // 18: vmgrid.compute.v1.ListVMsResponse
+	(*DestroyVMRequest)(nil),    // 19: vmgrid.compute.v1.DestroyVMRequest
+	(*DestroyVMResponse)(nil),   // 20: vmgrid.compute.v1.DestroyVMResponse
+	(*SuspendVMRequest)(nil),    // 21: vmgrid.compute.v1.SuspendVMRequest
+	(*ResumeVMRequest)(nil),     // 22: vmgrid.compute.v1.ResumeVMRequest
+	(*ExecVMRequest)(nil),       // 23: vmgrid.compute.v1.ExecVMRequest
+	(*ExecVMResponse)(nil),      // 24: vmgrid.compute.v1.ExecVMResponse
+	(*StageOutRequest)(nil),     // 25: vmgrid.compute.v1.StageOutRequest
+	(*StageOutResponse)(nil),    // 26: vmgrid.compute.v1.StageOutResponse
+	nil,                         // 27: vmgrid.compute.v1.ActionResult.ResultsEntry
+	nil,                         // 28: vmgrid.compute.v1.ClassAd.LabelsEntry
+	nil,                         // 29: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
+	nil,                         // 30: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	(*ExecStreamRequest)(nil),   // 31: vmgrid.compute.v1.ExecStreamRequest
+	(*ConsoleRequest)(nil),      // 32: vmgrid.compute.v1.ConsoleRequest
+	(*PortForwardRequest)(nil),  // 33: vmgrid.compute.v1.PortForwardRequest
+	(*ExecStreamResponse)(nil),  // 34: vmgrid.compute.v1.ExecStreamResponse
+	(*ConsoleResponse)(nil),     // 35: vmgrid.compute.v1.ConsoleResponse
+	(*PortForwardResponse)(nil), // 36: vmgrid.compute.v1.PortForwardResponse
 }
 var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	2,  // 0: vmgrid.compute.v1.Action.exec:type_name -> vmgrid.compute.v1.ExecAction
@@ -2270,16 +2292,22 @@ var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	22, // 31: vmgrid.compute.v1.PlantService.ResumeVM:input_type -> vmgrid.compute.v1.ResumeVMRequest
 	23, // 32: vmgrid.compute.v1.PlantService.ExecVM:input_type -> vmgrid.compute.v1.ExecVMRequest
 	25, // 33: vmgrid.compute.v1.PlantService.StageOut:input_type -> vmgrid.compute.v1.StageOutRequest
-	15, // 34: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	12, // 35: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	18, // 36: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
-	20, // 37: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
-	12, // 38: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
-	15, // 39: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	24, // 40: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
-	26, // 41: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
-	34, // [34:42] is the sub-list for method output_type
-	26, // [26:34] is the sub-list for method input_type
+	31, // 34: vmgrid.compute.v1.PlantService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
+	32, // 35: vmgrid.compute.v1.PlantService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
+	33, // 36: vmgrid.compute.v1.PlantService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
+	15, // 37: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	12, // 38: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	18, // 39: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
+	20, // 40: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
+	12, // 41: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
+	15, // 42: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	24, // 43: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
+	26, // 44: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
+	34, // 45: vmgrid.compute.v1.PlantService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
+	35, // 46: vmgrid.compute.v1.PlantService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
+	36, // 47: vmgrid.compute.v1.PlantService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
+	37, // [37:48] is the sub-list for method output_type
+	26, // [26:37] is the sub-list for method input_type
 	26, // [26:26] is the sub-list for extension type_name
 	26, // [26:26] is the sub-list for extension extendee
 	0,  // [0:26] is the sub-list for field type_name
@@ -2290,6 +2318,7 @@ func file_vmgrid_compute_v1_plant_proto_init() {
 	if File_vmgrid_compute_v1_plant_proto != nil {
 		return
 	}
+	file_vmgrid_compute_v1_access_proto_init()
 	file_vmgrid_compute_v1_plant_proto_msgTypes[8].OneofWrappers = []any{
 		(*Action_Exec)(nil),
 		(*Action_WriteFile)(nil),

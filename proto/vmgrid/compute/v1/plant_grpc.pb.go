@@ -22,14 +22,17 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	PlantService_CreateVM_FullMethodName  = "/vmgrid.compute.v1.PlantService/CreateVM"
-	PlantService_GetVM_FullMethodName     = "/vmgrid.compute.v1.PlantService/GetVM"
-	PlantService_ListVMs_FullMethodName   = "/vmgrid.compute.v1.PlantService/ListVMs"
-	PlantService_DestroyVM_FullMethodName = "/vmgrid.compute.v1.PlantService/DestroyVM"
-	PlantService_SuspendVM_FullMethodName = "/vmgrid.compute.v1.PlantService/SuspendVM"
-	PlantService_ResumeVM_FullMethodName  = "/vmgrid.compute.v1.PlantService/ResumeVM"
-	PlantService_ExecVM_FullMethodName    = "/vmgrid.compute.v1.PlantService/ExecVM"
-	PlantService_StageOut_FullMethodName  = "/vmgrid.compute.v1.PlantService/StageOut"
+	PlantService_CreateVM_FullMethodName    = "/vmgrid.compute.v1.PlantService/CreateVM"
+	PlantService_GetVM_FullMethodName       = "/vmgrid.compute.v1.PlantService/GetVM"
+	PlantService_ListVMs_FullMethodName     = "/vmgrid.compute.v1.PlantService/ListVMs"
+	PlantService_DestroyVM_FullMethodName   = "/vmgrid.compute.v1.PlantService/DestroyVM"
+	PlantService_SuspendVM_FullMethodName   = "/vmgrid.compute.v1.PlantService/SuspendVM"
+	PlantService_ResumeVM_FullMethodName    = "/vmgrid.compute.v1.PlantService/ResumeVM"
+	PlantService_ExecVM_FullMethodName      = "/vmgrid.compute.v1.PlantService/ExecVM"
+	PlantService_StageOut_FullMethodName    = "/vmgrid.compute.v1.PlantService/StageOut"
+	PlantService_ExecStream_FullMethodName  = "/vmgrid.compute.v1.PlantService/ExecStream"
+	PlantService_Console_FullMethodName     = "/vmgrid.compute.v1.PlantService/Console"
+	PlantService_PortForward_FullMethodName = "/vmgrid.compute.v1.PlantService/PortForward"
 )
 
 // PlantServiceClient is the client API for PlantService service.
@@ -59,6 +62,18 @@ type PlantServiceClient interface {
 	// StageInAction) to the data server, under the VM's owner. It works
 	// whatever the guest left there, also after a failed command.
 	StageOut(ctx context.Context, in *StageOutRequest, opts ...grpc.CallOption) (*StageOutResponse, error)
+	// Access to a running guest (access.proto); the shop relays its callers'
+	// streams here. ExecStream runs a command with its input and output
+	// streamed (optionally on a terminal); Console attaches to the serial
+	// console; PortForward connects to a TCP port of the guest on its
+	// domain's network. The streams end when the VM is destroyed.
+	// Codes: INVALID_ARGUMENT (the first message is not a start, a field);
+	// NOT_FOUND (no such VM); FAILED_PRECONDITION (not running, no agent or
+	// an agent without streams, no network, console attached elsewhere);
+	// UNAVAILABLE (the guest's port refused or the agent went away).
+	ExecStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ExecStreamRequest, ExecStreamResponse], error)
+	Console(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleRequest, ConsoleResponse], error)
+	PortForward(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PortForwardRequest, PortForwardResponse], error)
 }
 
 type plantServiceClient struct {
@@ -167,6 +182,45 @@ func (c *plantServiceClient) StageOut(ctx context.Context, in *StageOutRequest, 
 	return out, nil
 }
 
+func (c *plantServiceClient) ExecStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ExecStreamRequest, ExecStreamResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &PlantService_ServiceDesc.Streams[2], PlantService_ExecStream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ExecStreamRequest, ExecStreamResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PlantService_ExecStreamClient = grpc.BidiStreamingClient[ExecStreamRequest, ExecStreamResponse]
+
+func (c *plantServiceClient) Console(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleRequest, ConsoleResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &PlantService_ServiceDesc.Streams[3], PlantService_Console_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ConsoleRequest, ConsoleResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PlantService_ConsoleClient = grpc.BidiStreamingClient[ConsoleRequest, ConsoleResponse]
+
+func (c *plantServiceClient) PortForward(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PortForwardRequest, PortForwardResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &PlantService_ServiceDesc.Streams[4], PlantService_PortForward_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[PortForwardRequest, PortForwardResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PlantService_PortForwardClient = grpc.BidiStreamingClient[PortForwardRequest, PortForwardResponse]
+
 // PlantServiceServer is the server API for PlantService service.
 // All implementations must embed UnimplementedPlantServiceServer
 // for forward compatibility.
@@ -194,6 +248,18 @@ type PlantServiceServer interface {
 	// StageInAction) to the data server, under the VM's owner. It works
 	// whatever the guest left there, also after a failed command.
 	StageOut(context.Context, *StageOutRequest) (*StageOutResponse, error)
+	// Access to a running guest (access.proto); the shop relays its callers'
+	// streams here. ExecStream runs a command with its input and output
+	// streamed (optionally on a terminal); Console attaches to the serial
+	// console; PortForward connects to a TCP port of the guest on its
+	// domain's network. The streams end when the VM is destroyed.
+	// Codes: INVALID_ARGUMENT (the first message is not a start, a field);
+	// NOT_FOUND (no such VM); FAILED_PRECONDITION (not running, no agent or
+	// an agent without streams, no network, console attached elsewhere);
+	// UNAVAILABLE (the guest's port refused or the agent went away).
+	ExecStream(grpc.BidiStreamingServer[ExecStreamRequest, ExecStreamResponse]) error
+	Console(grpc.BidiStreamingServer[ConsoleRequest, ConsoleResponse]) error
+	PortForward(grpc.BidiStreamingServer[PortForwardRequest, PortForwardResponse]) error
 	mustEmbedUnimplementedPlantServiceServer()
 }
 
@@ -227,6 +293,15 @@ func (UnimplementedPlantServiceServer) ExecVM(context.Context, *ExecVMRequest) (
 }
 func (UnimplementedPlantServiceServer) StageOut(context.Context, *StageOutRequest) (*StageOutResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method StageOut not implemented")
+}
+func (UnimplementedPlantServiceServer) ExecStream(grpc.BidiStreamingServer[ExecStreamRequest, ExecStreamResponse]) error {
+	return status.Error(codes.Unimplemented, "method ExecStream not implemented")
+}
+func (UnimplementedPlantServiceServer) Console(grpc.BidiStreamingServer[ConsoleRequest, ConsoleResponse]) error {
+	return status.Error(codes.Unimplemented, "method Console not implemented")
+}
+func (UnimplementedPlantServiceServer) PortForward(grpc.BidiStreamingServer[PortForwardRequest, PortForwardResponse]) error {
+	return status.Error(codes.Unimplemented, "method PortForward not implemented")
 }
 func (UnimplementedPlantServiceServer) mustEmbedUnimplementedPlantServiceServer() {}
 func (UnimplementedPlantServiceServer) testEmbeddedByValue()                      {}
@@ -379,6 +454,27 @@ func _PlantService_StageOut_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PlantService_ExecStream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(PlantServiceServer).ExecStream(&grpc.GenericServerStream[ExecStreamRequest, ExecStreamResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PlantService_ExecStreamServer = grpc.BidiStreamingServer[ExecStreamRequest, ExecStreamResponse]
+
+func _PlantService_Console_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(PlantServiceServer).Console(&grpc.GenericServerStream[ConsoleRequest, ConsoleResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PlantService_ConsoleServer = grpc.BidiStreamingServer[ConsoleRequest, ConsoleResponse]
+
+func _PlantService_PortForward_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(PlantServiceServer).PortForward(&grpc.GenericServerStream[PortForwardRequest, PortForwardResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PlantService_PortForwardServer = grpc.BidiStreamingServer[PortForwardRequest, PortForwardResponse]
+
 // PlantService_ServiceDesc is the grpc.ServiceDesc for PlantService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -421,6 +517,24 @@ var PlantService_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "ResumeVM",
 			Handler:       _PlantService_ResumeVM_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "ExecStream",
+			Handler:       _PlantService_ExecStream_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "Console",
+			Handler:       _PlantService_Console_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "PortForward",
+			Handler:       _PlantService_PortForward_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "vmgrid/compute/v1/plant.proto",

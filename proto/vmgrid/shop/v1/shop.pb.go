@@ -913,7 +913,7 @@ var File_vmgrid_shop_v1_shop_proto protoreflect.FileDescriptor
 
 const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\n" +
-	"\x19vmgrid/shop/v1/shop.proto\x12\x0evmgrid.shop.v1\x1a\x1dvmgrid/compute/v1/plant.proto\"\x81\x02\n" +
+	"\x19vmgrid/shop/v1/shop.proto\x12\x0evmgrid.shop.v1\x1a\x1evmgrid/compute/v1/access.proto\x1a\x1dvmgrid/compute/v1/plant.proto\"\x81\x02\n" +
 	"\x11SubmitTaskRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x127\n" +
@@ -984,13 +984,17 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\x16TASK_STATE_STAGING_OUT\x10\x04\x12\x18\n" +
 	"\x14TASK_STATE_SUCCEEDED\x10\x05\x12\x15\n" +
 	"\x11TASK_STATE_FAILED\x10\x06\x12\x17\n" +
-	"\x13TASK_STATE_CANCELED\x10\a2\x99\x05\n" +
+	"\x13TASK_STATE_CANCELED\x10\a2\xb0\a\n" +
 	"\vShopService\x12O\n" +
 	"\bCreateVM\x12\x1f.vmgrid.shop.v1.CreateVMRequest\x1a .vmgrid.shop.v1.CreateVMProgress0\x01\x12A\n" +
 	"\x05GetVM\x12\x1c.vmgrid.shop.v1.GetVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12J\n" +
 	"\aListVMs\x12\x1e.vmgrid.shop.v1.ListVMsRequest\x1a\x1f.vmgrid.shop.v1.ListVMsResponse\x12P\n" +
 	"\tDestroyVM\x12 .vmgrid.shop.v1.DestroyVMRequest\x1a!.vmgrid.shop.v1.DestroyVMResponse\x12G\n" +
-	"\aWatchVM\x12\x1e.vmgrid.shop.v1.WatchVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd0\x01\x12E\n" +
+	"\aWatchVM\x12\x1e.vmgrid.shop.v1.WatchVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd0\x01\x12]\n" +
+	"\n" +
+	"ExecStream\x12$.vmgrid.compute.v1.ExecStreamRequest\x1a%.vmgrid.compute.v1.ExecStreamResponse(\x010\x01\x12T\n" +
+	"\aConsole\x12!.vmgrid.compute.v1.ConsoleRequest\x1a\".vmgrid.compute.v1.ConsoleResponse(\x010\x01\x12`\n" +
+	"\vPortForward\x12%.vmgrid.compute.v1.PortForwardRequest\x1a&.vmgrid.compute.v1.PortForwardResponse(\x010\x01\x12E\n" +
 	"\n" +
 	"SubmitTask\x12!.vmgrid.shop.v1.SubmitTaskRequest\x1a\x14.vmgrid.shop.v1.Task\x12?\n" +
 	"\aGetTask\x12\x1e.vmgrid.shop.v1.GetTaskRequest\x1a\x14.vmgrid.shop.v1.Task\x12C\n" +
@@ -1013,24 +1017,30 @@ func file_vmgrid_shop_v1_shop_proto_rawDescGZIP() []byte {
 var file_vmgrid_shop_v1_shop_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
 var file_vmgrid_shop_v1_shop_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_vmgrid_shop_v1_shop_proto_goTypes = []any{
-	(TaskState)(0),            // 0: vmgrid.shop.v1.TaskState
-	(*SubmitTaskRequest)(nil), // 1: vmgrid.shop.v1.SubmitTaskRequest
-	(*Task)(nil),              // 2: vmgrid.shop.v1.Task
-	(*GetTaskRequest)(nil),    // 3: vmgrid.shop.v1.GetTaskRequest
-	(*CreateVMRequest)(nil),   // 4: vmgrid.shop.v1.CreateVMRequest
-	(*Bid)(nil),               // 5: vmgrid.shop.v1.Bid
-	(*CreateVMProgress)(nil),  // 6: vmgrid.shop.v1.CreateVMProgress
-	(*GetVMRequest)(nil),      // 7: vmgrid.shop.v1.GetVMRequest
-	(*ListVMsRequest)(nil),    // 8: vmgrid.shop.v1.ListVMsRequest
-	(*ListVMsResponse)(nil),   // 9: vmgrid.shop.v1.ListVMsResponse
-	(*DestroyVMRequest)(nil),  // 10: vmgrid.shop.v1.DestroyVMRequest
-	(*DestroyVMResponse)(nil), // 11: vmgrid.shop.v1.DestroyVMResponse
-	(*WatchVMRequest)(nil),    // 12: vmgrid.shop.v1.WatchVMRequest
-	nil,                       // 13: vmgrid.shop.v1.CreateVMRequest.LabelsEntry
-	(*v1.Hardware)(nil),       // 14: vmgrid.compute.v1.Hardware
-	(*v1.ConfigDAG)(nil),      // 15: vmgrid.compute.v1.ConfigDAG
-	(v1.VMState)(0),           // 16: vmgrid.compute.v1.VMState
-	(*v1.ClassAd)(nil),        // 17: vmgrid.compute.v1.ClassAd
+	(TaskState)(0),                 // 0: vmgrid.shop.v1.TaskState
+	(*SubmitTaskRequest)(nil),      // 1: vmgrid.shop.v1.SubmitTaskRequest
+	(*Task)(nil),                   // 2: vmgrid.shop.v1.Task
+	(*GetTaskRequest)(nil),         // 3: vmgrid.shop.v1.GetTaskRequest
+	(*CreateVMRequest)(nil),        // 4: vmgrid.shop.v1.CreateVMRequest
+	(*Bid)(nil),                    // 5: vmgrid.shop.v1.Bid
+	(*CreateVMProgress)(nil),       // 6: vmgrid.shop.v1.CreateVMProgress
+	(*GetVMRequest)(nil),           // 7: vmgrid.shop.v1.GetVMRequest
+	(*ListVMsRequest)(nil),         // 8: vmgrid.shop.v1.ListVMsRequest
+	(*ListVMsResponse)(nil),        // 9: vmgrid.shop.v1.ListVMsResponse
+	(*DestroyVMRequest)(nil),       // 10: vmgrid.shop.v1.DestroyVMRequest
+	(*DestroyVMResponse)(nil),      // 11: vmgrid.shop.v1.DestroyVMResponse
+	(*WatchVMRequest)(nil),         // 12: vmgrid.shop.v1.WatchVMRequest
+	nil,                            // 13: vmgrid.shop.v1.CreateVMRequest.LabelsEntry
+	(*v1.Hardware)(nil),            // 14: vmgrid.compute.v1.Hardware
+	(*v1.ConfigDAG)(nil),           // 15: vmgrid.compute.v1.ConfigDAG
+	(v1.VMState)(0),                // 16: vmgrid.compute.v1.VMState
+	(*v1.ClassAd)(nil),             // 17: vmgrid.compute.v1.ClassAd
+	(*v1.ExecStreamRequest)(nil),   // 18: vmgrid.compute.v1.ExecStreamRequest
+	(*v1.ConsoleRequest)(nil),      // 19: vmgrid.compute.v1.ConsoleRequest
+	(*v1.PortForwardRequest)(nil),  // 20: vmgrid.compute.v1.PortForwardRequest
+	(*v1.ExecStreamResponse)(nil),  // 21: vmgrid.compute.v1.ExecStreamResponse
+	(*v1.ConsoleResponse)(nil),     // 22: vmgrid.compute.v1.ConsoleResponse
+	(*v1.PortForwardResponse)(nil), // 23: vmgrid.compute.v1.PortForwardResponse
 }
 var file_vmgrid_shop_v1_shop_proto_depIdxs = []int32{
 	14, // 0: vmgrid.shop.v1.SubmitTaskRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
@@ -1048,21 +1058,27 @@ var file_vmgrid_shop_v1_shop_proto_depIdxs = []int32{
 	8,  // 12: vmgrid.shop.v1.ShopService.ListVMs:input_type -> vmgrid.shop.v1.ListVMsRequest
 	10, // 13: vmgrid.shop.v1.ShopService.DestroyVM:input_type -> vmgrid.shop.v1.DestroyVMRequest
 	12, // 14: vmgrid.shop.v1.ShopService.WatchVM:input_type -> vmgrid.shop.v1.WatchVMRequest
-	1,  // 15: vmgrid.shop.v1.ShopService.SubmitTask:input_type -> vmgrid.shop.v1.SubmitTaskRequest
-	3,  // 16: vmgrid.shop.v1.ShopService.GetTask:input_type -> vmgrid.shop.v1.GetTaskRequest
-	3,  // 17: vmgrid.shop.v1.ShopService.WatchTask:input_type -> vmgrid.shop.v1.GetTaskRequest
-	3,  // 18: vmgrid.shop.v1.ShopService.CancelTask:input_type -> vmgrid.shop.v1.GetTaskRequest
-	6,  // 19: vmgrid.shop.v1.ShopService.CreateVM:output_type -> vmgrid.shop.v1.CreateVMProgress
-	17, // 20: vmgrid.shop.v1.ShopService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	9,  // 21: vmgrid.shop.v1.ShopService.ListVMs:output_type -> vmgrid.shop.v1.ListVMsResponse
-	11, // 22: vmgrid.shop.v1.ShopService.DestroyVM:output_type -> vmgrid.shop.v1.DestroyVMResponse
-	17, // 23: vmgrid.shop.v1.ShopService.WatchVM:output_type -> vmgrid.compute.v1.ClassAd
-	2,  // 24: vmgrid.shop.v1.ShopService.SubmitTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 25: vmgrid.shop.v1.ShopService.GetTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 26: vmgrid.shop.v1.ShopService.WatchTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 27: vmgrid.shop.v1.ShopService.CancelTask:output_type -> vmgrid.shop.v1.Task
-	19, // [19:28] is the sub-list for method output_type
-	10, // [10:19] is the sub-list for method input_type
+	18, // 15: vmgrid.shop.v1.ShopService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
+	19, // 16: vmgrid.shop.v1.ShopService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
+	20, // 17: vmgrid.shop.v1.ShopService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
+	1,  // 18: vmgrid.shop.v1.ShopService.SubmitTask:input_type -> vmgrid.shop.v1.SubmitTaskRequest
+	3,  // 19: vmgrid.shop.v1.ShopService.GetTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	3,  // 20: vmgrid.shop.v1.ShopService.WatchTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	3,  // 21: vmgrid.shop.v1.ShopService.CancelTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	6,  // 22: vmgrid.shop.v1.ShopService.CreateVM:output_type -> vmgrid.shop.v1.CreateVMProgress
+	17, // 23: vmgrid.shop.v1.ShopService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	9,  // 24: vmgrid.shop.v1.ShopService.ListVMs:output_type -> vmgrid.shop.v1.ListVMsResponse
+	11, // 25: vmgrid.shop.v1.ShopService.DestroyVM:output_type -> vmgrid.shop.v1.DestroyVMResponse
+	17, // 26: vmgrid.shop.v1.ShopService.WatchVM:output_type -> vmgrid.compute.v1.ClassAd
+	21, // 27: vmgrid.shop.v1.ShopService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
+	22, // 28: vmgrid.shop.v1.ShopService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
+	23, // 29: vmgrid.shop.v1.ShopService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
+	2,  // 30: vmgrid.shop.v1.ShopService.SubmitTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 31: vmgrid.shop.v1.ShopService.GetTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 32: vmgrid.shop.v1.ShopService.WatchTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 33: vmgrid.shop.v1.ShopService.CancelTask:output_type -> vmgrid.shop.v1.Task
+	22, // [22:34] is the sub-list for method output_type
+	10, // [10:22] is the sub-list for method input_type
 	10, // [10:10] is the sub-list for extension type_name
 	10, // [10:10] is the sub-list for extension extendee
 	0,  // [0:10] is the sub-list for field type_name

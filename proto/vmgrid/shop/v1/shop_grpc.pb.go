@@ -25,15 +25,18 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	ShopService_CreateVM_FullMethodName   = "/vmgrid.shop.v1.ShopService/CreateVM"
-	ShopService_GetVM_FullMethodName      = "/vmgrid.shop.v1.ShopService/GetVM"
-	ShopService_ListVMs_FullMethodName    = "/vmgrid.shop.v1.ShopService/ListVMs"
-	ShopService_DestroyVM_FullMethodName  = "/vmgrid.shop.v1.ShopService/DestroyVM"
-	ShopService_WatchVM_FullMethodName    = "/vmgrid.shop.v1.ShopService/WatchVM"
-	ShopService_SubmitTask_FullMethodName = "/vmgrid.shop.v1.ShopService/SubmitTask"
-	ShopService_GetTask_FullMethodName    = "/vmgrid.shop.v1.ShopService/GetTask"
-	ShopService_WatchTask_FullMethodName  = "/vmgrid.shop.v1.ShopService/WatchTask"
-	ShopService_CancelTask_FullMethodName = "/vmgrid.shop.v1.ShopService/CancelTask"
+	ShopService_CreateVM_FullMethodName    = "/vmgrid.shop.v1.ShopService/CreateVM"
+	ShopService_GetVM_FullMethodName       = "/vmgrid.shop.v1.ShopService/GetVM"
+	ShopService_ListVMs_FullMethodName     = "/vmgrid.shop.v1.ShopService/ListVMs"
+	ShopService_DestroyVM_FullMethodName   = "/vmgrid.shop.v1.ShopService/DestroyVM"
+	ShopService_WatchVM_FullMethodName     = "/vmgrid.shop.v1.ShopService/WatchVM"
+	ShopService_ExecStream_FullMethodName  = "/vmgrid.shop.v1.ShopService/ExecStream"
+	ShopService_Console_FullMethodName     = "/vmgrid.shop.v1.ShopService/Console"
+	ShopService_PortForward_FullMethodName = "/vmgrid.shop.v1.ShopService/PortForward"
+	ShopService_SubmitTask_FullMethodName  = "/vmgrid.shop.v1.ShopService/SubmitTask"
+	ShopService_GetTask_FullMethodName     = "/vmgrid.shop.v1.ShopService/GetTask"
+	ShopService_WatchTask_FullMethodName   = "/vmgrid.shop.v1.ShopService/WatchTask"
+	ShopService_CancelTask_FullMethodName  = "/vmgrid.shop.v1.ShopService/CancelTask"
 )
 
 // ShopServiceClient is the client API for ShopService service.
@@ -106,6 +109,19 @@ type ShopServiceClient interface {
 	// current one; the stream ends after a classad in state DESTROYED (the
 	// VM was destroyed). Codes as GetVM.
 	WatchVM(ctx context.Context, in *WatchVMRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[v1.ClassAd], error)
+	// Access to a running VM of the caller's, relayed to its plant (no
+	// plant address needed; the messages are vmgrid.compute.v1's, see
+	// access.proto). ExecStream: `vmgrid vm exec` (-it: a terminal);
+	// Console: `vmgrid vm console`; PortForward: `vmgrid vm port-forward`
+	// and `vmgrid vm ssh`. The first message of each stream names the VM.
+	// Codes: INVALID_ARGUMENT (the first message is not a start, a field);
+	// NOT_FOUND (no such VM); PERMISSION_DENIED (another owner's);
+	// FAILED_PRECONDITION (not running, no agent streams, no network,
+	// console attached elsewhere); UNAVAILABLE (its plant or the guest's
+	// port could not be reached).
+	ExecStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[v1.ExecStreamRequest, v1.ExecStreamResponse], error)
+	Console(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[v1.ConsoleRequest, v1.ConsoleResponse], error)
+	PortForward(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[v1.PortForwardRequest, v1.PortForwardResponse], error)
 	// Tasks (Goiri et al.): the shop creates a VM whose data disk holds the
 	// task's input files from the data server, runs the command, copies the
 	// output folder back to the data server — also when the command failed —
@@ -205,6 +221,45 @@ func (c *shopServiceClient) WatchVM(ctx context.Context, in *WatchVMRequest, opt
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ShopService_WatchVMClient = grpc.ServerStreamingClient[v1.ClassAd]
 
+func (c *shopServiceClient) ExecStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[v1.ExecStreamRequest, v1.ExecStreamResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ShopService_ServiceDesc.Streams[2], ShopService_ExecStream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[v1.ExecStreamRequest, v1.ExecStreamResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ShopService_ExecStreamClient = grpc.BidiStreamingClient[v1.ExecStreamRequest, v1.ExecStreamResponse]
+
+func (c *shopServiceClient) Console(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[v1.ConsoleRequest, v1.ConsoleResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ShopService_ServiceDesc.Streams[3], ShopService_Console_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[v1.ConsoleRequest, v1.ConsoleResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ShopService_ConsoleClient = grpc.BidiStreamingClient[v1.ConsoleRequest, v1.ConsoleResponse]
+
+func (c *shopServiceClient) PortForward(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[v1.PortForwardRequest, v1.PortForwardResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ShopService_ServiceDesc.Streams[4], ShopService_PortForward_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[v1.PortForwardRequest, v1.PortForwardResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ShopService_PortForwardClient = grpc.BidiStreamingClient[v1.PortForwardRequest, v1.PortForwardResponse]
+
 func (c *shopServiceClient) SubmitTask(ctx context.Context, in *SubmitTaskRequest, opts ...grpc.CallOption) (*Task, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(Task)
@@ -227,7 +282,7 @@ func (c *shopServiceClient) GetTask(ctx context.Context, in *GetTaskRequest, opt
 
 func (c *shopServiceClient) WatchTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Task], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &ShopService_ServiceDesc.Streams[2], ShopService_WatchTask_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &ShopService_ServiceDesc.Streams[5], ShopService_WatchTask_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -324,6 +379,19 @@ type ShopServiceServer interface {
 	// current one; the stream ends after a classad in state DESTROYED (the
 	// VM was destroyed). Codes as GetVM.
 	WatchVM(*WatchVMRequest, grpc.ServerStreamingServer[v1.ClassAd]) error
+	// Access to a running VM of the caller's, relayed to its plant (no
+	// plant address needed; the messages are vmgrid.compute.v1's, see
+	// access.proto). ExecStream: `vmgrid vm exec` (-it: a terminal);
+	// Console: `vmgrid vm console`; PortForward: `vmgrid vm port-forward`
+	// and `vmgrid vm ssh`. The first message of each stream names the VM.
+	// Codes: INVALID_ARGUMENT (the first message is not a start, a field);
+	// NOT_FOUND (no such VM); PERMISSION_DENIED (another owner's);
+	// FAILED_PRECONDITION (not running, no agent streams, no network,
+	// console attached elsewhere); UNAVAILABLE (its plant or the guest's
+	// port could not be reached).
+	ExecStream(grpc.BidiStreamingServer[v1.ExecStreamRequest, v1.ExecStreamResponse]) error
+	Console(grpc.BidiStreamingServer[v1.ConsoleRequest, v1.ConsoleResponse]) error
+	PortForward(grpc.BidiStreamingServer[v1.PortForwardRequest, v1.PortForwardResponse]) error
 	// Tasks (Goiri et al.): the shop creates a VM whose data disk holds the
 	// task's input files from the data server, runs the command, copies the
 	// output folder back to the data server — also when the command failed —
@@ -369,6 +437,15 @@ func (UnimplementedShopServiceServer) DestroyVM(context.Context, *DestroyVMReque
 }
 func (UnimplementedShopServiceServer) WatchVM(*WatchVMRequest, grpc.ServerStreamingServer[v1.ClassAd]) error {
 	return status.Error(codes.Unimplemented, "method WatchVM not implemented")
+}
+func (UnimplementedShopServiceServer) ExecStream(grpc.BidiStreamingServer[v1.ExecStreamRequest, v1.ExecStreamResponse]) error {
+	return status.Error(codes.Unimplemented, "method ExecStream not implemented")
+}
+func (UnimplementedShopServiceServer) Console(grpc.BidiStreamingServer[v1.ConsoleRequest, v1.ConsoleResponse]) error {
+	return status.Error(codes.Unimplemented, "method Console not implemented")
+}
+func (UnimplementedShopServiceServer) PortForward(grpc.BidiStreamingServer[v1.PortForwardRequest, v1.PortForwardResponse]) error {
+	return status.Error(codes.Unimplemented, "method PortForward not implemented")
 }
 func (UnimplementedShopServiceServer) SubmitTask(context.Context, *SubmitTaskRequest) (*Task, error) {
 	return nil, status.Error(codes.Unimplemented, "method SubmitTask not implemented")
@@ -479,6 +556,27 @@ func _ShopService_WatchVM_Handler(srv interface{}, stream grpc.ServerStream) err
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ShopService_WatchVMServer = grpc.ServerStreamingServer[v1.ClassAd]
 
+func _ShopService_ExecStream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(ShopServiceServer).ExecStream(&grpc.GenericServerStream[v1.ExecStreamRequest, v1.ExecStreamResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ShopService_ExecStreamServer = grpc.BidiStreamingServer[v1.ExecStreamRequest, v1.ExecStreamResponse]
+
+func _ShopService_Console_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(ShopServiceServer).Console(&grpc.GenericServerStream[v1.ConsoleRequest, v1.ConsoleResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ShopService_ConsoleServer = grpc.BidiStreamingServer[v1.ConsoleRequest, v1.ConsoleResponse]
+
+func _ShopService_PortForward_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(ShopServiceServer).PortForward(&grpc.GenericServerStream[v1.PortForwardRequest, v1.PortForwardResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ShopService_PortForwardServer = grpc.BidiStreamingServer[v1.PortForwardRequest, v1.PortForwardResponse]
+
 func _ShopService_SubmitTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(SubmitTaskRequest)
 	if err := dec(in); err != nil {
@@ -586,6 +684,24 @@ var ShopService_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "WatchVM",
 			Handler:       _ShopService_WatchVM_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "ExecStream",
+			Handler:       _ShopService_ExecStream_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "Console",
+			Handler:       _ShopService_Console_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "PortForward",
+			Handler:       _ShopService_PortForward_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
 		},
 		{
 			StreamName:    "WatchTask",
