@@ -129,7 +129,7 @@ compose-test: setup build
 	$(GO) test -tags compose -count=1 -v -timeout 15m ./integration/compose/
 
 bench-placement:
-	$(GO) test -run '^$$' -bench BenchmarkPlacement10k -benchtime 200x -timeout 20m ./shop/
+	$(GO) test -run '^$$' -bench BenchmarkPlacement10k -benchtime 200x -timeout 20m ./shop/market/
 
 clean:
 	rm -rf $(BIN) .build
