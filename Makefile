@@ -122,9 +122,10 @@ compose-up: setup build
 compose-down:
 	./deploy/compose/down.sh
 
-# Its own grid (project vmgrid-ct-…), brought up and down by the suite.
+# Its own grid (project vmgrid-ct-…) and images, brought up and down by
+# the suite (TestMain: images.sh, up.sh, down.sh; dockerd stopped at the
+# end when the suite started it).
 compose-test: setup build
-	./deploy/compose/images.sh
 	$(GO) vet -tags compose ./integration/compose/
 	$(GO) test -tags compose -count=1 -v -timeout 15m ./integration/compose/
 
