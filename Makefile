@@ -23,7 +23,7 @@ PROTOC_GEN_GO_GRPC   := v1.6.2
 PROTOC_GEN_GATEWAY   := v2.29.0
 
 .PHONY: all setup build run test faults unit check-fmt vet check-protos check-breaking proto proto-image tools bench bench-clone clean \
-	images compose-up compose-down compose-test bench-placement
+	images images-clean compose-up compose-down compose-test bench-placement
 
 all: build
 
@@ -121,6 +121,10 @@ compose-up: setup build
 
 compose-down:
 	./deploy/compose/down.sh
+
+# The images make images built (label vmgrid), the plant base included.
+images-clean:
+	@ids=$$(docker images -q --filter label=vmgrid | sort -u); [ -z "$$ids" ] || docker rmi -f $$ids
 
 # Its own grid (project vmgrid-ct-…) and images, brought up and down by
 # the suite (TestMain: images.sh, up.sh, down.sh; dockerd stopped at the

@@ -5,13 +5,9 @@
 # up.sh started it. Images stay (make images-clean removes them).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-repo=$(cd "$here/../.." && pwd)
-export VMGRID_COMPOSE_DIR=${VMGRID_COMPOSE_DIR:-/tmp/vmgrid-compose}
-export VMGRID_COMPOSE_STATE=$VMGRID_COMPOSE_DIR
-project=${VMGRID_COMPOSE_PROJECT:-vmgrid}
-. "$here/docker.sh"
+. "$here/grid.sh"
 if docker_up; then
-	docker-compose -p "$project" -f "$repo/deploy/compose.yaml" down -v --remove-orphans -t 30
+	compose down -v --remove-orphans -t 30
 	left=$("$DOCKER" ps -aq --filter "label=com.docker.compose.project=$project")
 	[ -z "$left" ] || "$DOCKER" rm -fv $left
 fi

@@ -11,15 +11,10 @@
 # variables in $VMGRID_COMPOSE_DIR/env (`. $VMGRID_COMPOSE_DIR/env`).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-repo=$(cd "$here/../.." && pwd)
-export VMGRID_COMPOSE_DIR=${VMGRID_COMPOSE_DIR:-/tmp/vmgrid-compose}
-export VMGRID_COMPOSE_STATE=$VMGRID_COMPOSE_DIR
-project=${VMGRID_COMPOSE_PROJECT:-vmgrid}
+. "$here/grid.sh"
 plants=${VMGRID_PLANTS:-3}
 shops=${VMGRID_SHOPS:-2}
 VMGRID=${VMGRID:-$repo/bin/vmgrid}
-. "$here/docker.sh"
-compose() { docker-compose -p "$project" -f "$repo/deploy/compose.yaml" "$@"; }
 
 docker_start
 [ "${VMGRID_SKIP_IMAGES:-}" = 1 ] || "$here/images.sh"

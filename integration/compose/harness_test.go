@@ -29,6 +29,20 @@ type grid struct {
 	repo, dir, project string
 	env                map[string]string // DIR/env: addresses, tokens, TLS files
 	tls                services.TLSFiles
+	mounts             int // containers' root file systems mounted before up
+}
+
+// containerMounts counts the host's mounts of container root file systems
+// (overlay2's merged directories): down must leave as many as up found.
+func containerMounts() int {
+	b, _ := os.ReadFile("/proc/self/mounts")
+	n := 0
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) > 1 && strings.Contains(f[1], "/overlay2/") {
+			n++ // the mount point: one per running container
+		}
+	}
+	return n
 }
 
 var g *grid
@@ -63,7 +77,7 @@ func up() (*grid, error) {
 	if err != nil {
 		return nil, err
 	}
-	gr := &grid{repo: repo, dir: dir, project: "vmgrid-ct-" + hex.EncodeToString(b)}
+	gr := &grid{repo: repo, dir: dir, project: "vmgrid-ct-" + hex.EncodeToString(b), mounts: containerMounts()}
 	start := time.Now()
 	if out, err := gr.script("images.sh"); err != nil {
 		return gr, fmt.Errorf("images: %w\n%s", err, out)
@@ -92,6 +106,9 @@ func (gr *grid) down() error {
 		return fmt.Errorf("%w\n%s", err, out)
 	}
 	defer os.RemoveAll(gr.dir)
+	if m := containerMounts(); m != gr.mounts {
+		return fmt.Errorf("%d container file systems mounted after down, %d before up", m, gr.mounts)
+	}
 	if !dockerUp() {
 		return nil // dockerd stopped: it was ours, and so was everything in it
 	}
