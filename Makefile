@@ -7,6 +7,10 @@
 #   make faults     the fault-injection suite (integration/faults: real processes killed, etcd stopped, probes)
 #   make bench      run the benchmarks (slow; not part of test)
 #   make bench-clone  the GVFS cloning experiment (several minutes)
+#   make images     the compose grid's local images (vmgrid:local FROM scratch, vmgrid-plant:local over a debootstrapped base)
+#   make compose-up / compose-down  the compose demo grid (deploy/compose.yaml) up, and down leaving nothing
+#   make compose-test  fault tests across containers on a compose grid of its own (integration/compose; build tag compose)
+#   make bench-placement  the auction with 10,000 registered plants against a real etcd
 
 GO        ?= go
 TOOLS     := $(CURDIR)/.build/tools
@@ -18,7 +22,8 @@ PROTOC_GEN_GO        := v1.36.12
 PROTOC_GEN_GO_GRPC   := v1.6.2
 PROTOC_GEN_GATEWAY   := v2.29.0
 
-.PHONY: all setup build run test faults unit check-fmt vet check-protos check-breaking proto proto-image tools bench bench-clone clean
+.PHONY: all setup build run test faults unit check-fmt vet check-protos check-breaking proto proto-image tools bench bench-clone clean \
+	images images-clean compose-up compose-down compose-test bench-placement
 
 all: build
 
@@ -104,6 +109,32 @@ bench:
 
 bench-clone: build
 	$(BIN)/vmgrid bench clone --out .build/clonebench
+
+# The compose grid (deploy/compose): Docker from Debian's packages (make
+# setup), dockerd started when none runs (and stopped by compose-down only
+# if it was started here), images built locally from nothing.
+images: setup
+	./deploy/compose/images.sh
+
+compose-up: setup build
+	./deploy/compose/up.sh
+
+compose-down:
+	./deploy/compose/down.sh
+
+# The images make images built (label vmgrid), the plant base included.
+images-clean:
+	@ids=$$(docker images -q --filter label=vmgrid | sort -u); [ -z "$$ids" ] || docker rmi -f $$ids
+
+# Its own grid (project vmgrid-ct-…) and images, brought up and down by
+# the suite (TestMain: images.sh, up.sh, down.sh; dockerd stopped at the
+# end when the suite started it).
+compose-test: setup build
+	$(GO) vet -tags compose ./integration/compose/
+	$(GO) test -tags compose -count=1 -v -timeout 15m ./integration/compose/
+
+bench-placement:
+	$(GO) test -run '^$$' -bench BenchmarkPlacement10k -benchtime 200x -timeout 20m ./shop/market/
 
 clean:
 	rm -rf $(BIN) .build

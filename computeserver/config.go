@@ -28,6 +28,7 @@ func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for the caches")
 	fs.StringVar(&c.Mountpoint, "mountpoint", c.Mountpoint, "where to mount the FUSE view (default DATA-DIR/mnt)")
 	fs.StringVar(&c.Name, "name", c.Name, "plant name in classads and bids (default: HOST-DATADIR)")
+	fs.StringVar(&c.Advertise, "advertise", c.Advertise, "HOST:PORT the shop reaches this plant at, registered in etcd (default: --listen; set it when listening on 0.0.0.0)")
 	c.Etcd.AddFlags(fs, "etcd endpoints: register there and bid in the shop's auctions")
 	fs.Uint64Var(&c.GuestMemoryMiB, "guest-memory-mib", c.GuestMemoryMiB, "memory guests may use in all (0: 80% of RAM)")
 	fs.DurationVar(&c.AgentTimeout, "agent-timeout", c.AgentTimeout, "how long a clone's guest agent may take to answer before the creation fails (0: 2m)")

@@ -1,6 +1,7 @@
 package computeserver
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"os"
@@ -74,6 +75,10 @@ type Config struct {
 	AgentTimeout time.Duration
 	// Network: the guests' segments (network.go, vnet).
 	Network vnet.Config
+	// Advertise is the HOST:PORT the shop reaches the plant at, registered
+	// in etcd (empty: the listen address; set it when listening on
+	// 0.0.0.0, e.g. in a container).
+	Advertise string
 }
 
 // Server is a running compute server: the data plane (Proxy, mounted at
@@ -132,7 +137,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	undo.Push(srv.Shutdown)
 	log.Info("FUSE view mounted", zap.String("mountpoint", mnt), zap.String("upstream", cfg.Upstream))
 	if len(cfg.Etcd.Endpoints) > 0 {
-		stop, err := joinMarket(cfg, srv.Addr(), pl, log)
+		stop, err := joinMarket(cfg, cmp.Or(cfg.Advertise, srv.Addr()), pl, log)
 		if err != nil {
 			return nil, err
 		}

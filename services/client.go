@@ -24,6 +24,10 @@ func Dial(target string, tlsFiles TLSFiles, extra ...grpc.DialOption) (*grpc.Cli
 	}
 	opts := append([]grpc.DialOption{
 		grpc.WithTransportCredentials(creds),
+		// No service config from DNS TXT records (vmgrid publishes none): a
+		// resolver that never answers TXT queries — Docker's, on a compose
+		// network — held every new connection for 10 s.
+		grpc.WithDisableServiceConfig(),
 		grpc.WithInitialWindowSize(initialWindowSize),
 		grpc.WithInitialConnWindowSize(initialConnWindowSize),
 		grpc.WithWriteBufferSize(bufferSize),

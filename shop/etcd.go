@@ -1,6 +1,7 @@
 package shop
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -44,6 +45,16 @@ type EtcdServerConfig struct {
 	Root  services.TLSFiles
 	// Logger receives etcd's errors (nil: none).
 	Logger *zap.Logger
+
+	// A member of a cluster (vmgrid etcd --name/--initial-cluster; empty:
+	// one member named "vmgrid"). Name is this member's; InitialCluster is
+	// etcd's NAME=PEER-URL,… of every member at the cluster's first start
+	// (with TLS the peers speak it too, with the same files, and the URLs
+	// are https://). AdvertiseClientAddr and AdvertisePeerAddr are the
+	// host:port others reach this member at (default: the listen
+	// addresses; needed when those are 0.0.0.0).
+	Name, InitialCluster                   string
+	AdvertiseClientAddr, AdvertisePeerAddr string
 }
 
 // KeyPrefix is where every vmgrid key lives in etcd.
@@ -62,30 +73,9 @@ func StartEtcd(dir, clientAddr, peerAddr string, noFsync bool, log *zap.Logger) 
 // them and turns authentication on.
 func StartEtcdServer(c EtcdServerConfig) (*EmbeddedEtcd, error) {
 	secure := c.TLS.CertFile != ""
-	scheme := "http://"
-	if secure {
-		scheme = "https://"
-	}
-	cfg := embed.NewConfig()
-	cfg.Dir = c.Dir
-	cfg.Name = "vmgrid"
-	cu, err := url.Parse(scheme + c.ClientAddr)
+	cfg, advertised, err := memberConfig(c)
 	if err != nil {
-		return nil, fmt.Errorf("embedded etcd client address: %w", err)
-	}
-	pu, err := url.Parse("http://" + c.PeerAddr)
-	if err != nil {
-		return nil, fmt.Errorf("embedded etcd peer address: %w", err)
-	}
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
-	cfg.InitialCluster = cfg.Name + "=" + pu.String()
-	cfg.UnsafeNoFsync = c.NoFsync
-	cfg.LogLevel = "error"
-	if secure {
-		cfg.ClientTLSInfo.CertFile, cfg.ClientTLSInfo.KeyFile = c.TLS.CertFile, c.TLS.KeyFile
-		cfg.ClientTLSInfo.TrustedCAFile = c.TLS.CAFile
-		cfg.ClientTLSInfo.ClientCertAuth = c.TLS.CAFile != ""
+		return nil, err
 	}
 	if c.Logger != nil {
 		cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(services.Quieter(c.Logger.Named("etcd"), zap.ErrorLevel))
@@ -100,7 +90,7 @@ func StartEtcdServer(c EtcdServerConfig) (*EmbeddedEtcd, error) {
 		e.Close()
 		return nil, fmt.Errorf("embedded etcd did not become ready in 30s")
 	}
-	ee := &EmbeddedEtcd{e: e, Endpoint: cu.String()}
+	ee := &EmbeddedEtcd{e: e, Endpoint: advertised}
 	if len(c.Users) > 0 {
 		if !secure || c.TLS.CAFile == "" {
 			e.Close()
@@ -112,6 +102,53 @@ func StartEtcdServer(c EtcdServerConfig) (*EmbeddedEtcd, error) {
 		}
 	}
 	return ee, nil
+}
+
+// memberConfig is etcd's configuration of c: its URLs, its cluster and
+// TLS. advertised is the client URL others reach it at.
+func memberConfig(c EtcdServerConfig) (cfg *embed.Config, advertised string, err error) {
+	secure := c.TLS.CertFile != ""
+	scheme, peerScheme := "http://", "http://"
+	if secure {
+		scheme = "https://"
+		if c.InitialCluster != "" {
+			peerScheme = "https://"
+		}
+	}
+	cfg = embed.NewConfig()
+	cfg.Dir = c.Dir
+	cfg.Name = cmp.Or(c.Name, "vmgrid")
+	urls := func(what, scheme, addr string) ([]url.URL, error) {
+		u, err := url.Parse(scheme + addr)
+		if err != nil {
+			return nil, fmt.Errorf("etcd %s address: %w", what, err)
+		}
+		return []url.URL{*u}, nil
+	}
+	if cfg.ListenClientUrls, err = urls("client", scheme, c.ClientAddr); err != nil {
+		return nil, "", err
+	}
+	if cfg.AdvertiseClientUrls, err = urls("advertised client", scheme, cmp.Or(c.AdvertiseClientAddr, c.ClientAddr)); err != nil {
+		return nil, "", err
+	}
+	if cfg.ListenPeerUrls, err = urls("peer", peerScheme, c.PeerAddr); err != nil {
+		return nil, "", err
+	}
+	if cfg.AdvertisePeerUrls, err = urls("advertised peer", peerScheme, cmp.Or(c.AdvertisePeerAddr, c.PeerAddr)); err != nil {
+		return nil, "", err
+	}
+	cfg.InitialCluster = cmp.Or(c.InitialCluster, cfg.Name+"="+cfg.AdvertisePeerUrls[0].String())
+	cfg.UnsafeNoFsync = c.NoFsync
+	cfg.LogLevel = "error"
+	if secure {
+		cfg.ClientTLSInfo.CertFile, cfg.ClientTLSInfo.KeyFile = c.TLS.CertFile, c.TLS.KeyFile
+		cfg.ClientTLSInfo.TrustedCAFile = c.TLS.CAFile
+		cfg.ClientTLSInfo.ClientCertAuth = c.TLS.CAFile != ""
+		if peerScheme == "https://" {
+			cfg.PeerTLSInfo = cfg.ClientTLSInfo
+		}
+	}
+	return cfg, cfg.AdvertiseClientUrls[0].String(), nil
 }
 
 // enableAuth makes the root user and the grid's users and turns

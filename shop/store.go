@@ -3,6 +3,7 @@ package shop
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -81,7 +82,13 @@ var (
 // etcdErr maps a failed etcd call to Unavailable. The cause is kept in the
 // message only: etcd's client returns gRPC status errors (DeadlineExceeded,
 // Canceled), and wrapping them would make errdefs report their codes.
-func etcdErr(err error) error { return fmt.Errorf("etcd: %s: %w", err, errdefs.ErrUnavailable) }
+func etcdErr(err error) error {
+	if errors.Is(err, context.DeadlineExceeded) {
+		// What a caller sees when a cluster lost its quorum: say so.
+		return fmt.Errorf("etcd did not answer within %s (unreachable, or its cluster has no quorum); retry later: %w", market.OpTimeout, errdefs.ErrUnavailable)
+	}
+	return fmt.Errorf("etcd: %s: %w", err, errdefs.ErrUnavailable)
+}
 
 func op(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, market.OpTimeout)
