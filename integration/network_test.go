@@ -37,6 +37,7 @@ import (
 // traffic (etcd, gRPC, the image server) stays on loopback.
 type netGrid struct {
 	t       *testing.T
+	is      *testutil.Server // the image server
 	images  string
 	etcd    string
 	tokens  *auth.Tokens
@@ -77,7 +78,7 @@ func startNetGrid(t *testing.T, ctx context.Context, plants ...string) *netGrid 
 	if err := tokens.Add(netBobToken, "bob"); err != nil {
 		t.Fatal(err)
 	}
-	g := &netGrid{t: t, images: is.Srv.Addr(), etcd: ee.Endpoint, tokens: tokens, plants: map[string]*computeserver.Server{},
+	g := &netGrid{t: t, is: is, images: is.Srv.Addr(), etcd: ee.Endpoint, tokens: tokens, plants: map[string]*computeserver.Server{},
 		hosts: map[string]vnettest.Host{}, dirs: map[string]string{}, stops: map[string]func(){}, clients: map[string]shopv1.ShopServiceClient{}}
 	lan := vnettest.NewLAN(t)
 	for _, name := range plants {
