@@ -49,7 +49,8 @@ var vmColumns = []column[*computev1.ClassAd]{
 	{name: "VCPUS", wide: true, value: func(a *computev1.ClassAd) string { return fmt.Sprint(a.GetHardware().GetVcpus()) }},
 	{name: "MEMORY", wide: true, value: func(a *computev1.ClassAd) string { return fmt.Sprintf("%dMiB", a.GetHardware().GetMemoryMib()) }},
 	{name: "FETCHED", wide: true, value: func(a *computev1.ClassAd) string { return humanBytes(a.FetchedBytes) }},
-	{name: "SSH", wide: true, value: func(a *computev1.ClassAd) string { return dash(a.SshEndpoint) }},
+	{name: "DOMAIN", wide: true, value: func(a *computev1.ClassAd) string { return dash(a.GetNetwork().GetDomain()) }},
+	{name: "ADDRESS", wide: true, value: func(a *computev1.ClassAd) string { return dash(a.GetNetwork().GetAddress()) }},
 	{name: "ERROR", wide: true, value: func(a *computev1.ClassAd) string { return dash(a.Error) }},
 }
 

@@ -221,7 +221,7 @@ function renderVMs() {
     const row = `<tr class="vm" data-vm="${esc(vm.vmId)}" data-state="${esc(s)}">
       <td class="mono" title="${esc(vm.vmId)}">${esc(short(vm.vmId))}</td><td>${esc(vm.owner)}</td>
       <td><span class="state ${esc(s)}">${esc(s)}</span></td><td>${esc(vm.plant || "—")}</td><td>${esc(vm.image || "—")}</td>
-      <td>${esc(vm.labels?.domain || "—")}</td><td class="mono">${esc(vm.sshEndpoint || "—")}</td>
+      <td>${esc(vm.network?.domain || vm.labels?.domain || "—")}</td><td class="mono">${esc(vm.network?.address || vm.sshEndpoint || "—")}</td>
       <td class="num">${dur(vm.readyNanos)}</td><td class="num">${num(vm.fetchedBytes) ? bytes(vm.fetchedBytes) : "—"}</td>
       <td class="num">${mine ? `<button class="danger destroy" data-vm="${esc(vm.vmId)}">Destroy</button>` : ""}</td></tr>`;
     return row + (state.expanded.has(vm.vmId) ? vmDetail(vm) : "");
