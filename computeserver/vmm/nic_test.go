@@ -3,6 +3,7 @@ package vmm
 import (
 	"context"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -60,12 +61,16 @@ func TestNICOnTheCommandLine(t *testing.T) {
 }
 
 func TestNICArgs(t *testing.T) {
-	s := Spec{Dir: "/tmp/x", NICs: []NIC{{ID: "net0", MAC: "02:00:00:00:00:01"}}}
+	s := Spec{Dir: "/tmp/x", NICs: []NIC{{ID: "net0"}}}
 	if err := s.Validate(); err == nil {
-		t.Fatal("a NIC without a tap must be refused")
+		t.Fatal("a NIC without a MAC must be refused")
 	}
-	a := strings.Join(nicArgs(s.NICs), " ")
-	if a != "-netdev tap,id=net0,fd=3 -device virtio-net-pci,netdev=net0,id=net0-dev,mac=02:00:00:00:00:01" {
+	nics := []NIC{{ID: "net0", MAC: "02:00:00:00:00:01"}, {ID: "net1", MAC: "02:00:00:00:00:02", Tap: os.Stdin}}
+	a := strings.Join(nicArgs(nics), " ")
+	if a != "-device virtio-net-pci,id=net0-dev,mac=02:00:00:00:00:01 -netdev tap,id=net1,fd=3 -device virtio-net-pci,id=net1-dev,mac=02:00:00:00:00:02,netdev=net1" {
 		t.Fatalf("args %q", a)
+	}
+	if f := nicFiles(nics); len(f) != 1 || f[0] != os.Stdin {
+		t.Fatalf("files %v", f)
 	}
 }
