@@ -74,3 +74,42 @@ func TestNICArgs(t *testing.T) {
 		t.Fatalf("files %v", f)
 	}
 }
+
+// AddNIC hot-plugs a NIC on a tap into a running machine's PCIe root port
+// (the path of clones of images built without a NIC).
+func TestAddNIC(t *testing.T) {
+	d := driver(t)
+	img := tinyImage(t)
+	h := vnettest.NewLAN(t).Host()
+	nm, err := vnet.New(vnet.Config{Underlay: h.Addr, Netns: h.Netns, Prefix: vnet.PrefixFor(t.Name())}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nm.Close()
+	at, err := nm.Attach(8, nil, "vm-hot")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer at.Tap.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	spec := tinySpec(t, img, overlay(t, img.RootDisk))
+	spec.ExtraArgs = []string{"-device", "pcie-root-port,id=hp0,chassis=1,slot=1"}
+	m, err := d.Start(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Kill()
+	if err := AddNIC(ctx, m, NIC{ID: "net0", MAC: "02:00:00:00:08:02", Tap: at.Tap}, "hp0"); err != nil {
+		t.Fatal(err)
+	}
+	var filters []struct {
+		MainMac string `json:"main-mac"`
+	}
+	if err := m.QMP(ctx, "query-rx-filter", nil, &filters); err != nil {
+		t.Fatal(err)
+	}
+	if len(filters) != 1 || filters[0].MainMac != "02:00:00:00:08:02" {
+		t.Fatalf("NICs %+v", filters)
+	}
+}
