@@ -19,16 +19,7 @@ import (
 func TestNICOnTheCommandLine(t *testing.T) {
 	d := driver(t)
 	img := tinyImage(t)
-	h := vnettest.NewLAN(t).Host()
-	nm, err := vnet.New(vnet.Config{Underlay: h.Addr, Netns: h.Netns, Prefix: vnet.PrefixFor(t.Name())}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nm.Close()
-	at, err := nm.Attach(7, &net.IPNet{IP: net.ParseIP("10.66.0.1"), Mask: net.CIDRMask(24, 32)}, "vm-nic")
-	if err != nil {
-		t.Fatal(err)
-	}
+	nm, at := tapOn(t, 7)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	spec := tinySpec(t, img, overlay(t, img.RootDisk))
@@ -60,6 +51,22 @@ func TestNICOnTheCommandLine(t *testing.T) {
 	}
 }
 
+// tapOn makes a segment of vni on a test host and a tap on it.
+func tapOn(t *testing.T, vni uint32) (*vnet.Manager, *vnet.Attachment) {
+	t.Helper()
+	h := vnettest.NewLAN(t).Host()
+	nm, err := vnet.New(vnet.Config{Underlay: h.Addr, Netns: h.Netns, Prefix: vnet.PrefixFor(t.Name())}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nm.Close)
+	at, err := nm.Attach(vni, &net.IPNet{IP: net.ParseIP("10.66.0.1"), Mask: net.CIDRMask(24, 32)}, "vm-nic")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nm, at
+}
+
 func TestNICArgs(t *testing.T) {
 	s := Spec{Dir: "/tmp/x", NICs: []NIC{{ID: "net0"}}}
 	if err := s.Validate(); err == nil {
@@ -80,16 +87,7 @@ func TestNICArgs(t *testing.T) {
 func TestAddNIC(t *testing.T) {
 	d := driver(t)
 	img := tinyImage(t)
-	h := vnettest.NewLAN(t).Host()
-	nm, err := vnet.New(vnet.Config{Underlay: h.Addr, Netns: h.Netns, Prefix: vnet.PrefixFor(t.Name())}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nm.Close()
-	at, err := nm.Attach(8, nil, "vm-hot")
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, at := tapOn(t, 8)
 	defer at.Tap.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
