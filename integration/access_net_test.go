@@ -175,7 +175,7 @@ func TestSSHIntoDebian(t *testing.T) {
 		t.Skip("no ssh client (deploy/packages.txt installs openssh-client)")
 	}
 	img := goldens.Debian(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	g := startNetGrid(t, ctx, "sp")
 	if err := img.Publish(ctx, g.is.Client, "debian"); err != nil {

@@ -17,7 +17,8 @@ import (
 // a lease whose VM has no record is reclaimed.
 func TestNetworkLeases(t *testing.T) {
 	te := startTestEtcd(t)
-	ts := startTestShop(t, te, Config{})
+	// A long deadline: eight auctions at once on a busy machine.
+	ts := startTestShop(t, te, Config{AuctionDeadline: 10 * time.Second})
 	p := &fakePlant{name: "p1", vms: map[string]bool{}}
 	runPlant(t, te, p, "", 5)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

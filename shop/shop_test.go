@@ -40,19 +40,7 @@ func shopClient(t testing.TB, addr, token string) shopv1.ShopServiceClient {
 }
 
 func createVM(ctx context.Context, c shopv1.ShopServiceClient, req *shopv1.CreateVMRequest) (*computev1.ClassAd, error) {
-	stream, err := c.CreateVM(ctx, req)
-	if err != nil {
-		return nil, err
-	}
-	for {
-		p, err := stream.Recv()
-		if err != nil {
-			return nil, err
-		}
-		if p.Classad != nil {
-			return p.Classad, nil
-		}
-	}
+	return testutil.CreateVM(ctx, c, req)
 }
 
 func code(err error) codes.Code { s, _ := status.FromError(err); return s.Code() }

@@ -27,9 +27,22 @@ func configureNetwork(ctx context.Context, req *Request) error {
 	if err != nil {
 		return fmt.Errorf("address %q: %w", req.Address, err)
 	}
-	link, err := waitLink(ctx, mac)
+	find := mac
+	if req.CurrentMAC != "" {
+		if find, err = net.ParseMAC(req.CurrentMAC); err != nil {
+			return fmt.Errorf("current_mac %q: %w", req.CurrentMAC, err)
+		}
+	}
+	link, err := waitLink(ctx, find)
 	if err != nil {
 		return err
+	}
+	if !strings.EqualFold(link.Attrs().HardwareAddr.String(), mac.String()) {
+		// Down first: a running NIC may refuse a new address.
+		_ = netlink.LinkSetDown(link)
+		if err := netlink.LinkSetHardwareAddr(link, mac); err != nil {
+			return fmt.Errorf("mac of %s: %w", link.Attrs().Name, err)
+		}
 	}
 	if lo, err := netlink.LinkByName("lo"); err == nil {
 		_ = netlink.LinkSetUp(lo)

@@ -74,10 +74,13 @@ type Request struct {
 	// configure_network (net.go): the NIC with MAC gets Address (CIDR),
 	// MTU and, when set, a default route via Gateway; Hostname is set too
 	// when given.
-	MAC     string `json:"mac,omitempty"`
-	Address string `json:"address,omitempty"`
-	Gateway string `json:"gateway,omitempty"`
-	MTU     int    `json:"mtu,omitempty"`
+	MAC string `json:"mac,omitempty"`
+	// CurrentMAC, when set, finds the NIC (a clone's NIC restored from
+	// its golden image still has the golden's MAC), which then gets MAC.
+	CurrentMAC string `json:"current_mac,omitempty"`
+	Address    string `json:"address,omitempty"`
+	Gateway    string `json:"gateway,omitempty"`
+	MTU        int    `json:"mtu,omitempty"`
 	// exec_stream (with Argv, Env, Dir): a pseudo-terminal of Rows x Cols.
 	TTY  bool   `json:"tty,omitempty"`
 	Rows uint16 `json:"rows,omitempty"`

@@ -158,6 +158,7 @@ func (b *goldenBuild) boot(ctx context.Context) error {
 		Append:    img.Cmdline,
 		Disks:     []vmm.Disk{{Path: b.overlay, Format: vmm.QCOW2, Interface: vmm.DiskInterface(img.RootInterface)}},
 		Channels:  []vmm.Channel{{Name: AgentChannel, Socket: filepath.Join(b.opts.WorkDir, "m", "agent.sock")}},
+		NICs:      goldenNICs, // network.go: clones rewire it
 		ExtraArgs: hotplugPorts,
 		VMGenID:   vmm.NewGUID(), // clones get their own (identity.go)
 	}

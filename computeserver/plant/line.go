@@ -65,10 +65,13 @@ type line struct {
 	spec     vmm.Spec
 	ad       *computev1.ClassAd // the result
 	seeded   *seed              // the cloud-init seed that carried the actions (cloudinit.go)
-	// network.go: the NIC, its segment's MTU, hot-plug ports it took.
+	// network.go: the NIC, its segment's MTU, whether it is hot-plugged
+	// (and the ports that took), the MAC the guest has (the image's).
 	nic        vmm.NIC
 	mtu        int
+	hotplug    bool
 	hotplugged int
+	current    string
 }
 
 // run runs the steps that apply; on failure it undoes what was done.

@@ -14,7 +14,9 @@ type NIC struct {
 	ID string `json:"id"`
 	// MAC is the guest's MAC address.
 	MAC string `json:"mac"`
-	// Tap is the open tap (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR). Not part of a
+	// Tap is the open tap (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR); nil: the NIC
+	// has no backend (a golden image's NIC, and a clone's without a
+	// network: the guest sees a NIC that carries nothing). Not part of a
 	// golden image's vm.json: a clone brings its own.
 	Tap *os.File `json:"-"`
 }
@@ -24,19 +26,28 @@ type NIC struct {
 func nicFiles(nics []NIC) []*os.File {
 	var out []*os.File
 	for _, n := range nics {
-		out = append(out, n.Tap)
+		if n.Tap != nil {
+			out = append(out, n.Tap)
+		}
 	}
 	return out
 }
 
-// nicArgs are QEMU's options for Spec.NICs: each a tap netdev on its
-// inherited descriptor and a virtio-net-pci device.
+// nicArgs are QEMU's options for Spec.NICs: each a virtio-net-pci device,
+// on a tap netdev over its inherited descriptor when it has a tap. The
+// device is the same with or without one, so a clone restores the memory
+// state of a golden image built with a NIC that had none.
 func nicArgs(nics []NIC) []string {
 	var a []string
-	for i, n := range nics {
-		a = append(a,
-			"-netdev", fmt.Sprintf("tap,id=%s,fd=%d", n.ID, 3+i),
-			"-device", fmt.Sprintf("virtio-net-pci,netdev=%s,id=%s-dev,mac=%s", n.ID, n.ID, n.MAC))
+	fd := 3
+	for _, n := range nics {
+		dev := fmt.Sprintf("virtio-net-pci,id=%s-dev,mac=%s", n.ID, n.MAC)
+		if n.Tap != nil {
+			a = append(a, "-netdev", fmt.Sprintf("tap,id=%s,fd=%d", n.ID, fd))
+			dev += ",netdev=" + n.ID
+			fd++
+		}
+		a = append(a, "-device", dev)
 	}
 	return a
 }
@@ -44,8 +55,8 @@ func nicArgs(nics []NIC) []string {
 // validateNICs checks Spec.NICs.
 func validateNICs(nics []NIC) error {
 	for i, n := range nics {
-		if n.ID == "" || n.MAC == "" || n.Tap == nil {
-			return fmt.Errorf("spec: NIC %d needs an ID, a MAC and a Tap", i)
+		if n.ID == "" || n.MAC == "" {
+			return fmt.Errorf("spec: NIC %d needs an ID and a MAC", i)
 		}
 	}
 	return nil

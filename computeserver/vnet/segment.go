@@ -52,17 +52,14 @@ func (m *Manager) makeSegment(vni uint32, hostAddr *net.IPNet) (_ *segment, err 
 	if err != nil {
 		return nil, err
 	}
-	if hostAddr != nil {
-		if err := m.makeDialer(s); err != nil {
-			return nil, err
-		}
-	}
 	m.log.Info("segment made", zap.Uint32("vni", vni), zap.String("bridge", m.cfg.bridgeName(vni)))
 	return s, nil
 }
 
 // makeDialer makes the plant's dialer namespace of s: a veth from the
-// bridge into a namespace of its own holding s.addr.
+// bridge into a namespace of its own holding s.addr. Made on the first
+// Dial, not with the segment: it costs ~25 ms (a new namespace), which a
+// CreateVM need not wait for.
 func (m *Manager) makeDialer(s *segment) error {
 	ns, err := newNS(m.ns)
 	if err != nil {
@@ -192,25 +189,41 @@ func (m *Manager) Peers(vni uint32) []string {
 // Dial opens a TCP connection from the plant's dialer on vni's segment to
 // addr (HOST:PORT on the segment).
 func (m *Manager) Dial(ctx context.Context, vni uint32, addr string) (net.Conn, error) {
-	m.mu.Lock()
-	s := m.segs[vni]
-	var dial netns.NsHandle = -1
-	if s != nil {
-		dial = s.dial
-	}
-	m.mu.Unlock()
-	if !dial.IsOpen() {
-		return nil, fmt.Errorf("vnet: this plant has no dialer on VNI %d", vni)
+	dial, err := m.dialer(vni)
+	if err != nil {
+		return nil, err
 	}
 	// The socket is made on a thread in the dialer's namespace, so it
 	// belongs there; connecting and I/O then run anywhere.
 	var c net.Conn
-	err := inNS(dial, func() error {
+	err = inNS(dial, func() error {
 		var err error
 		c, err = (&net.Dialer{}).DialContext(ctx, "tcp4", addr)
 		return err
 	})
 	return c, err
+}
+
+// dialer is vni's dialer namespace, made on first use.
+func (m *Manager) dialer(vni uint32) (netns.NsHandle, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := m.segs[vni]
+	switch {
+	case s == nil:
+		return -1, fmt.Errorf("vnet: this plant has no segment of VNI %d", vni)
+	case s.dial.IsOpen():
+		return s.dial, nil
+	case s.addr == nil:
+		return -1, fmt.Errorf("vnet: the plant has no address on VNI %d to dial from", vni)
+	}
+	if err := m.makeDialer(s); err != nil {
+		s.dial.Close()
+		s.dial = netns.None()
+		_ = m.do(func() error { return delLink(m.cfg.dialName(vni)) })
+		return -1, err
+	}
+	return s.dial, nil
 }
 
 // Counters are a device's packet counters.

@@ -35,7 +35,11 @@ func cidr(s string) *net.IPNet {
 func listenIn(t *testing.T, m *Manager, vni uint32, addr string) (got chan string, accepted *int) {
 	t.Helper()
 	var ln net.Listener
-	if err := inNS(m.segs[vni].dial, func() error {
+	dial, err := m.dialer(vni)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := inNS(dial, func() error {
 		var err error
 		ln, err = net.Listen("tcp4", addr)
 		return err
@@ -133,6 +137,9 @@ func TestReconcileAndDetach(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer at.Tap.Close()
+	}
+	if _, err := m.dialer(300); err != nil {
+		t.Fatal(err)
 	}
 	devs, _ := m.Devices()
 	if len(devs) != 5 { // bridge, vxlan, dialer veth, two taps
