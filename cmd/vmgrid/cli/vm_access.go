@@ -13,10 +13,13 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
@@ -305,7 +308,7 @@ kubectl port-forward does). "8080" listens on 8080, ":8080" on a free port
 				}
 				go func() {
 					defer conn.Close()
-					if err := tunnel(cmd.Context(), cl, args[0], remote, conn, conn); err != nil {
+					if err := tunnel(cmd.Context(), cl, args[0], remote, 0, conn, conn); err != nil {
 						fmt.Fprintf(cmd.ErrOrStderr(), "vmgrid: %s:%d: %s\n", args[0], remote, describe(err))
 					}
 				}()
@@ -317,43 +320,70 @@ kubectl port-forward does). "8080" listens on 8080, ":8080" on a free port
 }
 
 func vmTunnelCmd(g *globals, s *service) *cobra.Command {
-	return &cobra.Command{
+	var wait time.Duration
+	c := &cobra.Command{
 		Use:   "tunnel VM PORT",
 		Short: "Connect standard input and output to a port of a VM (an ssh ProxyCommand)",
 		Long: `Connect standard input and output to PORT on the VM's address on its domain
 network, through the shop: what ssh's ProxyCommand wants, e.g.
   ssh -o ProxyCommand='vmgrid vm tunnel VM 22' alice@VM
-(vmgrid vm ssh does that for you).`,
+(vmgrid vm ssh does that for you). While the guest refuses the port (a
+service still starting, e.g. a new clone's sshd), it retries for --wait.`,
 		Args: cobra.ExactArgs(2),
 		RunE: shopVerb(g, s, func(cmd *cobra.Command, args []string, cl shopv1.ShopServiceClient) error {
 			port, err := strconv.Atoi(args[1])
 			if err != nil || port < 1 || port > 65535 {
 				return fmt.Errorf("port %q: 1 to 65535", args[1])
 			}
-			return tunnel(cmd.Context(), cl, args[0], port, cmd.InOrStdin(), cmd.OutOrStdout())
+			return tunnel(cmd.Context(), cl, args[0], port, wait, cmd.InOrStdin(), cmd.OutOrStdout())
 		}),
+	}
+	c.Flags().DurationVar(&wait, "wait", 30*time.Second, "how long to retry while the guest refuses the port (0: fail at once)")
+	return c
+}
+
+type forwardStream = grpc.BidiStreamingClient[computev1.PortForwardRequest, computev1.PortForwardResponse]
+
+// connect opens a PortForward stream to the guest's port; while the guest
+// refuses it (UNAVAILABLE) it tries again until wait has passed.
+func connect(ctx context.Context, cl shopv1.ShopServiceClient, vmID string, port int, wait time.Duration) (forwardStream, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		stream, err := cl.PortForward(ctx)
+		if err != nil {
+			return nil, err
+		}
+		start := &computev1.PortForwardRequest{Kind: &computev1.PortForwardRequest_Start{Start: &computev1.PortForwardStart{VmId: vmID, Port: uint32(port)}}}
+		if err = stream.Send(start); err != nil {
+			err = recvErr(stream, err)
+		} else {
+			var first *computev1.PortForwardResponse
+			if first, err = stream.Recv(); err == nil {
+				if !first.Connected {
+					return nil, errors.New("the plant did not confirm the connection")
+				}
+				return stream, nil
+			}
+		}
+		if status.Code(err) != codes.Unavailable || time.Now().After(deadline) {
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(500 * time.Millisecond):
+		}
 	}
 }
 
 // tunnel relays in and out through a PortForward stream until the guest
 // closes its side.
-func tunnel(ctx context.Context, cl shopv1.ShopServiceClient, vmID string, port int, in io.Reader, out io.Writer) error {
+func tunnel(ctx context.Context, cl shopv1.ShopServiceClient, vmID string, port int, wait time.Duration, in io.Reader, out io.Writer) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := cl.PortForward(ctx)
+	stream, err := connect(ctx, cl, vmID, port, wait)
 	if err != nil {
 		return err
-	}
-	start := &computev1.PortForwardRequest{Kind: &computev1.PortForwardRequest_Start{Start: &computev1.PortForwardStart{VmId: vmID, Port: uint32(port)}}}
-	if err := stream.Send(start); err != nil {
-		return recvErr(stream, err)
-	}
-	first, err := stream.Recv()
-	if err != nil {
-		return err
-	}
-	if !first.Connected {
-		return errors.New("the plant did not confirm the connection")
 	}
 	go sendChunks(in, func(b []byte) error {
 		return stream.Send(&computev1.PortForwardRequest{Kind: &computev1.PortForwardRequest_Data{Data: b}})
