@@ -171,25 +171,10 @@ func (d *Debian) Build(ctx context.Context, outDir string) (*Image, error) {
 }
 
 func (d *Debian) image(outDir string, k *Kernel, mods []Module) *Image {
-	return &Image{
-		Recipe:        d.Name(),
-		Kernel:        filepath.Join(outDir, "vmlinuz"),
-		Initrd:        filepath.Join(outDir, "initrd.img"),
-		KernelRelease: k.Release,
-		KernelPackage: k.Package,
-		KernelVersion: k.Version,
-		RootDisk:      filepath.Join(outDir, "root.raw"),
-		RootInterface: RootVirtio,
-		Cmdline:       strings.Join(append([]string{DebianCmdline}, d.ExtraCmdline...), " "),
-		Modules:       mods,
-		Ready:         DebianReady,
-		Attributes: Attributes{
-			Arch:      "x86_64",
-			VCPUs:     orDefault(d.VCPUs, 1),
-			MemoryMiB: orDefault(d.MemoryMiB, 512),
-			OS:        "debian-12",
-		},
-	}
+	img := newImage(d.Name(), outDir, k, RootVirtio, strings.Join(append([]string{DebianCmdline}, d.ExtraCmdline...), " "), mods,
+		Attributes{Arch: "x86_64", VCPUs: orDefault(d.VCPUs, 1), MemoryMiB: orDefault(d.MemoryMiB, 512), OS: "debian-12"})
+	img.Ready = DebianReady
+	return img
 }
 
 func (d *Debian) seal(ctx context.Context, outDir string, img *Image, rootDir, initrdDir string, k *Kernel) error {
@@ -197,17 +182,8 @@ func (d *Debian) seal(ctx context.Context, outDir string, img *Image, rootDir, i
 	if size == 0 {
 		size = 1 << 30
 	}
-	// The debootstrapped /dev already has its nodes (tar kept them).
-	if err := MakeExt4(ctx, rootDir, img.RootDisk, size, nil); err != nil {
-		return fmt.Errorf("debian: root disk: %w", err)
-	}
-	if err := WriteInitramfs(initrdDir, img.Initrd, BaseDeviceNodes); err != nil {
-		return fmt.Errorf("debian: %w", err)
-	}
-	if err := copyFile(k.Vmlinuz, img.Kernel, 0o644); err != nil {
-		return fmt.Errorf("debian: %w", err)
-	}
-	return writeManifest(outDir, img)
+	// No nodes to add: the debootstrapped /dev has them (tar kept them).
+	return sealImage(ctx, outDir, img, rootDir, initrdDir, k, size, nil)
 }
 
 // populate configures the debootstrapped tree: identity files, fstab, the
