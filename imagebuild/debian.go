@@ -18,6 +18,12 @@ import (
 // an old tarball. Bump it when DebianBasePackages or the variant change.
 const DebianVersion = "1"
 
+// DebianImageVersion versions what the recipe makes of the debootstrap
+// (units, drop-ins, initramfs): caches of built images (the tests') key on
+// it. Bump it with any such change; DebianVersion only when the debootstrap
+// itself changes.
+const DebianImageVersion = "2"
+
 // DebianSuite is the release the debian recipe bootstraps (Debian 12).
 const DebianSuite = "bookworm"
 
@@ -204,7 +210,10 @@ func (d *Debian) populate(ctx context.Context, rootDir string) error {
 		// own from the plant (a golden's id would be every clone's).
 		"/etc/machine-id":                               "",
 		"/etc/ssh/sshd_config.d/vmgrid.conf":            "# vmgrid: keys only\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
-		"/etc/systemd/system/ssh.service.d/vmgrid.conf": "# vmgrid: the image has no host keys; a clone makes its own, then starts sshd\n[Unit]\nConditionPathExists=/etc/ssh/ssh_host_ed25519_key\n",
+		"/etc/systemd/system/ssh.service.d/vmgrid.conf": "# vmgrid: the image has no host keys; a clone gets its own, then sshd starts\n[Unit]\nConditionPathExists=/etc/ssh/ssh_host_ed25519_key\n",
+		// Starts sshd when the clone's keys appear (the agent writes the
+		// ed25519 key last), without the agent running systemctl.
+		"/etc/systemd/system/vmgrid-sshd.path": "[Unit]\nDescription=start sshd once this machine has its own host keys\n\n[Path]\nPathExists=/etc/ssh/ssh_host_ed25519_key\nUnit=ssh.service\n\n[Install]\nWantedBy=multi-user.target\n",
 		// Nothing to flush a journal to that outlives a clone's boot.
 		"/etc/systemd/journald.conf.d/vmgrid.conf": "[Journal]\nStorage=volatile\nRuntimeMaxUse=16M\n",
 	}
@@ -224,6 +233,9 @@ func (d *Debian) populate(ctx context.Context, rootDir string) error {
 		if err := os.Symlink("/dev/null", link); err != nil {
 			return fmt.Errorf("mask %s: %w", u, err)
 		}
+	}
+	if err := os.Symlink("../vmgrid-sshd.path", filepath.Join(rootDir, "etc/systemd/system/multi-user.target.wants/vmgrid-sshd.path")); err != nil {
+		return err
 	}
 	if d.Agent != "" {
 		if err := installAgentUnit(rootDir, d.Agent); err != nil {

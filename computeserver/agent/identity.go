@@ -210,11 +210,20 @@ func keygen(ctx context.Context) error {
 	return nil
 }
 
+// SSHDPathUnit is a systemd path unit an image can carry (the debian
+// recipe's does) that starts sshd once the ed25519 host key exists: the
+// agent then need not run systemctl (half a second under TCG). Keys are
+// written in the order given, so the host sends ed25519 last.
+const SSHDPathUnit = "/etc/systemd/system/vmgrid-sshd.path"
+
 // startSSHD (re)starts sshd under systemd without waiting for it: the keys
 // exist, so whenever it accepts a connection it presents them.
 func startSSHD(ctx context.Context) error {
 	if _, err := os.Stat("/run/systemd/system"); err != nil {
 		return nil // not systemd: the image starts its sshd its own way
+	}
+	if _, err := os.Stat(SSHDPathUnit); err == nil {
+		return nil // systemd starts it, seeing the keys
 	}
 	out, err := exec.CommandContext(ctx, "systemctl", "--no-block", "restart", "ssh.service").CombinedOutput()
 	var exit *exec.ExitError

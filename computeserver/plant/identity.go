@@ -135,7 +135,7 @@ func newHostKeys() ([]agent.HostKey, error) {
 	for _, k := range []struct {
 		typ  string
 		priv crypto.Signer
-	}{{"ed25519", ed}, {"ecdsa", ec}} {
+	}{{"ecdsa", ec}, {"ed25519", ed}} { // ed25519 last: see agent.SSHDPathUnit
 		block, err := ssh.MarshalPrivateKey(k.priv, "")
 		if err != nil {
 			return nil, err
