@@ -245,33 +245,15 @@ func (l *line) finish(context.Context) (func(), error) {
 // timeout. It gives up as soon as the machine exits (a guest whose kernel
 // panicked, a killed QEMU never answers), with the console's tail.
 func waitAgent(ctx context.Context, m vmm.Machine, socket string, timeout time.Duration) (*agent.Client, error) {
-	actx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	go func() {
-		select {
-		case <-m.Exited():
-			cancel()
-		case <-actx.Done():
+	return waitGuest(ctx, m, timeout, func(ctx context.Context) (*agent.Client, error) {
+		ac, err := agent.Dial(ctx, socket)
+		if err == nil {
+			if err = ac.WaitReady(ctx); err != nil {
+				ac.Close()
+			}
 		}
-	}()
-	ac, err := agent.Dial(actx, socket)
-	if err == nil {
-		if err = ac.WaitReady(actx); err != nil {
-			ac.Close()
-		}
-	}
-	select {
-	case <-m.Exited():
-		if ac != nil && err == nil {
-			ac.Close()
-		}
-		return nil, machineExited(ctx, m)
-	default:
-	}
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", err, errdefs.ErrUnavailable)
-	}
-	return ac, nil
+		return ac, err
+	})
 }
 
 // machineExited is the error of a machine that exited unasked: its status

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -148,7 +149,7 @@ func testCloudInitClone(t *testing.T, gr *grid.Grid) {
 	ad := cliJSON[obj](t, "vm", "create", "--image", "stock", "--hostname", "web1", "--user", "alice", "--ssh-key", stockKey,
 		"--exec", "echo configured-by-cloud-init > /etc/vmgrid-test; echo out-line")
 	id, _ := ad["vmId"].(string)
-	t.Logf("cold boot to configured (cloud-init): %s", time.Since(start).Round(time.Millisecond))
+	t.Logf("cold boot to configured (cloud-init): %s (actions %v)", time.Since(start).Round(time.Millisecond), actionTimes(ad))
 	defer cliOK(t, "vm", "rm", id)
 	if ad["state"] != "VM_STATE_RUNNING" {
 		t.Fatalf("vm create: %v", ad)
@@ -182,7 +183,7 @@ func testRestoredClone(t *testing.T, gr *grid.Grid) {
 	  {"id": "exec1", "exec": {"argv": ["sh", "-c", "echo warm > /etc/warm"]}},
 	  {"id": "hostname", "after": ["exec1"], "setHostname": {"hostname": "warm1"}},
 	  {"id": "user", "after": ["hostname"], "addUser": {"user": "bob", "sshKey": "` + stockKey + `"}},
-	  {"id": "exec2", "after": ["user"], "exec": {"argv": ["sh", "-c", "echo via-qemu-ga"]}}]}`
+	  {"id": "exec2", "after": ["user"], "exec": {"argv": ["sh", "-c", "echo via-qemu-ga; echo answer=42 >> $VMGRID_RESULTS"]}}]}`
 	if err := os.WriteFile(dagFile, []byte(dag), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -190,8 +191,17 @@ func testRestoredClone(t *testing.T, gr *grid.Grid) {
 	ad := cliJSON[obj](t, "vm", "create", "--image", "stock-warm", "--dag", dagFile)
 	took := time.Since(start)
 	id, _ := ad["vmId"].(string)
-	t.Logf("--from clone (restore, qemu-ga): %s", took.Round(time.Millisecond))
+	t.Logf("--from clone (restore, qemu-ga): %s (ready after %sns; actions %v)", took.Round(time.Millisecond), ad["readyNanos"], actionTimes(ad))
 	defer cliOK(t, "vm", "rm", id)
+	var answer any
+	for _, a := range items(ad, "actions") {
+		if a["id"] == "exec2" {
+			answer = a["results"].(obj)["answer"]
+		}
+	}
+	if answer != "42" {
+		t.Fatalf("exec2's $VMGRID_RESULTS through qemu-ga: %v", ad["actions"])
+	}
 	got := guestOut(t, gr, id, "hostname; cat /etc/warm; cat /home/bob/.ssh/authorized_keys; cut -d. -f1 /proc/uptime")
 	lines := strings.Split(got, "\n")
 	if len(lines) != 4 || lines[0] != "warm1" || lines[1] != "warm" || lines[2] != stockKey {
@@ -204,4 +214,14 @@ func testRestoredClone(t *testing.T, gr *grid.Grid) {
 	if time.Duration(up)*time.Second <= took {
 		t.Fatalf("guest up %ds but the clone took %s: it booted instead of restoring", up, took)
 	}
+}
+
+// actionTimes lists each action's time, for the log.
+func actionTimes(ad obj) []string {
+	var out []string
+	for _, a := range items(ad, "actions") {
+		ms := jsonUint(a["tookNanos"]) / 1e6
+		out = append(out, fmt.Sprintf("%s=%dms", a["id"], ms))
+	}
+	return out
 }
