@@ -12,6 +12,8 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
+	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
 // fromFlags registers vmgrid image build's --from flags.
@@ -43,6 +45,13 @@ func (b *buildFlags) runFrom(cmd *cobra.Command, g *globals, f *imageFlags, args
 }
 
 func (b *buildFlags) buildFrom(cmd *cobra.Command, log *zap.Logger, cl *imageclient.Client, addr string, d *computev1.ConfigDAG) error {
+	// A cold boot of minutes for a name that is taken would fail only at
+	// the end.
+	if _, err := cl.API.GetImage(cmd.Context(), &imagev1.GetImageRequest{Name: b.name}); err == nil {
+		return fmt.Errorf("image %q already exists on %s: remove it (vmgrid image rm %s) or pick --name: %w", b.name, addr, b.name, errdefs.ErrAlreadyExists)
+	} else if !errdefs.IsNotFound(err) {
+		return err
+	}
 	work, cleanup, err := b.workDir()
 	if err != nil {
 		return err
