@@ -28,6 +28,7 @@ func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.Name, "name", c.Name, "plant name in classads and bids (default: HOST-DATADIR)")
 	c.Etcd.AddFlags(fs, "etcd endpoints: register there and bid in the shop's auctions")
 	fs.Uint64Var(&c.GuestMemoryMiB, "guest-memory-mib", c.GuestMemoryMiB, "memory guests may use in all (0: 80% of RAM)")
+	fs.DurationVar(&c.AgentTimeout, "agent-timeout", c.AgentTimeout, "how long a clone's guest agent may take to answer before the creation fails (0: 2m)")
 	fs.DurationVar(&c.GuestTimeout, "guest-timeout", plant.DefaultGuestTimeout, "how long a cold boot of a stock image may take until its guest is configured (qemu-ga answers, cloud-init done)")
 	fs.StringVar(&c.DataServer, "dataserver", c.DataServer, "data server of task stage-in/out (requests bring task credentials for it; empty: no staging)")
 	services.AddTokensFlag(fs, &c.TokensFile)

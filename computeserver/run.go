@@ -68,6 +68,9 @@ type Config struct {
 	// ServiceTokenFile holds the plant's token for its upstream (role
 	// service there): write-back and profiles need one.
 	ServiceTokenFile string
+	// AgentTimeout bounds the wait for a clone's guest agent (0:
+	// plant.DefaultAgentTimeout).
+	AgentTimeout time.Duration
 }
 
 // Server is a running compute server: the data plane (Proxy, mounted at
@@ -192,6 +195,7 @@ func startLine(cfg Config, mnt string, p *gvfs.Proxy, log *zap.Logger) (*plant.P
 	return plant.New(plant.Config{
 		Name: name, Dir: filepath.Join(cfg.DataDir, "vms"), Mountpoint: mnt, Proxy: p,
 		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, GuestTimeout: cfg.GuestTimeout, Logger: log, DataServer: cfg.DataServer, DataTLS: cfg.Server.TLS,
+		AgentTimeout: cfg.AgentTimeout,
 	})
 }
 

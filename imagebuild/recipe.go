@@ -49,6 +49,12 @@ type Image struct {
 	Modules []Module `json:"modules"`
 	// Attributes are the defaults a machine of this image runs with.
 	Attributes Attributes `json:"attributes"`
+	// Ready, when set, is a command a golden builder runs in the guest
+	// through the agent once it answers, before anything else: it returns
+	// when the guest's boot is complete and exits 0 if it went well (the
+	// debian image waits for systemd's multi-user.target). The agent of a
+	// tiny image answers only when its boot is done: it needs none.
+	Ready []string `json:"ready,omitempty"`
 }
 
 // Attributes describe the machine an image is meant for.

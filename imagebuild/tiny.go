@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"time"
 
@@ -268,22 +267,8 @@ func (t *Tiny) populate(ctx context.Context, rootDir string, k *Kernel) ([]Modul
 	if err := InstallBusybox(ctx, rootDir, t.busybox()); err != nil {
 		return nil, err
 	}
-	guestPaths := make([]string, 0, len(t.ExtraFiles))
-	for g := range t.ExtraFiles {
-		guestPaths = append(guestPaths, g)
-	}
-	sort.Strings(guestPaths)
-	for _, g := range guestPaths {
-		host := t.ExtraFiles[g]
-		fi, err := os.Stat(host)
-		if err != nil {
-			return nil, fmt.Errorf("extra file %s: %w", g, err)
-		}
-		dst := guestJoin(rootDir, g)
-		_ = os.Remove(dst) // replace an applet link rather than write through it
-		if err := copyFile(host, dst, fi.Mode().Perm()); err != nil {
-			return nil, fmt.Errorf("extra file %s: %w", g, err)
-		}
+	if err := copyExtraFiles(rootDir, t.ExtraFiles); err != nil {
+		return nil, err
 	}
 	if t.Customize != nil {
 		if err := t.Customize(ctx, rootDir); err != nil {

@@ -34,7 +34,7 @@ func (v *vms) match(ctx context.Context, req *shopv1.CreateVMRequest, plan *dag.
 		if req.Image != "" && m.Name != req.Image {
 			continue
 		}
-		done, reason := fits(m, hw, plan)
+		done, reason := fits(m, hw, plan, req.Image != "")
 		if reason != "" {
 			why = append(why, reason)
 			continue
@@ -67,8 +67,10 @@ func (v *vms) match(ctx context.Context, req *shopv1.CreateVMRequest, plan *dag.
 }
 
 // fits tests one golden image: it returns how many of its actions are
-// done, or why it does not fit, or -1 for an image no plant can run.
-func fits(m *imagev1.Manifest, hw *computev1.Hardware, plan *dag.Plan) (int, string) {
+// done, or why it does not fit, or -1 for an image no plant can run. An
+// image the request names (named) accepts its performed actions: no subset
+// test (dag.Plan.Accept).
+func fits(m *imagev1.Manifest, hw *computev1.Hardware, plan *dag.Plan, named bool) (int, string) {
 	a := m.GetAttributes()
 	if hw.Vcpus != 0 && hw.Vcpus != a.GetVcpus() || hw.MemoryMib != 0 && hw.MemoryMib != a.GetMemoryMib() {
 		return 0, fmt.Sprintf("%s has %d vCPUs and %d MiB", m.Name, a.GetVcpus(), a.GetMemoryMib())
@@ -79,6 +81,10 @@ func fits(m *imagev1.Manifest, hw *computev1.Hardware, plan *dag.Plan) (int, str
 	var performed []string
 	for _, act := range a.GetActions() {
 		performed = append(performed, act.Digest)
+	}
+	if named {
+		accepted := plan.Accept(performed)
+		return len(accepted.Steps) - len(accepted.Todo()), ""
 	}
 	if _, err := plan.Match(performed); err != nil {
 		return 0, fmt.Sprintf("%s: %v", m.Name, err)

@@ -82,6 +82,8 @@ func Handle(ctx context.Context, req *Request) Response {
 		err = addUser(req.User, req.SSHKey)
 	case OpMount:
 		err = mount(req)
+	case OpIdentity:
+		return identity(ctx, req)
 	case OpSetTime:
 		tv := syscall.NsecToTimeval(req.UnixNano)
 		err = syscall.Settimeofday(&tv)
@@ -270,6 +272,9 @@ func mount(req *Request) error {
 // and reopens it whenever the host side goes away (a suspended and resumed
 // VM gets a new host connection).
 func Main() {
+	if len(os.Args) > 1 && os.Args[1] == "identity" {
+		os.Exit(PrintIdentity()) // for people and tests in the guest
+	}
 	ctx := context.Background()
 	for {
 		dev, err := FindPort(PortName)

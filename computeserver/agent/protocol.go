@@ -16,6 +16,13 @@ const (
 	OpMount     = "mount"
 	OpSetTime   = "set_time"
 	OpReadFile  = "read_file"
+
+	// Clone identity (identity.go).
+	// OpIdentity makes a restored clone its own machine: fresh host entropy
+	// into the kernel's pool and a reseed of its RNG, a new machine-id, new
+	// SSH host keys (then sshd is started). A request with none of those
+	// set only reports the identity.
+	OpIdentity = "identity"
 )
 
 // Request is one action for the agent.
@@ -49,6 +56,13 @@ type Request struct {
 
 	// set_time.
 	UnixNano int64 `json:"unix_nano,omitempty"`
+
+	// identity (identity.go): bytes from the host's RNG to credit to the
+	// guest's pool, the new machine-id (32 hex digits), whether to make
+	// new SSH host keys.
+	Entropy     []byte `json:"entropy,omitempty"`
+	MachineID   string `json:"machine_id,omitempty"`
+	SSHHostKeys bool   `json:"ssh_host_keys,omitempty"`
 }
 
 // Response is the outcome of a Request.
@@ -68,6 +82,9 @@ type Response struct {
 	Content []byte            `json:"content,omitempty"` // read_file
 	// Version of the agent (ping).
 	Version string `json:"version,omitempty"`
+
+	// identity (identity.go): the guest's identity after the request.
+	Identity *Identity `json:"identity,omitempty"`
 }
 
 // MaxOutput bounds the output kept of a command (its tail).

@@ -52,9 +52,9 @@ func (p *Plant) CreateVM(ctx context.Context, req *computev1.CreateVMRequest, pr
 	if err != nil {
 		return nil, err
 	}
-	if plan, err = plan.Match(performed(src.manifest)); err != nil {
-		return nil, fmt.Errorf("image %q does not match the configuration: %w: %w", req.Image, err, errdefs.ErrFailedPrecondition)
-	}
+	// A plant's request always names its image (the shop matched it, or an
+	// operator chose it): the image's performed actions are accepted.
+	plan = plan.Accept(performed(src.manifest))
 	if req.PersistentDisk != "" {
 		if err := p.persistentRoot(ctx, src, req.PersistentDisk, req.Image); err != nil {
 			return nil, err

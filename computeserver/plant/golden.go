@@ -48,6 +48,9 @@ type GoldenOptions struct {
 	// whose DAG starts with them match it and skip them (VMPlants §3.2).
 	Actions []*computev1.Action
 	Logger  *zap.Logger
+	// AgentTimeout bounds the boot: the wait for the agent, then the
+	// image's Ready command (0: DefaultAgentTimeout).
+	AgentTimeout time.Duration
 
 	// From builds from an existing image on the image server (Publish)
 	// instead of Recipe: an imported image without a memory state, booted
@@ -80,6 +83,7 @@ func BuildGolden(ctx context.Context, opts GoldenOptions) (*Golden, error) {
 	}{
 		{"files", (*goldenBuild).files},
 		{"boot", (*goldenBuild).boot},
+		{"ready", (*goldenBuild).ready},
 		{"actions", (*goldenBuild).actions},
 		{"suspend", (*goldenBuild).suspend},
 		{"commit", (*goldenBuild).commit},
@@ -155,14 +159,15 @@ func (b *goldenBuild) boot(ctx context.Context) error {
 		Disks:     []vmm.Disk{{Path: b.overlay, Format: vmm.QCOW2, Interface: vmm.DiskInterface(img.RootInterface)}},
 		Channels:  []vmm.Channel{{Name: AgentChannel, Socket: filepath.Join(b.opts.WorkDir, "m", "agent.sock")}},
 		ExtraArgs: hotplugPorts,
+		VMGenID:   vmm.NewGUID(), // clones get their own (identity.go)
 	}
 	m, err := b.opts.Driver.Start(ctx, spec)
 	if err != nil {
 		return err
 	}
 	b.m = m
-	if b.ac, err = waitAgent(ctx, m, spec.Channels[0].Socket, agentTimeout); err != nil {
-		return fmt.Errorf("golden boot: the agent never answered: %w\n%s", err, tail(m.ConsoleLog(), 2000))
+	if b.ac, err = waitAgent(ctx, m, spec.Channels[0].Socket, b.agentTimeout()); err != nil {
+		return fmt.Errorf("golden boot: the agent never answered: %w", err)
 	}
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/computeserver/agent"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	"github.com/vmgrid/vmgrid/imagebuild"
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
@@ -66,6 +67,7 @@ func (b *goldenBuild) fromFiles(ctx context.Context) error {
 	if _, err := cl.FetchToFile(ctx, name, cfg.Root, root, 3, nil); err != nil {
 		return fmt.Errorf("fetch %s of %q: %w", cfg.Root, name, err)
 	}
+	b.img = &imagebuild.Image{} // no Ready command: fromBoot settles the boot itself
 	b.from = &fromSource{manifest: m.GetManifest(), config: cfg, root: root, kind: GuestKind(m.GetManifest().GetAttributes())}
 	return nil
 }
@@ -82,6 +84,7 @@ func (b *goldenBuild) fromBoot(ctx context.Context) error {
 	spec.Name, spec.Dir = "golden-"+b.opts.Name, filepath.Join(b.opts.WorkDir, "m")
 	spec.Disks = []vmm.Disk{{Path: b.overlay, Format: vmm.QCOW2, Interface: spec.Disks[0].Interface}}
 	spec.Channels = []vmm.Channel{{Name: agentPort(src.kind), Socket: filepath.Join(spec.Dir, "agent.sock")}}
+	spec.VMGenID = vmm.NewGUID() // clones get their own (identity.go)
 	m, err := b.opts.Driver.Start(ctx, spec)
 	if err != nil {
 		return err

@@ -28,12 +28,14 @@ var productionLine = []step{
 	{name: "stock machine", when: (*line).stockMachineNeeded, do: (*line).stockMachine}, // stock.go
 	{name: "cloud-init seed", when: (*line).cloudInit, do: (*line).cloudInitSeed},       // cloudinit.go
 	{name: "redo log", when: (*line).cloned, do: (*line).redoLog},
+	{name: "generation id", when: (*line).newClone, do: (*line).generationID},
 	{name: "restore", when: (*line).restored, do: (*line).restore},
 	{name: "boot", when: (*line).booted, do: (*line).boot},
 	{name: "agent", when: (*line).vmgridAgent, do: (*line).agent},
 	{name: "qemu-ga", when: (*line).qemuGA, do: (*line).qemuGAWait},
 	{name: "cloud-init", when: (*line).cloudInit, do: (*line).cloudInitWait},
 	{name: "clock", when: (*line).hasAgent, do: (*line).clock},
+	{name: "identity", when: (*line).renewIdentity, do: (*line).identity},
 	{name: "actions", when: (*line).actionsLeft, do: (*line).actions},
 	{name: "finish", do: (*line).finish},
 }
@@ -188,7 +190,7 @@ func (l *line) started(m vmm.Machine, err error) (func(), error) {
 func (l *line) agent(ctx context.Context) (func(), error) {
 	l.progress(computev1.VMState_VM_STATE_CONFIGURING, "waiting for the guest agent")
 	l.v.setState(computev1.VMState_VM_STATE_CONFIGURING)
-	ac, err := waitAgent(ctx, l.v.m, l.spec.Channels[0].Socket, agentTimeout)
+	ac, err := waitAgent(ctx, l.v.m, l.spec.Channels[0].Socket, l.p.cfg.agentTimeout())
 	if err != nil {
 		return nil, fmt.Errorf("the guest agent of %s did not answer: %w", l.v.ad.VmId, err)
 	}

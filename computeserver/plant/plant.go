@@ -52,6 +52,10 @@ type Config struct {
 	DataTLS    services.TLSFiles
 	// StageOutTimeout bounds one stage-out (0: DefaultStageOutTimeout).
 	StageOutTimeout time.Duration
+	// AgentTimeout bounds the wait for a clone's guest agent (0:
+	// DefaultAgentTimeout); a guest that never answers fails its creation
+	// then, with its console's last lines.
+	AgentTimeout time.Duration
 	// GuestTimeout bounds the cold boot of a stock image until its guest
 	// is configured (qemu-ga answers, cloud-init is done); 0:
 	// DefaultGuestTimeout.

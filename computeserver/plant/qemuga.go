@@ -63,6 +63,8 @@ func (q *qgaAgent) Do(ctx context.Context, req agent.Request) (*agent.Response, 
 		return q.shell(ctx, `echo "$1" > /etc/hostname && hostname "$1"`, req.Hostname)
 	case agent.OpAddUser:
 		return q.addUser(ctx, req)
+	case agent.OpIdentity:
+		return q.identity(ctx, req)
 	case agent.OpMount:
 		return q.shell(ctx, `mkdir -p "$2" && mount -t "$3" ${4:+-o "$4"} "$1" "$2"`, req.Device, req.Path, req.FSType, req.Options)
 	}
@@ -203,15 +205,10 @@ func waitQGA(ctx context.Context, m vmm.Machine, socket string, timeout time.Dur
 		}
 		return &qgaAgent{c: c}, err
 	})
-	if err == nil {
-		return qa, nil
-	}
-	select {
-	case <-m.Exited(): // machineExited has the console
+	if err != nil {
 		return nil, err
-	default:
-		return nil, fmt.Errorf("%w\n--- guest console (tail) ---\n%s", err, tail(m.ConsoleLog(), 2000))
 	}
+	return qa, nil
 }
 
 // waitGuest runs connect (dial a guest agent, wait until it answers) for at
@@ -238,7 +235,7 @@ func waitGuest[T interface{ Close() error }](ctx context.Context, m vmm.Machine,
 	default:
 	}
 	if err != nil {
-		return none, fmt.Errorf("%w: %w", err, errdefs.ErrUnavailable)
+		return none, fmt.Errorf("%w (waited %s): %w\n--- guest console (tail) ---\n%s", err, timeout, errdefs.ErrUnavailable, tail(m.ConsoleLog(), 2000))
 	}
 	return c, nil
 }

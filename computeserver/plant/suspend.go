@@ -67,7 +67,7 @@ func (p *Plant) SuspendVM(ctx context.Context, id string, images *imageclient.Cl
 	}
 	name := fmt.Sprintf("%s-suspended-%d", id, time.Now().Unix())
 	attrs := &imagev1.ImageAttributes{Arch: v.ad.Hardware.GetArch(), Vcpus: uint32(spec.VCPUs), MemoryMib: uint64(spec.MemoryMiB), Parent: v.ad.Image,
-		Labels: map[string]string{"suspended-vm": id}}
+		Labels: map[string]string{suspendedLabel: id}}
 	files := []imageclient.PublishFile{
 		{Name: ConfigFile, Path: cfgPath, Kind: imagev1.FileKind_FILE_KIND_CONFIG},
 		{Name: kernelName, Path: spec.Kernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL},

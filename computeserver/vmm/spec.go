@@ -111,6 +111,14 @@ type Spec struct {
 	Incoming   *Incoming
 	// ExtraArgs are appended to QEMU's command line as they are.
 	ExtraArgs []string
+
+	// Clone identity (vmgenid.go).
+	// VMGenID, when set, adds QEMU's vmgenid device with this GUID: the
+	// guest's VM generation ID. A machine restored from a memory state with
+	// another GUID than it was saved with sees it change (QEMU writes the
+	// new one into guest memory and notifies the guest), which is how a
+	// clone learns it is not the machine that was saved.
+	VMGenID string `json:",omitempty"`
 }
 
 const maxSocketPath = 107 // sizeof(sun_path) - 1
@@ -176,6 +184,7 @@ func (s *Spec) Validate() error {
 			errs = append(errs, fmt.Errorf("spec: channel %q: socket path longer than %d bytes", c.Name, maxSocketPath))
 		}
 	}
+	errs = append(errs, s.validateIdentity()...)
 	if s.MemoryFile != nil && s.MemoryFile.Path == "" {
 		errs = append(errs, errors.New("spec: MemoryFile without Path"))
 	}
@@ -266,6 +275,7 @@ func (s *Spec) args(accel string) []string {
 		// opened, and the state file is handed over as a descriptor.
 		a = append(a, "-S", "-incoming", "defer")
 	}
+	a = append(a, s.identityArgs()...)
 	return append(a, s.ExtraArgs...)
 }
 

@@ -21,10 +21,8 @@ import (
 
 	"github.com/vmgrid/vmgrid/computeserver/plant"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
-	"github.com/vmgrid/vmgrid/imagebuild"
 	"github.com/vmgrid/vmgrid/imageserver"
 	"github.com/vmgrid/vmgrid/imageserver/blockproto"
-	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/services"
 )
 
@@ -61,7 +59,22 @@ type Options struct {
 	Keep bool
 	// Command is recorded in the results.
 	Command string
+	// Recipe builds the golden image: RecipeTiny (the default) or
+	// RecipeDebian, with Packages on top of its base set.
+	Recipe   string
+	Packages []string
+	// Golden, when set, supplies the golden image instead of a recipe
+	// (vmgrid bench clone --image: a published image fetched into dir);
+	// Image names it in the results.
+	Golden func(ctx context.Context, dir string) (*plant.Golden, error)
+	Image  string
 }
+
+// Recipes of Options.Recipe.
+const (
+	RecipeTiny   = "tiny"
+	RecipeDebian = "debian"
+)
 
 // Defaults of Options.
 const (
@@ -85,7 +98,8 @@ const (
 	RowParallelL2    = "parallel_l2"
 )
 
-const image = "tiny"
+// image is the golden image's name on the run's own image server.
+const image = "golden"
 
 // bench is one run in progress.
 type bench struct {
@@ -117,6 +131,12 @@ func (b *bench) defer_(f func()) { b.undo.Push(f) }
 func Run(ctx context.Context, opts Options) (res *Results, err error) {
 	if opts.RTT < 0 || opts.BandwidthMbit < 0 {
 		return nil, fmt.Errorf("negative RTT (%v) or bandwidth (%v Mbit/s)", opts.RTT, opts.BandwidthMbit)
+	}
+	if opts.Recipe == "" {
+		opts.Recipe = RecipeTiny
+	}
+	if opts.Recipe != RecipeTiny && opts.Recipe != RecipeDebian {
+		return nil, fmt.Errorf("unknown recipe %q: the recipes are %s and %s", opts.Recipe, RecipeTiny, RecipeDebian)
 	}
 	opts.Repeats, opts.Plants = max(opts.Repeats, 1), max(opts.Plants, 1)
 	for _, k := range opts.Rows {
@@ -231,12 +251,7 @@ func (b *bench) buildGolden(ctx context.Context, cc *grpc.ClientConn, agentPath 
 	if err != nil {
 		return err
 	}
-	b.golden, err = plant.BuildGolden(ctx, plant.GoldenOptions{
-		Name: image, WorkDir: gdir, Driver: b.driver, Publish: imageclient.NewClient(cc), Logger: b.srvLog.Named("golden"),
-		Recipe: &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": agentPath},
-			ExtraCmdline: b.opts.GuestCmdline, Logger: b.srvLog.Named("imagebuild")},
-	})
-	if err != nil {
+	if b.golden, err = b.makeGolden(ctx, gdir, cc, agentPath); err != nil {
 		return fmt.Errorf("golden image: %w", err)
 	}
 	res.Golden.BuildSeconds = time.Since(start).Seconds()
@@ -252,6 +267,10 @@ func (b *bench) buildGolden(ctx context.Context, cc *grpc.ClientConn, agentPath 
 		}
 		res.Golden.Files = append(res.Golden.Files, GoldenFile{Name: f.Name, Kind: f.Kind.String(), Size: size, NonZero: nonZero})
 		res.Golden.Size += size
+	}
+	res.Golden.Recipe, res.Golden.Image = b.opts.Recipe, b.opts.Image
+	if res.Golden.MemoryZstd, err = zstdSize(b.goldenPath[plant.MemoryFile]); err != nil {
+		return err
 	}
 	b.log.Info("golden image published", zap.Duration("took", time.Since(start)), zap.Uint64("bytes", res.Golden.Size))
 	return nil

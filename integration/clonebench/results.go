@@ -56,6 +56,11 @@ type Golden struct {
 	Files        []GoldenFile `json:"files"`
 	Size         uint64       `json:"size"`
 	BuildSeconds float64      `json:"build_seconds"`
+	// Recipe built it, or Image was fetched (--image).
+	Recipe string `json:"recipe"`
+	Image  string `json:"image,omitempty"`
+	// MemoryZstd is the memory state compressed with zstd (default level).
+	MemoryZstd uint64 `json:"memory_zstd"`
 }
 
 // GoldenFile is one file of the golden image.
@@ -298,8 +303,8 @@ func metWord(met bool) string {
 func (r *Results) WriteMarkdown(w io.Writer) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# vmgrid bench clone\n\n")
-	fmt.Fprintf(&b, "Cloning the tiny golden image (GVFS §4.3, Figure 6 / Table 1) through an emulated WAN: RTT %v, %g Mbit/s.\n\n",
-		time.Duration(r.Settings.RTTSeconds*float64(time.Second)), r.Settings.BandwidthMbit)
+	fmt.Fprintf(&b, "Cloning the %s golden image (GVFS §4.3, Figure 6 / Table 1) through an emulated WAN: RTT %v, %g Mbit/s.\n\n",
+		r.Golden.name(), time.Duration(r.Settings.RTTSeconds*float64(time.Second)), r.Settings.BandwidthMbit)
 	fmt.Fprintf(&b, "- command: `%s`\n- started: %s, took %.0f s\n", r.Command, r.Started.Format(time.RFC3339), r.TookSeconds)
 	fmt.Fprintf(&b, "- machine: %d cores (%s), %.0f GiB, Linux %s, %s, accel %s, %s; load average %.1f at the start, %.1f at the end\n",
 		r.Machine.Cores, r.Machine.CPU, r.Machine.MemoryGiB, r.Machine.Kernel, r.Machine.QEMU, r.Machine.Accel, r.Machine.GoVersion, r.Machine.Load[0], r.Machine.Load[1])
@@ -310,6 +315,7 @@ func (r *Results) WriteMarkdown(w io.Writer) error {
 	for _, f := range r.Golden.Files {
 		fmt.Fprintf(&b, " %s %s MB (%s MB non-zero);", f.Name, mb(f.Size), mb(f.NonZero))
 	}
+	fmt.Fprintf(&b, " memory state zstd-compressed %s MB; built in %.0f s", mb(r.Golden.MemoryZstd), r.Golden.BuildSeconds)
 	b.WriteString("\n\nEach row is timed from the clone request to the clone's guest agent answering after set_hostname.\n\n")
 	b.WriteString("| row | median s | min s | max s | WAN MB | full copy ÷ row | row ÷ local | how |\n|---|---:|---:|---:|---:|---:|---:|---|\n")
 	for _, row := range r.Rows {
@@ -388,4 +394,15 @@ func (r *Results) WriteFiles(dir string) error {
 		return err
 	}
 	return os.WriteFile(filepath.Join(dir, "results.md"), []byte(md.String()), 0o644)
+}
+
+// name is how the report names the golden image.
+func (g Golden) name() string {
+	if g.Image != "" {
+		return fmt.Sprintf("%q", g.Image)
+	}
+	if g.Recipe == "" {
+		return "tiny"
+	}
+	return g.Recipe
 }

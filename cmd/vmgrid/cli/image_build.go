@@ -3,6 +3,8 @@ package cli
 import (
 	"fmt"
 	"os"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -22,25 +24,43 @@ type buildFlags struct {
 	name, dagFile, keep, agentPath string
 	from                           string        // --from IMAGE (image_build_from.go)
 	guestTimeout                   time.Duration // its cold boot
-	execs, kernelArgs              []string
+	execs, kernelArgs, packages    []string
 	vcpus, memoryMiB               int
 	diskMiB                        int64
+	agentTimeout                   time.Duration
+	recipe                         string
 }
+
+// recipes are the recipes image build knows.
+var recipes = []string{"tiny", "debian"}
 
 func imageBuildCmd(g *globals, f *imageFlags) *cobra.Command {
 	b := &buildFlags{}
 	c := &cobra.Command{
 		Use:   "build RECIPE | --from IMAGE",
 		Short: "Build a golden image on this machine (boot it, configure it, suspend it) and publish it",
-		Long: `Build a golden image for real and publish it. The recipe "tiny" is Debian's
-cloud kernel (the package is fetched and cached), a small ext4 root disk with
-busybox and the guest agent (--agent; default vmgrid-agent beside this
-binary, or this binary, statically linked), booted under QEMU (with
-init_on_free=1) until the agent answers. The optional configuration actions
-(--exec, chained in order, or --dag FILE) run in the guest and are recorded
-with their digests, so requests whose DAG starts with them match the image
-and skip them. Then the guest's page cache is dropped, the guest is
-suspended to a memory state and the files are published as one image.
+		Long: `Build a golden image for real and publish it. Both recipes boot Debian's
+cloud kernel (the package is fetched and cached) under QEMU (with
+init_on_free=1) with the guest agent (--agent; default vmgrid-agent beside
+this binary, or this binary, statically linked):
+
+  tiny    a small ext4 root disk with busybox; the agent is the init's hook
+          (default 256 MiB disk, 256 MiB memory).
+  debian  Debian 12 from debootstrap (minbase, systemd, udev, openssh-server,
+          iproute2, ca-certificates and --packages), the mirror taken from this
+          machine's apt sources, the result cached by suite, package set and
+          recipe version; the agent is a systemd service started when its
+          virtio-serial port appears; the guest boots to multi-user.target.
+          sshd has no host keys in the image: every clone makes its own
+          (default 1024 MiB disk, 512 MiB memory). Needs root and debootstrap.
+
+The optional configuration actions (--exec, chained in order, or --dag FILE)
+run in the guest and are recorded with their digests, so requests whose DAG
+starts with them match the image and skip them. Then the guest's page cache
+is dropped, the guest is suspended to a memory state and the files are
+published as one image. A guest whose agent does not answer (or, debian, does
+not finish booting) within --agent-timeout fails the build with its
+console's last lines; nothing is published.
 
 With --from IMAGE (instead of a recipe) the build starts from an image on
 the image server, typically one vmgrid image import published without a
@@ -52,15 +72,20 @@ suspended and published as --name with a memory state: its clones restore
 instead of booting, and are configured through qemu-ga.`,
 		Example: `  vmgrid image build tiny
   vmgrid image build tiny --name tiny-app --exec 'echo configured > /etc/app.conf'
+  vmgrid image build debian --packages curl,python3 --disk-mib 2048
   vmgrid image build --from debian-12 --name debian-12-warm --exec 'apt-get clean'`,
 		Args: cobra.RangeArgs(0, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if b.from != "" || len(args) == 0 {
 				return b.runFrom(cmd, g, f, args)
 			}
-			if args[0] != "tiny" {
-				return fmt.Errorf("unknown recipe %q: the recipes are: tiny", args[0])
+			if !slices.Contains(recipes, args[0]) {
+				return fmt.Errorf("unknown recipe %q: the recipes are: %s", args[0], strings.Join(recipes, ", "))
 			}
+			if len(b.packages) > 0 && args[0] != "debian" {
+				return fmt.Errorf("--packages: the %s recipe installs no packages (only debian does)", args[0])
+			}
+			b.recipe = args[0]
 			if b.name == "" {
 				b.name = args[0]
 			}
@@ -72,8 +97,10 @@ instead of booting, and are configured through qemu-ga.`,
 	fl.StringArrayVar(&b.execs, "exec", nil, "shell command run in the guest before it is suspended; repeat (run in order)")
 	fl.StringVar(&b.dagFile, "dag", "", "file holding a configuration DAG as JSON, as for vmgrid vm create (instead of --exec)")
 	fl.IntVar(&b.vcpus, "vcpus", 1, "virtual CPUs")
-	fl.IntVar(&b.memoryMiB, "memory-mib", 256, "guest memory in MiB")
-	fl.Int64Var(&b.diskMiB, "disk-mib", 256, "root disk size in MiB")
+	fl.IntVar(&b.memoryMiB, "memory-mib", 0, "guest memory in MiB (0: the recipe's, tiny 256, debian 512)")
+	fl.Int64Var(&b.diskMiB, "disk-mib", 0, "root disk size in MiB (0: the recipe's, tiny 256, debian 1024)")
+	fl.StringSliceVar(&b.packages, "packages", nil, "debian: more packages to install, comma-separated (checked against this machine's apt lists first)")
+	fl.DurationVar(&b.agentTimeout, "agent-timeout", plant.DefaultAgentTimeout, "how long the guest may take to boot and answer before the build fails")
 	fl.StringArrayVar(&b.kernelArgs, "kernel-arg", nil, "extra kernel command line argument; repeat")
 	fl.StringVar(&b.agentPath, "agent", "", "static guest agent binary (default: vmgrid-agent beside this binary, else this binary)")
 	fl.StringVar(&b.keep, "work-dir", "", "build here and keep the files (default: a temporary directory, removed)")
@@ -90,6 +117,9 @@ func (b *buildFlags) run(cmd *cobra.Command, g *globals, f *imageFlags) error {
 		}
 		d, err := buildDAG(b.dagFile, "", "", "", b.execs)
 		if err != nil {
+			return err
+		}
+		if err := b.checkRecipe(cmd); err != nil {
 			return err
 		}
 		return f.verb(g, func(cmd *cobra.Command, _ []string, cl *imageclient.Client) error {
@@ -117,14 +147,34 @@ func (b *buildFlags) build(cmd *cobra.Command, log *zap.Logger, cl *imageclient.
 	start := time.Now()
 	gold, err := plant.BuildGolden(ctx, plant.GoldenOptions{
 		Name: b.name, WorkDir: work, Driver: &vmm.QEMU{Logger: log}, Publish: cl, Logger: log, Actions: d.Actions,
-		Recipe: &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": b.agentPath},
-			VCPUs: b.vcpus, MemoryMiB: b.memoryMiB, DiskSize: b.diskMiB << 20, ExtraCmdline: b.kernelArgs, Logger: log},
+		Recipe: b.recipeOf(log), AgentTimeout: b.agentTimeout,
 	})
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(cmd.OutOrStdout(), "built and published %s on %s in %s (%d files, %d actions performed)\n",
 		b.name, addr, time.Since(start).Round(time.Millisecond), len(gold.Files), len(gold.Attrs.Actions))
+	return nil
+}
+
+// recipeOf is the recipe b names, with the flags applied.
+func (b *buildFlags) recipeOf(log *zap.Logger) imagebuild.Recipe {
+	if b.recipe == "debian" {
+		return &imagebuild.Debian{Agent: b.agentPath, Packages: b.packages, VCPUs: b.vcpus, MemoryMiB: b.memoryMiB,
+			DiskSize: b.diskMiB << 20, ExtraCmdline: b.kernelArgs, Logger: log}
+	}
+	return &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": b.agentPath},
+		VCPUs: b.vcpus, MemoryMiB: b.memoryMiB, DiskSize: b.diskMiB << 20, ExtraCmdline: b.kernelArgs, Logger: log}
+}
+
+// checkRecipe fails before anything is built when the recipe's input is
+// bad (a package the archive does not have).
+func (b *buildFlags) checkRecipe(cmd *cobra.Command) error {
+	if d, ok := b.recipeOf(zap.NewNop()).(*imagebuild.Debian); ok {
+		if err := d.Bootstrap().Validate(cmd.Context()); err != nil {
+			return fmt.Errorf("%w: %w", err, errdefs.ErrInvalidArgument)
+		}
+	}
 	return nil
 }
 

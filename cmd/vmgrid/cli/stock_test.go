@@ -214,6 +214,16 @@ func testRestoredClone(t *testing.T, gr *grid.Grid) {
 	if time.Duration(up)*time.Second <= took {
 		t.Fatalf("guest up %ds but the clone took %s: it booted instead of restoring", up, took)
 	}
+	// Clones that are not twins, through qemu-ga too: a second clone of the
+	// same memory state has its own machine-id, host keys and RNG state.
+	ad2 := cliJSON[obj](t, "vm", "create", "--image", "stock-warm", "--dag", dagFile)
+	id2, _ := ad2["vmId"].(string)
+	defer cliOK(t, "vm", "rm", id2)
+	ident := "cat /etc/machine-id /etc/ssh/ssh_host_ed25519_key.pub; head -c 16 /dev/urandom | od -An -tx1"
+	a, b := strings.Split(guestOut(t, gr, id, ident), "\n"), strings.Split(guestOut(t, gr, id2, ident), "\n")
+	if len(a) != 3 || len(b) != 3 || a[0] == b[0] || a[1] == b[1] || a[2] == b[2] {
+		t.Fatalf("two clones of stock-warm are twins:\n%q\n%q", a, b)
+	}
 }
 
 // actionTimes lists each action's time, for the log.
