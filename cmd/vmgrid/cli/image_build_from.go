@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"time"
 
@@ -45,11 +46,7 @@ func (b *buildFlags) runFrom(cmd *cobra.Command, g *globals, f *imageFlags, args
 }
 
 func (b *buildFlags) buildFrom(cmd *cobra.Command, log *zap.Logger, cl *imageclient.Client, addr string, d *computev1.ConfigDAG) error {
-	// A cold boot of minutes for a name that is taken would fail only at
-	// the end.
-	if _, err := cl.API.GetImage(cmd.Context(), &imagev1.GetImageRequest{Name: b.name}); err == nil {
-		return fmt.Errorf("image %q already exists on %s: remove it (vmgrid image rm %s) or pick --name: %w", b.name, addr, b.name, errdefs.ErrAlreadyExists)
-	} else if !errdefs.IsNotFound(err) {
+	if err := nameFree(cmd.Context(), cl, addr, b.name); err != nil {
 		return err
 	}
 	work, cleanup, err := b.workDir()
@@ -67,5 +64,16 @@ func (b *buildFlags) buildFrom(cmd *cobra.Command, log *zap.Logger, cl *imagecli
 	}
 	fmt.Fprintf(cmd.OutOrStdout(), "built %s from %s and published it on %s in %s (%d files, %d actions performed; boot %s)\n",
 		b.name, b.from, addr, time.Since(start).Round(time.Millisecond), len(gold.Files), len(gold.Attrs.Actions), gold.Took["boot"].Round(time.Millisecond))
+	return nil
+}
+
+// nameFree checks that no image has the name yet: a long build (minutes of
+// a cold boot) for a name that is taken would fail only at the end.
+func nameFree(ctx context.Context, cl *imageclient.Client, addr, name string) error {
+	if _, err := cl.API.GetImage(ctx, &imagev1.GetImageRequest{Name: name}); err == nil {
+		return fmt.Errorf("image %q already exists on %s: remove it (vmgrid image rm %s) or pick --name: %w", name, addr, name, errdefs.ErrAlreadyExists)
+	} else if !errdefs.IsNotFound(err) {
+		return err
+	}
 	return nil
 }
