@@ -25,7 +25,7 @@ const QGASocket = "qga.sock"
 // DefaultGuestTimeout bounds the wait for a stock guest to be configured
 // (a cold firmware boot of a distribution under TCG, cloud-init included)
 // when Config.GuestTimeout is 0.
-const DefaultGuestTimeout = 5 * time.Minute
+const DefaultGuestTimeout = 10 * time.Minute
 
 // GuestKind is an image's configuration path, UNSPECIFIED read as vmgrid's
 // agent (every image made before the attribute existed).
