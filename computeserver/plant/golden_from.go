@@ -94,10 +94,17 @@ func (b *goldenBuild) fromBoot(ctx context.Context) error {
 	if timeout == 0 {
 		timeout = DefaultGuestTimeout
 	}
+	// Assigned only on success: a nil pointer in b.ac would be closed.
 	if src.kind == imagev1.GuestAgent_GUEST_AGENT_VMGRID {
-		b.ac, err = waitAgent(ctx, m, spec.Channels[0].Socket, timeout)
+		var ac *agent.Client
+		if ac, err = waitAgent(ctx, m, spec.Channels[0].Socket, timeout); err == nil {
+			b.ac = ac
+		}
 	} else {
-		b.ac, err = waitQGA(ctx, m, spec.Channels[0].Socket, timeout)
+		var qa *qgaAgent
+		if qa, err = waitQGA(ctx, m, spec.Channels[0].Socket, timeout); err == nil {
+			b.ac = qa
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("golden boot of %q: its guest agent never answered (an image configured through cloud-init needs qemu-ga for a memory state: clones of it are configured through qemu-ga): %w", b.opts.From, err)
