@@ -148,8 +148,16 @@ func guestOut(t *testing.T, gr *grid.Grid, id, script string) string {
 // NoCloud seed at first boot; read back through qemu-ga.
 func testCloudInitClone(t *testing.T, ctx context.Context, gr *grid.Grid) {
 	start := time.Now()
-	code, out, stderr := cliRunLong(ctx, "vm", "create", "--image", "stock", "--hostname", "web1", "--user", "alice", "--ssh-key", stockKey,
-		"--exec", "echo configured-by-cloud-init > /etc/vmgrid-test; echo out-line", "-o", "json")
+	args := []string{"vm", "create", "--image", "stock", "--hostname", "web1", "--user", "alice", "--ssh-key", stockKey,
+		"--exec", "echo configured-by-cloud-init > /etc/vmgrid-test; echo out-line", "-o", "json"}
+	code, out, stderr := cliRunLong(ctx, args...)
+	for i := 0; i < 5 && code != 0 && strings.Contains(stderr, "no plant is registered"); i++ {
+		// The plant's registration lapsed on a machine this busy (load 20 on
+		// 2 cores seen); it registers again within seconds.
+		t.Logf("vm create: %s; again", strings.TrimSpace(stderr))
+		time.Sleep(3 * time.Second)
+		code, out, stderr = cliRunLong(ctx, args...)
+	}
 	var ad obj
 	if err := json.Unmarshal([]byte(out), &ad); code != 0 || err != nil {
 		t.Fatalf("vm create --image stock: exit %d: %v: %s%s", code, err, out, stderr)
