@@ -49,7 +49,14 @@ func (v *vms) match(ctx context.Context, req *shopv1.CreateVMRequest, plan *dag.
 		}
 		return "", 0, nil, fmt.Errorf("no golden image matches the request (%v): %w", why, errdefs.ErrFailedPrecondition)
 	}
-	sort.SliceStable(cands, func(i, j int) bool { return cands[i].done > cands[j].done })
+	// Most actions done first; on a tie, an image with a memory state (a
+	// restore) before one that boots cold (an imported stock image).
+	sort.SliceStable(cands, func(i, j int) bool {
+		if cands[i].done != cands[j].done {
+			return cands[i].done > cands[j].done
+		}
+		return hasMemoryState(cands[i].m) && !hasMemoryState(cands[j].m)
+	})
 	m := cands[0].m
 	var size uint64
 	for _, f := range m.Files {
@@ -88,6 +95,16 @@ func fits(m *imagev1.Manifest, hw *computev1.Hardware, plan *dag.Plan, named boo
 func hasFile(m *imagev1.Manifest, name string) bool {
 	for _, f := range m.Files {
 		if f.Name == name {
+			return true
+		}
+	}
+	return false
+}
+
+// hasMemoryState says whether clones of m restore rather than boot.
+func hasMemoryState(m *imagev1.Manifest) bool {
+	for _, f := range m.Files {
+		if f.Kind == imagev1.FileKind_FILE_KIND_MEMORY_STATE {
 			return true
 		}
 	}

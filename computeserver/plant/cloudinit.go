@@ -256,6 +256,11 @@ func (l *line) cloudInitSeed(ctx context.Context) (func(), error) {
 	return nil, nil // in the VM's directory: removed with it
 }
 
+// qgaAfterCloudInit bounds the look for qemu-ga once cloud-init is done:
+// where the guest has it, it started long before (it is up early in the
+// boot), but a guest slowed down by a busy host answers late.
+const qgaAfterCloudInit = 45 * time.Second
+
 // cloudInitWait waits for the seed's "done" line on the console (bounded
 // by the plant's guest timeout; the console's tail in the error), records
 // the actions' results, and connects to qemu-ga if the guest has it.
@@ -281,7 +286,7 @@ func (l *line) cloudInitWait(ctx context.Context) (func(), error) {
 	}
 	// qemu-ga, where the image has it, for ExecVM; without it the VM is
 	// still configured.
-	if qa, err := waitQGA(ctx, l.v.m, l.spec.Channels[0].Socket, 10*time.Second); err == nil {
+	if qa, err := waitQGA(ctx, l.v.m, l.spec.Channels[0].Socket, qgaAfterCloudInit); err == nil {
 		l.v.agent = qa
 		return func() { qa.Close() }, nil
 	}

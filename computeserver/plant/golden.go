@@ -167,9 +167,11 @@ func (b *goldenBuild) boot(ctx context.Context) error {
 		return err
 	}
 	b.m = m
-	if b.ac, err = waitAgent(ctx, m, spec.Channels[0].Socket, b.agentTimeout()); err != nil {
+	ac, err := waitAgent(ctx, m, spec.Channels[0].Socket, b.agentTimeout())
+	if err != nil {
 		return fmt.Errorf("golden boot: the agent never answered: %w", err)
 	}
+	b.ac = ac // not a nil *agent.Client in the interface: kill closes b.ac
 	return nil
 }
 

@@ -12,6 +12,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/computeserver/agent"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	"github.com/vmgrid/vmgrid/imagebuild"
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
@@ -66,6 +67,7 @@ func (b *goldenBuild) fromFiles(ctx context.Context) error {
 	if _, err := cl.FetchToFile(ctx, name, cfg.Root, root, 3, nil); err != nil {
 		return fmt.Errorf("fetch %s of %q: %w", cfg.Root, name, err)
 	}
+	b.img = &imagebuild.Image{} // no Ready command: fromBoot settles the boot itself
 	b.from = &fromSource{manifest: m.GetManifest(), config: cfg, root: root, kind: GuestKind(m.GetManifest().GetAttributes())}
 	return nil
 }
@@ -82,6 +84,7 @@ func (b *goldenBuild) fromBoot(ctx context.Context) error {
 	spec.Name, spec.Dir = "golden-"+b.opts.Name, filepath.Join(b.opts.WorkDir, "m")
 	spec.Disks = []vmm.Disk{{Path: b.overlay, Format: vmm.QCOW2, Interface: spec.Disks[0].Interface}}
 	spec.Channels = []vmm.Channel{{Name: agentPort(src.kind), Socket: filepath.Join(spec.Dir, "agent.sock")}}
+	spec.VMGenID = vmm.NewGUID() // clones get their own (identity.go)
 	m, err := b.opts.Driver.Start(ctx, spec)
 	if err != nil {
 		return err
@@ -91,10 +94,17 @@ func (b *goldenBuild) fromBoot(ctx context.Context) error {
 	if timeout == 0 {
 		timeout = DefaultGuestTimeout
 	}
+	// Assigned only on success: a nil pointer in b.ac would be closed.
 	if src.kind == imagev1.GuestAgent_GUEST_AGENT_VMGRID {
-		b.ac, err = waitAgent(ctx, m, spec.Channels[0].Socket, timeout)
+		var ac *agent.Client
+		if ac, err = waitAgent(ctx, m, spec.Channels[0].Socket, timeout); err == nil {
+			b.ac = ac
+		}
 	} else {
-		b.ac, err = waitQGA(ctx, m, spec.Channels[0].Socket, timeout)
+		var qa *qgaAgent
+		if qa, err = waitQGA(ctx, m, spec.Channels[0].Socket, timeout); err == nil {
+			b.ac = qa
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("golden boot of %q: its guest agent never answered (an image configured through cloud-init needs qemu-ga for a memory state: clones of it are configured through qemu-ga): %w", b.opts.From, err)

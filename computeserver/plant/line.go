@@ -37,7 +37,7 @@ var productionLine = []step{
 	{name: "cloud-init", when: (*line).cloudInit, do: (*line).cloudInitWait},
 	{name: "nic", when: func(l *line) bool { return l.networked() && l.vmgridAgent() }, do: (*line).plugNIC},
 	{name: "clock", when: (*line).hasAgent, do: (*line).clock},
-	{name: "identity", when: func(l *line) bool { return l.newMachine() && l.hasAgent() }, do: (*line).identity},
+	{name: "identity", when: (*line).renewIdentity, do: (*line).identity},
 	{name: "actions", when: (*line).actionsLeft, do: (*line).actions},
 	{name: "finish", do: (*line).finish},
 }
@@ -256,33 +256,15 @@ func (l *line) finish(context.Context) (func(), error) {
 // timeout. It gives up as soon as the machine exits (a guest whose kernel
 // panicked, a killed QEMU never answers), with the console's tail.
 func waitAgent(ctx context.Context, m vmm.Machine, socket string, timeout time.Duration) (*agent.Client, error) {
-	actx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	go func() {
-		select {
-		case <-m.Exited():
-			cancel()
-		case <-actx.Done():
+	return waitGuest(ctx, m, timeout, func(ctx context.Context) (*agent.Client, error) {
+		ac, err := agent.Dial(ctx, socket)
+		if err == nil {
+			if err = ac.WaitReady(ctx); err != nil {
+				ac.Close()
+			}
 		}
-	}()
-	ac, err := agent.Dial(actx, socket)
-	if err == nil {
-		if err = ac.WaitReady(actx); err != nil {
-			ac.Close()
-		}
-	}
-	select {
-	case <-m.Exited():
-		if ac != nil && err == nil {
-			ac.Close()
-		}
-		return nil, machineExited(ctx, m)
-	default:
-	}
-	if err != nil {
-		return nil, fmt.Errorf("%w (waited %s): %w\n--- guest console (tail) ---\n%s", err, timeout, errdefs.ErrUnavailable, tail(m.ConsoleLog(), 2000))
-	}
-	return ac, nil
+		return ac, err
+	})
 }
 
 // machineExited is the error of a machine that exited unasked: its status

@@ -1,6 +1,7 @@
 package plant
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -62,6 +63,8 @@ func (q *qgaAgent) Do(ctx context.Context, req agent.Request) (*agent.Response, 
 		return q.shell(ctx, `echo "$1" > /etc/hostname && hostname "$1"`, req.Hostname)
 	case agent.OpAddUser:
 		return q.addUser(ctx, req)
+	case agent.OpIdentity:
+		return q.identity(ctx, req)
 	case agent.OpMount:
 		return q.shell(ctx, `mkdir -p "$2" && mount -t "$3" ${4:+-o "$4"} "$1" "$2"`, req.Device, req.Path, req.FSType, req.Options)
 	}
@@ -79,10 +82,14 @@ func (q *qgaAgent) answer(err error) (*agent.Response, error) {
 }
 
 // execScript runs a command as vmgrid's agent does: in its directory, with
-// a timeout, and $VMGRID_RESULTS naming a file for KEY=VALUE results.
-const execScript = `dir=$1; t=$2; shift 2
+// a timeout, and $VMGRID_RESULTS naming a file for KEY=VALUE results,
+// which it appends to stderr after a marker line (one guest-exec, not
+// three more calls to read and remove the file).
+const execScript = `dir=$1; t=$2; mark=$3; shift 3
 if [ -n "$dir" ]; then cd "$dir" || exit 126; fi
-exec timeout "$t" "$@"`
+timeout "$t" "$@"; rc=$?
+if [ -s "$VMGRID_RESULTS" ]; then printf '\n%s\n' "$mark" >&2; cat "$VMGRID_RESULTS" >&2; fi
+rm -f "$VMGRID_RESULTS"; exit $rc`
 
 func (q *qgaAgent) exec(ctx context.Context, req agent.Request) (*agent.Response, error) {
 	if len(req.Argv) == 0 {
@@ -94,25 +101,27 @@ func (q *qgaAgent) exec(ctx context.Context, req agent.Request) (*agent.Response
 	}
 	var rnd [6]byte
 	_, _ = rand.Read(rnd[:])
-	results := "/tmp/vmgrid-results-" + hex.EncodeToString(rnd[:])
-	env := append([]string{guestPath, "HOME=/root", "VMGRID_RESULTS=" + results}, req.Env...)
-	args := append([]string{"-c", execScript, "vmgrid", req.Dir, strconv.Itoa(int(t.Seconds()+0.999)) + "s"}, req.Argv...)
+	id := hex.EncodeToString(rnd[:])
+	mark := "vmgrid-results-" + id
+	env := append([]string{guestPath, "HOME=/root", "VMGRID_RESULTS=/tmp/" + mark}, req.Env...)
+	args := append([]string{"-c", execScript, "vmgrid", req.Dir, strconv.Itoa(int(t.Seconds()+0.999)) + "s", mark}, req.Argv...)
 	ectx, cancel := context.WithTimeout(ctx, t+30*time.Second)
 	defer cancel()
 	res, err := q.c.Exec(ectx, qemuga.Command{Path: "/bin/sh", Args: args, Env: env, Stdin: req.Stdin})
 	if resp, err := q.answer(err); err != nil || resp.Error != "" {
 		return resp, err
 	}
-	resp := &agent.Response{ExitCode: res.ExitCode, Stdout: lastBytes(res.Stdout), Stderr: lastBytes(res.Stderr)}
+	stderr := res.Stderr
+	var results map[string]string
+	if before, after, ok := bytes.Cut(stderr, []byte("\n"+mark+"\n")); ok {
+		stderr, results = before, parseResults(string(after))
+	}
+	resp := &agent.Response{ExitCode: res.ExitCode, Stdout: lastBytes(res.Stdout), Stderr: lastBytes(stderr), Results: results}
 	switch {
 	case res.ExitCode == 124:
 		resp.Error = "timed out after " + t.String()
 	case res.Signal != 0:
 		resp.Error, resp.ExitCode = "killed by signal "+strconv.Itoa(res.Signal), -1
-	}
-	if b, err := q.c.ReadFile(ctx, results, agent.MaxOutput); err == nil {
-		resp.Results = parseResults(string(b))
-		_, _ = q.c.Exec(ctx, qemuga.Command{Path: "/bin/rm", Args: []string{"-f", results}})
 	}
 	return resp, nil
 }
@@ -187,6 +196,26 @@ func (q *qgaAgent) addUser(ctx context.Context, req agent.Request) (*agent.Respo
 // waitQGA dials a guest's qemu-ga and waits until it answers, for at most
 // timeout, giving up as soon as the machine exits (with its console).
 func waitQGA(ctx context.Context, m vmm.Machine, socket string, timeout time.Duration) (*qgaAgent, error) {
+	qa, err := waitGuest(ctx, m, timeout, func(ctx context.Context) (*qgaAgent, error) {
+		c, err := qemuga.Dial(ctx, socket)
+		if err == nil {
+			if err = c.Sync(ctx, time.Second); err != nil {
+				c.Close()
+			}
+		}
+		return &qgaAgent{c: c}, err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return qa, nil
+}
+
+// waitGuest runs connect (dial a guest agent, wait until it answers) for at
+// most timeout. It gives up as soon as the machine exits (a guest whose
+// kernel panicked, a killed QEMU never answers), with the console's tail.
+func waitGuest[T interface{ Close() error }](ctx context.Context, m vmm.Machine, timeout time.Duration, connect func(context.Context) (T, error)) (T, error) {
+	var none T
 	actx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	go func() {
@@ -196,22 +225,17 @@ func waitQGA(ctx context.Context, m vmm.Machine, socket string, timeout time.Dur
 		case <-actx.Done():
 		}
 	}()
-	c, err := qemuga.Dial(actx, socket)
-	if err == nil {
-		if err = c.Sync(actx, time.Second); err != nil {
-			c.Close()
-		}
-	}
+	c, err := connect(actx)
 	select {
 	case <-m.Exited():
 		if err == nil {
 			c.Close()
 		}
-		return nil, machineExited(ctx, m)
+		return none, machineExited(ctx, m)
 	default:
 	}
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w\n--- guest console (tail) ---\n%s", err, errdefs.ErrUnavailable, tail(m.ConsoleLog(), 2000))
+		return none, fmt.Errorf("%w (waited %s): %w\n--- guest console (tail) ---\n%s", err, timeout, errdefs.ErrUnavailable, tail(m.ConsoleLog(), 2000))
 	}
-	return &qgaAgent{c: c}, nil
+	return c, nil
 }

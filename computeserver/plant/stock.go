@@ -25,7 +25,7 @@ const QGASocket = "qga.sock"
 // DefaultGuestTimeout bounds the wait for a stock guest to be configured
 // (a cold firmware boot of a distribution under TCG, cloud-init included)
 // when Config.GuestTimeout is 0.
-const DefaultGuestTimeout = 5 * time.Minute
+const DefaultGuestTimeout = 10 * time.Minute
 
 // GuestKind is an image's configuration path, UNSPECIFIED read as vmgrid's
 // agent (every image made before the attribute existed).
@@ -69,6 +69,14 @@ func (l *line) qemuGA() bool                  { return l.guestKind() == imagev1.
 func (l *line) cloudInit() bool               { return l.guestKind() == imagev1.GuestAgent_GUEST_AGENT_CLOUD_INIT }
 func (l *line) hasAgent() bool                { return l.v.agent != nil }
 
+// renewIdentity: a new machine restored from a memory state is made its
+// own (identity.go), through whichever agent it has. A stock image booted
+// cold needs none: its first boot makes its machine-id, and cloud-init its
+// host keys per instance.
+func (l *line) renewIdentity() bool {
+	return l.newMachine() && l.hasAgent() && (l.vmgridAgent() || l.restored())
+}
+
 // actionsLeft: a cloud-init seed carried the actions already.
 func (l *line) actionsLeft() bool { return l.seeded == nil }
 
@@ -105,7 +113,7 @@ func (l *line) qemuGAWait(ctx context.Context) (func(), error) {
 	l.v.setState(computev1.VMState_VM_STATE_CONFIGURING)
 	timeout := l.p.guestTimeout()
 	if l.restored() {
-		timeout = agentTimeout
+		timeout = l.p.cfg.agentTimeout()
 	}
 	qa, err := waitQGA(ctx, l.v.m, l.spec.Channels[0].Socket, timeout)
 	if err != nil {

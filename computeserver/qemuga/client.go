@@ -81,8 +81,10 @@ func (c *Client) Sync(ctx context.Context, attempt time.Duration) error {
 }
 
 func (c *Client) syncLocked(ctx context.Context, attempt time.Duration) error {
-	for {
-		actx, cancel := context.WithTimeout(ctx, attempt)
+	for wait := attempt; ; wait = min(2*wait, 8*attempt) {
+		// Longer each time: a guest slowed down (TCG on a busy host) may
+		// answer every attempt just after the next one was sent.
+		actx, cancel := context.WithTimeout(ctx, wait)
 		err := c.syncOnce(actx)
 		cancel()
 		if err == nil {

@@ -15,7 +15,6 @@ import (
 	"github.com/vmgrid/vmgrid/imagebuild"
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
-	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
@@ -133,10 +132,7 @@ func (b *buildFlags) run(cmd *cobra.Command, g *globals, f *imageFlags) error {
 // server at addr).
 func (b *buildFlags) build(cmd *cobra.Command, log *zap.Logger, cl *imageclient.Client, addr string, d *computev1.ConfigDAG) error {
 	ctx := cmd.Context()
-	// A long build for a name that is taken would fail only at the end.
-	if _, err := cl.API.GetImage(ctx, &imagev1.GetImageRequest{Name: b.name}); err == nil {
-		return fmt.Errorf("image %q already exists on %s: remove it (vmgrid image rm %s) or pick --name", b.name, addr, b.name)
-	} else if !errdefs.IsNotFound(err) {
+	if err := nameFree(ctx, cl, addr, b.name); err != nil {
 		return err
 	}
 	work, cleanup, err := b.workDir()

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"time"
 
@@ -12,6 +13,8 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
+	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
 // fromFlags registers vmgrid image build's --from flags.
@@ -43,6 +46,9 @@ func (b *buildFlags) runFrom(cmd *cobra.Command, g *globals, f *imageFlags, args
 }
 
 func (b *buildFlags) buildFrom(cmd *cobra.Command, log *zap.Logger, cl *imageclient.Client, addr string, d *computev1.ConfigDAG) error {
+	if err := nameFree(cmd.Context(), cl, addr, b.name); err != nil {
+		return err
+	}
 	work, cleanup, err := b.workDir()
 	if err != nil {
 		return err
@@ -58,5 +64,16 @@ func (b *buildFlags) buildFrom(cmd *cobra.Command, log *zap.Logger, cl *imagecli
 	}
 	fmt.Fprintf(cmd.OutOrStdout(), "built %s from %s and published it on %s in %s (%d files, %d actions performed; boot %s)\n",
 		b.name, b.from, addr, time.Since(start).Round(time.Millisecond), len(gold.Files), len(gold.Attrs.Actions), gold.Took["boot"].Round(time.Millisecond))
+	return nil
+}
+
+// nameFree checks that no image has the name yet: a long build (minutes of
+// a cold boot) for a name that is taken would fail only at the end.
+func nameFree(ctx context.Context, cl *imageclient.Client, addr, name string) error {
+	if _, err := cl.API.GetImage(ctx, &imagev1.GetImageRequest{Name: name}); err == nil {
+		return fmt.Errorf("image %q already exists on %s: remove it (vmgrid image rm %s) or pick --name: %w", name, addr, name, errdefs.ErrAlreadyExists)
+	} else if !errdefs.IsNotFound(err) {
+		return err
+	}
 	return nil
 }
