@@ -49,8 +49,8 @@ type seed struct {
 	vmID       string
 	instanceID string
 	steps      []dag.Step // the actions it performs, in plan order
-	// network is the NoCloud network-config (version 2), empty for now:
-	// the networks step (issue 13) sets it before the seed is written.
+	// network is the NoCloud network-config (version 2) of the VM's
+	// lease (CloudInitNetworkConfig); empty without a network.
 	network []byte
 }
 
@@ -246,6 +246,9 @@ func (l *line) cloudInitSeed(ctx context.Context) (func(), error) {
 	s, err := newSeed(l.v.ad.VmId, l.plan)
 	if err != nil {
 		return nil, err
+	}
+	if l.networked() { // the network step ran: the NIC is on the command line
+		s.network = []byte(CloudInitNetworkConfig(l.v.ad.Network, l.mtu))
 	}
 	path, err := s.write(ctx, l.v.dir)
 	if err != nil {

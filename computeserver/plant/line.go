@@ -35,7 +35,7 @@ var productionLine = []step{
 	{name: "agent", when: (*line).vmgridAgent, do: (*line).agent},
 	{name: "qemu-ga", when: (*line).qemuGA, do: (*line).qemuGAWait},
 	{name: "cloud-init", when: (*line).cloudInit, do: (*line).cloudInitWait},
-	{name: "nic", when: func(l *line) bool { return l.networked() && l.vmgridAgent() }, do: (*line).plugNIC},
+	{name: "nic", when: func(l *line) bool { return l.networked() && l.hasAgent() && !l.cloudInit() }, do: (*line).plugNIC}, // cloud-init: the seed's network-config
 	{name: "clock", when: (*line).hasAgent, do: (*line).clock},
 	{name: "identity", when: (*line).renewIdentity, do: (*line).identity},
 	{name: "actions", when: (*line).actionsLeft, do: (*line).actions},

@@ -2,6 +2,7 @@ package plant
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -67,6 +68,8 @@ func (q *qgaAgent) Do(ctx context.Context, req agent.Request) (*agent.Response, 
 		return q.identity(ctx, req)
 	case agent.OpMount:
 		return q.shell(ctx, `mkdir -p "$2" && mount -t "$3" ${4:+-o "$4"} "$1" "$2"`, req.Device, req.Path, req.FSType, req.Options)
+	case agent.OpNetwork:
+		return q.network(ctx, req)
 	}
 	return &agent.Response{Error: "qemu-ga path: unknown op " + req.Op, ExitCode: -1}, nil
 }
@@ -238,4 +241,27 @@ func waitGuest[T interface{ Close() error }](ctx context.Context, m vmm.Machine,
 		return none, fmt.Errorf("%w (waited %s): %w\n--- guest console (tail) ---\n%s", err, timeout, errdefs.ErrUnavailable, tail(m.ConsoleLog(), 2000))
 	}
 	return c, nil
+}
+
+// qgaNetworkScript is configure_network with iproute2: the NIC whose MAC is
+// $1 (the golden's, for a restored clone) gets MAC $2, address $3, MTU $4,
+// a default route via $5 and the hostname $6 (the last three when set).
+const qgaNetworkScript = `dev=
+for d in /sys/class/net/*; do [ "$(cat "$d/address")" = "$1" ] && dev=${d##*/}; done
+[ -n "$dev" ] || { echo "no NIC with MAC $1" >&2; exit 1; }
+ip link set "$dev" down && ip link set "$dev" address "$2" || exit 1
+[ -z "$4" ] || ip link set "$dev" mtu "$4" || exit 1
+ip link set lo up; ip addr replace "$3" dev "$dev" && ip link set "$dev" up || exit 1
+[ -z "$5" ] || ip route replace default via "$5" || exit 1
+[ -z "$6" ] || { echo "$6" > /etc/hostname && hostname "$6"; }`
+
+// network configures the guest's NIC through qemu-ga (an image restored
+// from a --from golden: cloud-init ran once, at the golden's first boot).
+func (q *qgaAgent) network(ctx context.Context, req agent.Request) (*agent.Response, error) {
+	find := cmp.Or(req.CurrentMAC, req.MAC)
+	mtu := ""
+	if req.MTU > 0 {
+		mtu = strconv.Itoa(req.MTU)
+	}
+	return q.shell(ctx, qgaNetworkScript, strings.ToLower(find), req.MAC, req.Address, mtu, req.Gateway, req.Hostname)
 }
