@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 
@@ -83,7 +84,7 @@ var (
 // message only: etcd's client returns gRPC status errors (DeadlineExceeded,
 // Canceled), and wrapping them would make errdefs report their codes.
 func etcdErr(err error) error {
-	if errors.Is(err, context.DeadlineExceeded) {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, rpctypes.ErrTimeout) {
 		// What a caller sees when a cluster lost its quorum: say so.
 		return fmt.Errorf("etcd did not answer within %s (unreachable, or its cluster has no quorum); retry later: %w", market.OpTimeout, errdefs.ErrUnavailable)
 	}

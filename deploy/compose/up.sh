@@ -53,7 +53,7 @@ contexts:
 YAML
 chmod 600 "$VMGRID_COMPOSE_DIR/config.yaml"
 cat >"$VMGRID_COMPOSE_DIR/env" <<ENV
-export VMGRID_CONFIG=$VMGRID_COMPOSE_DIR/config.yaml
+export VMGRID_COMPOSE_DIR=$VMGRID_COMPOSE_DIR VMGRID_CONFIG=$VMGRID_COMPOSE_DIR/config.yaml
 export VMGRID_SHOP=$shop VMGRID_IMAGESERVER=$images VMGRID_DATASERVER=$data
 export VMGRID_TOKEN=$token VMGRID_OPERATOR_TOKEN=$op
 export VMGRID_TLS_CA=$g/pki/ca.pem VMGRID_TLS_CERT=$g/pki/client.pem VMGRID_TLS_KEY=$g/pki/client-key.pem
