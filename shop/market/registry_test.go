@@ -3,6 +3,7 @@ package market
 import (
 	"context"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -94,6 +95,54 @@ func TestShortlist(t *testing.T) {
 	}
 	if inv, _ := Shortlist(w, plants, a, 10); len(inv) != 4 {
 		t.Fatalf("a shortlist longer than the candidates: %v", inv)
+	}
+}
+
+// TestShortlistTakesTheCheapest: the heap keeps exactly the k cheapest of
+// many plants, cheapest first (against a full sort).
+func TestShortlistTakesTheCheapest(t *testing.T) {
+	w := DefaultWeights()
+	a := Auction{MemoryMiB: 256}
+	plants := make([]PlantInfo, 3000)
+	for i := range plants {
+		plants[i] = PlantInfo{Name: fmt.Sprint("p", i), MemoryMiB: 8192, MemoryFreeMiB: uint64(300 + (i*7919)%7000), Running: (i * 31) % 11}
+	}
+	costs := map[string]float64{}
+	var all []float64
+	for _, p := range plants {
+		if c, why := Cost(w, p, a); why == "" {
+			costs[p.Name] = c
+			all = append(all, c)
+		}
+	}
+	slices.Sort(all)
+	for _, k := range []int{1, 8, 100} {
+		inv, _ := Shortlist(w, plants, a, k)
+		if len(inv) != k {
+			t.Fatalf("k=%d: %d invited", k, len(inv))
+		}
+		for i, name := range inv {
+			if costs[name] != all[i] {
+				t.Fatalf("k=%d: invited #%d %s costs %v, the %d-th cheapest costs %v", k, i, name, costs[name], i, all[i])
+			}
+		}
+	}
+}
+
+// BenchmarkShortlist: pricing a registry of n plants and taking 8.
+func BenchmarkShortlist(b *testing.B) {
+	for _, n := range []int{1000, 10000} {
+		plants := make([]PlantInfo, n)
+		for i := range plants {
+			plants[i] = PlantInfo{Name: fmt.Sprint("p", i), Arch: "x86_64", MemoryMiB: 8192, MemoryFreeMiB: uint64(1024 + i%4096),
+				Running: i % 7, Images: map[string]uint64{"tiny": uint64(i%3) << 20}}
+		}
+		a := Auction{Image: "tiny", MemoryMiB: 256, Arch: "x86_64"}
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			for b.Loop() {
+				Shortlist(DefaultWeights(), plants, a, 8)
+			}
+		})
 	}
 }
 
