@@ -31,7 +31,10 @@ func openNetwork(cfg Config, name string, log *zap.Logger) (*vnet.Manager, error
 		nc.Underlay = host
 	}
 	if nc.Prefix == "" {
-		nc.Prefix = vnet.PrefixFor(name)
+		// Name and data directory: two grids on one host (vmgrid up, test
+		// grids) both have a "plant0", and a plant's start-up reconcile
+		// removes the devices of its prefix that it does not use.
+		nc.Prefix = NetworkPrefix(name, cfg.DataDir)
 	}
 	m, err := vnet.New(nc, log)
 	if err != nil && explicit {
@@ -43,6 +46,10 @@ func openNetwork(cfg Config, name string, log *zap.Logger) (*vnet.Manager, error
 	}
 	return m, nil
 }
+
+// NetworkPrefix is the device prefix of a plant named name with its data
+// in dataDir (vnet.Config.Prefix, when --netns gives none of its own).
+func NetworkPrefix(name, dataDir string) string { return vnet.PrefixFor(name + "\x00" + dataDir) }
 
 // followPeers keeps every segment of the plant flooding to the other
 // plants that have a segment of the same VNI, as the registry (an etcd

@@ -328,7 +328,7 @@ func TestNetworks(t *testing.T) {
 	t.Run("a restarted plant leaves no stale device", func(t *testing.T) {
 		name := b.Plant
 		// What a killed plant leaves: its segment and a tap nobody holds.
-		left, err := vnet.New(vnet.Config{Underlay: g.hosts[name].Addr, Netns: g.hosts[name].Netns, Prefix: vnet.PrefixFor(name)}, nil)
+		left, err := vnet.New(vnet.Config{Underlay: g.hosts[name].Addr, Netns: g.hosts[name].Netns, Prefix: computeserver.NetworkPrefix(name, g.dirs[name])}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -12,7 +12,7 @@
 // # Names
 //
 // Device names are short and deterministic (IFNAMSIZ is 16): the plant's
-// Prefix (5 characters, from its name, so plants sharing a network
+// Prefix (5 characters, from its name and data directory, so plants sharing a network
 // namespace keep apart and reconcile only their own), a kind letter and
 // the VNI (6 hex digits) or a digest of the VM id (8 hex digits):
 // PPPPPbVVVVVV bridge, PPPPPxVVVVVV VXLAN, PPPPPdVVVVVV the dialer's veth,
