@@ -229,13 +229,18 @@ func waitGuest[T interface{ Close() error }](ctx context.Context, m vmm.Machine,
 		}
 	}()
 	c, err := connect(actx)
+	exitSeen := time.Duration(0)
+	if err != nil {
+		// A closed socket ends the wait before QEMU's exit is reaped.
+		exitSeen = 2 * time.Second
+	}
 	select {
 	case <-m.Exited():
 		if err == nil {
 			c.Close()
 		}
 		return none, machineExited(ctx, m)
-	default:
+	case <-time.After(exitSeen):
 	}
 	if err != nil {
 		return none, fmt.Errorf("%w (waited %s): %w\n--- guest console (tail) ---\n%s", err, timeout, errdefs.ErrUnavailable, tail(m.ConsoleLog(), 2000))

@@ -504,7 +504,7 @@ func TestSpecArgs(t *testing.T) {
 	for _, want := range []string{
 		"-accel tcg", "-m 256M", "-smp 1", "-nodefaults", "-no-user-config", "-display none",
 		"-qmp unix:/tmp/vm,,1/qmp.sock,server=on,wait=off",
-		"-chardev file,id=console0,path=/tmp/vm,,1/console.log -serial chardev:console0",
+		"-chardev socket,id=console0,server=on,wait=off,path=/tmp/vm,,1/console.sock,logfile=/tmp/vm,,1/console.log -serial chardev:console0",
 		"-object memory-backend-file,id=ram0,size=256M,mem-path=/m/ram,share=off -machine q35,memory-backend=ram0",
 		"-drive if=none,id=disk0,file=/d/root.qcow2,format=qcow2 -device nvme,id=nvme0,serial=vmgrid0 -device nvme-ns,drive=disk0,bus=nvme0,nsid=1",
 		"-drive if=none,id=disk1,file=/d/data.raw,format=raw,readonly=on -device nvme-ns,drive=disk1,bus=nvme0,nsid=2",
