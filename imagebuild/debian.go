@@ -62,7 +62,7 @@ var DebianMasked = []string{
 // DebianCmdline is the debian image's kernel command line for a virtio
 // root: the root is mounted read-write by the initramfs (no fsck, no
 // remount), systemd is init. See TinyCmdline for panic= and init_on_free=.
-const DebianCmdline = "console=ttyS0 root=/dev/vda rootfstype=ext4 rootwait rw panic=-1 init_on_free=1 fsck.mode=skip systemd.show_status=auto"
+const DebianCmdline = "console=ttyS0 root=/dev/vda rootfstype=ext4 rootwait rw panic=-1 init_on_free=1 no_timer_check fsck.mode=skip systemd.show_status=auto"
 
 // Debian is a Debian 12 golden image: a debootstrap (minbase, systemd,
 // udev, openssh-server, iproute2, ca-certificates and Packages) cached as a
