@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"go.uber.org/zap/zaptest"
+	"google.golang.org/grpc/codes"
 
 	"github.com/vmgrid/vmgrid/computeserver"
 	"github.com/vmgrid/vmgrid/computeserver/plant"
@@ -44,7 +45,10 @@ func TestGuestThatNeverAnswers(t *testing.T) {
 			Recipe: &imagebuild.Tiny{Hook: silentHook}, AgentTimeout: 20 * time.Second,
 		})
 		took := time.Since(start)
-		if err == nil || !errdefs.IsUnavailable(err) || !strings.Contains(err.Error(), "this guest has no agent") {
+		// The console's tail is in the error; how far the guest got in 20 s
+		// (its hook's "this guest has no agent", or still the kernel's
+		// lines) depends on the host's load.
+		if err == nil || errdefs.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "guest console") {
 			t.Fatalf("err = %v", err)
 		}
 		if took > 90*time.Second {
@@ -65,7 +69,7 @@ func TestGuestThatNeverAnswers(t *testing.T) {
 		start := time.Now()
 		_, _, err := create(ctx, cs.plants, &computev1.CreateVMRequest{VmId: "silent1", Image: "silent-cold"})
 		took := time.Since(start)
-		if err == nil || !strings.Contains(err.Error(), "this guest has no agent") || !strings.Contains(err.Error(), "guest console") {
+		if err == nil || errdefs.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "guest console") {
 			t.Fatalf("err = %v", err)
 		}
 		if took > 90*time.Second {
