@@ -86,7 +86,9 @@ type Stats struct {
 	FetchedBlocks, FetchedBytes, Prefetched atomic.Uint64
 	// Requests counts ReadBlocks requests sent upstream (each one a round
 	// trip, pipelined with the others on one stream).
-	Requests               atomic.Uint64
+	Requests, Hydrated atomic.Uint64
+	// ClassRequests splits Requests by class (Demand, Prefetch, Background).
+	ClassRequests          [numClasses]atomic.Uint64
 	Flushes, FlushedBlocks atomic.Uint64
 	FlushNanos             atomic.Int64
 }

@@ -109,5 +109,6 @@ func (u *Upstream) retry(ctx context.Context, window time.Duration, op func() er
 		// gRPC) would keep failing calls after the upstream is back: the
 		// retries pace the reconnects instead.
 		u.cc.ResetConnectBackoff()
+		u.bcc.ResetConnectBackoff()
 	}
 }
