@@ -4,16 +4,18 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
+	"github.com/vmgrid/vmgrid/computeserver/plant"
 	"github.com/vmgrid/vmgrid/services"
 )
 
 // DefaultConfig is the compute server's defaults, the ones its flags show.
 func DefaultConfig() Config {
 	return Config{
-		Server:   services.Options{Name: "computeserver", Listen: "127.0.0.1:7080", MetricsListen: "127.0.0.1:9080"},
-		Upstream: "127.0.0.1:7070",
-		DataDir:  "/var/lib/vmgrid/compute",
-		Proxy:    gvfs.DefaultConfig(),
+		Server:        services.Options{Name: "computeserver", Listen: "127.0.0.1:7080", MetricsListen: "127.0.0.1:9080"},
+		Upstream:      "127.0.0.1:7070",
+		DataDir:       "/var/lib/vmgrid/compute",
+		Proxy:         gvfs.DefaultConfig(),
+		MemoryRestore: string(plant.RestoreAuto),
 	}
 }
 
@@ -28,6 +30,7 @@ func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	c.Etcd.AddFlags(fs, "etcd endpoints: register there and bid in the shop's auctions")
 	fs.Uint64Var(&c.GuestMemoryMiB, "guest-memory-mib", c.GuestMemoryMiB, "memory guests may use in all (0: 80% of RAM)")
 	fs.DurationVar(&c.AgentTimeout, "agent-timeout", c.AgentTimeout, "how long a clone's guest agent may take to answer before the creation fails (0: 2m)")
+	fs.StringVar(&c.MemoryRestore, "memory-restore", c.MemoryRestore, "how clones of images with a RAM file get guest memory: lazy (pages on first touch, the rest hydrated in the background), eager (all before the guest runs) or auto (eager when the measured upstream bandwidth brings the RAM within 0.5 s, else lazy)")
 	fs.StringVar(&c.DataServer, "dataserver", c.DataServer, "data server of task stage-in/out (requests bring task credentials for it; empty: no staging)")
 	services.AddTokensFlag(fs, &c.TokensFile)
 	services.AddServiceTokenFlag(fs, &c.ServiceTokenFile, "to the upstream")

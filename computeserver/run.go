@@ -21,6 +21,7 @@ import (
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
+	"github.com/vmgrid/vmgrid/services/errdefs"
 	"github.com/vmgrid/vmgrid/shop/market"
 )
 
@@ -68,6 +69,9 @@ type Config struct {
 	// AgentTimeout bounds the wait for a clone's guest agent (0:
 	// plant.DefaultAgentTimeout).
 	AgentTimeout time.Duration
+	// MemoryRestore is lazy, eager or auto (empty: auto): how clones of
+	// images with a RAM file get the guest's memory (plant/lazymem.go).
+	MemoryRestore string
 }
 
 // Server is a running compute server: the data plane (Proxy, mounted at
@@ -189,10 +193,14 @@ func startLine(cfg Config, mnt string, p *gvfs.Proxy, log *zap.Logger) (*plant.P
 	if driver == nil {
 		driver = &vmm.QEMU{Logger: log}
 	}
+	restore, err := plant.ParseMemoryRestore(cfg.MemoryRestore)
+	if err != nil {
+		return nil, fmt.Errorf("--memory-restore: %w: %w", err, errdefs.ErrInvalidArgument)
+	}
 	return plant.New(plant.Config{
 		Name: name, Dir: filepath.Join(cfg.DataDir, "vms"), Mountpoint: mnt, Proxy: p,
 		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, Logger: log, DataServer: cfg.DataServer, DataTLS: cfg.Server.TLS,
-		AgentTimeout: cfg.AgentTimeout,
+		AgentTimeout: cfg.AgentTimeout, MemoryRestore: restore,
 	})
 }
 

@@ -34,6 +34,7 @@ var productionLine = []step{
 	{name: "identity", when: (*line).newMachine, do: (*line).identity},
 	{name: "actions", do: (*line).actions},
 	{name: "finish", do: (*line).finish},
+	{name: "hydrate", when: (*line).lazy, do: (*line).hydrate},
 }
 
 // step is one stage of the production line.
@@ -151,7 +152,10 @@ func (l *line) redoLog(ctx context.Context) (func(), error) {
 func (l *line) restore(ctx context.Context) (func(), error) {
 	l.v.setState(computev1.VMState_VM_STATE_RESTORING)
 	l.progress(computev1.VMState_VM_STATE_RESTORING, "restoring the memory state through the FUSE view")
-	in := vmm.Incoming{Path: filepath.Join(l.p.cfg.Mountpoint, l.src.image, l.src.config.Memory)}
+	in, err := l.memory(ctx) // lazymem.go: lazy or eager, and the RAM backend
+	if err != nil {
+		return nil, err
+	}
 	m, err := vmm.Restore(ctx, l.p.cfg.Driver, l.spec, in)
 	return l.started(m, err)
 }

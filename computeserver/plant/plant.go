@@ -57,7 +57,10 @@ type Config struct {
 	// DefaultAgentTimeout); a guest that never answers fails its creation
 	// then, with its console's last lines.
 	AgentTimeout time.Duration
-	Logger       *zap.Logger
+	// MemoryRestore is how clones of images with a RAM file get the
+	// guest's memory: lazy, eager or auto (lazymem.go; empty: auto).
+	MemoryRestore MemoryRestore
+	Logger        *zap.Logger
 }
 
 // DefaultStageOutTimeout bounds a stage-out whose caller set no deadline
@@ -121,6 +124,8 @@ type vm struct {
 	// dataCred is the task credential CreateVM brought, for stage-in and a
 	// StageOut that brings none. Memory only: never in classad.json or logs.
 	dataCred string
+	// mem is a lazily restored guest's RAM (lazymem.go); nil otherwise.
+	mem *lazyMem
 }
 
 // New opens a plant. VMs left running by a previous process are stopped
@@ -257,6 +262,7 @@ func (p *Plant) persist(v *vm) {
 
 // teardown stops a VM's machine and removes its files.
 func (p *Plant) teardown(v *vm) {
+	v.mem.stop()
 	if v.agent != nil {
 		v.agent.Close()
 	}

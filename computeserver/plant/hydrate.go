@@ -1,0 +1,47 @@
+package plant
+
+import (
+	"context"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// startHydration fetches what a lazily restored VM still reads from the
+// upstream, its RAM file and then the golden disk under its redo log, in
+// the background class (demand reads of every guest go first), and
+// records in the classad how much of the RAM is local. When it is done the
+// VM no longer needs the image server.
+func (p *Plant) startHydration(v *vm, log *zap.Logger) {
+	m := v.mem
+	ctx, cancel := context.WithCancel(context.Background())
+	m.cancel, m.done = cancel, make(chan struct{})
+	ready := time.Now()
+	v.mu.Lock()
+	v.ad.MemoryLocalBytes = m.ram.LocalBytes()
+	v.mu.Unlock()
+	go func() {
+		defer close(m.done)
+		defer cancel()
+		err := m.ram.Hydrate(ctx, func(local uint64) {
+			v.mu.Lock()
+			v.ad.MemoryLocalBytes = local
+			v.mu.Unlock()
+		})
+		if err == nil && m.root != nil {
+			err = m.root.Hydrate(ctx, nil)
+		}
+		if err != nil {
+			if ctx.Err() == nil {
+				log.Warn("hydration stopped; the VM keeps reading from the upstream", zap.Error(err))
+			}
+			return
+		}
+		took := time.Since(ready)
+		v.mu.Lock()
+		v.ad.MemoryLocalBytes, v.ad.HydratedNanos = m.ram.LocalBytes(), int64(max(took, 1))
+		v.mu.Unlock()
+		p.persist(v)
+		log.Info("VM hydrated: it no longer needs the image server", zap.Duration("after_ready", took))
+	}()
+}
