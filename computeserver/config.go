@@ -31,6 +31,7 @@ func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	fs.Uint64Var(&c.GuestMemoryMiB, "guest-memory-mib", c.GuestMemoryMiB, "memory guests may use in all (0: 80% of RAM)")
 	fs.DurationVar(&c.AgentTimeout, "agent-timeout", c.AgentTimeout, "how long a clone's guest agent may take to answer before the creation fails (0: 2m)")
 	fs.StringVar(&c.MemoryRestore, "memory-restore", c.MemoryRestore, "how clones of images with a RAM file get guest memory: lazy (pages on first touch, the rest hydrated in the background), eager (all before the guest runs) or auto (eager when the measured upstream bandwidth brings the RAM within 0.5 s, else lazy)")
+	fs.DurationVar(&c.HydrateAfter, "hydrate-after", c.HydrateAfter, "how long after a lazy clone is ready the plant starts fetching the rest of its RAM and disk in the background (0: 1s)")
 	fs.StringVar(&c.DataServer, "dataserver", c.DataServer, "data server of task stage-in/out (requests bring task credentials for it; empty: no staging)")
 	services.AddTokensFlag(fs, &c.TokensFile)
 	services.AddServiceTokenFlag(fs, &c.ServiceTokenFile, "to the upstream")

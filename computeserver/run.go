@@ -72,6 +72,9 @@ type Config struct {
 	// MemoryRestore is lazy, eager or auto (empty: auto): how clones of
 	// images with a RAM file get the guest's memory (plant/lazymem.go).
 	MemoryRestore string
+	// HydrateAfter is how long after a lazy clone is ready the plant
+	// starts fetching the rest of its RAM (0: plant.DefaultHydrateAfter).
+	HydrateAfter time.Duration
 }
 
 // Server is a running compute server: the data plane (Proxy, mounted at
@@ -200,7 +203,7 @@ func startLine(cfg Config, mnt string, p *gvfs.Proxy, log *zap.Logger) (*plant.P
 	return plant.New(plant.Config{
 		Name: name, Dir: filepath.Join(cfg.DataDir, "vms"), Mountpoint: mnt, Proxy: p,
 		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, Logger: log, DataServer: cfg.DataServer, DataTLS: cfg.Server.TLS,
-		AgentTimeout: cfg.AgentTimeout, MemoryRestore: restore,
+		AgentTimeout: cfg.AgentTimeout, MemoryRestore: restore, HydrateAfter: cfg.HydrateAfter,
 	})
 }
 

@@ -7,6 +7,11 @@ import (
 	"go.uber.org/zap"
 )
 
+// DefaultHydrateAfter leaves a clone's first second to its own demand
+// reads (the workload it was made for starts then) before the bulk of its
+// RAM competes with them for the link.
+const DefaultHydrateAfter = time.Second
+
 // startHydration fetches what a lazily restored VM still reads from the
 // upstream, its RAM file and then the golden disk under its redo log, in
 // the background class (demand reads of every guest go first), and
@@ -20,9 +25,18 @@ func (p *Plant) startHydration(v *vm, log *zap.Logger) {
 	v.mu.Lock()
 	v.ad.MemoryLocalBytes = m.ram.LocalBytes()
 	v.mu.Unlock()
+	after := p.cfg.HydrateAfter
+	if after == 0 {
+		after = DefaultHydrateAfter
+	}
 	go func() {
 		defer close(m.done)
 		defer cancel()
+		select {
+		case <-time.After(max(after, 0)):
+		case <-ctx.Done():
+			return
+		}
 		err := m.ram.Hydrate(ctx, func(local uint64) {
 			v.mu.Lock()
 			v.ad.MemoryLocalBytes = local

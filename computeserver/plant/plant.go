@@ -60,7 +60,10 @@ type Config struct {
 	// MemoryRestore is how clones of images with a RAM file get the
 	// guest's memory: lazy, eager or auto (lazymem.go; empty: auto).
 	MemoryRestore MemoryRestore
-	Logger        *zap.Logger
+	// HydrateAfter is how long after a lazy clone is ready its hydration
+	// starts (0: DefaultHydrateAfter; negative: at once).
+	HydrateAfter time.Duration
+	Logger       *zap.Logger
 }
 
 // DefaultStageOutTimeout bounds a stage-out whose caller set no deadline
