@@ -75,7 +75,17 @@ type Config struct {
 	// HydrateAfter is how long after a lazy clone is ready the plant
 	// starts fetching the rest of its RAM (0: plant.DefaultHydrateAfter).
 	HydrateAfter time.Duration
+	// MemoryReadAhead is the kernel's read-ahead on the view guests map
+	// their RAM files from (MOUNTPOINT-mem): what one page fault brings
+	// (0: DefaultMemoryReadAhead).
+	MemoryReadAhead int
 }
+
+// DefaultMemoryReadAhead is what a lazy guest's page fault reads around
+// the page: the 8 MiB of the main view brought a tiny guest's whole RAM
+// before it was ready (80 MB); a page alone costs a round trip per 64 KiB
+// block touched.
+const DefaultMemoryReadAhead = 1 << 20
 
 // Server is a running compute server: the data plane (Proxy, mounted at
 // Mountpoint) and the plant's production line (Line).
@@ -112,7 +122,16 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if _, err := fuseview.Mount(mnt, p, fuseview.MountOptions{Logger: log}); err != nil {
 		return nil, err // closing the proxy unmounts
 	}
-	pl, err := startLine(cfg, mnt, p, log)
+	// A second view for guest RAM files, with the small read-ahead a page
+	// fault should pull in (plant/lazymem.go).
+	memMnt, ra := mnt+"-mem", cfg.MemoryReadAhead
+	if ra == 0 {
+		ra = DefaultMemoryReadAhead
+	}
+	if _, err := fuseview.Mount(memMnt, p, fuseview.MountOptions{Logger: log, ReadAheadKB: max(4, ra>>10)}); err != nil {
+		return nil, err
+	}
+	pl, err := startLine(cfg, mnt, memMnt, p, log)
 	if err != nil {
 		return nil, err
 	}
@@ -186,7 +205,7 @@ func dialUpstream(addr string, tls services.TLSFiles, compress bool, tokenFile s
 }
 
 // startLine starts the plant's production line over the view at mnt.
-func startLine(cfg Config, mnt string, p *gvfs.Proxy, log *zap.Logger) (*plant.Plant, error) {
+func startLine(cfg Config, mnt, memMnt string, p *gvfs.Proxy, log *zap.Logger) (*plant.Plant, error) {
 	name := cfg.Name
 	if name == "" {
 		host, _ := os.Hostname()
@@ -201,7 +220,7 @@ func startLine(cfg Config, mnt string, p *gvfs.Proxy, log *zap.Logger) (*plant.P
 		return nil, fmt.Errorf("--memory-restore: %w: %w", err, errdefs.ErrInvalidArgument)
 	}
 	return plant.New(plant.Config{
-		Name: name, Dir: filepath.Join(cfg.DataDir, "vms"), Mountpoint: mnt, Proxy: p,
+		Name: name, Dir: filepath.Join(cfg.DataDir, "vms"), Mountpoint: mnt, MemoryMountpoint: memMnt, Proxy: p,
 		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, Logger: log, DataServer: cfg.DataServer, DataTLS: cfg.Server.TLS,
 		AgentTimeout: cfg.AgentTimeout, MemoryRestore: restore, HydrateAfter: cfg.HydrateAfter,
 	})

@@ -101,6 +101,8 @@ var scratchPool = sync.Pool{New: func() any { b := make([]byte, imagev1.MaxBlock
 
 // readAt reads a clipped range through the block engine.
 func (f *blockFile) readAt(ctx context.Context, dst []byte, off int64) (int, error) {
+	bs := int64(f.blockSize())
+	f.observe(uint64(off/bs), uint64((off+int64(len(dst))-1)/bs)) // profiles
 	f.readAhead(off, off+int64(len(dst)))
 	misses, err := f.readCached(dst, off)
 	if err != nil {
@@ -335,6 +337,7 @@ func (p *Proxy) fetchRun(f *blockFile, idxs []uint64, fes []*fetch, c Class) {
 		window = forever
 	}
 	bytes := len(idxs) * int(f.blockSize())
+	p.noteRequest(f, c)
 	err := p.up.retry(p.ctx, window, func() error {
 		p.stats.Requests.Add(1)
 		p.stats.ClassRequests[c].Add(1)

@@ -97,6 +97,7 @@ func memoryTemplate(mf *vmm.MemoryFile) *vmm.MemoryFile {
 // lazyMem is a lazily restored guest's RAM on its plant.
 type lazyMem struct {
 	ram, root gvfs.File // root: the golden disk under the redo log (nil for a persistent root)
+	profile   *profile  // its working-set recording and prefetch (profile.go)
 	cancel    context.CancelFunc
 	done      chan struct{}
 }
@@ -139,14 +140,33 @@ func (l *line) memory(ctx context.Context) (vmm.Incoming, error) {
 		l.spec.MemoryFile = &vmm.MemoryFile{Path: local}
 		return in, nil
 	}
-	l.spec.MemoryFile = &vmm.MemoryFile{Path: filepath.Join(mnt, l.src.config.RAM)}
-	l.v.mem = &lazyMem{ram: ram}
+	memMnt := l.p.cfg.MemoryMountpoint
+	if memMnt == "" {
+		memMnt = l.p.cfg.Mountpoint
+	}
+	l.spec.MemoryFile = &vmm.MemoryFile{Path: filepath.Join(memMnt, l.src.image, l.src.config.RAM)}
+	l.v.mem = &lazyMem{ram: ram, profile: l.startProfile()}
 	if l.cloned() {
 		if root, err := l.p.cfg.Proxy.Open(ctx, l.src.image, l.src.config.Root); err == nil {
 			l.v.mem.root = root
 		}
 	}
 	return in, nil
+}
+
+// memoryUndo adds to the restore's undo the end of a lazy clone's profile
+// recording and prefetch (a failed creation leaves none running).
+func (l *line) memoryUndo(undo func(), err error) (func(), error) {
+	m := l.v.mem
+	if m == nil {
+		return undo, err
+	}
+	return func() {
+		if undo != nil {
+			undo()
+		}
+		m.profile.abandon()
+	}, err
 }
 
 func (l *line) setRestore(mode MemoryRestore, size uint64) {
@@ -204,6 +224,7 @@ func copyRAM(ctx context.Context, ram gvfs.File, path string) error {
 // hydrate starts fetching the rest of a lazily restored guest's RAM file
 // and root disk in the background (hydrate.go).
 func (l *line) hydrate(context.Context) (func(), error) {
+	l.p.finishProfile(l.src.image, l.v.mem.profile, l.log)
 	l.p.startHydration(l.v, l.log)
 	return nil, nil
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
+	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services"
 )
 
@@ -127,7 +128,7 @@ func TestLazyMemory(t *testing.T) {
 	}
 
 	cs := startCompute(t, is.addr, func(c *computeserver.Config) {
-		c.MemoryRestore, c.HydrateAfter = "lazy", 4*time.Second
+		c.MemoryRestore, c.HydrateAfter = "lazy", 6*time.Second
 	})
 	st0 := snapshot(cs.Proxy)
 	ad, _, err := create(ctx, cs.plants, &computev1.CreateVMRequest{VmId: "lazy-1", Image: "lazy"})
@@ -148,6 +149,8 @@ func TestLazyMemory(t *testing.T) {
 		t.Logf("through the cache: %+v", d)
 	})
 
+	// The first clone stores its recording 2 s after it is ready.
+	profiled := waitProfile(t, ctx, imageclient.NewClient(cc), "lazy")
 	t.Run("image server away before hydration ends: the guest waits, then runs on", func(t *testing.T) {
 		is.stop()
 		got, err := cs.plants.GetVM(ctx, &computev1.GetVMRequest{VmId: ad.VmId})
@@ -196,6 +199,27 @@ func TestLazyMemory(t *testing.T) {
 		exec1(t, ctx, cs.plants, ad.VmId, "ls /bin /sbin /usr/bin > /dev/null && echo 3 > /proc/sys/vm/drop_caches && ls -R / > /dev/null 2>&1; true")
 	})
 
+	t.Run("profile recorded, stored, and fetched first by a cold clone", func(t *testing.T) {
+		t.Logf("profile: %d blocks", profiled)
+		cold := startCompute(t, is.addr, func(c *computeserver.Config) { c.MemoryRestore = "lazy" })
+		ad3, _, err := create(ctx, cold.plants, &computev1.CreateVMRequest{VmId: "lazy-3", Image: "lazy"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkMem(t, ctx, cold.plants, ad3.VmId, memFiles[0].name)
+		if c, ok := cold.Proxy.FirstRequestClass("lazy", plant.RAMFile); !ok || c != gvfs.Prefetch {
+			t.Fatalf("the cold clone's first request for its RAM file was %v (asked: %v), want prefetch", c, ok)
+		}
+		s := cold.Proxy.Stats()
+		t.Logf("cold clone with profile ready in %s, fetched %d bytes; profile blocks fetched %d, used %d (so far), missed %d; demand requests %d, prefetch requests %d",
+			time.Duration(ad3.ReadyNanos), ad3.FetchedBytes, s.ProfileFetched.Load(), s.ProfileUsed.Load(), s.ProfileMissed.Load(),
+			s.ClassRequests[gvfs.Demand].Load(), s.ClassRequests[gvfs.Prefetch].Load())
+		if s.ProfileFetched.Load() == 0 || s.ProfileUsed.Load() == 0 {
+			t.Fatal("the profile's blocks were not fetched, or none was used")
+		}
+		cold.stop()
+	})
+
 	t.Run("two clones share the golden's pages", func(t *testing.T) {
 		ad2, _, err := create(ctx, cs.plants, &computev1.CreateVMRequest{VmId: "lazy-2", Image: "lazy"})
 		if err != nil {
@@ -213,6 +237,22 @@ func TestLazyMemory(t *testing.T) {
 			}
 		}
 	})
+}
+
+func waitProfile(t *testing.T, ctx context.Context, c *imageclient.Client, image string) int {
+	t.Helper()
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		resp, err := c.API.GetProfile(ctx, &imagev1.GetProfileRequest{Image: image})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.Entries) > 0 {
+			return len(resp.Entries)
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the first clone stored no working-set profile")
+		}
+	}
 }
 
 // ramShared is the Shared_Clean of a QEMU's mapping of the RAM file, in KiB.

@@ -157,7 +157,7 @@ func (l *line) restore(ctx context.Context) (func(), error) {
 		return nil, err
 	}
 	m, err := vmm.Restore(ctx, l.p.cfg.Driver, l.spec, in)
-	return l.started(m, err)
+	return l.memoryUndo(l.started(m, err))
 }
 
 // boot cold-boots an image that has no memory state.

@@ -37,8 +37,11 @@ type Config struct {
 	Dir string
 	// Mountpoint of the FUSE view of Proxy.
 	Mountpoint string
-	Proxy      *gvfs.Proxy
-	Driver     vmm.Driver
+	// MemoryMountpoint is a second view of Proxy with a small read-ahead,
+	// from which lazy clones map RAM files (empty: Mountpoint).
+	MemoryMountpoint string
+	Proxy            *gvfs.Proxy
+	Driver           vmm.Driver
 	// MemoryMiB is what the plant may give to guests in all; 0 means
 	// DefaultMemoryMiB. Plants sharing a host divide it between them.
 	MemoryMiB uint64
