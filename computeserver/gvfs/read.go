@@ -103,7 +103,12 @@ var scratchPool = sync.Pool{New: func() any { b := make([]byte, imagev1.MaxBlock
 func (f *blockFile) readAt(ctx context.Context, dst []byte, off int64) (int, error) {
 	bs := int64(f.blockSize())
 	f.observe(uint64(off/bs), uint64((off+int64(len(dst))-1)/bs)) // profiles
-	f.readAhead(off, off+int64(len(dst)))
+	if !f.patient() {
+		// A guest's page faults on a RAM file come with the kernel's
+		// read-around (the memory view's small read-ahead); neighbouring
+		// faults are no sequential reader.
+		f.readAhead(off, off+int64(len(dst)))
+	}
 	misses, err := f.readCached(dst, off)
 	if err != nil {
 		return 0, err

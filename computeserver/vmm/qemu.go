@@ -124,7 +124,8 @@ func (d *QEMU) Start(ctx context.Context, spec Spec) (Machine, error) {
 		// If this process dies without stopping the machine, so does QEMU.
 		Pdeathsig: syscall.SIGKILL,
 	}
-	if err := cmd.Start(); err != nil {
+	done := make(chan struct{})
+	if err := startQEMU(cmd, spec, done); err != nil { // nothp.go
 		return nil, fmt.Errorf("vmm: start %s: %w", bin, err)
 	}
 	m := &machine{
@@ -132,7 +133,7 @@ func (d *QEMU) Start(ctx context.Context, spec Spec) (Machine, error) {
 		cmd:         cmd,
 		log:         d.log().With(zap.String("machine", orName(spec.Name)), zap.Int("pid", cmd.Process.Pid)),
 		stopTimeout: d.StopTimeout,
-		done:        make(chan struct{}),
+		done:        done,
 	}
 	if m.stopTimeout == 0 {
 		m.stopTimeout = defaultStopTimeout
