@@ -46,9 +46,9 @@ type File interface {
 	// Prefetch fetches the given blocks in the background, in the prefetch
 	// class (working-set profiles), and returns those it asked for.
 	Prefetch(idxs []uint64) []uint64
-	// Hydrate fetches every block not yet local, in the background class,
-	// and returns when all are (hydrate.go).
-	Hydrate(ctx context.Context, progress func(local uint64)) error
+	// Hydrate fetches every block not yet local, in class c, and returns
+	// when all are (hydrate.go).
+	Hydrate(ctx context.Context, c Class, progress func(local uint64)) error
 	// LocalBytes is how much of the file is here: zero blocks and cached
 	// blocks.
 	LocalBytes() uint64

@@ -25,10 +25,11 @@ func (f *blockFile) patient() bool {
 const hydrateBatch = 64
 
 // Hydrate fetches every block of the file that is neither zero nor cached,
-// in order, in the background class (demand reads of running guests go
-// first: they have a connection of their own), and returns once all are
-// local. progress, if set, is told the local bytes after each batch.
-func (f *blockFile) Hydrate(ctx context.Context, progress func(local uint64)) error {
+// in order, in class c (Background for hydration, Prefetch for an eager
+// copy: demand reads of running guests go first, they have a connection
+// of their own), and returns once all are local. progress, if set, is
+// told the local bytes after each batch.
+func (f *blockFile) Hydrate(ctx context.Context, c Class, progress func(local uint64)) error {
 	n := (f.meta.Size + f.blockSize() - 1) / f.blockSize()
 	for from := uint64(0); from < n; {
 		var want []uint64
@@ -37,7 +38,7 @@ func (f *blockFile) Hydrate(ctx context.Context, progress func(local uint64)) er
 				want = append(want, from)
 			}
 		}
-		for _, fe := range f.p.fetchClass(f, want, Background) {
+		for _, fe := range f.p.fetchClass(f, want, c) {
 			if _, err := fe.wait(ctx); err != nil {
 				return err
 			}

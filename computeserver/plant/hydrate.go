@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 )
 
 // DefaultHydrateAfter leaves a clone's first second to its own demand
@@ -37,13 +39,13 @@ func (p *Plant) startHydration(v *vm, log *zap.Logger) {
 		case <-ctx.Done():
 			return
 		}
-		err := m.ram.Hydrate(ctx, func(local uint64) {
+		err := m.ram.Hydrate(ctx, gvfs.Background, func(local uint64) {
 			v.mu.Lock()
 			v.ad.MemoryLocalBytes = local
 			v.mu.Unlock()
 		})
 		if err == nil && m.root != nil {
-			err = m.root.Hydrate(ctx, nil)
+			err = m.root.Hydrate(ctx, gvfs.Background, nil)
 		}
 		if err != nil {
 			if ctx.Err() == nil {

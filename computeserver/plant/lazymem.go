@@ -195,8 +195,13 @@ func (p *Plant) memoryMode(ram gvfs.File) MemoryRestore {
 }
 
 // copyRAM copies the RAM file's bytes into a sparse local file: zero
-// blocks are holes, as in the golden file.
+// blocks are holes, as in the golden file. The blocks come in the prefetch
+// class, on the bulk connection: a bulk copy must not hold up running
+// guests' demand reads.
 func copyRAM(ctx context.Context, ram gvfs.File, path string) error {
+	if err := ram.Hydrate(ctx, gvfs.Prefetch, nil); err != nil {
+		return err
+	}
 	out, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return err
