@@ -44,16 +44,8 @@ func (p *Proxy) Record(image string, run *ProfileRun) *Recording {
 func (r *Recording) Stop() []*imagev1.ProfileEntry {
 	p := r.p
 	p.mu.Lock()
-	rs := p.recordings[r.image]
-	for i, x := range rs {
-		if x == r {
-			p.recordings[r.image] = append(rs[:i:i], rs[i+1:]...)
-			p.recording.Add(-1)
-			break
-		}
-	}
-	if len(p.recordings[r.image]) == 0 {
-		delete(p.recordings, r.image)
+	if removeFrom(p.recordings, r.image, r) {
+		p.recording.Add(-1)
 	}
 	p.mu.Unlock()
 	r.mu.Lock()
@@ -262,16 +254,8 @@ func (run *ProfileRun) Stop() ProfileStats {
 	<-run.done
 	p := run.p
 	p.mu.Lock()
-	rs := p.runs[run.image]
-	for i, x := range rs {
-		if x == run {
-			p.runs[run.image] = append(rs[:i:i], rs[i+1:]...)
-			p.profiling.Add(-1)
-			break
-		}
-	}
-	if len(p.runs[run.image]) == 0 {
-		delete(p.runs, run.image)
+	if removeFrom(p.runs, run.image, run) {
+		p.profiling.Add(-1)
 	}
 	p.mu.Unlock()
 	run.mu.Lock()
@@ -303,4 +287,18 @@ func (p *Proxy) noteRequest(f *blockFile, c Class) {
 		p.first[k] = c
 	}
 	p.mu.Unlock()
+}
+
+// removeFrom removes x from m[key] (deleting an empty list) and reports
+// whether it was there.
+func removeFrom[T comparable](m map[string][]T, key string, x T) bool {
+	i := slices.Index(m[key], x)
+	if i < 0 {
+		return false
+	}
+	m[key] = slices.Delete(m[key], i, i+1)
+	if len(m[key]) == 0 {
+		delete(m, key)
+	}
+	return true
 }

@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -99,13 +100,7 @@ func (d *QEMU) Start(ctx context.Context, spec Spec) (Machine, error) {
 			return nil, fmt.Errorf("vmm: %w", err)
 		}
 	}
-	accel := spec.Accel
-	if accel == "" {
-		accel = d.Accel
-	}
-	if accel == "" {
-		accel = "tcg"
-	}
+	accel := cmp.Or(spec.Accel, d.Accel, "tcg")
 	spec.Accel = accel
 
 	logFile, err := os.Create(filepath.Join(spec.Dir, qemuLogName))
