@@ -18,6 +18,12 @@ import (
 // an old tarball. Bump it when DebianBasePackages or the variant change.
 const DebianVersion = "1"
 
+// DebianImageVersion versions what the recipe makes of the debootstrap
+// (units, drop-ins, initramfs): caches of built images (the tests') key on
+// it. Bump it with any such change; DebianVersion only when the debootstrap
+// itself changes.
+const DebianImageVersion = "2"
+
 // DebianSuite is the release the debian recipe bootstraps (Debian 12).
 const DebianSuite = "bookworm"
 
@@ -171,25 +177,10 @@ func (d *Debian) Build(ctx context.Context, outDir string) (*Image, error) {
 }
 
 func (d *Debian) image(outDir string, k *Kernel, mods []Module) *Image {
-	return &Image{
-		Recipe:        d.Name(),
-		Kernel:        filepath.Join(outDir, "vmlinuz"),
-		Initrd:        filepath.Join(outDir, "initrd.img"),
-		KernelRelease: k.Release,
-		KernelPackage: k.Package,
-		KernelVersion: k.Version,
-		RootDisk:      filepath.Join(outDir, "root.raw"),
-		RootInterface: RootVirtio,
-		Cmdline:       strings.Join(append([]string{DebianCmdline}, d.ExtraCmdline...), " "),
-		Modules:       mods,
-		Ready:         DebianReady,
-		Attributes: Attributes{
-			Arch:      "x86_64",
-			VCPUs:     orDefault(d.VCPUs, 1),
-			MemoryMiB: orDefault(d.MemoryMiB, 512),
-			OS:        "debian-12",
-		},
-	}
+	img := newImage(d.Name(), outDir, k, RootVirtio, strings.Join(append([]string{DebianCmdline}, d.ExtraCmdline...), " "), mods,
+		Attributes{Arch: "x86_64", VCPUs: orDefault(d.VCPUs, 1), MemoryMiB: orDefault(d.MemoryMiB, 512), OS: "debian-12"})
+	img.Ready = DebianReady
+	return img
 }
 
 func (d *Debian) seal(ctx context.Context, outDir string, img *Image, rootDir, initrdDir string, k *Kernel) error {
@@ -197,17 +188,8 @@ func (d *Debian) seal(ctx context.Context, outDir string, img *Image, rootDir, i
 	if size == 0 {
 		size = 1 << 30
 	}
-	// The debootstrapped /dev already has its nodes (tar kept them).
-	if err := MakeExt4(ctx, rootDir, img.RootDisk, size, nil); err != nil {
-		return fmt.Errorf("debian: root disk: %w", err)
-	}
-	if err := WriteInitramfs(initrdDir, img.Initrd, BaseDeviceNodes); err != nil {
-		return fmt.Errorf("debian: %w", err)
-	}
-	if err := copyFile(k.Vmlinuz, img.Kernel, 0o644); err != nil {
-		return fmt.Errorf("debian: %w", err)
-	}
-	return writeManifest(outDir, img)
+	// No nodes to add: the debootstrapped /dev has them (tar kept them).
+	return sealImage(ctx, outDir, img, rootDir, initrdDir, k, size, nil)
 }
 
 // populate configures the debootstrapped tree: identity files, fstab, the
@@ -228,7 +210,10 @@ func (d *Debian) populate(ctx context.Context, rootDir string) error {
 		// own from the plant (a golden's id would be every clone's).
 		"/etc/machine-id":                               "",
 		"/etc/ssh/sshd_config.d/vmgrid.conf":            "# vmgrid: keys only\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
-		"/etc/systemd/system/ssh.service.d/vmgrid.conf": "# vmgrid: the image has no host keys; a clone makes its own, then starts sshd\n[Unit]\nConditionPathExists=/etc/ssh/ssh_host_ed25519_key\n",
+		"/etc/systemd/system/ssh.service.d/vmgrid.conf": "# vmgrid: the image has no host keys; a clone gets its own, then sshd starts\n[Unit]\nConditionPathExists=/etc/ssh/ssh_host_ed25519_key\n",
+		// Starts sshd when the clone's keys appear (the agent writes the
+		// ed25519 key last), without the agent running systemctl.
+		"/etc/systemd/system/vmgrid-sshd.path": "[Unit]\nDescription=start sshd once this machine has its own host keys\n\n[Path]\nPathExists=/etc/ssh/ssh_host_ed25519_key\nUnit=ssh.service\n\n[Install]\nWantedBy=multi-user.target\n",
 		// Nothing to flush a journal to that outlives a clone's boot.
 		"/etc/systemd/journald.conf.d/vmgrid.conf": "[Journal]\nStorage=volatile\nRuntimeMaxUse=16M\n",
 	}
@@ -248,6 +233,9 @@ func (d *Debian) populate(ctx context.Context, rootDir string) error {
 		if err := os.Symlink("/dev/null", link); err != nil {
 			return fmt.Errorf("mask %s: %w", u, err)
 		}
+	}
+	if err := os.Symlink("../vmgrid-sshd.path", filepath.Join(rootDir, "etc/systemd/system/multi-user.target.wants/vmgrid-sshd.path")); err != nil {
+		return err
 	}
 	if d.Agent != "" {
 		if err := installAgentUnit(rootDir, d.Agent); err != nil {

@@ -293,6 +293,9 @@ func (b Bootstrap) Tarball(ctx context.Context) (string, error) {
 // build runs debootstrap into a temporary directory and tars it to final
 // (through a temporary name, renamed when complete). The caller holds the lock.
 func (b Bootstrap) build(ctx context.Context, final string) error {
+	if os.Geteuid() != 0 {
+		return errors.New("debootstrap needs root (it chroots and makes device nodes); run the build as root")
+	}
 	mirror := b.Mirror
 	if mirror == "" {
 		m, err := AptMirror()

@@ -169,24 +169,8 @@ func (t *Tiny) rootInterface() (string, error) {
 
 // image describes the files Build writes into outDir.
 func (t *Tiny) image(outDir string, k *Kernel, rootIf string, mods []Module) *Image {
-	return &Image{
-		Recipe:        t.Name(),
-		Kernel:        filepath.Join(outDir, "vmlinuz"),
-		Initrd:        filepath.Join(outDir, "initrd.img"),
-		KernelRelease: k.Release,
-		KernelPackage: k.Package,
-		KernelVersion: k.Version,
-		RootDisk:      filepath.Join(outDir, "root.raw"),
-		RootInterface: rootIf,
-		Cmdline:       t.cmdline(rootIf),
-		Modules:       mods,
-		Attributes: Attributes{
-			Arch:      "x86_64",
-			VCPUs:     orDefault(t.VCPUs, 1),
-			MemoryMiB: orDefault(t.MemoryMiB, 256),
-			OS:        "linux-busybox",
-		},
-	}
+	return newImage(t.Name(), outDir, k, rootIf, t.cmdline(rootIf), mods,
+		Attributes{Arch: "x86_64", VCPUs: orDefault(t.VCPUs, 1), MemoryMiB: orDefault(t.MemoryMiB, 256), OS: "linux-busybox"})
 }
 
 // seal writes the image's files: the root disk and initramfs from their
@@ -196,19 +180,44 @@ func (t *Tiny) seal(ctx context.Context, outDir string, img *Image, rootDir, ini
 	if size == 0 {
 		size = 256 << 20
 	}
-	if err := MakeExt4(ctx, rootDir, img.RootDisk, size, BaseDeviceNodes); err != nil {
-		return fmt.Errorf("tiny: root disk: %w", err)
+	return sealImage(ctx, outDir, img, rootDir, initrdDir, k, size, BaseDeviceNodes)
+}
+
+// newImage describes the files a recipe writes into outDir: vmlinuz,
+// initrd.img, root.raw.
+func newImage(recipe, outDir string, k *Kernel, rootIf, cmdline string, mods []Module, attrs Attributes) *Image {
+	return &Image{
+		Recipe:        recipe,
+		Kernel:        filepath.Join(outDir, "vmlinuz"),
+		Initrd:        filepath.Join(outDir, "initrd.img"),
+		KernelRelease: k.Release,
+		KernelPackage: k.Package,
+		KernelVersion: k.Version,
+		RootDisk:      filepath.Join(outDir, "root.raw"),
+		RootInterface: rootIf,
+		Cmdline:       cmdline,
+		Modules:       mods,
+		Attributes:    attrs,
+	}
+}
+
+// sealImage writes an image's files: the root disk (size bytes, with
+// rootNodes) and the initramfs from their directories, the kernel, and
+// image.json.
+func sealImage(ctx context.Context, outDir string, img *Image, rootDir, initrdDir string, k *Kernel, size int64, rootNodes []DeviceNode) error {
+	if err := MakeExt4(ctx, rootDir, img.RootDisk, size, rootNodes); err != nil {
+		return fmt.Errorf("%s: root disk: %w", img.Recipe, err)
 	}
 	if err := WriteInitramfs(initrdDir, img.Initrd, BaseDeviceNodes); err != nil {
-		return fmt.Errorf("tiny: %w", err)
+		return fmt.Errorf("%s: %w", img.Recipe, err)
 	}
 	// A copy, not a link into the cache: the output directory is published
 	// as a unit and must not change if the cache is pruned.
 	if err := copyFile(k.Vmlinuz, img.Kernel, 0o644); err != nil {
-		return fmt.Errorf("tiny: %w", err)
+		return fmt.Errorf("%s: %w", img.Recipe, err)
 	}
 	if err := writeManifest(outDir, img); err != nil {
-		return fmt.Errorf("tiny: %w", err)
+		return fmt.Errorf("%s: %w", img.Recipe, err)
 	}
 	return nil
 }

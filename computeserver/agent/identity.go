@@ -69,8 +69,8 @@ func identity(ctx context.Context, req *Request) Response {
 			return Response{Error: "machine-id: " + err.Error(), ExitCode: -1}
 		}
 	}
-	if req.SSHHostKeys {
-		if err := newHostKeys(ctx); err != nil {
+	if req.SSHHostKeys || len(req.HostKeys) > 0 {
+		if err := newHostKeys(ctx, req.HostKeys); err != nil {
 			return Response{Error: "SSH host keys: " + err.Error(), ExitCode: -1}
 		}
 	}
@@ -130,36 +130,73 @@ func setMachineID(id string) error {
 	return nil
 }
 
-// hostKeyTypes are the keys a clone makes: Debian's ssh-keygen -A set
-// without RSA, whose generation takes seconds under TCG and which every
-// current client can do without.
+// hostKeyTypes are the keys the guest makes when the host sends none:
+// Debian's ssh-keygen -A set without RSA, whose generation takes seconds
+// under TCG and which every current client can do without.
 var hostKeyTypes = []string{"ed25519", "ecdsa"}
 
-// newHostKeys replaces the SSH host keys (when the guest has ssh-keygen)
-// and starts sshd (restarts it, if it ran with the old ones). Keys are
-// written under temporary names and renamed, so sshd never reads half a
-// key; old keys of other types are removed, as a twin's would be.
-func newHostKeys(ctx context.Context) error {
-	keygen, err := exec.LookPath("ssh-keygen")
-	if err != nil {
-		if _, serr := os.Stat(sshDir); serr != nil {
-			return nil // no SSH in this guest
-		}
-		keygen = "/usr/bin/ssh-keygen"
-		if _, err := os.Stat(keygen); err != nil {
-			return nil
-		}
+// HostKey is one SSH host key pair in OpenSSH's file formats.
+type HostKey struct {
+	Type    string `json:"type"`    // ed25519, ecdsa, rsa: the file is ssh_host_TYPE_key
+	Private []byte `json:"private"` // OPENSSH PRIVATE KEY PEM
+	Public  []byte `json:"public"`  // authorized_keys line
+}
+
+var keyType = regexp.MustCompile(`^[a-z0-9]+$`)
+
+// newHostKeys replaces the SSH host keys of a guest that has sshd, with
+// keys (or, when none are given, ones ssh-keygen makes), and starts sshd
+// (restarts it, if it ran with the old ones). Keys are written under
+// temporary names and renamed, so sshd never reads half a key; old keys of
+// other types are removed, as a twin's would be.
+func newHostKeys(ctx context.Context, keys []HostKey) error {
+	if _, err := os.Stat(filepath.Join(sshDir, "sshd_config")); err != nil {
+		return nil // no sshd in this guest
 	}
 	old, _ := filepath.Glob(filepath.Join(sshDir, "ssh_host_*_key*"))
 	for _, f := range old {
 		os.Remove(f)
+	}
+	var err error
+	if len(keys) > 0 {
+		err = writeHostKeys(keys)
+	} else {
+		err = keygen(ctx)
+	}
+	if err != nil {
+		return err
+	}
+	return startSSHD(ctx)
+}
+
+func writeHostKeys(keys []HostKey) error {
+	for _, k := range keys {
+		if !keyType.MatchString(k.Type) || len(k.Private) == 0 || len(k.Public) == 0 {
+			return fmt.Errorf("bad host key of type %q", k.Type)
+		}
+		final := filepath.Join(sshDir, "ssh_host_"+k.Type+"_key")
+		if err := writeFile(final+".pub", k.Public, 0o644); err != nil {
+			return err
+		}
+		if err := writeFile(final, k.Private, 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// keygen makes hostKeyTypes with the guest's ssh-keygen.
+func keygen(ctx context.Context) error {
+	bin, err := exec.LookPath("ssh-keygen")
+	if err != nil {
+		return err
 	}
 	for _, t := range hostKeyTypes {
 		final := filepath.Join(sshDir, "ssh_host_"+t+"_key")
 		tmp := final + ".vmgrid-new"
 		os.Remove(tmp)
 		os.Remove(tmp + ".pub")
-		out, err := exec.CommandContext(ctx, keygen, "-q", "-N", "", "-t", t, "-C", "", "-f", tmp).CombinedOutput()
+		out, err := exec.CommandContext(ctx, bin, "-q", "-N", "", "-t", t, "-C", "", "-f", tmp).CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("ssh-keygen -t %s: %w: %s", t, err, bytes.TrimSpace(out))
 		}
@@ -170,14 +207,23 @@ func newHostKeys(ctx context.Context) error {
 			return err
 		}
 	}
-	return startSSHD(ctx)
+	return nil
 }
+
+// SSHDPathUnit is a systemd path unit an image can carry (the debian
+// recipe's does) that starts sshd once the ed25519 host key exists: the
+// agent then need not run systemctl (half a second under TCG). Keys are
+// written in the order given, so the host sends ed25519 last.
+const SSHDPathUnit = "/etc/systemd/system/vmgrid-sshd.path"
 
 // startSSHD (re)starts sshd under systemd without waiting for it: the keys
 // exist, so whenever it accepts a connection it presents them.
 func startSSHD(ctx context.Context) error {
 	if _, err := os.Stat("/run/systemd/system"); err != nil {
 		return nil // not systemd: the image starts its sshd its own way
+	}
+	if _, err := os.Stat(SSHDPathUnit); err == nil {
+		return nil // systemd starts it, seeing the keys
 	}
 	out, err := exec.CommandContext(ctx, "systemctl", "--no-block", "restart", "ssh.service").CombinedOutput()
 	var exit *exec.ExitError

@@ -60,3 +60,37 @@ func TestIdentityFiles(t *testing.T) {
 		t.Fatalf("fingerprint %q, %v", fp, err)
 	}
 }
+
+// TestHostKeysGiven: keys from the host replace the old ones (of every
+// type) where the guest has sshd, and are left out where it has none.
+func TestHostKeysGiven(t *testing.T) {
+	dir := t.TempDir()
+	old := sshDir
+	sshDir = dir
+	t.Cleanup(func() { sshDir = old })
+	key := HostKey{Type: "ed25519", Private: []byte("-----BEGIN OPENSSH PRIVATE KEY-----\n…\n"), Public: []byte("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBjg1xS9a7b2QDVlLmLrbQxuw2zpd1XGWB4VL6HtWn5N\n")}
+	if err := newHostKeys(context.Background(), []HostKey{key}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "ssh_host_ed25519_key")); err == nil {
+		t.Fatal("keys written into a guest without sshd")
+	}
+	os.WriteFile(filepath.Join(dir, "sshd_config"), nil, 0o644)
+	os.WriteFile(filepath.Join(dir, "ssh_host_rsa_key"), []byte("the golden's"), 0o600)
+	if err := newHostKeys(context.Background(), []HostKey{key}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "ssh_host_rsa_key")); err == nil {
+		t.Fatal("the golden image's RSA key survived")
+	}
+	fi, err := os.Stat(filepath.Join(dir, "ssh_host_ed25519_key"))
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("private key: %v %v", fi, err)
+	}
+	if id := CurrentIdentity(); len(id.HostKeys) != 1 || id.HostKeys[0] != "ssh-ed25519 SHA256:QMALH+ln4HhwBpToMCB1Bvj8vK3XGfExONBmvHsyTo4" {
+		t.Fatalf("host keys %v", id.HostKeys)
+	}
+	if err := newHostKeys(context.Background(), []HostKey{{Type: "../x", Private: []byte("k"), Public: []byte("p")}}); err == nil {
+		t.Fatal("a key type with a path in it was accepted")
+	}
+}

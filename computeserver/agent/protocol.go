@@ -58,11 +58,13 @@ type Request struct {
 	UnixNano int64 `json:"unix_nano,omitempty"`
 
 	// identity (identity.go): bytes from the host's RNG to credit to the
-	// guest's pool, the new machine-id (32 hex digits), whether to make
-	// new SSH host keys.
-	Entropy     []byte `json:"entropy,omitempty"`
-	MachineID   string `json:"machine_id,omitempty"`
-	SSHHostKeys bool   `json:"ssh_host_keys,omitempty"`
+	// guest's pool, the new machine-id (32 hex digits), new SSH host keys:
+	// the ones given (made by the host, which is much faster than
+	// ssh-keygen under TCG) or, with SSHHostKeys alone, made by ssh-keygen.
+	Entropy     []byte    `json:"entropy,omitempty"`
+	MachineID   string    `json:"machine_id,omitempty"`
+	SSHHostKeys bool      `json:"ssh_host_keys,omitempty"`
+	HostKeys    []HostKey `json:"host_keys,omitempty"`
 }
 
 // Response is the outcome of a Request.

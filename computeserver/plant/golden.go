@@ -49,7 +49,7 @@ type GoldenOptions struct {
 	Actions []*computev1.Action
 	Logger  *zap.Logger
 	// AgentTimeout bounds the boot: the wait for the agent, then the
-	// image's Ready command (0: DefaultAgentTimeout).
+	// image's Ready command, each (0: DefaultGoldenTimeout).
 	AgentTimeout time.Duration
 }
 

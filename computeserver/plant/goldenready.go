@@ -19,19 +19,25 @@ func (c *Config) agentTimeout() time.Duration {
 	return DefaultAgentTimeout
 }
 
+// DefaultGoldenTimeout bounds a golden build's boot (the agent, then the
+// image's Ready command) when GoldenOptions.AgentTimeout is 0: a systemd
+// boot under TCG takes 20 s on an idle machine and several times that on
+// a busy one.
+const DefaultGoldenTimeout = 5 * time.Minute
+
 func (b *goldenBuild) agentTimeout() time.Duration {
 	if b.opts.AgentTimeout > 0 {
 		return b.opts.AgentTimeout
 	}
-	return DefaultAgentTimeout
+	return DefaultGoldenTimeout
 }
 
 // ready runs the image's Ready command: an agent may answer before the
 // guest's boot is over (the debian image's starts as soon as its port
 // appears, while systemd still brings up multi-user.target), and the memory
-// state must hold a guest that finished booting. Bounded by what is left of
-// the agent timeout; a failure carries the command's output and the
-// console's last lines.
+// state must hold a guest that finished booting. Bounded by the agent
+// timeout too; a failure carries the command's output and the console's
+// last lines.
 func (b *goldenBuild) ready(ctx context.Context) error {
 	cmd := b.img.Ready
 	if len(cmd) == 0 {

@@ -2,13 +2,19 @@ package plant
 
 import (
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/pem"
 	"fmt"
 	"strings"
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/crypto/ssh"
 
 	"github.com/vmgrid/vmgrid/computeserver/agent"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
@@ -105,24 +111,54 @@ func newIdentityRequest() (agent.Request, error) {
 	if _, err := rand.Read(mid); err != nil {
 		return agent.Request{}, err
 	}
-	return agent.Request{Op: agent.OpIdentity, Entropy: seed, MachineID: hex.EncodeToString(mid), SSHHostKeys: true}, nil
+	keys, err := newHostKeys()
+	if err != nil {
+		return agent.Request{}, err
+	}
+	return agent.Request{Op: agent.OpIdentity, Entropy: seed, MachineID: hex.EncodeToString(mid), HostKeys: keys}, nil
+}
+
+// newHostKeys makes the clone's SSH host keys (ed25519 and ECDSA P-256,
+// Debian's default set without RSA) on the host, from its RNG: ssh-keygen
+// in the guest takes a second or two per clone under TCG. The agent writes
+// them only where the guest has sshd.
+func newHostKeys() ([]agent.HostKey, error) {
+	_, ed, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	ec, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	var keys []agent.HostKey
+	for _, k := range []struct {
+		typ  string
+		priv crypto.Signer
+	}{{"ecdsa", ec}, {"ed25519", ed}} { // ed25519 last: see agent.SSHDPathUnit
+		block, err := ssh.MarshalPrivateKey(k.priv, "")
+		if err != nil {
+			return nil, err
+		}
+		pub, err := ssh.NewPublicKey(k.priv.Public())
+		if err != nil {
+			return nil, err
+		}
+		keys = append(keys, agent.HostKey{Type: k.typ, Private: pem.EncodeToMemory(block), Public: ssh.MarshalAuthorizedKey(pub)})
+	}
+	return keys, nil
 }
 
 // Identity reports the identity of VM id as its guest holds it: machine-id
 // and SSH host key fingerprints from the agent, and the VM generation ID
 // read from the guest's memory (where QEMU's vmgenid device put it).
 func (p *Plant) Identity(ctx context.Context, id string) (*agent.Identity, error) {
-	v, err := p.lookup(id)
+	v, err := p.readyAgent(ctx, id)
 	if err != nil {
 		return nil, err
 	}
-	select {
-	case <-v.ready:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	if v.agent == nil || v.m == nil {
-		return nil, fmt.Errorf("vm %q has no agent connection: %w", id, errdefs.ErrFailedPrecondition)
+	if v.m == nil {
+		return nil, fmt.Errorf("vm %q has no machine: %w", id, errdefs.ErrFailedPrecondition)
 	}
 	resp, err := v.agent.Do(ctx, agent.Request{Op: agent.OpIdentity})
 	if err != nil {
@@ -172,4 +208,22 @@ func guestVMGenID(ctx context.Context, m vmm.Machine, addr uint64) (string, erro
 		return hex.EncodeToString(r)
 	}
 	return rev(g[0:4]) + "-" + rev(g[4:6]) + "-" + rev(g[6:8]) + "-" + hex.EncodeToString(g[8:10]) + "-" + hex.EncodeToString(g[10:16]), nil
+}
+
+// readyAgent waits until VM id is ready and returns it with its agent
+// connection.
+func (p *Plant) readyAgent(ctx context.Context, id string) (*vm, error) {
+	v, err := p.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case <-v.ready:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	if v.agent == nil {
+		return nil, fmt.Errorf("vm %q has no agent connection: %w", id, errdefs.ErrFailedPrecondition)
+	}
+	return v, nil
 }

@@ -381,17 +381,9 @@ func (p *Plant) DestroyVM(ctx context.Context, id string) error {
 
 // Exec runs a command in a VM through its agent.
 func (p *Plant) Exec(ctx context.Context, id string, e *computev1.ExecAction) (*computev1.ExecVMResponse, error) {
-	v, err := p.lookup(id)
+	v, err := p.readyAgent(ctx, id)
 	if err != nil {
 		return nil, err
-	}
-	select {
-	case <-v.ready:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	if v.agent == nil {
-		return nil, fmt.Errorf("vm %q has no agent connection: %w", id, errdefs.ErrFailedPrecondition)
 	}
 	resp, err := v.agent.Do(ctx, execRequest(e))
 	if err != nil {

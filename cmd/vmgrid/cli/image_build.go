@@ -85,7 +85,7 @@ console's last lines; nothing is published.`,
 	fl.IntVar(&b.memoryMiB, "memory-mib", 0, "guest memory in MiB (0: the recipe's, tiny 256, debian 512)")
 	fl.Int64Var(&b.diskMiB, "disk-mib", 0, "root disk size in MiB (0: the recipe's, tiny 256, debian 1024)")
 	fl.StringSliceVar(&b.packages, "packages", nil, "debian: more packages to install, comma-separated (checked against this machine's apt lists first)")
-	fl.DurationVar(&b.agentTimeout, "agent-timeout", plant.DefaultAgentTimeout, "how long the guest may take to boot and answer before the build fails")
+	fl.DurationVar(&b.agentTimeout, "agent-timeout", plant.DefaultGoldenTimeout, "how long the guest may take to answer, and then to finish booting, before the build fails")
 	fl.StringArrayVar(&b.kernelArgs, "kernel-arg", nil, "extra kernel command line argument; repeat")
 	fl.StringVar(&b.agentPath, "agent", "", "static guest agent binary (default: vmgrid-agent beside this binary, else this binary)")
 	fl.StringVar(&b.keep, "work-dir", "", "build here and keep the files (default: a temporary directory, removed)")

@@ -32,7 +32,8 @@ import (
 )
 
 // cacheVersion is part of the key: bump it when the golden builder
-// (computeserver/plant) changes what a golden image holds.
+// (computeserver/plant) changes what a golden image holds (the recipe has
+// imagebuild.DebianImageVersion).
 const cacheVersion = "1"
 
 // Image is a built golden image on local disk, ready to publish.
@@ -70,7 +71,7 @@ func Debian(tb testing.TB) *Image {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	h := sha256.Sum256([]byte(cacheVersion + "\n" + imagebuild.DebianVersion + "\n" + sum + "\n" + k.Package + "=" + k.Version))
+	h := sha256.Sum256([]byte(cacheVersion + "\n" + imagebuild.DebianVersion + "/" + imagebuild.DebianImageVersion + "\n" + sum + "\n" + k.Package + "=" + k.Version))
 	dir := filepath.Join(imagebuild.DefaultCacheDir(), "goldens", "debian-"+hex.EncodeToString(h[:8]))
 	img, err := build(ctx, tb, dir, func(work string) (*plant.Golden, error) {
 		return plant.BuildGolden(ctx, plant.GoldenOptions{
