@@ -286,3 +286,20 @@ func snapshot(p *gvfs.Proxy) proxyStats {
 func (a proxyStats) minus(b proxyStats) proxyStats {
 	return proxyStats{a.demand - b.demand, a.fetched - b.fetched, a.misses - b.misses}
 }
+
+// cachedBytes is how much of an image file the proxy's block cache holds.
+func cachedBytes(t *testing.T, ctx context.Context, p *gvfs.Proxy, image, file string) uint64 {
+	t.Helper()
+	f, err := p.Open(ctx, image, file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n uint64
+	bs := uint64(f.Meta().BlockSize)
+	for idx := uint64(0); idx*bs < f.Size(); idx++ {
+		if f.Cached(idx) {
+			n += min(bs, f.Size()-idx*bs)
+		}
+	}
+	return n
+}
