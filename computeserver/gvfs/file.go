@@ -49,6 +49,9 @@ type File interface {
 	// Hydrate fetches every block not yet local, in class c, and returns
 	// when all are (hydrate.go).
 	Hydrate(ctx context.Context, c Class, progress func(local uint64)) error
+	// Hold makes reads wait for an absent upstream without a limit (a
+	// running guest's RAM file) until the returned func is called.
+	Hold() func()
 	// LocalBytes is how much of the file is here: zero blocks and cached
 	// blocks.
 	LocalBytes() uint64

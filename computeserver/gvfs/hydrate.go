@@ -3,6 +3,7 @@ package gvfs
 import (
 	"context"
 	"math"
+	"sync"
 	"time"
 
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
@@ -12,11 +13,28 @@ import (
 const forever = time.Duration(math.MaxInt64 / 2)
 
 // patient reports whether reads of the file must wait for the upstream
-// however long it is away: a memory image mapped by a lazily restored
-// guest. A failed read of it is a SIGBUS in the VM monitor, the guest
-// dead; waiting makes it a guest that stalls while the image server is
-// away and runs on when it is back (a hard NFS mount without a limit).
+// however long it is away: a memory image mapped by a running lazily
+// restored guest (Hold). A failed read of it is a SIGBUS in the VM
+// monitor, the guest dead; waiting makes it a guest that stalls while the
+// image server is away and runs on when it is back (a hard NFS mount
+// without a limit). Before a guest runs (a clone being made) reads keep
+// Config.UpstreamRetry, so a creation fails as Unavailable and can be
+// tried elsewhere.
 func (f *blockFile) patient() bool {
+	return f.held.Load() > 0
+}
+
+// Hold makes reads of the file wait for an absent upstream without a
+// limit until the returned func is called (holds count).
+func (f *blockFile) Hold() func() {
+	f.held.Add(1)
+	var once sync.Once
+	return func() { once.Do(func() { f.held.Add(-1) }) }
+}
+
+// memoryImage reports whether the file is a memory image read block by
+// block (a RAM file): the proxy does not read ahead of its readers.
+func (f *blockFile) memoryImage() bool {
 	return f.meta.Kind == imagev1.FileKind_FILE_KIND_MEMORY_STATE && f.meta.Policy != imagev1.TransferPolicy_TRANSFER_POLICY_WHOLE_FILE
 }
 

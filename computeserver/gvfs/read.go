@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -35,6 +36,7 @@ type blockFile struct {
 
 	raMu sync.Mutex
 	ra   readAheadState
+	held atomic.Int32 // Hold
 }
 
 type readAheadState struct {
@@ -103,7 +105,7 @@ var scratchPool = sync.Pool{New: func() any { b := make([]byte, imagev1.MaxBlock
 func (f *blockFile) readAt(ctx context.Context, dst []byte, off int64) (int, error) {
 	bs := int64(f.blockSize())
 	f.observe(uint64(off/bs), uint64((off+int64(len(dst))-1)/bs)) // profiles
-	if !f.patient() {
+	if !f.memoryImage() {
 		// A guest's page faults on a RAM file come with the kernel's
 		// read-around (the memory view's small read-ahead); neighbouring
 		// faults are no sequential reader.

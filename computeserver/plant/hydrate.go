@@ -21,8 +21,10 @@ const DefaultHydrateAfter = time.Second
 // VM no longer needs the image server.
 func (p *Plant) startHydration(v *vm, log *zap.Logger) {
 	m := v.mem
+	// The guest runs: a failed read of its RAM would kill it (SIGBUS), so
+	// its reads wait for the upstream from now on, however long.
 	ctx, cancel := context.WithCancel(context.Background())
-	m.cancel, m.done = cancel, make(chan struct{})
+	m.cancel, m.done, m.release = cancel, make(chan struct{}), m.ram.Hold()
 	ready := time.Now()
 	v.mu.Lock()
 	v.ad.MemoryLocalBytes = m.ram.LocalBytes()

@@ -100,6 +100,7 @@ type lazyMem struct {
 	profile   *profile  // its working-set recording and prefetch (profile.go)
 	cancel    context.CancelFunc
 	done      chan struct{}
+	release   func() // of the RAM file's Hold, while the guest runs
 }
 
 // stop ends the hydration (a destroyed VM); nil does nothing.
@@ -109,6 +110,7 @@ func (m *lazyMem) stop() {
 	}
 	m.cancel()
 	<-m.done
+	m.release()
 }
 
 // memory chooses the restore of the image's memory and sets the spec's
