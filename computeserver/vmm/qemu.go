@@ -391,11 +391,12 @@ func (m *machine) save(ctx context.Context, file string) (MigrationInfo, error) 
 		return MigrationInfo{}, err
 	}
 	// A shared RAM file is the memory image itself: leave it out of the
-	// stream (the restoring side must set the same capability).
-	if m.spec.MemoryFile != nil && m.spec.MemoryFile.Share {
-		if err := m.qmp.MigrateSetCapabilities(ctx, map[string]bool{"x-ignore-shared": true}); err != nil {
-			return MigrationInfo{}, err
-		}
+	// stream (the restoring side must set the same capability). Set either
+	// way: a machine restored with x-ignore-shared keeps the capability,
+	// and its stream would then ask for it on restore.
+	share := m.spec.MemoryFile != nil && m.spec.MemoryFile.Share
+	if err := m.qmp.MigrateSetCapabilities(ctx, map[string]bool{"x-ignore-shared": share}); err != nil {
+		return MigrationInfo{}, err
 	}
 	if err := m.qmp.Stop(ctx); err != nil {
 		return MigrationInfo{}, err
