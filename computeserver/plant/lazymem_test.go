@@ -27,6 +27,26 @@ import (
 	"github.com/vmgrid/vmgrid/services"
 )
 
+// publishGolden builds the tiny golden image with actions and publishes
+// it as name on is (through the returned connection).
+func publishGolden(t *testing.T, ctx context.Context, is *imageServer, name string, actions ...*computev1.Action) (*grpc.ClientConn, *plant.Golden) {
+	t.Helper()
+	cc, err := services.Dial(is.addr, services.TLSFiles{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	g, err := plant.BuildGolden(ctx, plant.GoldenOptions{
+		Name: name, WorkDir: testutil.ShortTempDir(t), Driver: &vmm.QEMU{}, Publish: imageclient.NewClient(cc), Logger: zaptest.NewLogger(t),
+		Recipe:  &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": testutil.GuestAgent(t)}},
+		Actions: actions,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cc, g
+}
+
 // imageServer is an image server that can be stopped and started again on
 // its address (its store stays).
 type imageServer struct {
@@ -102,19 +122,7 @@ func TestLazyMemory(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	is := startImages(t)
-	cc, err := services.Dial(is.addr, services.TLSFiles{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	g, err := plant.BuildGolden(ctx, plant.GoldenOptions{
-		Name: "lazy", WorkDir: testutil.ShortTempDir(t), Driver: &vmm.QEMU{}, Publish: imageclient.NewClient(cc), Logger: zaptest.NewLogger(t),
-		Recipe:  &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": testutil.GuestAgent(t)}},
-		Actions: []*computev1.Action{memAction()},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	cc, g := publishGolden(t, ctx, is, "lazy", memAction())
 	if g.Config.RAM != plant.RAMFile {
 		t.Fatalf("the golden image has no RAM file: %+v", g.Config)
 	}

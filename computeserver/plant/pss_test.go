@@ -9,16 +9,9 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap/zaptest"
-
 	"github.com/vmgrid/vmgrid/computeserver"
-	"github.com/vmgrid/vmgrid/computeserver/plant"
-	"github.com/vmgrid/vmgrid/computeserver/vmm"
-	"github.com/vmgrid/vmgrid/imagebuild"
-	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
-	"github.com/vmgrid/vmgrid/services"
 )
 
 // TestClonePSS measures the memory 8 clones of one image take on one
@@ -34,17 +27,7 @@ func TestClonePSS(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	is := startImages(t)
-	cc, err := services.Dial(is.addr, services.TLSFiles{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	if _, err := plant.BuildGolden(ctx, plant.GoldenOptions{
-		Name: "pss", WorkDir: testutil.ShortTempDir(t), Driver: &vmm.QEMU{}, Publish: imageclient.NewClient(cc), Logger: zaptest.NewLogger(t),
-		Recipe: &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": testutil.GuestAgent(t)}},
-	}); err != nil {
-		t.Fatal(err)
-	}
+	publishGolden(t, ctx, is, "pss")
 	for _, mode := range []string{"lazy", "eager"} {
 		cs := startCompute(t, is.addr, func(c *computeserver.Config) { c.MemoryRestore = mode })
 		var pids []int32

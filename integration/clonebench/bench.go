@@ -480,17 +480,7 @@ func (b *bench) runColdWarm(ctx context.Context, rep int) error {
 	defer func() { n.Close(); os.RemoveAll(dir) }()
 	for i, key := range []string{RowCold, RowWarm} {
 		before := n.stats()
-		var id string
-		var link *LinkUse
-		r, err := b.timed(func(ph Phases) error {
-			stop := b.wan.trace()
-			ad, err := n.clone(ctx, image, fmt.Sprintf("%s-%d", key, rep), ph)
-			link = stop()
-			if ad != nil {
-				id = ad.VmId
-			}
-			return err
-		})
+		r, id, link, err := b.tracedClone(ctx, n, key, rep)
 		if err != nil {
 			return fmt.Errorf("%s: %w", key, err)
 		}
@@ -508,6 +498,23 @@ func (b *bench) runColdWarm(ctx context.Context, rep int) error {
 		b.record(key, r)
 	}
 	return nil
+}
+
+// tracedClone times one clone on n with the WAN traced: its sample, VM
+// id and what the link did.
+func (b *bench) tracedClone(ctx context.Context, n *node, key string, rep int) (Sample, string, *LinkUse, error) {
+	var id string
+	var link *LinkUse
+	r, err := b.timed(func(ph Phases) error {
+		stop := b.wan.trace()
+		ad, err := n.clone(ctx, image, fmt.Sprintf("%s-%d", key, rep), ph)
+		link = stop()
+		if ad != nil {
+			id = ad.VmId
+		}
+		return err
+	})
+	return r, id, link, err
 }
 
 func (b *bench) runL2(ctx context.Context, rep int) error {

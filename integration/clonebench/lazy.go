@@ -55,17 +55,7 @@ func (b *bench) lazyClone(ctx context.Context, n *node, key string, rep int) err
 		return err
 	}
 	before := n.stats()
-	var id string
-	var link *LinkUse
-	r, err := b.timed(func(ph Phases) error {
-		stop := b.wan.trace()
-		ad, err := n.clone(ctx, image, fmt.Sprintf("%s-%d", key, rep), ph)
-		link = stop()
-		if ad != nil {
-			id = ad.VmId
-		}
-		return err
-	})
+	r, id, link, err := b.tracedClone(ctx, n, key, rep)
 	if err != nil {
 		return err
 	}
