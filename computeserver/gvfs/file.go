@@ -43,8 +43,18 @@ type File interface {
 	// reading it or counting a hit (benchmarks use it to see what a clone
 	// fetched).
 	Cached(idx uint64) bool
-	// Prefetch fetches the given blocks in the background (boot profiles).
-	Prefetch(idxs []uint64)
+	// Prefetch fetches the given blocks in the background, in the prefetch
+	// class (working-set profiles), and returns those it asked for.
+	Prefetch(idxs []uint64) []uint64
+	// Hydrate fetches every block not yet local, in class c, and returns
+	// when all are (hydrate.go).
+	Hydrate(ctx context.Context, c Class, progress func(local uint64)) error
+	// Hold makes reads wait for an absent upstream without a limit (a
+	// running guest's RAM file) until the returned func is called.
+	Hold() func()
+	// LocalBytes is how much of the file is here: zero blocks and cached
+	// blocks.
+	LocalBytes() uint64
 }
 
 var (

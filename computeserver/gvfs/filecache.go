@@ -237,7 +237,7 @@ func (w *wholeFile) fetch() {
 		w.mu.Lock()
 		from := w.arrived
 		w.mu.Unlock()
-		return c.up.Client.FetchFile(c.ctx, w.image, w.name, from, 0, got)
+		return c.up.Bulk.FetchFile(c.ctx, w.image, w.name, from, 0, got)
 	})
 	if err == nil && w.arrived != w.size {
 		err = fmt.Errorf("%s/%s: stream ended at %d of %d bytes: %w", w.image, w.name, w.arrived, w.size, errdefs.ErrUnavailable)

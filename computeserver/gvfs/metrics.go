@@ -45,7 +45,18 @@ func (p *Proxy) RegisterMetrics(reg prometheus.Registerer) error {
 			cached, _, _ := p.cache.Usage()
 			return float64(cached)
 		}),
+		counter("hydrated_blocks_total", "Blocks fetched in the background so a lazily restored VM no longer needs the upstream.", func() float64 { return float64(s.Hydrated.Load()) }),
+		counter("profile_fetched_blocks_total", "Blocks fetched from working-set profiles.", func() float64 { return float64(s.ProfileFetched.Load()) }),
+		counter("profile_used_blocks_total", "Profile-fetched blocks a clone then read (hit rate: used ÷ fetched).", func() float64 { return float64(s.ProfileUsed.Load()) }),
+		counter("profile_missed_blocks_total", "Blocks clones read that their profile did not hold.", func() float64 { return float64(s.ProfileMissed.Load()) }),
 		p.flushHist,
+	}
+	for c := Class(0); c < numClasses; c++ {
+		cs = append(cs, prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "vmgrid", Subsystem: "cache", Name: "upstream_requests_total",
+			Help:        "ReadBlocks requests sent upstream, by class (demand reads have a connection of their own).",
+			ConstLabels: prometheus.Labels{"upstream": p.up.Addr, "class": c.String()},
+		}, func() float64 { return float64(s.ClassRequests[c].Load()) }))
 	}
 	for _, c := range cs {
 		if err := reg.Register(c); err != nil {

@@ -77,7 +77,13 @@ type Proxy struct {
 	disks     map[string]*diskState
 	closed    bool
 	bg        sync.WaitGroup // upstream fetches in flight
-	flushHist prometheus.Histogram
+	// Working-set profiles (profile.go): recordings and prefetch runs by
+	// image, and the class of each file's first upstream request.
+	recordings           map[string][]*Recording
+	runs                 map[string][]*ProfileRun
+	recording, profiling atomic.Int32
+	first                map[[2]string]Class
+	flushHist            prometheus.Histogram
 }
 
 // Stats counts what the proxy did (all fields atomic).
@@ -86,7 +92,12 @@ type Stats struct {
 	FetchedBlocks, FetchedBytes, Prefetched atomic.Uint64
 	// Requests counts ReadBlocks requests sent upstream (each one a round
 	// trip, pipelined with the others on one stream).
-	Requests               atomic.Uint64
+	Requests, Hydrated atomic.Uint64
+	// Profile prefetch: blocks fetched, of those read by the clone, and
+	// reads the profile did not predict.
+	ProfileFetched, ProfileUsed, ProfileMissed atomic.Uint64
+	// ClassRequests splits Requests by class (Demand, Prefetch, Background).
+	ClassRequests          [numClasses]atomic.Uint64
 	Flushes, FlushedBlocks atomic.Uint64
 	FlushNanos             atomic.Int64
 }
@@ -120,6 +131,7 @@ func New(cfg Config) (*Proxy, error) {
 		ctx: ctx, cancel: cancel,
 		manifests: map[string]*manifestEntry{}, open: map[[2]string]File{},
 		inflight: map[blockKey]*fetch{}, disks: map[string]*diskState{},
+		recordings: map[string][]*Recording{}, runs: map[string][]*ProfileRun{}, first: map[[2]string]Class{},
 		flushHist: newFlushHistogram(),
 	}, nil
 }

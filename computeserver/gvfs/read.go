@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -35,6 +36,7 @@ type blockFile struct {
 
 	raMu sync.Mutex
 	ra   readAheadState
+	held atomic.Int32 // Hold
 }
 
 type readAheadState struct {
@@ -101,7 +103,14 @@ var scratchPool = sync.Pool{New: func() any { b := make([]byte, imagev1.MaxBlock
 
 // readAt reads a clipped range through the block engine.
 func (f *blockFile) readAt(ctx context.Context, dst []byte, off int64) (int, error) {
-	f.readAhead(off, off+int64(len(dst)))
+	bs := int64(f.blockSize())
+	f.observe(uint64(off/bs), uint64((off+int64(len(dst))-1)/bs)) // profiles
+	if !f.memoryImage() {
+		// A guest's page faults on a RAM file come with the kernel's
+		// read-around (the memory view's small read-ahead); neighbouring
+		// faults are no sequential reader.
+		f.readAhead(off, off+int64(len(dst)))
+	}
 	misses, err := f.readCached(dst, off)
 	if err != nil {
 		return 0, err
@@ -236,9 +245,19 @@ const maxRunBytes = 1 << 20
 // errClosed answers reads that arrive while the proxy closes.
 var errClosed = fmt.Errorf("the proxy is closed: %w", errdefs.ErrUnavailable)
 
-// fetch returns one fetch per block, joining fetches already in flight and
-// asking the upstream for the others in runs of consecutive blocks.
+// fetch returns one fetch per block, as demand reads.
 func (p *Proxy) fetch(f *blockFile, idxs []uint64) []*fetch {
+	return p.fetchClass(f, idxs, Demand)
+}
+
+// bulkRunBytes bounds one request of the bulk classes: a demand read that
+// joins a bulk fetch of its block waits for no more than this.
+const bulkRunBytes = 256 << 10
+
+// fetchClass returns one fetch per block, joining fetches already in
+// flight and asking the upstream for the others in runs of consecutive
+// blocks, in class c.
+func (p *Proxy) fetchClass(f *blockFile, idxs []uint64, c Class) []*fetch {
 	out := make([]*fetch, len(idxs))
 	var mine, late []uint64
 	var mineF []*fetch
@@ -273,11 +292,15 @@ func (p *Proxy) fetch(f *blockFile, idxs []uint64) []*fetch {
 		mine = append(mine, idx)
 		mineF = append(mineF, fe)
 	}
-	runs := consecutiveRuns(mine, max(1, maxRunBytes/int(f.blockSize())))
+	runBytes := maxRunBytes
+	if c != Demand {
+		runBytes = bulkRunBytes
+	}
+	runs := consecutiveRuns(mine, max(1, runBytes/int(f.blockSize())))
 	p.bg.Add(len(runs)) // under p.mu: Close waits for these
 	p.mu.Unlock()
 	for _, r := range runs {
-		go p.fetchRun(f, mine[r[0]:r[1]], mineF[r[0]:r[1]])
+		go p.fetchRun(f, mine[r[0]:r[1]], mineF[r[0]:r[1]], c)
 	}
 	for j, idx := range late {
 		out[lateI[j]] = p.cachedFetch(f, idx)
@@ -313,13 +336,20 @@ func (p *Proxy) cachedFetch(f *blockFile, idx uint64) *fetch {
 	return p.fetch(f, []uint64{idx})[0]
 }
 
-func (p *Proxy) fetchRun(f *blockFile, idxs []uint64, fes []*fetch) {
+func (p *Proxy) fetchRun(f *blockFile, idxs []uint64, fes []*fetch, c Class) {
 	defer p.bg.Done()
 	var res []blockproto.BlockResult
-	err := p.up.retry(p.ctx, p.cfg.UpstreamRetry, func() error {
+	window := p.cfg.UpstreamRetry
+	if f.patient() {
+		window = forever
+	}
+	bytes := len(idxs) * int(f.blockSize())
+	p.noteRequest(f, c)
+	err := p.up.retry(p.ctx, window, func() error {
 		p.stats.Requests.Add(1)
+		p.stats.ClassRequests[c].Add(1)
 		var err error
-		res, err = p.up.ReadBlocks(p.ctx, f.image, f.meta.Name, idxs[0], uint32(len(idxs)))
+		res, err = p.up.ReadBlocksClass(p.ctx, c, f.image, f.meta.Name, idxs[0], uint32(len(idxs)), bytes)
 		return err
 	})
 	for i, fe := range fes {
@@ -421,9 +451,10 @@ func (f *blockFile) aheadRange(off, end int64) (from, to uint64, ok bool) {
 	return from, to, true
 }
 
-// Prefetch fetches the given blocks of a file in the background (used with
-// boot profiles).
-func (f *blockFile) Prefetch(idxs []uint64) {
+// Prefetch fetches the given blocks of a file in the background, in the
+// prefetch class (working-set profiles), and returns the blocks it asked
+// for (those not zero and not cached).
+func (f *blockFile) Prefetch(idxs []uint64) []uint64 {
 	var want []uint64
 	for _, idx := range idxs {
 		if idx*f.blockSize() < f.meta.Size && !f.zero(idx) && !f.p.cache.Has(f.key, idx) {
@@ -431,5 +462,6 @@ func (f *blockFile) Prefetch(idxs []uint64) {
 		}
 	}
 	f.p.stats.Prefetched.Add(uint64(len(want)))
-	f.p.fetch(f, want)
+	f.p.fetchClass(f, want, Prefetch)
+	return want
 }

@@ -6,6 +6,8 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc/connectivity"
+
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
@@ -109,5 +111,11 @@ func (u *Upstream) retry(ctx context.Context, window time.Duration, op func() er
 		// gRPC) would keep failing calls after the upstream is back: the
 		// retries pace the reconnects instead.
 		u.cc.ResetConnectBackoff()
+		// The bulk connection only when it is backing off: gRPC's reset
+		// iterates its sub-connections unlocked, a race while a first
+		// connect creates them (go test -race saw it).
+		if u.bcc.GetState() == connectivity.TransientFailure {
+			u.bcc.ResetConnectBackoff()
+		}
 	}
 }

@@ -50,6 +50,10 @@ type VMConfig struct {
 	// ends (-no-reboot), so the 14 MB kernel and the initramfs need not
 	// cross the network for a clone.
 	ResumeKernel string `json:"resume_kernel,omitempty"`
+	// RAM, when set, is the guest's RAM as a file (lazymem.go): Memory
+	// then holds the device state alone (saved with x-ignore-shared), and
+	// a clone maps RAM privately, lazily or after copying it.
+	RAM string `json:"ram,omitempty"`
 }
 
 // WriteResumeKernel writes the header of the x86 bzImage kernel to out:

@@ -161,6 +161,9 @@ func (b *goldenBuild) boot(ctx context.Context) error {
 		NICs:      goldenNICs, // network.go: clones rewire it
 		ExtraArgs: hotplugPorts,
 		VMGenID:   vmm.NewGUID(), // clones get their own (identity.go)
+		// RAM as a shared file: the suspend leaves it out of the memory
+		// state, and it is published block by block (lazymem.go).
+		MemoryFile: goldenRAM(b.opts.WorkDir),
 	}
 	m, err := b.opts.Driver.Start(ctx, spec)
 	if err != nil {
@@ -225,9 +228,13 @@ func (b *goldenBuild) describe(ctx context.Context) error {
 	used := b.m.Spec()
 	tmpl := used
 	tmpl.Name, tmpl.Dir, tmpl.Kernel, tmpl.Initrd, tmpl.Incoming = "", "", "", "", nil
+	tmpl.MemoryFile = nil // vm.json's RAM says where it is
 	tmpl.Disks = []vmm.Disk{{Format: vmm.QCOW2, Interface: used.Disks[0].Interface}}
 	tmpl.Channels = []vmm.Channel{{Name: AgentChannel}}
 	g.Config = VMConfig{Version: 1, Spec: tmpl, Kernel: KernelFile, Root: RootFile, Memory: MemoryFile}
+	if used.MemoryFile != nil {
+		g.Config.RAM = RAMFile
+	}
 	if img.Initrd != "" {
 		g.Config.Initrd = InitrdFile
 	}
@@ -252,6 +259,9 @@ func (b *goldenBuild) describe(ctx context.Context) error {
 		{Name: KernelFile, Path: img.Kernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL},
 		{Name: RootFile, Path: b.root, Kind: imagev1.FileKind_FILE_KIND_DISK},
 		{Name: MemoryFile, Path: b.mem, Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE},
+	}
+	if used.MemoryFile != nil {
+		g.Files = append(g.Files, ramPublishFile(used.MemoryFile.Path))
 	}
 	if img.Initrd != "" {
 		g.Files = append(g.Files, imageclient.PublishFile{Name: InitrdFile, Path: img.Initrd, Kind: imagev1.FileKind_FILE_KIND_INITRD})

@@ -40,6 +40,7 @@ var productionLine = []step{
 	{name: "identity", when: (*line).renewIdentity, do: (*line).identity},
 	{name: "actions", when: (*line).actionsLeft, do: (*line).actions},
 	{name: "finish", do: (*line).finish},
+	{name: "hydrate", when: (*line).lazy, do: (*line).hydrate},
 }
 
 // step is one stage of the production line.
@@ -165,9 +166,12 @@ func (l *line) redoLog(ctx context.Context) (func(), error) {
 func (l *line) restore(ctx context.Context) (func(), error) {
 	l.v.setState(computev1.VMState_VM_STATE_RESTORING)
 	l.progress(computev1.VMState_VM_STATE_RESTORING, "restoring the memory state through the FUSE view")
-	in := vmm.Incoming{Path: filepath.Join(l.p.cfg.Mountpoint, l.src.image, l.src.config.Memory)}
+	in, err := l.memory(ctx) // lazymem.go: lazy or eager, and the RAM backend
+	if err != nil {
+		return nil, err
+	}
 	m, err := vmm.Restore(ctx, l.p.cfg.Driver, l.spec, in)
-	return l.started(m, err)
+	return l.memoryUndo(l.started(m, err))
 }
 
 // boot cold-boots an image that has no memory state.

@@ -37,8 +37,11 @@ type Config struct {
 	Dir string
 	// Mountpoint of the FUSE view of Proxy.
 	Mountpoint string
-	Proxy      *gvfs.Proxy
-	Driver     vmm.Driver
+	// MemoryMountpoint is a second view of Proxy with a small read-ahead,
+	// from which lazy clones map RAM files (empty: Mountpoint).
+	MemoryMountpoint string
+	Proxy            *gvfs.Proxy
+	Driver           vmm.Driver
 	// MemoryMiB is what the plant may give to guests in all; 0 means
 	// DefaultMemoryMiB. Plants sharing a host divide it between them.
 	MemoryMiB uint64
@@ -61,6 +64,12 @@ type Config struct {
 	// is configured (qemu-ga answers, cloud-init is done); 0:
 	// DefaultGuestTimeout.
 	GuestTimeout time.Duration
+	// MemoryRestore is how clones of images with a RAM file get the
+	// guest's memory: lazy, eager or auto (lazymem.go; empty: auto).
+	MemoryRestore MemoryRestore
+	// HydrateAfter is how long after a lazy clone is ready its hydration
+	// starts (0: DefaultHydrateAfter; negative: at once).
+	HydrateAfter time.Duration
 	Logger       *zap.Logger
 	// Network makes the guests' segments (network.go); nil: VMs with a
 	// network are refused.
@@ -130,6 +139,8 @@ type vm struct {
 	dataCred string
 
 	access accessSet // open exec, console and port-forward streams (access.go)
+	// mem is a lazily restored guest's RAM (lazymem.go); nil otherwise.
+	mem *lazyMem
 }
 
 // New opens a plant. VMs left running by a previous process are stopped
@@ -270,6 +281,7 @@ func (p *Plant) persist(v *vm) {
 // teardown stops a VM's machine and removes its files.
 func (p *Plant) teardown(v *vm) {
 	v.access.close()
+	v.mem.stop()
 	if v.agent != nil {
 		v.agent.Close()
 	}

@@ -51,6 +51,7 @@ func (p *Plant) SuspendVM(ctx context.Context, id string, images *imageclient.Cl
 	}
 	tmpl := spec
 	tmpl.Name, tmpl.Dir, tmpl.Kernel, tmpl.Initrd, tmpl.Incoming = "", "", "", "", nil
+	tmpl.MemoryFile = memoryTemplate(spec.MemoryFile) // RAM is in the stream (lazymem.go)
 	tmpl.Disks = append([]vmm.Disk(nil), spec.Disks...)
 	tmpl.Disks[0].Path = ""
 	tmpl.Channels = []vmm.Channel{{Name: AgentChannel}}

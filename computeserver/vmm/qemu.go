@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -99,13 +100,7 @@ func (d *QEMU) Start(ctx context.Context, spec Spec) (Machine, error) {
 			return nil, fmt.Errorf("vmm: %w", err)
 		}
 	}
-	accel := spec.Accel
-	if accel == "" {
-		accel = d.Accel
-	}
-	if accel == "" {
-		accel = "tcg"
-	}
+	accel := cmp.Or(spec.Accel, d.Accel, "tcg")
 	spec.Accel = accel
 
 	logFile, err := os.Create(filepath.Join(spec.Dir, qemuLogName))
@@ -124,7 +119,8 @@ func (d *QEMU) Start(ctx context.Context, spec Spec) (Machine, error) {
 		// If this process dies without stopping the machine, so does QEMU.
 		Pdeathsig: syscall.SIGKILL,
 	}
-	if err := cmd.Start(); err != nil {
+	done := make(chan struct{})
+	if err := startQEMU(cmd, spec, done); err != nil { // nothp.go
 		return nil, fmt.Errorf("vmm: start %s: %w", bin, err)
 	}
 	m := &machine{
@@ -132,7 +128,7 @@ func (d *QEMU) Start(ctx context.Context, spec Spec) (Machine, error) {
 		cmd:         cmd,
 		log:         d.log().With(zap.String("machine", orName(spec.Name)), zap.Int("pid", cmd.Process.Pid)),
 		stopTimeout: d.StopTimeout,
-		done:        make(chan struct{}),
+		done:        done,
 	}
 	if m.stopTimeout == 0 {
 		m.stopTimeout = defaultStopTimeout
@@ -395,11 +391,12 @@ func (m *machine) save(ctx context.Context, file string) (MigrationInfo, error) 
 		return MigrationInfo{}, err
 	}
 	// A shared RAM file is the memory image itself: leave it out of the
-	// stream (the restoring side must set the same capability).
-	if m.spec.MemoryFile != nil && m.spec.MemoryFile.Share {
-		if err := m.qmp.MigrateSetCapabilities(ctx, map[string]bool{"x-ignore-shared": true}); err != nil {
-			return MigrationInfo{}, err
-		}
+	// stream (the restoring side must set the same capability). Set either
+	// way: a machine restored with x-ignore-shared keeps the capability,
+	// and its stream would then ask for it on restore.
+	share := m.spec.MemoryFile != nil && m.spec.MemoryFile.Share
+	if err := m.qmp.MigrateSetCapabilities(ctx, map[string]bool{"x-ignore-shared": share}); err != nil {
+		return MigrationInfo{}, err
 	}
 	if err := m.qmp.Stop(ctx); err != nil {
 		return MigrationInfo{}, err

@@ -96,6 +96,11 @@ const (
 	RowLimit         = "limit"
 	RowParallelLocal = "parallel_local"
 	RowParallelL2    = "parallel_l2"
+	// Lazy memory (lazy.go).
+	RowLazy        = "vmgrid_lazy"
+	RowLazyProfile = "vmgrid_lazy_profile"
+	RowDemandIdle  = "demand_read_idle"
+	RowDemandBulk  = "demand_read_bulk"
 )
 
 // image is the golden image's name on the run's own image server.
@@ -336,6 +341,8 @@ func (b *bench) repeat(ctx context.Context, rep int) error {
 		{RowFullCopy, b.runFullCopy},
 		{RowNBD, b.runNBD},
 		{RowCold, b.runColdWarm},
+		{RowLazy, b.runLazy},
+		{RowDemandBulk, b.runDemand},
 		{RowL2, b.runL2},
 		{RowParallel, b.runParallel},
 		{RowParallelL2, b.runParallelL2},
@@ -360,7 +367,7 @@ func (b *bench) wants(key string) bool {
 		return true
 	}
 	for _, k := range b.opts.Rows {
-		if k == key || key == RowCold && k == RowWarm {
+		if k == key || key == RowCold && k == RowWarm || key == RowLazy && k == RowLazyProfile || key == RowDemandBulk && k == RowDemandIdle {
 			return true
 		}
 	}
@@ -466,24 +473,14 @@ func (b *bench) copyAndClone(ctx context.Context, key string, rep int, names []s
 // runColdWarm clones twice on a fresh plant: cold, then warm.
 func (b *bench) runColdWarm(ctx context.Context, rep int) error {
 	dir := filepath.Join(b.work, fmt.Sprintf("cs-cold-%d", rep))
-	n, err := startNode(ctx, b.id, fmt.Sprintf("cold-%d", rep), dir, b.imagesWAN, b.opts.Compress, b.driver, b.srvLog)
+	n, err := startNode(ctx, b.id, fmt.Sprintf("cold-%d", rep), dir, b.imagesWAN, b.opts.Compress, b.driver, b.srvLog, memoryRestore(plant.RestoreEager))
 	if err != nil {
 		return err
 	}
 	defer func() { n.Close(); os.RemoveAll(dir) }()
 	for i, key := range []string{RowCold, RowWarm} {
 		before := n.stats()
-		var id string
-		var link *LinkUse
-		r, err := b.timed(func(ph Phases) error {
-			stop := b.wan.trace()
-			ad, err := n.clone(ctx, image, fmt.Sprintf("%s-%d", key, rep), ph)
-			link = stop()
-			if ad != nil {
-				id = ad.VmId
-			}
-			return err
-		})
+		r, id, link, err := b.tracedClone(ctx, n, key, rep)
 		if err != nil {
 			return fmt.Errorf("%s: %w", key, err)
 		}
@@ -501,6 +498,23 @@ func (b *bench) runColdWarm(ctx context.Context, rep int) error {
 		b.record(key, r)
 	}
 	return nil
+}
+
+// tracedClone times one clone on n with the WAN traced: its sample, VM
+// id and what the link did.
+func (b *bench) tracedClone(ctx context.Context, n *node, key string, rep int) (Sample, string, *LinkUse, error) {
+	var id string
+	var link *LinkUse
+	r, err := b.timed(func(ph Phases) error {
+		stop := b.wan.trace()
+		ad, err := n.clone(ctx, image, fmt.Sprintf("%s-%d", key, rep), ph)
+		link = stop()
+		if ad != nil {
+			id = ad.VmId
+		}
+		return err
+	})
+	return r, id, link, err
 }
 
 func (b *bench) runL2(ctx context.Context, rep int) error {
@@ -643,11 +657,13 @@ func (b *bench) nodeDir(name string, i int) string {
 }
 
 func (s Plane) minus(o Plane) Plane {
-	return Plane{s.Requests - o.Requests, s.BlockBytes - o.BlockBytes, s.Prefetched - o.Prefetched, s.FileBytes - o.FileBytes}
+	return Plane{s.Requests - o.Requests, s.BlockBytes - o.BlockBytes, s.Prefetched - o.Prefetched, s.FileBytes - o.FileBytes,
+		s.ProfileFetched - o.ProfileFetched, s.ProfileUsed - o.ProfileUsed, s.ProfileMissed - o.ProfileMissed}
 }
 
 func (s Plane) plus(o Plane) Plane {
-	return Plane{s.Requests + o.Requests, s.BlockBytes + o.BlockBytes, s.Prefetched + o.Prefetched, s.FileBytes + o.FileBytes}
+	return Plane{s.Requests + o.Requests, s.BlockBytes + o.BlockBytes, s.Prefetched + o.Prefetched, s.FileBytes + o.FileBytes,
+		s.ProfileFetched + o.ProfileFetched, s.ProfileUsed + o.ProfileUsed, s.ProfileMissed + o.ProfileMissed}
 }
 
 // copySparse copies src to dst leaving zero 4 KiB pages as holes (as the

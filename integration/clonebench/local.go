@@ -64,7 +64,13 @@ func cloneLocal(ctx context.Context, driver vmm.Driver, files, backing, vmDir, h
 	disk := spec.Disks[0]
 	disk.Path, disk.Format = redo, vmm.QCOW2
 	spec.Disks = append([]vmm.Disk{disk}, spec.Disks[1:]...)
-	c.m, err = vmm.Restore(ctx, driver, spec, vmm.Incoming{Path: filepath.Join(files, cfg.Memory)})
+	in := vmm.Incoming{Path: filepath.Join(files, cfg.Memory)}
+	if cfg.RAM != "" {
+		// RAM as a file (plant/lazymem.go): mapped privately, as a lazy
+		// clone does from its plant's view.
+		spec.MemoryFile, in.IgnoreShared = &vmm.MemoryFile{Path: filepath.Join(files, cfg.RAM)}, true
+	}
+	c.m, err = vmm.Restore(ctx, driver, spec, in)
 	if err != nil {
 		return nil, err
 	}

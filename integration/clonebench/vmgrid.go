@@ -31,14 +31,18 @@ type node struct {
 	once   sync.Once
 }
 
-func startNode(ctx context.Context, id identity, name, dir, upstream string, compress bool, driver vmm.Driver, log *zap.Logger) (*node, error) {
+func startNode(ctx context.Context, id identity, name, dir, upstream string, compress bool, driver vmm.Driver, log *zap.Logger, opts ...func(*computeserver.Config)) (*node, error) {
 	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	pl, err := computeserver.Start(sctx, computeserver.Config{
+	cfg := computeserver.Config{
 		Server:   services.Options{Name: "computeserver", Listen: "127.0.0.1:0", Logger: log.Named(name), ShutdownTimeout: 5 * time.Second},
 		Upstream: upstream, Compress: compress, DataDir: dir,
 		Proxy: gvfs.Config{Cache: benchCache, FlushIdle: -1}, Name: name, Driver: driver,
 		Tokens: id.tokens, ServiceTokenFile: id.serviceFile,
-	})
+	}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	pl, err := computeserver.Start(sctx, cfg)
 	if err != nil {
 		cancel()
 		return nil, fmt.Errorf("compute server %s: %w", name, err)
@@ -79,11 +83,17 @@ type Plane struct {
 	Prefetched uint64 `json:"prefetched_blocks"`
 	// FileBytes came through the whole-file channel (uncompressed).
 	FileBytes uint64 `json:"file_bytes"`
+	// Working-set profile: blocks fetched from it, of those read, and
+	// reads it did not hold (lazy rows).
+	ProfileFetched uint64 `json:"profile_fetched_blocks,omitempty"`
+	ProfileUsed    uint64 `json:"profile_used_blocks,omitempty"`
+	ProfileMissed  uint64 `json:"profile_missed_blocks,omitempty"`
 }
 
 func (n *node) stats() Plane {
 	s := n.Proxy.Stats()
-	return Plane{s.Requests.Load(), s.FetchedBytes.Load(), s.Prefetched.Load(), n.Proxy.FileCache().Received()}
+	return Plane{s.Requests.Load(), s.FetchedBytes.Load(), s.Prefetched.Load(), n.Proxy.FileCache().Received(),
+		s.ProfileFetched.Load(), s.ProfileUsed.Load(), s.ProfileMissed.Load()}
 }
 
 // clone asks the plant for a clone of image configured with a hostname and

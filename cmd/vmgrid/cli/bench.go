@@ -99,7 +99,7 @@ func addCloneBenchFlags(f *pflag.FlagSet, o *clonebench.Options, out *string, sm
 	f.IntVar(&o.Plants, "plants", clonebench.DefaultPlants, "compute servers that clone at once in the parallel rows")
 	f.BoolVar(&o.Compress, "compress", true, "compute servers ask for zstd-compressed blocks across the WAN")
 	f.StringVar(out, "out", "", "directory for results.json and results.md (empty: only print the table)")
-	f.StringSliceVar(&o.Rows, "rows", nil, "rows to measure (default all): local, full_copy, qemu_nbd, vmgrid_cold (with vmgrid_warm), vmgrid_l2, vmgrid_parallel, parallel_l2, parallel_local")
+	f.StringSliceVar(&o.Rows, "rows", nil, "rows to measure (default all): local, full_copy, qemu_nbd, vmgrid_cold (eager, with vmgrid_warm), vmgrid_lazy (with vmgrid_lazy_profile), demand_read_bulk (with demand_read_idle), vmgrid_l2, vmgrid_parallel, parallel_l2, parallel_local")
 	f.BoolVar(smoke, "smoke", false, "quick run for CI: 1 repeat, --rtt 4ms, --bandwidth-mbit 1000, --plants 2, no reference rows, unless given")
 	f.StringVar(&o.Agent, "agent", "", "static guest agent binary (default: build cmd/vmgrid-agent with the go tool)")
 	f.StringSliceVar(&o.GuestCmdline, "guest-cmdline", nil, "appended to the golden image's kernel command line (e.g. mitigations=off)")

@@ -30,6 +30,10 @@ type MountOptions struct {
 	Debug bool
 	// Logger receives warnings about the mount; nil means no logging.
 	Logger *zap.Logger
+	// ReadAheadKB is the kernel's read-ahead on the mount (0:
+	// gvfs.ReadAheadKB). A view of guest RAM files takes a small one: a
+	// page fault on a mapped file reads this much around the page.
+	ReadAheadKB int
 }
 
 // View is a mounted FUSE view of a proxy.
@@ -74,7 +78,11 @@ func Mount(dir string, p *gvfs.Proxy, o MountOptions) (*View, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
-	if err := setReadAhead(dir, gvfs.ReadAheadKB); err != nil {
+	ra := o.ReadAheadKB
+	if ra == 0 {
+		ra = gvfs.ReadAheadKB
+	}
+	if err := setReadAhead(dir, ra); err != nil {
 		log.Warn("could not raise read-ahead of the FUSE mount", zap.Error(err))
 	}
 	v := &View{server: server, root: &root.Inode}

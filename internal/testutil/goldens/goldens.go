@@ -34,7 +34,7 @@ import (
 // cacheVersion is part of the key: bump it when the golden builder
 // (computeserver/plant) changes what a golden image holds (the recipe has
 // imagebuild.DebianImageVersion).
-const cacheVersion = "1"
+const cacheVersion = "2" // 2: golden images carry RAM as a file (plant/lazymem.go)
 
 // Image is a built golden image on local disk, ready to publish.
 type Image struct {

@@ -997,7 +997,19 @@ type ClassAd struct {
 	Network *NetworkAttachment `protobuf:"bytes,19,opt,name=network,proto3" json:"network,omitempty"`
 	// The first user the request's add_user actions made: who `vmgrid vm
 	// ssh` logs in as. Empty: none was added.
-	LoginUser     string `protobuf:"bytes,40,opt,name=login_user,json=loginUser,proto3" json:"login_user,omitempty"`
+	LoginUser string `protobuf:"bytes,40,opt,name=login_user,json=loginUser,proto3" json:"login_user,omitempty"`
+	// Lazy memory (field numbers from 41, clear of other additions).
+	// How the guest's RAM was restored: "lazy" (mapped from the image's RAM
+	// file, pages fetched on first touch, the rest hydrated in the
+	// background), "eager" (all of it before the guest ran) or "" (booted).
+	MemoryRestore string `protobuf:"bytes,41,opt,name=memory_restore,json=memoryRestore,proto3" json:"memory_restore,omitempty"`
+	// The guest's RAM, and how much of it is on this plant (zero pages and
+	// cached blocks): equal once hydrated, when the VM no longer needs the
+	// image server.
+	MemoryBytes      uint64 `protobuf:"varint,42,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
+	MemoryLocalBytes uint64 `protobuf:"varint,43,opt,name=memory_local_bytes,json=memoryLocalBytes,proto3" json:"memory_local_bytes,omitempty"`
+	// From ready to hydrated (0 while hydrating or eager).
+	HydratedNanos int64 `protobuf:"varint,44,opt,name=hydrated_nanos,json=hydratedNanos,proto3" json:"hydrated_nanos,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1170,6 +1182,34 @@ func (x *ClassAd) GetLoginUser() string {
 		return x.LoginUser
 	}
 	return ""
+}
+
+func (x *ClassAd) GetMemoryRestore() string {
+	if x != nil {
+		return x.MemoryRestore
+	}
+	return ""
+}
+
+func (x *ClassAd) GetMemoryBytes() uint64 {
+	if x != nil {
+		return x.MemoryBytes
+	}
+	return 0
+}
+
+func (x *ClassAd) GetMemoryLocalBytes() uint64 {
+	if x != nil {
+		return x.MemoryLocalBytes
+	}
+	return 0
+}
+
+func (x *ClassAd) GetHydratedNanos() int64 {
+	if x != nil {
+		return x.HydratedNanos
+	}
+	return 0
 }
 
 type CreateVMRequest struct {
@@ -2092,7 +2132,7 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	" \x01(\bR\trecovered\x1a:\n" +
 	"\fResultsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb3\x06\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd2\a\n" +
 	"\aClassAd\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n" +
 	"\x05plant\x18\x02 \x01(\tR\x05plant\x12\x14\n" +
@@ -2117,7 +2157,11 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\rfetched_bytes\x18\x12 \x01(\x04R\ffetchedBytes\x12>\n" +
 	"\anetwork\x18\x13 \x01(\v2$.vmgrid.compute.v1.NetworkAttachmentR\anetwork\x12\x1d\n" +
 	"\n" +
-	"login_user\x18( \x01(\tR\tloginUser\x1a9\n" +
+	"login_user\x18( \x01(\tR\tloginUser\x12%\n" +
+	"\x0ememory_restore\x18) \x01(\tR\rmemoryRestore\x12!\n" +
+	"\fmemory_bytes\x18* \x01(\x04R\vmemoryBytes\x12,\n" +
+	"\x12memory_local_bytes\x18+ \x01(\x04R\x10memoryLocalBytes\x12%\n" +
+	"\x0ehydrated_nanos\x18, \x01(\x03R\rhydratedNanos\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd6\x03\n" +
