@@ -158,6 +158,30 @@ func (gr *grid) logs() string {
 	return out
 }
 
+// keepLogs saves every container's whole log when a test failed, before
+// its cleanup removes containers (a killed plant's goes with it): into
+// $VMGRID_COMPOSE_LOGS (default: the temporary directory), and the last
+// lines of each into the test's output, which is what CI keeps.
+func (gr *grid) keepLogs(t testing.TB) {
+	dir := os.Getenv("VMGRID_COMPOSE_LOGS")
+	if dir == "" {
+		dir = filepath.Join(os.TempDir(), "vmgrid-compose-logs")
+	}
+	all, err := gr.compose("logs", "--no-color", "--timestamps")
+	if err != nil {
+		t.Logf("container logs: %v", err)
+		return
+	}
+	path := filepath.Join(dir, gr.project+"-"+strings.ReplaceAll(t.Name(), "/", "_")+".log")
+	if err := os.MkdirAll(dir, 0o755); err == nil {
+		if err := os.WriteFile(path, []byte(all), 0o644); err == nil {
+			t.Logf("every container's log: %s", path)
+		}
+	}
+	tail, _ := gr.compose("logs", "--no-color", "--timestamps", "--tail", "40")
+	t.Logf("the containers' last lines:\n%s", tail)
+}
+
 // containers lists the running containers of a service: name → hostname.
 func (gr *grid) containers(t testing.TB, service string) map[string]string {
 	t.Helper()

@@ -22,6 +22,9 @@ func settle(t *testing.T) {
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
+		if t.Failed() {
+			g.keepLogs(t)
+		}
 		g.reshape(t)
 		c := g.shop(t, 1)
 		eventually(t, time.Minute, "destroy every VM", func() bool {
@@ -34,11 +37,11 @@ func settle(t *testing.T) {
 			}
 			return len(l.GetVms()) == 0
 		})
-		eventually(t, 30*time.Second, "no QEMU and only the FUSE view in any plant", func() bool {
+		eventually(t, 30*time.Second, "no QEMU and only the FUSE views in any plant", func() bool {
 			for name := range g.containers(t, "plant") {
 				q, _ := docker("exec", name, "sh", "-c", "pgrep -c qemu-system || true")
 				m, _ := docker("exec", name, "sh", "-c", "grep -c ' fuse' /proc/mounts || true")
-				if strings.TrimSpace(q) != "0" || strings.TrimSpace(m) != "1" {
+				if strings.TrimSpace(q) != "0" || strings.TrimSpace(m) != "2" { // the view and its -mem view of RAM files
 					t.Logf("%s: %s QEMU, %s FUSE mounts", name, strings.TrimSpace(q), strings.TrimSpace(m))
 					return false
 				}
