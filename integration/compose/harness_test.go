@@ -232,31 +232,45 @@ func (gr *grid) shop(t testing.TB, i int) shopv1.ShopServiceClient {
 	return shopv1.NewShopServiceClient(cc)
 }
 
-// create makes a VM through c and waits for it to be ready.
+// createTimeout bounds one create: seconds on a quiet host, a minute or
+// more when CI's host is loaded (the first create of a grid fetches the
+// golden image through the cache proxy).
+const createTimeout = 3 * time.Minute
+
+// create makes a VM through c and waits for it to be ready. Its error says
+// how long it took and the last progress it saw: where a creation stopped.
 func create(ctx context.Context, c shopv1.ShopServiceClient, id string) (*computev1.ClassAd, error) {
-	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, createTimeout)
 	defer cancel()
+	start := time.Now()
 	st, err := c.CreateVM(ctx, &shopv1.CreateVMRequest{RequestId: id})
 	if err != nil {
 		return nil, err
 	}
-	return lastAd(st)
+	ad, last, err := lastAd(st)
+	if err != nil {
+		return nil, fmt.Errorf("create %s: after %s (last progress: %s): %w", id, time.Since(start).Round(time.Millisecond), last, err)
+	}
+	return ad, nil
 }
 
-// lastAd reads a CreateVM stream to its end: the classad of its last message.
-func lastAd(st grpc.ServerStreamingClient[shopv1.CreateVMProgress]) (*computev1.ClassAd, error) {
+// lastAd reads a CreateVM stream to its end: the classad of its last
+// message, and that message's stage and text.
+func lastAd(st grpc.ServerStreamingClient[shopv1.CreateVMProgress]) (*computev1.ClassAd, string, error) {
 	var ad *computev1.ClassAd
+	last := "none"
 	for {
 		p, err := st.Recv()
 		if err == io.EOF {
 			if ad == nil {
-				return nil, fmt.Errorf("CreateVM ended without a classad")
+				return nil, last, fmt.Errorf("CreateVM ended without a classad")
 			}
-			return ad, nil
+			return ad, last, nil
 		}
 		if err != nil {
-			return nil, err
+			return nil, last, err
 		}
+		last = fmt.Sprintf("%s %q at %s", p.GetStage(), p.GetMessage(), time.Duration(p.GetElapsedNanos()).Round(time.Millisecond))
 		if p.GetClassad() != nil {
 			ad = p.GetClassad()
 		}
@@ -286,12 +300,22 @@ func readEnv(path string) (map[string]string, error) {
 // how long that took.
 func eventually(t testing.TB, d time.Duration, what string, cond func() bool) time.Duration {
 	t.Helper()
+	return eventuallyWhy(t, d, what, func() (bool, string) { return cond(), "" })
+}
+
+// eventuallyWhy is eventually whose condition also says why it does not
+// hold yet: the last reason is in the failure.
+func eventuallyWhy(t testing.TB, d time.Duration, what string, cond func() (bool, string)) time.Duration {
+	t.Helper()
 	start := time.Now()
-	for !cond() {
+	for {
+		ok, why := cond()
+		if ok {
+			return time.Since(start)
+		}
 		if time.Since(start) > d {
-			t.Fatalf("%s: not within %s", what, d)
+			t.Fatalf("%s: not within %s: %s", what, d, why)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	return time.Since(start)
 }

@@ -4,6 +4,7 @@ package compose
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,22 +21,24 @@ import (
 // its FUSE view, or a QEMU of the project's containers is left on the host.
 func settle(t *testing.T) {
 	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
 		if t.Failed() {
 			g.keepLogs(t)
 		}
 		g.reshape(t)
 		c := g.shop(t, 1)
-		eventually(t, time.Minute, "destroy every VM", func() bool {
+		eventuallyWhy(t, 2*time.Minute, "destroy every VM", func() (bool, string) {
 			l, err := c.ListVMs(ctx, &shopv1.ListVMsRequest{})
 			if err != nil {
-				return false
+				return false, err.Error()
 			}
+			var left []string
 			for _, ad := range l.GetVms() {
-				c.DestroyVM(ctx, &shopv1.DestroyVMRequest{VmId: ad.GetVmId()}) //nolint:errcheck // polled again
+				_, err := c.DestroyVM(ctx, &shopv1.DestroyVMRequest{VmId: ad.GetVmId()})
+				left = append(left, fmt.Sprintf("%s on %s %s (destroy: %v)", ad.GetVmId(), ad.GetPlant(), ad.GetState(), err))
 			}
-			return len(l.GetVms()) == 0
+			return len(left) == 0, strings.Join(left, "; ")
 		})
 		eventually(t, 30*time.Second, "no QEMU and only the FUSE views in any plant", func() bool {
 			for name := range g.containers(t, "plant") {
