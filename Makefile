@@ -1,7 +1,7 @@
 # vmgrid — build, generate, test.
 #
 #   make run        build and run the demo (see README)
-#   make test       everything CI checks: formatting, vet, stale protos, wire compatibility, tests with -race, the fault suite
+#   make test       everything CI checks: formatting, vet, stale protos, wire compatibility, tests with -race, the fault suite, the compose suite
 #   make proto      regenerate Go code from proto/ (buf + local plugins)
 #   make proto-image  record proto/image.binpb, the wire API check-breaking keeps when HEAD~1 is absent
 #   make faults     the fault-injection suite (integration/faults: real processes killed, etcd stopped, probes)
@@ -95,7 +95,7 @@ vet:
 unit:
 	$(GO) test -race -timeout 20m ./...
 
-test: check-fmt vet check-protos check-breaking unit faults
+test: check-fmt vet check-protos check-breaking unit faults compose-test
 
 # The audit's kinds of test as a suite of their own (build tag faults):
 # without -race, for speed; it needs root, FUSE, QEMU and KVM.
