@@ -161,10 +161,15 @@ func run(ctx context.Context, cli *clientv3.Client, reg *Registry, a Auction, de
 	if err != nil {
 		return nil, fmt.Errorf("auction lease: %w", err)
 	}
+	// The auction and its bids go with its lease, after the answer: a
+	// revoke is an etcd write, and the placement need not wait for it (the
+	// lease expires by itself should the revoke fail).
 	defer func() {
-		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		cli.Revoke(rctx, lease.ID) // the auction and its bids go with it
-		cancel()
+		go func() {
+			rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			cli.Revoke(rctx, lease.ID) //nolint:errcheck // it expires anyway
+		}()
 	}()
 	a.Lease = int64(lease.ID)
 	wctx, cancel := context.WithTimeout(ctx, deadline)
