@@ -219,6 +219,7 @@ func waitQGA(ctx context.Context, m vmm.Machine, socket string, timeout time.Dur
 // kernel panicked, a killed QEMU never answers), with the console's tail.
 func waitGuest[T interface{ Close() error }](ctx context.Context, m vmm.Machine, timeout time.Duration, connect func(context.Context) (T, error)) (T, error) {
 	var none T
+	start := time.Now()
 	actx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	go func() {
@@ -243,7 +244,8 @@ func waitGuest[T interface{ Close() error }](ctx context.Context, m vmm.Machine,
 	case <-time.After(exitSeen):
 	}
 	if err != nil {
-		return none, fmt.Errorf("%w (waited %s): %w\n--- guest console (tail) ---\n%s", err, timeout, errdefs.ErrUnavailable, tail(m.ConsoleLog(), 2000))
+		return none, fmt.Errorf("%w (waited %s of at most %s): %w\n--- guest console (tail) ---\n%s", err,
+			time.Since(start).Round(time.Millisecond), timeout, errdefs.ErrUnavailable, tail(m.ConsoleLog(), 2000))
 	}
 	return c, nil
 }

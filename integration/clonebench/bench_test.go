@@ -24,7 +24,7 @@ func TestCloneBenchSmoke(t *testing.T) {
 	if _, err := exec.LookPath("qemu-nbd"); err != nil {
 		t.Skip("qemu-nbd is not installed (qemu-utils)")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute) // about 2 min quiet; a loaded host is slower
 	defer cancel()
 	out := t.TempDir()
 	var stdout bytes.Buffer

@@ -78,7 +78,8 @@ func fetch(t testing.TB, addr string, n int64) time.Duration {
 
 // TestWAN checks the emulated link: a small request costs one RTT, a large
 // one bytes ÷ bandwidth, two connections share the bandwidth, and the bytes
-// are counted.
+// are counted. The lower bounds are the emulation's; the upper ones are
+// loose, since a loaded host (CI) delays the copying goroutines.
 func TestWAN(t *testing.T) {
 	const rtt, mbit = 20 * time.Millisecond, 80
 	w := NewWAN(rtt, mbit*1e6)
@@ -87,12 +88,12 @@ func TestWAN(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d := fetch(t, addr, 1); d < rtt || d > rtt+15*time.Millisecond {
+	if d := fetch(t, addr, 1); d < rtt || d > rtt+250*time.Millisecond {
 		t.Errorf("a one-byte round trip took %v, want about %v (plus the connection's)", d, rtt)
 	}
 	const n = 2 << 20
 	want := time.Duration(n*8*1000/mbit)*time.Microsecond/1000 + rtt
-	if d := fetch(t, addr, n); d < want*9/10 || d > want*13/10 {
+	if d := fetch(t, addr, n); d < want*9/10 || d > want*3 {
 		t.Errorf("%d bytes took %v, want about %v", n, d, want)
 	}
 	var wg sync.WaitGroup
@@ -102,7 +103,7 @@ func TestWAN(t *testing.T) {
 		go func() { defer wg.Done(); fetch(t, addr, n/2) }()
 	}
 	wg.Wait()
-	if d := time.Since(start); d < want*9/10 || d > want*13/10 {
+	if d := time.Since(start); d < want*9/10 || d > want*3 {
 		t.Errorf("two connections of %d bytes each took %v, want about %v: they share the link", n/2, d, want)
 	}
 	if up, down := w.Bytes(); down != 1+2*n || up != 4*8 {
