@@ -18,6 +18,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/computeserver/agent"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
@@ -45,7 +46,7 @@ const DefaultAgentTimeout = agentTimeout
 
 // suspendedLabel marks the images SuspendVM publishes: resuming one brings
 // back the same machine, which keeps its identity.
-const suspendedLabel = "suspended-vm"
+const suspendedLabel = imagev1.SuspendedLabel
 
 // newMachine says the line makes a new machine from a golden image rather
 // than resuming a suspended one.

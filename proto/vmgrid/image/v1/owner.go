@@ -16,6 +16,9 @@ const (
 	// RequestLabel is the request id of the PublishVM that made an image:
 	// a retry of that request finds it.
 	RequestLabel = "vmgrid.request"
+	// SuspendedLabel marks a suspended VM's memory state (its VM id): no
+	// golden image, only that VM resumes from it.
+	SuspendedLabel = "suspended-vm"
 	// GridLabelPrefix starts every key the grid sets.
 	GridLabelPrefix = "vmgrid."
 )
