@@ -149,6 +149,10 @@ type vm struct {
 	// suspending is a suspend whose machine is saved but not yet written
 	// back and published (suspend.go); a retry goes on from it.
 	suspending *suspension
+	// busy serializes the verbs that save the machine (SuspendVM,
+	// PublishVM), which take seconds: v.mu is held only to read and set
+	// fields, so GetVM and the hydration's progress never wait for them.
+	busy sync.Mutex
 }
 
 // New opens a plant. VMs left running by a previous process are stopped

@@ -61,9 +61,6 @@ func (p *Plant) PublishVM(ctx context.Context, req *computev1.PublishVMRequest, 
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	if err := publishable(v); err != nil {
-		return nil, err
-	}
 	if _, err := images.API.GetImage(ctx, &imagev1.GetImageRequest{Name: req.Name}); err == nil {
 		return nil, fmt.Errorf("an image named %q exists; pick another name: %w", req.Name, errdefs.ErrAlreadyExists)
 	} else if !errdefs.IsNotFound(err) {
@@ -73,10 +70,13 @@ func (p *Plant) PublishVM(ctx context.Context, req *computev1.PublishVMRequest, 
 	if err != nil {
 		return nil, fmt.Errorf("the VM's image %s: %w", v.ad.Image, err)
 	}
+	v.busy.Lock()
+	defer v.busy.Unlock()
 	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.m == nil {
-		return nil, fmt.Errorf("vm %q is not running: %w", req.VmId, errdefs.ErrFailedPrecondition)
+	m, ac := v.m, v.agent
+	v.mu.Unlock()
+	if err := publishable(v, m); err != nil {
+		return nil, err
 	}
 	dir, err := os.MkdirTemp(v.dir, "publish-")
 	if err != nil {
@@ -84,7 +84,7 @@ func (p *Plant) PublishVM(ctx context.Context, req *computev1.PublishVMRequest, 
 	}
 	defer os.RemoveAll(dir)
 	log := p.log.With(zap.String("vm", req.VmId), zap.String("image", req.Name))
-	snap, err := p.snapshot(ctx, v, dir, log)
+	snap, err := p.snapshot(ctx, v.ad.VmId, m, ac, dir, log)
 	if err != nil {
 		return nil, err
 	}
@@ -103,17 +103,17 @@ func (p *Plant) PublishVM(ctx context.Context, req *computev1.PublishVMRequest, 
 
 // publishable refuses what a golden image cannot carry: a golden machine
 // has its root disk and a NIC without a backend, nothing plugged in later.
-func publishable(v *vm) error {
+func publishable(v *vm, m vmm.Machine) error {
 	id := v.ad.VmId
 	switch {
 	case v.ad.Network != nil:
 		return fmt.Errorf("vm %q has a network; publishing a VM with a NIC on its domain is not supported yet (create the VM without --domain): %w", id, errdefs.ErrFailedPrecondition)
 	case v.hostActions:
 		return fmt.Errorf("vm %q ran host actions (attach_disk, stage_in): a golden image carries its root disk only: %w", id, errdefs.ErrFailedPrecondition)
-	case v.m == nil:
+	case m == nil:
 		return fmt.Errorf("vm %q is not running: %w", id, errdefs.ErrFailedPrecondition)
 	}
-	spec := v.m.Spec()
+	spec := m.Spec()
 	switch {
 	case len(spec.Disks) != 1:
 		return fmt.Errorf("vm %q has %d disks (a cloud-init seed?); a golden image carries its root disk only: %w", id, len(spec.Disks), errdefs.ErrFailedPrecondition)
@@ -124,17 +124,17 @@ func publishable(v *vm) error {
 }
 
 // snapshot saves the guest's memory state and its disk at one instant and
-// lets the guest run on. v.mu is held.
-func (p *Plant) snapshot(ctx context.Context, v *vm, dir string, log *zap.Logger) (*snapshot, error) {
-	s := &snapshot{dir: dir, spec: v.m.Spec(), state: filepath.Join(dir, "mem.full"), root: filepath.Join(dir, RootFile)}
-	if v.agent != nil {
-		if err := dropCaches(ctx, v.agent); err != nil {
-			return nil, fmt.Errorf("vm %s: %w: %w", v.ad.VmId, err, errdefs.ErrUnavailable)
+// lets the guest run on. v.busy is held.
+func (p *Plant) snapshot(ctx context.Context, id string, m vmm.Machine, ac guestAgent, dir string, log *zap.Logger) (*snapshot, error) {
+	s := &snapshot{dir: dir, spec: m.Spec(), state: filepath.Join(dir, "mem.full"), root: filepath.Join(dir, RootFile)}
+	if ac != nil {
+		if err := dropCaches(ctx, ac); err != nil {
+			return nil, fmt.Errorf("vm %s: %w: %w", id, err, errdefs.ErrUnavailable)
 		}
 	}
 	disk := s.spec.Disks[0]
 	start := time.Now()
-	if err := v.m.Save(ctx, s.state); err != nil {
+	if err := m.Save(ctx, s.state); err != nil {
 		return nil, err
 	}
 	var err error
@@ -144,18 +144,18 @@ func (p *Plant) snapshot(ctx context.Context, v *vm, dir string, log *zap.Logger
 	} else {
 		err = foldDisk(ctx, disk.Path, string(disk.Format), s.root)
 	}
-	cerr := v.m.Continue(ctx)
+	cerr := m.Continue(ctx)
 	s.paused = time.Since(start)
 	if cerr != nil {
-		return nil, fmt.Errorf("vm %s did not run on after its state was saved: %w", v.ad.VmId, cerr)
+		return nil, fmt.Errorf("vm %s did not run on after its state was saved: %w", id, cerr)
 	}
-	if v.agent != nil {
-		if resp, err := v.agent.Do(ctx, agent.Request{Op: agent.OpSetTime, UnixNano: time.Now().UnixNano()}); err != nil || resp.Error != "" {
+	if ac != nil {
+		if resp, err := ac.Do(ctx, agent.Request{Op: agent.OpSetTime, UnixNano: time.Now().UnixNano()}); err != nil || resp.Error != "" {
 			log.Warn("could not set the guest clock after the pause", zap.Error(err))
 		}
 	}
 	if err != nil {
-		return nil, fmt.Errorf("copy the disk of %s: %w", v.ad.VmId, err)
+		return nil, fmt.Errorf("copy the disk of %s: %w", id, err)
 	}
 	log.Info("VM state saved for publishing; the guest runs on", zap.Duration("paused", s.paused))
 	if s.redoCopy != "" {
@@ -165,7 +165,7 @@ func (p *Plant) snapshot(ctx context.Context, v *vm, dir string, log *zap.Logger
 	}
 	if s.spec.MemoryFile != nil {
 		if err := p.splitRAM(ctx, s); err != nil {
-			return nil, fmt.Errorf("split the RAM of %s out of its state: %w", v.ad.VmId, err)
+			return nil, fmt.Errorf("split the RAM of %s out of its state: %w", id, err)
 		}
 	}
 	return s, nil

@@ -48,50 +48,67 @@ func (p *Plant) SuspendVM(ctx context.Context, id string, images *imageclient.Cl
 	if v.ad.Network != nil {
 		return nil, fmt.Errorf("vm %q has a network, and suspending a VM with a NIC is not supported yet: %w", id, errdefs.ErrFailedPrecondition)
 	}
+	v.busy.Lock()
+	defer v.busy.Unlock()
 	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.suspending == nil {
-		if v.m == nil {
+	s, m := v.suspending, v.m
+	v.mu.Unlock()
+	if s == nil {
+		if m == nil {
 			return nil, fmt.Errorf("vm %q is not running: %w", id, errdefs.ErrFailedPrecondition)
 		}
-		s, err := p.saveMachine(ctx, v)
-		if err != nil {
+		if s, err = p.saveMachine(ctx, v, m); err != nil {
 			return nil, err // the machine runs on (vmm.Machine.Suspend)
 		}
-		v.suspending = s
 	}
-	if err := p.finishSuspend(ctx, v, images); err != nil {
+	if err := p.finishSuspend(ctx, v, s, images); err != nil {
+		v.mu.Lock()
 		v.ad.Error = fmt.Sprintf("saved on plant %s but not yet written back and published (%v); retry SuspendVM", p.cfg.Name, err)
+		v.mu.Unlock()
 		return nil, err
 	}
 	p.mu.Lock()
 	delete(p.vms, id)
 	p.mu.Unlock()
 	os.RemoveAll(v.dir)
-	v.ad.State, v.ad.SuspendedImage, v.ad.Pid, v.ad.Error = computev1.VMState_VM_STATE_SUSPENDED, v.suspending.name, 0, ""
+	v.mu.Lock()
+	v.ad.State, v.ad.SuspendedImage, v.ad.Pid, v.ad.Error = computev1.VMState_VM_STATE_SUSPENDED, s.name, 0, ""
 	v.ad.Plant, v.ad.ConsoleLog, v.ad.AgentSocket = "", "", ""
-	p.log.Info("VM suspended", zap.String("vm", id), zap.String("state_image", v.suspending.name))
-	return proto.Clone(v.ad).(*computev1.ClassAd), nil
+	ad := proto.Clone(v.ad).(*computev1.ClassAd)
+	v.mu.Unlock()
+	p.log.Info("VM suspended", zap.String("vm", id), zap.String("state_image", s.name))
+	return ad, nil
 }
 
-// saveMachine saves the machine's memory state and ends it, and describes
-// the state image. v.mu is held.
-func (p *Plant) saveMachine(ctx context.Context, v *vm) (*suspension, error) {
-	id := v.ad.VmId
-	spec := v.m.Spec()
-	mem := filepath.Join(v.dir, MemoryFile)
-	if err := v.m.Suspend(ctx, mem); err != nil {
+// saveMachine describes the state image, saves the machine's memory state
+// and ends the machine: from then on a retry goes on from the state. v.busy
+// is held, not v.mu (the hydration's progress takes it while it stops).
+func (p *Plant) saveMachine(ctx context.Context, v *vm, m vmm.Machine) (*suspension, error) {
+	s, err := describeSuspended(v, m.Spec())
+	if err != nil {
+		return nil, err
+	}
+	if err := m.Suspend(ctx, filepath.Join(v.dir, MemoryFile)); err != nil {
 		return nil, err
 	}
 	v.access.close()
 	v.mem.stop()
+	v.mu.Lock()
+	defer v.mu.Unlock()
 	v.mem = nil
 	if v.agent != nil {
 		v.agent.Close()
 		v.agent = nil
 	}
-	v.m = nil
+	v.m, v.suspending = nil, s
 	v.ad.State = computev1.VMState_VM_STATE_SUSPENDED
+	return s, nil
+}
+
+// describeSuspended writes the state image's vm.json (the machine without
+// host paths) and lists its files and attributes.
+func describeSuspended(v *vm, spec vmm.Spec) (*suspension, error) {
+	id := v.ad.VmId
 	tmpl := spec
 	tmpl.Name, tmpl.Dir, tmpl.Kernel, tmpl.Initrd, tmpl.Incoming = "", "", "", "", nil
 	tmpl.MemoryFile = memoryTemplate(spec.MemoryFile) // RAM is in the stream (lazymem.go)
@@ -123,20 +140,18 @@ func (p *Plant) saveMachine(ctx context.Context, v *vm) (*suspension, error) {
 	files := []imageclient.PublishFile{
 		{Name: ConfigFile, Path: cfgPath, Kind: imagev1.FileKind_FILE_KIND_CONFIG},
 		{Name: kernelName, Path: spec.Kernel, Kind: imagev1.FileKind_FILE_KIND_KERNEL},
-		{Name: MemoryFile, Path: mem, Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE},
+		{Name: MemoryFile, Path: filepath.Join(v.dir, MemoryFile), Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE},
 	}
 	if spec.Initrd != "" {
 		files = append(files, imageclient.PublishFile{Name: InitrdFile, Path: spec.Initrd, Kind: imagev1.FileKind_FILE_KIND_INITRD})
 	}
-	name := fmt.Sprintf("%s-suspended-%d", id, time.Now().UnixNano())
-	return &suspension{name: name, files: files, attrs: attrs}, nil
+	return &suspension{name: fmt.Sprintf("%s-suspended-%d", id, time.Now().UnixNano()), files: files, attrs: attrs}, nil
 }
 
 // finishSuspend writes the disk back and publishes the state image: the
 // image appears only once the disk it fits is on the image server. A
 // publish whose answer was lost finds its image there on the retry.
-func (p *Plant) finishSuspend(ctx context.Context, v *vm, images *imageclient.Client) error {
-	s := v.suspending
+func (p *Plant) finishSuspend(ctx context.Context, v *vm, s *suspension, images *imageclient.Client) error {
 	if _, err := p.cfg.Proxy.Flush(ctx, v.ad.PersistentDisk); err != nil {
 		return fmt.Errorf("write-back of %s: %w", v.ad.PersistentDisk, err)
 	}
