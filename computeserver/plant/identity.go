@@ -214,14 +214,9 @@ func guestVMGenID(ctx context.Context, m vmm.Machine, addr uint64) (string, erro
 // readyAgent waits until VM id is ready and returns it with its agent
 // connection.
 func (p *Plant) readyAgent(ctx context.Context, id string) (*vm, error) {
-	v, err := p.lookup(id)
+	v, err := p.readyVM(ctx, id)
 	if err != nil {
 		return nil, err
-	}
-	select {
-	case <-v.ready:
-	case <-ctx.Done():
-		return nil, ctx.Err()
 	}
 	if v.agent == nil {
 		return nil, fmt.Errorf("vm %q has no agent connection: %w", id, errdefs.ErrFailedPrecondition)

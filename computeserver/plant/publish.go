@@ -52,14 +52,9 @@ type snapshot struct {
 
 // PublishVM saves a running VM as the golden image req.Name.
 func (p *Plant) PublishVM(ctx context.Context, req *computev1.PublishVMRequest, images *imageclient.Client) (*computev1.PublishVMResponse, error) {
-	v, err := p.lookup(req.VmId)
+	v, err := p.readyVM(ctx, req.VmId)
 	if err != nil {
 		return nil, err
-	}
-	select {
-	case <-v.ready:
-	case <-ctx.Done():
-		return nil, ctx.Err()
 	}
 	if _, err := images.API.GetImage(ctx, &imagev1.GetImageRequest{Name: req.Name}); err == nil {
 		return nil, fmt.Errorf("an image named %q exists; pick another name: %w", req.Name, errdefs.ErrAlreadyExists)
@@ -99,6 +94,20 @@ func (p *Plant) PublishVM(ctx context.Context, req *computev1.PublishVMRequest, 
 	}
 	log.Info("VM published as a golden image", zap.Duration("paused", snap.paused), zap.Uint64("bytes", res.BytesReceived), zap.Int("actions", len(attrs.Actions)))
 	return &computev1.PublishVMResponse{Image: req.Name, PausedNanos: int64(snap.paused), PublishedBytes: res.BytesReceived}, nil
+}
+
+// readyVM returns a VM once its creation has ended.
+func (p *Plant) readyVM(ctx context.Context, id string) (*vm, error) {
+	v, err := p.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case <-v.ready:
+		return v, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 // publishable refuses what a golden image cannot carry: a golden machine

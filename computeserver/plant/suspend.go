@@ -33,14 +33,9 @@ type suspension struct {
 // image server (labelled with the VM's owner, whose data it is), its disk is
 // written back, and it leaves this plant.
 func (p *Plant) SuspendVM(ctx context.Context, id string, images *imageclient.Client) (*computev1.ClassAd, error) {
-	v, err := p.lookup(id)
+	v, err := p.readyVM(ctx, id)
 	if err != nil {
 		return nil, err
-	}
-	select {
-	case <-v.ready:
-	case <-ctx.Done():
-		return nil, ctx.Err()
 	}
 	if v.ad.PersistentDisk == "" {
 		return nil, fmt.Errorf("vm %q is a clone whose redo log lives on this plant; only persistent VMs (created with persistent_disk, vmgrid vm create --persistent) can be suspended: %w", id, errdefs.ErrFailedPrecondition)
