@@ -153,9 +153,6 @@ func TestStateMovingVerbs(t *testing.T) {
 		if out := sh(t, ctx, g.mine, home.VmId, "cat /root/persist.txt"); out != "written-before-suspend" {
 			t.Fatalf("after resume on %s: %q", second, out)
 		}
-		if _, err := images.GetImage(ctx, &imagev1.GetImageRequest{Name: sus.SuspendedImage}); !errdefs.IsNotFound(err) {
-			t.Fatalf("the spent state %s is still there: %v", sus.SuspendedImage, err)
-		}
 		if again, _, err := resume(ctx, g.mine, &shopv1.ResumeVMRequest{VmId: home.VmId, RequestId: "r1"}); err != nil || again.Plant != second {
 			t.Fatalf("retried resume: %v %v", again, err)
 		}
@@ -163,6 +160,10 @@ func TestStateMovingVerbs(t *testing.T) {
 		sh(t, ctx, g.mine, home.VmId, "echo second-write >> /root/persist.txt && sync")
 		if _, err := g.mine.SuspendVM(ctx, &shopv1.SuspendVMRequest{VmId: home.VmId, RequestId: "s2"}); err != nil {
 			t.Fatal(err)
+		}
+		// The first state was spent by the resume and goes with this suspend.
+		if _, err := images.GetImage(ctx, &imagev1.GetImageRequest{Name: sus.SuspendedImage}); !errdefs.IsNotFound(err) {
+			t.Fatalf("the spent state %s is still there: %v", sus.SuspendedImage, err)
 		}
 		back, stages, err = resume(ctx, g.mine, &shopv1.ResumeVMRequest{VmId: home.VmId, RequestId: "r2"})
 		if err != nil {
@@ -276,6 +277,10 @@ func TestStateMovingVerbs(t *testing.T) {
 		}
 		if _, err := images.GetImage(ctx, &imagev1.GetImageRequest{Name: home.PersistentDisk}); !errdefs.IsNotFound(err) {
 			t.Fatalf("the destroyed VM's disk %s: %v", home.PersistentDisk, err)
+		}
+		states, err := images.ListImages(ctx, &imagev1.ListImagesRequest{Labels: map[string]string{imagev1.SuspendedLabel: home.VmId}})
+		if err != nil || len(states.Images) != 0 {
+			t.Fatalf("the destroyed VM's states are left: %v %v", states, err)
 		}
 	})
 }

@@ -42,6 +42,10 @@ type record struct {
 	Verb *verbRecord `json:"verb,omitempty"`
 	// RootDisk is the persistent root disk the shop made for the VM.
 	RootDisk string `json:"root_disk,omitempty"`
+	// SpentState is the state image a running VM was resumed from: its
+	// machine still reads files of it (the kernel), so it goes once the
+	// next suspend has published a state of its own, or with the VM.
+	SpentState string `json:"spent_state,omitempty"`
 }
 
 // decodeRecord reads a record, also one written with stages.

@@ -92,6 +92,9 @@ func (v *vms) deleteImages(ctx context.Context, r *record) error {
 	if r.RootDisk != "" {
 		names = append(names, r.RootDisk)
 	}
+	if r.SpentState != "" {
+		names = append(names, r.SpentState)
+	}
 	for _, n := range names {
 		if _, err := v.cfg.Images.API.DeleteImage(ctx, &imagev1.DeleteImageRequest{Name: n}); err != nil && !errdefs.IsNotFound(err) {
 			return fmt.Errorf("vm %s: delete its image %s (the VM is kept; retry): %w", r.VMID, n, err)
@@ -196,11 +199,13 @@ func (v *vms) suspend(ctx context.Context, req *shopv1.SuspendVMRequest) (*compu
 		return nil, fmt.Errorf("plant %s: %w", rec.Plant, err)
 	}
 	sus.Labels = mergeLabels(sus.Labels, ad.Labels)
-	rec.State, rec.ClassAd, rec.Plant, rec.PlantAddr = stateSuspended, fit(sus), "", ""
+	spent := rec.SpentState
+	rec.State, rec.ClassAd, rec.Plant, rec.PlantAddr, rec.SpentState = stateSuspended, fit(sus), "", "", ""
 	rec.Verb = &verbRecord{Kind: verbSuspend, RequestID: req.RequestId}
 	if err := v.store.putVM(ctx, rec); err != nil {
 		return nil, err
 	}
+	v.deleteSpent(ctx, spent)
 	v.log.Info("VM suspended", zap.String("vm", rec.VMID), zap.String("state_image", sus.SuspendedImage))
 	return sus, nil
 }
@@ -225,6 +230,18 @@ func (v *vms) suspendedBefore(ctx context.Context, rec *record, notFound error) 
 	ad := rec.classad()
 	ad.State, ad.SuspendedImage, ad.Plant, ad.Pid, ad.Error = stateSuspended, newest.Name, "", 0, ""
 	return ad, nil
+}
+
+// deleteSpent deletes a spent state image (a failure is logged: the
+// image is the owner's and hidden from others, and DestroyVM does not know
+// it any more).
+func (v *vms) deleteSpent(ctx context.Context, name string) {
+	if name == "" {
+		return
+	}
+	if _, err := v.cfg.Images.API.DeleteImage(ctx, &imagev1.DeleteImageRequest{Name: name}); err != nil && !errdefs.IsNotFound(err) {
+		v.log.Warn("delete a spent suspended state", zap.String("image", name), zap.Error(err))
+	}
 }
 
 // resume brings a SUSPENDED VM back on req.Plant or the auction's winner.
@@ -353,14 +370,12 @@ func (v *vms) resumeOn(ctx context.Context, rec *record, b market.Bid, requestID
 		return nil, fmt.Errorf("plant %s: %w", b.Plant, err)
 	}
 	ad.Labels = mergeLabels(ad.Labels, suspended.Labels)
-	rec.State, rec.ClassAd, rec.Error = stateReady, fit(ad), ""
+	// The state is spent (the disk moves on), but the machine reads its
+	// kernel from it: it goes with the next suspend (or the VM).
+	rec.State, rec.ClassAd, rec.Error, rec.SpentState = stateReady, fit(ad), "", suspended.SuspendedImage
 	rec.Verb = &verbRecord{Kind: verbResume, RequestID: requestID}
 	if err := v.store.putVM(ctx, rec); err != nil {
 		return nil, err
-	}
-	// The state is spent: the disk has moved on since.
-	if _, err := v.cfg.Images.API.DeleteImage(ctx, &imagev1.DeleteImageRequest{Name: suspended.SuspendedImage}); err != nil && !errdefs.IsNotFound(err) {
-		v.log.Warn("delete a spent suspended state", zap.String("image", suspended.SuspendedImage), zap.Error(err))
 	}
 	v.log.Info("VM resumed", zap.String("vm", rec.VMID), zap.String("plant", b.Plant))
 	return ad, nil
