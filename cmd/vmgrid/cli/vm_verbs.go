@@ -87,8 +87,8 @@ its memory state are saved at one instant, with its RAM as a file where its
 image had one, and the image records the configuration actions the VM
 performed, so vm create requests whose DAG starts with them are matched to
 it and skip them. The guest pauses while its state is saved and then runs
-on. The image is yours: only you (and operators) see it, match it and read
-it. NAME must be new. --request-id makes the call idempotent (default:
+on. The image is yours: only you (and the grid's operators and services)
+see it, match it and read it. NAME must be new. --request-id makes the call idempotent (default:
 random).`,
 		Example: `  vmgrid vm publish vm-0123456789 web-base --label role=web`,
 		Args:    cobra.ExactArgs(2),

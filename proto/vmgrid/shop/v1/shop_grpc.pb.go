@@ -174,7 +174,8 @@ type ShopServiceClient interface {
 	// PublishVM turns a RUNNING VM into a golden image named name, the way
 	// a configured machine becomes a template: its disk (the redo log
 	// folded into the golden disk) and its memory state are saved at one
-	// instant (the guest pauses for that, about a second, then runs on), with
+	// instant (the guest pauses for that — the save and a copy of its redo
+	// log, 1.9 s for the tiny guest under TCG at load 14 — then runs on), with
 	// its RAM as a file where its image had one (lazy memory), and the image
 	// records the configuration actions the VM performed after its own, so
 	// CreateVM requests whose DAG starts with them match it. The image is
@@ -522,7 +523,8 @@ type ShopServiceServer interface {
 	// PublishVM turns a RUNNING VM into a golden image named name, the way
 	// a configured machine becomes a template: its disk (the redo log
 	// folded into the golden disk) and its memory state are saved at one
-	// instant (the guest pauses for that, about a second, then runs on), with
+	// instant (the guest pauses for that — the save and a copy of its redo
+	// log, 1.9 s for the tiny guest under TCG at load 14 — then runs on), with
 	// its RAM as a file where its image had one (lazy memory), and the image
 	// records the configuration actions the VM performed after its own, so
 	// CreateVM requests whose DAG starts with them match it. The image is
