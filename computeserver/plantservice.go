@@ -76,3 +76,7 @@ func (s *plantService) StageOut(ctx context.Context, req *computev1.StageOutRequ
 	}
 	return &computev1.StageOutResponse{Uploaded: up}, nil
 }
+
+func (s *plantService) PublishVM(ctx context.Context, req *computev1.PublishVMRequest) (*computev1.PublishVMResponse, error) {
+	return s.p.PublishVM(ctx, req, s.images)
+}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+	"github.com/vmgrid/vmgrid/services/auth"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
@@ -116,14 +117,17 @@ func (s *Service) Publish(stream imagev1.ImageService_PublishServer) error {
 }
 
 // ListImages implements ImageService.ListImages.
-func (s *Service) ListImages(_ context.Context, req *imagev1.ListImagesRequest) (*imagev1.ListImagesResponse, error) {
-	return &imagev1.ListImagesResponse{Images: s.store.List(req)}, nil
+func (s *Service) ListImages(ctx context.Context, req *imagev1.ListImagesRequest) (*imagev1.ListImagesResponse, error) {
+	return &imagev1.ListImagesResponse{Images: auth.VisibleImages(ctx, s.store.List(req))}, nil
 }
 
 // GetImage implements ImageService.GetImage.
-func (s *Service) GetImage(_ context.Context, req *imagev1.GetImageRequest) (*imagev1.GetImageResponse, error) {
+func (s *Service) GetImage(ctx context.Context, req *imagev1.GetImageRequest) (*imagev1.GetImageResponse, error) {
 	m, err := s.store.Get(req.Name, req.View)
 	if err != nil {
+		return nil, err
+	}
+	if err := auth.CheckImage(ctx, m); err != nil {
 		return nil, err
 	}
 	return &imagev1.GetImageResponse{Manifest: m}, nil
@@ -190,7 +194,10 @@ func (s *Service) PutProfile(_ context.Context, req *imagev1.PutProfileRequest) 
 }
 
 // GetProfile implements ImageService.GetProfile.
-func (s *Service) GetProfile(_ context.Context, req *imagev1.GetProfileRequest) (*imagev1.GetProfileResponse, error) {
+func (s *Service) GetProfile(ctx context.Context, req *imagev1.GetProfileRequest) (*imagev1.GetProfileResponse, error) {
+	if err := s.visible(ctx, req.Image); err != nil {
+		return nil, err
+	}
 	e, err := s.store.GetProfile(req.Image)
 	if err != nil {
 		return nil, err
@@ -216,7 +223,10 @@ type storeSources struct{ s *Store }
 
 type storeSource struct{ h *FileHandle }
 
-func (o storeSources) OpenSource(_ context.Context, image, file string) (blockproto.BlockSource, error) {
+func (o storeSources) OpenSource(ctx context.Context, image, file string) (blockproto.BlockSource, error) {
+	if err := (&Service{store: o.s}).visible(ctx, image); err != nil {
+		return nil, err
+	}
 	h, err := o.s.OpenFile(image, file)
 	if err != nil {
 		return nil, err
@@ -239,6 +249,9 @@ func (s storeSource) Frame(_ context.Context, off uint64) ([]byte, bool, bool, e
 
 // FetchFile implements ImageService.FetchFile.
 func (s *Service) FetchFile(req *imagev1.FetchFileRequest, stream imagev1.ImageService_FetchFileServer) error {
+	if err := s.visible(stream.Context(), req.Image); err != nil {
+		return err
+	}
 	h, err := s.store.OpenFile(req.Image, req.File)
 	if err != nil {
 		return err
@@ -246,4 +259,14 @@ func (s *Service) FetchFile(req *imagev1.FetchFileRequest, stream imagev1.ImageS
 	return blockproto.ServeFetchFile(req, stream, storeSource{h}, s.enc, func(n int) {
 		s.m.bytesSent.WithLabelValues("FetchFile").Add(float64(n))
 	})
+}
+
+// visible refuses an image the caller may not see (auth.CheckImage); a
+// missing image is left to the call's own lookup.
+func (s *Service) visible(ctx context.Context, image string) error {
+	m, err := s.store.Get(image, imagev1.View_VIEW_BASIC)
+	if err != nil {
+		return nil
+	}
+	return auth.CheckImage(ctx, m)
 }

@@ -31,7 +31,10 @@ type accessGrid struct {
 
 const malloryToken = "mallory-token-0123456789abcdef"
 
-func startAccessGrid(t *testing.T) *accessGrid {
+func startAccessGrid(t *testing.T) *accessGrid { t.Helper(); return startAccessGridOf(t, 1) }
+
+// startAccessGridOf is startAccessGrid with that many plants.
+func startAccessGridOf(t *testing.T, plants int) *accessGrid {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("plants mount FUSE views: needs root")
@@ -45,7 +48,7 @@ func startAccessGrid(t *testing.T) *accessGrid {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	g, err := grid.Up(ctx, grid.Config{Dir: dir, Plants: 1, Golden: "tiny", AgentPath: testutil.GuestAgent(t), NoFsync: true, Logger: zaptest.NewLogger(t)})
+	g, err := grid.Up(ctx, grid.Config{Dir: dir, Plants: plants, Golden: "tiny", AgentPath: testutil.GuestAgent(t), NoFsync: true, Logger: zaptest.NewLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -125,6 +125,8 @@ type fakePlant struct {
 	// last is the last CreateVM and the authorization header it came with.
 	last     *computev1.CreateVMRequest
 	lastAuth string
+	// srv, when set, is served instead (a fake with more RPCs over this one).
+	srv computev1.PlantServiceServer
 }
 
 func (p *fakePlant) CreateVM(req *computev1.CreateVMRequest, stream computev1.PlantService_CreateVMServer) error {
@@ -179,7 +181,11 @@ type plantProcess struct {
 // runPlant serves p on addr ("": a free port) and joins the market with a
 // session of ttl seconds.
 func runPlant(t *testing.T, te *testEtcd, p *fakePlant, addr string, ttl int) *plantProcess {
-	addr, stop := serve(t, addr, func(gs *grpc.Server) { computev1.RegisterPlantServiceServer(gs, p) })
+	var srv computev1.PlantServiceServer = p
+	if p.srv != nil {
+		srv = p.srv
+	}
+	addr, stop := serve(t, addr, func(gs *grpc.Server) { computev1.RegisterPlantServiceServer(gs, srv) })
 	cli := te.newClient()
 	sess, err := concurrency.NewSession(cli, concurrency.WithTTL(ttl))
 	if err != nil {
@@ -219,7 +225,12 @@ type testShop struct {
 }
 
 func startTestShop(t *testing.T, te *testEtcd, cfg Config) *testShop {
-	imagesAddr, _ := serve(t, "", func(gs *grpc.Server) { imagev1.RegisterImageServiceServer(gs, fakeImages{}) })
+	return startTestShopWith(t, te, cfg, fakeImages{})
+}
+
+// startTestShopWith is startTestShop over another fake image server.
+func startTestShopWith(t *testing.T, te *testEtcd, cfg Config, images imagev1.ImageServiceServer) *testShop {
+	imagesAddr, _ := serve(t, "", func(gs *grpc.Server) { imagev1.RegisterImageServiceServer(gs, images) })
 	cc, err := services.Dial(imagesAddr, services.TLSFiles{})
 	if err != nil {
 		t.Fatal(err)

@@ -57,9 +57,14 @@ func (v *vms) check(ctx context.Context, r *record, ad *computev1.ClassAd) {
 	}
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	if _, err := c.GetVM(cctx, &computev1.GetVMRequest{VmId: r.VMID}); errdefs.IsNotFound(err) {
+	got, err := c.GetVM(cctx, &computev1.GetVMRequest{VmId: r.VMID})
+	switch {
+	case errdefs.IsNotFound(err):
 		ad.State = stateFailed
 		ad.Error = "plant " + r.Plant + " no longer runs this VM (it restarted or lost it); destroy it and create another"
+	case err == nil && got.State == computev1.VMState_VM_STATE_SUSPENDED:
+		// A suspend saved the machine but has not finished (verbs.go).
+		ad.State, ad.Error = got.State, got.Error
 	}
 }
 

@@ -15,7 +15,7 @@ import (
 // match finds the golden image for a request: right hardware, performed
 // actions passing the subset, prefix and partial-order tests, the most
 // actions already done.
-func (v *vms) match(ctx context.Context, req *shopv1.CreateVMRequest, plan *dag.Plan) (string, uint64, *computev1.Hardware, error) {
+func (v *vms) match(ctx context.Context, owner string, req *shopv1.CreateVMRequest, plan *dag.Plan) (string, uint64, *computev1.Hardware, error) {
 	hw := req.Hardware
 	if hw == nil {
 		hw = &computev1.Hardware{}
@@ -32,6 +32,12 @@ func (v *vms) match(ctx context.Context, req *shopv1.CreateVMRequest, plan *dag.
 	var why []string
 	for _, m := range list.Images {
 		if req.Image != "" && m.Name != req.Image {
+			continue
+		}
+		if !cloneable(m, owner) {
+			if req.Image != "" {
+				return "", 0, nil, fmt.Errorf("image %q is not a golden image of yours (another owner's, or a suspended VM's state): %w", req.Image, errdefs.ErrPermissionDenied)
+			}
 			continue
 		}
 		done, reason := fits(m, hw, plan, req.Image != "")
@@ -90,6 +96,14 @@ func fits(m *imagev1.Manifest, hw *computev1.Hardware, plan *dag.Plan, named boo
 		return 0, fmt.Sprintf("%s: %v", m.Name, err)
 	}
 	return len(performed), ""
+}
+
+// cloneable says whether owner's VMs may be cloned from m: the grid's
+// golden images and owner's own (published VMs), never another owner's
+// nor a suspended VM's state (which only its VM resumes from).
+func cloneable(m *imagev1.Manifest, owner string) bool {
+	a := m.GetAttributes()
+	return a.OwnedBy(owner) && a.GetLabels()[imagev1.SuspendedLabel] == ""
 }
 
 func hasFile(m *imagev1.Manifest, name string) bool {

@@ -38,6 +38,14 @@ type record struct {
 	RequestHash string `json:"request_hash,omitempty"`
 	// Stage is the state of records written before states were VMState.
 	Stage string `json:"stage,omitempty"`
+	// Verb is the last state-moving verb done (verbs.go).
+	Verb *verbRecord `json:"verb,omitempty"`
+	// RootDisk is the persistent root disk the shop made for the VM.
+	RootDisk string `json:"root_disk,omitempty"`
+	// SpentState is the state image a running VM was resumed from: its
+	// machine still reads files of it (the kernel), so it goes once the
+	// next suspend has published a state of its own, or with the VM.
+	SpentState string `json:"spent_state,omitempty"`
 }
 
 // decodeRecord reads a record, also one written with stages.

@@ -162,7 +162,7 @@ func (v *vms) claimOrWait(ctx context.Context, vmID string) (bool, *computev1.Cl
 // drive matches, auctions and creates.
 func (v *vms) drive(ctx context.Context, req *shopv1.CreateVMRequest, plan *dag.Plan, rec *record, send progress) (*computev1.ClassAd, error) {
 	start := time.Now()
-	image, size, hw, err := v.match(ctx, req, plan)
+	image, size, hw, err := v.match(ctx, rec.Owner, req, plan)
 	if err != nil {
 		return nil, err
 	}
@@ -271,9 +271,13 @@ func (v *vms) createOn(ctx context.Context, b market.Bid, req *shopv1.CreateVMRe
 	if err != nil {
 		return nil, err
 	}
+	disk, err := v.rootDisk(ctx, rec, req.Persistent) // verbs.go
+	if err != nil {
+		return nil, err
+	}
 	stream, err := c.CreateVM(ctx, &computev1.CreateVMRequest{
 		VmId: rec.VMID, Owner: rec.Owner, Image: rec.Image, Hardware: req.Hardware, Config: req.Config, Labels: labels,
-		DataCredential: cred, Network: nw,
+		DataCredential: cred, Network: nw, PersistentDisk: disk,
 	})
 	if err != nil {
 		return nil, err
@@ -343,6 +347,9 @@ func (v *vms) destroy(ctx context.Context, r *record) error {
 		if _, err := c.DestroyVM(ctx, &computev1.DestroyVMRequest{VmId: r.VMID}); err != nil && !errdefs.IsNotFound(err) {
 			return fmt.Errorf("plant %s: %w", r.Plant, err)
 		}
+	}
+	if err := v.deleteImages(ctx, r); err != nil { // verbs.go
+		return err
 	}
 	if err := v.releaseLease(ctx, r.VMID); err != nil {
 		return err

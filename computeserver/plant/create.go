@@ -88,6 +88,7 @@ func (p *Plant) ResumeVM(ctx context.Context, req *computev1.ResumeVMRequest, pr
 	}
 	ad := proto.Clone(old).(*computev1.ClassAd)
 	ad.Plant, ad.State, ad.Error, ad.Pid, ad.Actions = p.cfg.Name, computev1.VMState_VM_STATE_FETCHING, "", 0, nil
+	ad.SuspendedImage = "" // running again: the state image is spent
 	ad.CreatedUnixNano = time.Now().UnixNano()
 	if ad.Hardware == nil {
 		ad.Hardware = &computev1.Hardware{}

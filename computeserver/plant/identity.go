@@ -18,6 +18,7 @@ import (
 
 	"github.com/vmgrid/vmgrid/computeserver/agent"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
+	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
@@ -45,7 +46,7 @@ const DefaultAgentTimeout = agentTimeout
 
 // suspendedLabel marks the images SuspendVM publishes: resuming one brings
 // back the same machine, which keeps its identity.
-const suspendedLabel = "suspended-vm"
+const suspendedLabel = imagev1.SuspendedLabel
 
 // newMachine says the line makes a new machine from a golden image rather
 // than resuming a suspended one.
@@ -213,14 +214,9 @@ func guestVMGenID(ctx context.Context, m vmm.Machine, addr uint64) (string, erro
 // readyAgent waits until VM id is ready and returns it with its agent
 // connection.
 func (p *Plant) readyAgent(ctx context.Context, id string) (*vm, error) {
-	v, err := p.lookup(id)
+	v, err := p.readyVM(ctx, id)
 	if err != nil {
 		return nil, err
-	}
-	select {
-	case <-v.ready:
-	case <-ctx.Done():
-		return nil, ctx.Err()
 	}
 	if v.agent == nil {
 		return nil, fmt.Errorf("vm %q has no agent connection: %w", id, errdefs.ErrFailedPrecondition)

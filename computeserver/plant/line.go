@@ -241,6 +241,7 @@ func (l *line) actions(ctx context.Context) (func(), error) {
 // finish makes the VM RUNNING and writes its classad.
 func (l *line) finish(context.Context) (func(), error) {
 	v := l.v
+	l.recordPerformed()
 	v.mu.Lock()
 	v.ad.State = computev1.VMState_VM_STATE_RUNNING
 	v.ad.ReadyNanos = int64(time.Since(l.start))

@@ -141,6 +141,18 @@ type vm struct {
 	access accessSet // open exec, console and port-forward streams (access.go)
 	// mem is a lazily restored guest's RAM (lazymem.go); nil otherwise.
 	mem *lazyMem
+
+	// performed is every configuration action the machine has performed,
+	// its image's first; hostActions: some were host actions (publish.go).
+	performed   []*imagev1.Action
+	hostActions bool
+	// suspending is a suspend whose machine is saved but not yet written
+	// back and published (suspend.go); a retry goes on from it.
+	suspending *suspension
+	// busy serializes the verbs that save the machine (SuspendVM,
+	// PublishVM), which take seconds: v.mu is held only to read and set
+	// fields, so GetVM and the hydration's progress never wait for them.
+	busy sync.Mutex
 }
 
 // New opens a plant. VMs left running by a previous process are stopped

@@ -352,25 +352,9 @@ func (m *machine) Continue(ctx context.Context) error {
 
 func (m *machine) Suspend(ctx context.Context, path string) error {
 	start := time.Now()
-	path, err := filepath.Abs(path)
+	info, err := m.saveFile(ctx, path, "suspend")
 	if err != nil {
 		return err
-	}
-	partial := path + ".partial"
-	info, err := m.save(ctx, partial)
-	if err != nil {
-		os.Remove(partial)
-		// Leave the machine as it was: running.
-		if st, serr := m.qmp.QueryStatus(ctx); serr == nil && !st.Running {
-			if cerr := m.qmp.Cont(ctx); cerr != nil {
-				m.log.Warn("could not resume the guest after a failed suspend", zap.Error(cerr))
-			}
-		}
-		return m.fail("suspend", err)
-	}
-	// Published only when complete: a reader never sees half a state.
-	if err := os.Rename(partial, path); err != nil {
-		return m.fail("suspend", err)
 	}
 	saved := time.Since(start)
 	if err := m.Stop(ctx); err != nil {
@@ -383,6 +367,38 @@ func (m *machine) Suspend(ctx context.Context, path string) error {
 	}
 	m.log.Info("machine suspended", fields...)
 	return nil
+}
+
+func (m *machine) Save(ctx context.Context, path string) error {
+	_, err := m.saveFile(ctx, path, "save")
+	return err
+}
+
+// saveFile saves the guest's state to path, published whole by a rename,
+// and leaves the machine paused; on failure it leaves it running, with no
+// file at path.
+func (m *machine) saveFile(ctx context.Context, path, op string) (MigrationInfo, error) {
+	path, err := filepath.Abs(path)
+	if err != nil {
+		return MigrationInfo{}, err
+	}
+	partial := path + ".partial"
+	info, err := m.save(ctx, partial)
+	if err == nil {
+		// Published only when complete: a reader never sees half a state.
+		err = os.Rename(partial, path)
+	}
+	if err != nil {
+		os.Remove(partial)
+		// Leave the machine as it was: running.
+		if st, serr := m.qmp.QueryStatus(ctx); serr == nil && !st.Running {
+			if cerr := m.qmp.Cont(ctx); cerr != nil {
+				m.log.Warn("could not resume the guest after a failed "+op, zap.Error(cerr))
+			}
+		}
+		return MigrationInfo{}, m.fail(op, err)
+	}
+	return info, nil
 }
 
 // save pauses the guest and writes its state to file.

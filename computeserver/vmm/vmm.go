@@ -47,6 +47,11 @@ type Machine interface {
 	// top of them) unchanged until the state is restored. On failure the
 	// machine keeps running as before and no file is left at path.
 	Suspend(ctx context.Context, path string) error
+	// Save writes the guest's state to path as Suspend does but leaves the
+	// machine paused, its disks flushed and consistent with the state:
+	// copy them now, then Continue runs the guest on (QEMU takes its disks
+	// back). On failure the machine keeps running and no file is at path.
+	Save(ctx context.Context, path string) error
 	// Resume completes the incoming migration of a machine started with
 	// Spec.Incoming and starts its vCPUs. The guest's clock is stale
 	// afterwards (it stood still while suspended): set it from inside the

@@ -19,14 +19,18 @@ func ShopPolicy() Policy {
 	return Policy{}.Allow(shopv1.ShopService_ServiceDesc, RoleOwner, RoleOperator)
 }
 
-// ImagePolicy: anyone known reads the catalog and images; publishers and
-// operators publish and delete; services (plants writing back persistent
-// disks, recording profiles) and operators write disks.
+// ImagePolicy: anyone known reads the catalog and images (owners only the
+// grid's and their own, auth.ImageVisible); publishers and operators
+// publish and delete; services (plants writing back persistent disks,
+// recording profiles) and operators write disks. Services also publish
+// and delete: a plant publishes a suspended VM's state and a published
+// VM (the shop's SuspendVM and PublishVM), and the shop deletes a spent
+// state and a destroyed VM's persistent disk.
 func ImagePolicy() Policy {
 	sd := imagev1.ImageService_ServiceDesc
 	p := Policy{}.Allow(sd, readers...)
-	p.Set(sd, "Publish", RolePublisher, RoleOperator)
-	p.Set(sd, "DeleteImage", RolePublisher, RoleOperator)
+	p.Set(sd, "Publish", RolePublisher, RoleOperator, RoleService)
+	p.Set(sd, "DeleteImage", RolePublisher, RoleOperator, RoleService)
 	p.Set(sd, "CreateDisk", infra...)
 	p.Set(sd, "WriteBlocks", infra...)
 	p.Set(sd, "PutProfile", RoleService, RoleOperator, RolePublisher)

@@ -3,7 +3,6 @@ package cli
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -32,7 +31,7 @@ func shopVerb(g *globals, s *service, fn verbFunc[shopv1.ShopServiceClient]) fun
 func vmCmd(g *globals) *cobra.Command {
 	s := &service{}
 	c := group(&cobra.Command{Use: "vm", Short: "Create, inspect, watch, reach and destroy VMs through a shop"},
-		append([]*cobra.Command{vmCreateCmd(g, s), vmGetCmd(g, s), vmListCmd(g, s), vmRmCmd(g, s), vmWatchCmd(g, s)}, vmAccessCmds(g, s)...)...)
+		append(append([]*cobra.Command{vmCreateCmd(g, s), vmGetCmd(g, s), vmListCmd(g, s), vmRmCmd(g, s), vmWatchCmd(g, s)}, vmAccessCmds(g, s)...), vmVerbCmds(g, s)...)...)
 	shopService(c, s)
 	return c
 }
@@ -113,6 +112,7 @@ makes the call idempotent (default: a random id).`,
 	fl.StringVar(&d.sshKey, "ssh-key", "", "SSH public key of --user")
 	fl.StringArrayVar(&d.execs, "exec", nil, "run a shell command in the guest (repeat; in order)")
 	fl.StringVar(&d.file, "dag", "", "file holding a configuration DAG as JSON (instead of the flags above)")
+	fl.BoolVar(&req.Persistent, "persistent", false, "root on a persistent disk written back to the image server (VM_ID-root): the VM can be suspended and resumed elsewhere")
 	o.register(c)
 	return c
 }
@@ -124,8 +124,14 @@ func createVM(cmd *cobra.Command, cl shopv1.ShopServiceClient, req *shopv1.Creat
 	if err != nil {
 		return err
 	}
+	return followVM(cmd, stream.Recv, o, "creation")
+}
+
+// followVM prints a creation's (or a resume's) progress on stderr and the
+// classad its last message carries.
+func followVM(cmd *cobra.Command, recv func() (*shopv1.CreateVMProgress, error), o *output, what string) error {
 	var ad *computev1.ClassAd
-	err = follow(stream.Recv, func(p *shopv1.CreateVMProgress) error {
+	err := follow(recv, func(p *shopv1.CreateVMProgress) error {
 		if p.Classad != nil {
 			ad = p.Classad
 			return errStop
@@ -141,7 +147,7 @@ func createVM(cmd *cobra.Command, cl shopv1.ShopServiceClient, req *shopv1.Creat
 		return err
 	}
 	if ad == nil {
-		return errors.New("the shop ended the creation without a classad")
+		return fmt.Errorf("the shop ended the %s without a classad", what)
 	}
 	return printItems(cmd.OutOrStdout(), o, ad, []*computev1.ClassAd{ad}, vmColumns)
 }

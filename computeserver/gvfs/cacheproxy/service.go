@@ -12,6 +12,7 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
+	"github.com/vmgrid/vmgrid/services/auth"
 )
 
 // Service is the ImageService of a cache proxy over a gvfs.Proxy.
@@ -48,6 +49,9 @@ func (s *Service) GetImage(ctx context.Context, req *imagev1.GetImageRequest) (*
 	if err != nil {
 		return nil, err
 	}
+	if err := auth.CheckImage(ctx, m); err != nil {
+		return nil, err
+	}
 	m = proto.Clone(m).(*imagev1.Manifest)
 	if req.View != imagev1.View_VIEW_FULL {
 		for _, f := range m.Files {
@@ -58,7 +62,12 @@ func (s *Service) GetImage(ctx context.Context, req *imagev1.GetImageRequest) (*
 }
 
 func (s *Service) ListImages(ctx context.Context, req *imagev1.ListImagesRequest) (*imagev1.ListImagesResponse, error) {
-	return s.api().ListImages(ctx, req)
+	resp, err := s.api().ListImages(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	resp.Images = auth.VisibleImages(ctx, resp.Images)
+	return resp, nil
 }
 
 func (s *Service) DeleteImage(ctx context.Context, req *imagev1.DeleteImageRequest) (*imagev1.DeleteImageResponse, error) {
@@ -78,6 +87,9 @@ func (s *Service) PutProfile(ctx context.Context, req *imagev1.PutProfileRequest
 }
 
 func (s *Service) GetProfile(ctx context.Context, req *imagev1.GetProfileRequest) (*imagev1.GetProfileResponse, error) {
+	if err := (proxySources{s.p}).visible(ctx, req.Image); err != nil {
+		return nil, err
+	}
 	return s.api().GetProfile(ctx, req)
 }
 
@@ -159,7 +171,20 @@ func (s *Service) FetchFile(req *imagev1.FetchFileRequest, stream imagev1.ImageS
 type proxySources struct{ p *gvfs.Proxy }
 
 func (o proxySources) OpenSource(ctx context.Context, image, file string) (blockproto.BlockSource, error) {
+	if err := o.visible(ctx, image); err != nil {
+		return nil, err
+	}
 	return o.p.Open(ctx, image, file)
+}
+
+// visible refuses an image the caller may not see (auth.CheckImage), as
+// the image server does.
+func (o proxySources) visible(ctx context.Context, image string) error {
+	m, err := o.p.Image(ctx, image)
+	if err != nil {
+		return err
+	}
+	return auth.CheckImage(ctx, m)
 }
 
 // Valid keeps golden files open for the life of a stream (they never

@@ -2059,6 +2059,129 @@ func (x *StageOutResponse) GetUploaded() []string {
 	return nil
 }
 
+type PublishVMRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	VmId  string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	// The new golden image's name.
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// The image's labels (the shop sets vmgrid.owner).
+	Labels        map[string]string `protobuf:"bytes,3,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PublishVMRequest) Reset() {
+	*x = PublishVMRequest{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishVMRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishVMRequest) ProtoMessage() {}
+
+func (x *PublishVMRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishVMRequest.ProtoReflect.Descriptor instead.
+func (*PublishVMRequest) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *PublishVMRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *PublishVMRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *PublishVMRequest) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+type PublishVMResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Image string                 `protobuf:"bytes,1,opt,name=image,proto3" json:"image,omitempty"`
+	// How long the guest was paused.
+	PausedNanos    int64  `protobuf:"varint,2,opt,name=paused_nanos,json=pausedNanos,proto3" json:"paused_nanos,omitempty"`
+	PublishedBytes uint64 `protobuf:"varint,3,opt,name=published_bytes,json=publishedBytes,proto3" json:"published_bytes,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *PublishVMResponse) Reset() {
+	*x = PublishVMResponse{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishVMResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishVMResponse) ProtoMessage() {}
+
+func (x *PublishVMResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishVMResponse.ProtoReflect.Descriptor instead.
+func (*PublishVMResponse) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *PublishVMResponse) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
+func (x *PublishVMResponse) GetPausedNanos() int64 {
+	if x != nil {
+		return x.PausedNanos
+	}
+	return 0
+}
+
+func (x *PublishVMResponse) GetPublishedBytes() uint64 {
+	if x != nil {
+		return x.PublishedBytes
+	}
+	return 0
+}
+
 var File_vmgrid_compute_v1_plant_proto protoreflect.FileDescriptor
 
 const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
@@ -2223,7 +2346,18 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\rremote_prefix\x18\x03 \x01(\tR\fremotePrefix\x12'\n" +
 	"\x0fdata_credential\x18\x04 \x01(\tR\x0edataCredential\".\n" +
 	"\x10StageOutResponse\x12\x1a\n" +
-	"\buploaded\x18\x01 \x03(\tR\buploaded*\xda\x01\n" +
+	"\buploaded\x18\x01 \x03(\tR\buploaded\"\xbf\x01\n" +
+	"\x10PublishVMRequest\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12G\n" +
+	"\x06labels\x18\x03 \x03(\v2/.vmgrid.compute.v1.PublishVMRequest.LabelsEntryR\x06labels\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"u\n" +
+	"\x11PublishVMResponse\x12\x14\n" +
+	"\x05image\x18\x01 \x01(\tR\x05image\x12!\n" +
+	"\fpaused_nanos\x18\x02 \x01(\x03R\vpausedNanos\x12'\n" +
+	"\x0fpublished_bytes\x18\x03 \x01(\x04R\x0epublishedBytes*\xda\x01\n" +
 	"\aVMState\x12\x18\n" +
 	"\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11VM_STATE_FETCHING\x10\x01\x12\x16\n" +
@@ -2233,7 +2367,7 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x12VM_STATE_SUSPENDED\x10\x05\x12\x13\n" +
 	"\x0fVM_STATE_FAILED\x10\x06\x12\x16\n" +
 	"\x12VM_STATE_DESTROYED\x10\a\x12\x11\n" +
-	"\rVM_STATE_LOST\x10\b2\xb5\a\n" +
+	"\rVM_STATE_LOST\x10\b2\x8d\b\n" +
 	"\fPlantService\x12U\n" +
 	"\bCreateVM\x12\".vmgrid.compute.v1.CreateVMRequest\x1a#.vmgrid.compute.v1.CreateVMProgress0\x01\x12D\n" +
 	"\x05GetVM\x12\x1f.vmgrid.compute.v1.GetVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12P\n" +
@@ -2246,7 +2380,8 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\n" +
 	"ExecStream\x12$.vmgrid.compute.v1.ExecStreamRequest\x1a%.vmgrid.compute.v1.ExecStreamResponse(\x010\x01\x12T\n" +
 	"\aConsole\x12!.vmgrid.compute.v1.ConsoleRequest\x1a\".vmgrid.compute.v1.ConsoleResponse(\x010\x01\x12`\n" +
-	"\vPortForward\x12%.vmgrid.compute.v1.PortForwardRequest\x1a&.vmgrid.compute.v1.PortForwardResponse(\x010\x01B<Z:github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1;computev1b\x06proto3"
+	"\vPortForward\x12%.vmgrid.compute.v1.PortForwardRequest\x1a&.vmgrid.compute.v1.PortForwardResponse(\x010\x01\x12V\n" +
+	"\tPublishVM\x12#.vmgrid.compute.v1.PublishVMRequest\x1a$.vmgrid.compute.v1.PublishVMResponseB<Z:github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1;computev1b\x06proto3"
 
 var (
 	file_vmgrid_compute_v1_plant_proto_rawDescOnce sync.Once
@@ -2261,7 +2396,7 @@ func file_vmgrid_compute_v1_plant_proto_rawDescGZIP() []byte {
 }
 
 var file_vmgrid_compute_v1_plant_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_vmgrid_compute_v1_plant_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_vmgrid_compute_v1_plant_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_vmgrid_compute_v1_plant_proto_goTypes = []any{
 	(VMState)(0),                // 0: vmgrid.compute.v1.VMState
 	(*Hardware)(nil),            // 1: vmgrid.compute.v1.Hardware
@@ -2290,16 +2425,19 @@ var file_vmgrid_compute_v1_plant_proto_goTypes = []any{
 	(*ExecVMResponse)(nil),      // 24: vmgrid.compute.v1.ExecVMResponse
 	(*StageOutRequest)(nil),     // 25: vmgrid.compute.v1.StageOutRequest
 	(*StageOutResponse)(nil),    // 26: vmgrid.compute.v1.StageOutResponse
-	nil,                         // 27: vmgrid.compute.v1.ActionResult.ResultsEntry
-	nil,                         // 28: vmgrid.compute.v1.ClassAd.LabelsEntry
-	nil,                         // 29: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
-	nil,                         // 30: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
-	(*ExecStreamRequest)(nil),   // 31: vmgrid.compute.v1.ExecStreamRequest
-	(*ConsoleRequest)(nil),      // 32: vmgrid.compute.v1.ConsoleRequest
-	(*PortForwardRequest)(nil),  // 33: vmgrid.compute.v1.PortForwardRequest
-	(*ExecStreamResponse)(nil),  // 34: vmgrid.compute.v1.ExecStreamResponse
-	(*ConsoleResponse)(nil),     // 35: vmgrid.compute.v1.ConsoleResponse
-	(*PortForwardResponse)(nil), // 36: vmgrid.compute.v1.PortForwardResponse
+	(*PublishVMRequest)(nil),    // 27: vmgrid.compute.v1.PublishVMRequest
+	(*PublishVMResponse)(nil),   // 28: vmgrid.compute.v1.PublishVMResponse
+	nil,                         // 29: vmgrid.compute.v1.ActionResult.ResultsEntry
+	nil,                         // 30: vmgrid.compute.v1.ClassAd.LabelsEntry
+	nil,                         // 31: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
+	nil,                         // 32: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	nil,                         // 33: vmgrid.compute.v1.PublishVMRequest.LabelsEntry
+	(*ExecStreamRequest)(nil),   // 34: vmgrid.compute.v1.ExecStreamRequest
+	(*ConsoleRequest)(nil),      // 35: vmgrid.compute.v1.ConsoleRequest
+	(*PortForwardRequest)(nil),  // 36: vmgrid.compute.v1.PortForwardRequest
+	(*ExecStreamResponse)(nil),  // 37: vmgrid.compute.v1.ExecStreamResponse
+	(*ConsoleResponse)(nil),     // 38: vmgrid.compute.v1.ConsoleResponse
+	(*PortForwardResponse)(nil), // 39: vmgrid.compute.v1.PortForwardResponse
 }
 var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	2,  // 0: vmgrid.compute.v1.Action.exec:type_name -> vmgrid.compute.v1.ExecAction
@@ -2311,15 +2449,15 @@ var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	8,  // 6: vmgrid.compute.v1.Action.stage_in:type_name -> vmgrid.compute.v1.StageInAction
 	9,  // 7: vmgrid.compute.v1.Action.on_error:type_name -> vmgrid.compute.v1.Action
 	9,  // 8: vmgrid.compute.v1.ConfigDAG.actions:type_name -> vmgrid.compute.v1.Action
-	27, // 9: vmgrid.compute.v1.ActionResult.results:type_name -> vmgrid.compute.v1.ActionResult.ResultsEntry
+	29, // 9: vmgrid.compute.v1.ActionResult.results:type_name -> vmgrid.compute.v1.ActionResult.ResultsEntry
 	0,  // 10: vmgrid.compute.v1.ClassAd.state:type_name -> vmgrid.compute.v1.VMState
 	1,  // 11: vmgrid.compute.v1.ClassAd.hardware:type_name -> vmgrid.compute.v1.Hardware
 	11, // 12: vmgrid.compute.v1.ClassAd.actions:type_name -> vmgrid.compute.v1.ActionResult
-	28, // 13: vmgrid.compute.v1.ClassAd.labels:type_name -> vmgrid.compute.v1.ClassAd.LabelsEntry
+	30, // 13: vmgrid.compute.v1.ClassAd.labels:type_name -> vmgrid.compute.v1.ClassAd.LabelsEntry
 	14, // 14: vmgrid.compute.v1.ClassAd.network:type_name -> vmgrid.compute.v1.NetworkAttachment
 	1,  // 15: vmgrid.compute.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
 	10, // 16: vmgrid.compute.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
-	29, // 17: vmgrid.compute.v1.CreateVMRequest.labels:type_name -> vmgrid.compute.v1.CreateVMRequest.LabelsEntry
+	31, // 17: vmgrid.compute.v1.CreateVMRequest.labels:type_name -> vmgrid.compute.v1.CreateVMRequest.LabelsEntry
 	14, // 18: vmgrid.compute.v1.CreateVMRequest.network:type_name -> vmgrid.compute.v1.NetworkAttachment
 	0,  // 19: vmgrid.compute.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
 	12, // 20: vmgrid.compute.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
@@ -2327,34 +2465,37 @@ var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	12, // 22: vmgrid.compute.v1.ResumeVMRequest.classad:type_name -> vmgrid.compute.v1.ClassAd
 	10, // 23: vmgrid.compute.v1.ResumeVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
 	2,  // 24: vmgrid.compute.v1.ExecVMRequest.exec:type_name -> vmgrid.compute.v1.ExecAction
-	30, // 25: vmgrid.compute.v1.ExecVMResponse.results:type_name -> vmgrid.compute.v1.ExecVMResponse.ResultsEntry
-	13, // 26: vmgrid.compute.v1.PlantService.CreateVM:input_type -> vmgrid.compute.v1.CreateVMRequest
-	16, // 27: vmgrid.compute.v1.PlantService.GetVM:input_type -> vmgrid.compute.v1.GetVMRequest
-	17, // 28: vmgrid.compute.v1.PlantService.ListVMs:input_type -> vmgrid.compute.v1.ListVMsRequest
-	19, // 29: vmgrid.compute.v1.PlantService.DestroyVM:input_type -> vmgrid.compute.v1.DestroyVMRequest
-	21, // 30: vmgrid.compute.v1.PlantService.SuspendVM:input_type -> vmgrid.compute.v1.SuspendVMRequest
-	22, // 31: vmgrid.compute.v1.PlantService.ResumeVM:input_type -> vmgrid.compute.v1.ResumeVMRequest
-	23, // 32: vmgrid.compute.v1.PlantService.ExecVM:input_type -> vmgrid.compute.v1.ExecVMRequest
-	25, // 33: vmgrid.compute.v1.PlantService.StageOut:input_type -> vmgrid.compute.v1.StageOutRequest
-	31, // 34: vmgrid.compute.v1.PlantService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
-	32, // 35: vmgrid.compute.v1.PlantService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
-	33, // 36: vmgrid.compute.v1.PlantService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
-	15, // 37: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	12, // 38: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	18, // 39: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
-	20, // 40: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
-	12, // 41: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
-	15, // 42: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	24, // 43: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
-	26, // 44: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
-	34, // 45: vmgrid.compute.v1.PlantService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
-	35, // 46: vmgrid.compute.v1.PlantService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
-	36, // 47: vmgrid.compute.v1.PlantService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
-	37, // [37:48] is the sub-list for method output_type
-	26, // [26:37] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	32, // 25: vmgrid.compute.v1.ExecVMResponse.results:type_name -> vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	33, // 26: vmgrid.compute.v1.PublishVMRequest.labels:type_name -> vmgrid.compute.v1.PublishVMRequest.LabelsEntry
+	13, // 27: vmgrid.compute.v1.PlantService.CreateVM:input_type -> vmgrid.compute.v1.CreateVMRequest
+	16, // 28: vmgrid.compute.v1.PlantService.GetVM:input_type -> vmgrid.compute.v1.GetVMRequest
+	17, // 29: vmgrid.compute.v1.PlantService.ListVMs:input_type -> vmgrid.compute.v1.ListVMsRequest
+	19, // 30: vmgrid.compute.v1.PlantService.DestroyVM:input_type -> vmgrid.compute.v1.DestroyVMRequest
+	21, // 31: vmgrid.compute.v1.PlantService.SuspendVM:input_type -> vmgrid.compute.v1.SuspendVMRequest
+	22, // 32: vmgrid.compute.v1.PlantService.ResumeVM:input_type -> vmgrid.compute.v1.ResumeVMRequest
+	23, // 33: vmgrid.compute.v1.PlantService.ExecVM:input_type -> vmgrid.compute.v1.ExecVMRequest
+	25, // 34: vmgrid.compute.v1.PlantService.StageOut:input_type -> vmgrid.compute.v1.StageOutRequest
+	34, // 35: vmgrid.compute.v1.PlantService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
+	35, // 36: vmgrid.compute.v1.PlantService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
+	36, // 37: vmgrid.compute.v1.PlantService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
+	27, // 38: vmgrid.compute.v1.PlantService.PublishVM:input_type -> vmgrid.compute.v1.PublishVMRequest
+	15, // 39: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	12, // 40: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	18, // 41: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
+	20, // 42: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
+	12, // 43: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
+	15, // 44: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	24, // 45: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
+	26, // 46: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
+	37, // 47: vmgrid.compute.v1.PlantService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
+	38, // 48: vmgrid.compute.v1.PlantService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
+	39, // 49: vmgrid.compute.v1.PlantService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
+	28, // 50: vmgrid.compute.v1.PlantService.PublishVM:output_type -> vmgrid.compute.v1.PublishVMResponse
+	39, // [39:51] is the sub-list for method output_type
+	27, // [27:39] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_vmgrid_compute_v1_plant_proto_init() }
@@ -2378,7 +2519,7 @@ func file_vmgrid_compute_v1_plant_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmgrid_compute_v1_plant_proto_rawDesc), len(file_vmgrid_compute_v1_plant_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   30,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -33,6 +33,7 @@ const (
 	PlantService_ExecStream_FullMethodName  = "/vmgrid.compute.v1.PlantService/ExecStream"
 	PlantService_Console_FullMethodName     = "/vmgrid.compute.v1.PlantService/Console"
 	PlantService_PortForward_FullMethodName = "/vmgrid.compute.v1.PlantService/PortForward"
+	PlantService_PublishVM_FullMethodName   = "/vmgrid.compute.v1.PlantService/PublishVM"
 )
 
 // PlantServiceClient is the client API for PlantService service.
@@ -74,6 +75,12 @@ type PlantServiceClient interface {
 	ExecStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ExecStreamRequest, ExecStreamResponse], error)
 	Console(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleRequest, ConsoleResponse], error)
 	PortForward(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PortForwardRequest, PortForwardResponse], error)
+	// PublishVM saves a running VM as a new golden image (the shop's
+	// PublishVM): the guest pauses while its memory state is saved and its
+	// disk folded, then runs on. Codes: NOT_FOUND; ALREADY_EXISTS (the
+	// name); FAILED_PRECONDITION (not running; a network, extra disks or host
+	// actions); UNAVAILABLE (the image server: nothing was published).
+	PublishVM(ctx context.Context, in *PublishVMRequest, opts ...grpc.CallOption) (*PublishVMResponse, error)
 }
 
 type plantServiceClient struct {
@@ -221,6 +228,16 @@ func (c *plantServiceClient) PortForward(ctx context.Context, opts ...grpc.CallO
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type PlantService_PortForwardClient = grpc.BidiStreamingClient[PortForwardRequest, PortForwardResponse]
 
+func (c *plantServiceClient) PublishVM(ctx context.Context, in *PublishVMRequest, opts ...grpc.CallOption) (*PublishVMResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PublishVMResponse)
+	err := c.cc.Invoke(ctx, PlantService_PublishVM_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PlantServiceServer is the server API for PlantService service.
 // All implementations must embed UnimplementedPlantServiceServer
 // for forward compatibility.
@@ -260,6 +277,12 @@ type PlantServiceServer interface {
 	ExecStream(grpc.BidiStreamingServer[ExecStreamRequest, ExecStreamResponse]) error
 	Console(grpc.BidiStreamingServer[ConsoleRequest, ConsoleResponse]) error
 	PortForward(grpc.BidiStreamingServer[PortForwardRequest, PortForwardResponse]) error
+	// PublishVM saves a running VM as a new golden image (the shop's
+	// PublishVM): the guest pauses while its memory state is saved and its
+	// disk folded, then runs on. Codes: NOT_FOUND; ALREADY_EXISTS (the
+	// name); FAILED_PRECONDITION (not running; a network, extra disks or host
+	// actions); UNAVAILABLE (the image server: nothing was published).
+	PublishVM(context.Context, *PublishVMRequest) (*PublishVMResponse, error)
 	mustEmbedUnimplementedPlantServiceServer()
 }
 
@@ -302,6 +325,9 @@ func (UnimplementedPlantServiceServer) Console(grpc.BidiStreamingServer[ConsoleR
 }
 func (UnimplementedPlantServiceServer) PortForward(grpc.BidiStreamingServer[PortForwardRequest, PortForwardResponse]) error {
 	return status.Error(codes.Unimplemented, "method PortForward not implemented")
+}
+func (UnimplementedPlantServiceServer) PublishVM(context.Context, *PublishVMRequest) (*PublishVMResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PublishVM not implemented")
 }
 func (UnimplementedPlantServiceServer) mustEmbedUnimplementedPlantServiceServer() {}
 func (UnimplementedPlantServiceServer) testEmbeddedByValue()                      {}
@@ -475,6 +501,24 @@ func _PlantService_PortForward_Handler(srv interface{}, stream grpc.ServerStream
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type PlantService_PortForwardServer = grpc.BidiStreamingServer[PortForwardRequest, PortForwardResponse]
 
+func _PlantService_PublishVM_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PublishVMRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PlantServiceServer).PublishVM(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PlantService_PublishVM_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PlantServiceServer).PublishVM(ctx, req.(*PublishVMRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PlantService_ServiceDesc is the grpc.ServiceDesc for PlantService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -505,6 +549,10 @@ var PlantService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "StageOut",
 			Handler:    _PlantService_StageOut_Handler,
+		},
+		{
+			MethodName: "PublishVM",
+			Handler:    _PlantService_PublishVM_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -13,6 +13,7 @@ package shopv1
 
 import (
 	v1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
+	v11 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -414,7 +415,13 @@ type CreateVMRequest struct {
 	Image string `protobuf:"bytes,5,opt,name=image,proto3" json:"image,omitempty"`
 	// Free-form labels copied into the classad (at most 64; keys up to 128
 	// bytes, values up to 1024, 16 KiB together). The plant adds "domain".
-	Labels        map[string]string `protobuf:"bytes,6,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Labels map[string]string `protobuf:"bytes,6,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Fields from 60 (state-moving verbs).
+	// A persistent VM: its root disk is a persistent disk the shop makes
+	// from the golden image (nothing copied), named VM_ID-root, read-write
+	// and written back to the image server; only such a VM can be suspended
+	// and resumed elsewhere. DestroyVM deletes the disk with the VM.
+	Persistent    bool `protobuf:"varint,60,opt,name=persistent,proto3" json:"persistent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -489,6 +496,13 @@ func (x *CreateVMRequest) GetLabels() map[string]string {
 		return x.Labels
 	}
 	return nil
+}
+
+func (x *CreateVMRequest) GetPersistent() bool {
+	if x != nil {
+		return x.Persistent
+	}
+	return false
 }
 
 // A plant's answer to a VM's auction (VMPlants §3.4): the lowest cost wins.
@@ -909,11 +923,274 @@ func (x *WatchVMRequest) GetVmId() string {
 	return ""
 }
 
+type SuspendVMRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required: ClassAd.vm_id.
+	VmId string `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	// Required (see Names): a retry with the same id answers the same.
+	RequestId     string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SuspendVMRequest) Reset() {
+	*x = SuspendVMRequest{}
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SuspendVMRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SuspendVMRequest) ProtoMessage() {}
+
+func (x *SuspendVMRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SuspendVMRequest.ProtoReflect.Descriptor instead.
+func (*SuspendVMRequest) Descriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *SuspendVMRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *SuspendVMRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type ResumeVMRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required: ClassAd.vm_id.
+	VmId string `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	// Required (see Names).
+	RequestId string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Resume on this plant (its registered name); empty: by auction.
+	Plant         string `protobuf:"bytes,3,opt,name=plant,proto3" json:"plant,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeVMRequest) Reset() {
+	*x = ResumeVMRequest{}
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeVMRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeVMRequest) ProtoMessage() {}
+
+func (x *ResumeVMRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeVMRequest.ProtoReflect.Descriptor instead.
+func (*ResumeVMRequest) Descriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ResumeVMRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *ResumeVMRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *ResumeVMRequest) GetPlant() string {
+	if x != nil {
+		return x.Plant
+	}
+	return ""
+}
+
+type PublishVMRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required: ClassAd.vm_id.
+	VmId string `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	// Required (see Names).
+	RequestId string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Required: the new golden image's name (see Names); no image may have
+	// it yet.
+	Name string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	// Added to the image's labels (limits as CreateVMRequest.labels; keys
+	// starting with "vmgrid." are the grid's).
+	Labels        map[string]string `protobuf:"bytes,4,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PublishVMRequest) Reset() {
+	*x = PublishVMRequest{}
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishVMRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishVMRequest) ProtoMessage() {}
+
+func (x *PublishVMRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishVMRequest.ProtoReflect.Descriptor instead.
+func (*PublishVMRequest) Descriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *PublishVMRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *PublishVMRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *PublishVMRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *PublishVMRequest) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+type PublishVMResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The new golden image (without per-block meta-data).
+	Image *v11.Manifest `protobuf:"bytes,1,opt,name=image,proto3" json:"image,omitempty"`
+	// The VM afterwards: RUNNING on the same plant.
+	Classad *v1.ClassAd `protobuf:"bytes,2,opt,name=classad,proto3" json:"classad,omitempty"`
+	// How long the guest was paused while its state was saved.
+	PausedNanos int64 `protobuf:"varint,3,opt,name=paused_nanos,json=pausedNanos,proto3" json:"paused_nanos,omitempty"`
+	// Bytes uploaded to the image server (zero blocks are not sent).
+	PublishedBytes uint64 `protobuf:"varint,4,opt,name=published_bytes,json=publishedBytes,proto3" json:"published_bytes,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *PublishVMResponse) Reset() {
+	*x = PublishVMResponse{}
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishVMResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishVMResponse) ProtoMessage() {}
+
+func (x *PublishVMResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishVMResponse.ProtoReflect.Descriptor instead.
+func (*PublishVMResponse) Descriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *PublishVMResponse) GetImage() *v11.Manifest {
+	if x != nil {
+		return x.Image
+	}
+	return nil
+}
+
+func (x *PublishVMResponse) GetClassad() *v1.ClassAd {
+	if x != nil {
+		return x.Classad
+	}
+	return nil
+}
+
+func (x *PublishVMResponse) GetPausedNanos() int64 {
+	if x != nil {
+		return x.PausedNanos
+	}
+	return 0
+}
+
+func (x *PublishVMResponse) GetPublishedBytes() uint64 {
+	if x != nil {
+		return x.PublishedBytes
+	}
+	return 0
+}
+
 var File_vmgrid_shop_v1_shop_proto protoreflect.FileDescriptor
 
 const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\n" +
-	"\x19vmgrid/shop/v1/shop.proto\x12\x0evmgrid.shop.v1\x1a\x1evmgrid/compute/v1/access.proto\x1a\x1dvmgrid/compute/v1/plant.proto\"\x81\x02\n" +
+	"\x19vmgrid/shop/v1/shop.proto\x12\x0evmgrid.shop.v1\x1a\x1evmgrid/compute/v1/access.proto\x1a\x1dvmgrid/compute/v1/plant.proto\x1a\x1bvmgrid/image/v1/image.proto\"\x81\x02\n" +
 	"\x11SubmitTaskRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x127\n" +
@@ -941,7 +1218,7 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\x13submitted_unix_nano\x18\f \x01(\x03R\x11submittedUnixNano\x12,\n" +
 	"\x12finished_unix_nano\x18\r \x01(\x03R\x10finishedUnixNano\")\n" +
 	"\x0eGetTaskRequest\x12\x17\n" +
-	"\atask_id\x18\x01 \x01(\tR\x06taskId\"\xdc\x02\n" +
+	"\atask_id\x18\x01 \x01(\tR\x06taskId\"\xfc\x02\n" +
 	"\x0fCreateVMRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x127\n" +
@@ -949,7 +1226,10 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\x06config\x18\x03 \x01(\v2\x1c.vmgrid.compute.v1.ConfigDAGR\x06config\x12%\n" +
 	"\x0enetwork_domain\x18\x04 \x01(\tR\rnetworkDomain\x12\x14\n" +
 	"\x05image\x18\x05 \x01(\tR\x05image\x12C\n" +
-	"\x06labels\x18\x06 \x03(\v2+.vmgrid.shop.v1.CreateVMRequest.LabelsEntryR\x06labels\x1a9\n" +
+	"\x06labels\x18\x06 \x03(\v2+.vmgrid.shop.v1.CreateVMRequest.LabelsEntryR\x06labels\x12\x1e\n" +
+	"\n" +
+	"persistent\x18< \x01(\bR\n" +
+	"persistent\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"I\n" +
@@ -975,7 +1255,30 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\"\x13\n" +
 	"\x11DestroyVMResponse\"%\n" +
 	"\x0eWatchVMRequest\x12\x13\n" +
-	"\x05vm_id\x18\x01 \x01(\tR\x04vmId*\xd7\x01\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\"F\n" +
+	"\x10SuspendVMRequest\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\"[\n" +
+	"\x0fResumeVMRequest\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\x12\x14\n" +
+	"\x05plant\x18\x03 \x01(\tR\x05plant\"\xdb\x01\n" +
+	"\x10PublishVMRequest\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12D\n" +
+	"\x06labels\x18\x04 \x03(\v2,.vmgrid.shop.v1.PublishVMRequest.LabelsEntryR\x06labels\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc6\x01\n" +
+	"\x11PublishVMResponse\x12/\n" +
+	"\x05image\x18\x01 \x01(\v2\x19.vmgrid.image.v1.ManifestR\x05image\x124\n" +
+	"\aclassad\x18\x02 \x01(\v2\x1a.vmgrid.compute.v1.ClassAdR\aclassad\x12!\n" +
+	"\fpaused_nanos\x18\x03 \x01(\x03R\vpausedNanos\x12'\n" +
+	"\x0fpublished_bytes\x18\x04 \x01(\x04R\x0epublishedBytes*\xd7\x01\n" +
 	"\tTaskState\x12\x1a\n" +
 	"\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11TASK_STATE_QUEUED\x10\x01\x12\x19\n" +
@@ -984,7 +1287,7 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\x16TASK_STATE_STAGING_OUT\x10\x04\x12\x18\n" +
 	"\x14TASK_STATE_SUCCEEDED\x10\x05\x12\x15\n" +
 	"\x11TASK_STATE_FAILED\x10\x06\x12\x17\n" +
-	"\x13TASK_STATE_CANCELED\x10\a2\xb0\a\n" +
+	"\x13TASK_STATE_CANCELED\x10\a2\x9e\t\n" +
 	"\vShopService\x12O\n" +
 	"\bCreateVM\x12\x1f.vmgrid.shop.v1.CreateVMRequest\x1a .vmgrid.shop.v1.CreateVMProgress0\x01\x12A\n" +
 	"\x05GetVM\x12\x1c.vmgrid.shop.v1.GetVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12J\n" +
@@ -1000,7 +1303,10 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\aGetTask\x12\x1e.vmgrid.shop.v1.GetTaskRequest\x1a\x14.vmgrid.shop.v1.Task\x12C\n" +
 	"\tWatchTask\x12\x1e.vmgrid.shop.v1.GetTaskRequest\x1a\x14.vmgrid.shop.v1.Task0\x01\x12B\n" +
 	"\n" +
-	"CancelTask\x12\x1e.vmgrid.shop.v1.GetTaskRequest\x1a\x14.vmgrid.shop.v1.TaskB6Z4github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1;shopv1b\x06proto3"
+	"CancelTask\x12\x1e.vmgrid.shop.v1.GetTaskRequest\x1a\x14.vmgrid.shop.v1.Task\x12I\n" +
+	"\tSuspendVM\x12 .vmgrid.shop.v1.SuspendVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12O\n" +
+	"\bResumeVM\x12\x1f.vmgrid.shop.v1.ResumeVMRequest\x1a .vmgrid.shop.v1.CreateVMProgress0\x01\x12P\n" +
+	"\tPublishVM\x12 .vmgrid.shop.v1.PublishVMRequest\x1a!.vmgrid.shop.v1.PublishVMResponseB6Z4github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1;shopv1b\x06proto3"
 
 var (
 	file_vmgrid_shop_v1_shop_proto_rawDescOnce sync.Once
@@ -1015,7 +1321,7 @@ func file_vmgrid_shop_v1_shop_proto_rawDescGZIP() []byte {
 }
 
 var file_vmgrid_shop_v1_shop_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_vmgrid_shop_v1_shop_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_vmgrid_shop_v1_shop_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_vmgrid_shop_v1_shop_proto_goTypes = []any{
 	(TaskState)(0),                 // 0: vmgrid.shop.v1.TaskState
 	(*SubmitTaskRequest)(nil),      // 1: vmgrid.shop.v1.SubmitTaskRequest
@@ -1030,58 +1336,73 @@ var file_vmgrid_shop_v1_shop_proto_goTypes = []any{
 	(*DestroyVMRequest)(nil),       // 10: vmgrid.shop.v1.DestroyVMRequest
 	(*DestroyVMResponse)(nil),      // 11: vmgrid.shop.v1.DestroyVMResponse
 	(*WatchVMRequest)(nil),         // 12: vmgrid.shop.v1.WatchVMRequest
-	nil,                            // 13: vmgrid.shop.v1.CreateVMRequest.LabelsEntry
-	(*v1.Hardware)(nil),            // 14: vmgrid.compute.v1.Hardware
-	(*v1.ConfigDAG)(nil),           // 15: vmgrid.compute.v1.ConfigDAG
-	(v1.VMState)(0),                // 16: vmgrid.compute.v1.VMState
-	(*v1.ClassAd)(nil),             // 17: vmgrid.compute.v1.ClassAd
-	(*v1.ExecStreamRequest)(nil),   // 18: vmgrid.compute.v1.ExecStreamRequest
-	(*v1.ConsoleRequest)(nil),      // 19: vmgrid.compute.v1.ConsoleRequest
-	(*v1.PortForwardRequest)(nil),  // 20: vmgrid.compute.v1.PortForwardRequest
-	(*v1.ExecStreamResponse)(nil),  // 21: vmgrid.compute.v1.ExecStreamResponse
-	(*v1.ConsoleResponse)(nil),     // 22: vmgrid.compute.v1.ConsoleResponse
-	(*v1.PortForwardResponse)(nil), // 23: vmgrid.compute.v1.PortForwardResponse
+	(*SuspendVMRequest)(nil),       // 13: vmgrid.shop.v1.SuspendVMRequest
+	(*ResumeVMRequest)(nil),        // 14: vmgrid.shop.v1.ResumeVMRequest
+	(*PublishVMRequest)(nil),       // 15: vmgrid.shop.v1.PublishVMRequest
+	(*PublishVMResponse)(nil),      // 16: vmgrid.shop.v1.PublishVMResponse
+	nil,                            // 17: vmgrid.shop.v1.CreateVMRequest.LabelsEntry
+	nil,                            // 18: vmgrid.shop.v1.PublishVMRequest.LabelsEntry
+	(*v1.Hardware)(nil),            // 19: vmgrid.compute.v1.Hardware
+	(*v1.ConfigDAG)(nil),           // 20: vmgrid.compute.v1.ConfigDAG
+	(v1.VMState)(0),                // 21: vmgrid.compute.v1.VMState
+	(*v1.ClassAd)(nil),             // 22: vmgrid.compute.v1.ClassAd
+	(*v11.Manifest)(nil),           // 23: vmgrid.image.v1.Manifest
+	(*v1.ExecStreamRequest)(nil),   // 24: vmgrid.compute.v1.ExecStreamRequest
+	(*v1.ConsoleRequest)(nil),      // 25: vmgrid.compute.v1.ConsoleRequest
+	(*v1.PortForwardRequest)(nil),  // 26: vmgrid.compute.v1.PortForwardRequest
+	(*v1.ExecStreamResponse)(nil),  // 27: vmgrid.compute.v1.ExecStreamResponse
+	(*v1.ConsoleResponse)(nil),     // 28: vmgrid.compute.v1.ConsoleResponse
+	(*v1.PortForwardResponse)(nil), // 29: vmgrid.compute.v1.PortForwardResponse
 }
 var file_vmgrid_shop_v1_shop_proto_depIdxs = []int32{
-	14, // 0: vmgrid.shop.v1.SubmitTaskRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
+	19, // 0: vmgrid.shop.v1.SubmitTaskRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
 	0,  // 1: vmgrid.shop.v1.Task.state:type_name -> vmgrid.shop.v1.TaskState
 	1,  // 2: vmgrid.shop.v1.Task.spec:type_name -> vmgrid.shop.v1.SubmitTaskRequest
-	14, // 3: vmgrid.shop.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
-	15, // 4: vmgrid.shop.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
-	13, // 5: vmgrid.shop.v1.CreateVMRequest.labels:type_name -> vmgrid.shop.v1.CreateVMRequest.LabelsEntry
-	16, // 6: vmgrid.shop.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
+	19, // 3: vmgrid.shop.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
+	20, // 4: vmgrid.shop.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
+	17, // 5: vmgrid.shop.v1.CreateVMRequest.labels:type_name -> vmgrid.shop.v1.CreateVMRequest.LabelsEntry
+	21, // 6: vmgrid.shop.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
 	5,  // 7: vmgrid.shop.v1.CreateVMProgress.bids:type_name -> vmgrid.shop.v1.Bid
-	17, // 8: vmgrid.shop.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
-	17, // 9: vmgrid.shop.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
-	4,  // 10: vmgrid.shop.v1.ShopService.CreateVM:input_type -> vmgrid.shop.v1.CreateVMRequest
-	7,  // 11: vmgrid.shop.v1.ShopService.GetVM:input_type -> vmgrid.shop.v1.GetVMRequest
-	8,  // 12: vmgrid.shop.v1.ShopService.ListVMs:input_type -> vmgrid.shop.v1.ListVMsRequest
-	10, // 13: vmgrid.shop.v1.ShopService.DestroyVM:input_type -> vmgrid.shop.v1.DestroyVMRequest
-	12, // 14: vmgrid.shop.v1.ShopService.WatchVM:input_type -> vmgrid.shop.v1.WatchVMRequest
-	18, // 15: vmgrid.shop.v1.ShopService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
-	19, // 16: vmgrid.shop.v1.ShopService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
-	20, // 17: vmgrid.shop.v1.ShopService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
-	1,  // 18: vmgrid.shop.v1.ShopService.SubmitTask:input_type -> vmgrid.shop.v1.SubmitTaskRequest
-	3,  // 19: vmgrid.shop.v1.ShopService.GetTask:input_type -> vmgrid.shop.v1.GetTaskRequest
-	3,  // 20: vmgrid.shop.v1.ShopService.WatchTask:input_type -> vmgrid.shop.v1.GetTaskRequest
-	3,  // 21: vmgrid.shop.v1.ShopService.CancelTask:input_type -> vmgrid.shop.v1.GetTaskRequest
-	6,  // 22: vmgrid.shop.v1.ShopService.CreateVM:output_type -> vmgrid.shop.v1.CreateVMProgress
-	17, // 23: vmgrid.shop.v1.ShopService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	9,  // 24: vmgrid.shop.v1.ShopService.ListVMs:output_type -> vmgrid.shop.v1.ListVMsResponse
-	11, // 25: vmgrid.shop.v1.ShopService.DestroyVM:output_type -> vmgrid.shop.v1.DestroyVMResponse
-	17, // 26: vmgrid.shop.v1.ShopService.WatchVM:output_type -> vmgrid.compute.v1.ClassAd
-	21, // 27: vmgrid.shop.v1.ShopService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
-	22, // 28: vmgrid.shop.v1.ShopService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
-	23, // 29: vmgrid.shop.v1.ShopService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
-	2,  // 30: vmgrid.shop.v1.ShopService.SubmitTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 31: vmgrid.shop.v1.ShopService.GetTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 32: vmgrid.shop.v1.ShopService.WatchTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 33: vmgrid.shop.v1.ShopService.CancelTask:output_type -> vmgrid.shop.v1.Task
-	22, // [22:34] is the sub-list for method output_type
-	10, // [10:22] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	22, // 8: vmgrid.shop.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
+	22, // 9: vmgrid.shop.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
+	18, // 10: vmgrid.shop.v1.PublishVMRequest.labels:type_name -> vmgrid.shop.v1.PublishVMRequest.LabelsEntry
+	23, // 11: vmgrid.shop.v1.PublishVMResponse.image:type_name -> vmgrid.image.v1.Manifest
+	22, // 12: vmgrid.shop.v1.PublishVMResponse.classad:type_name -> vmgrid.compute.v1.ClassAd
+	4,  // 13: vmgrid.shop.v1.ShopService.CreateVM:input_type -> vmgrid.shop.v1.CreateVMRequest
+	7,  // 14: vmgrid.shop.v1.ShopService.GetVM:input_type -> vmgrid.shop.v1.GetVMRequest
+	8,  // 15: vmgrid.shop.v1.ShopService.ListVMs:input_type -> vmgrid.shop.v1.ListVMsRequest
+	10, // 16: vmgrid.shop.v1.ShopService.DestroyVM:input_type -> vmgrid.shop.v1.DestroyVMRequest
+	12, // 17: vmgrid.shop.v1.ShopService.WatchVM:input_type -> vmgrid.shop.v1.WatchVMRequest
+	24, // 18: vmgrid.shop.v1.ShopService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
+	25, // 19: vmgrid.shop.v1.ShopService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
+	26, // 20: vmgrid.shop.v1.ShopService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
+	1,  // 21: vmgrid.shop.v1.ShopService.SubmitTask:input_type -> vmgrid.shop.v1.SubmitTaskRequest
+	3,  // 22: vmgrid.shop.v1.ShopService.GetTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	3,  // 23: vmgrid.shop.v1.ShopService.WatchTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	3,  // 24: vmgrid.shop.v1.ShopService.CancelTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	13, // 25: vmgrid.shop.v1.ShopService.SuspendVM:input_type -> vmgrid.shop.v1.SuspendVMRequest
+	14, // 26: vmgrid.shop.v1.ShopService.ResumeVM:input_type -> vmgrid.shop.v1.ResumeVMRequest
+	15, // 27: vmgrid.shop.v1.ShopService.PublishVM:input_type -> vmgrid.shop.v1.PublishVMRequest
+	6,  // 28: vmgrid.shop.v1.ShopService.CreateVM:output_type -> vmgrid.shop.v1.CreateVMProgress
+	22, // 29: vmgrid.shop.v1.ShopService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	9,  // 30: vmgrid.shop.v1.ShopService.ListVMs:output_type -> vmgrid.shop.v1.ListVMsResponse
+	11, // 31: vmgrid.shop.v1.ShopService.DestroyVM:output_type -> vmgrid.shop.v1.DestroyVMResponse
+	22, // 32: vmgrid.shop.v1.ShopService.WatchVM:output_type -> vmgrid.compute.v1.ClassAd
+	27, // 33: vmgrid.shop.v1.ShopService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
+	28, // 34: vmgrid.shop.v1.ShopService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
+	29, // 35: vmgrid.shop.v1.ShopService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
+	2,  // 36: vmgrid.shop.v1.ShopService.SubmitTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 37: vmgrid.shop.v1.ShopService.GetTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 38: vmgrid.shop.v1.ShopService.WatchTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 39: vmgrid.shop.v1.ShopService.CancelTask:output_type -> vmgrid.shop.v1.Task
+	22, // 40: vmgrid.shop.v1.ShopService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
+	6,  // 41: vmgrid.shop.v1.ShopService.ResumeVM:output_type -> vmgrid.shop.v1.CreateVMProgress
+	16, // 42: vmgrid.shop.v1.ShopService.PublishVM:output_type -> vmgrid.shop.v1.PublishVMResponse
+	28, // [28:43] is the sub-list for method output_type
+	13, // [13:28] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_vmgrid_shop_v1_shop_proto_init() }
@@ -1095,7 +1416,7 @@ func file_vmgrid_shop_v1_shop_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmgrid_shop_v1_shop_proto_rawDesc), len(file_vmgrid_shop_v1_shop_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   13,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -37,6 +37,9 @@ const (
 	ShopService_GetTask_FullMethodName     = "/vmgrid.shop.v1.ShopService/GetTask"
 	ShopService_WatchTask_FullMethodName   = "/vmgrid.shop.v1.ShopService/WatchTask"
 	ShopService_CancelTask_FullMethodName  = "/vmgrid.shop.v1.ShopService/CancelTask"
+	ShopService_SuspendVM_FullMethodName   = "/vmgrid.shop.v1.ShopService/SuspendVM"
+	ShopService_ResumeVM_FullMethodName    = "/vmgrid.shop.v1.ShopService/ResumeVM"
+	ShopService_PublishVM_FullMethodName   = "/vmgrid.shop.v1.ShopService/PublishVM"
 )
 
 // ShopServiceClient is the client API for ShopService service.
@@ -143,6 +146,46 @@ type ShopServiceClient interface {
 	// staged out so far stay) and returns it. Codes as GetTask, and
 	// FAILED_PRECONDITION for a task that already ended.
 	CancelTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*Task, error)
+	// The verbs that move a VM's state (GVFS scenario 1, VMPlants' golden
+	// images made from configured machines). Each is idempotent on (vm_id,
+	// request_id): a retry with the request_id of a verb that succeeded
+	// answers its result again. One verb runs on a VM at a time; a second
+	// waits for it. A plant or image server that fails part-way leaves the
+	// VM as it was before the call (RUNNING on its plant, or SUSPENDED),
+	// never half-moved: retry.
+	//
+	// SuspendVM saves a persistent VM (CreateVMRequest.persistent): its
+	// plant stops it, writes its disk changes back to the image server and
+	// publishes its memory state as an image; the VM leaves the plant (its
+	// memory is free for others) and its classad says SUSPENDED, with
+	// suspended_image and persistent_disk saying where its state is.
+	// Codes: NOT_FOUND; PERMISSION_DENIED (another owner's);
+	// FAILED_PRECONDITION (not RUNNING, not persistent, or with a network);
+	// UNAVAILABLE (its plant or the image server: the VM runs on, retry).
+	SuspendVM(ctx context.Context, in *SuspendVMRequest, opts ...grpc.CallOption) (*v1.ClassAd, error)
+	// ResumeVM brings a SUSPENDED VM back on a plant: the one named, or the
+	// winner of an auction as CreateVM places. Progress is streamed as
+	// CreateVM's (stages "bidding", "resuming", "ready"; the last message
+	// carries the classad, RUNNING on its new plant). Codes: NOT_FOUND (no
+	// such VM, or no such plant registered); PERMISSION_DENIED;
+	// FAILED_PRECONDITION (not SUSPENDED); RESOURCE_EXHAUSTED (no plant can
+	// host it); UNAVAILABLE (the VM stays SUSPENDED, retry).
+	ResumeVM(ctx context.Context, in *ResumeVMRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[CreateVMProgress], error)
+	// PublishVM turns a RUNNING VM into a golden image named name, the way
+	// a configured machine becomes a template: its disk (the redo log
+	// folded into the golden disk) and its memory state are saved at one
+	// instant (the guest pauses for that — the save and a copy of its redo
+	// log, 1.9 s for the tiny guest under TCG at load 14 — then runs on), with
+	// its RAM as a file where its image had one (lazy memory), and the image
+	// records the configuration actions the VM performed after its own, so
+	// CreateVM requests whose DAG starts with them match it. The image is
+	// the caller's: labelled vmgrid.owner=OWNER, it is matched, listed and
+	// read for them (and services, publishers, operators) only.
+	// Codes: INVALID_ARGUMENT (name); ALREADY_EXISTS (an image of that name);
+	// NOT_FOUND; PERMISSION_DENIED; FAILED_PRECONDITION (not RUNNING; a
+	// network, extra disks or host actions, which an image cannot carry);
+	// UNAVAILABLE (nothing was published: retry).
+	PublishVM(ctx context.Context, in *PublishVMRequest, opts ...grpc.CallOption) (*PublishVMResponse, error)
 }
 
 type shopServiceClient struct {
@@ -309,6 +352,45 @@ func (c *shopServiceClient) CancelTask(ctx context.Context, in *GetTaskRequest, 
 	return out, nil
 }
 
+func (c *shopServiceClient) SuspendVM(ctx context.Context, in *SuspendVMRequest, opts ...grpc.CallOption) (*v1.ClassAd, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(v1.ClassAd)
+	err := c.cc.Invoke(ctx, ShopService_SuspendVM_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *shopServiceClient) ResumeVM(ctx context.Context, in *ResumeVMRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[CreateVMProgress], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ShopService_ServiceDesc.Streams[6], ShopService_ResumeVM_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ResumeVMRequest, CreateVMProgress]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ShopService_ResumeVMClient = grpc.ServerStreamingClient[CreateVMProgress]
+
+func (c *shopServiceClient) PublishVM(ctx context.Context, in *PublishVMRequest, opts ...grpc.CallOption) (*PublishVMResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PublishVMResponse)
+	err := c.cc.Invoke(ctx, ShopService_PublishVM_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ShopServiceServer is the server API for ShopService service.
 // All implementations must embed UnimplementedShopServiceServer
 // for forward compatibility.
@@ -413,6 +495,46 @@ type ShopServiceServer interface {
 	// staged out so far stay) and returns it. Codes as GetTask, and
 	// FAILED_PRECONDITION for a task that already ended.
 	CancelTask(context.Context, *GetTaskRequest) (*Task, error)
+	// The verbs that move a VM's state (GVFS scenario 1, VMPlants' golden
+	// images made from configured machines). Each is idempotent on (vm_id,
+	// request_id): a retry with the request_id of a verb that succeeded
+	// answers its result again. One verb runs on a VM at a time; a second
+	// waits for it. A plant or image server that fails part-way leaves the
+	// VM as it was before the call (RUNNING on its plant, or SUSPENDED),
+	// never half-moved: retry.
+	//
+	// SuspendVM saves a persistent VM (CreateVMRequest.persistent): its
+	// plant stops it, writes its disk changes back to the image server and
+	// publishes its memory state as an image; the VM leaves the plant (its
+	// memory is free for others) and its classad says SUSPENDED, with
+	// suspended_image and persistent_disk saying where its state is.
+	// Codes: NOT_FOUND; PERMISSION_DENIED (another owner's);
+	// FAILED_PRECONDITION (not RUNNING, not persistent, or with a network);
+	// UNAVAILABLE (its plant or the image server: the VM runs on, retry).
+	SuspendVM(context.Context, *SuspendVMRequest) (*v1.ClassAd, error)
+	// ResumeVM brings a SUSPENDED VM back on a plant: the one named, or the
+	// winner of an auction as CreateVM places. Progress is streamed as
+	// CreateVM's (stages "bidding", "resuming", "ready"; the last message
+	// carries the classad, RUNNING on its new plant). Codes: NOT_FOUND (no
+	// such VM, or no such plant registered); PERMISSION_DENIED;
+	// FAILED_PRECONDITION (not SUSPENDED); RESOURCE_EXHAUSTED (no plant can
+	// host it); UNAVAILABLE (the VM stays SUSPENDED, retry).
+	ResumeVM(*ResumeVMRequest, grpc.ServerStreamingServer[CreateVMProgress]) error
+	// PublishVM turns a RUNNING VM into a golden image named name, the way
+	// a configured machine becomes a template: its disk (the redo log
+	// folded into the golden disk) and its memory state are saved at one
+	// instant (the guest pauses for that — the save and a copy of its redo
+	// log, 1.9 s for the tiny guest under TCG at load 14 — then runs on), with
+	// its RAM as a file where its image had one (lazy memory), and the image
+	// records the configuration actions the VM performed after its own, so
+	// CreateVM requests whose DAG starts with them match it. The image is
+	// the caller's: labelled vmgrid.owner=OWNER, it is matched, listed and
+	// read for them (and services, publishers, operators) only.
+	// Codes: INVALID_ARGUMENT (name); ALREADY_EXISTS (an image of that name);
+	// NOT_FOUND; PERMISSION_DENIED; FAILED_PRECONDITION (not RUNNING; a
+	// network, extra disks or host actions, which an image cannot carry);
+	// UNAVAILABLE (nothing was published: retry).
+	PublishVM(context.Context, *PublishVMRequest) (*PublishVMResponse, error)
 	mustEmbedUnimplementedShopServiceServer()
 }
 
@@ -458,6 +580,15 @@ func (UnimplementedShopServiceServer) WatchTask(*GetTaskRequest, grpc.ServerStre
 }
 func (UnimplementedShopServiceServer) CancelTask(context.Context, *GetTaskRequest) (*Task, error) {
 	return nil, status.Error(codes.Unimplemented, "method CancelTask not implemented")
+}
+func (UnimplementedShopServiceServer) SuspendVM(context.Context, *SuspendVMRequest) (*v1.ClassAd, error) {
+	return nil, status.Error(codes.Unimplemented, "method SuspendVM not implemented")
+}
+func (UnimplementedShopServiceServer) ResumeVM(*ResumeVMRequest, grpc.ServerStreamingServer[CreateVMProgress]) error {
+	return status.Error(codes.Unimplemented, "method ResumeVM not implemented")
+}
+func (UnimplementedShopServiceServer) PublishVM(context.Context, *PublishVMRequest) (*PublishVMResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PublishVM not implemented")
 }
 func (UnimplementedShopServiceServer) mustEmbedUnimplementedShopServiceServer() {}
 func (UnimplementedShopServiceServer) testEmbeddedByValue()                     {}
@@ -642,6 +773,53 @@ func _ShopService_CancelTask_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ShopService_SuspendVM_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SuspendVMRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ShopServiceServer).SuspendVM(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ShopService_SuspendVM_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ShopServiceServer).SuspendVM(ctx, req.(*SuspendVMRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ShopService_ResumeVM_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ResumeVMRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ShopServiceServer).ResumeVM(m, &grpc.GenericServerStream[ResumeVMRequest, CreateVMProgress]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ShopService_ResumeVMServer = grpc.ServerStreamingServer[CreateVMProgress]
+
+func _ShopService_PublishVM_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PublishVMRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ShopServiceServer).PublishVM(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ShopService_PublishVM_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ShopServiceServer).PublishVM(ctx, req.(*PublishVMRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ShopService_ServiceDesc is the grpc.ServiceDesc for ShopService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -672,6 +850,14 @@ var ShopService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CancelTask",
 			Handler:    _ShopService_CancelTask_Handler,
+		},
+		{
+			MethodName: "SuspendVM",
+			Handler:    _ShopService_SuspendVM_Handler,
+		},
+		{
+			MethodName: "PublishVM",
+			Handler:    _ShopService_PublishVM_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
@@ -706,6 +892,11 @@ var ShopService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "WatchTask",
 			Handler:       _ShopService_WatchTask_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "ResumeVM",
+			Handler:       _ShopService_ResumeVM_Handler,
 			ServerStreams: true,
 		},
 	},
