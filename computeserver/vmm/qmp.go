@@ -271,12 +271,20 @@ type MigrationInfo struct {
 	ErrorDesc string `json:"error-desc"`
 	TotalTime int64  `json:"total-time"` // ms
 	Downtime  int64  `json:"downtime"`   // ms
+	SetupTime int64  `json:"setup-time"` // ms
 	RAM       *struct {
 		Transferred int64 `json:"transferred"`
 		Total       int64 `json:"total"`
 		Duplicate   int64 `json:"duplicate"` // zero pages, not sent
 		Normal      int64 `json:"normal"`    // pages sent
+		// Live migration: passes over dirty memory, pages dirtied per
+		// second, pages fetched on demand after a post-copy switch.
+		DirtySyncCount   int64 `json:"dirty-sync-count"`
+		DirtyPagesRate   int64 `json:"dirty-pages-rate"`
+		PostcopyRequests int64 `json:"postcopy-requests"`
 	} `json:"ram"`
+	// CPU throttle of auto-converge, percent.
+	CPUThrottle int64 `json:"cpu-throttle-percentage"`
 }
 
 // QueryMigrate returns the state of the current or last migration.
