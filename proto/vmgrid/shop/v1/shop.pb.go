@@ -909,6 +909,146 @@ func (x *WatchVMRequest) GetVmId() string {
 	return ""
 }
 
+type MigrateVMRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required: ClassAd.vm_id.
+	VmId string `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	// The destination plant's name; empty: the auction's winner.
+	To string `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	// Switch to post-copy after the first pass over RAM (see the README).
+	PostCopy      bool `protobuf:"varint,3,opt,name=post_copy,json=postCopy,proto3" json:"post_copy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MigrateVMRequest) Reset() {
+	*x = MigrateVMRequest{}
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrateVMRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrateVMRequest) ProtoMessage() {}
+
+func (x *MigrateVMRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrateVMRequest.ProtoReflect.Descriptor instead.
+func (*MigrateVMRequest) Descriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *MigrateVMRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *MigrateVMRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *MigrateVMRequest) GetPostCopy() bool {
+	if x != nil {
+		return x.PostCopy
+	}
+	return false
+}
+
+type MigrateVMProgress struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Phase        string                 `protobuf:"bytes,1,opt,name=phase,proto3" json:"phase,omitempty"`
+	Message      string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	ElapsedNanos int64                  `protobuf:"varint,3,opt,name=elapsed_nanos,json=elapsedNanos,proto3" json:"elapsed_nanos,omitempty"`
+	Stats        *v1.MigrationStats     `protobuf:"bytes,4,opt,name=stats,proto3" json:"stats,omitempty"`
+	// In the last message.
+	Classad       *v1.ClassAd `protobuf:"bytes,5,opt,name=classad,proto3" json:"classad,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MigrateVMProgress) Reset() {
+	*x = MigrateVMProgress{}
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrateVMProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrateVMProgress) ProtoMessage() {}
+
+func (x *MigrateVMProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrateVMProgress.ProtoReflect.Descriptor instead.
+func (*MigrateVMProgress) Descriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *MigrateVMProgress) GetPhase() string {
+	if x != nil {
+		return x.Phase
+	}
+	return ""
+}
+
+func (x *MigrateVMProgress) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *MigrateVMProgress) GetElapsedNanos() int64 {
+	if x != nil {
+		return x.ElapsedNanos
+	}
+	return 0
+}
+
+func (x *MigrateVMProgress) GetStats() *v1.MigrationStats {
+	if x != nil {
+		return x.Stats
+	}
+	return nil
+}
+
+func (x *MigrateVMProgress) GetClassad() *v1.ClassAd {
+	if x != nil {
+		return x.Classad
+	}
+	return nil
+}
+
 var File_vmgrid_shop_v1_shop_proto protoreflect.FileDescriptor
 
 const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
@@ -975,7 +1115,17 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\"\x13\n" +
 	"\x11DestroyVMResponse\"%\n" +
 	"\x0eWatchVMRequest\x12\x13\n" +
-	"\x05vm_id\x18\x01 \x01(\tR\x04vmId*\xd7\x01\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\"T\n" +
+	"\x10MigrateVMRequest\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\x12\x1b\n" +
+	"\tpost_copy\x18\x03 \x01(\bR\bpostCopy\"\xd7\x01\n" +
+	"\x11MigrateVMProgress\x12\x14\n" +
+	"\x05phase\x18\x01 \x01(\tR\x05phase\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12#\n" +
+	"\relapsed_nanos\x18\x03 \x01(\x03R\felapsedNanos\x127\n" +
+	"\x05stats\x18\x04 \x01(\v2!.vmgrid.compute.v1.MigrationStatsR\x05stats\x124\n" +
+	"\aclassad\x18\x05 \x01(\v2\x1a.vmgrid.compute.v1.ClassAdR\aclassad*\xd7\x01\n" +
 	"\tTaskState\x12\x1a\n" +
 	"\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11TASK_STATE_QUEUED\x10\x01\x12\x19\n" +
@@ -984,7 +1134,7 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\x16TASK_STATE_STAGING_OUT\x10\x04\x12\x18\n" +
 	"\x14TASK_STATE_SUCCEEDED\x10\x05\x12\x15\n" +
 	"\x11TASK_STATE_FAILED\x10\x06\x12\x17\n" +
-	"\x13TASK_STATE_CANCELED\x10\a2\xb0\a\n" +
+	"\x13TASK_STATE_CANCELED\x10\a2\x84\b\n" +
 	"\vShopService\x12O\n" +
 	"\bCreateVM\x12\x1f.vmgrid.shop.v1.CreateVMRequest\x1a .vmgrid.shop.v1.CreateVMProgress0\x01\x12A\n" +
 	"\x05GetVM\x12\x1c.vmgrid.shop.v1.GetVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12J\n" +
@@ -1000,7 +1150,8 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\aGetTask\x12\x1e.vmgrid.shop.v1.GetTaskRequest\x1a\x14.vmgrid.shop.v1.Task\x12C\n" +
 	"\tWatchTask\x12\x1e.vmgrid.shop.v1.GetTaskRequest\x1a\x14.vmgrid.shop.v1.Task0\x01\x12B\n" +
 	"\n" +
-	"CancelTask\x12\x1e.vmgrid.shop.v1.GetTaskRequest\x1a\x14.vmgrid.shop.v1.TaskB6Z4github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1;shopv1b\x06proto3"
+	"CancelTask\x12\x1e.vmgrid.shop.v1.GetTaskRequest\x1a\x14.vmgrid.shop.v1.Task\x12R\n" +
+	"\tMigrateVM\x12 .vmgrid.shop.v1.MigrateVMRequest\x1a!.vmgrid.shop.v1.MigrateVMProgress0\x01B6Z4github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1;shopv1b\x06proto3"
 
 var (
 	file_vmgrid_shop_v1_shop_proto_rawDescOnce sync.Once
@@ -1015,7 +1166,7 @@ func file_vmgrid_shop_v1_shop_proto_rawDescGZIP() []byte {
 }
 
 var file_vmgrid_shop_v1_shop_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_vmgrid_shop_v1_shop_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_vmgrid_shop_v1_shop_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_vmgrid_shop_v1_shop_proto_goTypes = []any{
 	(TaskState)(0),                 // 0: vmgrid.shop.v1.TaskState
 	(*SubmitTaskRequest)(nil),      // 1: vmgrid.shop.v1.SubmitTaskRequest
@@ -1030,58 +1181,65 @@ var file_vmgrid_shop_v1_shop_proto_goTypes = []any{
 	(*DestroyVMRequest)(nil),       // 10: vmgrid.shop.v1.DestroyVMRequest
 	(*DestroyVMResponse)(nil),      // 11: vmgrid.shop.v1.DestroyVMResponse
 	(*WatchVMRequest)(nil),         // 12: vmgrid.shop.v1.WatchVMRequest
-	nil,                            // 13: vmgrid.shop.v1.CreateVMRequest.LabelsEntry
-	(*v1.Hardware)(nil),            // 14: vmgrid.compute.v1.Hardware
-	(*v1.ConfigDAG)(nil),           // 15: vmgrid.compute.v1.ConfigDAG
-	(v1.VMState)(0),                // 16: vmgrid.compute.v1.VMState
-	(*v1.ClassAd)(nil),             // 17: vmgrid.compute.v1.ClassAd
-	(*v1.ExecStreamRequest)(nil),   // 18: vmgrid.compute.v1.ExecStreamRequest
-	(*v1.ConsoleRequest)(nil),      // 19: vmgrid.compute.v1.ConsoleRequest
-	(*v1.PortForwardRequest)(nil),  // 20: vmgrid.compute.v1.PortForwardRequest
-	(*v1.ExecStreamResponse)(nil),  // 21: vmgrid.compute.v1.ExecStreamResponse
-	(*v1.ConsoleResponse)(nil),     // 22: vmgrid.compute.v1.ConsoleResponse
-	(*v1.PortForwardResponse)(nil), // 23: vmgrid.compute.v1.PortForwardResponse
+	(*MigrateVMRequest)(nil),       // 13: vmgrid.shop.v1.MigrateVMRequest
+	(*MigrateVMProgress)(nil),      // 14: vmgrid.shop.v1.MigrateVMProgress
+	nil,                            // 15: vmgrid.shop.v1.CreateVMRequest.LabelsEntry
+	(*v1.Hardware)(nil),            // 16: vmgrid.compute.v1.Hardware
+	(*v1.ConfigDAG)(nil),           // 17: vmgrid.compute.v1.ConfigDAG
+	(v1.VMState)(0),                // 18: vmgrid.compute.v1.VMState
+	(*v1.ClassAd)(nil),             // 19: vmgrid.compute.v1.ClassAd
+	(*v1.MigrationStats)(nil),      // 20: vmgrid.compute.v1.MigrationStats
+	(*v1.ExecStreamRequest)(nil),   // 21: vmgrid.compute.v1.ExecStreamRequest
+	(*v1.ConsoleRequest)(nil),      // 22: vmgrid.compute.v1.ConsoleRequest
+	(*v1.PortForwardRequest)(nil),  // 23: vmgrid.compute.v1.PortForwardRequest
+	(*v1.ExecStreamResponse)(nil),  // 24: vmgrid.compute.v1.ExecStreamResponse
+	(*v1.ConsoleResponse)(nil),     // 25: vmgrid.compute.v1.ConsoleResponse
+	(*v1.PortForwardResponse)(nil), // 26: vmgrid.compute.v1.PortForwardResponse
 }
 var file_vmgrid_shop_v1_shop_proto_depIdxs = []int32{
-	14, // 0: vmgrid.shop.v1.SubmitTaskRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
+	16, // 0: vmgrid.shop.v1.SubmitTaskRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
 	0,  // 1: vmgrid.shop.v1.Task.state:type_name -> vmgrid.shop.v1.TaskState
 	1,  // 2: vmgrid.shop.v1.Task.spec:type_name -> vmgrid.shop.v1.SubmitTaskRequest
-	14, // 3: vmgrid.shop.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
-	15, // 4: vmgrid.shop.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
-	13, // 5: vmgrid.shop.v1.CreateVMRequest.labels:type_name -> vmgrid.shop.v1.CreateVMRequest.LabelsEntry
-	16, // 6: vmgrid.shop.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
+	16, // 3: vmgrid.shop.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
+	17, // 4: vmgrid.shop.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
+	15, // 5: vmgrid.shop.v1.CreateVMRequest.labels:type_name -> vmgrid.shop.v1.CreateVMRequest.LabelsEntry
+	18, // 6: vmgrid.shop.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
 	5,  // 7: vmgrid.shop.v1.CreateVMProgress.bids:type_name -> vmgrid.shop.v1.Bid
-	17, // 8: vmgrid.shop.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
-	17, // 9: vmgrid.shop.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
-	4,  // 10: vmgrid.shop.v1.ShopService.CreateVM:input_type -> vmgrid.shop.v1.CreateVMRequest
-	7,  // 11: vmgrid.shop.v1.ShopService.GetVM:input_type -> vmgrid.shop.v1.GetVMRequest
-	8,  // 12: vmgrid.shop.v1.ShopService.ListVMs:input_type -> vmgrid.shop.v1.ListVMsRequest
-	10, // 13: vmgrid.shop.v1.ShopService.DestroyVM:input_type -> vmgrid.shop.v1.DestroyVMRequest
-	12, // 14: vmgrid.shop.v1.ShopService.WatchVM:input_type -> vmgrid.shop.v1.WatchVMRequest
-	18, // 15: vmgrid.shop.v1.ShopService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
-	19, // 16: vmgrid.shop.v1.ShopService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
-	20, // 17: vmgrid.shop.v1.ShopService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
-	1,  // 18: vmgrid.shop.v1.ShopService.SubmitTask:input_type -> vmgrid.shop.v1.SubmitTaskRequest
-	3,  // 19: vmgrid.shop.v1.ShopService.GetTask:input_type -> vmgrid.shop.v1.GetTaskRequest
-	3,  // 20: vmgrid.shop.v1.ShopService.WatchTask:input_type -> vmgrid.shop.v1.GetTaskRequest
-	3,  // 21: vmgrid.shop.v1.ShopService.CancelTask:input_type -> vmgrid.shop.v1.GetTaskRequest
-	6,  // 22: vmgrid.shop.v1.ShopService.CreateVM:output_type -> vmgrid.shop.v1.CreateVMProgress
-	17, // 23: vmgrid.shop.v1.ShopService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	9,  // 24: vmgrid.shop.v1.ShopService.ListVMs:output_type -> vmgrid.shop.v1.ListVMsResponse
-	11, // 25: vmgrid.shop.v1.ShopService.DestroyVM:output_type -> vmgrid.shop.v1.DestroyVMResponse
-	17, // 26: vmgrid.shop.v1.ShopService.WatchVM:output_type -> vmgrid.compute.v1.ClassAd
-	21, // 27: vmgrid.shop.v1.ShopService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
-	22, // 28: vmgrid.shop.v1.ShopService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
-	23, // 29: vmgrid.shop.v1.ShopService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
-	2,  // 30: vmgrid.shop.v1.ShopService.SubmitTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 31: vmgrid.shop.v1.ShopService.GetTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 32: vmgrid.shop.v1.ShopService.WatchTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 33: vmgrid.shop.v1.ShopService.CancelTask:output_type -> vmgrid.shop.v1.Task
-	22, // [22:34] is the sub-list for method output_type
-	10, // [10:22] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	19, // 8: vmgrid.shop.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
+	19, // 9: vmgrid.shop.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
+	20, // 10: vmgrid.shop.v1.MigrateVMProgress.stats:type_name -> vmgrid.compute.v1.MigrationStats
+	19, // 11: vmgrid.shop.v1.MigrateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
+	4,  // 12: vmgrid.shop.v1.ShopService.CreateVM:input_type -> vmgrid.shop.v1.CreateVMRequest
+	7,  // 13: vmgrid.shop.v1.ShopService.GetVM:input_type -> vmgrid.shop.v1.GetVMRequest
+	8,  // 14: vmgrid.shop.v1.ShopService.ListVMs:input_type -> vmgrid.shop.v1.ListVMsRequest
+	10, // 15: vmgrid.shop.v1.ShopService.DestroyVM:input_type -> vmgrid.shop.v1.DestroyVMRequest
+	12, // 16: vmgrid.shop.v1.ShopService.WatchVM:input_type -> vmgrid.shop.v1.WatchVMRequest
+	21, // 17: vmgrid.shop.v1.ShopService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
+	22, // 18: vmgrid.shop.v1.ShopService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
+	23, // 19: vmgrid.shop.v1.ShopService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
+	1,  // 20: vmgrid.shop.v1.ShopService.SubmitTask:input_type -> vmgrid.shop.v1.SubmitTaskRequest
+	3,  // 21: vmgrid.shop.v1.ShopService.GetTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	3,  // 22: vmgrid.shop.v1.ShopService.WatchTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	3,  // 23: vmgrid.shop.v1.ShopService.CancelTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	13, // 24: vmgrid.shop.v1.ShopService.MigrateVM:input_type -> vmgrid.shop.v1.MigrateVMRequest
+	6,  // 25: vmgrid.shop.v1.ShopService.CreateVM:output_type -> vmgrid.shop.v1.CreateVMProgress
+	19, // 26: vmgrid.shop.v1.ShopService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	9,  // 27: vmgrid.shop.v1.ShopService.ListVMs:output_type -> vmgrid.shop.v1.ListVMsResponse
+	11, // 28: vmgrid.shop.v1.ShopService.DestroyVM:output_type -> vmgrid.shop.v1.DestroyVMResponse
+	19, // 29: vmgrid.shop.v1.ShopService.WatchVM:output_type -> vmgrid.compute.v1.ClassAd
+	24, // 30: vmgrid.shop.v1.ShopService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
+	25, // 31: vmgrid.shop.v1.ShopService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
+	26, // 32: vmgrid.shop.v1.ShopService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
+	2,  // 33: vmgrid.shop.v1.ShopService.SubmitTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 34: vmgrid.shop.v1.ShopService.GetTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 35: vmgrid.shop.v1.ShopService.WatchTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 36: vmgrid.shop.v1.ShopService.CancelTask:output_type -> vmgrid.shop.v1.Task
+	14, // 37: vmgrid.shop.v1.ShopService.MigrateVM:output_type -> vmgrid.shop.v1.MigrateVMProgress
+	25, // [25:38] is the sub-list for method output_type
+	12, // [12:25] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_vmgrid_shop_v1_shop_proto_init() }
@@ -1095,7 +1253,7 @@ func file_vmgrid_shop_v1_shop_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmgrid_shop_v1_shop_proto_rawDesc), len(file_vmgrid_shop_v1_shop_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   13,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
