@@ -55,6 +55,12 @@ type MigrateOptions struct {
 	// Switchover runs while the source is paused before the switch-over,
 	// its mirrors complete; an error cancels the migration.
 	Switchover func(ctx context.Context) error
+	// Switched runs once the destination has what it needs to run the
+	// guest (the state is complete; in post-copy, once the switch to
+	// post-copy is made): it should run it there. An error says the
+	// destination does not run it: the source runs on (in post-copy it
+	// cannot: the error is returned and the guest is lost).
+	Switched func(ctx context.Context) error
 	// Progress receives query-migrate's answers while RAM is copied.
 	Progress func(MigrationInfo)
 	Logger   *zap.Logger
@@ -246,7 +252,14 @@ func waitMirrorsReady(ctx context.Context, m Machine, mirrors []Mirror) ([]Mirro
 // followMigration polls the migration to its end, finishing the mirrors
 // and running Switchover in the pause before the switch.
 func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migration) (Migration, error) {
-	postcopy := false
+	postcopy, switched := false, false
+	switchNow := func() error {
+		if switched || o.Switched == nil {
+			return nil
+		}
+		switched = true
+		return o.Switched(ctx)
+	}
 	for {
 		var info MigrationInfo
 		if err := m.QMP(ctx, "query-migrate", nil, &info); err != nil {
@@ -255,7 +268,11 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 		mig.Info = info
 		switch info.Status {
 		case "completed":
-			return mig, nil
+			return mig, switchNow()
+		case "postcopy-active":
+			if err := switchNow(); err != nil {
+				return mig, err
+			}
 		case "failed", "cancelled":
 			return mig, fmt.Errorf("migration %s: %s", info.Status, info.ErrorDesc)
 		case "pre-switchover":

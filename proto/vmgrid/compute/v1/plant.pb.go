@@ -2578,8 +2578,10 @@ type MigrateInResponse struct {
 	// flood there before the switch).
 	Ticket        string `protobuf:"bytes,2,opt,name=ticket,proto3" json:"ticket,omitempty"`
 	VxlanEndpoint string `protobuf:"bytes,3,opt,name=vxlan_endpoint,json=vxlanEndpoint,proto3" json:"vxlan_endpoint,omitempty"`
-	// RUN: the VM's classad on the destination.
+	// RUN: the VM's classad on the destination, and how long after the
+	// order the guest ran (the source adds it to the pause it saw).
 	Classad       *ClassAd `protobuf:"bytes,4,opt,name=classad,proto3" json:"classad,omitempty"`
+	ResumedNanos  int64    `protobuf:"varint,5,opt,name=resumed_nanos,json=resumedNanos,proto3" json:"resumed_nanos,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2640,6 +2642,13 @@ func (x *MigrateInResponse) GetClassad() *ClassAd {
 		return x.Classad
 	}
 	return nil
+}
+
+func (x *MigrateInResponse) GetResumedNanos() int64 {
+	if x != nil {
+		return x.ResumedNanos
+	}
+	return 0
 }
 
 // TunnelData is a chunk of one of QEMU's migration streams. The first
@@ -2918,12 +2927,13 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\aclassad\x18\x02 \x01(\v2\x1a.vmgrid.compute.v1.ClassAdR\aclassad\x12\x18\n" +
 	"\amachine\x18\x03 \x01(\fR\amachine\x12\x1b\n" +
 	"\tpost_copy\x18\x04 \x01(\bR\bpostCopy\x12\x16\n" +
-	"\x06source\x18\x05 \x01(\tR\x06source\"\xbc\x01\n" +
+	"\x06source\x18\x05 \x01(\tR\x06source\"\xe1\x01\n" +
 	"\x11MigrateInResponse\x122\n" +
 	"\x04step\x18\x01 \x01(\x0e2\x1e.vmgrid.compute.v1.MigrateStepR\x04step\x12\x16\n" +
 	"\x06ticket\x18\x02 \x01(\tR\x06ticket\x12%\n" +
 	"\x0evxlan_endpoint\x18\x03 \x01(\tR\rvxlanEndpoint\x124\n" +
-	"\aclassad\x18\x04 \x01(\v2\x1a.vmgrid.compute.v1.ClassAdR\aclassad\"g\n" +
+	"\aclassad\x18\x04 \x01(\v2\x1a.vmgrid.compute.v1.ClassAdR\aclassad\x12#\n" +
+	"\rresumed_nanos\x18\x05 \x01(\x03R\fresumedNanos\"g\n" +
 	"\n" +
 	"TunnelData\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x16\n" +
