@@ -304,7 +304,14 @@ func (o *outgoing) prepare(ctx context.Context) (string, error) {
 	if o.ctl, err = computev1.NewPlantServiceClient(o.cc).MigrateIn(ctx); err != nil {
 		return "", unavailable("plant "+o.req.Destination.Plant, err)
 	}
-	err = o.ctl.Send(&computev1.MigrateInRequest{Step: computev1.MigrateStep_MIGRATE_STEP_PREPARE, Classad: o.v.classad(),
+	ad := o.v.classad()
+	if ad.Network != nil {
+		if o.req.Network == nil || o.req.Network.Mac != ad.Network.Mac || o.req.Network.Address != ad.Network.Address || o.req.Network.Vni != ad.Network.Vni {
+			return "", fmt.Errorf("vm %q keeps its lease when it moves: the request's network must carry it: %w", ad.VmId, errdefs.ErrInvalidArgument)
+		}
+		ad.Network = o.req.Network
+	}
+	err = o.ctl.Send(&computev1.MigrateInRequest{Step: computev1.MigrateStep_MIGRATE_STEP_PREPARE, Classad: ad,
 		Machine: o.mo.spec, PostCopy: o.req.PostCopy, Source: o.p.cfg.Name})
 	if err != nil {
 		return "", unavailable("plant "+o.req.Destination.Plant, err)

@@ -2207,7 +2207,11 @@ type MigrateVMRequest struct {
 	// Copy the whole disk (the golden layers too) before the switch instead
 	// of the redo log alone: the baseline the Goiri paper rejects
 	// ("transferring the whole VM image"), for benchmarks.
-	CopyDisk      bool `protobuf:"varint,4,opt,name=copy_disk,json=copyDisk,proto3" json:"copy_disk,omitempty"`
+	CopyDisk bool `protobuf:"varint,4,opt,name=copy_disk,json=copyDisk,proto3" json:"copy_disk,omitempty"`
+	// The VM's network on the destination: its own lease (unchanged) and
+	// the destination plant's address on the segment. Unset: the VM has no
+	// network.
+	Network       *NetworkAttachment `protobuf:"bytes,5,opt,name=network,proto3" json:"network,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2268,6 +2272,13 @@ func (x *MigrateVMRequest) GetCopyDisk() bool {
 		return x.CopyDisk
 	}
 	return false
+}
+
+func (x *MigrateVMRequest) GetNetwork() *NetworkAttachment {
+	if x != nil {
+		return x.Network
+	}
+	return nil
 }
 
 // MigrationStats is what a live migration took.
@@ -2892,12 +2903,13 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\buploaded\x18\x01 \x03(\tR\buploaded\"9\n" +
 	"\rMigrationPeer\x12\x14\n" +
 	"\x05plant\x18\x01 \x01(\tR\x05plant\x12\x12\n" +
-	"\x04addr\x18\x02 \x01(\tR\x04addr\"\xa5\x01\n" +
+	"\x04addr\x18\x02 \x01(\tR\x04addr\"\xe5\x01\n" +
 	"\x10MigrateVMRequest\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12B\n" +
 	"\vdestination\x18\x02 \x01(\v2 .vmgrid.compute.v1.MigrationPeerR\vdestination\x12\x1b\n" +
 	"\tpost_copy\x18\x03 \x01(\bR\bpostCopy\x12\x1b\n" +
-	"\tcopy_disk\x18\x04 \x01(\bR\bcopyDisk\"\xd3\x03\n" +
+	"\tcopy_disk\x18\x04 \x01(\bR\bcopyDisk\x12>\n" +
+	"\anetwork\x18\x05 \x01(\v2$.vmgrid.compute.v1.NetworkAttachmentR\anetwork\"\xd3\x03\n" +
 	"\x0eMigrationStats\x12\x1f\n" +
 	"\vtotal_nanos\x18\x01 \x01(\x03R\n" +
 	"totalNanos\x12%\n" +
@@ -3063,45 +3075,46 @@ var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	3,  // 25: vmgrid.compute.v1.ExecVMRequest.exec:type_name -> vmgrid.compute.v1.ExecAction
 	38, // 26: vmgrid.compute.v1.ExecVMResponse.results:type_name -> vmgrid.compute.v1.ExecVMResponse.ResultsEntry
 	28, // 27: vmgrid.compute.v1.MigrateVMRequest.destination:type_name -> vmgrid.compute.v1.MigrationPeer
-	30, // 28: vmgrid.compute.v1.MigrateVMProgress.stats:type_name -> vmgrid.compute.v1.MigrationStats
-	13, // 29: vmgrid.compute.v1.MigrateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
-	1,  // 30: vmgrid.compute.v1.MigrateInRequest.step:type_name -> vmgrid.compute.v1.MigrateStep
-	13, // 31: vmgrid.compute.v1.MigrateInRequest.classad:type_name -> vmgrid.compute.v1.ClassAd
-	1,  // 32: vmgrid.compute.v1.MigrateInResponse.step:type_name -> vmgrid.compute.v1.MigrateStep
-	13, // 33: vmgrid.compute.v1.MigrateInResponse.classad:type_name -> vmgrid.compute.v1.ClassAd
-	14, // 34: vmgrid.compute.v1.PlantService.CreateVM:input_type -> vmgrid.compute.v1.CreateVMRequest
-	17, // 35: vmgrid.compute.v1.PlantService.GetVM:input_type -> vmgrid.compute.v1.GetVMRequest
-	18, // 36: vmgrid.compute.v1.PlantService.ListVMs:input_type -> vmgrid.compute.v1.ListVMsRequest
-	20, // 37: vmgrid.compute.v1.PlantService.DestroyVM:input_type -> vmgrid.compute.v1.DestroyVMRequest
-	22, // 38: vmgrid.compute.v1.PlantService.SuspendVM:input_type -> vmgrid.compute.v1.SuspendVMRequest
-	23, // 39: vmgrid.compute.v1.PlantService.ResumeVM:input_type -> vmgrid.compute.v1.ResumeVMRequest
-	24, // 40: vmgrid.compute.v1.PlantService.ExecVM:input_type -> vmgrid.compute.v1.ExecVMRequest
-	26, // 41: vmgrid.compute.v1.PlantService.StageOut:input_type -> vmgrid.compute.v1.StageOutRequest
-	39, // 42: vmgrid.compute.v1.PlantService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
-	40, // 43: vmgrid.compute.v1.PlantService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
-	41, // 44: vmgrid.compute.v1.PlantService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
-	29, // 45: vmgrid.compute.v1.PlantService.MigrateVM:input_type -> vmgrid.compute.v1.MigrateVMRequest
-	32, // 46: vmgrid.compute.v1.PlantService.MigrateIn:input_type -> vmgrid.compute.v1.MigrateInRequest
-	34, // 47: vmgrid.compute.v1.PlantService.MigrationTunnel:input_type -> vmgrid.compute.v1.TunnelData
-	16, // 48: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	13, // 49: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	19, // 50: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
-	21, // 51: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
-	13, // 52: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
-	16, // 53: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	25, // 54: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
-	27, // 55: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
-	42, // 56: vmgrid.compute.v1.PlantService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
-	43, // 57: vmgrid.compute.v1.PlantService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
-	44, // 58: vmgrid.compute.v1.PlantService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
-	31, // 59: vmgrid.compute.v1.PlantService.MigrateVM:output_type -> vmgrid.compute.v1.MigrateVMProgress
-	33, // 60: vmgrid.compute.v1.PlantService.MigrateIn:output_type -> vmgrid.compute.v1.MigrateInResponse
-	34, // 61: vmgrid.compute.v1.PlantService.MigrationTunnel:output_type -> vmgrid.compute.v1.TunnelData
-	48, // [48:62] is the sub-list for method output_type
-	34, // [34:48] is the sub-list for method input_type
-	34, // [34:34] is the sub-list for extension type_name
-	34, // [34:34] is the sub-list for extension extendee
-	0,  // [0:34] is the sub-list for field type_name
+	15, // 28: vmgrid.compute.v1.MigrateVMRequest.network:type_name -> vmgrid.compute.v1.NetworkAttachment
+	30, // 29: vmgrid.compute.v1.MigrateVMProgress.stats:type_name -> vmgrid.compute.v1.MigrationStats
+	13, // 30: vmgrid.compute.v1.MigrateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
+	1,  // 31: vmgrid.compute.v1.MigrateInRequest.step:type_name -> vmgrid.compute.v1.MigrateStep
+	13, // 32: vmgrid.compute.v1.MigrateInRequest.classad:type_name -> vmgrid.compute.v1.ClassAd
+	1,  // 33: vmgrid.compute.v1.MigrateInResponse.step:type_name -> vmgrid.compute.v1.MigrateStep
+	13, // 34: vmgrid.compute.v1.MigrateInResponse.classad:type_name -> vmgrid.compute.v1.ClassAd
+	14, // 35: vmgrid.compute.v1.PlantService.CreateVM:input_type -> vmgrid.compute.v1.CreateVMRequest
+	17, // 36: vmgrid.compute.v1.PlantService.GetVM:input_type -> vmgrid.compute.v1.GetVMRequest
+	18, // 37: vmgrid.compute.v1.PlantService.ListVMs:input_type -> vmgrid.compute.v1.ListVMsRequest
+	20, // 38: vmgrid.compute.v1.PlantService.DestroyVM:input_type -> vmgrid.compute.v1.DestroyVMRequest
+	22, // 39: vmgrid.compute.v1.PlantService.SuspendVM:input_type -> vmgrid.compute.v1.SuspendVMRequest
+	23, // 40: vmgrid.compute.v1.PlantService.ResumeVM:input_type -> vmgrid.compute.v1.ResumeVMRequest
+	24, // 41: vmgrid.compute.v1.PlantService.ExecVM:input_type -> vmgrid.compute.v1.ExecVMRequest
+	26, // 42: vmgrid.compute.v1.PlantService.StageOut:input_type -> vmgrid.compute.v1.StageOutRequest
+	39, // 43: vmgrid.compute.v1.PlantService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
+	40, // 44: vmgrid.compute.v1.PlantService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
+	41, // 45: vmgrid.compute.v1.PlantService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
+	29, // 46: vmgrid.compute.v1.PlantService.MigrateVM:input_type -> vmgrid.compute.v1.MigrateVMRequest
+	32, // 47: vmgrid.compute.v1.PlantService.MigrateIn:input_type -> vmgrid.compute.v1.MigrateInRequest
+	34, // 48: vmgrid.compute.v1.PlantService.MigrationTunnel:input_type -> vmgrid.compute.v1.TunnelData
+	16, // 49: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	13, // 50: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	19, // 51: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
+	21, // 52: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
+	13, // 53: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
+	16, // 54: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	25, // 55: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
+	27, // 56: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
+	42, // 57: vmgrid.compute.v1.PlantService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
+	43, // 58: vmgrid.compute.v1.PlantService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
+	44, // 59: vmgrid.compute.v1.PlantService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
+	31, // 60: vmgrid.compute.v1.PlantService.MigrateVM:output_type -> vmgrid.compute.v1.MigrateVMProgress
+	33, // 61: vmgrid.compute.v1.PlantService.MigrateIn:output_type -> vmgrid.compute.v1.MigrateInResponse
+	34, // 62: vmgrid.compute.v1.PlantService.MigrationTunnel:output_type -> vmgrid.compute.v1.TunnelData
+	49, // [49:63] is the sub-list for method output_type
+	35, // [35:49] is the sub-list for method input_type
+	35, // [35:35] is the sub-list for extension type_name
+	35, // [35:35] is the sub-list for extension extendee
+	0,  // [0:35] is the sub-list for field type_name
 }
 
 func init() { file_vmgrid_compute_v1_plant_proto_init() }

@@ -35,7 +35,7 @@ func (r *MigrateVMRequest) Validate() error {
 	if _, _, err := net.SplitHostPort(d.Addr); err != nil || len(d.Addr) > 256 {
 		return fmt.Errorf("destination.addr %q: want HOST:PORT", d.Addr)
 	}
-	return nil
+	return validateNetwork(r.Network)
 }
 
 // Validate checks one message of a MigrateIn stream.
