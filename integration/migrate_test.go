@@ -111,6 +111,11 @@ func (p *poller) end() (ok int, failed []string, maxGap time.Duration) {
 // migrate migrates a VM through the shop and returns its classad and the
 // phases it went through.
 func (g *netGrid) migrate(ctx context.Context, owner, vmID, to string) (*computev1.ClassAd, []string, error) {
+	return g.migrateWatching(ctx, owner, vmID, to, nil)
+}
+
+// migrateWatching is migrate calling each with every new phase.
+func (g *netGrid) migrateWatching(ctx context.Context, owner, vmID, to string, each func(phase string)) (*computev1.ClassAd, []string, error) {
 	stream, err := g.clients[owner].MigrateVM(ctx, &shopv1.MigrateVMRequest{VmId: vmID, To: to})
 	if err != nil {
 		return nil, nil, err
@@ -123,6 +128,9 @@ func (g *netGrid) migrate(ctx context.Context, owner, vmID, to string) (*compute
 		}
 		if len(phases) == 0 || phases[len(phases)-1] != p.Phase {
 			phases = append(phases, p.Phase)
+			if each != nil {
+				each(p.Phase)
+			}
 		}
 		if p.Classad != nil {
 			return p.Classad, phases, nil
@@ -255,12 +263,17 @@ func TestMigrate(t *testing.T) {
 		dest := cli.Plant
 		vmDir := filepath.Join(g.dirs[dest], "vms", svc.VmId)
 		poll := startPoller(g.plants[cli.Plant].Line.Network(), svc.Network.Vni, addr, "migrate-me")
-		killed := make(chan string, 1)
-		go func() { killed <- killIncoming(ctx, vmDir) }()
-		_, _, err := g.migrate(ctx, "alice", svc.VmId, dest)
-		what := <-killed
+		what := "nothing"
+		_, _, err := g.migrateWatching(ctx, "alice", svc.VmId, dest, func(phase string) {
+			if phase == "copying" && what == "nothing" { // RAM is on its way
+				what = killIncoming(vmDir)
+			}
+		})
 		ok, failed, _ := poll.end()
 		t.Logf("killed %s: migration: %v", what, err)
+		if !strings.HasPrefix(what, "the incoming QEMU") {
+			t.Fatalf("killed %s", what)
+		}
 		if errdefs.Code(err) != codes.Unavailable {
 			t.Fatalf("migration with its destination killed: %v, want Unavailable", err)
 		}
@@ -304,21 +317,21 @@ func TestMigrate(t *testing.T) {
 	})
 }
 
-// killIncoming waits for the machine of a VM migrating into vmDir and
-// kills it (SIGKILL: the destination's QEMU dies mid-migration).
-func killIncoming(ctx context.Context, vmDir string) string {
-	for ctx.Err() == nil {
-		if b, err := os.ReadFile(filepath.Join(vmDir, "machine.json")); err == nil {
-			var rec struct{ Pid int }
-			if json.Unmarshal(b, &rec) == nil && rec.Pid > 0 {
-				if err := syscall.Kill(rec.Pid, syscall.SIGKILL); err == nil {
-					return fmt.Sprintf("the incoming QEMU (pid %d)", rec.Pid)
-				}
-			}
-		}
-		time.Sleep(2 * time.Millisecond)
+// killIncoming kills the machine of a VM migrating into vmDir (SIGKILL:
+// the destination's QEMU dies mid-migration).
+func killIncoming(vmDir string) string {
+	b, err := os.ReadFile(filepath.Join(vmDir, "machine.json"))
+	if err != nil {
+		return err.Error()
 	}
-	return "nothing"
+	var rec struct{ Pid int }
+	if err := json.Unmarshal(b, &rec); err != nil || rec.Pid == 0 {
+		return fmt.Sprintf("machine.json %q: %v", b, err)
+	}
+	if err := syscall.Kill(rec.Pid, syscall.SIGKILL); err != nil {
+		return err.Error()
+	}
+	return fmt.Sprintf("the incoming QEMU (pid %d)", rec.Pid)
 }
 
 func vnetTapName(g *netGrid, plant, vmID string) string {

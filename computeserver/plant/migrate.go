@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
@@ -343,11 +344,10 @@ func brokenStream(err error) bool {
 	return errors.Is(err, io.EOF)
 }
 
+// unavailable is err as Unavailable (its text kept, not a code it may
+// carry from the destination: the VM runs on here, a retry may succeed).
 func unavailable(what string, err error) error {
-	if errdefs.IsUnavailable(err) {
-		return fmt.Errorf("%s: %w", what, err)
-	}
-	return fmt.Errorf("%s: %w: %w", what, err, errdefs.ErrUnavailable)
+	return fmt.Errorf("%s: %s: %w", what, status.Convert(err).Message(), errdefs.ErrUnavailable)
 }
 
 // waitFlooding waits until this plant's segment of the VM's domain floods
@@ -374,6 +374,7 @@ func (o *outgoing) waitFlooding(ctx context.Context, endpoint string) error {
 // destination's tap joins its segment.
 func (o *outgoing) plug(ctx context.Context) error {
 	o.paused = time.Now()
+	o.log.Info("paused for the switch-over")
 	o.progress("switching", "the guest is paused; switching over", nil)
 	return o.step(computev1.MigrateStep_MIGRATE_STEP_PLUG)
 }
@@ -426,7 +427,7 @@ func (o *outgoing) runThere(ctx context.Context) error {
 func (o *outgoing) failed(err error) error {
 	var me *vmm.MachineError
 	if errors.As(err, &me) || errdefs.Code(err) == codes.Unknown {
-		return fmt.Errorf("migrate vm %s to %s: %w: %w", o.v.ad.VmId, o.req.Destination.Plant, err, errdefs.ErrUnavailable)
+		return unavailable(fmt.Sprintf("migrate vm %s to %s", o.v.ad.VmId, o.req.Destination.Plant), err)
 	}
 	return err
 }

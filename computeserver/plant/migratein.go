@@ -2,6 +2,7 @@ package plant
 
 import (
 	"context"
+	"errors"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -59,6 +60,10 @@ func (p *Plant) MigrateIn(s MigrateInStream) error {
 	}
 	im, err := p.prepareIncoming(ctx, req)
 	if err != nil {
+		var me *vmm.MachineError
+		if errors.As(err, &me) {
+			return fmt.Errorf("%w: %w", err, errdefs.ErrUnavailable) // the machine failed, not the request
+		}
 		return err
 	}
 	ran := false

@@ -252,7 +252,9 @@ func waitMirrorsReady(ctx context.Context, m Machine, mirrors []Mirror) ([]Mirro
 // followMigration polls the migration to its end, finishing the mirrors
 // and running Switchover in the pause before the switch.
 func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migration) (Migration, error) {
-	postcopy, switched := false, false
+	// migrate-continue only wakes the migration thread: the status may
+	// read pre-switchover once more after it.
+	postcopy, switched, continued := false, false, false
 	switchNow := func() error {
 		if switched || o.Switched == nil {
 			return nil
@@ -276,6 +278,10 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 		case "failed", "cancelled":
 			return mig, fmt.Errorf("migration %s: %s", info.Status, info.ErrorDesc)
 		case "pre-switchover":
+			if continued {
+				break
+			}
+			continued = true
 			t0 := time.Now()
 			if err := finishMirrors(ctx, m, o.Mirrors); err != nil {
 				return mig, err
