@@ -436,7 +436,7 @@ func (o *outgoing) failed(err error) error {
 func (o *outgoing) stats(mig vmm.Migration) *computev1.MigrationStats {
 	s := &computev1.MigrationStats{
 		TotalNanos: int64(time.Since(o.start)), QemuDowntimeMs: mig.Info.Downtime, MovedBytes: uint64(o.moved.Load()),
-		PostCopy: o.req.PostCopy, CpuThrottlePercent: mig.Info.CPUThrottle,
+		PostCopy: mig.PostCopy, CpuThrottlePercent: mig.Info.CPUThrottle,
 	}
 	if r := mig.Info.RAM; r != nil {
 		s.RamBytes, s.RamTotalBytes, s.ZeroPages, s.DirtySyncCount = uint64(r.Transferred), uint64(r.Total), uint64(r.Duplicate), r.DirtySyncCount
@@ -446,7 +446,7 @@ func (o *outgoing) stats(mig vmm.Migration) *computev1.MigrationStats {
 	}
 	if !o.switched.IsZero() && !o.paused.IsZero() {
 		s.DowntimeNanos = int64(o.switched.Sub(o.paused))
-		if o.req.PostCopy {
+		if mig.PostCopy {
 			s.SourceReleasedNanos = int64(time.Since(o.switched))
 		}
 	}

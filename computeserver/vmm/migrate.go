@@ -87,6 +87,9 @@ type Migration struct {
 	// Paused is how long the source stood paused before the switch-over
 	// (mirrors finished, Switchover run).
 	Paused time.Duration
+	// PostCopy: the migration switched to post-copy (asked for, and the
+	// guest had not converged in pre-copy first).
+	PostCopy bool
 }
 
 // Migrate migrates m to the destination of o. When it returns nil the
@@ -272,6 +275,7 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 		case "completed":
 			return mig, switchNow()
 		case "postcopy-active":
+			mig.PostCopy = true
 			if err := switchNow(); err != nil {
 				return mig, err
 			}
@@ -297,7 +301,9 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 			mig.Paused = time.Since(t0)
 		case "active":
 			if o.PostCopy && !postcopy && info.RAM != nil && info.RAM.DirtySyncCount >= 2 {
-				// One full pass is there: the rest comes on demand.
+				// One full pass is there: the rest comes on demand (if
+				// what is left does not fit the downtime limit; else the
+				// pre-copy completes as it is).
 				if err := m.QMP(ctx, "migrate-start-postcopy", nil, nil); err != nil {
 					return mig, err
 				}

@@ -14,6 +14,12 @@ import (
 // disk), its RAM pre-copied; the counter it prints goes on from where it
 // was on the destination, and the source is left paused for good.
 func TestLiveMigrate(t *testing.T) {
+	for _, postCopy := range []bool{false, true} {
+		t.Run(map[bool]string{false: "pre-copy", true: "post-copy"}[postCopy], func(t *testing.T) { liveMigrate(t, postCopy) })
+	}
+}
+
+func liveMigrate(t *testing.T, postCopy bool) {
 	d := driver(t)
 	img := tinyImage(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -39,15 +45,26 @@ func TestLiveMigrate(t *testing.T) {
 	}
 	defer m2.Kill()
 	uri, nbd := "unix:"+filepath.Join(dst.Dir, "in.sock"), filepath.Join(dst.Dir, "nbd.sock")
-	if err := ListenIncoming(ctx, m2, uri, nbd, []string{DriveID(0)}, false); err != nil {
+	if err := ListenIncoming(ctx, m2, uri, nbd, []string{DriveID(0)}, postCopy); err != nil {
 		t.Fatal(err)
 	}
 	switched := false
 	mig, err := Migrate(ctx, m, MigrateOptions{
-		URI: uri, Mirrors: []Mirror{{Drive: DriveID(0), Socket: nbd}}, Logger: m2.(*machine).log,
+		URI: uri, Mirrors: []Mirror{{Drive: DriveID(0), Socket: nbd}}, Logger: m2.(*machine).log, PostCopy: postCopy,
 		Switchover: func(ctx context.Context) error {
 			switched = true
 			return StopServingDrives(ctx, m2, []string{DriveID(0)})
+		},
+		// The destination runs as soon as it may (in post-copy: before
+		// the copy ends, the rest of RAM on demand).
+		Switched: func(ctx context.Context) error {
+			if err := WaitIncoming(ctx, m2); err != nil {
+				return err
+			}
+			if err := m2.Continue(ctx); err != nil {
+				return err
+			}
+			return Announce(ctx, m2)
 		},
 	})
 	if err != nil {
@@ -57,16 +74,7 @@ func TestLiveMigrate(t *testing.T) {
 		t.Fatal("Switchover was not called")
 	}
 	before := lastTick(t, m.ConsoleLog())
-	if err := WaitIncoming(ctx, m2); err != nil {
-		t.Fatal(err)
-	}
-	if err := m2.Continue(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := Announce(ctx, m2); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("migrated: total %d ms, downtime %d ms, RAM %d bytes, mirror %+v, paused %v", mig.Info.TotalTime, mig.Info.Downtime, mig.Info.RAM.Transferred, mig.Mirrors, mig.Paused)
+	t.Logf("migrated: post-copy %v, requests %d, passes %d, total %d ms, downtime %d ms, RAM %d bytes, mirror %+v, paused %v", mig.PostCopy, mig.Info.RAM.PostcopyRequests, mig.Info.RAM.DirtySyncCount, mig.Info.TotalTime, mig.Info.Downtime, mig.Info.RAM.Transferred, mig.Mirrors, mig.Paused)
 	if st, _ := m.Status(ctx); st != "postmigrate" {
 		t.Errorf("source is %q after the migration, want postmigrate", st)
 	}
