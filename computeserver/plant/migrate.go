@@ -250,7 +250,7 @@ type outgoing struct {
 
 	ctl      computev1.PlantService_MigrateInClient
 	ticket   string
-	moved    atomic.Int64 // bytes through the tunnels, both ways
+	moved    atomic.Int64  // bytes through the tunnels, both ways
 	paused   time.Time     // the source's pause before the switch-over
 	switched time.Time     // the destination runs the guest
 	resumed  time.Duration // from the order to run to the guest running
@@ -456,14 +456,19 @@ func (o *outgoing) stats(mig vmm.Migration) *computev1.MigrationStats {
 // release lets the VM go from this plant once it runs on the destination:
 // its machine (paused for good), agent, streams, tap and directory.
 func (o *outgoing) release() {
-	p, v := o.p, o.v
+	o.p.forget(o.v)
+	if o.ad == nil {
+		o.ad = proto.Clone(o.v.ad).(*computev1.ClassAd)
+	}
+}
+
+// forget removes a VM from the plant and tears it down (its machine,
+// agent, streams, tap, directory).
+func (p *Plant) forget(v *vm) {
 	p.mu.Lock()
 	if p.vms[v.ad.VmId] == v {
 		delete(p.vms, v.ad.VmId)
 	}
 	p.mu.Unlock()
 	p.teardown(v)
-	if o.ad == nil {
-		o.ad = proto.Clone(v.ad).(*computev1.ClassAd)
-	}
 }

@@ -2,10 +2,10 @@ package plant
 
 import (
 	"context"
-	"errors"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -15,6 +15,8 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vmgrid/vmgrid/computeserver/agent"
+	"github.com/vmgrid/vmgrid/computeserver/qemuga"
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
@@ -120,6 +122,9 @@ type inMachine struct {
 	// postCopy: the source switches to post-copy (userfaultfd on the
 	// destination's RAM).
 	postCopy bool
+	// agentReady waits until the guest agent, connected before the state
+	// came (dialAgent), answers.
+	agentReady func(context.Context) error
 	log      *zap.Logger
 }
 
@@ -209,7 +214,40 @@ func (im *inMachine) machine(ctx context.Context, spec *vmm.Spec) error {
 	v.m = m
 	v.mu.Unlock()
 	writeMachineFile(v.dir, m.Pid(), im.log)
+	if len(spec.Channels) > 0 {
+		im.dialAgent(ctx, spec.Channels[0].Socket)
+	}
 	return vmm.ListenIncoming(ctx, m, "unix:"+filepath.Join(v.dir, incomingSock), filepath.Join(v.dir, incomingNBDSock), im.drives, im.postCopy)
+}
+
+// dialAgent connects to the guest agent's channel before the state
+// arrives. The source's plant is connected to it, and the guest's port
+// knows: were the destination's channel unconnected when the state loads,
+// QEMU would tell the guest its host went away, and the guest's agent
+// would reopen its port, dropping a request sent meanwhile. Connected
+// first, the guest sees no change.
+func (im *inMachine) dialAgent(ctx context.Context, sock string) {
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	var ga guestAgent
+	if GuestKind(im.src.manifest.GetAttributes()) == imagev1.GuestAgent_GUEST_AGENT_VMGRID {
+		ac, err := agent.Dial(dctx, sock)
+		if err != nil {
+			im.log.Warn("dial the guest agent's channel", zap.Error(err))
+			return
+		}
+		ga, im.agentReady = ac, ac.WaitReady
+	} else {
+		c, err := qemuga.Dial(dctx, sock)
+		if err != nil {
+			im.log.Warn("dial the guest agent's channel", zap.Error(err))
+			return
+		}
+		ga, im.agentReady = &qgaAgent{c: c}, func(ctx context.Context) error { return c.Sync(ctx, time.Second) }
+	}
+	im.v.mu.Lock()
+	im.v.agent = ga // closed by the teardown if the migration fails
+	im.v.mu.Unlock()
 }
 
 // disk resolves one of the machine's disks; the source's redo log becomes
@@ -297,17 +335,14 @@ func (im *inMachine) run(ctx context.Context) error {
 func (im *inMachine) ready(ctx context.Context) {
 	v := im.v
 	spec := v.m.Spec()
-	var ga guestAgent
-	if len(spec.Channels) > 0 {
-		var err error
-		sock := spec.Channels[0].Socket
-		if GuestKind(im.src.manifest.GetAttributes()) == imagev1.GuestAgent_GUEST_AGENT_VMGRID {
-			ga, err = waitAgent(ctx, v.m, sock, im.p.cfg.agentTimeout())
-		} else {
-			ga, err = waitQGA(ctx, v.m, sock, im.p.cfg.agentTimeout())
-		}
+	v.mu.Lock()
+	ga := v.agent
+	v.mu.Unlock()
+	if ga != nil {
+		_, err := waitGuest(ctx, v.m, im.p.cfg.agentTimeout(), func(ctx context.Context) (guestAgent, error) { return ga, im.agentReady(ctx) })
 		if err != nil {
 			im.log.Warn("the guest agent did not answer after the migration", zap.Error(err))
+			ga.Close()
 			ga = nil
 		}
 	}
@@ -327,12 +362,7 @@ func (im *inMachine) ready(ctx context.Context) {
 // abandon removes what the migration made here.
 func (im *inMachine) abandon() {
 	p, v := im.p, im.v
-	p.mu.Lock()
-	if p.vms[v.ad.VmId] == v {
-		delete(p.vms, v.ad.VmId)
-	}
-	p.mu.Unlock()
-	p.teardown(v)
+	p.forget(v)
 	v.err = fmt.Errorf("vm %q did not migrate to plant %s: %w", v.ad.VmId, p.cfg.Name, errdefs.ErrNotFound)
 	close(v.ready)
 	im.log.Info("incoming migration abandoned; its machine is removed")

@@ -162,15 +162,7 @@ func setupMigration(ctx context.Context, m Machine, o MigrateOptions) error {
 }
 
 func setCapabilities(ctx context.Context, m Machine, caps map[string]bool) error {
-	type capability struct {
-		Capability string `json:"capability"`
-		State      bool   `json:"state"`
-	}
-	var list []capability
-	for c, on := range caps {
-		list = append(list, capability{c, on})
-	}
-	return m.QMP(ctx, "migrate-set-capabilities", map[string]any{"capabilities": list}, nil)
+	return m.QMP(ctx, "migrate-set-capabilities", capabilitiesArgs(caps), nil)
 }
 
 func mirrorNode(mr Mirror) string { return "migrate-" + mr.Drive }

@@ -236,6 +236,11 @@ func (q *QMP) MigrateSetParameters(ctx context.Context, params map[string]any) e
 // MigrateSetCapabilities turns migration capabilities on or off, e.g.
 // "x-ignore-shared". Source and destination must agree.
 func (q *QMP) MigrateSetCapabilities(ctx context.Context, caps map[string]bool) error {
+	return q.Execute(ctx, "migrate-set-capabilities", capabilitiesArgs(caps), nil)
+}
+
+// capabilitiesArgs are migrate-set-capabilities' arguments for caps.
+func capabilitiesArgs(caps map[string]bool) map[string]any {
 	type capability struct {
 		Capability string `json:"capability"`
 		State      bool   `json:"state"`
@@ -244,7 +249,7 @@ func (q *QMP) MigrateSetCapabilities(ctx context.Context, caps map[string]bool) 
 	for c, on := range caps {
 		list = append(list, capability{c, on})
 	}
-	return q.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": list}, nil)
+	return map[string]any{"capabilities": list}
 }
 
 // Migrate starts an outgoing migration to uri ("exec:…", "fd:NAME",
