@@ -125,7 +125,7 @@ type inMachine struct {
 	// agentReady waits until the guest agent, connected before the state
 	// came (dialAgent), answers.
 	agentReady func(context.Context) error
-	log      *zap.Logger
+	log        *zap.Logger
 }
 
 // prepareIncoming claims the VM and makes its machine, waiting for the
