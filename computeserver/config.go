@@ -40,7 +40,7 @@ func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	services.SizeVar(fs, &c.MemoryReadAhead, "memory-read-ahead", "what a lazily restored guest's page fault reads around the page (the kernel's read-ahead on MOUNTPOINT-mem, the view of RAM files)")
 	fs.StringVar(&c.DataServer, "dataserver", c.DataServer, "data server of task stage-in/out (requests bring task credentials for it; empty: no staging)")
 	services.AddTokensFlag(fs, &c.TokensFile)
-	services.AddServiceTokenFlag(fs, &c.ServiceTokenFile, "to the upstream")
+	services.AddServiceTokenFlag(fs, &c.ServiceTokenFile, "to the upstream and to other plants (live migration)")
 	c.Proxy.AddFlags(fs)
 	c.Network.AddFlags(fs)
 }

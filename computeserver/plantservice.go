@@ -80,3 +80,26 @@ func (s *plantService) StageOut(ctx context.Context, req *computev1.StageOutRequ
 func (s *plantService) PublishVM(ctx context.Context, req *computev1.PublishVMRequest) (*computev1.PublishVMResponse, error) {
 	return s.p.PublishVM(ctx, req, s.images)
 }
+
+// MigrateVM moves a VM to the destination the shop names (plant/migrate.go).
+func (s *plantService) MigrateVM(req *computev1.MigrateVMRequest, stream computev1.PlantService_MigrateVMServer) error {
+	start := time.Now()
+	ad, err := s.p.MigrateVM(stream.Context(), req, func(phase, msg string, stats *computev1.MigrationStats) {
+		_ = stream.Send(&computev1.MigrateVMProgress{Phase: phase, Message: msg, ElapsedNanos: int64(time.Since(start)), Stats: stats})
+	})
+	if err != nil {
+		return err
+	}
+	return stream.Send(&computev1.MigrateVMProgress{Phase: "running", Message: "running on " + ad.Plant, ElapsedNanos: int64(time.Since(start)),
+		Stats: ad.LastMigration, Classad: ad})
+}
+
+// MigrateIn receives a VM from another plant (plant/migratein.go).
+func (s *plantService) MigrateIn(stream computev1.PlantService_MigrateInServer) error {
+	return s.p.MigrateIn(stream)
+}
+
+// MigrationTunnel carries one of QEMU's migration streams (plant/tunnel.go).
+func (s *plantService) MigrationTunnel(stream computev1.PlantService_MigrationTunnelServer) error {
+	return s.p.ServeTunnel(stream.Context(), stream)
+}

@@ -238,12 +238,24 @@ func startLine(cfg Config, mnt, memMnt string, p *gvfs.Proxy, log *zap.Logger) (
 		Name: name, Dir: filepath.Join(cfg.DataDir, "vms"), Mountpoint: mnt, MemoryMountpoint: memMnt, Proxy: p,
 		Driver: driver, MemoryMiB: cfg.GuestMemoryMiB, GuestTimeout: cfg.GuestTimeout, Logger: log, DataServer: cfg.DataServer, DataTLS: cfg.Server.TLS,
 		AgentTimeout: cfg.AgentTimeout, MemoryRestore: restore, HydrateAfter: cfg.HydrateAfter,
-		Network: nm,
+		Network: nm, DialPlant: peerDialer(cfg),
 	})
 	if err != nil && nm != nil {
 		nm.Close()
 	}
 	return pl, err
+}
+
+// peerDialer connects to other plants with the plant's service token
+// (live migration's calls between plants); nil without one.
+func peerDialer(cfg Config) func(addr string) (*grpc.ClientConn, error) {
+	token, err := services.ServiceToken(cfg.ServiceTokenFile)
+	if err != nil || token == "" {
+		return nil
+	}
+	return func(addr string) (*grpc.ClientConn, error) {
+		return services.Dial(addr, cfg.Server.TLS, services.WithToken(token, cfg.Server.TLS))
+	}
 }
 
 // Serve serves until ctx ends; SIGUSR1 flushes every dirty disk (as in the

@@ -96,7 +96,8 @@ func (g *netGrid) startPlant(name string) {
 	cfg := computeserver.Config{
 		Server:   services.Options{Name: "computeserver", Listen: "127.0.0.1:0", Logger: zaptest.NewLogger(t).Named(name)},
 		Upstream: g.images, DataDir: g.dirs[name], Proxy: gvfs.Config{FlushIdle: -1}, Tokens: g.tokens, Name: name,
-		GuestMemoryMiB: 2048, Etcd: services.EtcdConfig{Endpoints: []string{g.etcd}},
+		ServiceTokenFile: testutil.ServiceTokenFile(t), // plants call each other to migrate VMs
+		GuestMemoryMiB:   2048, Etcd: services.EtcdConfig{Endpoints: []string{g.etcd}},
 		Network: vnet.Config{Underlay: g.hosts[name].Addr, Netns: g.hosts[name].Netns},
 	}
 	s, err := computeserver.Start(ctx, cfg)

@@ -229,6 +229,7 @@ func (l *line) actions(ctx context.Context) (func(), error) {
 	results, f := r.run(ctx, l.plan, func(s dag.Step) {
 		l.progress(computev1.VMState_VM_STATE_CONFIGURING, fmt.Sprintf("action %s (%s)", s.Action.Id, s.Kind))
 	})
+	l.hotplugged = r.hotplugged
 	if f != nil {
 		return nil, fmt.Errorf("configuration %w: %w", f, errdefs.ErrFailedPrecondition)
 	}
@@ -246,6 +247,7 @@ func (l *line) finish(context.Context) (func(), error) {
 	v.ad.State = computev1.VMState_VM_STATE_RUNNING
 	v.ad.ReadyNanos = int64(time.Since(l.start))
 	v.ad.FetchedBytes = l.p.fetched() - l.fetched0
+	v.hotplugged = l.hotplugged
 	l.ad = proto.Clone(v.ad).(*computev1.ClassAd)
 	v.mu.Unlock()
 	l.p.mu.Lock()

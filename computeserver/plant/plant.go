@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
@@ -74,6 +75,10 @@ type Config struct {
 	// Network makes the guests' segments (network.go); nil: VMs with a
 	// network are refused.
 	Network *vnet.Manager
+	// DialPlant connects to another plant's services as this plant (its
+	// service token), for live migration (migrate.go); nil: VMs do not
+	// migrate from here.
+	DialPlant func(addr string) (*grpc.ClientConn, error)
 }
 
 // DefaultStageOutTimeout bounds a stage-out whose caller set no deadline
@@ -153,6 +158,12 @@ type vm struct {
 	// PublishVM), which take seconds: v.mu is held only to read and set
 	// fields, so GetVM and the hydration's progress never wait for them.
 	busy sync.Mutex
+	// Live migration (migrate.go): the VM is moving away; it is moving
+	// in (the ticket its tunnels present); devices hot-plugged since its
+	// machine started (they do not move yet).
+	migrating  bool
+	incoming   *incoming
+	hotplugged int
 }
 
 // New opens a plant. VMs left running by a previous process are stopped

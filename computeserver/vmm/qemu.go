@@ -289,6 +289,9 @@ func (m *machine) connect(ctx context.Context) error {
 // "exec:cat FILE": QEMU reads it directly, and there is no helper process.
 func (m *machine) startIncoming(ctx context.Context) error {
 	in := m.spec.Incoming
+	if in.Live {
+		return nil // the caller listens (ListenIncoming)
+	}
 	if in.IgnoreShared {
 		if err := m.qmp.MigrateSetCapabilities(ctx, map[string]bool{"x-ignore-shared": true}); err != nil {
 			return m.fail("restore", err)
@@ -410,7 +413,7 @@ func (m *machine) save(ctx context.Context, file string) (MigrationInfo, error) 
 	// stream (the restoring side must set the same capability). Set either
 	// way: a machine restored with x-ignore-shared keeps the capability,
 	// and its stream would then ask for it on restore.
-	share := m.spec.MemoryFile != nil && m.spec.MemoryFile.Share
+	share := m.spec.MemoryFile != nil && m.spec.MemoryFile.Share && !m.spec.MemoryFile.Memfd
 	if err := m.qmp.MigrateSetCapabilities(ctx, map[string]bool{"x-ignore-shared": share}); err != nil {
 		return MigrationInfo{}, err
 	}

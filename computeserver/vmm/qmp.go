@@ -236,6 +236,11 @@ func (q *QMP) MigrateSetParameters(ctx context.Context, params map[string]any) e
 // MigrateSetCapabilities turns migration capabilities on or off, e.g.
 // "x-ignore-shared". Source and destination must agree.
 func (q *QMP) MigrateSetCapabilities(ctx context.Context, caps map[string]bool) error {
+	return q.Execute(ctx, "migrate-set-capabilities", capabilitiesArgs(caps), nil)
+}
+
+// capabilitiesArgs are migrate-set-capabilities' arguments for caps.
+func capabilitiesArgs(caps map[string]bool) map[string]any {
 	type capability struct {
 		Capability string `json:"capability"`
 		State      bool   `json:"state"`
@@ -244,7 +249,7 @@ func (q *QMP) MigrateSetCapabilities(ctx context.Context, caps map[string]bool) 
 	for c, on := range caps {
 		list = append(list, capability{c, on})
 	}
-	return q.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": list}, nil)
+	return map[string]any{"capabilities": list}
 }
 
 // Migrate starts an outgoing migration to uri ("exec:…", "fd:NAME",
@@ -271,12 +276,20 @@ type MigrationInfo struct {
 	ErrorDesc string `json:"error-desc"`
 	TotalTime int64  `json:"total-time"` // ms
 	Downtime  int64  `json:"downtime"`   // ms
+	SetupTime int64  `json:"setup-time"` // ms
 	RAM       *struct {
 		Transferred int64 `json:"transferred"`
 		Total       int64 `json:"total"`
 		Duplicate   int64 `json:"duplicate"` // zero pages, not sent
 		Normal      int64 `json:"normal"`    // pages sent
+		// Live migration: passes over dirty memory, pages dirtied per
+		// second, pages fetched on demand after a post-copy switch.
+		DirtySyncCount   int64 `json:"dirty-sync-count"`
+		DirtyPagesRate   int64 `json:"dirty-pages-rate"`
+		PostcopyRequests int64 `json:"postcopy-requests"`
 	} `json:"ram"`
+	// CPU throttle of auto-converge, percent.
+	CPUThrottle int64 `json:"cpu-throttle-percentage"`
 }
 
 // QueryMigrate returns the state of the current or last migration.

@@ -65,6 +65,12 @@ type MemoryFile struct {
 	// demand and never written, which is how a clone restores a memory
 	// image lazily.
 	Share bool
+	// Memfd backs RAM with anonymous shared memory (memory-backend-memfd)
+	// instead of a file; Path and Share are unused and RAM is in every
+	// state stream. A live migration's destination gets it: the stream
+	// brings every page, and post-copy needs memory userfaultfd handles
+	// (it does not handle private file mappings).
+	Memfd bool `json:",omitempty"`
 }
 
 // Incoming makes the machine start by loading a memory state that Suspend
@@ -77,6 +83,9 @@ type Incoming struct {
 	// MemoryFile: RAM is not in the stream but comes from Spec.MemoryFile
 	// (QEMU's x-ignore-shared capability, needed on both sides).
 	IgnoreShared bool
+	// Live says the state comes from a live migration the caller drives
+	// (migrate.go: ListenIncoming), not from a file: Path is unused.
+	Live bool `json:",omitempty"`
 }
 
 // Spec describes one QEMU process. Resume a suspended machine with the same
@@ -187,11 +196,11 @@ func (s *Spec) Validate() error {
 		}
 	}
 	errs = append(errs, s.validateIdentity()...)
-	if s.MemoryFile != nil && s.MemoryFile.Path == "" {
+	if s.MemoryFile != nil && s.MemoryFile.Path == "" && !s.MemoryFile.Memfd {
 		errs = append(errs, errors.New("spec: MemoryFile without Path"))
 	}
 	if s.Incoming != nil {
-		if s.Incoming.Path == "" {
+		if s.Incoming.Path == "" && !s.Incoming.Live {
 			errs = append(errs, errors.New("spec: Incoming without Path"))
 		}
 		if s.Incoming.IgnoreShared && s.MemoryFile == nil {
@@ -231,7 +240,11 @@ func (s *Spec) args(accel string) []string {
 		"-serial", "chardev:console0",
 	}
 	machine := s.Machine
-	if s.MemoryFile != nil {
+	switch {
+	case s.MemoryFile != nil && s.MemoryFile.Memfd:
+		a = append(a, "-object", fmt.Sprintf("memory-backend-memfd,id=ram0,size=%dM", s.MemoryMiB))
+		machine += ",memory-backend=ram0"
+	case s.MemoryFile != nil:
 		a = append(a, "-object", fmt.Sprintf("memory-backend-file,id=ram0,size=%dM,mem-path=%s,share=%s",
 			s.MemoryMiB, qemuEscape(s.MemoryFile.Path), onOff(s.MemoryFile.Share)))
 		machine += ",memory-backend=ram0"

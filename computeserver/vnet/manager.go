@@ -183,6 +183,43 @@ func (m *Manager) Devices() ([]string, error) {
 // Attach makes (or joins) the segment of vni, with the plant's dialer at
 // hostAddr on it, and a tap for the VM on its bridge.
 func (m *Manager) Attach(vni uint32, hostAddr *net.IPNet, vmID string) (*Attachment, error) {
+	return m.attach(vni, hostAddr, vmID, false)
+}
+
+// AttachHeld is Attach with the tap kept off the bridge until Plug: the
+// segment is there (the plant floods to its peers and they to it), but no
+// frame reaches the VM's NIC. A live migration's destination attaches so:
+// its guest must not see the segment's traffic while it still runs on
+// the source.
+func (m *Manager) AttachHeld(vni uint32, hostAddr *net.IPNet, vmID string) (*Attachment, error) {
+	return m.attach(vni, hostAddr, vmID, true)
+}
+
+// Plug puts a held tap on its segment's bridge.
+func (m *Manager) Plug(vni uint32, vmID string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := m.segs[vni]
+	if s == nil || s.taps[vmID] == "" {
+		return fmt.Errorf("vnet: VM %s has no tap on segment %d", vmID, vni)
+	}
+	return m.do(func() error {
+		t, err := netlink.LinkByName(s.taps[vmID])
+		if err != nil {
+			return fmt.Errorf("vnet: tap of %s: %w", vmID, err)
+		}
+		b, err := netlink.LinkByName(m.cfg.bridgeName(vni))
+		if err != nil {
+			return fmt.Errorf("vnet: bridge %s: %w", m.cfg.bridgeName(vni), err)
+		}
+		if err := netlink.LinkSetMaster(t, b); err != nil {
+			return fmt.Errorf("vnet: plug the tap of %s: %w", vmID, err)
+		}
+		return nil
+	})
+}
+
+func (m *Manager) attach(vni uint32, hostAddr *net.IPNet, vmID string, held bool) (*Attachment, error) {
 	if vni == 0 || vni >= 1<<24 {
 		return nil, fmt.Errorf("vnet: VNI %d out of range (1..2^24-1)", vni)
 	}
@@ -198,9 +235,13 @@ func (m *Manager) Attach(vni uint32, hostAddr *net.IPNet, vmID string) (*Attachm
 	}
 	name := m.cfg.TapName(vmID)
 	var tap *os.File
+	br := m.cfg.bridgeName(vni)
+	if held {
+		br = ""
+	}
 	err := m.do(func() error {
 		var err error
-		tap, err = m.makeTap(name, m.cfg.bridgeName(vni))
+		tap, err = m.makeTap(name, br)
 		return err
 	})
 	if err != nil {
@@ -214,14 +255,18 @@ func (m *Manager) Attach(vni uint32, hostAddr *net.IPNet, vmID string) (*Attachm
 }
 
 // makeTap opens a tap (not persistent: it goes with its last descriptor)
-// with virtio-net headers, on bridge br.
+// with virtio-net headers, on bridge br (none when br is empty).
 func (m *Manager) makeTap(name, br string) (*os.File, error) {
-	b, err := netlink.LinkByName(br)
-	if err != nil {
-		return nil, fmt.Errorf("vnet: bridge %s: %w", br, err)
+	master := 0
+	if br != "" {
+		b, err := netlink.LinkByName(br)
+		if err != nil {
+			return nil, fmt.Errorf("vnet: bridge %s: %w", br, err)
+		}
+		master = b.Attrs().Index
 	}
 	t := &netlink.Tuntap{
-		LinkAttrs: netlink.LinkAttrs{Name: name, MTU: m.mtu, MasterIndex: b.Attrs().Index},
+		LinkAttrs: netlink.LinkAttrs{Name: name, MTU: m.mtu, MasterIndex: master},
 		Mode:      netlink.TUNTAP_MODE_TAP, Flags: netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR | netlink.TUNTAP_ONE_QUEUE,
 		NonPersist: true, Queues: 1,
 	}

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/vmgrid/vmgrid/computeserver/vnet/vnettest"
 )
 
@@ -166,3 +168,42 @@ func TestReconcileAndDetach(t *testing.T) {
 }
 
 func TapName(id string) string { c := Config{Prefix: PrefixFor("p")}; return c.TapName(id) }
+
+// TestAttachHeld: a held tap is off the bridge (its VM sees none of the
+// segment's frames) until Plug puts it on.
+func TestAttachHeld(t *testing.T) {
+	lan := vnettest.NewLAN(t)
+	m := plantOn(t, lan.Host(), "plant-h")
+	at, err := m.AttachHeld(310, cidr("10.79.0.1/24"), "vm-held")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer at.Tap.Close()
+	master := func() int {
+		var idx int
+		if err := m.do(func() error {
+			l, err := netlink.LinkByName(at.TapName)
+			if err == nil {
+				idx = l.Attrs().MasterIndex
+			}
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return idx
+	}
+	if master() != 0 {
+		t.Fatal("a held tap is on a bridge")
+	}
+	if err := m.Plug(310, "vm-held"); err != nil {
+		t.Fatal(err)
+	}
+	var br int
+	_ = m.do(func() error { l, err := netlink.LinkByName(m.cfg.bridgeName(310)); br = l.Attrs().Index; return err })
+	if got := master(); got != br || br == 0 {
+		t.Fatalf("plugged tap's master %d, bridge %d", got, br)
+	}
+	if err := m.Plug(310, "vm-other"); err == nil {
+		t.Fatal("plugged a VM that has no tap")
+	}
+}

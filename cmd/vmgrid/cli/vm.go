@@ -31,7 +31,7 @@ func shopVerb(g *globals, s *service, fn verbFunc[shopv1.ShopServiceClient]) fun
 func vmCmd(g *globals) *cobra.Command {
 	s := &service{}
 	c := group(&cobra.Command{Use: "vm", Short: "Create, inspect, watch, reach and destroy VMs through a shop"},
-		append(append([]*cobra.Command{vmCreateCmd(g, s), vmGetCmd(g, s), vmListCmd(g, s), vmRmCmd(g, s), vmWatchCmd(g, s)}, vmAccessCmds(g, s)...), vmVerbCmds(g, s)...)...)
+		append(append([]*cobra.Command{vmCreateCmd(g, s), vmGetCmd(g, s), vmListCmd(g, s), vmRmCmd(g, s), vmWatchCmd(g, s), vmMigrateCmd(g, s)}, vmAccessCmds(g, s)...), vmVerbCmds(g, s)...)...)
 	shopService(c, s)
 	return c
 }

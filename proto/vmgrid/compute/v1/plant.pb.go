@@ -41,20 +41,24 @@ const (
 	// The VM's plant is gone (its registration lapsed): the shop no longer
 	// knows whether the VM runs. Set by the shop, never by a plant.
 	VMState_VM_STATE_LOST VMState = 8
+	// The VM is moving to another plant while it runs (MigrateVM); it
+	// answers all along, and is RUNNING on its new plant afterwards.
+	VMState_VM_STATE_MIGRATING VMState = 50
 )
 
 // Enum value maps for VMState.
 var (
 	VMState_name = map[int32]string{
-		0: "VM_STATE_UNSPECIFIED",
-		1: "VM_STATE_FETCHING",
-		2: "VM_STATE_RESTORING",
-		3: "VM_STATE_CONFIGURING",
-		4: "VM_STATE_RUNNING",
-		5: "VM_STATE_SUSPENDED",
-		6: "VM_STATE_FAILED",
-		7: "VM_STATE_DESTROYED",
-		8: "VM_STATE_LOST",
+		0:  "VM_STATE_UNSPECIFIED",
+		1:  "VM_STATE_FETCHING",
+		2:  "VM_STATE_RESTORING",
+		3:  "VM_STATE_CONFIGURING",
+		4:  "VM_STATE_RUNNING",
+		5:  "VM_STATE_SUSPENDED",
+		6:  "VM_STATE_FAILED",
+		7:  "VM_STATE_DESTROYED",
+		8:  "VM_STATE_LOST",
+		50: "VM_STATE_MIGRATING",
 	}
 	VMState_value = map[string]int32{
 		"VM_STATE_UNSPECIFIED": 0,
@@ -66,6 +70,7 @@ var (
 		"VM_STATE_FAILED":      6,
 		"VM_STATE_DESTROYED":   7,
 		"VM_STATE_LOST":        8,
+		"VM_STATE_MIGRATING":   50,
 	}
 )
 
@@ -94,6 +99,65 @@ func (x VMState) Number() protoreflect.EnumNumber {
 // Deprecated: Use VMState.Descriptor instead.
 func (VMState) EnumDescriptor() ([]byte, []int) {
 	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{0}
+}
+
+// MigrateIn steps, from the source to the destination.
+type MigrateStep int32
+
+const (
+	MigrateStep_MIGRATE_STEP_UNSPECIFIED MigrateStep = 0
+	// Make the machine (classad, spec): it waits for the state, its disks
+	// served to the source's mirror; answered with the ticket.
+	MigrateStep_MIGRATE_STEP_PREPARE MigrateStep = 1
+	// The source is paused before the switch-over: take the segment (the
+	// NIC's tap joins the bridge; frames wait for the guest).
+	MigrateStep_MIGRATE_STEP_PLUG MigrateStep = 2
+	// The state is complete: run the guest, announce it; answered with the
+	// classad. A stream that ends before RUN cleans the destination up.
+	MigrateStep_MIGRATE_STEP_RUN MigrateStep = 3
+)
+
+// Enum value maps for MigrateStep.
+var (
+	MigrateStep_name = map[int32]string{
+		0: "MIGRATE_STEP_UNSPECIFIED",
+		1: "MIGRATE_STEP_PREPARE",
+		2: "MIGRATE_STEP_PLUG",
+		3: "MIGRATE_STEP_RUN",
+	}
+	MigrateStep_value = map[string]int32{
+		"MIGRATE_STEP_UNSPECIFIED": 0,
+		"MIGRATE_STEP_PREPARE":     1,
+		"MIGRATE_STEP_PLUG":        2,
+		"MIGRATE_STEP_RUN":         3,
+	}
+)
+
+func (x MigrateStep) Enum() *MigrateStep {
+	p := new(MigrateStep)
+	*p = x
+	return p
+}
+
+func (x MigrateStep) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (MigrateStep) Descriptor() protoreflect.EnumDescriptor {
+	return file_vmgrid_compute_v1_plant_proto_enumTypes[1].Descriptor()
+}
+
+func (MigrateStep) Type() protoreflect.EnumType {
+	return &file_vmgrid_compute_v1_plant_proto_enumTypes[1]
+}
+
+func (x MigrateStep) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use MigrateStep.Descriptor instead.
+func (MigrateStep) EnumDescriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{1}
 }
 
 // A VM's hardware. In a request a zero field means "the image's": a VM
@@ -1010,6 +1074,10 @@ type ClassAd struct {
 	MemoryLocalBytes uint64 `protobuf:"varint,43,opt,name=memory_local_bytes,json=memoryLocalBytes,proto3" json:"memory_local_bytes,omitempty"`
 	// From ready to hydrated (0 while hydrating or eager).
 	HydratedNanos int64 `protobuf:"varint,44,opt,name=hydrated_nanos,json=hydratedNanos,proto3" json:"hydrated_nanos,omitempty"`
+	// Live migration (field numbers 50-59).
+	// The plant the VM last moved from, and what that migration took.
+	MigratedFrom  string          `protobuf:"bytes,50,opt,name=migrated_from,json=migratedFrom,proto3" json:"migrated_from,omitempty"`
+	LastMigration *MigrationStats `protobuf:"bytes,51,opt,name=last_migration,json=lastMigration,proto3" json:"last_migration,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1210,6 +1278,20 @@ func (x *ClassAd) GetHydratedNanos() int64 {
 		return x.HydratedNanos
 	}
 	return 0
+}
+
+func (x *ClassAd) GetMigratedFrom() string {
+	if x != nil {
+		return x.MigratedFrom
+	}
+	return ""
+}
+
+func (x *ClassAd) GetLastMigration() *MigrationStats {
+	if x != nil {
+		return x.LastMigration
+	}
+	return nil
 }
 
 type CreateVMRequest struct {
@@ -2182,6 +2264,599 @@ func (x *PublishVMResponse) GetPublishedBytes() uint64 {
 	return 0
 }
 
+// MigrationPeer is a migration's destination as the shop's registry has
+// it: the plant's name and the address of its plant service.
+type MigrationPeer struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Plant         string                 `protobuf:"bytes,1,opt,name=plant,proto3" json:"plant,omitempty"`
+	Addr          string                 `protobuf:"bytes,2,opt,name=addr,proto3" json:"addr,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MigrationPeer) Reset() {
+	*x = MigrationPeer{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrationPeer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrationPeer) ProtoMessage() {}
+
+func (x *MigrationPeer) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrationPeer.ProtoReflect.Descriptor instead.
+func (*MigrationPeer) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *MigrationPeer) GetPlant() string {
+	if x != nil {
+		return x.Plant
+	}
+	return ""
+}
+
+func (x *MigrationPeer) GetAddr() string {
+	if x != nil {
+		return x.Addr
+	}
+	return ""
+}
+
+type MigrateVMRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	VmId  string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	// Where the VM goes (the shop's word: owners never choose where a plant
+	// sends a VM's memory).
+	Destination *MigrationPeer `protobuf:"bytes,2,opt,name=destination,proto3" json:"destination,omitempty"`
+	// Switch to post-copy after the first pass over RAM: the guest runs on
+	// the destination at once and pulls the rest on demand.
+	PostCopy bool `protobuf:"varint,3,opt,name=post_copy,json=postCopy,proto3" json:"post_copy,omitempty"`
+	// Copy the whole disk (the golden layers too) before the switch instead
+	// of the redo log alone: the baseline the Goiri paper rejects
+	// ("transferring the whole VM image"), for benchmarks.
+	CopyDisk bool `protobuf:"varint,4,opt,name=copy_disk,json=copyDisk,proto3" json:"copy_disk,omitempty"`
+	// The VM's network on the destination: its own lease (unchanged) and
+	// the destination plant's address on the segment. Unset: the VM has no
+	// network.
+	Network       *NetworkAttachment `protobuf:"bytes,5,opt,name=network,proto3" json:"network,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MigrateVMRequest) Reset() {
+	*x = MigrateVMRequest{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrateVMRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrateVMRequest) ProtoMessage() {}
+
+func (x *MigrateVMRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrateVMRequest.ProtoReflect.Descriptor instead.
+func (*MigrateVMRequest) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *MigrateVMRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *MigrateVMRequest) GetDestination() *MigrationPeer {
+	if x != nil {
+		return x.Destination
+	}
+	return nil
+}
+
+func (x *MigrateVMRequest) GetPostCopy() bool {
+	if x != nil {
+		return x.PostCopy
+	}
+	return false
+}
+
+func (x *MigrateVMRequest) GetCopyDisk() bool {
+	if x != nil {
+		return x.CopyDisk
+	}
+	return false
+}
+
+func (x *MigrateVMRequest) GetNetwork() *NetworkAttachment {
+	if x != nil {
+		return x.Network
+	}
+	return nil
+}
+
+// MigrationStats is what a live migration took.
+type MigrationStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// MigrateVM's start to the guest running on the destination.
+	TotalNanos int64 `protobuf:"varint,1,opt,name=total_nanos,json=totalNanos,proto3" json:"total_nanos,omitempty"`
+	// The guest stood still: from the source's pause to the destination's
+	// run, as the plant saw it; and QEMU's own downtime figure.
+	DowntimeNanos  int64 `protobuf:"varint,2,opt,name=downtime_nanos,json=downtimeNanos,proto3" json:"downtime_nanos,omitempty"`
+	QemuDowntimeMs int64 `protobuf:"varint,3,opt,name=qemu_downtime_ms,json=qemuDowntimeMs,proto3" json:"qemu_downtime_ms,omitempty"`
+	// RAM QEMU sent, of the guest's total; pages it left out as zero.
+	RamBytes      uint64 `protobuf:"varint,4,opt,name=ram_bytes,json=ramBytes,proto3" json:"ram_bytes,omitempty"`
+	RamTotalBytes uint64 `protobuf:"varint,5,opt,name=ram_total_bytes,json=ramTotalBytes,proto3" json:"ram_total_bytes,omitempty"`
+	ZeroPages     uint64 `protobuf:"varint,6,opt,name=zero_pages,json=zeroPages,proto3" json:"zero_pages,omitempty"`
+	// The disk mirror's bytes (the redo log's written clusters).
+	DiskBytes uint64 `protobuf:"varint,7,opt,name=disk_bytes,json=diskBytes,proto3" json:"disk_bytes,omitempty"`
+	// Every byte that crossed between the two plants (both directions).
+	MovedBytes uint64 `protobuf:"varint,8,opt,name=moved_bytes,json=movedBytes,proto3" json:"moved_bytes,omitempty"`
+	// Passes over dirty RAM, and auto-converge's last CPU throttle.
+	DirtySyncCount     int64 `protobuf:"varint,9,opt,name=dirty_sync_count,json=dirtySyncCount,proto3" json:"dirty_sync_count,omitempty"`
+	CpuThrottlePercent int64 `protobuf:"varint,10,opt,name=cpu_throttle_percent,json=cpuThrottlePercent,proto3" json:"cpu_throttle_percent,omitempty"`
+	PostCopy           bool  `protobuf:"varint,11,opt,name=post_copy,json=postCopy,proto3" json:"post_copy,omitempty"`
+	// The source free: nothing on it is needed after the switch (the
+	// disk was mirrored before it), so 0 unless post-copy, whose remaining
+	// RAM the destination pulls after the switch.
+	SourceReleasedNanos int64 `protobuf:"varint,12,opt,name=source_released_nanos,json=sourceReleasedNanos,proto3" json:"source_released_nanos,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *MigrationStats) Reset() {
+	*x = MigrationStats{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrationStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrationStats) ProtoMessage() {}
+
+func (x *MigrationStats) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrationStats.ProtoReflect.Descriptor instead.
+func (*MigrationStats) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *MigrationStats) GetTotalNanos() int64 {
+	if x != nil {
+		return x.TotalNanos
+	}
+	return 0
+}
+
+func (x *MigrationStats) GetDowntimeNanos() int64 {
+	if x != nil {
+		return x.DowntimeNanos
+	}
+	return 0
+}
+
+func (x *MigrationStats) GetQemuDowntimeMs() int64 {
+	if x != nil {
+		return x.QemuDowntimeMs
+	}
+	return 0
+}
+
+func (x *MigrationStats) GetRamBytes() uint64 {
+	if x != nil {
+		return x.RamBytes
+	}
+	return 0
+}
+
+func (x *MigrationStats) GetRamTotalBytes() uint64 {
+	if x != nil {
+		return x.RamTotalBytes
+	}
+	return 0
+}
+
+func (x *MigrationStats) GetZeroPages() uint64 {
+	if x != nil {
+		return x.ZeroPages
+	}
+	return 0
+}
+
+func (x *MigrationStats) GetDiskBytes() uint64 {
+	if x != nil {
+		return x.DiskBytes
+	}
+	return 0
+}
+
+func (x *MigrationStats) GetMovedBytes() uint64 {
+	if x != nil {
+		return x.MovedBytes
+	}
+	return 0
+}
+
+func (x *MigrationStats) GetDirtySyncCount() int64 {
+	if x != nil {
+		return x.DirtySyncCount
+	}
+	return 0
+}
+
+func (x *MigrationStats) GetCpuThrottlePercent() int64 {
+	if x != nil {
+		return x.CpuThrottlePercent
+	}
+	return 0
+}
+
+func (x *MigrationStats) GetPostCopy() bool {
+	if x != nil {
+		return x.PostCopy
+	}
+	return false
+}
+
+func (x *MigrationStats) GetSourceReleasedNanos() int64 {
+	if x != nil {
+		return x.SourceReleasedNanos
+	}
+	return 0
+}
+
+type MigrateVMProgress struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// preparing, mirroring, copying, switching, running.
+	Phase        string          `protobuf:"bytes,1,opt,name=phase,proto3" json:"phase,omitempty"`
+	Message      string          `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	ElapsedNanos int64           `protobuf:"varint,3,opt,name=elapsed_nanos,json=elapsedNanos,proto3" json:"elapsed_nanos,omitempty"`
+	Stats        *MigrationStats `protobuf:"bytes,4,opt,name=stats,proto3" json:"stats,omitempty"`
+	// In the last message: the VM's classad on the destination.
+	Classad       *ClassAd `protobuf:"bytes,5,opt,name=classad,proto3" json:"classad,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MigrateVMProgress) Reset() {
+	*x = MigrateVMProgress{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrateVMProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrateVMProgress) ProtoMessage() {}
+
+func (x *MigrateVMProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrateVMProgress.ProtoReflect.Descriptor instead.
+func (*MigrateVMProgress) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *MigrateVMProgress) GetPhase() string {
+	if x != nil {
+		return x.Phase
+	}
+	return ""
+}
+
+func (x *MigrateVMProgress) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *MigrateVMProgress) GetElapsedNanos() int64 {
+	if x != nil {
+		return x.ElapsedNanos
+	}
+	return 0
+}
+
+func (x *MigrateVMProgress) GetStats() *MigrationStats {
+	if x != nil {
+		return x.Stats
+	}
+	return nil
+}
+
+func (x *MigrateVMProgress) GetClassad() *ClassAd {
+	if x != nil {
+		return x.Classad
+	}
+	return nil
+}
+
+type MigrateInRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Step  MigrateStep            `protobuf:"varint,1,opt,name=step,proto3,enum=vmgrid.compute.v1.MigrateStep" json:"step,omitempty"`
+	// PREPARE: the VM's classad (owner, lease, image) and its machine
+	// (vmm.Spec as JSON, paths relative to the plant: see plant/migrate.go).
+	Classad  *ClassAd `protobuf:"bytes,2,opt,name=classad,proto3" json:"classad,omitempty"`
+	Machine  []byte   `protobuf:"bytes,3,opt,name=machine,proto3" json:"machine,omitempty"`
+	PostCopy bool     `protobuf:"varint,4,opt,name=post_copy,json=postCopy,proto3" json:"post_copy,omitempty"`
+	// The source plant's name (the classad's migrated_from).
+	Source        string `protobuf:"bytes,5,opt,name=source,proto3" json:"source,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MigrateInRequest) Reset() {
+	*x = MigrateInRequest{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrateInRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrateInRequest) ProtoMessage() {}
+
+func (x *MigrateInRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrateInRequest.ProtoReflect.Descriptor instead.
+func (*MigrateInRequest) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *MigrateInRequest) GetStep() MigrateStep {
+	if x != nil {
+		return x.Step
+	}
+	return MigrateStep_MIGRATE_STEP_UNSPECIFIED
+}
+
+func (x *MigrateInRequest) GetClassad() *ClassAd {
+	if x != nil {
+		return x.Classad
+	}
+	return nil
+}
+
+func (x *MigrateInRequest) GetMachine() []byte {
+	if x != nil {
+		return x.Machine
+	}
+	return nil
+}
+
+func (x *MigrateInRequest) GetPostCopy() bool {
+	if x != nil {
+		return x.PostCopy
+	}
+	return false
+}
+
+func (x *MigrateInRequest) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+type MigrateInResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Step  MigrateStep            `protobuf:"varint,1,opt,name=step,proto3,enum=vmgrid.compute.v1.MigrateStep" json:"step,omitempty"`
+	// PREPARE: the ticket MigrationTunnel streams present, and the
+	// destination's VXLAN endpoint (the source waits for its segment to
+	// flood there before the switch).
+	Ticket        string `protobuf:"bytes,2,opt,name=ticket,proto3" json:"ticket,omitempty"`
+	VxlanEndpoint string `protobuf:"bytes,3,opt,name=vxlan_endpoint,json=vxlanEndpoint,proto3" json:"vxlan_endpoint,omitempty"`
+	// RUN: the VM's classad on the destination, and how long after the
+	// order the guest ran (the source adds it to the pause it saw).
+	Classad       *ClassAd `protobuf:"bytes,4,opt,name=classad,proto3" json:"classad,omitempty"`
+	ResumedNanos  int64    `protobuf:"varint,5,opt,name=resumed_nanos,json=resumedNanos,proto3" json:"resumed_nanos,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MigrateInResponse) Reset() {
+	*x = MigrateInResponse{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrateInResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrateInResponse) ProtoMessage() {}
+
+func (x *MigrateInResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrateInResponse.ProtoReflect.Descriptor instead.
+func (*MigrateInResponse) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *MigrateInResponse) GetStep() MigrateStep {
+	if x != nil {
+		return x.Step
+	}
+	return MigrateStep_MIGRATE_STEP_UNSPECIFIED
+}
+
+func (x *MigrateInResponse) GetTicket() string {
+	if x != nil {
+		return x.Ticket
+	}
+	return ""
+}
+
+func (x *MigrateInResponse) GetVxlanEndpoint() string {
+	if x != nil {
+		return x.VxlanEndpoint
+	}
+	return ""
+}
+
+func (x *MigrateInResponse) GetClassad() *ClassAd {
+	if x != nil {
+		return x.Classad
+	}
+	return nil
+}
+
+func (x *MigrateInResponse) GetResumedNanos() int64 {
+	if x != nil {
+		return x.ResumedNanos
+	}
+	return 0
+}
+
+// TunnelData is a chunk of one of QEMU's migration streams. The first
+// message of a MigrationTunnel stream names the stream; data follows both
+// ways.
+type TunnelData struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	VmId   string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	Ticket string                 `protobuf:"bytes,2,opt,name=ticket,proto3" json:"ticket,omitempty"`
+	// "migration" (QEMU's state) or "nbd" (the disk mirror).
+	Channel       string `protobuf:"bytes,3,opt,name=channel,proto3" json:"channel,omitempty"`
+	Data          []byte `protobuf:"bytes,4,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelData) Reset() {
+	*x = TunnelData{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelData) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelData) ProtoMessage() {}
+
+func (x *TunnelData) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelData.ProtoReflect.Descriptor instead.
+func (*TunnelData) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *TunnelData) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *TunnelData) GetTicket() string {
+	if x != nil {
+		return x.Ticket
+	}
+	return ""
+}
+
+func (x *TunnelData) GetChannel() string {
+	if x != nil {
+		return x.Channel
+	}
+	return ""
+}
+
+func (x *TunnelData) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
 var File_vmgrid_compute_v1_plant_proto protoreflect.FileDescriptor
 
 const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
@@ -2255,7 +2930,7 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	" \x01(\bR\trecovered\x1a:\n" +
 	"\fResultsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd2\a\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc1\b\n" +
 	"\aClassAd\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x14\n" +
 	"\x05plant\x18\x02 \x01(\tR\x05plant\x12\x14\n" +
@@ -2284,7 +2959,9 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x0ememory_restore\x18) \x01(\tR\rmemoryRestore\x12!\n" +
 	"\fmemory_bytes\x18* \x01(\x04R\vmemoryBytes\x12,\n" +
 	"\x12memory_local_bytes\x18+ \x01(\x04R\x10memoryLocalBytes\x12%\n" +
-	"\x0ehydrated_nanos\x18, \x01(\x03R\rhydratedNanos\x1a9\n" +
+	"\x0ehydrated_nanos\x18, \x01(\x03R\rhydratedNanos\x12#\n" +
+	"\rmigrated_from\x182 \x01(\tR\fmigratedFrom\x12H\n" +
+	"\x0elast_migration\x183 \x01(\v2!.vmgrid.compute.v1.MigrationStatsR\rlastMigration\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd6\x03\n" +
@@ -2357,7 +3034,58 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x11PublishVMResponse\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12!\n" +
 	"\fpaused_nanos\x18\x02 \x01(\x03R\vpausedNanos\x12'\n" +
-	"\x0fpublished_bytes\x18\x03 \x01(\x04R\x0epublishedBytes*\xda\x01\n" +
+	"\x0fpublished_bytes\x18\x03 \x01(\x04R\x0epublishedBytes\"9\n" +
+	"\rMigrationPeer\x12\x14\n" +
+	"\x05plant\x18\x01 \x01(\tR\x05plant\x12\x12\n" +
+	"\x04addr\x18\x02 \x01(\tR\x04addr\"\xe5\x01\n" +
+	"\x10MigrateVMRequest\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12B\n" +
+	"\vdestination\x18\x02 \x01(\v2 .vmgrid.compute.v1.MigrationPeerR\vdestination\x12\x1b\n" +
+	"\tpost_copy\x18\x03 \x01(\bR\bpostCopy\x12\x1b\n" +
+	"\tcopy_disk\x18\x04 \x01(\bR\bcopyDisk\x12>\n" +
+	"\anetwork\x18\x05 \x01(\v2$.vmgrid.compute.v1.NetworkAttachmentR\anetwork\"\xd3\x03\n" +
+	"\x0eMigrationStats\x12\x1f\n" +
+	"\vtotal_nanos\x18\x01 \x01(\x03R\n" +
+	"totalNanos\x12%\n" +
+	"\x0edowntime_nanos\x18\x02 \x01(\x03R\rdowntimeNanos\x12(\n" +
+	"\x10qemu_downtime_ms\x18\x03 \x01(\x03R\x0eqemuDowntimeMs\x12\x1b\n" +
+	"\tram_bytes\x18\x04 \x01(\x04R\bramBytes\x12&\n" +
+	"\x0fram_total_bytes\x18\x05 \x01(\x04R\rramTotalBytes\x12\x1d\n" +
+	"\n" +
+	"zero_pages\x18\x06 \x01(\x04R\tzeroPages\x12\x1d\n" +
+	"\n" +
+	"disk_bytes\x18\a \x01(\x04R\tdiskBytes\x12\x1f\n" +
+	"\vmoved_bytes\x18\b \x01(\x04R\n" +
+	"movedBytes\x12(\n" +
+	"\x10dirty_sync_count\x18\t \x01(\x03R\x0edirtySyncCount\x120\n" +
+	"\x14cpu_throttle_percent\x18\n" +
+	" \x01(\x03R\x12cpuThrottlePercent\x12\x1b\n" +
+	"\tpost_copy\x18\v \x01(\bR\bpostCopy\x122\n" +
+	"\x15source_released_nanos\x18\f \x01(\x03R\x13sourceReleasedNanos\"\xd7\x01\n" +
+	"\x11MigrateVMProgress\x12\x14\n" +
+	"\x05phase\x18\x01 \x01(\tR\x05phase\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12#\n" +
+	"\relapsed_nanos\x18\x03 \x01(\x03R\felapsedNanos\x127\n" +
+	"\x05stats\x18\x04 \x01(\v2!.vmgrid.compute.v1.MigrationStatsR\x05stats\x124\n" +
+	"\aclassad\x18\x05 \x01(\v2\x1a.vmgrid.compute.v1.ClassAdR\aclassad\"\xcb\x01\n" +
+	"\x10MigrateInRequest\x122\n" +
+	"\x04step\x18\x01 \x01(\x0e2\x1e.vmgrid.compute.v1.MigrateStepR\x04step\x124\n" +
+	"\aclassad\x18\x02 \x01(\v2\x1a.vmgrid.compute.v1.ClassAdR\aclassad\x12\x18\n" +
+	"\amachine\x18\x03 \x01(\fR\amachine\x12\x1b\n" +
+	"\tpost_copy\x18\x04 \x01(\bR\bpostCopy\x12\x16\n" +
+	"\x06source\x18\x05 \x01(\tR\x06source\"\xe1\x01\n" +
+	"\x11MigrateInResponse\x122\n" +
+	"\x04step\x18\x01 \x01(\x0e2\x1e.vmgrid.compute.v1.MigrateStepR\x04step\x12\x16\n" +
+	"\x06ticket\x18\x02 \x01(\tR\x06ticket\x12%\n" +
+	"\x0evxlan_endpoint\x18\x03 \x01(\tR\rvxlanEndpoint\x124\n" +
+	"\aclassad\x18\x04 \x01(\v2\x1a.vmgrid.compute.v1.ClassAdR\aclassad\x12#\n" +
+	"\rresumed_nanos\x18\x05 \x01(\x03R\fresumedNanos\"g\n" +
+	"\n" +
+	"TunnelData\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x16\n" +
+	"\x06ticket\x18\x02 \x01(\tR\x06ticket\x12\x18\n" +
+	"\achannel\x18\x03 \x01(\tR\achannel\x12\x12\n" +
+	"\x04data\x18\x04 \x01(\fR\x04data*\xf2\x01\n" +
 	"\aVMState\x12\x18\n" +
 	"\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11VM_STATE_FETCHING\x10\x01\x12\x16\n" +
@@ -2367,7 +3095,14 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x12VM_STATE_SUSPENDED\x10\x05\x12\x13\n" +
 	"\x0fVM_STATE_FAILED\x10\x06\x12\x16\n" +
 	"\x12VM_STATE_DESTROYED\x10\a\x12\x11\n" +
-	"\rVM_STATE_LOST\x10\b2\x8d\b\n" +
+	"\rVM_STATE_LOST\x10\b\x12\x16\n" +
+	"\x12VM_STATE_MIGRATING\x102*r\n" +
+	"\vMigrateStep\x12\x1c\n" +
+	"\x18MIGRATE_STEP_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14MIGRATE_STEP_PREPARE\x10\x01\x12\x15\n" +
+	"\x11MIGRATE_STEP_PLUG\x10\x02\x12\x14\n" +
+	"\x10MIGRATE_STEP_RUN\x10\x032\x98\n" +
+	"\n" +
 	"\fPlantService\x12U\n" +
 	"\bCreateVM\x12\".vmgrid.compute.v1.CreateVMRequest\x1a#.vmgrid.compute.v1.CreateVMProgress0\x01\x12D\n" +
 	"\x05GetVM\x12\x1f.vmgrid.compute.v1.GetVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12P\n" +
@@ -2381,7 +3116,10 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"ExecStream\x12$.vmgrid.compute.v1.ExecStreamRequest\x1a%.vmgrid.compute.v1.ExecStreamResponse(\x010\x01\x12T\n" +
 	"\aConsole\x12!.vmgrid.compute.v1.ConsoleRequest\x1a\".vmgrid.compute.v1.ConsoleResponse(\x010\x01\x12`\n" +
 	"\vPortForward\x12%.vmgrid.compute.v1.PortForwardRequest\x1a&.vmgrid.compute.v1.PortForwardResponse(\x010\x01\x12V\n" +
-	"\tPublishVM\x12#.vmgrid.compute.v1.PublishVMRequest\x1a$.vmgrid.compute.v1.PublishVMResponseB<Z:github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1;computev1b\x06proto3"
+	"\tPublishVM\x12#.vmgrid.compute.v1.PublishVMRequest\x1a$.vmgrid.compute.v1.PublishVMResponse\x12X\n" +
+	"\tMigrateVM\x12#.vmgrid.compute.v1.MigrateVMRequest\x1a$.vmgrid.compute.v1.MigrateVMProgress0\x01\x12Z\n" +
+	"\tMigrateIn\x12#.vmgrid.compute.v1.MigrateInRequest\x1a$.vmgrid.compute.v1.MigrateInResponse(\x010\x01\x12S\n" +
+	"\x0fMigrationTunnel\x12\x1d.vmgrid.compute.v1.TunnelData\x1a\x1d.vmgrid.compute.v1.TunnelData(\x010\x01B<Z:github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1;computev1b\x06proto3"
 
 var (
 	file_vmgrid_compute_v1_plant_proto_rawDescOnce sync.Once
@@ -2395,107 +3133,130 @@ func file_vmgrid_compute_v1_plant_proto_rawDescGZIP() []byte {
 	return file_vmgrid_compute_v1_plant_proto_rawDescData
 }
 
-var file_vmgrid_compute_v1_plant_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_vmgrid_compute_v1_plant_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_vmgrid_compute_v1_plant_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_vmgrid_compute_v1_plant_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_vmgrid_compute_v1_plant_proto_goTypes = []any{
 	(VMState)(0),                // 0: vmgrid.compute.v1.VMState
-	(*Hardware)(nil),            // 1: vmgrid.compute.v1.Hardware
-	(*ExecAction)(nil),          // 2: vmgrid.compute.v1.ExecAction
-	(*WriteFileAction)(nil),     // 3: vmgrid.compute.v1.WriteFileAction
-	(*SetHostnameAction)(nil),   // 4: vmgrid.compute.v1.SetHostnameAction
-	(*AddUserAction)(nil),       // 5: vmgrid.compute.v1.AddUserAction
-	(*MountAction)(nil),         // 6: vmgrid.compute.v1.MountAction
-	(*AttachDiskAction)(nil),    // 7: vmgrid.compute.v1.AttachDiskAction
-	(*StageInAction)(nil),       // 8: vmgrid.compute.v1.StageInAction
-	(*Action)(nil),              // 9: vmgrid.compute.v1.Action
-	(*ConfigDAG)(nil),           // 10: vmgrid.compute.v1.ConfigDAG
-	(*ActionResult)(nil),        // 11: vmgrid.compute.v1.ActionResult
-	(*ClassAd)(nil),             // 12: vmgrid.compute.v1.ClassAd
-	(*CreateVMRequest)(nil),     // 13: vmgrid.compute.v1.CreateVMRequest
-	(*NetworkAttachment)(nil),   // 14: vmgrid.compute.v1.NetworkAttachment
-	(*CreateVMProgress)(nil),    // 15: vmgrid.compute.v1.CreateVMProgress
-	(*GetVMRequest)(nil),        // 16: vmgrid.compute.v1.GetVMRequest
-	(*ListVMsRequest)(nil),      // 17: vmgrid.compute.v1.ListVMsRequest
-	(*ListVMsResponse)(nil),     // 18: vmgrid.compute.v1.ListVMsResponse
-	(*DestroyVMRequest)(nil),    // 19: vmgrid.compute.v1.DestroyVMRequest
-	(*DestroyVMResponse)(nil),   // 20: vmgrid.compute.v1.DestroyVMResponse
-	(*SuspendVMRequest)(nil),    // 21: vmgrid.compute.v1.SuspendVMRequest
-	(*ResumeVMRequest)(nil),     // 22: vmgrid.compute.v1.ResumeVMRequest
-	(*ExecVMRequest)(nil),       // 23: vmgrid.compute.v1.ExecVMRequest
-	(*ExecVMResponse)(nil),      // 24: vmgrid.compute.v1.ExecVMResponse
-	(*StageOutRequest)(nil),     // 25: vmgrid.compute.v1.StageOutRequest
-	(*StageOutResponse)(nil),    // 26: vmgrid.compute.v1.StageOutResponse
-	(*PublishVMRequest)(nil),    // 27: vmgrid.compute.v1.PublishVMRequest
-	(*PublishVMResponse)(nil),   // 28: vmgrid.compute.v1.PublishVMResponse
-	nil,                         // 29: vmgrid.compute.v1.ActionResult.ResultsEntry
-	nil,                         // 30: vmgrid.compute.v1.ClassAd.LabelsEntry
-	nil,                         // 31: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
-	nil,                         // 32: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
-	nil,                         // 33: vmgrid.compute.v1.PublishVMRequest.LabelsEntry
-	(*ExecStreamRequest)(nil),   // 34: vmgrid.compute.v1.ExecStreamRequest
-	(*ConsoleRequest)(nil),      // 35: vmgrid.compute.v1.ConsoleRequest
-	(*PortForwardRequest)(nil),  // 36: vmgrid.compute.v1.PortForwardRequest
-	(*ExecStreamResponse)(nil),  // 37: vmgrid.compute.v1.ExecStreamResponse
-	(*ConsoleResponse)(nil),     // 38: vmgrid.compute.v1.ConsoleResponse
-	(*PortForwardResponse)(nil), // 39: vmgrid.compute.v1.PortForwardResponse
+	(MigrateStep)(0),            // 1: vmgrid.compute.v1.MigrateStep
+	(*Hardware)(nil),            // 2: vmgrid.compute.v1.Hardware
+	(*ExecAction)(nil),          // 3: vmgrid.compute.v1.ExecAction
+	(*WriteFileAction)(nil),     // 4: vmgrid.compute.v1.WriteFileAction
+	(*SetHostnameAction)(nil),   // 5: vmgrid.compute.v1.SetHostnameAction
+	(*AddUserAction)(nil),       // 6: vmgrid.compute.v1.AddUserAction
+	(*MountAction)(nil),         // 7: vmgrid.compute.v1.MountAction
+	(*AttachDiskAction)(nil),    // 8: vmgrid.compute.v1.AttachDiskAction
+	(*StageInAction)(nil),       // 9: vmgrid.compute.v1.StageInAction
+	(*Action)(nil),              // 10: vmgrid.compute.v1.Action
+	(*ConfigDAG)(nil),           // 11: vmgrid.compute.v1.ConfigDAG
+	(*ActionResult)(nil),        // 12: vmgrid.compute.v1.ActionResult
+	(*ClassAd)(nil),             // 13: vmgrid.compute.v1.ClassAd
+	(*CreateVMRequest)(nil),     // 14: vmgrid.compute.v1.CreateVMRequest
+	(*NetworkAttachment)(nil),   // 15: vmgrid.compute.v1.NetworkAttachment
+	(*CreateVMProgress)(nil),    // 16: vmgrid.compute.v1.CreateVMProgress
+	(*GetVMRequest)(nil),        // 17: vmgrid.compute.v1.GetVMRequest
+	(*ListVMsRequest)(nil),      // 18: vmgrid.compute.v1.ListVMsRequest
+	(*ListVMsResponse)(nil),     // 19: vmgrid.compute.v1.ListVMsResponse
+	(*DestroyVMRequest)(nil),    // 20: vmgrid.compute.v1.DestroyVMRequest
+	(*DestroyVMResponse)(nil),   // 21: vmgrid.compute.v1.DestroyVMResponse
+	(*SuspendVMRequest)(nil),    // 22: vmgrid.compute.v1.SuspendVMRequest
+	(*ResumeVMRequest)(nil),     // 23: vmgrid.compute.v1.ResumeVMRequest
+	(*ExecVMRequest)(nil),       // 24: vmgrid.compute.v1.ExecVMRequest
+	(*ExecVMResponse)(nil),      // 25: vmgrid.compute.v1.ExecVMResponse
+	(*StageOutRequest)(nil),     // 26: vmgrid.compute.v1.StageOutRequest
+	(*StageOutResponse)(nil),    // 27: vmgrid.compute.v1.StageOutResponse
+	(*PublishVMRequest)(nil),    // 28: vmgrid.compute.v1.PublishVMRequest
+	(*PublishVMResponse)(nil),   // 29: vmgrid.compute.v1.PublishVMResponse
+	(*MigrationPeer)(nil),       // 30: vmgrid.compute.v1.MigrationPeer
+	(*MigrateVMRequest)(nil),    // 31: vmgrid.compute.v1.MigrateVMRequest
+	(*MigrationStats)(nil),      // 32: vmgrid.compute.v1.MigrationStats
+	(*MigrateVMProgress)(nil),   // 33: vmgrid.compute.v1.MigrateVMProgress
+	(*MigrateInRequest)(nil),    // 34: vmgrid.compute.v1.MigrateInRequest
+	(*MigrateInResponse)(nil),   // 35: vmgrid.compute.v1.MigrateInResponse
+	(*TunnelData)(nil),          // 36: vmgrid.compute.v1.TunnelData
+	nil,                         // 37: vmgrid.compute.v1.ActionResult.ResultsEntry
+	nil,                         // 38: vmgrid.compute.v1.ClassAd.LabelsEntry
+	nil,                         // 39: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
+	nil,                         // 40: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	nil,                         // 41: vmgrid.compute.v1.PublishVMRequest.LabelsEntry
+	(*ExecStreamRequest)(nil),   // 42: vmgrid.compute.v1.ExecStreamRequest
+	(*ConsoleRequest)(nil),      // 43: vmgrid.compute.v1.ConsoleRequest
+	(*PortForwardRequest)(nil),  // 44: vmgrid.compute.v1.PortForwardRequest
+	(*ExecStreamResponse)(nil),  // 45: vmgrid.compute.v1.ExecStreamResponse
+	(*ConsoleResponse)(nil),     // 46: vmgrid.compute.v1.ConsoleResponse
+	(*PortForwardResponse)(nil), // 47: vmgrid.compute.v1.PortForwardResponse
 }
 var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
-	2,  // 0: vmgrid.compute.v1.Action.exec:type_name -> vmgrid.compute.v1.ExecAction
-	3,  // 1: vmgrid.compute.v1.Action.write_file:type_name -> vmgrid.compute.v1.WriteFileAction
-	4,  // 2: vmgrid.compute.v1.Action.set_hostname:type_name -> vmgrid.compute.v1.SetHostnameAction
-	5,  // 3: vmgrid.compute.v1.Action.add_user:type_name -> vmgrid.compute.v1.AddUserAction
-	6,  // 4: vmgrid.compute.v1.Action.mount:type_name -> vmgrid.compute.v1.MountAction
-	7,  // 5: vmgrid.compute.v1.Action.attach_disk:type_name -> vmgrid.compute.v1.AttachDiskAction
-	8,  // 6: vmgrid.compute.v1.Action.stage_in:type_name -> vmgrid.compute.v1.StageInAction
-	9,  // 7: vmgrid.compute.v1.Action.on_error:type_name -> vmgrid.compute.v1.Action
-	9,  // 8: vmgrid.compute.v1.ConfigDAG.actions:type_name -> vmgrid.compute.v1.Action
-	29, // 9: vmgrid.compute.v1.ActionResult.results:type_name -> vmgrid.compute.v1.ActionResult.ResultsEntry
+	3,  // 0: vmgrid.compute.v1.Action.exec:type_name -> vmgrid.compute.v1.ExecAction
+	4,  // 1: vmgrid.compute.v1.Action.write_file:type_name -> vmgrid.compute.v1.WriteFileAction
+	5,  // 2: vmgrid.compute.v1.Action.set_hostname:type_name -> vmgrid.compute.v1.SetHostnameAction
+	6,  // 3: vmgrid.compute.v1.Action.add_user:type_name -> vmgrid.compute.v1.AddUserAction
+	7,  // 4: vmgrid.compute.v1.Action.mount:type_name -> vmgrid.compute.v1.MountAction
+	8,  // 5: vmgrid.compute.v1.Action.attach_disk:type_name -> vmgrid.compute.v1.AttachDiskAction
+	9,  // 6: vmgrid.compute.v1.Action.stage_in:type_name -> vmgrid.compute.v1.StageInAction
+	10, // 7: vmgrid.compute.v1.Action.on_error:type_name -> vmgrid.compute.v1.Action
+	10, // 8: vmgrid.compute.v1.ConfigDAG.actions:type_name -> vmgrid.compute.v1.Action
+	37, // 9: vmgrid.compute.v1.ActionResult.results:type_name -> vmgrid.compute.v1.ActionResult.ResultsEntry
 	0,  // 10: vmgrid.compute.v1.ClassAd.state:type_name -> vmgrid.compute.v1.VMState
-	1,  // 11: vmgrid.compute.v1.ClassAd.hardware:type_name -> vmgrid.compute.v1.Hardware
-	11, // 12: vmgrid.compute.v1.ClassAd.actions:type_name -> vmgrid.compute.v1.ActionResult
-	30, // 13: vmgrid.compute.v1.ClassAd.labels:type_name -> vmgrid.compute.v1.ClassAd.LabelsEntry
-	14, // 14: vmgrid.compute.v1.ClassAd.network:type_name -> vmgrid.compute.v1.NetworkAttachment
-	1,  // 15: vmgrid.compute.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
-	10, // 16: vmgrid.compute.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
-	31, // 17: vmgrid.compute.v1.CreateVMRequest.labels:type_name -> vmgrid.compute.v1.CreateVMRequest.LabelsEntry
-	14, // 18: vmgrid.compute.v1.CreateVMRequest.network:type_name -> vmgrid.compute.v1.NetworkAttachment
-	0,  // 19: vmgrid.compute.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
-	12, // 20: vmgrid.compute.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
-	12, // 21: vmgrid.compute.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
-	12, // 22: vmgrid.compute.v1.ResumeVMRequest.classad:type_name -> vmgrid.compute.v1.ClassAd
-	10, // 23: vmgrid.compute.v1.ResumeVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
-	2,  // 24: vmgrid.compute.v1.ExecVMRequest.exec:type_name -> vmgrid.compute.v1.ExecAction
-	32, // 25: vmgrid.compute.v1.ExecVMResponse.results:type_name -> vmgrid.compute.v1.ExecVMResponse.ResultsEntry
-	33, // 26: vmgrid.compute.v1.PublishVMRequest.labels:type_name -> vmgrid.compute.v1.PublishVMRequest.LabelsEntry
-	13, // 27: vmgrid.compute.v1.PlantService.CreateVM:input_type -> vmgrid.compute.v1.CreateVMRequest
-	16, // 28: vmgrid.compute.v1.PlantService.GetVM:input_type -> vmgrid.compute.v1.GetVMRequest
-	17, // 29: vmgrid.compute.v1.PlantService.ListVMs:input_type -> vmgrid.compute.v1.ListVMsRequest
-	19, // 30: vmgrid.compute.v1.PlantService.DestroyVM:input_type -> vmgrid.compute.v1.DestroyVMRequest
-	21, // 31: vmgrid.compute.v1.PlantService.SuspendVM:input_type -> vmgrid.compute.v1.SuspendVMRequest
-	22, // 32: vmgrid.compute.v1.PlantService.ResumeVM:input_type -> vmgrid.compute.v1.ResumeVMRequest
-	23, // 33: vmgrid.compute.v1.PlantService.ExecVM:input_type -> vmgrid.compute.v1.ExecVMRequest
-	25, // 34: vmgrid.compute.v1.PlantService.StageOut:input_type -> vmgrid.compute.v1.StageOutRequest
-	34, // 35: vmgrid.compute.v1.PlantService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
-	35, // 36: vmgrid.compute.v1.PlantService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
-	36, // 37: vmgrid.compute.v1.PlantService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
-	27, // 38: vmgrid.compute.v1.PlantService.PublishVM:input_type -> vmgrid.compute.v1.PublishVMRequest
-	15, // 39: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	12, // 40: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	18, // 41: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
-	20, // 42: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
-	12, // 43: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
-	15, // 44: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	24, // 45: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
-	26, // 46: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
-	37, // 47: vmgrid.compute.v1.PlantService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
-	38, // 48: vmgrid.compute.v1.PlantService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
-	39, // 49: vmgrid.compute.v1.PlantService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
-	28, // 50: vmgrid.compute.v1.PlantService.PublishVM:output_type -> vmgrid.compute.v1.PublishVMResponse
-	39, // [39:51] is the sub-list for method output_type
-	27, // [27:39] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	2,  // 11: vmgrid.compute.v1.ClassAd.hardware:type_name -> vmgrid.compute.v1.Hardware
+	12, // 12: vmgrid.compute.v1.ClassAd.actions:type_name -> vmgrid.compute.v1.ActionResult
+	38, // 13: vmgrid.compute.v1.ClassAd.labels:type_name -> vmgrid.compute.v1.ClassAd.LabelsEntry
+	15, // 14: vmgrid.compute.v1.ClassAd.network:type_name -> vmgrid.compute.v1.NetworkAttachment
+	32, // 15: vmgrid.compute.v1.ClassAd.last_migration:type_name -> vmgrid.compute.v1.MigrationStats
+	2,  // 16: vmgrid.compute.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
+	11, // 17: vmgrid.compute.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
+	39, // 18: vmgrid.compute.v1.CreateVMRequest.labels:type_name -> vmgrid.compute.v1.CreateVMRequest.LabelsEntry
+	15, // 19: vmgrid.compute.v1.CreateVMRequest.network:type_name -> vmgrid.compute.v1.NetworkAttachment
+	0,  // 20: vmgrid.compute.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
+	13, // 21: vmgrid.compute.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
+	13, // 22: vmgrid.compute.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
+	13, // 23: vmgrid.compute.v1.ResumeVMRequest.classad:type_name -> vmgrid.compute.v1.ClassAd
+	11, // 24: vmgrid.compute.v1.ResumeVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
+	3,  // 25: vmgrid.compute.v1.ExecVMRequest.exec:type_name -> vmgrid.compute.v1.ExecAction
+	40, // 26: vmgrid.compute.v1.ExecVMResponse.results:type_name -> vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	41, // 27: vmgrid.compute.v1.PublishVMRequest.labels:type_name -> vmgrid.compute.v1.PublishVMRequest.LabelsEntry
+	30, // 28: vmgrid.compute.v1.MigrateVMRequest.destination:type_name -> vmgrid.compute.v1.MigrationPeer
+	15, // 29: vmgrid.compute.v1.MigrateVMRequest.network:type_name -> vmgrid.compute.v1.NetworkAttachment
+	32, // 30: vmgrid.compute.v1.MigrateVMProgress.stats:type_name -> vmgrid.compute.v1.MigrationStats
+	13, // 31: vmgrid.compute.v1.MigrateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
+	1,  // 32: vmgrid.compute.v1.MigrateInRequest.step:type_name -> vmgrid.compute.v1.MigrateStep
+	13, // 33: vmgrid.compute.v1.MigrateInRequest.classad:type_name -> vmgrid.compute.v1.ClassAd
+	1,  // 34: vmgrid.compute.v1.MigrateInResponse.step:type_name -> vmgrid.compute.v1.MigrateStep
+	13, // 35: vmgrid.compute.v1.MigrateInResponse.classad:type_name -> vmgrid.compute.v1.ClassAd
+	14, // 36: vmgrid.compute.v1.PlantService.CreateVM:input_type -> vmgrid.compute.v1.CreateVMRequest
+	17, // 37: vmgrid.compute.v1.PlantService.GetVM:input_type -> vmgrid.compute.v1.GetVMRequest
+	18, // 38: vmgrid.compute.v1.PlantService.ListVMs:input_type -> vmgrid.compute.v1.ListVMsRequest
+	20, // 39: vmgrid.compute.v1.PlantService.DestroyVM:input_type -> vmgrid.compute.v1.DestroyVMRequest
+	22, // 40: vmgrid.compute.v1.PlantService.SuspendVM:input_type -> vmgrid.compute.v1.SuspendVMRequest
+	23, // 41: vmgrid.compute.v1.PlantService.ResumeVM:input_type -> vmgrid.compute.v1.ResumeVMRequest
+	24, // 42: vmgrid.compute.v1.PlantService.ExecVM:input_type -> vmgrid.compute.v1.ExecVMRequest
+	26, // 43: vmgrid.compute.v1.PlantService.StageOut:input_type -> vmgrid.compute.v1.StageOutRequest
+	42, // 44: vmgrid.compute.v1.PlantService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
+	43, // 45: vmgrid.compute.v1.PlantService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
+	44, // 46: vmgrid.compute.v1.PlantService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
+	28, // 47: vmgrid.compute.v1.PlantService.PublishVM:input_type -> vmgrid.compute.v1.PublishVMRequest
+	31, // 48: vmgrid.compute.v1.PlantService.MigrateVM:input_type -> vmgrid.compute.v1.MigrateVMRequest
+	34, // 49: vmgrid.compute.v1.PlantService.MigrateIn:input_type -> vmgrid.compute.v1.MigrateInRequest
+	36, // 50: vmgrid.compute.v1.PlantService.MigrationTunnel:input_type -> vmgrid.compute.v1.TunnelData
+	16, // 51: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	13, // 52: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	19, // 53: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
+	21, // 54: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
+	13, // 55: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
+	16, // 56: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	25, // 57: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
+	27, // 58: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
+	45, // 59: vmgrid.compute.v1.PlantService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
+	46, // 60: vmgrid.compute.v1.PlantService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
+	47, // 61: vmgrid.compute.v1.PlantService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
+	29, // 62: vmgrid.compute.v1.PlantService.PublishVM:output_type -> vmgrid.compute.v1.PublishVMResponse
+	33, // 63: vmgrid.compute.v1.PlantService.MigrateVM:output_type -> vmgrid.compute.v1.MigrateVMProgress
+	35, // 64: vmgrid.compute.v1.PlantService.MigrateIn:output_type -> vmgrid.compute.v1.MigrateInResponse
+	36, // 65: vmgrid.compute.v1.PlantService.MigrationTunnel:output_type -> vmgrid.compute.v1.TunnelData
+	51, // [51:66] is the sub-list for method output_type
+	36, // [36:51] is the sub-list for method input_type
+	36, // [36:36] is the sub-list for extension type_name
+	36, // [36:36] is the sub-list for extension extendee
+	0,  // [0:36] is the sub-list for field type_name
 }
 
 func init() { file_vmgrid_compute_v1_plant_proto_init() }
@@ -2518,8 +3279,8 @@ func file_vmgrid_compute_v1_plant_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmgrid_compute_v1_plant_proto_rawDesc), len(file_vmgrid_compute_v1_plant_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   33,
+			NumEnums:      2,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,18 +22,21 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	PlantService_CreateVM_FullMethodName    = "/vmgrid.compute.v1.PlantService/CreateVM"
-	PlantService_GetVM_FullMethodName       = "/vmgrid.compute.v1.PlantService/GetVM"
-	PlantService_ListVMs_FullMethodName     = "/vmgrid.compute.v1.PlantService/ListVMs"
-	PlantService_DestroyVM_FullMethodName   = "/vmgrid.compute.v1.PlantService/DestroyVM"
-	PlantService_SuspendVM_FullMethodName   = "/vmgrid.compute.v1.PlantService/SuspendVM"
-	PlantService_ResumeVM_FullMethodName    = "/vmgrid.compute.v1.PlantService/ResumeVM"
-	PlantService_ExecVM_FullMethodName      = "/vmgrid.compute.v1.PlantService/ExecVM"
-	PlantService_StageOut_FullMethodName    = "/vmgrid.compute.v1.PlantService/StageOut"
-	PlantService_ExecStream_FullMethodName  = "/vmgrid.compute.v1.PlantService/ExecStream"
-	PlantService_Console_FullMethodName     = "/vmgrid.compute.v1.PlantService/Console"
-	PlantService_PortForward_FullMethodName = "/vmgrid.compute.v1.PlantService/PortForward"
-	PlantService_PublishVM_FullMethodName   = "/vmgrid.compute.v1.PlantService/PublishVM"
+	PlantService_CreateVM_FullMethodName        = "/vmgrid.compute.v1.PlantService/CreateVM"
+	PlantService_GetVM_FullMethodName           = "/vmgrid.compute.v1.PlantService/GetVM"
+	PlantService_ListVMs_FullMethodName         = "/vmgrid.compute.v1.PlantService/ListVMs"
+	PlantService_DestroyVM_FullMethodName       = "/vmgrid.compute.v1.PlantService/DestroyVM"
+	PlantService_SuspendVM_FullMethodName       = "/vmgrid.compute.v1.PlantService/SuspendVM"
+	PlantService_ResumeVM_FullMethodName        = "/vmgrid.compute.v1.PlantService/ResumeVM"
+	PlantService_ExecVM_FullMethodName          = "/vmgrid.compute.v1.PlantService/ExecVM"
+	PlantService_StageOut_FullMethodName        = "/vmgrid.compute.v1.PlantService/StageOut"
+	PlantService_ExecStream_FullMethodName      = "/vmgrid.compute.v1.PlantService/ExecStream"
+	PlantService_Console_FullMethodName         = "/vmgrid.compute.v1.PlantService/Console"
+	PlantService_PortForward_FullMethodName     = "/vmgrid.compute.v1.PlantService/PortForward"
+	PlantService_PublishVM_FullMethodName       = "/vmgrid.compute.v1.PlantService/PublishVM"
+	PlantService_MigrateVM_FullMethodName       = "/vmgrid.compute.v1.PlantService/MigrateVM"
+	PlantService_MigrateIn_FullMethodName       = "/vmgrid.compute.v1.PlantService/MigrateIn"
+	PlantService_MigrationTunnel_FullMethodName = "/vmgrid.compute.v1.PlantService/MigrationTunnel"
 )
 
 // PlantServiceClient is the client API for PlantService service.
@@ -81,6 +84,22 @@ type PlantServiceClient interface {
 	// name); FAILED_PRECONDITION (not running; a network, extra disks or host
 	// actions); UNAVAILABLE (the image server: nothing was published).
 	PublishVM(ctx context.Context, in *PublishVMRequest, opts ...grpc.CallOption) (*PublishVMResponse, error)
+	// Live migration (Goiri et al. §4). The shop asks the source plant:
+	// MigrateVM moves a running VM to the destination the shop names while
+	// the guest runs on, streams the progress and ends with the VM's classad
+	// on the destination. The source drives the destination with its
+	// service token: MigrateIn prepares the machine there and switches over,
+	// MigrationTunnel carries QEMU's streams (the RAM, the disk mirror)
+	// between the plants. A migration that fails leaves the VM running on
+	// the source and nothing on the destination.
+	// Codes: NOT_FOUND (no such VM); FAILED_PRECONDITION (the VM is not
+	// running, is migrating already, or has what cannot move live: a
+	// persistent disk, hot-plugged devices); UNAVAILABLE (the destination
+	// failed or could not be reached: the VM runs on, on the source);
+	// DEADLINE_EXCEEDED.
+	MigrateVM(ctx context.Context, in *MigrateVMRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[MigrateVMProgress], error)
+	MigrateIn(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[MigrateInRequest, MigrateInResponse], error)
+	MigrationTunnel(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[TunnelData, TunnelData], error)
 }
 
 type plantServiceClient struct {
@@ -238,6 +257,51 @@ func (c *plantServiceClient) PublishVM(ctx context.Context, in *PublishVMRequest
 	return out, nil
 }
 
+func (c *plantServiceClient) MigrateVM(ctx context.Context, in *MigrateVMRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[MigrateVMProgress], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &PlantService_ServiceDesc.Streams[5], PlantService_MigrateVM_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[MigrateVMRequest, MigrateVMProgress]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PlantService_MigrateVMClient = grpc.ServerStreamingClient[MigrateVMProgress]
+
+func (c *plantServiceClient) MigrateIn(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[MigrateInRequest, MigrateInResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &PlantService_ServiceDesc.Streams[6], PlantService_MigrateIn_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[MigrateInRequest, MigrateInResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PlantService_MigrateInClient = grpc.BidiStreamingClient[MigrateInRequest, MigrateInResponse]
+
+func (c *plantServiceClient) MigrationTunnel(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[TunnelData, TunnelData], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &PlantService_ServiceDesc.Streams[7], PlantService_MigrationTunnel_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[TunnelData, TunnelData]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PlantService_MigrationTunnelClient = grpc.BidiStreamingClient[TunnelData, TunnelData]
+
 // PlantServiceServer is the server API for PlantService service.
 // All implementations must embed UnimplementedPlantServiceServer
 // for forward compatibility.
@@ -283,6 +347,22 @@ type PlantServiceServer interface {
 	// name); FAILED_PRECONDITION (not running; a network, extra disks or host
 	// actions); UNAVAILABLE (the image server: nothing was published).
 	PublishVM(context.Context, *PublishVMRequest) (*PublishVMResponse, error)
+	// Live migration (Goiri et al. §4). The shop asks the source plant:
+	// MigrateVM moves a running VM to the destination the shop names while
+	// the guest runs on, streams the progress and ends with the VM's classad
+	// on the destination. The source drives the destination with its
+	// service token: MigrateIn prepares the machine there and switches over,
+	// MigrationTunnel carries QEMU's streams (the RAM, the disk mirror)
+	// between the plants. A migration that fails leaves the VM running on
+	// the source and nothing on the destination.
+	// Codes: NOT_FOUND (no such VM); FAILED_PRECONDITION (the VM is not
+	// running, is migrating already, or has what cannot move live: a
+	// persistent disk, hot-plugged devices); UNAVAILABLE (the destination
+	// failed or could not be reached: the VM runs on, on the source);
+	// DEADLINE_EXCEEDED.
+	MigrateVM(*MigrateVMRequest, grpc.ServerStreamingServer[MigrateVMProgress]) error
+	MigrateIn(grpc.BidiStreamingServer[MigrateInRequest, MigrateInResponse]) error
+	MigrationTunnel(grpc.BidiStreamingServer[TunnelData, TunnelData]) error
 	mustEmbedUnimplementedPlantServiceServer()
 }
 
@@ -328,6 +408,15 @@ func (UnimplementedPlantServiceServer) PortForward(grpc.BidiStreamingServer[Port
 }
 func (UnimplementedPlantServiceServer) PublishVM(context.Context, *PublishVMRequest) (*PublishVMResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method PublishVM not implemented")
+}
+func (UnimplementedPlantServiceServer) MigrateVM(*MigrateVMRequest, grpc.ServerStreamingServer[MigrateVMProgress]) error {
+	return status.Error(codes.Unimplemented, "method MigrateVM not implemented")
+}
+func (UnimplementedPlantServiceServer) MigrateIn(grpc.BidiStreamingServer[MigrateInRequest, MigrateInResponse]) error {
+	return status.Error(codes.Unimplemented, "method MigrateIn not implemented")
+}
+func (UnimplementedPlantServiceServer) MigrationTunnel(grpc.BidiStreamingServer[TunnelData, TunnelData]) error {
+	return status.Error(codes.Unimplemented, "method MigrationTunnel not implemented")
 }
 func (UnimplementedPlantServiceServer) mustEmbedUnimplementedPlantServiceServer() {}
 func (UnimplementedPlantServiceServer) testEmbeddedByValue()                      {}
@@ -519,6 +608,31 @@ func _PlantService_PublishVM_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PlantService_MigrateVM_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(MigrateVMRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(PlantServiceServer).MigrateVM(m, &grpc.GenericServerStream[MigrateVMRequest, MigrateVMProgress]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PlantService_MigrateVMServer = grpc.ServerStreamingServer[MigrateVMProgress]
+
+func _PlantService_MigrateIn_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(PlantServiceServer).MigrateIn(&grpc.GenericServerStream[MigrateInRequest, MigrateInResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PlantService_MigrateInServer = grpc.BidiStreamingServer[MigrateInRequest, MigrateInResponse]
+
+func _PlantService_MigrationTunnel_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(PlantServiceServer).MigrationTunnel(&grpc.GenericServerStream[TunnelData, TunnelData]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PlantService_MigrationTunnelServer = grpc.BidiStreamingServer[TunnelData, TunnelData]
+
 // PlantService_ServiceDesc is the grpc.ServiceDesc for PlantService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -581,6 +695,23 @@ var PlantService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "PortForward",
 			Handler:       _PlantService_PortForward_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "MigrateVM",
+			Handler:       _PlantService_MigrateVM_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "MigrateIn",
+			Handler:       _PlantService_MigrateIn_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "MigrationTunnel",
+			Handler:       _PlantService_MigrationTunnel_Handler,
 			ServerStreams: true,
 			ClientStreams: true,
 		},

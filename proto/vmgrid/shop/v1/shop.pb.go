@@ -1186,6 +1186,146 @@ func (x *PublishVMResponse) GetPublishedBytes() uint64 {
 	return 0
 }
 
+type MigrateVMRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required: ClassAd.vm_id.
+	VmId string `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	// The destination plant's name; empty: the auction's winner.
+	To string `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	// Switch to post-copy after the first pass over RAM (see the README).
+	PostCopy      bool `protobuf:"varint,3,opt,name=post_copy,json=postCopy,proto3" json:"post_copy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MigrateVMRequest) Reset() {
+	*x = MigrateVMRequest{}
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrateVMRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrateVMRequest) ProtoMessage() {}
+
+func (x *MigrateVMRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrateVMRequest.ProtoReflect.Descriptor instead.
+func (*MigrateVMRequest) Descriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *MigrateVMRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *MigrateVMRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *MigrateVMRequest) GetPostCopy() bool {
+	if x != nil {
+		return x.PostCopy
+	}
+	return false
+}
+
+type MigrateVMProgress struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Phase        string                 `protobuf:"bytes,1,opt,name=phase,proto3" json:"phase,omitempty"`
+	Message      string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	ElapsedNanos int64                  `protobuf:"varint,3,opt,name=elapsed_nanos,json=elapsedNanos,proto3" json:"elapsed_nanos,omitempty"`
+	Stats        *v1.MigrationStats     `protobuf:"bytes,4,opt,name=stats,proto3" json:"stats,omitempty"`
+	// In the last message.
+	Classad       *v1.ClassAd `protobuf:"bytes,5,opt,name=classad,proto3" json:"classad,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MigrateVMProgress) Reset() {
+	*x = MigrateVMProgress{}
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrateVMProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrateVMProgress) ProtoMessage() {}
+
+func (x *MigrateVMProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrateVMProgress.ProtoReflect.Descriptor instead.
+func (*MigrateVMProgress) Descriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *MigrateVMProgress) GetPhase() string {
+	if x != nil {
+		return x.Phase
+	}
+	return ""
+}
+
+func (x *MigrateVMProgress) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *MigrateVMProgress) GetElapsedNanos() int64 {
+	if x != nil {
+		return x.ElapsedNanos
+	}
+	return 0
+}
+
+func (x *MigrateVMProgress) GetStats() *v1.MigrationStats {
+	if x != nil {
+		return x.Stats
+	}
+	return nil
+}
+
+func (x *MigrateVMProgress) GetClassad() *v1.ClassAd {
+	if x != nil {
+		return x.Classad
+	}
+	return nil
+}
+
 var File_vmgrid_shop_v1_shop_proto protoreflect.FileDescriptor
 
 const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
@@ -1278,7 +1418,17 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\x05image\x18\x01 \x01(\v2\x19.vmgrid.image.v1.ManifestR\x05image\x124\n" +
 	"\aclassad\x18\x02 \x01(\v2\x1a.vmgrid.compute.v1.ClassAdR\aclassad\x12!\n" +
 	"\fpaused_nanos\x18\x03 \x01(\x03R\vpausedNanos\x12'\n" +
-	"\x0fpublished_bytes\x18\x04 \x01(\x04R\x0epublishedBytes*\xd7\x01\n" +
+	"\x0fpublished_bytes\x18\x04 \x01(\x04R\x0epublishedBytes\"T\n" +
+	"\x10MigrateVMRequest\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\x12\x1b\n" +
+	"\tpost_copy\x18\x03 \x01(\bR\bpostCopy\"\xd7\x01\n" +
+	"\x11MigrateVMProgress\x12\x14\n" +
+	"\x05phase\x18\x01 \x01(\tR\x05phase\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12#\n" +
+	"\relapsed_nanos\x18\x03 \x01(\x03R\felapsedNanos\x127\n" +
+	"\x05stats\x18\x04 \x01(\v2!.vmgrid.compute.v1.MigrationStatsR\x05stats\x124\n" +
+	"\aclassad\x18\x05 \x01(\v2\x1a.vmgrid.compute.v1.ClassAdR\aclassad*\xd7\x01\n" +
 	"\tTaskState\x12\x1a\n" +
 	"\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11TASK_STATE_QUEUED\x10\x01\x12\x19\n" +
@@ -1287,7 +1437,7 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\x16TASK_STATE_STAGING_OUT\x10\x04\x12\x18\n" +
 	"\x14TASK_STATE_SUCCEEDED\x10\x05\x12\x15\n" +
 	"\x11TASK_STATE_FAILED\x10\x06\x12\x17\n" +
-	"\x13TASK_STATE_CANCELED\x10\a2\x9e\t\n" +
+	"\x13TASK_STATE_CANCELED\x10\a2\xf2\t\n" +
 	"\vShopService\x12O\n" +
 	"\bCreateVM\x12\x1f.vmgrid.shop.v1.CreateVMRequest\x1a .vmgrid.shop.v1.CreateVMProgress0\x01\x12A\n" +
 	"\x05GetVM\x12\x1c.vmgrid.shop.v1.GetVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12J\n" +
@@ -1306,7 +1456,8 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"CancelTask\x12\x1e.vmgrid.shop.v1.GetTaskRequest\x1a\x14.vmgrid.shop.v1.Task\x12I\n" +
 	"\tSuspendVM\x12 .vmgrid.shop.v1.SuspendVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12O\n" +
 	"\bResumeVM\x12\x1f.vmgrid.shop.v1.ResumeVMRequest\x1a .vmgrid.shop.v1.CreateVMProgress0\x01\x12P\n" +
-	"\tPublishVM\x12 .vmgrid.shop.v1.PublishVMRequest\x1a!.vmgrid.shop.v1.PublishVMResponseB6Z4github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1;shopv1b\x06proto3"
+	"\tPublishVM\x12 .vmgrid.shop.v1.PublishVMRequest\x1a!.vmgrid.shop.v1.PublishVMResponse\x12R\n" +
+	"\tMigrateVM\x12 .vmgrid.shop.v1.MigrateVMRequest\x1a!.vmgrid.shop.v1.MigrateVMProgress0\x01B6Z4github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1;shopv1b\x06proto3"
 
 var (
 	file_vmgrid_shop_v1_shop_proto_rawDescOnce sync.Once
@@ -1321,7 +1472,7 @@ func file_vmgrid_shop_v1_shop_proto_rawDescGZIP() []byte {
 }
 
 var file_vmgrid_shop_v1_shop_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_vmgrid_shop_v1_shop_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_vmgrid_shop_v1_shop_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_vmgrid_shop_v1_shop_proto_goTypes = []any{
 	(TaskState)(0),                 // 0: vmgrid.shop.v1.TaskState
 	(*SubmitTaskRequest)(nil),      // 1: vmgrid.shop.v1.SubmitTaskRequest
@@ -1340,69 +1491,76 @@ var file_vmgrid_shop_v1_shop_proto_goTypes = []any{
 	(*ResumeVMRequest)(nil),        // 14: vmgrid.shop.v1.ResumeVMRequest
 	(*PublishVMRequest)(nil),       // 15: vmgrid.shop.v1.PublishVMRequest
 	(*PublishVMResponse)(nil),      // 16: vmgrid.shop.v1.PublishVMResponse
-	nil,                            // 17: vmgrid.shop.v1.CreateVMRequest.LabelsEntry
-	nil,                            // 18: vmgrid.shop.v1.PublishVMRequest.LabelsEntry
-	(*v1.Hardware)(nil),            // 19: vmgrid.compute.v1.Hardware
-	(*v1.ConfigDAG)(nil),           // 20: vmgrid.compute.v1.ConfigDAG
-	(v1.VMState)(0),                // 21: vmgrid.compute.v1.VMState
-	(*v1.ClassAd)(nil),             // 22: vmgrid.compute.v1.ClassAd
-	(*v11.Manifest)(nil),           // 23: vmgrid.image.v1.Manifest
-	(*v1.ExecStreamRequest)(nil),   // 24: vmgrid.compute.v1.ExecStreamRequest
-	(*v1.ConsoleRequest)(nil),      // 25: vmgrid.compute.v1.ConsoleRequest
-	(*v1.PortForwardRequest)(nil),  // 26: vmgrid.compute.v1.PortForwardRequest
-	(*v1.ExecStreamResponse)(nil),  // 27: vmgrid.compute.v1.ExecStreamResponse
-	(*v1.ConsoleResponse)(nil),     // 28: vmgrid.compute.v1.ConsoleResponse
-	(*v1.PortForwardResponse)(nil), // 29: vmgrid.compute.v1.PortForwardResponse
+	(*MigrateVMRequest)(nil),       // 17: vmgrid.shop.v1.MigrateVMRequest
+	(*MigrateVMProgress)(nil),      // 18: vmgrid.shop.v1.MigrateVMProgress
+	nil,                            // 19: vmgrid.shop.v1.CreateVMRequest.LabelsEntry
+	nil,                            // 20: vmgrid.shop.v1.PublishVMRequest.LabelsEntry
+	(*v1.Hardware)(nil),            // 21: vmgrid.compute.v1.Hardware
+	(*v1.ConfigDAG)(nil),           // 22: vmgrid.compute.v1.ConfigDAG
+	(v1.VMState)(0),                // 23: vmgrid.compute.v1.VMState
+	(*v1.ClassAd)(nil),             // 24: vmgrid.compute.v1.ClassAd
+	(*v11.Manifest)(nil),           // 25: vmgrid.image.v1.Manifest
+	(*v1.MigrationStats)(nil),      // 26: vmgrid.compute.v1.MigrationStats
+	(*v1.ExecStreamRequest)(nil),   // 27: vmgrid.compute.v1.ExecStreamRequest
+	(*v1.ConsoleRequest)(nil),      // 28: vmgrid.compute.v1.ConsoleRequest
+	(*v1.PortForwardRequest)(nil),  // 29: vmgrid.compute.v1.PortForwardRequest
+	(*v1.ExecStreamResponse)(nil),  // 30: vmgrid.compute.v1.ExecStreamResponse
+	(*v1.ConsoleResponse)(nil),     // 31: vmgrid.compute.v1.ConsoleResponse
+	(*v1.PortForwardResponse)(nil), // 32: vmgrid.compute.v1.PortForwardResponse
 }
 var file_vmgrid_shop_v1_shop_proto_depIdxs = []int32{
-	19, // 0: vmgrid.shop.v1.SubmitTaskRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
+	21, // 0: vmgrid.shop.v1.SubmitTaskRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
 	0,  // 1: vmgrid.shop.v1.Task.state:type_name -> vmgrid.shop.v1.TaskState
 	1,  // 2: vmgrid.shop.v1.Task.spec:type_name -> vmgrid.shop.v1.SubmitTaskRequest
-	19, // 3: vmgrid.shop.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
-	20, // 4: vmgrid.shop.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
-	17, // 5: vmgrid.shop.v1.CreateVMRequest.labels:type_name -> vmgrid.shop.v1.CreateVMRequest.LabelsEntry
-	21, // 6: vmgrid.shop.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
+	21, // 3: vmgrid.shop.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
+	22, // 4: vmgrid.shop.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
+	19, // 5: vmgrid.shop.v1.CreateVMRequest.labels:type_name -> vmgrid.shop.v1.CreateVMRequest.LabelsEntry
+	23, // 6: vmgrid.shop.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
 	5,  // 7: vmgrid.shop.v1.CreateVMProgress.bids:type_name -> vmgrid.shop.v1.Bid
-	22, // 8: vmgrid.shop.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
-	22, // 9: vmgrid.shop.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
-	18, // 10: vmgrid.shop.v1.PublishVMRequest.labels:type_name -> vmgrid.shop.v1.PublishVMRequest.LabelsEntry
-	23, // 11: vmgrid.shop.v1.PublishVMResponse.image:type_name -> vmgrid.image.v1.Manifest
-	22, // 12: vmgrid.shop.v1.PublishVMResponse.classad:type_name -> vmgrid.compute.v1.ClassAd
-	4,  // 13: vmgrid.shop.v1.ShopService.CreateVM:input_type -> vmgrid.shop.v1.CreateVMRequest
-	7,  // 14: vmgrid.shop.v1.ShopService.GetVM:input_type -> vmgrid.shop.v1.GetVMRequest
-	8,  // 15: vmgrid.shop.v1.ShopService.ListVMs:input_type -> vmgrid.shop.v1.ListVMsRequest
-	10, // 16: vmgrid.shop.v1.ShopService.DestroyVM:input_type -> vmgrid.shop.v1.DestroyVMRequest
-	12, // 17: vmgrid.shop.v1.ShopService.WatchVM:input_type -> vmgrid.shop.v1.WatchVMRequest
-	24, // 18: vmgrid.shop.v1.ShopService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
-	25, // 19: vmgrid.shop.v1.ShopService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
-	26, // 20: vmgrid.shop.v1.ShopService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
-	1,  // 21: vmgrid.shop.v1.ShopService.SubmitTask:input_type -> vmgrid.shop.v1.SubmitTaskRequest
-	3,  // 22: vmgrid.shop.v1.ShopService.GetTask:input_type -> vmgrid.shop.v1.GetTaskRequest
-	3,  // 23: vmgrid.shop.v1.ShopService.WatchTask:input_type -> vmgrid.shop.v1.GetTaskRequest
-	3,  // 24: vmgrid.shop.v1.ShopService.CancelTask:input_type -> vmgrid.shop.v1.GetTaskRequest
-	13, // 25: vmgrid.shop.v1.ShopService.SuspendVM:input_type -> vmgrid.shop.v1.SuspendVMRequest
-	14, // 26: vmgrid.shop.v1.ShopService.ResumeVM:input_type -> vmgrid.shop.v1.ResumeVMRequest
-	15, // 27: vmgrid.shop.v1.ShopService.PublishVM:input_type -> vmgrid.shop.v1.PublishVMRequest
-	6,  // 28: vmgrid.shop.v1.ShopService.CreateVM:output_type -> vmgrid.shop.v1.CreateVMProgress
-	22, // 29: vmgrid.shop.v1.ShopService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	9,  // 30: vmgrid.shop.v1.ShopService.ListVMs:output_type -> vmgrid.shop.v1.ListVMsResponse
-	11, // 31: vmgrid.shop.v1.ShopService.DestroyVM:output_type -> vmgrid.shop.v1.DestroyVMResponse
-	22, // 32: vmgrid.shop.v1.ShopService.WatchVM:output_type -> vmgrid.compute.v1.ClassAd
-	27, // 33: vmgrid.shop.v1.ShopService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
-	28, // 34: vmgrid.shop.v1.ShopService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
-	29, // 35: vmgrid.shop.v1.ShopService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
-	2,  // 36: vmgrid.shop.v1.ShopService.SubmitTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 37: vmgrid.shop.v1.ShopService.GetTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 38: vmgrid.shop.v1.ShopService.WatchTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 39: vmgrid.shop.v1.ShopService.CancelTask:output_type -> vmgrid.shop.v1.Task
-	22, // 40: vmgrid.shop.v1.ShopService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
-	6,  // 41: vmgrid.shop.v1.ShopService.ResumeVM:output_type -> vmgrid.shop.v1.CreateVMProgress
-	16, // 42: vmgrid.shop.v1.ShopService.PublishVM:output_type -> vmgrid.shop.v1.PublishVMResponse
-	28, // [28:43] is the sub-list for method output_type
-	13, // [13:28] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	24, // 8: vmgrid.shop.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
+	24, // 9: vmgrid.shop.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
+	20, // 10: vmgrid.shop.v1.PublishVMRequest.labels:type_name -> vmgrid.shop.v1.PublishVMRequest.LabelsEntry
+	25, // 11: vmgrid.shop.v1.PublishVMResponse.image:type_name -> vmgrid.image.v1.Manifest
+	24, // 12: vmgrid.shop.v1.PublishVMResponse.classad:type_name -> vmgrid.compute.v1.ClassAd
+	26, // 13: vmgrid.shop.v1.MigrateVMProgress.stats:type_name -> vmgrid.compute.v1.MigrationStats
+	24, // 14: vmgrid.shop.v1.MigrateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
+	4,  // 15: vmgrid.shop.v1.ShopService.CreateVM:input_type -> vmgrid.shop.v1.CreateVMRequest
+	7,  // 16: vmgrid.shop.v1.ShopService.GetVM:input_type -> vmgrid.shop.v1.GetVMRequest
+	8,  // 17: vmgrid.shop.v1.ShopService.ListVMs:input_type -> vmgrid.shop.v1.ListVMsRequest
+	10, // 18: vmgrid.shop.v1.ShopService.DestroyVM:input_type -> vmgrid.shop.v1.DestroyVMRequest
+	12, // 19: vmgrid.shop.v1.ShopService.WatchVM:input_type -> vmgrid.shop.v1.WatchVMRequest
+	27, // 20: vmgrid.shop.v1.ShopService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
+	28, // 21: vmgrid.shop.v1.ShopService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
+	29, // 22: vmgrid.shop.v1.ShopService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
+	1,  // 23: vmgrid.shop.v1.ShopService.SubmitTask:input_type -> vmgrid.shop.v1.SubmitTaskRequest
+	3,  // 24: vmgrid.shop.v1.ShopService.GetTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	3,  // 25: vmgrid.shop.v1.ShopService.WatchTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	3,  // 26: vmgrid.shop.v1.ShopService.CancelTask:input_type -> vmgrid.shop.v1.GetTaskRequest
+	13, // 27: vmgrid.shop.v1.ShopService.SuspendVM:input_type -> vmgrid.shop.v1.SuspendVMRequest
+	14, // 28: vmgrid.shop.v1.ShopService.ResumeVM:input_type -> vmgrid.shop.v1.ResumeVMRequest
+	15, // 29: vmgrid.shop.v1.ShopService.PublishVM:input_type -> vmgrid.shop.v1.PublishVMRequest
+	17, // 30: vmgrid.shop.v1.ShopService.MigrateVM:input_type -> vmgrid.shop.v1.MigrateVMRequest
+	6,  // 31: vmgrid.shop.v1.ShopService.CreateVM:output_type -> vmgrid.shop.v1.CreateVMProgress
+	24, // 32: vmgrid.shop.v1.ShopService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	9,  // 33: vmgrid.shop.v1.ShopService.ListVMs:output_type -> vmgrid.shop.v1.ListVMsResponse
+	11, // 34: vmgrid.shop.v1.ShopService.DestroyVM:output_type -> vmgrid.shop.v1.DestroyVMResponse
+	24, // 35: vmgrid.shop.v1.ShopService.WatchVM:output_type -> vmgrid.compute.v1.ClassAd
+	30, // 36: vmgrid.shop.v1.ShopService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
+	31, // 37: vmgrid.shop.v1.ShopService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
+	32, // 38: vmgrid.shop.v1.ShopService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
+	2,  // 39: vmgrid.shop.v1.ShopService.SubmitTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 40: vmgrid.shop.v1.ShopService.GetTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 41: vmgrid.shop.v1.ShopService.WatchTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 42: vmgrid.shop.v1.ShopService.CancelTask:output_type -> vmgrid.shop.v1.Task
+	24, // 43: vmgrid.shop.v1.ShopService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
+	6,  // 44: vmgrid.shop.v1.ShopService.ResumeVM:output_type -> vmgrid.shop.v1.CreateVMProgress
+	16, // 45: vmgrid.shop.v1.ShopService.PublishVM:output_type -> vmgrid.shop.v1.PublishVMResponse
+	18, // 46: vmgrid.shop.v1.ShopService.MigrateVM:output_type -> vmgrid.shop.v1.MigrateVMProgress
+	31, // [31:47] is the sub-list for method output_type
+	15, // [15:31] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_vmgrid_shop_v1_shop_proto_init() }
@@ -1416,7 +1574,7 @@ func file_vmgrid_shop_v1_shop_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmgrid_shop_v1_shop_proto_rawDesc), len(file_vmgrid_shop_v1_shop_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   18,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

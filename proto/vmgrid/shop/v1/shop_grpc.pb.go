@@ -40,6 +40,7 @@ const (
 	ShopService_SuspendVM_FullMethodName   = "/vmgrid.shop.v1.ShopService/SuspendVM"
 	ShopService_ResumeVM_FullMethodName    = "/vmgrid.shop.v1.ShopService/ResumeVM"
 	ShopService_PublishVM_FullMethodName   = "/vmgrid.shop.v1.ShopService/PublishVM"
+	ShopService_MigrateVM_FullMethodName   = "/vmgrid.shop.v1.ShopService/MigrateVM"
 )
 
 // ShopServiceClient is the client API for ShopService service.
@@ -186,6 +187,20 @@ type ShopServiceClient interface {
 	// network, extra disks or host actions, which an image cannot carry);
 	// UNAVAILABLE (nothing was published: retry).
 	PublishVM(ctx context.Context, in *PublishVMRequest, opts ...grpc.CallOption) (*PublishVMResponse, error)
+	// MigrateVM moves a running VM to another plant while it runs (Goiri et
+	// al. §4, QEMU live migration): only its memory and its redo log's
+	// written blocks move, never the golden image; its address and
+	// connections stay. Without `to` the shop holds an auction that
+	// excludes the VM's plant. Progress is streamed (phases preparing,
+	// mirroring, copying, switching, running), the last message carries the
+	// classad (its plant the new one). The classad is MIGRATING meanwhile.
+	// A migration that fails leaves the VM RUNNING where it was.
+	// Codes: NOT_FOUND (no such VM, or `to` names no registered plant);
+	// PERMISSION_DENIED (another owner's VM); FAILED_PRECONDITION (the VM is
+	// not running, migrates already, is on `to` already, or cannot move
+	// live); RESOURCE_EXHAUSTED (no other plant can host it); UNAVAILABLE
+	// (the destination failed: the VM runs on where it was).
+	MigrateVM(ctx context.Context, in *MigrateVMRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[MigrateVMProgress], error)
 }
 
 type shopServiceClient struct {
@@ -391,6 +406,25 @@ func (c *shopServiceClient) PublishVM(ctx context.Context, in *PublishVMRequest,
 	return out, nil
 }
 
+func (c *shopServiceClient) MigrateVM(ctx context.Context, in *MigrateVMRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[MigrateVMProgress], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ShopService_ServiceDesc.Streams[7], ShopService_MigrateVM_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[MigrateVMRequest, MigrateVMProgress]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ShopService_MigrateVMClient = grpc.ServerStreamingClient[MigrateVMProgress]
+
 // ShopServiceServer is the server API for ShopService service.
 // All implementations must embed UnimplementedShopServiceServer
 // for forward compatibility.
@@ -535,6 +569,20 @@ type ShopServiceServer interface {
 	// network, extra disks or host actions, which an image cannot carry);
 	// UNAVAILABLE (nothing was published: retry).
 	PublishVM(context.Context, *PublishVMRequest) (*PublishVMResponse, error)
+	// MigrateVM moves a running VM to another plant while it runs (Goiri et
+	// al. §4, QEMU live migration): only its memory and its redo log's
+	// written blocks move, never the golden image; its address and
+	// connections stay. Without `to` the shop holds an auction that
+	// excludes the VM's plant. Progress is streamed (phases preparing,
+	// mirroring, copying, switching, running), the last message carries the
+	// classad (its plant the new one). The classad is MIGRATING meanwhile.
+	// A migration that fails leaves the VM RUNNING where it was.
+	// Codes: NOT_FOUND (no such VM, or `to` names no registered plant);
+	// PERMISSION_DENIED (another owner's VM); FAILED_PRECONDITION (the VM is
+	// not running, migrates already, is on `to` already, or cannot move
+	// live); RESOURCE_EXHAUSTED (no other plant can host it); UNAVAILABLE
+	// (the destination failed: the VM runs on where it was).
+	MigrateVM(*MigrateVMRequest, grpc.ServerStreamingServer[MigrateVMProgress]) error
 	mustEmbedUnimplementedShopServiceServer()
 }
 
@@ -589,6 +637,9 @@ func (UnimplementedShopServiceServer) ResumeVM(*ResumeVMRequest, grpc.ServerStre
 }
 func (UnimplementedShopServiceServer) PublishVM(context.Context, *PublishVMRequest) (*PublishVMResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method PublishVM not implemented")
+}
+func (UnimplementedShopServiceServer) MigrateVM(*MigrateVMRequest, grpc.ServerStreamingServer[MigrateVMProgress]) error {
+	return status.Error(codes.Unimplemented, "method MigrateVM not implemented")
 }
 func (UnimplementedShopServiceServer) mustEmbedUnimplementedShopServiceServer() {}
 func (UnimplementedShopServiceServer) testEmbeddedByValue()                     {}
@@ -820,6 +871,17 @@ func _ShopService_PublishVM_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ShopService_MigrateVM_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(MigrateVMRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ShopServiceServer).MigrateVM(m, &grpc.GenericServerStream[MigrateVMRequest, MigrateVMProgress]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ShopService_MigrateVMServer = grpc.ServerStreamingServer[MigrateVMProgress]
+
 // ShopService_ServiceDesc is the grpc.ServiceDesc for ShopService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -897,6 +959,11 @@ var ShopService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "ResumeVM",
 			Handler:       _ShopService_ResumeVM_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "MigrateVM",
+			Handler:       _ShopService_MigrateVM_Handler,
 			ServerStreams: true,
 		},
 	},

@@ -106,3 +106,14 @@ func (r *SubmitTaskRequest) Validate() error {
 
 // Validate checks a task lookup.
 func (r *GetTaskRequest) Validate() error { return imagev1.ValidateName("task_id", r.TaskId) }
+
+// Validate checks a MigrateVM request.
+func (r *MigrateVMRequest) Validate() error {
+	if err := imagev1.ValidateName("vm_id", r.VmId); err != nil {
+		return err
+	}
+	if r.To != "" {
+		return imagev1.ValidateName("to", r.To)
+	}
+	return nil
+}

@@ -1,0 +1,92 @@
+package vmm
+
+import (
+	"context"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// A running guest moves to a second QEMU process: its redo log mirrored
+// over NBD (only the top layer: both clones are over the same golden
+// disk), its RAM pre-copied; the counter it prints goes on from where it
+// was on the destination, and the source is left paused for good.
+func TestLiveMigrate(t *testing.T) {
+	for _, postCopy := range []bool{false, true} {
+		t.Run(map[bool]string{false: "pre-copy", true: "post-copy"}[postCopy], func(t *testing.T) { liveMigrate(t, postCopy) })
+	}
+}
+
+func liveMigrate(t *testing.T, postCopy bool) {
+	d := driver(t)
+	img := tinyImage(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	src := tinySpec(t, img, overlay(t, img.RootDisk))
+	src.MemoryFile = &MemoryFile{Path: filepath.Join(src.Dir, "mem.ram")}
+	m, err := d.Start(ctx, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Kill()
+	waitTick(t, ctx, m, 3)
+
+	dst := m.Spec()
+	dst.Dir = t.TempDir()
+	dst.Disks[0].Path = overlay(t, img.RootDisk)
+	dst.MemoryFile = &MemoryFile{Memfd: true}
+	dst.Incoming = &Incoming{Live: true}
+	m2, err := d.Start(ctx, dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m2.Kill()
+	uri, nbd := "unix:"+filepath.Join(dst.Dir, "in.sock"), filepath.Join(dst.Dir, "nbd.sock")
+	if err := ListenIncoming(ctx, m2, uri, nbd, []string{DriveID(0)}, postCopy); err != nil {
+		t.Fatal(err)
+	}
+	switched := false
+	mig, err := Migrate(ctx, m, MigrateOptions{
+		URI: uri, Mirrors: []Mirror{{Drive: DriveID(0), Socket: nbd}}, Logger: m2.(*machine).log, PostCopy: postCopy,
+		Switchover: func(ctx context.Context) error {
+			switched = true
+			return StopServingDrives(ctx, m2, []string{DriveID(0)})
+		},
+		// The destination runs as soon as it may (in post-copy: before
+		// the copy ends, the rest of RAM on demand).
+		Switched: func(ctx context.Context) error {
+			if err := WaitIncoming(ctx, m2); err != nil {
+				return err
+			}
+			if err := m2.Continue(ctx); err != nil {
+				return err
+			}
+			return Announce(ctx, m2)
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !switched {
+		t.Fatal("Switchover was not called")
+	}
+	before := lastTick(t, m.ConsoleLog())
+	t.Logf("migrated: post-copy %v, requests %d, passes %d, total %d ms, downtime %d ms, RAM %d bytes, mirror %+v, paused %v", mig.PostCopy, mig.Info.RAM.PostcopyRequests, mig.Info.RAM.DirtySyncCount, mig.Info.TotalTime, mig.Info.Downtime, mig.Info.RAM.Transferred, mig.Mirrors, mig.Paused)
+	if st, _ := m.Status(ctx); st != "postmigrate" {
+		t.Errorf("source is %q after the migration, want postmigrate", st)
+	}
+	// The destination's console log starts empty: its first tick follows
+	// the source's last.
+	first, err := m2.WaitConsole(ctx, "tick ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, _ := strconv.Atoi(strings.TrimPrefix(first, "tick "))
+	if after < before || after > before+2 {
+		t.Fatalf("counter went from %d to %d", before, after)
+	}
+	waitTick(t, ctx, m2, after+3)
+}
