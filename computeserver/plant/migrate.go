@@ -37,7 +37,7 @@ import (
 // the source plant opens to the destination with its service token: the
 // plants' one authenticated channel, and the count of every byte that
 // moves between them. The source pauses before the switch-over: the
-// mirror is finished, the destination's tap joins its segment (frames
+// mirror finishes as the destination's tap joins its segment (frames
 // sent in the pause wait there for the guest), then the device state
 // goes, the destination runs the guest and announces it, and this plant
 // lets the VM go. The disk moved before the switch, so nothing on this
@@ -254,6 +254,7 @@ type outgoing struct {
 	paused   time.Time     // the source's pause before the switch-over
 	switched time.Time     // the destination runs the guest
 	resumed  time.Duration // from the order to run to the guest running
+	answered time.Duration // from the guest running there to the answer here
 	ad       *computev1.ClassAd
 }
 
@@ -294,6 +295,11 @@ func (o *outgoing) run(ctx context.Context) (*computev1.ClassAd, error) {
 	o.log.Info("VM migrated", zap.Duration("took", time.Since(o.start)), zap.Duration("downtime", time.Duration(stats.DowntimeNanos)),
 		zap.Int64("qemu_downtime_ms", stats.QemuDowntimeMs), zap.Uint64("ram_bytes", stats.RamBytes), zap.Uint64("disk_bytes", stats.DiskBytes),
 		zap.Uint64("moved_bytes", stats.MovedBytes))
+	if sw := mig.Switch; !sw.Seen.IsZero() && !o.switched.IsZero() {
+		o.log.Info("switch-over (from the pause seen)", zap.Duration("mirrors_finished", sw.Mirrors), zap.Duration("plugged", sw.Switchover),
+			zap.Duration("state_sent", sw.Completed), zap.Duration("running_there", o.switched.Sub(sw.Seen)),
+			zap.Duration("answered", o.switched.Add(o.answered).Sub(sw.Seen)))
+	}
 	o.progress("running", "running on "+o.req.Destination.Plant, stats)
 	return o.ad, nil
 }
@@ -370,13 +376,13 @@ func (o *outgoing) waitFlooding(ctx context.Context, endpoint string) error {
 	return nil
 }
 
-// plug runs while the source is paused before the switch-over: the
-// destination's tap joins its segment.
+// plug runs while the source is paused before the switch-over, as the
+// mirror finishes: the destination's tap joins its segment.
 func (o *outgoing) plug(ctx context.Context) error {
 	o.paused = time.Now()
-	o.log.Info("paused for the switch-over")
+	err := o.step(computev1.MigrateStep_MIGRATE_STEP_PLUG)
 	o.progress("switching", "the guest is paused; switching over", nil)
-	return o.step(computev1.MigrateStep_MIGRATE_STEP_PLUG)
+	return err
 }
 
 func (o *outgoing) step(s computev1.MigrateStep) error {
@@ -406,6 +412,7 @@ func (o *outgoing) runThere(ctx context.Context) error {
 	err := o.step(computev1.MigrateStep_MIGRATE_STEP_RUN)
 	if err == nil {
 		o.switched = t0.Add(o.resumed)
+		o.answered = time.Since(o.switched)
 	}
 	if err == nil || !brokenStream(err) {
 		return err

@@ -17,8 +17,8 @@ import (
 // write-blocking mode so the copies never diverge), and only the clusters
 // of the top layer when the destination has the layers below. The source
 // pauses before the switch-over (pause-before-switchover): the mirrors
-// are finished then, and the caller's Switchover moves what is not QEMU's
-// (the network) before the device state goes. On any failure the source
+// are finished then while the caller's Switchover moves what is not
+// QEMU's (the network), and the device state goes. On any failure the source
 // runs on, as it was.
 
 // Mirror is one of the source's drives to copy to the destination before
@@ -53,7 +53,8 @@ type MigrateOptions struct {
 	// until the copy ends the VM needs both hosts).
 	PostCopy bool
 	// Switchover runs while the source is paused before the switch-over,
-	// its mirrors complete; an error cancels the migration.
+	// as its mirrors finish (it must not end them); an error cancels the
+	// migration.
 	Switchover func(ctx context.Context) error
 	// Switched runs once the destination has what it needs to run the
 	// guest (the state is complete; in post-copy, once the switch to
@@ -90,6 +91,18 @@ type Migration struct {
 	// PostCopy: the migration switched to post-copy (asked for, and the
 	// guest had not converged in pre-copy first).
 	PostCopy bool
+	// Switch is the pause's course, each from the pause seen.
+	Switch SwitchTimes
+}
+
+// SwitchTimes is the course of the pause before the switch-over, each
+// step's end from the moment the pause was seen (QEMU stopped the guest
+// up to one poll earlier).
+type SwitchTimes struct {
+	Seen       time.Time     // when the plant saw the pause
+	Mirrors    time.Duration // the mirrors finished
+	Switchover time.Duration // Switchover returned (run as they finish)
+	Completed  time.Duration // the source saw the state sent
 }
 
 // Migrate migrates m to the destination of o. When it returns nil the
@@ -250,6 +263,7 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 	// migrate-continue only wakes the migration thread: the status may
 	// read pre-switchover once more after it.
 	postcopy, switched, continued := false, false, false
+	var paused time.Time
 	switchNow := func() error {
 		if switched || o.Switched == nil {
 			return nil
@@ -265,6 +279,9 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 		mig.Info = info
 		switch info.Status {
 		case "completed":
+			if !paused.IsZero() {
+				mig.Switch.Completed = time.Since(paused)
+			}
 			return mig, switchNow()
 		case "postcopy-active":
 			mig.PostCopy = true
@@ -278,19 +295,15 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 				break
 			}
 			continued = true
-			t0 := time.Now()
-			if err := finishMirrors(ctx, m, o.Mirrors); err != nil {
+			paused = time.Now()
+			mig.Switch.Seen = paused
+			if err := switchOver(ctx, m, o, &mig.Switch); err != nil {
 				return mig, err
-			}
-			if o.Switchover != nil {
-				if err := o.Switchover(ctx); err != nil {
-					return mig, fmt.Errorf("switch-over: %w", err)
-				}
 			}
 			if err := m.QMP(ctx, "migrate-continue", map[string]any{"state": "pre-switchover"}, nil); err != nil {
 				return mig, err
 			}
-			mig.Paused = time.Since(t0)
+			mig.Paused = time.Since(paused)
 		case "active":
 			if o.PostCopy && !postcopy && info.RAM != nil && info.RAM.DirtySyncCount >= 2 {
 				// One full pass is there: the rest comes on demand (if
@@ -308,9 +321,46 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 		select {
 		case <-ctx.Done():
 			return mig, fmt.Errorf("migration still %s: %w", info.Status, ctx.Err())
-		case <-time.After(pollEvery):
+		case <-time.After(migratePoll(info, continued)):
 		}
 	}
+}
+
+// switchOver finishes the mirrors and runs o.Switchover at once, in the
+// pause before the switch-over: the guest is stopped, and whatever the
+// caller moves (the destination's tap) should be in place as soon as it
+// can be.
+func switchOver(ctx context.Context, m Machine, o MigrateOptions, sw *SwitchTimes) error {
+	done := make(chan error, 1)
+	go func() {
+		var err error
+		if o.Switchover != nil {
+			if err = o.Switchover(ctx); err != nil {
+				err = fmt.Errorf("switch-over: %w", err)
+			}
+		}
+		sw.Switchover = time.Since(sw.Seen)
+		done <- err
+	}()
+	err := finishMirrors(ctx, m, o.Mirrors)
+	sw.Mirrors = time.Since(sw.Seen)
+	return errors.Join(err, <-done)
+}
+
+// migratePoll is how long followMigration waits before it asks again:
+// the guest is paused from the moment QEMU reaches pre-switchover until
+// the plant sees it and lets the switch go on, and from the end of the
+// stream until the plant sees it complete and runs the guest there; near
+// those moments it asks often (after the first pass over RAM, the last
+// round can come at any of the short passes that follow).
+func migratePoll(info MigrationInfo, continued bool) time.Duration {
+	switch {
+	case continued:
+		return time.Millisecond
+	case info.RAM != nil && info.RAM.DirtySyncCount >= 2:
+		return 2 * time.Millisecond
+	}
+	return pollEvery
 }
 
 // finishMirrors ends the mirrors in step (a ready mirror's cancel leaves
@@ -430,7 +480,8 @@ func serveDrives(ctx context.Context, m Machine, socket string, drives []string)
 }
 
 // StopServingDrives ends the exports of ListenIncoming once the mirrors
-// are finished, before the guest runs.
+// are finished (the exported nodes were activated with their exports,
+// so the guest may run before).
 func StopServingDrives(ctx context.Context, m Machine, drives []string) error {
 	for _, d := range drives {
 		if err := m.QMP(ctx, "block-export-del", map[string]any{"id": "export-" + d, "mode": "hard"}, nil); err != nil {
