@@ -36,9 +36,10 @@ import (
 // RAM. Both of QEMU's streams run through MigrationTunnel, gRPC streams
 // the source plant opens to the destination with its service token: the
 // plants' one authenticated channel, and the count of every byte that
-// moves between them. The source pauses before the switch-over: the
-// mirror finishes as the destination's tap joins its segment (frames
-// sent in the pause wait there for the guest), then the device state
+// moves between them. The destination's tap joins its segment when the
+// switch-over is near (frames for the VM wait there for the guest, none
+// lost while the source pauses); the source pauses before the
+// switch-over, the mirror is finished, then the device state
 // goes, the destination runs the guest and announces it, and this plant
 // lets the VM go. The disk moved before the switch, so nothing on this
 // plant is needed after it: a source that dies then takes nothing along.
@@ -251,7 +252,6 @@ type outgoing struct {
 	ctl      computev1.PlantService_MigrateInClient
 	ticket   string
 	moved    atomic.Int64  // bytes through the tunnels, both ways
-	paused   time.Time     // the source's pause before the switch-over
 	switched time.Time     // the destination runs the guest
 	resumed  time.Duration // from the order to run to the guest running
 	answered time.Duration // from the guest running there to the answer here
@@ -283,6 +283,10 @@ func (o *outgoing) run(ctx context.Context) (*computev1.ClassAd, error) {
 		URI: "unix:" + tunnels.migration, Mirrors: o.mo.mirrors, PostCopy: o.req.PostCopy, Logger: o.log,
 		Switchover: o.plug, Switched: o.runThere,
 		Progress: func(info vmm.MigrationInfo) {
+			if info.Status == "pre-switchover" || info.Status == "device" {
+				o.progress("switching", "the guest is paused; switching over", o.stats(vmm.Migration{Info: info}))
+				return
+			}
 			o.progress("copying", fmt.Sprintf("RAM %s", info.Status), o.stats(vmm.Migration{Info: info}))
 		},
 	})
@@ -376,13 +380,10 @@ func (o *outgoing) waitFlooding(ctx context.Context, endpoint string) error {
 	return nil
 }
 
-// plug runs while the source is paused before the switch-over, as the
-// mirror finishes: the destination's tap joins its segment.
+// plug runs when the switch-over is near (or in the pause before it):
+// the destination's tap joins its segment.
 func (o *outgoing) plug(ctx context.Context) error {
-	o.paused = time.Now()
-	err := o.step(computev1.MigrateStep_MIGRATE_STEP_PLUG)
-	o.progress("switching", "the guest is paused; switching over", nil)
-	return err
+	return o.step(computev1.MigrateStep_MIGRATE_STEP_PLUG)
 }
 
 func (o *outgoing) step(s computev1.MigrateStep) error {
@@ -451,8 +452,8 @@ func (o *outgoing) stats(mig vmm.Migration) *computev1.MigrationStats {
 	for _, m := range mig.Mirrors {
 		s.DiskBytes += uint64(m.Bytes)
 	}
-	if !o.switched.IsZero() && !o.paused.IsZero() {
-		s.DowntimeNanos = int64(o.switched.Sub(o.paused))
+	if paused := mig.Switch.Seen; !o.switched.IsZero() && !paused.IsZero() {
+		s.DowntimeNanos = int64(o.switched.Sub(paused))
 		if mig.PostCopy {
 			s.SourceReleasedNanos = int64(time.Since(o.switched))
 		}

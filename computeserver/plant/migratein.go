@@ -29,8 +29,11 @@ import (
 // (the VM claimed here as MIGRATING, a fresh redo log over the golden disk
 // on this plant's view, the NIC's tap on the domain's segment but held off
 // its bridge, QEMU waiting for the state with its disk served to the
-// source's mirror), PLUG puts the tap on the bridge while the source is
-// paused (its mirror finishing), RUN runs the guest once the state is
+// source's mirror), PLUG puts the tap on the bridge when the switch-over
+// is near (the source's last rounds of RAM, or its pause at the latest:
+// frames for the VM then wait in the tap, its guest seeing them once it
+// runs here — those the source's guest had handled too are duplicates,
+// which the guest's protocols drop), RUN runs the guest once the state is
 // complete, announces it and ends the disk exports.
 // A stream that ends before RUN has run the guest removes everything the
 // steps made: a failed migration leaves nothing here.
@@ -301,9 +304,9 @@ func (im *inMachine) attach(spec *vmm.Spec) (*os.File, error) {
 	return at.Tap, nil
 }
 
-// plug: the source is paused (its mirror finishing): the tap joins the
-// bridge, which sends the VM's frames to it (those sent in the pause wait
-// there for the guest).
+// plug: the switch-over is near: the tap joins the bridge, which sends
+// the VM's frames to it (they wait there for the guest; those sent while
+// the source is paused are lost there).
 func (im *inMachine) plug() error {
 	if n := im.v.ad.Network; n != nil {
 		mac, err := net.ParseMAC(n.Mac)

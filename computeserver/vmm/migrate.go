@@ -17,8 +17,9 @@ import (
 // write-blocking mode so the copies never diverge), and only the clusters
 // of the top layer when the destination has the layers below. The source
 // pauses before the switch-over (pause-before-switchover): the mirrors
-// are finished then while the caller's Switchover moves what is not
-// QEMU's (the network), and the device state goes. On any failure the source
+// are finished then, the caller's Switchover has moved what is not
+// QEMU's (the network: started when the switch is near), and the device
+// state goes. On any failure the source
 // runs on, as it was.
 
 // Mirror is one of the source's drives to copy to the destination before
@@ -52,9 +53,12 @@ type MigrateOptions struct {
 	// guest that dirties memory faster than the link moves it converges;
 	// until the copy ends the VM needs both hosts).
 	PostCopy bool
-	// Switchover runs while the source is paused before the switch-over,
-	// as its mirrors finish (it must not end them); an error cancels the
-	// migration.
+	// Switchover runs once, when the switch-over is near (what is left of
+	// the pass over RAM goes in twice the downtime limit at the stream's
+	// rate: the last pass may be the next) or, at the latest, in the pause
+	// before the switch-over as the mirrors finish;
+	// it must not end them. The migration waits for it in the pause; an
+	// error cancels it.
 	Switchover func(ctx context.Context) error
 	// Switched runs once the destination has what it needs to run the
 	// guest (the state is complete; in post-copy, once the switch to
@@ -101,7 +105,7 @@ type Migration struct {
 type SwitchTimes struct {
 	Seen       time.Time     // when the plant saw the pause
 	Mirrors    time.Duration // the mirrors finished
-	Switchover time.Duration // Switchover returned (run as they finish)
+	Switchover time.Duration // Switchover returned (< 0: before the pause)
 	Completed  time.Duration // the source saw the state sent
 }
 
@@ -264,6 +268,11 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 	// read pre-switchover once more after it.
 	postcopy, switched, continued := false, false, false
 	var paused time.Time
+	var early chan switchDone // Switchover, started before the pause
+	near := 2 * o.DowntimeLimit
+	if near == 0 {
+		near = 2 * DefaultDowntimeLimit
+	}
 	switchNow := func() error {
 		if switched || o.Switched == nil {
 			return nil
@@ -297,7 +306,7 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 			continued = true
 			paused = time.Now()
 			mig.Switch.Seen = paused
-			if err := switchOver(ctx, m, o, &mig.Switch); err != nil {
+			if err := switchOver(ctx, m, o, &mig.Switch, early); err != nil {
 				return mig, err
 			}
 			if err := m.QMP(ctx, "migrate-continue", map[string]any{"state": "pre-switchover"}, nil); err != nil {
@@ -305,6 +314,10 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 			}
 			mig.Paused = time.Since(paused)
 		case "active":
+			if early == nil && o.Switchover != nil && nearSwitch(info, near) {
+				early = make(chan switchDone, 1)
+				go func() { early <- switchDone{o.Switchover(ctx), time.Now()} }()
+			}
 			if o.PostCopy && !postcopy && info.RAM != nil && info.RAM.DirtySyncCount >= 2 {
 				// One full pass is there: the rest comes on demand (if
 				// what is left does not fit the downtime limit; else the
@@ -326,25 +339,41 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 	}
 }
 
-// switchOver finishes the mirrors and runs o.Switchover at once, in the
-// pause before the switch-over: the guest is stopped, and whatever the
-// caller moves (the destination's tap) should be in place as soon as it
-// can be.
-func switchOver(ctx context.Context, m Machine, o MigrateOptions, sw *SwitchTimes) error {
-	done := make(chan error, 1)
-	go func() {
-		var err error
-		if o.Switchover != nil {
-			if err = o.Switchover(ctx); err != nil {
-				err = fmt.Errorf("switch-over: %w", err)
-			}
+// nearSwitch reports that the pass over RAM in progress ends within d:
+// the switch-over may come at its end.
+func nearSwitch(info MigrationInfo, d time.Duration) bool {
+	r := info.RAM
+	if r == nil || r.Mbps <= 0 || r.DirtySyncCount < 1 {
+		return false
+	}
+	return time.Duration(float64(r.Remaining)*8/(r.Mbps*1e6)*float64(time.Second)) <= d
+}
+
+// switchDone is Switchover's end.
+type switchDone struct {
+	err error
+	at  time.Time
+}
+
+// switchOver finishes the mirrors and, at once, waits for o.Switchover
+// (started early, or now), in the pause before the switch-over.
+func switchOver(ctx context.Context, m Machine, o MigrateOptions, sw *SwitchTimes, early chan switchDone) error {
+	if early == nil {
+		early = make(chan switchDone, 1)
+		if o.Switchover == nil {
+			early <- switchDone{at: time.Now()}
+		} else {
+			go func() { early <- switchDone{o.Switchover(ctx), time.Now()} }()
 		}
-		sw.Switchover = time.Since(sw.Seen)
-		done <- err
-	}()
+	}
 	err := finishMirrors(ctx, m, o.Mirrors)
 	sw.Mirrors = time.Since(sw.Seen)
-	return errors.Join(err, <-done)
+	d := <-early
+	sw.Switchover = d.at.Sub(sw.Seen)
+	if d.err != nil {
+		err = errors.Join(err, fmt.Errorf("switch-over: %w", d.err))
+	}
+	return err
 }
 
 // migratePoll is how long followMigration waits before it asks again:

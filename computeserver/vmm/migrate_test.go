@@ -2,6 +2,8 @@ package vmm
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -89,4 +91,30 @@ func liveMigrate(t *testing.T, postCopy bool) {
 		t.Fatalf("counter went from %d to %d", before, after)
 	}
 	waitTick(t, ctx, m2, after+3)
+}
+
+// TestNearSwitch: the switch-over is near when what is left of the pass
+// goes within the time given, at the stream's rate.
+func TestNearSwitch(t *testing.T) {
+	info := func(remaining int64, mbps float64, syncs int64) MigrationInfo {
+		var m MigrationInfo
+		if err := json.Unmarshal(fmt.Appendf(nil, `{"status":"active","ram":{"remaining":%d,"mbps":%g,"dirty-sync-count":%d}}`, remaining, mbps, syncs), &m); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	for _, c := range []struct {
+		info MigrationInfo
+		want bool
+	}{
+		{info(10e6, 800, 1), true},  // 100 ms left at 100 MB/s
+		{info(30e6, 800, 2), false}, // 300 ms left
+		{info(10e6, 0, 1), false},   // no rate yet
+		{info(10e6, 800, 0), false}, // not started
+		{MigrationInfo{Status: "active"}, false},
+	} {
+		if got := nearSwitch(c.info, 200*time.Millisecond); got != c.want {
+			t.Errorf("nearSwitch(%+v) = %v, want %v", c.info.RAM, got, c.want)
+		}
+	}
 }

@@ -205,7 +205,8 @@ func (m *Manager) AttachHeld(vni uint32, hostAddr *net.IPNet, vmID string) (*Att
 // tap, the frames sent while the guest is paused for the switch wait in
 // the tap for it, rather than being lost and retransmitted by their
 // senders (TCP's least retransmission timeout is 200 ms). The entry is
-// dynamic: it ages, and moves with the guest's frames, as learned ones do.
+// static and sticky: the frames the guest still sends from the other
+// plant until the switch do not move it back; it goes with the tap.
 func (m *Manager) Plug(vni uint32, vmID string, mac net.HardwareAddr) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -229,7 +230,7 @@ func (m *Manager) Plug(vni uint32, vmID string, mac net.HardwareAddr) error {
 			return nil
 		}
 		err = netlink.NeighSet(&netlink.Neigh{LinkIndex: t.Attrs().Index, Family: unix.AF_BRIDGE,
-			Flags: netlink.NTF_MASTER, State: netlink.NUD_REACHABLE, HardwareAddr: mac})
+			Flags: netlink.NTF_MASTER | netlink.NTF_STICKY, State: netlink.NUD_NOARP, HardwareAddr: mac})
 		if err != nil {
 			return fmt.Errorf("vnet: point the bridge's entry for %s at the tap of %s: %w", mac, vmID, err)
 		}
