@@ -267,7 +267,6 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 	// migrate-continue only wakes the migration thread: the status may
 	// read pre-switchover once more after it.
 	postcopy, switched, continued := false, false, false
-	var paused time.Time
 	var early chan switchDone // Switchover, started before the pause
 	near := 2 * o.DowntimeLimit
 	if near == 0 {
@@ -288,8 +287,8 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 		mig.Info = info
 		switch info.Status {
 		case "completed":
-			if !paused.IsZero() {
-				mig.Switch.Completed = time.Since(paused)
+			if !mig.Switch.Seen.IsZero() {
+				mig.Switch.Completed = time.Since(mig.Switch.Seen)
 			}
 			return mig, switchNow()
 		case "postcopy-active":
@@ -304,15 +303,9 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 				break
 			}
 			continued = true
-			paused = time.Now()
-			mig.Switch.Seen = paused
-			if err := switchOver(ctx, m, o, &mig.Switch, early); err != nil {
+			if err := switchOver(ctx, m, o, &mig, early); err != nil {
 				return mig, err
 			}
-			if err := m.QMP(ctx, "migrate-continue", map[string]any{"state": "pre-switchover"}, nil); err != nil {
-				return mig, err
-			}
-			mig.Paused = time.Since(paused)
 		case "active":
 			if early == nil && o.Switchover != nil && nearSwitch(info, near) {
 				early = make(chan switchDone, 1)
@@ -355,9 +348,11 @@ type switchDone struct {
 	at  time.Time
 }
 
-// switchOver finishes the mirrors and, at once, waits for o.Switchover
-// (started early, or now), in the pause before the switch-over.
-func switchOver(ctx context.Context, m Machine, o MigrateOptions, sw *SwitchTimes, early chan switchDone) error {
+// switchOver runs the pause before the switch-over: the mirrors finish
+// as Switchover (started early, or now) ends, then the migration goes on.
+func switchOver(ctx context.Context, m Machine, o MigrateOptions, mig *Migration, early chan switchDone) error {
+	sw := &mig.Switch
+	sw.Seen = time.Now()
 	if early == nil {
 		early = make(chan switchDone, 1)
 		if o.Switchover == nil {
@@ -373,7 +368,14 @@ func switchOver(ctx context.Context, m Machine, o MigrateOptions, sw *SwitchTime
 	if d.err != nil {
 		err = errors.Join(err, fmt.Errorf("switch-over: %w", d.err))
 	}
-	return err
+	if err != nil {
+		return err
+	}
+	if err := m.QMP(ctx, "migrate-continue", map[string]any{"state": "pre-switchover"}, nil); err != nil {
+		return err
+	}
+	mig.Paused = time.Since(sw.Seen)
+	return nil
 }
 
 // migratePoll is how long followMigration waits before it asks again:
