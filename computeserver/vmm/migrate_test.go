@@ -53,17 +53,21 @@ func liveMigrate(t *testing.T, postCopy bool) {
 	switched := false
 	mig, err := Migrate(ctx, m, MigrateOptions{
 		URI: uri, Mirrors: []Mirror{{Drive: DriveID(0), Socket: nbd}}, Logger: m2.(*machine).log, PostCopy: postCopy,
+		// Near the switch (the mirror still running: the exports stay).
 		Switchover: func(ctx context.Context) error {
 			switched = true
-			return StopServingDrives(ctx, m2, []string{DriveID(0)})
+			return nil
 		},
 		// The destination runs as soon as it may (in post-copy: before
-		// the copy ends, the rest of RAM on demand).
+		// the copy ends, the rest of RAM on demand); the mirror is done.
 		Switched: func(ctx context.Context) error {
 			if err := WaitIncoming(ctx, m2); err != nil {
 				return err
 			}
 			if err := m2.Continue(ctx); err != nil {
+				return err
+			}
+			if err := StopServingDrives(ctx, m2, []string{DriveID(0)}); err != nil {
 				return err
 			}
 			return Announce(ctx, m2)
