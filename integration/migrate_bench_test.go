@@ -26,9 +26,14 @@ import (
 //     (golden layers too) copied to the destination first; and post-copy
 //     with a guest that dirties its memory;
 //   - for each: the longest gap the client saw and its failed requests,
-//     QEMU's downtime and the plant's, the RAM, disk and total bytes that
-//     moved between the plants against the guest's used memory and the
-//     redo log's written blocks;
+//     the request that ended the gap (when it was sent, how long its
+//     connect and answer took, the segments it resent), QEMU's downtime
+//     and the plant's, the RAM, disk and total bytes that moved between
+//     the plants against the guest's used memory and the redo log's
+//     written blocks; the source plant's log times the switch-over step
+//     by step ("switch-over (from the pause seen)");
+//   - beside them, the VM frozen on its plant as long as a migration's
+//     downtime, not moved: the gap a pause alone makes;
 //   - a CPU-bound task migrated halfway against the same task unmigrated
 //     (~10 s; VMGRID_BENCH_MIGRATE_TASK=90s sizes it as long as asked).
 //
