@@ -6,12 +6,14 @@ import (
 	"net"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vmgrid/vmgrid/computeserver/vnet"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 )
 
@@ -24,10 +26,16 @@ import (
 //     (golden layers too) copied to the destination first; and post-copy
 //     with a guest that dirties its memory;
 //   - for each: the longest gap the client saw and its failed requests,
-//     QEMU's downtime and the plant's, the RAM, disk and total bytes that
-//     moved between the plants against the guest's used memory and the
-//     redo log's written blocks;
-//   - a CPU-bound task migrated halfway against the same task unmigrated.
+//     the request that ended the gap (when it was sent, how long its
+//     connect and answer took, the segments it resent), QEMU's downtime
+//     and the plant's, the RAM, disk and total bytes that moved between
+//     the plants against the guest's used memory and the redo log's
+//     written blocks; the source plant's log times the switch-over step
+//     by step ("switch-over (from the pause seen)");
+//   - beside them, the VM frozen on its plant as long as a migration's
+//     downtime, not moved: the gap a pause alone makes;
+//   - a CPU-bound task migrated halfway against the same task unmigrated
+//     (~10 s; VMGRID_BENCH_MIGRATE_TASK=90s sizes it as long as asked).
 //
 // A benchmark, not a test (timings depend on the machine's load): it runs
 // only with VMGRID_BENCH_MIGRATE=1.
@@ -60,6 +68,7 @@ func TestMigrateBench(t *testing.T) {
 	// plant's address on the segment, which the plant-level calls reuse.
 	// The full-disk copies come last: after one, the redo log holds the
 	// whole disk, and every later migration moves all of it.
+	var lastDowntime time.Duration
 	for i, mode := range []struct {
 		name            string
 		copyDisk, dirty bool
@@ -68,6 +77,9 @@ func TestMigrateBench(t *testing.T) {
 		{name: "redo-log"}, {name: "redo-log"}, {name: "pre-copy, dirtying", dirty: true}, {name: "post-copy, dirtying", dirty: true, postCopy: true},
 		{name: "full-disk", copyDisk: true}, {name: "full-disk", copyDisk: true},
 	} {
+		if i == 2 {
+			b.freeze(ctx, nm, addr, lastDowntime)
+		}
 		if i == 4 {
 			b.cpuTask(ctx, others)
 		}
@@ -95,10 +107,36 @@ func TestMigrateBench(t *testing.T) {
 			mode.name, st.from, to, float64(st.GetTotalNanos())/1e9, gap.Milliseconds(), ok, len(failed), st.GetQemuDowntimeMs(),
 			time.Duration(st.GetDowntimeNanos()).Milliseconds(), mb(st.GetRamBytes()), mbs(used), mb(st.GetDiskBytes()), mb(st.GetMovedBytes()),
 			st.GetDirtySyncCount(), st.GetPostCopy())
+		lastDowntime = time.Duration(st.GetQemuDowntimeMs()) * time.Millisecond
+		gr, retrans := poll.gapRequest()
+		t.Logf("%-20s the request that ended the longest gap: %s; %d retransmitted in all", mode.name, gr, retrans)
 		for _, f := range failed[:min(len(failed), 3)] {
 			t.Logf("  failed: %s", f)
 		}
 	}
+}
+
+// freeze stops the VM's QEMU (SIGSTOP) for as long as a migration's
+// downtime, without migrating it, while the poller asks: the gap a pause
+// alone makes, against which a migration's shows what it adds (the
+// destination's TCG translating the guest's code anew, the plants' work).
+func (b *migrateBench) freeze(ctx context.Context, nm *vnet.Manager, addr string, d time.Duration) {
+	t := b.t
+	poll := startPoller(nm, b.ad.Network.Vni, addr, "migrate-me")
+	eventually(t, "the poller gets answers", func() bool { return poll.answered() >= 5 })
+	pid := int(b.ad.Pid)
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(d)
+	if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	ok, failed, gap := poll.end()
+	gr, retrans := poll.gapRequest()
+	t.Logf("%-20s %s: frozen %d ms, longest gap %4d ms (%d answers, %d failed); the request that ended it: %s; %d retransmitted in all",
+		"frozen, not moved", b.ad.Plant, d.Milliseconds(), gap.Milliseconds(), ok, len(failed), gr, retrans)
 }
 
 func mb(n uint64) float64 { return float64(n) / 1e6 }
@@ -167,19 +205,35 @@ func (b *migrateBench) plantAddress(ctx context.Context, plant string) (string, 
 // a migration halfway, and reports the overhead (Goiri Table 3).
 func (b *migrateBench) cpuTask(ctx context.Context, plants []string) {
 	t, g := b.t, b.g
-	// md5 of zeros through a pipe: CPU-bound under TCG; sized for ~10 s.
+	// md5 of zeros through a pipe: CPU-bound under TCG; sized for ~10 s
+	// unless VMGRID_BENCH_MIGRATE_TASK says how long.
+	want := 10 * time.Second
+	if d, err := time.ParseDuration(os.Getenv("VMGRID_BENCH_MIGRATE_TASK")); err == nil && d > 0 {
+		want = d
+	}
 	const task = `a=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/zero bs=64k count=%d 2>/dev/null | md5sum >/dev/null; b=$(cut -d' ' -f1 /proc/uptime); echo "$a $b" > /tmp/task.out`
-	run := func(count int) float64 {
-		out, code := g.sh(ctx, b.ad, fmt.Sprintf(task, count)+"; cat /tmp/task.out")
-		if code != 0 {
-			t.Fatalf("task: %s", out)
+	// In the background: an exec waits a minute at most.
+	start := func(count int) {
+		g.sh(ctx, b.ad, "rm -f /tmp/task.out; ("+fmt.Sprintf(task, count)+") >/dev/null 2>&1 &")
+	}
+	wait := func() float64 {
+		for deadline := time.Now().Add(2*time.Minute + 3*want); ; time.Sleep(time.Second) {
+			if time.Now().After(deadline) {
+				t.Fatal("the task did not end")
+			}
+			if out, _ := g.sh(ctx, b.ad, "cat /tmp/task.out 2>/dev/null"); strings.Count(out, " ") == 1 {
+				return elapsed(t, out)
+			}
 		}
-		return elapsed(t, out)
+	}
+	run := func(count int) float64 {
+		start(count)
+		return wait()
 	}
 	probe := run(800)
-	count := int(800 * 10 / max(probe, 0.1))
+	count := int(800 * want.Seconds() / max(probe, 0.1))
 	base1 := run(count)
-	g.sh(ctx, b.ad, "rm -f /tmp/task.out; ("+fmt.Sprintf(task, count)+") >/dev/null 2>&1 &")
+	start(count)
 	time.Sleep(time.Duration(base1 / 2 * float64(time.Second)))
 	to := plants[0]
 	if b.ad.Plant == to {
@@ -189,20 +243,13 @@ func (b *migrateBench) cpuTask(ctx context.Context, plants []string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var migrated float64
-	for deadline := time.Now().Add(2 * time.Minute); migrated == 0; time.Sleep(100 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the migrated task did not end")
-		}
-		if out, _ := g.sh(ctx, b.ad, "cat /tmp/task.out 2>/dev/null"); strings.Count(out, " ") == 1 {
-			migrated = elapsed(t, out)
-		}
-	}
+	migrated := wait()
 	// Unmigrated before and after: the host's load drifts.
 	base2 := run(count)
 	base := (base1 + base2) / 2
-	t.Logf("CPU-bound task (%d × 64 KiB md5): unmigrated %.2f s and %.2f s, migrated halfway (%s -> %s, downtime %d ms) %.2f s: %+.2f%% against their mean",
-		count, base1, base2, st.from, to, st.GetQemuDowntimeMs(), migrated, (migrated/base-1)*100)
+	t.Logf("CPU-bound task (%d × 64 KiB md5): unmigrated %.2f s and %.2f s, migrated halfway (%s -> %s, downtime %d ms, migration %.2f s) %.2f s: "+
+		"%+.2f%% (%+.2f s) against their mean",
+		count, base1, base2, st.from, to, st.GetQemuDowntimeMs(), float64(st.GetTotalNanos())/1e9, migrated, (migrated/base-1)*100, migrated-base)
 }
 
 func elapsed(t *testing.T, out string) float64 {

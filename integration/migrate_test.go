@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 
 	"github.com/vmgrid/vmgrid/computeserver/vnet"
@@ -33,12 +34,17 @@ import (
 // records what an outside client sees: failed requests and the longest
 // gap between two answered ones.
 type poller struct {
-	mu      sync.Mutex
-	ok      int
-	failed  []string
-	maxGap  time.Duration
-	gapAt   time.Time // when the longest gap ended
-	lastOK  time.Time
+	mu     sync.Mutex
+	ok     int
+	failed []string
+	maxGap time.Duration
+	gapAt  time.Time // when the longest gap ended
+	lastOK time.Time
+	// The request that ended the longest gap, and the retransmissions of
+	// all (a segment lost in the switch costs its sender a retransmission
+	// timeout: 200 ms at least, 1 s for a SYN).
+	gapReq  request
+	retrans int
 	stop    chan struct{}
 	stopped chan struct{}
 }
@@ -50,14 +56,15 @@ func startPoller(nm *vnet.Manager, vni uint32, addr, want string) *poller {
 		t := time.NewTicker(10 * time.Millisecond)
 		defer t.Stop()
 		for {
-			err := get(nm, vni, addr, want)
+			r, err := get(nm, vni, addr, want)
 			now := time.Now()
 			p.mu.Lock()
+			p.retrans += r.retrans
 			if err != nil {
 				p.failed = append(p.failed, now.Format("15:04:05.000")+": "+err.Error())
 			} else {
 				if gap := now.Sub(p.lastOK); !p.lastOK.IsZero() && gap > p.maxGap {
-					p.maxGap, p.gapAt = gap, now
+					p.maxGap, p.gapAt, p.gapReq = gap, now, r
 				}
 				p.ok, p.lastOK = p.ok+1, now
 			}
@@ -72,27 +79,65 @@ func startPoller(nm *vnet.Manager, vni uint32, addr, want string) *poller {
 	return p
 }
 
+// request is what one of the poller's requests took.
+type request struct {
+	start          time.Time
+	connect, total time.Duration
+	retrans        int // segments the client retransmitted (SYNs too)
+}
+
+func (r request) String() string {
+	return fmt.Sprintf("sent %s, connected in %d ms, answered in %d ms, %d segments retransmitted", r.start.Format("15:04:05.000"),
+		r.connect.Milliseconds(), r.total.Milliseconds(), r.retrans)
+}
+
 // get is one HTTP/1.0 request (a new connection each time).
-func get(nm *vnet.Manager, vni uint32, addr, want string) error {
+func get(nm *vnet.Manager, vni uint32, addr, want string) (r request, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	t0 := time.Now()
+	r.start = t0
 	c, err := nm.Dial(ctx, vni, addr)
 	if err != nil {
-		return err
+		return r, err
 	}
-	defer c.Close()
+	r.connect = time.Since(t0)
+	defer func() {
+		r.retrans = retransmitted(c)
+		c.Close()
+	}()
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.WriteString(c, "GET / HTTP/1.0\r\n\r\n"); err != nil {
-		return err
+		return r, err
 	}
 	b, err := io.ReadAll(c)
+	r.total = time.Since(t0)
 	if err != nil {
-		return err
+		return r, err
 	}
 	if !strings.Contains(string(b), want) {
-		return fmt.Errorf("answer %q", b)
+		return r, fmt.Errorf("answer %q", b)
 	}
-	return nil
+	return r, nil
+}
+
+// retransmitted is how many segments the connection retransmitted.
+func retransmitted(c net.Conn) int {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return 0
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	_ = rc.Control(func(fd uintptr) {
+		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			n = int(info.Total_retrans)
+		}
+	})
+	return n
 }
 
 func (p *poller) answered() int {
@@ -107,6 +152,10 @@ func (p *poller) end() (ok int, failed []string, maxGap time.Duration) {
 	<-p.stopped
 	return p.ok, p.failed, p.maxGap
 }
+
+// gapRequest is, once ended, the request that ended the longest gap and
+// the retransmissions of all.
+func (p *poller) gapRequest() (request, int) { return p.gapReq, p.retrans }
 
 // migrate migrates a VM through the shop and returns its classad and the
 // phases it went through.
@@ -251,7 +300,7 @@ func TestMigrate(t *testing.T) {
 	t.Run("the source can go after the switch", func(t *testing.T) {
 		g.stops[svc.Plant]()
 		eventually(t, "the source left the registry", func() bool { return g.registered(ctx) == 2 })
-		if err := get(g.plants[cli.Plant].Line.Network(), svc.Network.Vni, addr, "migrate-me"); err != nil {
+		if _, err := get(g.plants[cli.Plant].Line.Network(), svc.Network.Vni, addr, "migrate-me"); err != nil {
 			t.Fatalf("the VM stopped answering when its old plant went: %v", err)
 		}
 		if out, _ := g.sh(ctx, moved, "echo 3 > /proc/sys/vm/drop_caches; cat /root/before"); out != "written-before" {

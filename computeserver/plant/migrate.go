@@ -36,9 +36,10 @@ import (
 // RAM. Both of QEMU's streams run through MigrationTunnel, gRPC streams
 // the source plant opens to the destination with its service token: the
 // plants' one authenticated channel, and the count of every byte that
-// moves between them. The source pauses before the switch-over: the
-// mirror is finished, the destination's tap joins its segment (frames
-// sent in the pause wait there for the guest), then the device state
+// moves between them. The destination's tap joins its segment when the
+// switch-over is near (frames for the VM wait there for the guest, none
+// lost while the source pauses); the source pauses before the
+// switch-over, the mirror is finished, then the device state
 // goes, the destination runs the guest and announces it, and this plant
 // lets the VM go. The disk moved before the switch, so nothing on this
 // plant is needed after it: a source that dies then takes nothing along.
@@ -251,9 +252,9 @@ type outgoing struct {
 	ctl      computev1.PlantService_MigrateInClient
 	ticket   string
 	moved    atomic.Int64  // bytes through the tunnels, both ways
-	paused   time.Time     // the source's pause before the switch-over
 	switched time.Time     // the destination runs the guest
 	resumed  time.Duration // from the order to run to the guest running
+	answered time.Duration // from the guest running there to the answer here
 	ad       *computev1.ClassAd
 }
 
@@ -282,6 +283,10 @@ func (o *outgoing) run(ctx context.Context) (*computev1.ClassAd, error) {
 		URI: "unix:" + tunnels.migration, Mirrors: o.mo.mirrors, PostCopy: o.req.PostCopy, Logger: o.log,
 		Switchover: o.plug, Switched: o.runThere,
 		Progress: func(info vmm.MigrationInfo) {
+			if info.Status == "pre-switchover" || info.Status == "device" {
+				o.progress("switching", "the guest is paused; switching over", o.stats(vmm.Migration{Info: info}))
+				return
+			}
 			o.progress("copying", fmt.Sprintf("RAM %s", info.Status), o.stats(vmm.Migration{Info: info}))
 		},
 	})
@@ -294,6 +299,11 @@ func (o *outgoing) run(ctx context.Context) (*computev1.ClassAd, error) {
 	o.log.Info("VM migrated", zap.Duration("took", time.Since(o.start)), zap.Duration("downtime", time.Duration(stats.DowntimeNanos)),
 		zap.Int64("qemu_downtime_ms", stats.QemuDowntimeMs), zap.Uint64("ram_bytes", stats.RamBytes), zap.Uint64("disk_bytes", stats.DiskBytes),
 		zap.Uint64("moved_bytes", stats.MovedBytes))
+	if sw := mig.Switch; !sw.Seen.IsZero() && !o.switched.IsZero() {
+		o.log.Info("switch-over (from the pause seen)", zap.Duration("mirrors_finished", sw.Mirrors), zap.Duration("plugged", sw.Switchover),
+			zap.Duration("state_sent", sw.Completed), zap.Duration("running_there", o.switched.Sub(sw.Seen)),
+			zap.Duration("answered", o.switched.Add(o.answered).Sub(sw.Seen)))
+	}
 	o.progress("running", "running on "+o.req.Destination.Plant, stats)
 	return o.ad, nil
 }
@@ -370,12 +380,9 @@ func (o *outgoing) waitFlooding(ctx context.Context, endpoint string) error {
 	return nil
 }
 
-// plug runs while the source is paused before the switch-over: the
-// destination's tap joins its segment.
+// plug runs when the switch-over is near (or in the pause before it):
+// the destination's tap joins its segment.
 func (o *outgoing) plug(ctx context.Context) error {
-	o.paused = time.Now()
-	o.log.Info("paused for the switch-over")
-	o.progress("switching", "the guest is paused; switching over", nil)
 	return o.step(computev1.MigrateStep_MIGRATE_STEP_PLUG)
 }
 
@@ -406,6 +413,7 @@ func (o *outgoing) runThere(ctx context.Context) error {
 	err := o.step(computev1.MigrateStep_MIGRATE_STEP_RUN)
 	if err == nil {
 		o.switched = t0.Add(o.resumed)
+		o.answered = time.Since(o.switched)
 	}
 	if err == nil || !brokenStream(err) {
 		return err
@@ -444,8 +452,8 @@ func (o *outgoing) stats(mig vmm.Migration) *computev1.MigrationStats {
 	for _, m := range mig.Mirrors {
 		s.DiskBytes += uint64(m.Bytes)
 	}
-	if !o.switched.IsZero() && !o.paused.IsZero() {
-		s.DowntimeNanos = int64(o.switched.Sub(o.paused))
+	if paused := mig.Switch.Seen; !o.switched.IsZero() && !paused.IsZero() {
+		s.DowntimeNanos = int64(o.switched.Sub(paused))
 		if mig.PostCopy {
 			s.SourceReleasedNanos = int64(time.Since(o.switched))
 		}

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"sync/atomic"
@@ -28,8 +29,12 @@ import (
 // (the VM claimed here as MIGRATING, a fresh redo log over the golden disk
 // on this plant's view, the NIC's tap on the domain's segment but held off
 // its bridge, QEMU waiting for the state with its disk served to the
-// source's mirror), PLUG puts the tap on the bridge while the source is
-// paused, RUN runs the guest once the state is complete and announces it.
+// source's mirror), PLUG puts the tap on the bridge when the switch-over
+// is near (the source's last rounds of RAM, or its pause at the latest:
+// frames for the VM then wait in the tap, its guest seeing them once it
+// runs here — those the source's guest had handled too are duplicates,
+// which the guest's protocols drop), RUN runs the guest once the state is
+// complete, announces it and ends the disk exports.
 // A stream that ends before RUN has run the guest removes everything the
 // steps made: a failed migration leaves nothing here.
 
@@ -88,7 +93,7 @@ func (p *Plant) MigrateIn(s MigrateInStream) error {
 		}
 		switch req.Step {
 		case computev1.MigrateStep_MIGRATE_STEP_PLUG:
-			if err := im.plug(ctx); err != nil {
+			if err := im.plug(); err != nil {
 				return err
 			}
 			if err := s.Send(&computev1.MigrateInResponse{Step: req.Step}); err != nil {
@@ -299,34 +304,45 @@ func (im *inMachine) attach(spec *vmm.Spec) (*os.File, error) {
 	return at.Tap, nil
 }
 
-// plug: the source is paused and its mirror finished: the disk exports
-// end, and the tap joins the bridge (frames sent in the pause wait in it).
-func (im *inMachine) plug(ctx context.Context) error {
-	if err := vmm.StopServingDrives(ctx, im.v.m, im.drives); err != nil {
-		return err
-	}
+// plug: the switch-over is near: the tap joins the bridge, which sends
+// the VM's frames to it (they wait there for the guest; those sent while
+// the source is paused are lost there).
+func (im *inMachine) plug() error {
 	if n := im.v.ad.Network; n != nil {
-		if err := im.p.cfg.Network.Plug(n.Vni, im.v.ad.VmId); err != nil {
+		mac, err := net.ParseMAC(n.Mac)
+		if err != nil {
+			return fmt.Errorf("network.mac %q: %w: %w", n.Mac, err, errdefs.ErrInvalidArgument)
+		}
+		if err := im.p.cfg.Network.Plug(n.Vni, im.v.ad.VmId, mac); err != nil {
 			return fmt.Errorf("%w: %w", err, errdefs.ErrUnavailable)
 		}
 	}
 	return nil
 }
 
-// run waits for the complete state, runs the guest and announces it.
+// run waits for the complete state, runs the guest, announces it and ends
+// the disk exports.
 func (im *inMachine) run(ctx context.Context) error {
 	m := im.v.m
 	wctx, cancel := context.WithTimeout(ctx, incomingTimeout)
 	defer cancel()
+	t0 := time.Now()
 	if err := vmm.WaitIncoming(wctx, m); err != nil {
 		return err
 	}
+	loaded := time.Since(t0)
 	if err := m.Continue(ctx); err != nil {
 		return err
 	}
+	running := time.Since(t0)
 	if err := vmm.Announce(ctx, m); err != nil {
 		im.log.Warn("announce-self", zap.Error(err))
 	}
+	// The mirror finished before the state came: nothing uses the exports.
+	if err := vmm.StopServingDrives(ctx, m, im.drives); err != nil {
+		im.log.Warn("stop serving the drives to the source's mirror", zap.Error(err))
+	}
+	im.log.Info("the guest runs here", zap.Duration("state_loaded", loaded), zap.Duration("running", running), zap.Duration("announced", time.Since(t0)))
 	return nil
 }
 

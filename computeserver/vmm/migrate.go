@@ -17,8 +17,9 @@ import (
 // write-blocking mode so the copies never diverge), and only the clusters
 // of the top layer when the destination has the layers below. The source
 // pauses before the switch-over (pause-before-switchover): the mirrors
-// are finished then, and the caller's Switchover moves what is not QEMU's
-// (the network) before the device state goes. On any failure the source
+// are finished then, the caller's Switchover has moved what is not
+// QEMU's (the network: started when the switch is near), and the device
+// state goes. On any failure the source
 // runs on, as it was.
 
 // Mirror is one of the source's drives to copy to the destination before
@@ -52,8 +53,12 @@ type MigrateOptions struct {
 	// guest that dirties memory faster than the link moves it converges;
 	// until the copy ends the VM needs both hosts).
 	PostCopy bool
-	// Switchover runs while the source is paused before the switch-over,
-	// its mirrors complete; an error cancels the migration.
+	// Switchover runs once, when the switch-over is near (what is left of
+	// the pass over RAM goes in twice the downtime limit at the stream's
+	// rate: the last pass may be the next) or, at the latest, in the pause
+	// before the switch-over as the mirrors finish;
+	// it must not end them. The migration waits for it in the pause; an
+	// error cancels it.
 	Switchover func(ctx context.Context) error
 	// Switched runs once the destination has what it needs to run the
 	// guest (the state is complete; in post-copy, once the switch to
@@ -90,6 +95,18 @@ type Migration struct {
 	// PostCopy: the migration switched to post-copy (asked for, and the
 	// guest had not converged in pre-copy first).
 	PostCopy bool
+	// Switch is the pause's course, each from the pause seen.
+	Switch SwitchTimes
+}
+
+// SwitchTimes is the course of the pause before the switch-over, each
+// step's end from the moment the pause was seen (QEMU stopped the guest
+// up to one poll earlier).
+type SwitchTimes struct {
+	Seen       time.Time     // when the plant saw the pause
+	Mirrors    time.Duration // the mirrors finished
+	Switchover time.Duration // Switchover returned (< 0: before the pause)
+	Completed  time.Duration // the source saw the state sent
 }
 
 // Migrate migrates m to the destination of o. When it returns nil the
@@ -250,6 +267,11 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 	// migrate-continue only wakes the migration thread: the status may
 	// read pre-switchover once more after it.
 	postcopy, switched, continued := false, false, false
+	var early chan switchDone // Switchover, started before the pause
+	near := 2 * o.DowntimeLimit
+	if near == 0 {
+		near = 2 * DefaultDowntimeLimit
+	}
 	switchNow := func() error {
 		if switched || o.Switched == nil {
 			return nil
@@ -265,6 +287,9 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 		mig.Info = info
 		switch info.Status {
 		case "completed":
+			if !mig.Switch.Seen.IsZero() {
+				mig.Switch.Completed = time.Since(mig.Switch.Seen)
+			}
 			return mig, switchNow()
 		case "postcopy-active":
 			mig.PostCopy = true
@@ -278,20 +303,14 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 				break
 			}
 			continued = true
-			t0 := time.Now()
-			if err := finishMirrors(ctx, m, o.Mirrors); err != nil {
+			if err := switchOver(ctx, m, o, &mig, early); err != nil {
 				return mig, err
 			}
-			if o.Switchover != nil {
-				if err := o.Switchover(ctx); err != nil {
-					return mig, fmt.Errorf("switch-over: %w", err)
-				}
-			}
-			if err := m.QMP(ctx, "migrate-continue", map[string]any{"state": "pre-switchover"}, nil); err != nil {
-				return mig, err
-			}
-			mig.Paused = time.Since(t0)
 		case "active":
+			if early == nil && o.Switchover != nil && nearSwitch(info, near) {
+				early = make(chan switchDone, 1)
+				go func() { early <- switchDone{o.Switchover(ctx), time.Now()} }()
+			}
 			if o.PostCopy && !postcopy && info.RAM != nil && info.RAM.DirtySyncCount >= 2 {
 				// One full pass is there: the rest comes on demand (if
 				// what is left does not fit the downtime limit; else the
@@ -308,9 +327,71 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 		select {
 		case <-ctx.Done():
 			return mig, fmt.Errorf("migration still %s: %w", info.Status, ctx.Err())
-		case <-time.After(pollEvery):
+		case <-time.After(migratePoll(info, continued)):
 		}
 	}
+}
+
+// nearSwitch reports that the pass over RAM in progress ends within d:
+// the switch-over may come at its end.
+func nearSwitch(info MigrationInfo, d time.Duration) bool {
+	r := info.RAM
+	if r == nil || r.Mbps <= 0 || r.DirtySyncCount < 1 {
+		return false
+	}
+	return time.Duration(float64(r.Remaining)*8/(r.Mbps*1e6)*float64(time.Second)) <= d
+}
+
+// switchDone is Switchover's end.
+type switchDone struct {
+	err error
+	at  time.Time
+}
+
+// switchOver runs the pause before the switch-over: the mirrors finish
+// as Switchover (started early, or now) ends, then the migration goes on.
+func switchOver(ctx context.Context, m Machine, o MigrateOptions, mig *Migration, early chan switchDone) error {
+	sw := &mig.Switch
+	sw.Seen = time.Now()
+	if early == nil {
+		early = make(chan switchDone, 1)
+		if o.Switchover == nil {
+			early <- switchDone{at: time.Now()}
+		} else {
+			go func() { early <- switchDone{o.Switchover(ctx), time.Now()} }()
+		}
+	}
+	err := finishMirrors(ctx, m, o.Mirrors)
+	sw.Mirrors = time.Since(sw.Seen)
+	d := <-early
+	sw.Switchover = d.at.Sub(sw.Seen)
+	if d.err != nil {
+		err = errors.Join(err, fmt.Errorf("switch-over: %w", d.err))
+	}
+	if err != nil {
+		return err
+	}
+	if err := m.QMP(ctx, "migrate-continue", map[string]any{"state": "pre-switchover"}, nil); err != nil {
+		return err
+	}
+	mig.Paused = time.Since(sw.Seen)
+	return nil
+}
+
+// migratePoll is how long followMigration waits before it asks again:
+// the guest is paused from the moment QEMU reaches pre-switchover until
+// the plant sees it and lets the switch go on, and from the end of the
+// stream until the plant sees it complete and runs the guest there; near
+// those moments it asks often (after the first pass over RAM, the last
+// round can come at any of the short passes that follow).
+func migratePoll(info MigrationInfo, continued bool) time.Duration {
+	switch {
+	case continued:
+		return time.Millisecond
+	case info.RAM != nil && info.RAM.DirtySyncCount >= 2:
+		return 2 * time.Millisecond
+	}
+	return pollEvery
 }
 
 // finishMirrors ends the mirrors in step (a ready mirror's cancel leaves
@@ -430,7 +511,8 @@ func serveDrives(ctx context.Context, m Machine, socket string, drives []string)
 }
 
 // StopServingDrives ends the exports of ListenIncoming once the mirrors
-// are finished, before the guest runs.
+// are finished (the exported nodes were activated with their exports,
+// so the guest may run before).
 func StopServingDrives(ctx context.Context, m Machine, drives []string) error {
 	for _, d := range drives {
 		if err := m.QMP(ctx, "block-export-del", map[string]any{"id": "export-" + d, "mode": "hard"}, nil); err != nil {

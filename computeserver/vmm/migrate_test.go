@@ -2,6 +2,8 @@ package vmm
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -51,17 +53,21 @@ func liveMigrate(t *testing.T, postCopy bool) {
 	switched := false
 	mig, err := Migrate(ctx, m, MigrateOptions{
 		URI: uri, Mirrors: []Mirror{{Drive: DriveID(0), Socket: nbd}}, Logger: m2.(*machine).log, PostCopy: postCopy,
+		// Near the switch (the mirror still running: the exports stay).
 		Switchover: func(ctx context.Context) error {
 			switched = true
-			return StopServingDrives(ctx, m2, []string{DriveID(0)})
+			return nil
 		},
 		// The destination runs as soon as it may (in post-copy: before
-		// the copy ends, the rest of RAM on demand).
+		// the copy ends, the rest of RAM on demand); the mirror is done.
 		Switched: func(ctx context.Context) error {
 			if err := WaitIncoming(ctx, m2); err != nil {
 				return err
 			}
 			if err := m2.Continue(ctx); err != nil {
+				return err
+			}
+			if err := StopServingDrives(ctx, m2, []string{DriveID(0)}); err != nil {
 				return err
 			}
 			return Announce(ctx, m2)
@@ -89,4 +95,30 @@ func liveMigrate(t *testing.T, postCopy bool) {
 		t.Fatalf("counter went from %d to %d", before, after)
 	}
 	waitTick(t, ctx, m2, after+3)
+}
+
+// TestNearSwitch: the switch-over is near when what is left of the pass
+// goes within the time given, at the stream's rate.
+func TestNearSwitch(t *testing.T) {
+	info := func(remaining int64, mbps float64, syncs int64) MigrationInfo {
+		var m MigrationInfo
+		if err := json.Unmarshal(fmt.Appendf(nil, `{"status":"active","ram":{"remaining":%d,"mbps":%g,"dirty-sync-count":%d}}`, remaining, mbps, syncs), &m); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	for _, c := range []struct {
+		info MigrationInfo
+		want bool
+	}{
+		{info(10e6, 800, 1), true},  // 100 ms left at 100 MB/s
+		{info(30e6, 800, 2), false}, // 300 ms left
+		{info(10e6, 0, 1), false},   // no rate yet
+		{info(10e6, 800, 0), false}, // not started
+		{MigrationInfo{Status: "active"}, false},
+	} {
+		if got := nearSwitch(c.info, 200*time.Millisecond); got != c.want {
+			t.Errorf("nearSwitch(%+v) = %v, want %v", c.info.RAM, got, c.want)
+		}
+	}
 }

@@ -282,6 +282,10 @@ type MigrationInfo struct {
 		Total       int64 `json:"total"`
 		Duplicate   int64 `json:"duplicate"` // zero pages, not sent
 		Normal      int64 `json:"normal"`    // pages sent
+		// Remaining is what is left of this pass (bytes), Mbps the rate
+		// the stream goes (megabits per second).
+		Remaining int64   `json:"remaining"`
+		Mbps      float64 `json:"mbps"`
 		// Live migration: passes over dirty memory, pages dirtied per
 		// second, pages fetched on demand after a post-copy switch.
 		DirtySyncCount   int64 `json:"dirty-sync-count"`

@@ -13,6 +13,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmgrid/vmgrid/services"
 )
@@ -195,8 +196,18 @@ func (m *Manager) AttachHeld(vni uint32, hostAddr *net.IPNet, vmID string) (*Att
 	return m.attach(vni, hostAddr, vmID, true)
 }
 
-// Plug puts a held tap on its segment's bridge.
-func (m *Manager) Plug(vni uint32, vmID string) error {
+// Plug puts a held tap on its segment's bridge, and points the bridge's
+// entry for the VM's MAC at it. A VM migrating in has been sending from
+// another plant until now: the bridge learned its MAC behind the VXLAN
+// port, and would drop the frames for it that come in there (a bridge
+// never sends a frame back out of the port it came in by) until the
+// guest, running here, sends a frame of its own. With the entry on the
+// tap, the frames sent while the guest is paused for the switch wait in
+// the tap for it, rather than being lost and retransmitted by their
+// senders (TCP's least retransmission timeout is 200 ms). The entry is
+// static and sticky: the frames the guest still sends from the other
+// plant until the switch do not move it back; it goes with the tap.
+func (m *Manager) Plug(vni uint32, vmID string, mac net.HardwareAddr) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	s := m.segs[vni]
@@ -214,6 +225,14 @@ func (m *Manager) Plug(vni uint32, vmID string) error {
 		}
 		if err := netlink.LinkSetMaster(t, b); err != nil {
 			return fmt.Errorf("vnet: plug the tap of %s: %w", vmID, err)
+		}
+		if mac == nil {
+			return nil
+		}
+		err = netlink.NeighSet(&netlink.Neigh{LinkIndex: t.Attrs().Index, Family: unix.AF_BRIDGE,
+			Flags: netlink.NTF_MASTER | netlink.NTF_STICKY, State: netlink.NUD_NOARP, HardwareAddr: mac})
+		if err != nil {
+			return fmt.Errorf("vnet: point the bridge's entry for %s at the tap of %s: %w", mac, vmID, err)
 		}
 		return nil
 	})

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmgrid/vmgrid/computeserver/vnet/vnettest"
 )
@@ -195,7 +196,8 @@ func TestAttachHeld(t *testing.T) {
 	if master() != 0 {
 		t.Fatal("a held tap is on a bridge")
 	}
-	if err := m.Plug(310, "vm-held"); err != nil {
+	mac, _ := net.ParseMAC("52:54:00:12:34:56")
+	if err := m.Plug(310, "vm-held", mac); err != nil {
 		t.Fatal(err)
 	}
 	var br int
@@ -203,7 +205,23 @@ func TestAttachHeld(t *testing.T) {
 	if got := master(); got != br || br == 0 {
 		t.Fatalf("plugged tap's master %d, bridge %d", got, br)
 	}
-	if err := m.Plug(310, "vm-other"); err == nil {
+	// The bridge sends the VM's frames to the tap before the guest sent any.
+	var onTap bool
+	_ = m.do(func() error {
+		l, err := netlink.LinkByName(at.TapName)
+		if err != nil {
+			return err
+		}
+		entries, err := netlink.NeighList(l.Attrs().Index, unix.AF_BRIDGE)
+		for _, e := range entries {
+			onTap = onTap || (e.HardwareAddr.String() == mac.String() && e.MasterIndex == br)
+		}
+		return err
+	})
+	if !onTap {
+		t.Fatalf("the bridge has no entry for %s on the plugged tap", mac)
+	}
+	if err := m.Plug(310, "vm-other", mac); err == nil {
 		t.Fatal("plugged a VM that has no tap")
 	}
 }
