@@ -90,7 +90,17 @@ type Config struct {
 	// their RAM files from (MOUNTPOINT-mem): what one page fault brings
 	// (0: DefaultMemoryReadAhead).
 	MemoryReadAhead int
+	// DrainTimeout bounds how long a plant asked to stop (its context
+	// ended: SIGTERM, SIGINT) waits, draining, for the shops to move its
+	// running VMs to other plants before it stops the rest (they are then
+	// listed lost). 0: stop at once, as without a market.
+	DrainTimeout time.Duration
 }
+
+// DefaultDrainTimeout is --drain-timeout's default: a few live migrations
+// of small guests one after the other, under the compose grid's and the
+// systemd unit's stop grace periods (deploy/).
+const DefaultDrainTimeout = 2 * time.Minute
 
 // DefaultMemoryReadAhead is what a lazy guest's page fault reads around
 // the page. Measured on the tiny guest (loopback, fetched before ready /
@@ -106,6 +116,7 @@ type Server struct {
 	Line       *plant.Plant
 	Mountpoint string
 	log        *zap.Logger
+	drain      time.Duration // Config.DrainTimeout, 0 without a market
 }
 
 // closeTimeout bounds stopping the VMs and writing dirty disks back.
@@ -169,7 +180,11 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		}
 		undo.Push(stop)
 	}
-	return &Server{Role: services.NewRole(srv, &undo), Proxy: p, Line: pl, Mountpoint: mnt, log: log}, nil
+	s := &Server{Role: services.NewRole(srv, &undo), Proxy: p, Line: pl, Mountpoint: mnt, log: log}
+	if len(cfg.Etcd.Endpoints) > 0 {
+		s.drain = cfg.DrainTimeout
+	}
+	return s, nil
 }
 
 // openProxy dials the upstream and opens the caches (pushing their closing
@@ -259,10 +274,26 @@ func peerDialer(cfg Config) func(addr string) (*grpc.ClientConn, error) {
 }
 
 // Serve serves until ctx ends; SIGUSR1 flushes every dirty disk (as in the
-// GVFS paper, middleware signals the proxy to write back). At the end the
-// server is closed: the VMs stop, the view is unmounted and dirty disks are
-// written back.
+// GVFS paper, middleware signals the proxy to write back). When ctx ends the
+// plant drains first (Config.DrainTimeout): it serves on, taking no new VMs,
+// while the shops migrate its VMs away. Then the server is closed: the VMs
+// left stop, the view is unmounted and dirty disks are written back.
 func (s *Server) Serve(ctx context.Context) error {
+	if s.drain > 0 {
+		// The server must outlive ctx while it drains: the shops call it
+		// to migrate the VMs, the destinations through its tunnel.
+		served, stop := context.WithCancel(context.WithoutCancel(ctx))
+		defer stop()
+		go func() {
+			select {
+			case <-ctx.Done():
+				s.Drain(s.drain)
+				stop()
+			case <-served.Done():
+			}
+		}()
+		ctx = served
+	}
 	usr1 := make(chan os.Signal, 1)
 	signal.Notify(usr1, syscall.SIGUSR1)
 	defer signal.Stop(usr1)
@@ -280,6 +311,17 @@ func (s *Server) Serve(ctx context.Context) error {
 		}
 	}()
 	return s.Role.Serve(ctx)
+}
+
+// Drain marks the plant draining (it refuses new VMs and posts so in the
+// registry, so it wins no auction) and waits, at most timeout, for the
+// shops to move its VMs to other plants (plant.Drain).
+func (s *Server) Drain(timeout time.Duration) {
+	s.log.Info("draining: the plant takes no new VMs and waits for its VMs to migrate away", zap.Duration("timeout", timeout),
+		zap.Int("vms", s.Line.Offer().Running))
+	dctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	s.Line.Drain(dctx)
 }
 
 // Run starts a compute server and serves until ctx ends.
@@ -313,7 +355,7 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (stop
 	info := func() market.PlantInfo {
 		o := pl.Offer()
 		return market.PlantInfo{Name: o.Name, Addr: addr, Arch: "x86_64", MemoryMiB: o.MemoryMiB, MemoryFreeMiB: o.FreeMiB,
-			Running: o.Running, Domains: o.Domains, Images: o.Images}
+			Running: o.Running, Domains: o.Domains, Images: o.Images, Draining: o.Draining}
 	}
 	info = withNetwork(info, pl)
 	ctx, cancel := context.WithCancel(context.Background())

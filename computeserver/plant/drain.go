@@ -1,0 +1,60 @@
+package plant
+
+import (
+	"context"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Draining (issue 16, "a plant that leaves drains"): a plant asked to stop
+// first stops taking VMs — it refuses every new one (creation, resume, an
+// incoming migration) and posts that it is draining, so it refuses the
+// auctions too — and waits while the shops move its running VMs to other
+// plants by live migration (shop/drain.go). What cannot move, or does not
+// move in time, is stopped when the plant closes, as before: its VMs are
+// then listed lost.
+
+// drainPoll is how often Drain looks at what is left.
+const drainPoll = 200 * time.Millisecond
+
+// Drain marks the plant draining and waits until no VM is left on it or
+// ctx ends; it returns the ids of the VMs still here.
+func (p *Plant) Drain(ctx context.Context) []string {
+	p.mu.Lock()
+	p.draining = true
+	p.mu.Unlock()
+	t := time.NewTicker(drainPoll)
+	defer t.Stop()
+	for {
+		left := p.left()
+		if len(left) == 0 {
+			p.log.Info("drained: no VM is left on the plant")
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			p.log.Warn("drain timed out; the VMs left are stopped and listed lost", zap.Strings("vms", left))
+			return left
+		case <-t.C:
+		}
+	}
+}
+
+// Draining reports whether the plant is leaving.
+func (p *Plant) Draining() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.draining
+}
+
+// left lists the VMs on the plant.
+func (p *Plant) left() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ids := make([]string, 0, len(p.vms))
+	for id := range p.vms {
+		ids = append(ids, id)
+	}
+	return ids
+}
