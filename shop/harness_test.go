@@ -5,6 +5,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -127,6 +128,8 @@ type fakePlant struct {
 	lastAuth string
 	// srv, when set, is served instead (a fake with more RPCs over this one).
 	srv computev1.PlantServiceServer
+	// draining is posted in the registration (drain_test.go).
+	draining atomic.Bool
 }
 
 func (p *fakePlant) CreateVM(req *computev1.CreateVMRequest, stream computev1.PlantService_CreateVMServer) error {
@@ -192,7 +195,7 @@ func runPlant(t *testing.T, te *testEtcd, p *fakePlant, addr string, ttl int) *p
 		t.Fatal(err)
 	}
 	info := func() market.PlantInfo {
-		return market.PlantInfo{Name: p.name, Addr: addr, Arch: "x86_64", MemoryMiB: 4096, MemoryFreeMiB: 4096}
+		return market.PlantInfo{Name: p.name, Addr: addr, Arch: "x86_64", MemoryMiB: 4096, MemoryFreeMiB: 4096, Draining: p.draining.Load()}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	log := zaptest.NewLogger(t).Named(p.name)

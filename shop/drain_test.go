@@ -1,0 +1,132 @@
+package shop
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
+	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
+)
+
+// movingPlant migrates its VMs to the fake plants of peers (by name), as a
+// plant's MigrateVM does: the VM leaves here and runs there.
+type movingPlant struct {
+	*fakePlant
+	peers map[string]*fakePlant
+}
+
+func (p *movingPlant) MigrateVM(req *computev1.MigrateVMRequest, stream computev1.PlantService_MigrateVMServer) error {
+	dest := p.peers[req.Destination.Plant]
+	if dest == nil || !p.has(req.VmId) {
+		return status.Error(codes.NotFound, "no such vm or destination")
+	}
+	p.mu.Lock()
+	delete(p.vms, req.VmId)
+	p.mu.Unlock()
+	dest.mu.Lock()
+	dest.vms[req.VmId] = true
+	dest.mu.Unlock()
+	return stream.Send(&computev1.MigrateVMProgress{Phase: "running", Classad: &computev1.ClassAd{VmId: req.VmId, Plant: dest.name,
+		State: computev1.VMState_VM_STATE_RUNNING, MigratedFrom: p.name}})
+}
+
+func newMovingPlant(name string, peers map[string]*fakePlant) *fakePlant {
+	p := &fakePlant{name: name, vms: map[string]bool{}}
+	p.srv = &movingPlant{fakePlant: p, peers: peers}
+	peers[name] = p
+	return p
+}
+
+// shopVM is the VM's classad as the shop answers GetVM.
+func shopVM(t *testing.T, ts *testShop, id string) *computev1.ClassAd {
+	t.Helper()
+	ad, err := ts.client.GetVM(context.Background(), &shopv1.GetVMRequest{VmId: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ad
+}
+
+// A draining plant's VM moves to another plant, once, by one shop; a VM
+// whose claim another shop holds is left to it; with no other plant the VM
+// stays, and is lost when its plant leaves; a draining plant wins no
+// auction.
+func TestDrainMigratesOffDrainingPlants(t *testing.T) {
+	te := startTestEtcd(t)
+	ts := startTestShop(t, te, Config{})
+	other := startTestShop(t, te, Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	sum := func(result string) float64 {
+		var n float64
+		for _, s := range []*testShop{ts, other} {
+			var m dto.Metric
+			if err := s.shop.metrics.drains.WithLabelValues(result).Write(&m); err != nil {
+				t.Fatal(err)
+			}
+			n += m.GetCounter().GetValue()
+		}
+		return n
+	}
+	create := func(id string) *computev1.ClassAd {
+		ad, err := ts.create(ctx, &shopv1.CreateVMRequest{RequestId: id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ad
+	}
+	peers := map[string]*fakePlant{}
+
+	// No other plant: the VM stays RUNNING on its draining plant, and is
+	// LOST once the plant has left.
+	a := newMovingPlant("plant-a", peers)
+	pa := runPlant(t, te, a, "", 1)
+	stays := create("stays")
+	a.draining.Store(true)
+	eventually(t, 10*time.Second, "a drain attempt finding no room", func() bool { return sum(drainNoRoom) >= 1 })
+	if ad := shopVM(t, ts, stays.VmId); ad.Plant != "plant-a" || ad.State != computev1.VMState_VM_STATE_RUNNING {
+		t.Fatalf("with no other plant the VM is %s on %s, want RUNNING on plant-a", ad.State, ad.Plant)
+	}
+	pa.leave()
+	eventually(t, 10*time.Second, "the VM left behind listed LOST", func() bool {
+		return shopVM(t, ts, stays.VmId).State == computev1.VMState_VM_STATE_LOST
+	})
+
+	// Two VMs on plant-b; another shop holds one's claim (it drives a
+	// verb of it) when plant-b drains to plant-c.
+	b := newMovingPlant("plant-b", peers)
+	runPlant(t, te, b, "", 5)
+	moved, held := create("moved"), create("held")
+	key := drivingPrefix + held.VmId
+	if ok, _, err := other.shop.store.claim(ctx, key); err != nil || !ok {
+		t.Fatalf("claim: %v %v", ok, err)
+	}
+	c := newMovingPlant("plant-c", peers)
+	runPlant(t, te, c, "", 5)
+	b.draining.Store(true)
+	eventually(t, 15*time.Second, "the VM migrated to plant-c", func() bool { return shopVM(t, ts, moved.VmId).Plant == "plant-c" })
+	if !c.has(moved.VmId) || b.has(moved.VmId) {
+		t.Fatal("the migrated VM is not on plant-c alone")
+	}
+	if ad := create("new"); ad.Plant != "plant-c" {
+		t.Fatalf("a new VM went to %s, not to the one plant that is not draining", ad.Plant)
+	}
+	time.Sleep(2 * drainInterval) // passes that find the held VM busy
+	if ad := shopVM(t, ts, held.VmId); ad.Plant != "plant-b" {
+		t.Fatalf("the VM whose claim another shop holds moved to %s", ad.Plant)
+	}
+	other.shop.store.release(key)
+	eventually(t, 15*time.Second, "the released VM migrated", func() bool { return shopVM(t, ts, held.VmId).Plant == "plant-c" })
+	if ad := shopVM(t, ts, held.VmId); ad.State != computev1.VMState_VM_STATE_RUNNING {
+		t.Fatalf("the migrated VM is %s", ad.State)
+	}
+	time.Sleep(2 * drainInterval) // no shop moves a VM twice
+	if got := sum(drainMigrated); got != 2 {
+		t.Fatalf("the shops counted %v drain migrations, want 2 (each VM moved once)", got)
+	}
+}
