@@ -3,6 +3,7 @@ package computeserver
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/signal"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -117,6 +119,9 @@ type Server struct {
 	Mountpoint string
 	log        *zap.Logger
 	drain      time.Duration // Config.DrainTimeout, 0 without a market
+	// others counts the registered plants, other than this one, that are
+	// not draining: where its VMs could go.
+	others func(context.Context) (int, error)
 }
 
 // closeTimeout bounds stopping the VMs and writing dirty disks back.
@@ -173,17 +178,16 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	undo.Push(srv.Shutdown)
 	log.Info("FUSE view mounted", zap.String("mountpoint", mnt), zap.String("upstream", cfg.Upstream))
+	s := &Server{Proxy: p, Line: pl, Mountpoint: mnt, log: log}
 	if len(cfg.Etcd.Endpoints) > 0 {
-		stop, err := joinMarket(cfg, cmp.Or(cfg.Advertise, srv.Addr()), pl, log)
+		stop, others, err := joinMarket(cfg, cmp.Or(cfg.Advertise, srv.Addr()), pl, log)
 		if err != nil {
 			return nil, err
 		}
 		undo.Push(stop)
+		s.drain, s.others = cfg.DrainTimeout, others
 	}
-	s := &Server{Role: services.NewRole(srv, &undo), Proxy: p, Line: pl, Mountpoint: mnt, log: log}
-	if len(cfg.Etcd.Endpoints) > 0 {
-		s.drain = cfg.DrainTimeout
-	}
+	s.Role = services.NewRole(srv, &undo)
 	return s, nil
 }
 
@@ -282,11 +286,12 @@ func (s *Server) Serve(ctx context.Context) error {
 	if s.drain > 0 {
 		// The server must outlive ctx while it drains: the shops call it
 		// to migrate the VMs, the destinations through its tunnel.
-		served, stop := context.WithCancel(context.WithoutCancel(ctx))
+		asked := ctx
+		served, stop := context.WithCancel(context.WithoutCancel(asked))
 		defer stop()
 		go func() {
 			select {
-			case <-ctx.Done():
+			case <-asked.Done():
 				s.Drain(s.drain)
 				stop()
 			case <-served.Done():
@@ -321,7 +326,46 @@ func (s *Server) Drain(timeout time.Duration) {
 		zap.Int("vms", s.Line.Offer().Running))
 	dctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
+	if s.others != nil {
+		go s.untilNowhere(dctx, cancel)
+	}
 	s.Line.Drain(dctx)
+}
+
+// nowherePoll is how often a draining plant looks for plants its VMs could
+// go to; nowhereChecks is how many looks in a row must find none.
+const (
+	nowherePoll   = 500 * time.Millisecond
+	nowhereChecks = 3
+)
+
+// untilNowhere ends the drain (cancel) when no other plant that is not
+// draining is registered: when a whole grid stops at once (compose down),
+// its plants would otherwise each wait out the timeout for nothing.
+func (s *Server) untilNowhere(ctx context.Context, cancel context.CancelFunc) {
+	t := time.NewTicker(nowherePoll)
+	defer t.Stop()
+	for none := 0; ; {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n, err := s.others(ctx)
+		switch {
+		case err != nil:
+			none = 0 // etcd away: the shops may still move VMs
+		case n > 0:
+			none = 0
+		default:
+			none++
+		}
+		if none == nowhereChecks {
+			s.log.Warn("draining: no other plant takes VMs (all gone or draining); the drain ends")
+			cancel()
+			return
+		}
+	}
 }
 
 // Run starts a compute server and serves until ctx ends.
@@ -334,18 +378,19 @@ func Run(ctx context.Context, cfg Config) error {
 }
 
 // joinMarket registers the plant in etcd under a session lease and answers
-// the shop's auctions with the cost function's bids; stop leaves.
-func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (stop func(), err error) {
+// the shop's auctions with the cost function's bids; stop leaves. others
+// counts the other plants in the registry that are not draining.
+func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (stop func(), others func(context.Context) (int, error), err error) {
 	var undo services.Undo
 	defer undo.OnError(&err)
 	cli, err := cfg.Etcd.New(log)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	undo.Push(func() { cli.Close() })
 	sess, err := concurrency.NewSession(cli, concurrency.WithTTL(5))
 	if err != nil {
-		return nil, fmt.Errorf("etcd session: %w", err)
+		return nil, nil, fmt.Errorf("etcd session: %w", err)
 	}
 	undo.Push(func() { sess.Close() }) // revokes the lease: the plant leaves the registry now
 	w := cfg.Weights
@@ -365,21 +410,38 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (stop
 		return market.Quote(w, info(), a)
 	}, log)
 	if err != nil {
-		return nil, fmt.Errorf("etcd: %w", err)
+		return nil, nil, fmt.Errorf("etcd: %w", err)
 	}
 	undo.Push(func() { cancel(); <-done })
 	registered, err := market.Register(ctx, sess, info, 100*time.Millisecond, log)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	undo.Push(func() { cancel(); <-registered })
 	if m := pl.Network(); m != nil {
 		peers, err := followPeers(ctx, cli, m, log)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		undo.Push(func() { cancel(); <-peers })
 	}
 	log.Info("plant joined the market", zap.Strings("etcd", cfg.Etcd.Endpoints), zap.String("addr", addr))
-	return undo.Run, nil
+	name := pl.Offer().Name
+	others = func(ctx context.Context) (int, error) {
+		gctx, cancel := context.WithTimeout(ctx, market.OpTimeout)
+		defer cancel()
+		resp, err := cli.Get(gctx, market.PlantsPrefix, clientv3.WithPrefix())
+		if err != nil {
+			return 0, err
+		}
+		n := 0
+		for _, kv := range resp.Kvs {
+			var p market.PlantInfo
+			if json.Unmarshal(kv.Value, &p) == nil && p.Name != name && !p.Draining {
+				n++
+			}
+		}
+		return n, nil
+	}
+	return undo.Run, others, nil
 }

@@ -84,17 +84,22 @@ func (d *drainer) pass(ctx context.Context) {
 			draining[p.Name] = p.Addr
 		}
 	}
-	if len(draining) == 0 {
-		return
-	}
-	recs, err := d.v.store.vms(ctx)
-	if err != nil {
-		d.v.log.Debug("drain: list VMs", zap.Error(err))
-		return
+	var recs []*record
+	if len(draining) > 0 {
+		var err error
+		if recs, err = d.v.store.vms(ctx); err != nil {
+			d.v.log.Debug("drain: list VMs", zap.Error(err))
+			return
+		}
 	}
 	now := time.Now()
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	for id, at := range d.retry {
+		if now.After(at) {
+			delete(d.retry, id) // its plant left, or it is looked at again below
+		}
+	}
 	for _, r := range recs {
 		if addr, ok := draining[r.Plant]; !ok || addr != r.PlantAddr || r.State != stateReady {
 			continue
@@ -117,16 +122,16 @@ func (d *drainer) move(ctx context.Context, r *record) {
 	mctx, cancel := context.WithTimeout(ctx, migrateTimeout)
 	defer cancel()
 	ad, err := d.v.migrateFrom(mctx, r, r.Plant, &shopv1.MigrateVMRequest{VmId: r.VMID}, func(*shopv1.MigrateVMProgress) {})
+	result := drainResult(err)
 	d.mu.Lock()
 	delete(d.busy, r.VMID)
-	if err != nil {
-		d.retry[r.VMID] = time.Now().Add(drainRetry)
+	if result == drainMigrated || result == "" {
+		delete(d.retry, r.VMID) // a busy VM is looked at again on the next pass
 	} else {
-		delete(d.retry, r.VMID)
+		d.retry[r.VMID] = time.Now().Add(drainRetry)
 	}
 	d.mu.Unlock()
 	log := d.v.log.With(zap.String("vm", r.VMID), zap.String("plant", r.Plant))
-	result := drainResult(err)
 	switch {
 	case result == "":
 		log.Debug("drain: the VM is moved or busy elsewhere", zap.Error(err))

@@ -34,7 +34,7 @@ func (p *Plant) Drain(ctx context.Context) []string {
 		}
 		select {
 		case <-ctx.Done():
-			p.log.Warn("drain timed out; the VMs left are stopped and listed lost", zap.Strings("vms", left))
+			p.log.Warn("drain over (timed out, or no plant to go to) with VMs left: they are stopped and listed lost", zap.Strings("vms", left))
 			return left
 		case <-t.C:
 		}
