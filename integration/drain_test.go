@@ -15,7 +15,9 @@ import (
 // TestDrain: a plant told to stop (its context ends, as on SIGTERM) with
 // a VM running drains: the shop moves the VM live to the other plant, its
 // disk (a file written before) and memory (its uptime) along, and the
-// plant exits as soon as it is empty, well before its drain timeout.
+// plant exits as soon as it is empty, well before its drain timeout. The
+// last plant, told to stop, has nowhere to send it: it exits without
+// waiting out its timeout, and the VM is listed LOST.
 func TestDrain(t *testing.T) {
 	testutil.NeedQEMU(t)
 	vnettest.NeedRoot(t)
@@ -61,4 +63,14 @@ func TestDrain(t *testing.T) {
 	if up1, wall := guestUptime(t, lines[1]), time.Since(t0).Seconds(); up1 < up0+wall*0.9 {
 		t.Errorf("uptime %.1f s after %.1f s, was %.1f s: the guest did not keep counting", up1, wall, up0)
 	}
+
+	start = time.Now()
+	g.stops[other]()
+	if took := time.Since(start); took >= timeout {
+		t.Fatalf("the last plant waited out its drain timeout (%v) with nowhere to go", took)
+	}
+	eventually(t, "the VM of the last plant listed LOST", func() bool {
+		got, err := g.clients["alice"].GetVM(ctx, &shopv1.GetVMRequest{VmId: ad.VmId})
+		return err == nil && got.State == computev1.VMState_VM_STATE_LOST
+	})
 }

@@ -3,11 +3,13 @@ package shop
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
 	"go.uber.org/zap"
 
+	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
@@ -159,4 +161,24 @@ func drainResult(err error) string {
 		return drainCannotMove
 	}
 	return drainFailed
+}
+
+// DrainPlant implements ShopService.DrainPlant (operators only,
+// auth.ShopPolicy): the plant marks itself draining and posts it, and the
+// shops' drainers move its VMs.
+func (s *Shop) DrainPlant(ctx context.Context, req *shopv1.DrainPlantRequest) (*shopv1.DrainPlantResponse, error) {
+	p, ok := s.market.Plant(req.Plant)
+	if !ok {
+		return nil, fmt.Errorf("no plant %q is registered: %w", req.Plant, errdefs.ErrNotFound)
+	}
+	c, err := s.plants.get(p.Addr)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.DrainPlant(ctx, &computev1.DrainPlantRequest{})
+	if err != nil {
+		return nil, fmt.Errorf("plant %s: %w", req.Plant, err)
+	}
+	s.log.Info("plant draining at an operator's request", zap.String("plant", req.Plant), zap.Uint32("vms", resp.Vms))
+	return &shopv1.DrainPlantResponse{Vms: resp.Vms}, nil
 }

@@ -6,11 +6,14 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
+	"github.com/vmgrid/vmgrid/services"
+	"github.com/vmgrid/vmgrid/services/auth"
 )
 
 // movingPlant migrates its VMs to the fake plants of peers (by name), as a
@@ -33,6 +36,13 @@ func (p *movingPlant) MigrateVM(req *computev1.MigrateVMRequest, stream computev
 	dest.mu.Unlock()
 	return stream.Send(&computev1.MigrateVMProgress{Phase: "running", Classad: &computev1.ClassAd{VmId: req.VmId, Plant: dest.name,
 		State: computev1.VMState_VM_STATE_RUNNING, MigratedFrom: p.name}})
+}
+
+func (p *movingPlant) DrainPlant(context.Context, *computev1.DrainPlantRequest) (*computev1.DrainPlantResponse, error) {
+	p.draining.Store(true)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return &computev1.DrainPlantResponse{Vms: uint32(len(p.vms))}, nil
 }
 
 func newMovingPlant(name string, peers map[string]*fakePlant) *fakePlant {
@@ -128,5 +138,48 @@ func TestDrainMigratesOffDrainingPlants(t *testing.T) {
 	time.Sleep(2 * drainInterval) // no shop moves a VM twice
 	if got := sum(drainMigrated); got != 2 {
 		t.Fatalf("the shops counted %v drain migrations, want 2 (each VM moved once)", got)
+	}
+}
+
+// An operator drains a plant through the shop (an owner may not): its VM
+// moves to the other plant.
+func TestDrainPlantRPC(t *testing.T) {
+	te := startTestEtcd(t)
+	ts := startTestShop(t, te, Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	peers := map[string]*fakePlant{}
+	a := newMovingPlant("plant-a", peers)
+	runPlant(t, te, a, "", 5)
+	ad, err := ts.create(ctx, &shopv1.CreateVMRequest{RequestId: "one"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := newMovingPlant("plant-b", peers)
+	runPlant(t, te, b, "", 5)
+	eventually(t, 5*time.Second, "plant-b registered", func() bool { _, ok := ts.shop.market.Plant("plant-b"); return ok })
+
+	_, err = ts.client.DrainPlant(ctx, &shopv1.DrainPlantRequest{Plant: "plant-a"})
+	if codeOf(err) != codes.PermissionDenied {
+		t.Fatalf("an owner's DrainPlant: %v, want PermissionDenied", err)
+	}
+	cc, err := services.Dial(ts.addr, services.TLSFiles{}, grpc.WithPerRPCCredentials(auth.Credentials{Token: operatorToken, Insecure: true}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ops := shopv1.NewShopServiceClient(cc)
+	for req, want := range map[string]codes.Code{"": codes.InvalidArgument, "../x": codes.InvalidArgument, "no-such-plant": codes.NotFound} {
+		if _, err := ops.DrainPlant(ctx, &shopv1.DrainPlantRequest{Plant: req}); codeOf(err) != want {
+			t.Errorf("DrainPlant %q: %v, want %v", req, err, want)
+		}
+	}
+	resp, err := ops.DrainPlant(ctx, &shopv1.DrainPlantRequest{Plant: "plant-a"})
+	if err != nil || resp.Vms != 1 {
+		t.Fatalf("DrainPlant: %v, %v; want 1 VM", resp, err)
+	}
+	eventually(t, 10*time.Second, "the VM migrated to plant-b", func() bool { return shopVM(t, ts, ad.VmId).Plant == "plant-b" })
+	if p, _ := ts.shop.market.Plant("plant-a"); !p.Draining {
+		t.Fatal("the registry does not say plant-a is draining")
 	}
 }

@@ -33,7 +33,10 @@ import (
 // and start again), with a fake image server and fake plants: gRPC servers
 // that bid through the real market and keep VMs in a map.
 
-const ownerToken = "demo-token-0001"
+const (
+	ownerToken    = "demo-token-0001"
+	operatorToken = "ops-token-00001"
+)
 
 func freeAddr(t testing.TB) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -225,6 +228,7 @@ func (pp *plantProcess) die() {
 type testShop struct {
 	shop   *Shop
 	client shopv1.ShopServiceClient
+	addr   string
 }
 
 func startTestShop(t *testing.T, te *testEtcd, cfg Config) *testShop {
@@ -241,6 +245,9 @@ func startTestShopWith(t *testing.T, te *testEtcd, cfg Config, images imagev1.Im
 	t.Cleanup(func() { cc.Close() })
 	tokens := &auth.Tokens{}
 	if err := tokens.Add(ownerToken, "demo"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tokens.AddRole(operatorToken, "ops", auth.RoleOperator); err != nil {
 		t.Fatal(err)
 	}
 	cfg.Etcd, cfg.Images, cfg.Logger = te.newClient(), imageclient.NewClient(cc), zaptest.NewLogger(t).Named("shop")
@@ -268,7 +275,7 @@ func startTestShopWith(t *testing.T, te *testEtcd, cfg Config, images imagev1.Im
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { scc.Close() })
-	ts.client = shopv1.NewShopServiceClient(scc)
+	ts.client, ts.addr = shopv1.NewShopServiceClient(scc), srv.Addr()
 	return ts
 }
 

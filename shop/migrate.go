@@ -169,6 +169,9 @@ func (v *vms) destination(ctx context.Context, r *record, ad *computev1.ClassAd,
 			}
 		}
 	}
+	if len(others) == 0 {
+		return market.Bid{}, fmt.Errorf("no other plant bid to host vm %s: %w", r.VMID, errdefs.ErrResourceExhausted)
+	}
 	return market.Bid{}, fmt.Errorf("no other plant can host vm %s: %s: %w", r.VMID, market.Refusals(others), errdefs.ErrResourceExhausted)
 }
 

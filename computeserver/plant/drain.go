@@ -21,9 +21,7 @@ const drainPoll = 200 * time.Millisecond
 // Drain marks the plant draining and waits until no VM is left on it or
 // ctx ends; it returns the ids of the VMs still here.
 func (p *Plant) Drain(ctx context.Context) []string {
-	p.mu.Lock()
-	p.draining = true
-	p.mu.Unlock()
+	p.StartDraining()
 	t := time.NewTicker(drainPoll)
 	defer t.Stop()
 	for {
@@ -39,6 +37,19 @@ func (p *Plant) Drain(ctx context.Context) []string {
 		case <-t.C:
 		}
 	}
+}
+
+// StartDraining marks the plant draining (an operator's DrainPlant, or
+// Drain) and returns how many VMs are on it. It is for good: a plant
+// stops draining only by restarting.
+func (p *Plant) StartDraining() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.draining {
+		p.draining = true
+		p.log.Info("draining: the plant takes no new VMs; the shops move its VMs to other plants", zap.Int("vms", len(p.vms)))
+	}
+	return len(p.vms)
 }
 
 // Draining reports whether the plant is leaving.
