@@ -426,8 +426,13 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (stop
 		undo.Push(func() { cancel(); <-peers })
 	}
 	log.Info("plant joined the market", zap.Strings("etcd", cfg.Etcd.Endpoints), zap.String("addr", addr))
-	name := pl.Offer().Name
-	others = func(ctx context.Context) (int, error) {
+	return undo.Run, otherPlants(cli, pl.Offer().Name), nil
+}
+
+// otherPlants counts the plants in the registry, other than name, that
+// are not draining.
+func otherPlants(cli *clientv3.Client, name string) func(context.Context) (int, error) {
+	return func(ctx context.Context) (int, error) {
 		gctx, cancel := context.WithTimeout(ctx, market.OpTimeout)
 		defer cancel()
 		resp, err := cli.Get(gctx, market.PlantsPrefix, clientv3.WithPrefix())
@@ -443,5 +448,4 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (stop
 		}
 		return n, nil
 	}
-	return undo.Run, others, nil
 }
