@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 )
 
 // Draining (issue 16, "a plant that leaves drains"): a plant asked to stop
@@ -25,10 +27,15 @@ func (p *Plant) Drain(ctx context.Context) []string {
 	t := time.NewTicker(drainPoll)
 	defer t.Stop()
 	for {
-		left := p.left()
+		left, movable := p.left()
 		if len(left) == 0 {
 			p.log.Info("drained: no VM is left on the plant")
 			return nil
+		}
+		if movable == 0 {
+			p.log.Warn("drain over: the VMs left cannot move live (persistent, hot-plugged devices, a local seed, not running); they are stopped and listed lost",
+				zap.Strings("vms", left))
+			return left
 		}
 		select {
 		case <-ctx.Done():
@@ -59,13 +66,39 @@ func (p *Plant) Draining() bool {
 	return p.draining
 }
 
-// left lists the VMs on the plant.
-func (p *Plant) left() []string {
+// left lists the VMs on the plant and counts those that may still leave.
+func (p *Plant) left() (ids []string, movable int) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	ids := make([]string, 0, len(p.vms))
-	for id := range p.vms {
+	vms := make([]*vm, 0, len(p.vms))
+	for id, v := range p.vms {
 		ids = append(ids, id)
+		vms = append(vms, v)
 	}
-	return ids
+	p.mu.Unlock()
+	for _, v := range vms {
+		if !p.stuck(v) {
+			movable++
+		}
+	}
+	return ids, movable
+}
+
+// stuck reports whether v cannot leave live — what MigrateVM refuses — so
+// a drain need not wait for it. A VM still being made may leave once it
+// runs.
+func (p *Plant) stuck(v *vm) bool {
+	select {
+	case <-v.ready:
+	default:
+		return false
+	}
+	v.mu.Lock()
+	running := v.m != nil && v.ad.State == computev1.VMState_VM_STATE_RUNNING
+	fixed := v.ad.PersistentDisk != "" || v.hotplugged > 0
+	v.mu.Unlock()
+	if p.cfg.DialPlant == nil || !running || fixed {
+		return true
+	}
+	_, err := p.outgoing(v, &computev1.MigrateVMRequest{})
+	return err != nil
 }
