@@ -142,7 +142,8 @@ func TestDrainMigratesOffDrainingPlants(t *testing.T) {
 }
 
 // An operator drains a plant through the shop (an owner may not): its VM
-// moves to the other plant.
+// moves to the other plant, also when a shop that died mid-migration left
+// its record MIGRATING.
 func TestDrainPlantRPC(t *testing.T) {
 	te := startTestEtcd(t)
 	ts := startTestShop(t, te, Config{})
@@ -159,6 +160,13 @@ func TestDrainPlantRPC(t *testing.T) {
 	runPlant(t, te, b, "", 5)
 	eventually(t, 5*time.Second, "plant-b registered", func() bool { _, ok := ts.shop.market.Plant("plant-b"); return ok })
 
+	r, _, err := ts.shop.store.vm(ctx, ad.VmId)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.shop.vms.setState(ctx, r, computev1.VMState_VM_STATE_MIGRATING); err != nil {
+		t.Fatal(err)
+	}
 	_, err = ts.client.DrainPlant(ctx, &shopv1.DrainPlantRequest{Plant: "plant-a"})
 	if codeOf(err) != codes.PermissionDenied {
 		t.Fatalf("an owner's DrainPlant: %v, want PermissionDenied", err)
@@ -179,6 +187,9 @@ func TestDrainPlantRPC(t *testing.T) {
 		t.Fatalf("DrainPlant: %v, %v; want 1 VM", resp, err)
 	}
 	eventually(t, 10*time.Second, "the VM migrated to plant-b", func() bool { return shopVM(t, ts, ad.VmId).Plant == "plant-b" })
+	if got := shopVM(t, ts, ad.VmId); got.State != computev1.VMState_VM_STATE_RUNNING {
+		t.Fatalf("the VM is %s on plant-b", got.State)
+	}
 	if p, _ := ts.shop.market.Plant("plant-a"); !p.Draining {
 		t.Fatal("the registry does not say plant-a is draining")
 	}

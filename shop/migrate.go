@@ -36,7 +36,9 @@ func (v *vms) migrate(ctx context.Context, r *record, req *shopv1.MigrateVMReque
 // anywhere) once its claim is held: a drain moves a VM off its plant once,
 // whichever shop gets to it first.
 func (v *vms) migrateFrom(ctx context.Context, r *record, from string, req *shopv1.MigrateVMRequest, send migrateProgress) (*computev1.ClassAd, error) {
-	if err := migratable(r, v.lost(r)); err != nil {
+	// A VM recorded MIGRATING is looked at under the claim: its driver
+	// holds it, or died (unstick).
+	if err := migratable(r, v.lost(r)); err != nil && r.classad().State != computev1.VMState_VM_STATE_MIGRATING {
 		return nil, err
 	}
 	// The VM's driving claim, as its creation and the other verbs hold it
