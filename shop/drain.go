@@ -32,8 +32,11 @@ const (
 	// drainInterval is how often a shop looks for VMs on draining plants.
 	drainInterval = time.Second
 	// drainRetry is how long a VM whose move failed waits for the next
-	// attempt (another plant may have room by then).
-	drainRetry = 5 * time.Second
+	// attempt (another plant may have room by then); one that cannot move
+	// live waits drainRetryStuck (it may only if it changes: a hot-plugged
+	// disk detached).
+	drainRetry      = 5 * time.Second
+	drainRetryStuck = time.Minute
 	// drainParallel bounds the migrations one shop drives at once.
 	drainParallel = 2
 )
@@ -129,6 +132,8 @@ func (d *drainer) move(ctx context.Context, r *record) {
 	delete(d.busy, r.VMID)
 	if result == drainMigrated || result == "" {
 		delete(d.retry, r.VMID) // a busy VM is looked at again on the next pass
+	} else if result == drainCannotMove {
+		d.retry[r.VMID] = time.Now().Add(drainRetryStuck)
 	} else {
 		d.retry[r.VMID] = time.Now().Add(drainRetry)
 	}
