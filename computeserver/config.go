@@ -19,6 +19,7 @@ func DefaultConfig() Config {
 		Network:         vnet.DefaultConfig(),
 		MemoryRestore:   string(plant.RestoreAuto),
 		MemoryReadAhead: DefaultMemoryReadAhead,
+		DrainTimeout:    DefaultDrainTimeout,
 	}
 }
 
@@ -41,6 +42,7 @@ func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.DataServer, "dataserver", c.DataServer, "data server of task stage-in/out (requests bring task credentials for it; empty: no staging)")
 	services.AddTokensFlag(fs, &c.TokensFile)
 	services.AddServiceTokenFlag(fs, &c.ServiceTokenFile, "to the upstream and to other plants (live migration)")
+	fs.DurationVar(&c.DrainTimeout, "drain-timeout", c.DrainTimeout, "on SIGTERM/SIGINT, with --etcd: how long the plant drains (takes no new VMs while the shops live-migrate its VMs to other plants) before it stops the VMs left, which are then listed lost (0: stop at once)")
 	c.Proxy.AddFlags(fs)
 	c.Network.AddFlags(fs)
 }

@@ -94,6 +94,12 @@ func (s *plantService) MigrateVM(req *computev1.MigrateVMRequest, stream compute
 		Stats: ad.LastMigration, Classad: ad})
 }
 
+// DrainPlant marks the plant draining (plant/drain.go); the shops move
+// its VMs away.
+func (s *plantService) DrainPlant(context.Context, *computev1.DrainPlantRequest) (*computev1.DrainPlantResponse, error) {
+	return &computev1.DrainPlantResponse{Vms: uint32(s.p.StartDraining())}, nil
+}
+
 // MigrateIn receives a VM from another plant (plant/migratein.go).
 func (s *plantService) MigrateIn(stream computev1.PlantService_MigrateInServer) error {
 	return s.p.MigrateIn(stream)

@@ -3,6 +3,7 @@ package computeserver
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/signal"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -90,7 +92,17 @@ type Config struct {
 	// their RAM files from (MOUNTPOINT-mem): what one page fault brings
 	// (0: DefaultMemoryReadAhead).
 	MemoryReadAhead int
+	// DrainTimeout bounds how long a plant asked to stop (its context
+	// ended: SIGTERM, SIGINT) waits, draining, for the shops to move its
+	// running VMs to other plants before it stops the rest (they are then
+	// listed lost). 0: stop at once, as without a market.
+	DrainTimeout time.Duration
 }
+
+// DefaultDrainTimeout is --drain-timeout's default: a few live migrations
+// of small guests one after the other, under the compose grid's and the
+// systemd unit's stop grace periods (deploy/).
+const DefaultDrainTimeout = 2 * time.Minute
 
 // DefaultMemoryReadAhead is what a lazy guest's page fault reads around
 // the page. Measured on the tiny guest (loopback, fetched before ready /
@@ -106,6 +118,10 @@ type Server struct {
 	Line       *plant.Plant
 	Mountpoint string
 	log        *zap.Logger
+	drain      time.Duration // Config.DrainTimeout, 0 without a market
+	// others counts the registered plants, other than this one, that are
+	// not draining: where its VMs could go.
+	others func(context.Context) (int, error)
 }
 
 // closeTimeout bounds stopping the VMs and writing dirty disks back.
@@ -162,14 +178,17 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	undo.Push(srv.Shutdown)
 	log.Info("FUSE view mounted", zap.String("mountpoint", mnt), zap.String("upstream", cfg.Upstream))
+	s := &Server{Proxy: p, Line: pl, Mountpoint: mnt, log: log}
 	if len(cfg.Etcd.Endpoints) > 0 {
-		stop, err := joinMarket(cfg, cmp.Or(cfg.Advertise, srv.Addr()), pl, log)
+		stop, others, err := joinMarket(cfg, cmp.Or(cfg.Advertise, srv.Addr()), pl, log)
 		if err != nil {
 			return nil, err
 		}
 		undo.Push(stop)
+		s.drain, s.others = cfg.DrainTimeout, others
 	}
-	return &Server{Role: services.NewRole(srv, &undo), Proxy: p, Line: pl, Mountpoint: mnt, log: log}, nil
+	s.Role = services.NewRole(srv, &undo)
+	return s, nil
 }
 
 // openProxy dials the upstream and opens the caches (pushing their closing
@@ -259,10 +278,27 @@ func peerDialer(cfg Config) func(addr string) (*grpc.ClientConn, error) {
 }
 
 // Serve serves until ctx ends; SIGUSR1 flushes every dirty disk (as in the
-// GVFS paper, middleware signals the proxy to write back). At the end the
-// server is closed: the VMs stop, the view is unmounted and dirty disks are
-// written back.
+// GVFS paper, middleware signals the proxy to write back). When ctx ends the
+// plant drains first (Config.DrainTimeout): it serves on, taking no new VMs,
+// while the shops migrate its VMs away. Then the server is closed: the VMs
+// left stop, the view is unmounted and dirty disks are written back.
 func (s *Server) Serve(ctx context.Context) error {
+	if s.drain > 0 {
+		// The server must outlive ctx while it drains: the shops call it
+		// to migrate the VMs, the destinations through its tunnel.
+		asked := ctx
+		served, stop := context.WithCancel(context.WithoutCancel(asked))
+		defer stop()
+		go func() {
+			select {
+			case <-asked.Done():
+				s.Drain(s.drain)
+				stop()
+			case <-served.Done():
+			}
+		}()
+		ctx = served
+	}
 	usr1 := make(chan os.Signal, 1)
 	signal.Notify(usr1, syscall.SIGUSR1)
 	defer signal.Stop(usr1)
@@ -282,6 +318,56 @@ func (s *Server) Serve(ctx context.Context) error {
 	return s.Role.Serve(ctx)
 }
 
+// Drain marks the plant draining (it refuses new VMs and posts so in the
+// registry, so it wins no auction) and waits, at most timeout, for the
+// shops to move its VMs to other plants (plant.Drain).
+func (s *Server) Drain(timeout time.Duration) {
+	s.log.Info("draining: the plant takes no new VMs and waits for its VMs to migrate away", zap.Duration("timeout", timeout),
+		zap.Int("vms", s.Line.Offer().Running))
+	dctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if s.others != nil {
+		go s.untilNowhere(dctx, cancel)
+	}
+	s.Line.Drain(dctx)
+}
+
+// nowherePoll is how often a draining plant looks for plants its VMs could
+// go to; nowhereChecks is how many looks in a row must find none.
+const (
+	nowherePoll   = 500 * time.Millisecond
+	nowhereChecks = 3
+)
+
+// untilNowhere ends the drain (cancel) when no other plant that is not
+// draining is registered: when a whole grid stops at once (compose down),
+// its plants would otherwise each wait out the timeout for nothing.
+func (s *Server) untilNowhere(ctx context.Context, cancel context.CancelFunc) {
+	t := time.NewTicker(nowherePoll)
+	defer t.Stop()
+	for none := 0; ; {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n, err := s.others(ctx)
+		switch {
+		case err != nil:
+			none = 0 // etcd away: the shops may still move VMs
+		case n > 0:
+			none = 0
+		default:
+			none++
+		}
+		if none == nowhereChecks {
+			s.log.Warn("draining: no other plant takes VMs (all gone or draining); the drain ends")
+			cancel()
+			return
+		}
+	}
+}
+
 // Run starts a compute server and serves until ctx ends.
 func Run(ctx context.Context, cfg Config) error {
 	s, err := Start(ctx, cfg)
@@ -292,18 +378,19 @@ func Run(ctx context.Context, cfg Config) error {
 }
 
 // joinMarket registers the plant in etcd under a session lease and answers
-// the shop's auctions with the cost function's bids; stop leaves.
-func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (stop func(), err error) {
+// the shop's auctions with the cost function's bids; stop leaves. others
+// counts the other plants in the registry that are not draining.
+func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (stop func(), others func(context.Context) (int, error), err error) {
 	var undo services.Undo
 	defer undo.OnError(&err)
 	cli, err := cfg.Etcd.New(log)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	undo.Push(func() { cli.Close() })
 	sess, err := concurrency.NewSession(cli, concurrency.WithTTL(5))
 	if err != nil {
-		return nil, fmt.Errorf("etcd session: %w", err)
+		return nil, nil, fmt.Errorf("etcd session: %w", err)
 	}
 	undo.Push(func() { sess.Close() }) // revokes the lease: the plant leaves the registry now
 	w := cfg.Weights
@@ -313,7 +400,7 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (stop
 	info := func() market.PlantInfo {
 		o := pl.Offer()
 		return market.PlantInfo{Name: o.Name, Addr: addr, Arch: "x86_64", MemoryMiB: o.MemoryMiB, MemoryFreeMiB: o.FreeMiB,
-			Running: o.Running, Domains: o.Domains, Images: o.Images}
+			Running: o.Running, Domains: o.Domains, Images: o.Images, Draining: o.Draining}
 	}
 	info = withNetwork(info, pl)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -323,21 +410,42 @@ func joinMarket(cfg Config, addr string, pl *plant.Plant, log *zap.Logger) (stop
 		return market.Quote(w, info(), a)
 	}, log)
 	if err != nil {
-		return nil, fmt.Errorf("etcd: %w", err)
+		return nil, nil, fmt.Errorf("etcd: %w", err)
 	}
 	undo.Push(func() { cancel(); <-done })
 	registered, err := market.Register(ctx, sess, info, 100*time.Millisecond, log)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	undo.Push(func() { cancel(); <-registered })
 	if m := pl.Network(); m != nil {
 		peers, err := followPeers(ctx, cli, m, log)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		undo.Push(func() { cancel(); <-peers })
 	}
 	log.Info("plant joined the market", zap.Strings("etcd", cfg.Etcd.Endpoints), zap.String("addr", addr))
-	return undo.Run, nil
+	return undo.Run, otherPlants(cli, pl.Offer().Name), nil
+}
+
+// otherPlants counts the plants in the registry, other than name, that
+// are not draining.
+func otherPlants(cli *clientv3.Client, name string) func(context.Context) (int, error) {
+	return func(ctx context.Context) (int, error) {
+		gctx, cancel := context.WithTimeout(ctx, market.OpTimeout)
+		defer cancel()
+		resp, err := cli.Get(gctx, market.PlantsPrefix, clientv3.WithPrefix())
+		if err != nil {
+			return 0, err
+		}
+		n := 0
+		for _, kv := range resp.Kvs {
+			var p market.PlantInfo
+			if json.Unmarshal(kv.Value, &p) == nil && p.Name != name && !p.Draining {
+				n++
+			}
+		}
+		return n, nil
+	}
 }

@@ -47,6 +47,9 @@ type netGrid struct {
 	stops   map[string]func()
 	shop    *shop.Server
 	clients map[string]shopv1.ShopServiceClient // by owner
+	// drain is the plants' drain timeout (drain_test.go; 0: none).
+	drain time.Duration
+	lan   *vnettest.LAN
 }
 
 const netBobToken = "owner-token-bob0"
@@ -80,13 +83,18 @@ func startNetGrid(t *testing.T, ctx context.Context, plants ...string) *netGrid 
 	}
 	g := &netGrid{t: t, is: is, images: is.Srv.Addr(), etcd: ee.Endpoint, tokens: tokens, plants: map[string]*computeserver.Server{},
 		hosts: map[string]vnettest.Host{}, dirs: map[string]string{}, stops: map[string]func(){}, clients: map[string]shopv1.ShopServiceClient{}}
-	lan := vnettest.NewLAN(t)
+	g.lan = vnettest.NewLAN(t)
 	for _, name := range plants {
-		g.hosts[name], g.dirs[name] = lan.Host(), testutil.ShortTempDir(t)
-		g.startPlant(name)
+		g.addPlant(name)
 	}
 	g.startShop(ctx)
 	return g
+}
+
+// addPlant starts a plant on a new host of the LAN.
+func (g *netGrid) addPlant(name string) {
+	g.hosts[name], g.dirs[name] = g.lan.Host(), testutil.ShortTempDir(g.t)
+	g.startPlant(name)
 }
 
 // startPlant starts (or restarts) a plant in its host's namespace.
@@ -98,7 +106,7 @@ func (g *netGrid) startPlant(name string) {
 		Upstream: g.images, DataDir: g.dirs[name], Proxy: gvfs.Config{FlushIdle: -1}, Tokens: g.tokens, Name: name,
 		ServiceTokenFile: testutil.ServiceTokenFile(t), // plants call each other to migrate VMs
 		GuestMemoryMiB:   2048, Etcd: services.EtcdConfig{Endpoints: []string{g.etcd}},
-		Network: vnet.Config{Underlay: g.hosts[name].Addr, Netns: g.hosts[name].Netns},
+		Network: vnet.Config{Underlay: g.hosts[name].Addr, Netns: g.hosts[name].Netns}, DrainTimeout: g.drain,
 	}
 	s, err := computeserver.Start(ctx, cfg)
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -32,7 +33,10 @@ import (
 // and start again), with a fake image server and fake plants: gRPC servers
 // that bid through the real market and keep VMs in a map.
 
-const ownerToken = "demo-token-0001"
+const (
+	ownerToken    = "demo-token-0001"
+	operatorToken = "ops-token-00001"
+)
 
 func freeAddr(t testing.TB) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -127,6 +131,8 @@ type fakePlant struct {
 	lastAuth string
 	// srv, when set, is served instead (a fake with more RPCs over this one).
 	srv computev1.PlantServiceServer
+	// draining is posted in the registration (drain_test.go).
+	draining atomic.Bool
 }
 
 func (p *fakePlant) CreateVM(req *computev1.CreateVMRequest, stream computev1.PlantService_CreateVMServer) error {
@@ -192,7 +198,7 @@ func runPlant(t *testing.T, te *testEtcd, p *fakePlant, addr string, ttl int) *p
 		t.Fatal(err)
 	}
 	info := func() market.PlantInfo {
-		return market.PlantInfo{Name: p.name, Addr: addr, Arch: "x86_64", MemoryMiB: 4096, MemoryFreeMiB: 4096}
+		return market.PlantInfo{Name: p.name, Addr: addr, Arch: "x86_64", MemoryMiB: 4096, MemoryFreeMiB: 4096, Draining: p.draining.Load()}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	log := zaptest.NewLogger(t).Named(p.name)
@@ -222,6 +228,7 @@ func (pp *plantProcess) die() {
 type testShop struct {
 	shop   *Shop
 	client shopv1.ShopServiceClient
+	addr   string
 }
 
 func startTestShop(t *testing.T, te *testEtcd, cfg Config) *testShop {
@@ -238,6 +245,9 @@ func startTestShopWith(t *testing.T, te *testEtcd, cfg Config, images imagev1.Im
 	t.Cleanup(func() { cc.Close() })
 	tokens := &auth.Tokens{}
 	if err := tokens.Add(ownerToken, "demo"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tokens.AddRole(operatorToken, "ops", auth.RoleOperator); err != nil {
 		t.Fatal(err)
 	}
 	cfg.Etcd, cfg.Images, cfg.Logger = te.newClient(), imageclient.NewClient(cc), zaptest.NewLogger(t).Named("shop")
@@ -265,7 +275,7 @@ func startTestShopWith(t *testing.T, te *testEtcd, cfg Config, images imagev1.Im
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { scc.Close() })
-	ts.client = shopv1.NewShopServiceClient(scc)
+	ts.client, ts.addr = shopv1.NewShopServiceClient(scc), srv.Addr()
 	return ts
 }
 

@@ -9,6 +9,8 @@ type metrics struct {
 	// Access streams (access.go), by kind: exec, console, port-forward.
 	accessOpen  *prometheus.GaugeVec
 	accessBytes *prometheus.CounterVec
+	// Migrations off draining plants (drain.go), by result.
+	drains *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -28,6 +30,10 @@ func newMetrics() *metrics {
 			Namespace: "vmgrid", Subsystem: "shop", Name: "access_bytes_total",
 			Help: "Bytes of access stream messages relayed, to the guest (in) and from it (out).",
 		}, []string{"kind", "direction"}),
+		drains: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "vmgrid", Subsystem: "shop", Name: "drain_migrations_total",
+			Help: "Live migrations of VMs off draining plants this shop drove: migrated, cannot_move (it cannot move live), no_room (no other plant can host it), failed.",
+		}, []string{"result"}),
 	}
 }
 
@@ -37,7 +43,7 @@ func (m *metrics) register(reg prometheus.Registerer) error {
 		return nil
 	}
 	var done []prometheus.Collector
-	for _, c := range []prometheus.Collector{m.placement, m.creates, m.accessOpen, m.accessBytes} {
+	for _, c := range []prometheus.Collector{m.placement, m.creates, m.accessOpen, m.accessBytes, m.drains} {
 		if err := reg.Register(c); err != nil {
 			for _, d := range done {
 				reg.Unregister(d)

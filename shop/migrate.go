@@ -29,7 +29,16 @@ type migrateProgress func(*shopv1.MigrateVMProgress)
 
 // migrate moves a running VM of r to another plant.
 func (v *vms) migrate(ctx context.Context, r *record, req *shopv1.MigrateVMRequest, send migrateProgress) (*computev1.ClassAd, error) {
-	if err := migratable(r, v.lost(r)); err != nil {
+	return v.migrateFrom(ctx, r, "", req, send)
+}
+
+// migrateFrom is migrate of a VM that must still be on plant from (empty:
+// anywhere) once its claim is held: a drain moves a VM off its plant once,
+// whichever shop gets to it first.
+func (v *vms) migrateFrom(ctx context.Context, r *record, from string, req *shopv1.MigrateVMRequest, send migrateProgress) (*computev1.ClassAd, error) {
+	// A VM recorded MIGRATING is looked at under the claim: its driver
+	// holds it, or died (unstick).
+	if err := migratable(r, v.lost(r)); err != nil && r.classad().State != computev1.VMState_VM_STATE_MIGRATING {
 		return nil, err
 	}
 	// The VM's driving claim, as its creation and the other verbs hold it
@@ -40,12 +49,16 @@ func (v *vms) migrate(ctx context.Context, r *record, req *shopv1.MigrateVMReque
 	}
 	if !ok {
 		return nil, fmt.Errorf("vm %q is busy: it is migrating, or being created, suspended, resumed or published; retry when that is done: %w",
-			r.VMID, errdefs.ErrFailedPrecondition)
+			r.VMID, errBusy)
 	}
 	defer v.store.release(drivingPrefix + r.VMID)
 	if r, _, err = v.store.vm(ctx, r.VMID); err != nil { // as it is now the claim is held
 		return nil, err
 	}
+	if from != "" && r.Plant != from {
+		return nil, fmt.Errorf("vm %q is on plant %s now, not %s: %w", r.VMID, r.Plant, from, errMoved)
+	}
+	v.unstick(ctx, r)
 	if err := migratable(r, v.lost(r)); err != nil {
 		return nil, err
 	}
@@ -79,6 +92,38 @@ func (v *vms) migrate(ctx context.Context, r *record, req *shopv1.MigrateVMReque
 	return moved, nil
 }
 
+// errMoved is a VM that left the plant it was to be moved off; errBusy one
+// whose claim another verb (or another shop's drain) holds. Both read as
+// the sentinel they wrap, so callers see FailedPrecondition and the
+// message before it.
+var (
+	errMoved = fmt.Errorf("%w", errdefs.ErrFailedPrecondition)
+	errBusy  = fmt.Errorf("%w", errdefs.ErrFailedPrecondition)
+)
+
+// unstick repairs the record of a VM left MIGRATING by a shop that died
+// while it drove the migration (the claim is held now, so nobody drives
+// it): a source plant that lost its caller aborts, and the VM runs on there
+// (the plant's contract), which is what its record then says again.
+func (v *vms) unstick(ctx context.Context, r *record) {
+	if r.classad().State != computev1.VMState_VM_STATE_MIGRATING || r.PlantAddr == "" {
+		return
+	}
+	c, err := v.plants.get(r.PlantAddr)
+	if err != nil {
+		return
+	}
+	gctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	got, err := c.GetVM(gctx, &computev1.GetVMRequest{VmId: r.VMID})
+	if err != nil || got.State != computev1.VMState_VM_STATE_RUNNING {
+		return
+	}
+	if err := v.setState(ctx, r, computev1.VMState_VM_STATE_RUNNING); err == nil {
+		v.log.Info("VM left migrating by a shop that went away runs on its plant; recorded running again", zap.String("vm", r.VMID), zap.String("plant", r.Plant))
+	}
+}
+
 // migratable refuses a VM that is not running on a plant that is there.
 func migratable(r *record, lost bool) error {
 	ad := r.classad()
@@ -105,6 +150,8 @@ func (v *vms) destination(ctx context.Context, r *record, ad *computev1.ClassAd,
 			return market.Bid{}, fmt.Errorf("no plant %q is registered: %w", to, errdefs.ErrNotFound)
 		case to == r.Plant:
 			return market.Bid{}, fmt.Errorf("vm %q is on plant %s already: %w", r.VMID, to, errdefs.ErrFailedPrecondition)
+		case p.Draining:
+			return market.Bid{}, fmt.Errorf("plant %s is draining (leaving the grid) and takes no VMs; name another or leave --to out: %w", to, errdefs.ErrFailedPrecondition)
 		}
 		return market.Bid{Plant: p.Name, Addr: p.Addr}, nil
 	}
@@ -123,6 +170,9 @@ func (v *vms) destination(ctx context.Context, r *record, ad *computev1.ClassAd,
 				return b, nil // bids come cheapest first
 			}
 		}
+	}
+	if len(others) == 0 {
+		return market.Bid{}, fmt.Errorf("no other plant bid to host vm %s: %w", r.VMID, errdefs.ErrResourceExhausted)
 	}
 	return market.Bid{}, fmt.Errorf("no other plant can host vm %s: %s: %w", r.VMID, market.Refusals(others), errdefs.ErrResourceExhausted)
 }

@@ -3,6 +3,7 @@ package shop
 import (
 	"context"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -65,7 +66,10 @@ func New(cfg Config, reg prometheus.Registerer) (_ *Shop, err error) {
 	s.stopReaper, s.reaped = stop, make(chan struct{})
 	go func() {
 		defer close(s.reaped)
+		var wg sync.WaitGroup
+		wg.Go(func() { newDrainer(s.vms).run(rctx, drainInterval) })
 		s.vms.reap(rctx, reapInterval)
+		wg.Wait()
 	}()
 	return s, nil
 }

@@ -120,6 +120,8 @@ type Plant struct {
 	mu     sync.Mutex
 	vms    map[string]*vm
 	images map[string]uint64 // bytes fetched for clones of each image
+	// draining: the plant is leaving and takes no new VMs (drain.go).
+	draining bool
 }
 
 type vm struct {
@@ -213,6 +215,9 @@ func (p *Plant) claim(id string, ad *computev1.ClassAd, diskMiB uint64) (*vm, bo
 	defer p.mu.Unlock()
 	if v := p.vms[id]; v != nil {
 		return v, false, nil
+	}
+	if p.draining {
+		return nil, false, fmt.Errorf("plant %s is draining (leaving the grid) and takes no new VMs; place the VM on another plant: %w", p.cfg.Name, errdefs.ErrUnavailable)
 	}
 	var used uint64
 	for _, v := range p.vms {
@@ -363,13 +368,14 @@ type Offer struct {
 	Running            int
 	Domains            []string          // network domains of running VMs
 	Images             map[string]uint64 // bytes held of each image
+	Draining           bool              // leaving: no new VMs (drain.go)
 }
 
 // Offer reports the plant's load and what its caches hold.
 func (p *Plant) Offer() Offer {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	o := Offer{Name: p.cfg.Name, MemoryMiB: p.cfg.MemoryMiB, Running: len(p.vms), Images: map[string]uint64{}}
+	o := Offer{Name: p.cfg.Name, MemoryMiB: p.cfg.MemoryMiB, Running: len(p.vms), Images: map[string]uint64{}, Draining: p.draining}
 	var used uint64
 	seen := map[string]bool{}
 	for _, v := range p.vms {

@@ -11,23 +11,28 @@ import (
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
 )
 
-// Scaling down while VMs run: the plant compose stops leaves the registry
-// at once, so its VM is LOST (never RUNNING) and the others' stay RUNNING;
-// with one shop left, it still answers for every VM; a plant added later
-// takes VMs.
+// Scaling down while VMs run: the plant compose stops drains first — the
+// shops live-migrate its VMs to the plants that stay (docker-compose waits,
+// within the plants' stop_grace_period) — so every VM ends RUNNING, none on
+// the removed plant, and its VMs say they migrated from it; with one shop
+// left, it still answers for every VM; a plant added later takes VMs.
 func TestScaleDownWhileVMsRun(t *testing.T) {
 	settle(t)
 	ctx := context.Background()
 	c := g.shop(t, 1) // compose removes the highest-numbered shop: 1 stays
+	// A VM on every plant (the auction spreads them; a few more if it did
+	// not), so the plant removed has one to drain.
+	before := g.containers(t, "plant")
 	var ads []*computev1.ClassAd
-	for range 3 {
+	on := map[string]bool{}
+	for len(ads) < 3 || len(on) < len(before) && len(ads) < 6 {
 		ad, err := create(ctx, c, requestID("scale"))
 		if err != nil {
 			t.Fatal(err)
 		}
 		ads = append(ads, ad)
+		on[ad.GetPlant()] = true
 	}
-	before := g.containers(t, "plant")
 	if _, err := g.compose("up", "-d", "--no-recreate", "--scale", "plant=2", "--scale", "shop=1"); err != nil {
 		t.Fatal(err)
 	}
@@ -41,19 +46,28 @@ func TestScaleDownWhileVMsRun(t *testing.T) {
 	if gone == "" || len(after) != 2 {
 		t.Fatalf("plants before %v, after %v", before, after)
 	}
-	took := eventually(t, 15*time.Second, "the removed plant's VMs LOST, the others RUNNING", func() bool {
+	moved := 0
+	took := eventually(t, 15*time.Second, "every VM RUNNING off the removed plant, its own migrated from it", func() bool {
+		moved = 0
 		for _, ad := range ads {
-			want := running
-			if ad.GetPlant() == gone {
-				want = lost
-			}
-			if state(ctx, c, ad.GetVmId()) != want {
+			got, err := c.GetVM(ctx, &shopv1.GetVMRequest{VmId: ad.GetVmId()})
+			if err != nil || got.GetState() != running || got.GetPlant() == gone {
 				return false
+			}
+			if ad.GetPlant() == gone {
+				if got.GetMigratedFrom() != gone {
+					return false
+				}
+				moved++
 			}
 		}
 		return true
 	})
-	t.Logf("scaled to 2 plants and 1 shop: %s's VMs LOST after %s, the others RUNNING", gone, took.Round(time.Millisecond))
+	if moved == 0 {
+		t.Fatalf("no VM was on the removed plant %s (VMs on %v): nothing drained", gone, on)
+	}
+	t.Logf("scaled to 2 plants and 1 shop: %d VMs of %s migrated off it as it drained, every VM RUNNING %s after compose returned",
+		moved, gone, took.Round(time.Millisecond))
 	l, err := c.ListVMs(ctx, &shopv1.ListVMsRequest{})
 	if err != nil || len(l.GetVms()) != len(ads) {
 		t.Fatalf("the shop left lists %d VMs (%v), want %d", len(l.GetVms()), err, len(ads))

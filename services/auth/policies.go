@@ -14,9 +14,11 @@ var (
 	infra   = []Role{RoleService, RoleOperator}
 )
 
-// ShopPolicy: the shop serves owners (and operators).
+// ShopPolicy: the shop serves owners (and operators); draining a plant is
+// for operators only.
 func ShopPolicy() Policy {
-	return Policy{}.Allow(shopv1.ShopService_ServiceDesc, RoleOwner, RoleOperator)
+	return Policy{}.Allow(shopv1.ShopService_ServiceDesc, RoleOwner, RoleOperator).
+		Set(shopv1.ShopService_ServiceDesc, "DrainPlant", RoleOperator) // the grid's, not an owner's
 }
 
 // ImagePolicy: anyone known reads the catalog and images (owners only the

@@ -38,6 +38,9 @@ type PlantInfo struct {
 	// segments it has (vnet): the other plants of a domain flood there.
 	Underlay string   `json:"underlay,omitempty"`
 	VNIs     []uint32 `json:"vnis,omitempty"`
+	// Draining is a plant that is leaving: it takes no new VMs, and the
+	// shops move its running ones to other plants (shop/drain.go).
+	Draining bool `json:"draining,omitempty"`
 }
 
 // Auction is a request for bids.
@@ -91,6 +94,8 @@ func DefaultWeights() Weights { return Weights{Compute: 4, Network: 50, CachePer
 // Cost is a plant's bid for an auction, or the reason it cannot host it.
 func Cost(w Weights, p PlantInfo, a Auction) (float64, string) {
 	switch {
+	case p.Draining:
+		return 0, fmt.Sprintf("plant %s is draining (leaving the grid)", p.Name)
 	case a.Arch != "" && p.Arch != "" && a.Arch != p.Arch:
 		return 0, fmt.Sprintf("plant %s runs %s guests, not %s", p.Name, p.Arch, a.Arch)
 	case a.MemoryMiB > p.MemoryFreeMiB:

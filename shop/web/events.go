@@ -136,6 +136,7 @@ type plantJSON struct {
 	Images        map[string]uint64 `json:"images"`
 	Offer         float64           `json:"offer"`
 	Won           int               `json:"won"`
+	Draining      bool              `json:"draining,omitempty"`
 }
 
 func (s *Server) plants() []plantJSON {
@@ -143,7 +144,7 @@ func (s *Server) plants() []plantJSON {
 	out := []plantJSON{}
 	for _, p := range s.cfg.Source.Plants() {
 		out = append(out, plantJSON{Name: p.Name, Addr: p.Addr, Arch: p.Arch, MemoryMiB: p.MemoryMiB, MemoryFreeMiB: p.MemoryFreeMiB,
-			Running: p.Running, Domains: p.Domains, Images: p.Images, Offer: p.Offer, Won: won[p.Name]})
+			Running: p.Running, Domains: p.Domains, Images: p.Images, Offer: p.Offer, Won: won[p.Name], Draining: p.Draining})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out

@@ -113,7 +113,7 @@ and ls prints -o table (default), wide, json or yaml.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}, upCmd(g), etcdCmd(g), certsCmd(g), shopCmd(g), vmCmd(g), taskCmd(g), imageserverCmd(g), computeserverCmd(g), cacheproxyCmd(g),
-		imageCmd(g), cacheCmd(g), benchCmd(g), dataserverCmd(g), dataCmd(g), contextCmd(g),
+		imageCmd(g), cacheCmd(g), benchCmd(g), dataserverCmd(g), dataCmd(g), contextCmd(g), plantCmd(g),
 		healthCmd(g))
 	root.Long += "\n\n" + verbList(root)
 	g.addFlags(root.PersistentFlags())

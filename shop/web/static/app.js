@@ -192,7 +192,7 @@ function renderPlants() {
     const rate = hits + misses ? ((100 * hits) / (hits + misses)).toFixed(1) + "%" : "—";
     const images = Object.entries(p.images || {}).map(([n, b]) => `<span class="chip">${esc(n)} · ${bytes(b)}</span>`).join("") || `<span class="muted">no image cached</span>`;
     return `<div class="plant" data-plant="${esc(p.name)}">
-      <div class="plant-head"><span class="plant-name"><i class="dot" style="background:${plantColor(p.name)}"></i>${esc(p.name)}</span><span class="muted mono">${esc(p.addr)}</span></div>
+      <div class="plant-head"><span class="plant-name"><i class="dot" style="background:${plantColor(p.name)}"></i>${esc(p.name)}${p.draining ? ` <span class="chip">draining</span>` : ""}</span><span class="muted mono">${esc(p.addr)}</span></div>
       <div><div class="muted">memory ${bytes(used * 1048576)} of ${bytes(p.memoryMib * 1048576)} in use · ${bytes(p.memoryFreeMib * 1048576)} free</div>
         <div class="bar"><span style="width:${pct.toFixed(1)}%"></span></div></div>
       <div class="kv">

@@ -2857,6 +2857,87 @@ func (x *TunnelData) GetData() []byte {
 	return nil
 }
 
+type DrainPlantRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainPlantRequest) Reset() {
+	*x = DrainPlantRequest{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainPlantRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainPlantRequest) ProtoMessage() {}
+
+func (x *DrainPlantRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainPlantRequest.ProtoReflect.Descriptor instead.
+func (*DrainPlantRequest) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{35}
+}
+
+type DrainPlantResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The VMs on the plant when it started draining.
+	Vms           uint32 `protobuf:"varint,1,opt,name=vms,proto3" json:"vms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainPlantResponse) Reset() {
+	*x = DrainPlantResponse{}
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainPlantResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainPlantResponse) ProtoMessage() {}
+
+func (x *DrainPlantResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_compute_v1_plant_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainPlantResponse.ProtoReflect.Descriptor instead.
+func (*DrainPlantResponse) Descriptor() ([]byte, []int) {
+	return file_vmgrid_compute_v1_plant_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *DrainPlantResponse) GetVms() uint32 {
+	if x != nil {
+		return x.Vms
+	}
+	return 0
+}
+
 var File_vmgrid_compute_v1_plant_proto protoreflect.FileDescriptor
 
 const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
@@ -3085,7 +3166,10 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x16\n" +
 	"\x06ticket\x18\x02 \x01(\tR\x06ticket\x12\x18\n" +
 	"\achannel\x18\x03 \x01(\tR\achannel\x12\x12\n" +
-	"\x04data\x18\x04 \x01(\fR\x04data*\xf2\x01\n" +
+	"\x04data\x18\x04 \x01(\fR\x04data\"\x13\n" +
+	"\x11DrainPlantRequest\"&\n" +
+	"\x12DrainPlantResponse\x12\x10\n" +
+	"\x03vms\x18\x01 \x01(\rR\x03vms*\xf2\x01\n" +
 	"\aVMState\x12\x18\n" +
 	"\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11VM_STATE_FETCHING\x10\x01\x12\x16\n" +
@@ -3101,7 +3185,7 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\x18MIGRATE_STEP_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14MIGRATE_STEP_PREPARE\x10\x01\x12\x15\n" +
 	"\x11MIGRATE_STEP_PLUG\x10\x02\x12\x14\n" +
-	"\x10MIGRATE_STEP_RUN\x10\x032\x98\n" +
+	"\x10MIGRATE_STEP_RUN\x10\x032\xf3\n" +
 	"\n" +
 	"\fPlantService\x12U\n" +
 	"\bCreateVM\x12\".vmgrid.compute.v1.CreateVMRequest\x1a#.vmgrid.compute.v1.CreateVMProgress0\x01\x12D\n" +
@@ -3119,7 +3203,9 @@ const file_vmgrid_compute_v1_plant_proto_rawDesc = "" +
 	"\tPublishVM\x12#.vmgrid.compute.v1.PublishVMRequest\x1a$.vmgrid.compute.v1.PublishVMResponse\x12X\n" +
 	"\tMigrateVM\x12#.vmgrid.compute.v1.MigrateVMRequest\x1a$.vmgrid.compute.v1.MigrateVMProgress0\x01\x12Z\n" +
 	"\tMigrateIn\x12#.vmgrid.compute.v1.MigrateInRequest\x1a$.vmgrid.compute.v1.MigrateInResponse(\x010\x01\x12S\n" +
-	"\x0fMigrationTunnel\x12\x1d.vmgrid.compute.v1.TunnelData\x1a\x1d.vmgrid.compute.v1.TunnelData(\x010\x01B<Z:github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1;computev1b\x06proto3"
+	"\x0fMigrationTunnel\x12\x1d.vmgrid.compute.v1.TunnelData\x1a\x1d.vmgrid.compute.v1.TunnelData(\x010\x01\x12Y\n" +
+	"\n" +
+	"DrainPlant\x12$.vmgrid.compute.v1.DrainPlantRequest\x1a%.vmgrid.compute.v1.DrainPlantResponseB<Z:github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1;computev1b\x06proto3"
 
 var (
 	file_vmgrid_compute_v1_plant_proto_rawDescOnce sync.Once
@@ -3134,7 +3220,7 @@ func file_vmgrid_compute_v1_plant_proto_rawDescGZIP() []byte {
 }
 
 var file_vmgrid_compute_v1_plant_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_vmgrid_compute_v1_plant_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
+var file_vmgrid_compute_v1_plant_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_vmgrid_compute_v1_plant_proto_goTypes = []any{
 	(VMState)(0),                // 0: vmgrid.compute.v1.VMState
 	(MigrateStep)(0),            // 1: vmgrid.compute.v1.MigrateStep
@@ -3173,17 +3259,19 @@ var file_vmgrid_compute_v1_plant_proto_goTypes = []any{
 	(*MigrateInRequest)(nil),    // 34: vmgrid.compute.v1.MigrateInRequest
 	(*MigrateInResponse)(nil),   // 35: vmgrid.compute.v1.MigrateInResponse
 	(*TunnelData)(nil),          // 36: vmgrid.compute.v1.TunnelData
-	nil,                         // 37: vmgrid.compute.v1.ActionResult.ResultsEntry
-	nil,                         // 38: vmgrid.compute.v1.ClassAd.LabelsEntry
-	nil,                         // 39: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
-	nil,                         // 40: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
-	nil,                         // 41: vmgrid.compute.v1.PublishVMRequest.LabelsEntry
-	(*ExecStreamRequest)(nil),   // 42: vmgrid.compute.v1.ExecStreamRequest
-	(*ConsoleRequest)(nil),      // 43: vmgrid.compute.v1.ConsoleRequest
-	(*PortForwardRequest)(nil),  // 44: vmgrid.compute.v1.PortForwardRequest
-	(*ExecStreamResponse)(nil),  // 45: vmgrid.compute.v1.ExecStreamResponse
-	(*ConsoleResponse)(nil),     // 46: vmgrid.compute.v1.ConsoleResponse
-	(*PortForwardResponse)(nil), // 47: vmgrid.compute.v1.PortForwardResponse
+	(*DrainPlantRequest)(nil),   // 37: vmgrid.compute.v1.DrainPlantRequest
+	(*DrainPlantResponse)(nil),  // 38: vmgrid.compute.v1.DrainPlantResponse
+	nil,                         // 39: vmgrid.compute.v1.ActionResult.ResultsEntry
+	nil,                         // 40: vmgrid.compute.v1.ClassAd.LabelsEntry
+	nil,                         // 41: vmgrid.compute.v1.CreateVMRequest.LabelsEntry
+	nil,                         // 42: vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	nil,                         // 43: vmgrid.compute.v1.PublishVMRequest.LabelsEntry
+	(*ExecStreamRequest)(nil),   // 44: vmgrid.compute.v1.ExecStreamRequest
+	(*ConsoleRequest)(nil),      // 45: vmgrid.compute.v1.ConsoleRequest
+	(*PortForwardRequest)(nil),  // 46: vmgrid.compute.v1.PortForwardRequest
+	(*ExecStreamResponse)(nil),  // 47: vmgrid.compute.v1.ExecStreamResponse
+	(*ConsoleResponse)(nil),     // 48: vmgrid.compute.v1.ConsoleResponse
+	(*PortForwardResponse)(nil), // 49: vmgrid.compute.v1.PortForwardResponse
 }
 var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	3,  // 0: vmgrid.compute.v1.Action.exec:type_name -> vmgrid.compute.v1.ExecAction
@@ -3195,16 +3283,16 @@ var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	9,  // 6: vmgrid.compute.v1.Action.stage_in:type_name -> vmgrid.compute.v1.StageInAction
 	10, // 7: vmgrid.compute.v1.Action.on_error:type_name -> vmgrid.compute.v1.Action
 	10, // 8: vmgrid.compute.v1.ConfigDAG.actions:type_name -> vmgrid.compute.v1.Action
-	37, // 9: vmgrid.compute.v1.ActionResult.results:type_name -> vmgrid.compute.v1.ActionResult.ResultsEntry
+	39, // 9: vmgrid.compute.v1.ActionResult.results:type_name -> vmgrid.compute.v1.ActionResult.ResultsEntry
 	0,  // 10: vmgrid.compute.v1.ClassAd.state:type_name -> vmgrid.compute.v1.VMState
 	2,  // 11: vmgrid.compute.v1.ClassAd.hardware:type_name -> vmgrid.compute.v1.Hardware
 	12, // 12: vmgrid.compute.v1.ClassAd.actions:type_name -> vmgrid.compute.v1.ActionResult
-	38, // 13: vmgrid.compute.v1.ClassAd.labels:type_name -> vmgrid.compute.v1.ClassAd.LabelsEntry
+	40, // 13: vmgrid.compute.v1.ClassAd.labels:type_name -> vmgrid.compute.v1.ClassAd.LabelsEntry
 	15, // 14: vmgrid.compute.v1.ClassAd.network:type_name -> vmgrid.compute.v1.NetworkAttachment
 	32, // 15: vmgrid.compute.v1.ClassAd.last_migration:type_name -> vmgrid.compute.v1.MigrationStats
 	2,  // 16: vmgrid.compute.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
 	11, // 17: vmgrid.compute.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
-	39, // 18: vmgrid.compute.v1.CreateVMRequest.labels:type_name -> vmgrid.compute.v1.CreateVMRequest.LabelsEntry
+	41, // 18: vmgrid.compute.v1.CreateVMRequest.labels:type_name -> vmgrid.compute.v1.CreateVMRequest.LabelsEntry
 	15, // 19: vmgrid.compute.v1.CreateVMRequest.network:type_name -> vmgrid.compute.v1.NetworkAttachment
 	0,  // 20: vmgrid.compute.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
 	13, // 21: vmgrid.compute.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
@@ -3212,8 +3300,8 @@ var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	13, // 23: vmgrid.compute.v1.ResumeVMRequest.classad:type_name -> vmgrid.compute.v1.ClassAd
 	11, // 24: vmgrid.compute.v1.ResumeVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
 	3,  // 25: vmgrid.compute.v1.ExecVMRequest.exec:type_name -> vmgrid.compute.v1.ExecAction
-	40, // 26: vmgrid.compute.v1.ExecVMResponse.results:type_name -> vmgrid.compute.v1.ExecVMResponse.ResultsEntry
-	41, // 27: vmgrid.compute.v1.PublishVMRequest.labels:type_name -> vmgrid.compute.v1.PublishVMRequest.LabelsEntry
+	42, // 26: vmgrid.compute.v1.ExecVMResponse.results:type_name -> vmgrid.compute.v1.ExecVMResponse.ResultsEntry
+	43, // 27: vmgrid.compute.v1.PublishVMRequest.labels:type_name -> vmgrid.compute.v1.PublishVMRequest.LabelsEntry
 	30, // 28: vmgrid.compute.v1.MigrateVMRequest.destination:type_name -> vmgrid.compute.v1.MigrationPeer
 	15, // 29: vmgrid.compute.v1.MigrateVMRequest.network:type_name -> vmgrid.compute.v1.NetworkAttachment
 	32, // 30: vmgrid.compute.v1.MigrateVMProgress.stats:type_name -> vmgrid.compute.v1.MigrationStats
@@ -3230,30 +3318,32 @@ var file_vmgrid_compute_v1_plant_proto_depIdxs = []int32{
 	23, // 41: vmgrid.compute.v1.PlantService.ResumeVM:input_type -> vmgrid.compute.v1.ResumeVMRequest
 	24, // 42: vmgrid.compute.v1.PlantService.ExecVM:input_type -> vmgrid.compute.v1.ExecVMRequest
 	26, // 43: vmgrid.compute.v1.PlantService.StageOut:input_type -> vmgrid.compute.v1.StageOutRequest
-	42, // 44: vmgrid.compute.v1.PlantService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
-	43, // 45: vmgrid.compute.v1.PlantService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
-	44, // 46: vmgrid.compute.v1.PlantService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
+	44, // 44: vmgrid.compute.v1.PlantService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
+	45, // 45: vmgrid.compute.v1.PlantService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
+	46, // 46: vmgrid.compute.v1.PlantService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
 	28, // 47: vmgrid.compute.v1.PlantService.PublishVM:input_type -> vmgrid.compute.v1.PublishVMRequest
 	31, // 48: vmgrid.compute.v1.PlantService.MigrateVM:input_type -> vmgrid.compute.v1.MigrateVMRequest
 	34, // 49: vmgrid.compute.v1.PlantService.MigrateIn:input_type -> vmgrid.compute.v1.MigrateInRequest
 	36, // 50: vmgrid.compute.v1.PlantService.MigrationTunnel:input_type -> vmgrid.compute.v1.TunnelData
-	16, // 51: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	13, // 52: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	19, // 53: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
-	21, // 54: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
-	13, // 55: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
-	16, // 56: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
-	25, // 57: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
-	27, // 58: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
-	45, // 59: vmgrid.compute.v1.PlantService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
-	46, // 60: vmgrid.compute.v1.PlantService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
-	47, // 61: vmgrid.compute.v1.PlantService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
-	29, // 62: vmgrid.compute.v1.PlantService.PublishVM:output_type -> vmgrid.compute.v1.PublishVMResponse
-	33, // 63: vmgrid.compute.v1.PlantService.MigrateVM:output_type -> vmgrid.compute.v1.MigrateVMProgress
-	35, // 64: vmgrid.compute.v1.PlantService.MigrateIn:output_type -> vmgrid.compute.v1.MigrateInResponse
-	36, // 65: vmgrid.compute.v1.PlantService.MigrationTunnel:output_type -> vmgrid.compute.v1.TunnelData
-	51, // [51:66] is the sub-list for method output_type
-	36, // [36:51] is the sub-list for method input_type
+	37, // 51: vmgrid.compute.v1.PlantService.DrainPlant:input_type -> vmgrid.compute.v1.DrainPlantRequest
+	16, // 52: vmgrid.compute.v1.PlantService.CreateVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	13, // 53: vmgrid.compute.v1.PlantService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	19, // 54: vmgrid.compute.v1.PlantService.ListVMs:output_type -> vmgrid.compute.v1.ListVMsResponse
+	21, // 55: vmgrid.compute.v1.PlantService.DestroyVM:output_type -> vmgrid.compute.v1.DestroyVMResponse
+	13, // 56: vmgrid.compute.v1.PlantService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
+	16, // 57: vmgrid.compute.v1.PlantService.ResumeVM:output_type -> vmgrid.compute.v1.CreateVMProgress
+	25, // 58: vmgrid.compute.v1.PlantService.ExecVM:output_type -> vmgrid.compute.v1.ExecVMResponse
+	27, // 59: vmgrid.compute.v1.PlantService.StageOut:output_type -> vmgrid.compute.v1.StageOutResponse
+	47, // 60: vmgrid.compute.v1.PlantService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
+	48, // 61: vmgrid.compute.v1.PlantService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
+	49, // 62: vmgrid.compute.v1.PlantService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
+	29, // 63: vmgrid.compute.v1.PlantService.PublishVM:output_type -> vmgrid.compute.v1.PublishVMResponse
+	33, // 64: vmgrid.compute.v1.PlantService.MigrateVM:output_type -> vmgrid.compute.v1.MigrateVMProgress
+	35, // 65: vmgrid.compute.v1.PlantService.MigrateIn:output_type -> vmgrid.compute.v1.MigrateInResponse
+	36, // 66: vmgrid.compute.v1.PlantService.MigrationTunnel:output_type -> vmgrid.compute.v1.TunnelData
+	38, // 67: vmgrid.compute.v1.PlantService.DrainPlant:output_type -> vmgrid.compute.v1.DrainPlantResponse
+	52, // [52:68] is the sub-list for method output_type
+	36, // [36:52] is the sub-list for method input_type
 	36, // [36:36] is the sub-list for extension type_name
 	36, // [36:36] is the sub-list for extension extendee
 	0,  // [0:36] is the sub-list for field type_name
@@ -3280,7 +3370,7 @@ func file_vmgrid_compute_v1_plant_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmgrid_compute_v1_plant_proto_rawDesc), len(file_vmgrid_compute_v1_plant_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   40,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -37,6 +37,7 @@ const (
 	PlantService_MigrateVM_FullMethodName       = "/vmgrid.compute.v1.PlantService/MigrateVM"
 	PlantService_MigrateIn_FullMethodName       = "/vmgrid.compute.v1.PlantService/MigrateIn"
 	PlantService_MigrationTunnel_FullMethodName = "/vmgrid.compute.v1.PlantService/MigrationTunnel"
+	PlantService_DrainPlant_FullMethodName      = "/vmgrid.compute.v1.PlantService/DrainPlant"
 )
 
 // PlantServiceClient is the client API for PlantService service.
@@ -100,6 +101,10 @@ type PlantServiceClient interface {
 	MigrateVM(ctx context.Context, in *MigrateVMRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[MigrateVMProgress], error)
 	MigrateIn(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[MigrateInRequest, MigrateInResponse], error)
 	MigrationTunnel(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[TunnelData, TunnelData], error)
+	// DrainPlant marks the plant draining: it refuses new VMs (creation,
+	// resume, incoming migrations) and posts so in its registration, and the
+	// shops move its VMs away (a plant asked to stop does this itself).
+	DrainPlant(ctx context.Context, in *DrainPlantRequest, opts ...grpc.CallOption) (*DrainPlantResponse, error)
 }
 
 type plantServiceClient struct {
@@ -302,6 +307,16 @@ func (c *plantServiceClient) MigrationTunnel(ctx context.Context, opts ...grpc.C
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type PlantService_MigrationTunnelClient = grpc.BidiStreamingClient[TunnelData, TunnelData]
 
+func (c *plantServiceClient) DrainPlant(ctx context.Context, in *DrainPlantRequest, opts ...grpc.CallOption) (*DrainPlantResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DrainPlantResponse)
+	err := c.cc.Invoke(ctx, PlantService_DrainPlant_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PlantServiceServer is the server API for PlantService service.
 // All implementations must embed UnimplementedPlantServiceServer
 // for forward compatibility.
@@ -363,6 +378,10 @@ type PlantServiceServer interface {
 	MigrateVM(*MigrateVMRequest, grpc.ServerStreamingServer[MigrateVMProgress]) error
 	MigrateIn(grpc.BidiStreamingServer[MigrateInRequest, MigrateInResponse]) error
 	MigrationTunnel(grpc.BidiStreamingServer[TunnelData, TunnelData]) error
+	// DrainPlant marks the plant draining: it refuses new VMs (creation,
+	// resume, incoming migrations) and posts so in its registration, and the
+	// shops move its VMs away (a plant asked to stop does this itself).
+	DrainPlant(context.Context, *DrainPlantRequest) (*DrainPlantResponse, error)
 	mustEmbedUnimplementedPlantServiceServer()
 }
 
@@ -417,6 +436,9 @@ func (UnimplementedPlantServiceServer) MigrateIn(grpc.BidiStreamingServer[Migrat
 }
 func (UnimplementedPlantServiceServer) MigrationTunnel(grpc.BidiStreamingServer[TunnelData, TunnelData]) error {
 	return status.Error(codes.Unimplemented, "method MigrationTunnel not implemented")
+}
+func (UnimplementedPlantServiceServer) DrainPlant(context.Context, *DrainPlantRequest) (*DrainPlantResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DrainPlant not implemented")
 }
 func (UnimplementedPlantServiceServer) mustEmbedUnimplementedPlantServiceServer() {}
 func (UnimplementedPlantServiceServer) testEmbeddedByValue()                      {}
@@ -633,6 +655,24 @@ func _PlantService_MigrationTunnel_Handler(srv interface{}, stream grpc.ServerSt
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type PlantService_MigrationTunnelServer = grpc.BidiStreamingServer[TunnelData, TunnelData]
 
+func _PlantService_DrainPlant_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DrainPlantRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PlantServiceServer).DrainPlant(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PlantService_DrainPlant_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PlantServiceServer).DrainPlant(ctx, req.(*DrainPlantRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PlantService_ServiceDesc is the grpc.ServiceDesc for PlantService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -667,6 +707,10 @@ var PlantService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "PublishVM",
 			Handler:    _PlantService_PublishVM_Handler,
+		},
+		{
+			MethodName: "DrainPlant",
+			Handler:    _PlantService_DrainPlant_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -1326,6 +1326,96 @@ func (x *MigrateVMProgress) GetClassad() *v1.ClassAd {
 	return nil
 }
 
+type DrainPlantRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required: the plant's name (ClassAd.plant).
+	Plant         string `protobuf:"bytes,1,opt,name=plant,proto3" json:"plant,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainPlantRequest) Reset() {
+	*x = DrainPlantRequest{}
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainPlantRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainPlantRequest) ProtoMessage() {}
+
+func (x *DrainPlantRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainPlantRequest.ProtoReflect.Descriptor instead.
+func (*DrainPlantRequest) Descriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *DrainPlantRequest) GetPlant() string {
+	if x != nil {
+		return x.Plant
+	}
+	return ""
+}
+
+type DrainPlantResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The VMs on the plant when it started draining: the shops move them.
+	Vms           uint32 `protobuf:"varint,1,opt,name=vms,proto3" json:"vms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainPlantResponse) Reset() {
+	*x = DrainPlantResponse{}
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainPlantResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainPlantResponse) ProtoMessage() {}
+
+func (x *DrainPlantResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_vmgrid_shop_v1_shop_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainPlantResponse.ProtoReflect.Descriptor instead.
+func (*DrainPlantResponse) Descriptor() ([]byte, []int) {
+	return file_vmgrid_shop_v1_shop_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *DrainPlantResponse) GetVms() uint32 {
+	if x != nil {
+		return x.Vms
+	}
+	return 0
+}
+
 var File_vmgrid_shop_v1_shop_proto protoreflect.FileDescriptor
 
 const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
@@ -1428,7 +1518,11 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12#\n" +
 	"\relapsed_nanos\x18\x03 \x01(\x03R\felapsedNanos\x127\n" +
 	"\x05stats\x18\x04 \x01(\v2!.vmgrid.compute.v1.MigrationStatsR\x05stats\x124\n" +
-	"\aclassad\x18\x05 \x01(\v2\x1a.vmgrid.compute.v1.ClassAdR\aclassad*\xd7\x01\n" +
+	"\aclassad\x18\x05 \x01(\v2\x1a.vmgrid.compute.v1.ClassAdR\aclassad\")\n" +
+	"\x11DrainPlantRequest\x12\x14\n" +
+	"\x05plant\x18\x01 \x01(\tR\x05plant\"&\n" +
+	"\x12DrainPlantResponse\x12\x10\n" +
+	"\x03vms\x18\x01 \x01(\rR\x03vms*\xd7\x01\n" +
 	"\tTaskState\x12\x1a\n" +
 	"\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11TASK_STATE_QUEUED\x10\x01\x12\x19\n" +
@@ -1437,7 +1531,8 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\x16TASK_STATE_STAGING_OUT\x10\x04\x12\x18\n" +
 	"\x14TASK_STATE_SUCCEEDED\x10\x05\x12\x15\n" +
 	"\x11TASK_STATE_FAILED\x10\x06\x12\x17\n" +
-	"\x13TASK_STATE_CANCELED\x10\a2\xf2\t\n" +
+	"\x13TASK_STATE_CANCELED\x10\a2\xc7\n" +
+	"\n" +
 	"\vShopService\x12O\n" +
 	"\bCreateVM\x12\x1f.vmgrid.shop.v1.CreateVMRequest\x1a .vmgrid.shop.v1.CreateVMProgress0\x01\x12A\n" +
 	"\x05GetVM\x12\x1c.vmgrid.shop.v1.GetVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12J\n" +
@@ -1457,7 +1552,9 @@ const file_vmgrid_shop_v1_shop_proto_rawDesc = "" +
 	"\tSuspendVM\x12 .vmgrid.shop.v1.SuspendVMRequest\x1a\x1a.vmgrid.compute.v1.ClassAd\x12O\n" +
 	"\bResumeVM\x12\x1f.vmgrid.shop.v1.ResumeVMRequest\x1a .vmgrid.shop.v1.CreateVMProgress0\x01\x12P\n" +
 	"\tPublishVM\x12 .vmgrid.shop.v1.PublishVMRequest\x1a!.vmgrid.shop.v1.PublishVMResponse\x12R\n" +
-	"\tMigrateVM\x12 .vmgrid.shop.v1.MigrateVMRequest\x1a!.vmgrid.shop.v1.MigrateVMProgress0\x01B6Z4github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1;shopv1b\x06proto3"
+	"\tMigrateVM\x12 .vmgrid.shop.v1.MigrateVMRequest\x1a!.vmgrid.shop.v1.MigrateVMProgress0\x01\x12S\n" +
+	"\n" +
+	"DrainPlant\x12!.vmgrid.shop.v1.DrainPlantRequest\x1a\".vmgrid.shop.v1.DrainPlantResponseB6Z4github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1;shopv1b\x06proto3"
 
 var (
 	file_vmgrid_shop_v1_shop_proto_rawDescOnce sync.Once
@@ -1472,7 +1569,7 @@ func file_vmgrid_shop_v1_shop_proto_rawDescGZIP() []byte {
 }
 
 var file_vmgrid_shop_v1_shop_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_vmgrid_shop_v1_shop_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_vmgrid_shop_v1_shop_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_vmgrid_shop_v1_shop_proto_goTypes = []any{
 	(TaskState)(0),                 // 0: vmgrid.shop.v1.TaskState
 	(*SubmitTaskRequest)(nil),      // 1: vmgrid.shop.v1.SubmitTaskRequest
@@ -1493,45 +1590,47 @@ var file_vmgrid_shop_v1_shop_proto_goTypes = []any{
 	(*PublishVMResponse)(nil),      // 16: vmgrid.shop.v1.PublishVMResponse
 	(*MigrateVMRequest)(nil),       // 17: vmgrid.shop.v1.MigrateVMRequest
 	(*MigrateVMProgress)(nil),      // 18: vmgrid.shop.v1.MigrateVMProgress
-	nil,                            // 19: vmgrid.shop.v1.CreateVMRequest.LabelsEntry
-	nil,                            // 20: vmgrid.shop.v1.PublishVMRequest.LabelsEntry
-	(*v1.Hardware)(nil),            // 21: vmgrid.compute.v1.Hardware
-	(*v1.ConfigDAG)(nil),           // 22: vmgrid.compute.v1.ConfigDAG
-	(v1.VMState)(0),                // 23: vmgrid.compute.v1.VMState
-	(*v1.ClassAd)(nil),             // 24: vmgrid.compute.v1.ClassAd
-	(*v11.Manifest)(nil),           // 25: vmgrid.image.v1.Manifest
-	(*v1.MigrationStats)(nil),      // 26: vmgrid.compute.v1.MigrationStats
-	(*v1.ExecStreamRequest)(nil),   // 27: vmgrid.compute.v1.ExecStreamRequest
-	(*v1.ConsoleRequest)(nil),      // 28: vmgrid.compute.v1.ConsoleRequest
-	(*v1.PortForwardRequest)(nil),  // 29: vmgrid.compute.v1.PortForwardRequest
-	(*v1.ExecStreamResponse)(nil),  // 30: vmgrid.compute.v1.ExecStreamResponse
-	(*v1.ConsoleResponse)(nil),     // 31: vmgrid.compute.v1.ConsoleResponse
-	(*v1.PortForwardResponse)(nil), // 32: vmgrid.compute.v1.PortForwardResponse
+	(*DrainPlantRequest)(nil),      // 19: vmgrid.shop.v1.DrainPlantRequest
+	(*DrainPlantResponse)(nil),     // 20: vmgrid.shop.v1.DrainPlantResponse
+	nil,                            // 21: vmgrid.shop.v1.CreateVMRequest.LabelsEntry
+	nil,                            // 22: vmgrid.shop.v1.PublishVMRequest.LabelsEntry
+	(*v1.Hardware)(nil),            // 23: vmgrid.compute.v1.Hardware
+	(*v1.ConfigDAG)(nil),           // 24: vmgrid.compute.v1.ConfigDAG
+	(v1.VMState)(0),                // 25: vmgrid.compute.v1.VMState
+	(*v1.ClassAd)(nil),             // 26: vmgrid.compute.v1.ClassAd
+	(*v11.Manifest)(nil),           // 27: vmgrid.image.v1.Manifest
+	(*v1.MigrationStats)(nil),      // 28: vmgrid.compute.v1.MigrationStats
+	(*v1.ExecStreamRequest)(nil),   // 29: vmgrid.compute.v1.ExecStreamRequest
+	(*v1.ConsoleRequest)(nil),      // 30: vmgrid.compute.v1.ConsoleRequest
+	(*v1.PortForwardRequest)(nil),  // 31: vmgrid.compute.v1.PortForwardRequest
+	(*v1.ExecStreamResponse)(nil),  // 32: vmgrid.compute.v1.ExecStreamResponse
+	(*v1.ConsoleResponse)(nil),     // 33: vmgrid.compute.v1.ConsoleResponse
+	(*v1.PortForwardResponse)(nil), // 34: vmgrid.compute.v1.PortForwardResponse
 }
 var file_vmgrid_shop_v1_shop_proto_depIdxs = []int32{
-	21, // 0: vmgrid.shop.v1.SubmitTaskRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
+	23, // 0: vmgrid.shop.v1.SubmitTaskRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
 	0,  // 1: vmgrid.shop.v1.Task.state:type_name -> vmgrid.shop.v1.TaskState
 	1,  // 2: vmgrid.shop.v1.Task.spec:type_name -> vmgrid.shop.v1.SubmitTaskRequest
-	21, // 3: vmgrid.shop.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
-	22, // 4: vmgrid.shop.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
-	19, // 5: vmgrid.shop.v1.CreateVMRequest.labels:type_name -> vmgrid.shop.v1.CreateVMRequest.LabelsEntry
-	23, // 6: vmgrid.shop.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
+	23, // 3: vmgrid.shop.v1.CreateVMRequest.hardware:type_name -> vmgrid.compute.v1.Hardware
+	24, // 4: vmgrid.shop.v1.CreateVMRequest.config:type_name -> vmgrid.compute.v1.ConfigDAG
+	21, // 5: vmgrid.shop.v1.CreateVMRequest.labels:type_name -> vmgrid.shop.v1.CreateVMRequest.LabelsEntry
+	25, // 6: vmgrid.shop.v1.CreateVMProgress.state:type_name -> vmgrid.compute.v1.VMState
 	5,  // 7: vmgrid.shop.v1.CreateVMProgress.bids:type_name -> vmgrid.shop.v1.Bid
-	24, // 8: vmgrid.shop.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
-	24, // 9: vmgrid.shop.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
-	20, // 10: vmgrid.shop.v1.PublishVMRequest.labels:type_name -> vmgrid.shop.v1.PublishVMRequest.LabelsEntry
-	25, // 11: vmgrid.shop.v1.PublishVMResponse.image:type_name -> vmgrid.image.v1.Manifest
-	24, // 12: vmgrid.shop.v1.PublishVMResponse.classad:type_name -> vmgrid.compute.v1.ClassAd
-	26, // 13: vmgrid.shop.v1.MigrateVMProgress.stats:type_name -> vmgrid.compute.v1.MigrationStats
-	24, // 14: vmgrid.shop.v1.MigrateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
+	26, // 8: vmgrid.shop.v1.CreateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
+	26, // 9: vmgrid.shop.v1.ListVMsResponse.vms:type_name -> vmgrid.compute.v1.ClassAd
+	22, // 10: vmgrid.shop.v1.PublishVMRequest.labels:type_name -> vmgrid.shop.v1.PublishVMRequest.LabelsEntry
+	27, // 11: vmgrid.shop.v1.PublishVMResponse.image:type_name -> vmgrid.image.v1.Manifest
+	26, // 12: vmgrid.shop.v1.PublishVMResponse.classad:type_name -> vmgrid.compute.v1.ClassAd
+	28, // 13: vmgrid.shop.v1.MigrateVMProgress.stats:type_name -> vmgrid.compute.v1.MigrationStats
+	26, // 14: vmgrid.shop.v1.MigrateVMProgress.classad:type_name -> vmgrid.compute.v1.ClassAd
 	4,  // 15: vmgrid.shop.v1.ShopService.CreateVM:input_type -> vmgrid.shop.v1.CreateVMRequest
 	7,  // 16: vmgrid.shop.v1.ShopService.GetVM:input_type -> vmgrid.shop.v1.GetVMRequest
 	8,  // 17: vmgrid.shop.v1.ShopService.ListVMs:input_type -> vmgrid.shop.v1.ListVMsRequest
 	10, // 18: vmgrid.shop.v1.ShopService.DestroyVM:input_type -> vmgrid.shop.v1.DestroyVMRequest
 	12, // 19: vmgrid.shop.v1.ShopService.WatchVM:input_type -> vmgrid.shop.v1.WatchVMRequest
-	27, // 20: vmgrid.shop.v1.ShopService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
-	28, // 21: vmgrid.shop.v1.ShopService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
-	29, // 22: vmgrid.shop.v1.ShopService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
+	29, // 20: vmgrid.shop.v1.ShopService.ExecStream:input_type -> vmgrid.compute.v1.ExecStreamRequest
+	30, // 21: vmgrid.shop.v1.ShopService.Console:input_type -> vmgrid.compute.v1.ConsoleRequest
+	31, // 22: vmgrid.shop.v1.ShopService.PortForward:input_type -> vmgrid.compute.v1.PortForwardRequest
 	1,  // 23: vmgrid.shop.v1.ShopService.SubmitTask:input_type -> vmgrid.shop.v1.SubmitTaskRequest
 	3,  // 24: vmgrid.shop.v1.ShopService.GetTask:input_type -> vmgrid.shop.v1.GetTaskRequest
 	3,  // 25: vmgrid.shop.v1.ShopService.WatchTask:input_type -> vmgrid.shop.v1.GetTaskRequest
@@ -1540,24 +1639,26 @@ var file_vmgrid_shop_v1_shop_proto_depIdxs = []int32{
 	14, // 28: vmgrid.shop.v1.ShopService.ResumeVM:input_type -> vmgrid.shop.v1.ResumeVMRequest
 	15, // 29: vmgrid.shop.v1.ShopService.PublishVM:input_type -> vmgrid.shop.v1.PublishVMRequest
 	17, // 30: vmgrid.shop.v1.ShopService.MigrateVM:input_type -> vmgrid.shop.v1.MigrateVMRequest
-	6,  // 31: vmgrid.shop.v1.ShopService.CreateVM:output_type -> vmgrid.shop.v1.CreateVMProgress
-	24, // 32: vmgrid.shop.v1.ShopService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
-	9,  // 33: vmgrid.shop.v1.ShopService.ListVMs:output_type -> vmgrid.shop.v1.ListVMsResponse
-	11, // 34: vmgrid.shop.v1.ShopService.DestroyVM:output_type -> vmgrid.shop.v1.DestroyVMResponse
-	24, // 35: vmgrid.shop.v1.ShopService.WatchVM:output_type -> vmgrid.compute.v1.ClassAd
-	30, // 36: vmgrid.shop.v1.ShopService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
-	31, // 37: vmgrid.shop.v1.ShopService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
-	32, // 38: vmgrid.shop.v1.ShopService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
-	2,  // 39: vmgrid.shop.v1.ShopService.SubmitTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 40: vmgrid.shop.v1.ShopService.GetTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 41: vmgrid.shop.v1.ShopService.WatchTask:output_type -> vmgrid.shop.v1.Task
-	2,  // 42: vmgrid.shop.v1.ShopService.CancelTask:output_type -> vmgrid.shop.v1.Task
-	24, // 43: vmgrid.shop.v1.ShopService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
-	6,  // 44: vmgrid.shop.v1.ShopService.ResumeVM:output_type -> vmgrid.shop.v1.CreateVMProgress
-	16, // 45: vmgrid.shop.v1.ShopService.PublishVM:output_type -> vmgrid.shop.v1.PublishVMResponse
-	18, // 46: vmgrid.shop.v1.ShopService.MigrateVM:output_type -> vmgrid.shop.v1.MigrateVMProgress
-	31, // [31:47] is the sub-list for method output_type
-	15, // [15:31] is the sub-list for method input_type
+	19, // 31: vmgrid.shop.v1.ShopService.DrainPlant:input_type -> vmgrid.shop.v1.DrainPlantRequest
+	6,  // 32: vmgrid.shop.v1.ShopService.CreateVM:output_type -> vmgrid.shop.v1.CreateVMProgress
+	26, // 33: vmgrid.shop.v1.ShopService.GetVM:output_type -> vmgrid.compute.v1.ClassAd
+	9,  // 34: vmgrid.shop.v1.ShopService.ListVMs:output_type -> vmgrid.shop.v1.ListVMsResponse
+	11, // 35: vmgrid.shop.v1.ShopService.DestroyVM:output_type -> vmgrid.shop.v1.DestroyVMResponse
+	26, // 36: vmgrid.shop.v1.ShopService.WatchVM:output_type -> vmgrid.compute.v1.ClassAd
+	32, // 37: vmgrid.shop.v1.ShopService.ExecStream:output_type -> vmgrid.compute.v1.ExecStreamResponse
+	33, // 38: vmgrid.shop.v1.ShopService.Console:output_type -> vmgrid.compute.v1.ConsoleResponse
+	34, // 39: vmgrid.shop.v1.ShopService.PortForward:output_type -> vmgrid.compute.v1.PortForwardResponse
+	2,  // 40: vmgrid.shop.v1.ShopService.SubmitTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 41: vmgrid.shop.v1.ShopService.GetTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 42: vmgrid.shop.v1.ShopService.WatchTask:output_type -> vmgrid.shop.v1.Task
+	2,  // 43: vmgrid.shop.v1.ShopService.CancelTask:output_type -> vmgrid.shop.v1.Task
+	26, // 44: vmgrid.shop.v1.ShopService.SuspendVM:output_type -> vmgrid.compute.v1.ClassAd
+	6,  // 45: vmgrid.shop.v1.ShopService.ResumeVM:output_type -> vmgrid.shop.v1.CreateVMProgress
+	16, // 46: vmgrid.shop.v1.ShopService.PublishVM:output_type -> vmgrid.shop.v1.PublishVMResponse
+	18, // 47: vmgrid.shop.v1.ShopService.MigrateVM:output_type -> vmgrid.shop.v1.MigrateVMProgress
+	20, // 48: vmgrid.shop.v1.ShopService.DrainPlant:output_type -> vmgrid.shop.v1.DrainPlantResponse
+	32, // [32:49] is the sub-list for method output_type
+	15, // [15:32] is the sub-list for method input_type
 	15, // [15:15] is the sub-list for extension type_name
 	15, // [15:15] is the sub-list for extension extendee
 	0,  // [0:15] is the sub-list for field type_name
@@ -1574,7 +1675,7 @@ func file_vmgrid_shop_v1_shop_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmgrid_shop_v1_shop_proto_rawDesc), len(file_vmgrid_shop_v1_shop_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   20,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

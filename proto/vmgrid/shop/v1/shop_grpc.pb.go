@@ -41,6 +41,7 @@ const (
 	ShopService_ResumeVM_FullMethodName    = "/vmgrid.shop.v1.ShopService/ResumeVM"
 	ShopService_PublishVM_FullMethodName   = "/vmgrid.shop.v1.ShopService/PublishVM"
 	ShopService_MigrateVM_FullMethodName   = "/vmgrid.shop.v1.ShopService/MigrateVM"
+	ShopService_DrainPlant_FullMethodName  = "/vmgrid.shop.v1.ShopService/DrainPlant"
 )
 
 // ShopServiceClient is the client API for ShopService service.
@@ -201,6 +202,13 @@ type ShopServiceClient interface {
 	// live); RESOURCE_EXHAUSTED (no other plant can host it); UNAVAILABLE
 	// (the destination failed: the VM runs on where it was).
 	MigrateVM(ctx context.Context, in *MigrateVMRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[MigrateVMProgress], error)
+	// DrainPlant (operators only) drains a registered plant: it takes no new
+	// VMs (it refuses every auction) and the shops live-migrate its running
+	// VMs to other plants, as when the plant is asked to stop (README:
+	// Draining a plant). The plant stays up, draining, until it is stopped.
+	// Codes: PERMISSION_DENIED (not an operator); NOT_FOUND (no plant of that
+	// name is registered); UNAVAILABLE (the plant did not answer).
+	DrainPlant(ctx context.Context, in *DrainPlantRequest, opts ...grpc.CallOption) (*DrainPlantResponse, error)
 }
 
 type shopServiceClient struct {
@@ -425,6 +433,16 @@ func (c *shopServiceClient) MigrateVM(ctx context.Context, in *MigrateVMRequest,
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ShopService_MigrateVMClient = grpc.ServerStreamingClient[MigrateVMProgress]
 
+func (c *shopServiceClient) DrainPlant(ctx context.Context, in *DrainPlantRequest, opts ...grpc.CallOption) (*DrainPlantResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DrainPlantResponse)
+	err := c.cc.Invoke(ctx, ShopService_DrainPlant_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ShopServiceServer is the server API for ShopService service.
 // All implementations must embed UnimplementedShopServiceServer
 // for forward compatibility.
@@ -583,6 +601,13 @@ type ShopServiceServer interface {
 	// live); RESOURCE_EXHAUSTED (no other plant can host it); UNAVAILABLE
 	// (the destination failed: the VM runs on where it was).
 	MigrateVM(*MigrateVMRequest, grpc.ServerStreamingServer[MigrateVMProgress]) error
+	// DrainPlant (operators only) drains a registered plant: it takes no new
+	// VMs (it refuses every auction) and the shops live-migrate its running
+	// VMs to other plants, as when the plant is asked to stop (README:
+	// Draining a plant). The plant stays up, draining, until it is stopped.
+	// Codes: PERMISSION_DENIED (not an operator); NOT_FOUND (no plant of that
+	// name is registered); UNAVAILABLE (the plant did not answer).
+	DrainPlant(context.Context, *DrainPlantRequest) (*DrainPlantResponse, error)
 	mustEmbedUnimplementedShopServiceServer()
 }
 
@@ -640,6 +665,9 @@ func (UnimplementedShopServiceServer) PublishVM(context.Context, *PublishVMReque
 }
 func (UnimplementedShopServiceServer) MigrateVM(*MigrateVMRequest, grpc.ServerStreamingServer[MigrateVMProgress]) error {
 	return status.Error(codes.Unimplemented, "method MigrateVM not implemented")
+}
+func (UnimplementedShopServiceServer) DrainPlant(context.Context, *DrainPlantRequest) (*DrainPlantResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DrainPlant not implemented")
 }
 func (UnimplementedShopServiceServer) mustEmbedUnimplementedShopServiceServer() {}
 func (UnimplementedShopServiceServer) testEmbeddedByValue()                     {}
@@ -882,6 +910,24 @@ func _ShopService_MigrateVM_Handler(srv interface{}, stream grpc.ServerStream) e
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ShopService_MigrateVMServer = grpc.ServerStreamingServer[MigrateVMProgress]
 
+func _ShopService_DrainPlant_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DrainPlantRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ShopServiceServer).DrainPlant(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ShopService_DrainPlant_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ShopServiceServer).DrainPlant(ctx, req.(*DrainPlantRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ShopService_ServiceDesc is the grpc.ServiceDesc for ShopService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -920,6 +966,10 @@ var ShopService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "PublishVM",
 			Handler:    _ShopService_PublishVM_Handler,
+		},
+		{
+			MethodName: "DrainPlant",
+			Handler:    _ShopService_DrainPlant_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -50,3 +50,6 @@ func (r *PublishVMRequest) Validate() error {
 	}
 	return (&imagev1.ImageAttributes{Labels: r.Labels}).Validate()
 }
+
+// Validate checks a DrainPlant request.
+func (r *DrainPlantRequest) Validate() error { return imagev1.ValidateName("plant", r.Plant) }
