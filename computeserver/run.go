@@ -99,14 +99,20 @@ type Config struct {
 const DefaultMemoryReadAhead = 256 << 10
 
 // Server is a running compute server: the data plane (Proxy, mounted at
-// Mountpoint) and the plant's production line (Line).
+// Mountpoint, and at MemoryMountpoint for guests' RAM files) and the
+// plant's production line (Line).
 type Server struct {
 	*services.Role
-	Proxy      *gvfs.Proxy
-	Line       *plant.Plant
-	Mountpoint string
-	log        *zap.Logger
+	Proxy                        *gvfs.Proxy
+	Line                         *plant.Plant
+	Mountpoint, MemoryMountpoint string
+	log                          *zap.Logger
 }
+
+// MemoryMountpoint is where the view of guests' RAM files is mounted
+// beside the view at mnt: MOUNTPOINT-mem. Whatever unmounts a compute
+// server's view after it was killed must unmount this one too.
+func MemoryMountpoint(mnt string) string { return mnt + "-mem" }
 
 // closeTimeout bounds stopping the VMs and writing dirty disks back.
 const closeTimeout = time.Minute
@@ -135,7 +141,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	// A second view for guest RAM files, with the small read-ahead a page
 	// fault should pull in (plant/lazymem.go).
-	memMnt, ra := mnt+"-mem", cfg.MemoryReadAhead
+	memMnt, ra := MemoryMountpoint(mnt), cfg.MemoryReadAhead
 	if ra == 0 {
 		ra = DefaultMemoryReadAhead
 	}
@@ -169,7 +175,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		}
 		undo.Push(stop)
 	}
-	return &Server{Role: services.NewRole(srv, &undo), Proxy: p, Line: pl, Mountpoint: mnt, log: log}, nil
+	return &Server{Role: services.NewRole(srv, &undo), Proxy: p, Line: pl, Mountpoint: mnt, MemoryMountpoint: memMnt, log: log}, nil
 }
 
 // openProxy dials the upstream and opens the caches (pushing their closing

@@ -38,7 +38,6 @@ type Upstream struct {
 	bs     [numClasses]*imageclient.BlockStream
 	limit  [numClasses]*semaphore.Weighted // nil: no bound
 	out    outage
-	rate   linkRate
 }
 
 // Class is the priority class of a block read.
@@ -137,9 +136,7 @@ func (u *Upstream) ReadBlocksClass(ctx context.Context, c Class, image, file str
 		if err != nil {
 			return nil, err
 		}
-		u.rate.begin()
 		res, err := bs.Read(ctx, image, file, block, count)
-		u.rate.end(resultBytes(res))
 		if err == nil || attempt > 0 || bs.Err() == nil {
 			return res, err
 		}
@@ -197,12 +194,4 @@ func (u *Upstream) Close() error {
 	u.mu.Unlock()
 	u.cancel()
 	return errors.Join(u.cc.Close(), u.bcc.Close())
-}
-
-func resultBytes(res []blockproto.BlockResult) int {
-	n := 0
-	for _, r := range res {
-		n += len(r.Data)
-	}
-	return n
 }

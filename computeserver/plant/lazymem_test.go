@@ -209,10 +209,14 @@ func TestLazyMemory(t *testing.T) {
 
 	t.Run("profile recorded, stored, and fetched first by a cold clone", func(t *testing.T) {
 		t.Logf("profile: %d blocks", profiled)
-		cold := startCompute(t, is.addr, func(c *computeserver.Config) { c.MemoryRestore = "lazy" })
+		// auto: an image with a profile restores lazily.
+		cold := startCompute(t, is.addr, func(c *computeserver.Config) { c.MemoryRestore = "auto" })
 		ad3, _, err := create(ctx, cold.plants, &computev1.CreateVMRequest{VmId: "lazy-3", Image: "lazy"})
 		if err != nil {
 			t.Fatal(err)
+		}
+		if ad3.MemoryRestore != "lazy" {
+			t.Fatalf("--memory-restore auto restored a clone of an image with a profile %s", ad3.MemoryRestore)
 		}
 		checkMem(t, ctx, cold.plants, ad3.VmId, memFiles[0].name)
 		if c, ok := cold.Proxy.FirstRequestClass("lazy", plant.RAMFile); !ok || c != gvfs.Prefetch {
