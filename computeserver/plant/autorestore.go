@@ -1,73 +1,44 @@
 package plant
 
 import (
-	"sync"
-
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 )
 
-// --memory-restore auto. What decides between lazy and eager is whether
-// the guest's first seconds fault pages through a long link one round trip
-// at a time. Measured on the tiny guest across 40 ms / 100 Mbit
-// (`vmgrid bench clone`): eager 3.7 s, lazy with a working-set profile
-// 2.1 s, lazy without one 10.2 s. So auto is lazy when the faults cost no
-// round trips (the RAM file is in the block cache: a warm plant, or a
-// hydrated one) or the profile brings the pages ahead of them, and eager
-// otherwise — except that profiles have to be made by someone: while an
-// image has none, one clone of it at a time on a plant restores lazily and
-// records it (the plant's recorder of the image), and the others restore
-// eagerly. Once stored, every later clone on every plant finds it.
+// --memory-restore auto. What makes a restore slow is a guest whose first
+// seconds fault pages through a long link one round trip at a time.
+// Measured on the tiny guest across 40 ms / 100 Mbit (`vmgrid bench
+// clone`): eager 3.7 s, lazy with a working-set profile 2.1 s, lazy
+// without one 10–12 s, and lazy without one but with the RAM file
+// streaming in file order from the restore on 3.6 s. So auto restores
+// lazily always (the clones share the golden's pages, and a clone
+// records a profile for the next ones), and streams the RAM file in the
+// prefetch class when the image has no profile to say which pages come
+// first and the RAM file is not local already: the guest's faults go
+// ahead of the stream on the demand connection, the stream fills the link
+// the way an eager copy would, but the guest runs meanwhile. Eager was
+// never the faster of the two (see the README's lazy memory section), so
+// auto does not pick it; --memory-restore eager remains for plants that
+// must not depend on the image server after a clone is ready.
 
-// memoryMode resolves the plant's --memory-restore for one clone of image
-// (pr: its profile recording and prefetch, nil when none runs). A clone
-// that takes the image's recorder holds it until pr is finished or
-// abandoned.
-func (p *Plant) memoryMode(image string, ram gvfs.File, pr *profile) (MemoryRestore, string) {
+// memoryMode resolves the plant's --memory-restore for one clone (pr: its
+// profile recording and prefetch, nil when none runs). stream: fetch the
+// whole RAM file from the restore on.
+func (p *Plant) memoryMode(ram gvfs.File, pr *profile) (mode MemoryRestore, why string, stream bool) {
 	if p.cfg.MemoryRestore == RestoreLazy || p.cfg.MemoryRestore == RestoreEager {
-		return p.cfg.MemoryRestore, "--memory-restore " + string(p.cfg.MemoryRestore)
+		return p.cfg.MemoryRestore, "--memory-restore " + string(p.cfg.MemoryRestore), false
 	}
-	mode, why, records := chooseRestore(ram.LocalBytes() == ram.Size(), pr != nil && pr.run != nil,
-		func() bool { return pr != nil && p.takeRecorder(image) })
-	if records {
-		pr.release = sync.OnceFunc(func() { p.releaseRecorder(image) })
-	}
-	return mode, why
+	return chooseRestore(ram.LocalBytes() == ram.Size(), pr != nil && pr.run != nil)
 }
 
-// chooseRestore is auto's rule (the file's comment): lazy when the RAM
-// file is local or the image's profile is being prefetched; without a
-// profile lazy for the clone that takes the image's recorder on the plant
-// (takeRecorder, asked only then; records: it took it), eager for the
-// others.
-func chooseRestore(local, profiled bool, takeRecorder func() bool) (mode MemoryRestore, why string, records bool) {
+// chooseRestore is auto's rule (the file's comment): lazy, streaming the
+// RAM file unless it is local already or the image's profile is being
+// prefetched.
+func chooseRestore(local, profiled bool) (mode MemoryRestore, why string, stream bool) {
 	switch {
 	case local:
 		return RestoreLazy, "the RAM file is in the block cache", false
 	case profiled:
-		return RestoreLazy, "the image has a working-set profile", false
-	case takeRecorder():
-		return RestoreLazy, "the image has no working-set profile yet: this clone records it", true
+		return RestoreLazy, "the image has a working-set profile: prefetching it", false
 	}
-	return RestoreEager, "the image has no working-set profile yet, and another clone on this plant records it", false
-}
-
-// takeRecorder makes the caller the one clone of image on the plant that
-// records its profile for auto, unless another clone is.
-func (p *Plant) takeRecorder(image string) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.recorders[image] {
-		return false
-	}
-	if p.recorders == nil {
-		p.recorders = map[string]bool{}
-	}
-	p.recorders[image] = true
-	return true
-}
-
-func (p *Plant) releaseRecorder(image string) {
-	p.mu.Lock()
-	delete(p.recorders, image)
-	p.mu.Unlock()
+	return RestoreLazy, "the image has no working-set profile yet: streaming the RAM file while this clone records one", true
 }

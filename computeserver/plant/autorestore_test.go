@@ -6,34 +6,6 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 )
 
-func TestChooseRestore(t *testing.T) {
-	for _, tc := range []struct {
-		name            string
-		local, profiled bool
-		free            bool // the image's recorder on the plant is free
-		want            MemoryRestore
-		asked, records  bool
-	}{
-		{name: "RAM file in the block cache", local: true, want: RestoreLazy},
-		{name: "RAM file local and a profile", local: true, profiled: true, want: RestoreLazy},
-		{name: "a profile", profiled: true, free: true, want: RestoreLazy},
-		{name: "no profile, recorder free", free: true, want: RestoreLazy, asked: true, records: true},
-		{name: "no profile, another clone records", want: RestoreEager, asked: true},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			asked := false
-			mode, why, records := chooseRestore(tc.local, tc.profiled, func() bool { asked = true; return tc.free })
-			if mode != tc.want || records != tc.records || asked != tc.asked {
-				t.Fatalf("got %s (%q), records %v, recorder asked %v; want %s, records %v, asked %v",
-					mode, why, records, asked, tc.want, tc.records, tc.asked)
-			}
-			if why == "" {
-				t.Fatal("no reason given")
-			}
-		})
-	}
-}
-
 // ramFile is a RAM file of which local bytes are here.
 type ramFile struct {
 	gvfs.File
@@ -43,47 +15,40 @@ type ramFile struct {
 func (f ramFile) Size() uint64       { return f.size }
 func (f ramFile) LocalBytes() uint64 { return f.local }
 
-// TestMemoryModeRecorder: auto lets one clone of an image at a time on a
-// plant restore lazily without a profile (it records one); the next
-// restores eagerly until the recorder is released, other images and
-// clones with a profile or a local RAM file are not held up.
-func TestMemoryModeRecorder(t *testing.T) {
-	p := &Plant{cfg: Config{MemoryRestore: RestoreAuto}}
+// TestMemoryMode: auto restores lazily, streaming the RAM file when the
+// image has no profile and the file is not local; lazy and eager are
+// what they say, and lazy never streams.
+func TestMemoryMode(t *testing.T) {
 	cold := ramFile{size: 256 << 20, local: 160 << 20}
-	newProfile := func() *profile { return &profile{release: func() {}} }
-
-	first := newProfile()
-	if mode, why := p.memoryMode("a", cold, first); mode != RestoreLazy {
-		t.Fatalf("first clone without a profile: %s (%s), want lazy (it records)", mode, why)
-	}
-	if mode, why := p.memoryMode("a", cold, newProfile()); mode != RestoreEager {
-		t.Fatalf("second clone while the first records: %s (%s), want eager", mode, why)
-	}
-	if mode, _ := p.memoryMode("b", cold, newProfile()); mode != RestoreLazy {
-		t.Fatalf("another image's first clone: %s, want lazy", mode)
-	}
-	if mode, _ := p.memoryMode("a", ramFile{size: 256 << 20, local: 256 << 20}, newProfile()); mode != RestoreLazy {
-		t.Fatalf("a clone whose RAM file is local: %s, want lazy", mode)
-	}
-	if mode, _ := p.memoryMode("a", cold, &profile{run: &gvfs.ProfileRun{}, release: func() {}}); mode != RestoreLazy {
-		t.Fatalf("a clone with a profile: %s, want lazy", mode)
-	}
-	first.release()
-	first.release() // once
-	third := newProfile()
-	if mode, _ := p.memoryMode("a", cold, third); mode != RestoreLazy {
-		t.Fatalf("after the recorder is done: %s, want lazy", mode)
-	}
-	if mode, _ := p.memoryMode("a", cold, newProfile()); mode != RestoreEager {
-		t.Fatalf("released twice let two clones record: %s", mode)
-	}
-
-	for _, m := range []MemoryRestore{RestoreLazy, RestoreEager} {
-		p := &Plant{cfg: Config{MemoryRestore: m}}
-		for _, f := range []ramFile{cold, {size: 1, local: 1}} {
-			if got, _ := p.memoryMode("a", f, newProfile()); got != m {
-				t.Fatalf("--memory-restore %s chose %s", m, got)
+	local := ramFile{size: 256 << 20, local: 256 << 20}
+	profiled := &profile{run: &gvfs.ProfileRun{}}
+	recording := &profile{} // no profile to prefetch: only the recording
+	for _, tc := range []struct {
+		name       string
+		configured MemoryRestore
+		ram        ramFile
+		pr         *profile
+		want       MemoryRestore
+		stream     bool
+	}{
+		{"auto, no profile, RAM file not local", RestoreAuto, cold, recording, RestoreLazy, true},
+		{"auto, a profile", RestoreAuto, cold, profiled, RestoreLazy, false},
+		{"auto, RAM file local", RestoreAuto, local, recording, RestoreLazy, false},
+		{"auto, RAM file local and a profile", RestoreAuto, local, profiled, RestoreLazy, false},
+		{"lazy, no profile", RestoreLazy, cold, recording, RestoreLazy, false},
+		{"lazy, a profile", RestoreLazy, cold, profiled, RestoreLazy, false},
+		{"eager, no profile", RestoreEager, cold, nil, RestoreEager, false},
+		{"eager, RAM file local", RestoreEager, local, nil, RestoreEager, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := &Plant{cfg: Config{MemoryRestore: tc.configured}}
+			mode, why, stream := p.memoryMode(tc.ram, tc.pr)
+			if mode != tc.want || stream != tc.stream {
+				t.Fatalf("got %s, stream %v (%q); want %s, stream %v", mode, stream, why, tc.want, tc.stream)
 			}
-		}
+			if why == "" {
+				t.Fatal("no reason given")
+			}
+		})
 	}
 }

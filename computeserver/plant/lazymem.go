@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"go.uber.org/zap"
 
@@ -48,11 +49,9 @@ const (
 	// RestoreEager copies the RAM file to the VM's directory first (its
 	// non-zero blocks), then maps the copy.
 	RestoreEager MemoryRestore = "eager"
-	// RestoreAuto picks lazy when that is fast and eager otherwise
-	// (autorestore.go): lazy when the RAM file is local already or the
-	// image has a working-set profile; an image without a profile is
-	// restored lazily by one clone at a time on a plant, which records the
-	// profile, and eagerly by the others.
+	// RestoreAuto restores lazily and, when the image has no working-set
+	// profile and the RAM file is not local, streams the whole RAM file
+	// from the restore on (autorestore.go).
 	RestoreAuto MemoryRestore = "auto"
 )
 
@@ -94,19 +93,30 @@ func memoryTemplate(mf *vmm.MemoryFile) *vmm.MemoryFile {
 type lazyMem struct {
 	ram, root gvfs.File // root: the golden disk under the redo log (nil for a persistent root)
 	profile   *profile  // its working-set recording and prefetch (profile.go)
-	cancel    context.CancelFunc
-	done      chan struct{}
-	release   func() // of the RAM file's Hold, while the guest runs
+	// The fetch of the rest (hydrate.go): nil until it starts; err is why
+	// it ended, once done is closed.
+	cancel  context.CancelFunc
+	done    chan struct{}
+	err     error
+	release func() // of the RAM file's Hold, while the guest runs
+	once    sync.Once
 }
 
-// stop ends the hydration (a destroyed VM); nil does nothing.
+// stop ends the fetch of the rest (a destroyed VM, a failed creation) and
+// the Hold; nil or stopped already does nothing.
 func (m *lazyMem) stop() {
-	if m == nil || m.cancel == nil {
+	if m == nil {
 		return
 	}
-	m.cancel()
-	<-m.done
-	m.release()
+	m.once.Do(func() {
+		if m.cancel != nil {
+			m.cancel()
+			<-m.done
+		}
+		if m.release != nil {
+			m.release()
+		}
+	})
 }
 
 // memory chooses the restore of the image's memory and sets the spec's
@@ -128,7 +138,7 @@ func (l *line) memory(ctx context.Context) (vmm.Incoming, error) {
 	if err != nil {
 		return in, err
 	}
-	mode, why := l.p.memoryMode(l.src.image, ram, l.prof)
+	mode, why, stream := l.p.memoryMode(ram, l.prof)
 	l.setRestore(mode, ram.Size(), why)
 	if mode == RestoreEager {
 		l.prof.abandon() // nothing of the RAM file is read through the view
@@ -149,6 +159,9 @@ func (l *line) memory(ctx context.Context) (vmm.Incoming, error) {
 		if root, err := l.p.cfg.Proxy.Open(ctx, l.src.image, l.src.config.Root); err == nil {
 			l.v.mem.root = root
 		}
+	}
+	if stream {
+		l.v.mem.fetchRest(l.v, gvfs.Prefetch, 0) // hydrate.go; the restore step's undo stops it
 	}
 	return in, nil
 }

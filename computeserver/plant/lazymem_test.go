@@ -232,6 +232,37 @@ func TestLazyMemory(t *testing.T) {
 		cold.stop()
 	})
 
+	t.Run("auto without a profile streams the RAM file", func(t *testing.T) {
+		if _, err := imageclient.NewClient(cc).API.PutProfile(ctx, &imagev1.PutProfileRequest{Image: "lazy"}); err != nil {
+			t.Fatal(err)
+		}
+		// Hydration would wait 10 minutes: only the stream makes it local.
+		auto := startCompute(t, is.addr, func(c *computeserver.Config) { c.MemoryRestore, c.HydrateAfter = "auto", 10*time.Minute })
+		ad4, _, err := create(ctx, auto.plants, &computev1.CreateVMRequest{VmId: "lazy-4", Image: "lazy"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ad4.MemoryRestore != "lazy" {
+			t.Fatalf("auto restored a clone of an image without a profile %s", ad4.MemoryRestore)
+		}
+		checkMem(t, ctx, auto.plants, ad4.VmId, memFiles[2].name)
+		for {
+			got, err := auto.plants.GetVM(ctx, &computev1.GetVMRequest{VmId: ad4.VmId})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.HydratedNanos > 0 {
+				t.Logf("ready in %s; the RAM file streamed, local %s after ready", time.Duration(ad4.ReadyNanos), time.Duration(got.HydratedNanos))
+				break
+			}
+			if ctx.Err() != nil {
+				t.Fatalf("the RAM file never became local (%d of %d bytes)", got.MemoryLocalBytes, got.MemoryBytes)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		auto.stop()
+	})
+
 	t.Run("two clones share the golden's pages", func(t *testing.T) {
 		ad2, _, err := create(ctx, cs.plants, &computev1.CreateVMRequest{VmId: "lazy-2", Image: "lazy"})
 		if err != nil {

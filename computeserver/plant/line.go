@@ -169,11 +169,16 @@ func (l *line) restore(ctx context.Context) (func(), error) {
 	l.v.setState(computev1.VMState_VM_STATE_RESTORING)
 	l.progress(computev1.VMState_VM_STATE_RESTORING, "restoring the memory state through the FUSE view")
 	in, err := l.memory(ctx) // lazymem.go: lazy or eager, and the RAM backend
-	if err != nil {
-		return nil, err
+	if err == nil {
+		var m vmm.Machine
+		m, err = vmm.Restore(ctx, l.p.cfg.Driver, l.spec, in)
+		var undo func()
+		if undo, err = l.started(m, err); err == nil {
+			return func() { undo(); l.v.mem.stop() }, nil
+		}
 	}
-	m, err := vmm.Restore(ctx, l.p.cfg.Driver, l.spec, in)
-	return l.started(m, err)
+	l.v.mem.stop() // a streaming RAM file (lazymem.go)
+	return nil, err
 }
 
 // boot cold-boots an image that has no memory state.

@@ -115,9 +115,6 @@ type Plant struct {
 	mu     sync.Mutex
 	vms    map[string]*vm
 	images map[string]uint64 // bytes fetched for clones of each image
-	// recorders: images one of whose clones records the working-set
-	// profile for --memory-restore auto (autorestore.go).
-	recorders map[string]bool
 
 	// closing is closed when Close starts; bg counts the goroutines that
 	// outlive a creation (profile recordings), which Close waits for.

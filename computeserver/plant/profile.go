@@ -77,9 +77,6 @@ type profile struct {
 	rec  *gvfs.Recording
 	run  *gvfs.ProfileRun // nil: the image has no profile
 	once sync.Once
-	// release frees the plant's recorder of the image (Plant.takeRecorder)
-	// when this clone holds it.
-	release func()
 }
 
 // profiled: the step "profile" applies to restores of images whose RAM is
@@ -93,7 +90,7 @@ func (l *line) profiled() bool {
 // guest will read first are on their way while the redo log is made.
 func (l *line) startProfile(ctx context.Context) (func(), error) {
 	p := l.p.cfg.Proxy
-	pr := &profile{rec: p.Record(l.src.image, nil), release: func() {}}
+	pr := &profile{rec: p.Record(l.src.image, nil)}
 	if entries := l.src.profile.wait(ctx); len(entries) > 0 {
 		pr.run = p.Prefetch(l.src.image, entries)
 		pr.rec.Attach(pr.run)
@@ -114,7 +111,6 @@ func (pr *profile) abandon() {
 		if pr.run != nil {
 			pr.run.Stop()
 		}
-		pr.release()
 	})
 }
 
@@ -134,7 +130,6 @@ func (p *Plant) finishProfile(image string, pr *profile, log *zap.Logger) {
 		var entries []*imagev1.ProfileEntry
 		var st *gvfs.ProfileStats
 		pr.once.Do(func() {
-			defer pr.release()
 			entries = pr.rec.Stop()
 			if pr.run != nil {
 				s := pr.run.Stop()

@@ -102,6 +102,7 @@ const (
 	RowDemandIdle  = "demand_read_idle"
 	RowDemandBulk  = "demand_read_bulk"
 	RowWarmLazy    = "vmgrid_warm_lazy"
+	RowAuto        = "vmgrid_auto"
 	// The image built with 4x the guest RAM.
 	RowLazy4x        = "vmgrid_lazy_4x"
 	RowLazyProfile4x = "vmgrid_lazy_profile_4x"
@@ -386,7 +387,7 @@ func (b *bench) repeat(ctx context.Context, rep int) error {
 // any of them).
 var companions = map[string][]string{
 	RowCold:          {RowWarm},
-	RowLazy:          {RowLazyProfile, RowWarmLazy},
+	RowLazy:          {RowAuto, RowLazyProfile, RowWarmLazy},
 	RowLazyProfile4x: {RowLazy4x},
 	RowWorkLazy:      {RowWorkEager},
 	RowDemandBulk:    {RowDemandIdle},

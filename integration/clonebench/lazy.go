@@ -19,9 +19,9 @@ import (
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
 
-// Lazy memory rows: a cold lazy clone of the image without a profile (it
-// records one), a cold lazy clone that prefetches that profile and a warm
-// one after it on the same plant; the same two cold rows for the image
+// Lazy memory rows: a cold auto clone and a cold lazy clone of the image
+// without a profile (each records one), a cold lazy clone that prefetches
+// the profile and a warm one after it on the same plant; the same two cold rows for the image
 // built with 4x the guest RAM; a workload that touches most of the
 // guest's memory right after an eager and after a lazy restore; and a
 // demand block read on a plant that is copying a RAM file in bulk.
@@ -34,17 +34,17 @@ func memoryRestore(m plant.MemoryRestore) func(*computeserver.Config) {
 	}
 }
 
-// lazyRows are the rows of one image's lazy clones: without a profile,
-// with it, and warm after the one with it ("": not measured).
+// lazyRows are the rows of one image's lazy clones: auto and lazy
+// without a profile, lazy with it, and warm after that ("": not measured).
 type lazyRows struct {
-	image                 string
-	paths                 map[string]string // the image's files on the image side
-	noProfile, with, warm string
+	image                       string
+	paths                       map[string]string // the image's files on the image side
+	auto, noProfile, with, warm string
 }
 
-// runLazy measures RowLazy, RowLazyProfile and RowWarmLazy.
+// runLazy measures RowAuto, RowLazy, RowLazyProfile and RowWarmLazy.
 func (b *bench) runLazy(ctx context.Context, rep int) error {
-	return b.lazyRows(ctx, rep, lazyRows{image: image, paths: b.goldenPath, noProfile: RowLazy, with: RowLazyProfile, warm: RowWarmLazy})
+	return b.lazyRows(ctx, rep, lazyRows{image: image, paths: b.goldenPath, auto: RowAuto, noProfile: RowLazy, with: RowLazyProfile, warm: RowWarmLazy})
 }
 
 // runLazy4x measures RowLazy4x and RowLazyProfile4x on the image built
@@ -56,13 +56,20 @@ func (b *bench) runLazy4x(ctx context.Context, rep int) error {
 	return b.lazyRows(ctx, rep, lazyRows{image: image4x, paths: b.golden4xPath, noProfile: RowLazy4x, with: RowLazyProfile4x})
 }
 
-// lazyRows clones the image on a fresh lazy plant without a profile (it
-// records one), then on another fresh one with the profile, and then warm
-// on that one.
+// lazyRows clones the image on fresh plants: with auto and with lazy
+// without a profile (each records one), then lazy with the profile and
+// warm on that plant.
 func (b *bench) lazyRows(ctx context.Context, rep int, rows lazyRows) error {
-	for _, key := range []string{rows.noProfile, rows.with} {
+	for _, key := range []string{rows.auto, rows.noProfile, rows.with} {
+		if key == "" {
+			continue
+		}
+		mode := plant.RestoreLazy
+		if key == rows.auto {
+			mode = plant.RestoreAuto
+		}
 		dir := filepath.Join(b.work, fmt.Sprintf("cs-%s-%d", key, rep))
-		n, err := startNode(ctx, b.id, fmt.Sprintf("%s-%d", key, rep), dir, b.imagesWAN, b.opts.Compress, b.driver, b.srvLog, memoryRestore(plant.RestoreLazy))
+		n, err := startNode(ctx, b.id, fmt.Sprintf("%s-%d", key, rep), dir, b.imagesWAN, b.opts.Compress, b.driver, b.srvLog, memoryRestore(mode))
 		if err != nil {
 			return err
 		}
@@ -81,7 +88,7 @@ func (b *bench) lazyRows(ctx context.Context, rep int, rows lazyRows) error {
 
 func (b *bench) lazyClone(ctx context.Context, n *node, rows lazyRows, key string, rep int) error {
 	api := n.Proxy.Upstream().Client.API
-	if key == rows.noProfile {
+	if key != rows.with {
 		// No profile: this clone records it.
 		if _, err := api.PutProfile(ctx, &imagev1.PutProfileRequest{Image: rows.image}); err != nil {
 			return err
