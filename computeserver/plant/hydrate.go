@@ -15,14 +15,11 @@ import (
 // RAM competes with them for the link.
 const DefaultHydrateAfter = time.Second
 
-// fetchRest starts fetching what a lazily restored VM still reads from the
-// upstream, its RAM file and then the golden disk under its redo log: the
-// RAM in class c after a wait of after, the disk in the background class
-// (demand reads of every guest go first). It keeps the classad's count of
-// local RAM bytes. A clone whose image has no working-set profile streams
-// its RAM this way from the restore on (auto); the others start at ready
-// (startHydration).
-func (m *lazyMem) fetchRest(v *vm, c gvfs.Class, after time.Duration) {
+// fetchRest starts fetching what a lazily restored VM still reads from
+// the upstream, its RAM file and then the golden disk under its redo log,
+// in the background class after a wait of after (demand reads of every
+// guest go first), keeping the classad's count of local RAM bytes.
+func (m *lazyMem) fetchRest(v *vm, after time.Duration) {
 	ctx, cancel := context.WithCancel(context.Background())
 	m.cancel, m.done = cancel, make(chan struct{})
 	go func() {
@@ -33,11 +30,7 @@ func (m *lazyMem) fetchRest(v *vm, c gvfs.Class, after time.Duration) {
 			m.err = ctx.Err()
 			return
 		}
-		err := m.ram.Hydrate(ctx, c, func(local uint64) {
-			v.mu.Lock()
-			v.ad.MemoryLocalBytes = local
-			v.mu.Unlock()
-		})
+		err := m.ram.Hydrate(ctx, gvfs.Background, m.progress(v))
 		if err == nil && m.root != nil {
 			err = m.root.Hydrate(ctx, gvfs.Background, nil)
 		}
@@ -45,11 +38,32 @@ func (m *lazyMem) fetchRest(v *vm, c gvfs.Class, after time.Duration) {
 	}()
 }
 
+// streamRAM fetches the whole RAM file from the restore on, in file order,
+// in the prefetch class (auto, for an image without a working-set
+// profile): the guest's faults go ahead of it on the demand connection.
+// The disk waits for the hydration after ready.
+func (m *lazyMem) streamRAM(v *vm) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	m.stopStream = func() { cancel(); <-done }
+	go func() {
+		defer close(done)
+		_ = m.ram.Hydrate(ctx, gvfs.Prefetch, m.progress(v)) // what it did not fetch, the hydration does
+	}()
+}
+
+func (m *lazyMem) progress(v *vm) func(uint64) {
+	return func(local uint64) {
+		v.mu.Lock()
+		v.ad.MemoryLocalBytes = local
+		v.mu.Unlock()
+	}
+}
+
 // startHydration makes a ready lazily restored VM's RAM reads wait for the
 // upstream however long it is away, starts fetching the rest of its RAM
-// and disk (after --hydrate-after) unless that runs already, and records
-// in the classad when it is done: from then on the VM no longer needs the
-// image server.
+// and disk (after --hydrate-after), and records in the classad when it is
+// done: from then on the VM no longer needs the image server.
 func (p *Plant) startHydration(v *vm, log *zap.Logger) {
 	m := v.mem
 	// The guest runs: a failed read of its RAM would kill it (SIGBUS), so
@@ -59,22 +73,13 @@ func (p *Plant) startHydration(v *vm, log *zap.Logger) {
 	v.mu.Lock()
 	v.ad.MemoryLocalBytes = m.ram.LocalBytes()
 	v.mu.Unlock()
-	if m.done != nil {
-		select {
-		case <-m.done:
-			if m.err != nil { // the stream gave up (the upstream away): again, patiently
-				m.done = nil
-			}
-		default:
-		}
+	after := p.cfg.HydrateAfter
+	if after == 0 {
+		after = DefaultHydrateAfter
 	}
-	if m.done == nil {
-		after := p.cfg.HydrateAfter
-		if after == 0 {
-			after = DefaultHydrateAfter
-		}
-		m.fetchRest(v, gvfs.Background, after)
-	}
+	// A stream still running goes on: the hydration's walk skips what it
+	// fetched and joins what it has asked for.
+	m.fetchRest(v, after)
 	go func() {
 		<-m.done
 		if m.err != nil {

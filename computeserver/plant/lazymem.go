@@ -94,12 +94,14 @@ type lazyMem struct {
 	ram, root gvfs.File // root: the golden disk under the redo log (nil for a persistent root)
 	profile   *profile  // its working-set recording and prefetch (profile.go)
 	// The fetch of the rest (hydrate.go): nil until it starts; err is why
-	// it ended, once done is closed.
-	cancel  context.CancelFunc
-	done    chan struct{}
-	err     error
-	release func() // of the RAM file's Hold, while the guest runs
-	once    sync.Once
+	// it ended, once done is closed. stopStream ends a stream of the RAM
+	// file started at the restore (nil: none).
+	cancel     context.CancelFunc
+	done       chan struct{}
+	err        error
+	stopStream func()
+	release    func() // of the RAM file's Hold, while the guest runs
+	once       sync.Once
 }
 
 // stop ends the fetch of the rest (a destroyed VM, a failed creation) and
@@ -109,6 +111,9 @@ func (m *lazyMem) stop() {
 		return
 	}
 	m.once.Do(func() {
+		if m.stopStream != nil {
+			m.stopStream()
+		}
 		if m.cancel != nil {
 			m.cancel()
 			<-m.done
@@ -161,7 +166,7 @@ func (l *line) memory(ctx context.Context) (vmm.Incoming, error) {
 		}
 	}
 	if stream {
-		l.v.mem.fetchRest(l.v, gvfs.Prefetch, 0) // hydrate.go; the restore step's undo stops it
+		l.v.mem.streamRAM(l.v) // hydrate.go; the restore step's undo stops it
 	}
 	return in, nil
 }
