@@ -36,7 +36,7 @@ func (c *Config) AddFlags(fs *pflag.FlagSet) {
 	fs.Uint64Var(&c.GuestMemoryMiB, "guest-memory-mib", c.GuestMemoryMiB, "memory guests may use in all (0: 80% of RAM)")
 	fs.DurationVar(&c.AgentTimeout, "agent-timeout", c.AgentTimeout, "how long a clone's guest agent may take to answer before the creation fails (0: 2m)")
 	fs.DurationVar(&c.GuestTimeout, "guest-timeout", plant.DefaultGuestTimeout, "how long a cold boot of a stock image may take until its guest is configured (qemu-ga answers, cloud-init done)")
-	fs.StringVar(&c.MemoryRestore, "memory-restore", c.MemoryRestore, "how clones of images with a RAM file get guest memory: lazy (pages on first touch, the rest hydrated in the background), eager (all before the guest runs) or auto (eager when the measured upstream bandwidth brings the RAM within 0.5 s, else lazy)")
+	fs.StringVar(&c.MemoryRestore, "memory-restore", c.MemoryRestore, "how clones of images with a RAM file get guest memory: lazy (pages on first touch, the rest hydrated in the background), eager (all before the guest runs) or auto (lazy, prefetching the image's working-set profile; an image without one streams its whole RAM file from the restore on while the guest runs and records one)")
 	fs.DurationVar(&c.HydrateAfter, "hydrate-after", c.HydrateAfter, "how long after a lazy clone is ready the plant starts fetching the rest of its RAM and disk in the background (0: 1s)")
 	services.SizeVar(fs, &c.MemoryReadAhead, "memory-read-ahead", "what a lazily restored guest's page fault reads around the page (the kernel's read-ahead on MOUNTPOINT-mem, the view of RAM files)")
 	fs.StringVar(&c.DataServer, "dataserver", c.DataServer, "data server of task stage-in/out (requests bring task credentials for it; empty: no staging)")

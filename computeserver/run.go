@@ -111,18 +111,24 @@ const DefaultDrainTimeout = 2 * time.Minute
 const DefaultMemoryReadAhead = 256 << 10
 
 // Server is a running compute server: the data plane (Proxy, mounted at
-// Mountpoint) and the plant's production line (Line).
+// Mountpoint, and at MemoryMountpoint for guests' RAM files) and the
+// plant's production line (Line).
 type Server struct {
 	*services.Role
-	Proxy      *gvfs.Proxy
-	Line       *plant.Plant
-	Mountpoint string
-	log        *zap.Logger
-	drain      time.Duration // Config.DrainTimeout, 0 without a market
+	Proxy                        *gvfs.Proxy
+	Line                         *plant.Plant
+	Mountpoint, MemoryMountpoint string
+	log                          *zap.Logger
+	drain                        time.Duration // Config.DrainTimeout, 0 without a market
 	// others counts the registered plants, other than this one, that are
 	// not draining: where its VMs could go.
 	others func(context.Context) (int, error)
 }
+
+// MemoryMountpoint is where the view of guests' RAM files is mounted
+// beside the view at mnt: MOUNTPOINT-mem. Whatever unmounts a compute
+// server's view after it was killed must unmount this one too.
+func MemoryMountpoint(mnt string) string { return mnt + "-mem" }
 
 // closeTimeout bounds stopping the VMs and writing dirty disks back.
 const closeTimeout = time.Minute
@@ -151,7 +157,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	// A second view for guest RAM files, with the small read-ahead a page
 	// fault should pull in (plant/lazymem.go).
-	memMnt, ra := mnt+"-mem", cfg.MemoryReadAhead
+	memMnt, ra := MemoryMountpoint(mnt), cfg.MemoryReadAhead
 	if ra == 0 {
 		ra = DefaultMemoryReadAhead
 	}
@@ -178,7 +184,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	undo.Push(srv.Shutdown)
 	log.Info("FUSE view mounted", zap.String("mountpoint", mnt), zap.String("upstream", cfg.Upstream))
-	s := &Server{Proxy: p, Line: pl, Mountpoint: mnt, log: log}
+	s := &Server{Proxy: p, Line: pl, Mountpoint: mnt, MemoryMountpoint: memMnt, log: log}
 	if len(cfg.Etcd.Endpoints) > 0 {
 		stop, others, err := joinMarket(cfg, cmp.Or(cfg.Advertise, srv.Addr()), pl, log)
 		if err != nil {

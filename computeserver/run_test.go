@@ -57,9 +57,11 @@ func servePlant(t *testing.T, cfg Config) *Server {
 		if err := <-done; err != nil {
 			t.Errorf("serve: %v", err)
 		}
-		if isMounted(pl.Mountpoint) {
-			t.Errorf("%s is still mounted after the compute server stopped", pl.Mountpoint)
-			_ = exec.Command("fusermount3", "-u", "-z", pl.Mountpoint).Run()
+		for _, mnt := range []string{pl.Mountpoint, pl.MemoryMountpoint} {
+			if isMounted(mnt) {
+				t.Errorf("%s is still mounted after the compute server stopped", mnt)
+				_ = exec.Command("fusermount3", "-u", "-z", mnt).Run()
+			}
 		}
 	})
 	return pl

@@ -20,6 +20,7 @@ import (
 
 	"google.golang.org/grpc"
 
+	"github.com/vmgrid/vmgrid/computeserver"
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
 	"github.com/vmgrid/vmgrid/internal/testutil"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
@@ -233,8 +234,10 @@ func startComputeServer(t *testing.T, upstream, dataDir string) *computeServer {
 	// Registered before the process's own cleanup, so it runs after it:
 	// whatever the process left mounted (a kill -9) is unmounted.
 	t.Cleanup(func() {
-		if isMounted(mnt) {
-			_ = exec.Command("fusermount3", "-u", "-z", mnt).Run()
+		for _, m := range []string{mnt, computeserver.MemoryMountpoint(mnt)} {
+			if isMounted(m) {
+				_ = exec.Command("fusermount3", "-u", "-z", m).Run()
+			}
 		}
 	})
 	p := spawn(t, "computeserver "+filepath.Base(dataDir), "computeserver", "--listen", "127.0.0.1:0", "--metrics-listen", "",

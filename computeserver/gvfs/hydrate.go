@@ -38,17 +38,39 @@ func (f *blockFile) memoryImage() bool {
 	return f.meta.Kind == imagev1.FileKind_FILE_KIND_MEMORY_STATE && f.meta.Policy != imagev1.TransferPolicy_TRANSFER_POLICY_WHOLE_FILE
 }
 
-// hydrateBatch is how many blocks Hydrate asks for at once; the class's
-// in-flight bound (inFlight[Background]) paces them on the wire.
-const hydrateBatch = 64
+// hydrateBatch is how many blocks Hydrate asks for at once, and
+// hydrateWindow how many such batches it keeps asked for: the next batch
+// is on the wire while the last one's blocks arrive (one batch at a time
+// left the link idle for a round trip between batches: 43% busy on an
+// eager copy across 40 ms / 100 Mbit). The class's in-flight bound
+// (inFlight) paces them on the wire.
+const (
+	hydrateBatch  = 64
+	hydrateWindow = 4
+)
 
 // Hydrate fetches every block of the file that is neither zero nor cached,
 // in order, in class c (Background for hydration, Prefetch for an eager
-// copy: demand reads of running guests go first, they have a connection
-// of their own), and returns once all are local. progress, if set, is
-// told the local bytes after each batch.
+// copy or a stream: demand reads of running guests go first, they have a
+// connection of their own), and returns once all are local. progress, if
+// set, is told the local bytes after each batch.
 func (f *blockFile) Hydrate(ctx context.Context, c Class, progress func(local uint64)) error {
 	n := (f.meta.Size + f.blockSize() - 1) / f.blockSize()
+	var window [][]*fetch
+	wait := func() error {
+		fs := window[0]
+		window = window[1:]
+		for _, fe := range fs {
+			if _, err := fe.wait(ctx); err != nil {
+				return err
+			}
+		}
+		f.p.stats.Hydrated.Add(uint64(len(fs)))
+		if progress != nil {
+			progress(f.LocalBytes())
+		}
+		return nil
+	}
 	for from := uint64(0); from < n; {
 		var want []uint64
 		for ; from < n && len(want) < hydrateBatch; from++ {
@@ -56,14 +78,16 @@ func (f *blockFile) Hydrate(ctx context.Context, c Class, progress func(local ui
 				want = append(want, from)
 			}
 		}
-		for _, fe := range f.p.fetchClass(f, want, c) {
-			if _, err := fe.wait(ctx); err != nil {
+		window = append(window, f.p.fetchClass(f, want, c))
+		if len(window) >= hydrateWindow {
+			if err := wait(); err != nil {
 				return err
 			}
 		}
-		f.p.stats.Hydrated.Add(uint64(len(want)))
-		if progress != nil {
-			progress(f.LocalBytes())
+	}
+	for len(window) > 0 {
+		if err := wait(); err != nil {
+			return err
 		}
 	}
 	return nil

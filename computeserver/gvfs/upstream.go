@@ -8,6 +8,9 @@ import (
 
 	"golang.org/x/sync/semaphore"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding/gzip"
+	"google.golang.org/grpc/status"
 
 	"github.com/vmgrid/vmgrid/imageserver/blockproto"
 	"github.com/vmgrid/vmgrid/imageserver/imageclient"
@@ -38,7 +41,6 @@ type Upstream struct {
 	bs     [numClasses]*imageclient.BlockStream
 	limit  [numClasses]*semaphore.Weighted // nil: no bound
 	out    outage
-	rate   linkRate
 }
 
 // Class is the priority class of a block read.
@@ -137,9 +139,7 @@ func (u *Upstream) ReadBlocksClass(ctx context.Context, c Class, image, file str
 		if err != nil {
 			return nil, err
 		}
-		u.rate.begin()
 		res, err := bs.Read(ctx, image, file, block, count)
-		u.rate.end(resultBytes(res))
 		if err == nil || attempt > 0 || bs.Err() == nil {
 			return res, err
 		}
@@ -159,9 +159,20 @@ func (u *Upstream) acquire(ctx context.Context, c Class, bytes int) (func(), err
 	return func() { sem.Release(n) }, nil
 }
 
-// Manifest returns the FULL manifest of an image or disk.
+// Manifest returns the FULL manifest of an image or disk. With compress
+// set it comes gzipped: a digest per block, zero blocks included, is most
+// of it (a 1 GiB RAM file's are 512 KiB, 42 ms at 100 Mbit/s, before the
+// guest can run), and the zero blocks' digests are all the same.
 func (u *Upstream) Manifest(ctx context.Context, name string) (*imagev1.Manifest, error) {
-	resp, err := u.Client.API.GetImage(ctx, &imagev1.GetImageRequest{Name: name, View: imagev1.View_VIEW_FULL})
+	var opts []grpc.CallOption
+	if u.compress {
+		opts = append(opts, grpc.UseCompressor(gzip.Name))
+	}
+	req := &imagev1.GetImageRequest{Name: name, View: imagev1.View_VIEW_FULL}
+	resp, err := u.Client.API.GetImage(ctx, req, opts...)
+	if len(opts) > 0 && status.Code(err) == codes.Unimplemented {
+		resp, err = u.Client.API.GetImage(ctx, req) // an upstream without gzip
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -197,12 +208,4 @@ func (u *Upstream) Close() error {
 	u.mu.Unlock()
 	u.cancel()
 	return errors.Join(u.cc.Close(), u.bcc.Close())
-}
-
-func resultBytes(res []blockproto.BlockResult) int {
-	n := 0
-	for _, r := range res {
-		n += len(r.Data)
-	}
-	return n
 }

@@ -25,6 +25,9 @@ type source struct {
 	// persistent root disk (FUSE path) instead of a redo log.
 	rootDisk string
 	diskName string
+	// profile is the image's working-set profile, asked for as the
+	// creation started (profile.go; nil: not asked).
+	profile *profileLookup
 }
 
 // CreateVM makes a VM from a golden image.
@@ -41,10 +44,12 @@ func (p *Plant) CreateVM(ctx context.Context, req *computev1.CreateVMRequest, pr
 		id = newID()
 	}
 	progress(computev1.VMState_VM_STATE_FETCHING, "reading the image's manifest and configuration")
+	profile := p.lookupProfile(ctx, req.Image) // in parallel: one round trip less before the restore
 	src, err := p.source(ctx, req.Image)
 	if err != nil {
 		return nil, err
 	}
+	src.profile = profile
 	if src.manifest.Writable {
 		return nil, fmt.Errorf("%q is a persistent disk, not a golden image; pass it as persistent_disk: %w", req.Image, errdefs.ErrInvalidArgument)
 	}

@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"time"
+	"sync"
 
 	"go.uber.org/zap"
 
@@ -49,16 +49,11 @@ const (
 	// RestoreEager copies the RAM file to the VM's directory first (its
 	// non-zero blocks), then maps the copy.
 	RestoreEager MemoryRestore = "eager"
-	// RestoreAuto picks eager when the plant has measured its upstream
-	// fast enough to bring the RAM file's non-zero bytes within
-	// autoEagerWithin (a guest then runs with no page faults through the
-	// network), lazy otherwise, and lazy while nothing was measured.
+	// RestoreAuto restores lazily and, when the image has no working-set
+	// profile and the RAM file is not local, streams the whole RAM file
+	// from the restore on (autorestore.go).
 	RestoreAuto MemoryRestore = "auto"
 )
-
-// autoEagerWithin is how long an eager copy may take for auto to choose
-// it: about what a lazy clone needs to be ready.
-const autoEagerWithin = 500 * time.Millisecond
 
 // ParseMemoryRestore checks a --memory-restore value ("" is auto).
 func ParseMemoryRestore(s string) (MemoryRestore, error) {
@@ -98,19 +93,35 @@ func memoryTemplate(mf *vmm.MemoryFile) *vmm.MemoryFile {
 type lazyMem struct {
 	ram, root gvfs.File // root: the golden disk under the redo log (nil for a persistent root)
 	profile   *profile  // its working-set recording and prefetch (profile.go)
-	cancel    context.CancelFunc
-	done      chan struct{}
-	release   func() // of the RAM file's Hold, while the guest runs
+	// The fetch of the rest (hydrate.go): nil until it starts; err is why
+	// it ended, once done is closed. stopStream ends a stream of the RAM
+	// file started at the restore (nil: none).
+	cancel     context.CancelFunc
+	done       chan struct{}
+	err        error
+	stopStream func()
+	release    func() // of the RAM file's Hold, while the guest runs
+	once       sync.Once
 }
 
-// stop ends the hydration (a destroyed VM); nil does nothing.
+// stop ends the fetch of the rest (a destroyed VM, a failed creation) and
+// the Hold; nil or stopped already does nothing.
 func (m *lazyMem) stop() {
-	if m == nil || m.cancel == nil {
+	if m == nil {
 		return
 	}
-	m.cancel()
-	<-m.done
-	m.release()
+	m.once.Do(func() {
+		if m.stopStream != nil {
+			m.stopStream()
+		}
+		if m.cancel != nil {
+			m.cancel()
+			<-m.done
+		}
+		if m.release != nil {
+			m.release()
+		}
+	})
 }
 
 // memory chooses the restore of the image's memory and sets the spec's
@@ -124,7 +135,7 @@ func (l *line) memory(ctx context.Context) (vmm.Incoming, error) {
 			// clone): RAM is in the stream; the backend is a private file.
 			l.spec.MemoryFile = &vmm.MemoryFile{Path: filepath.Join(l.v.dir, RAMFile)}
 		}
-		l.setRestore(RestoreEager, 0)
+		l.setRestore(RestoreEager, 0, "the memory state holds the RAM")
 		return in, nil
 	}
 	in.IgnoreShared = true
@@ -132,9 +143,10 @@ func (l *line) memory(ctx context.Context) (vmm.Incoming, error) {
 	if err != nil {
 		return in, err
 	}
-	mode := l.p.memoryMode(ram)
-	l.setRestore(mode, ram.Size())
+	mode, why, stream := l.p.memoryMode(ram, l.prof)
+	l.setRestore(mode, ram.Size(), why)
 	if mode == RestoreEager {
+		l.prof.abandon() // nothing of the RAM file is read through the view
 		local := filepath.Join(l.v.dir, RAMFile)
 		if err := copyRAM(ctx, ram, local); err != nil {
 			return in, fmt.Errorf("copy the guest's RAM: %w", err)
@@ -147,59 +159,31 @@ func (l *line) memory(ctx context.Context) (vmm.Incoming, error) {
 		memMnt = l.p.cfg.Mountpoint
 	}
 	l.spec.MemoryFile = &vmm.MemoryFile{Path: filepath.Join(memMnt, l.src.image, l.src.config.RAM)}
-	l.v.mem = &lazyMem{ram: ram, profile: l.startProfile()}
+	l.v.mem = &lazyMem{ram: ram, profile: l.prof}
 	if l.cloned() {
 		if root, err := l.p.cfg.Proxy.Open(ctx, l.src.image, l.src.config.Root); err == nil {
 			l.v.mem.root = root
 		}
 	}
+	if stream {
+		l.v.mem.streamRAM(l.v) // hydrate.go; the restore step's undo stops it
+	}
 	return in, nil
 }
 
-// memoryUndo adds to the restore's undo the end of a lazy clone's profile
-// recording and prefetch (a failed creation leaves none running).
-func (l *line) memoryUndo(undo func(), err error) (func(), error) {
-	m := l.v.mem
-	if m == nil {
-		return undo, err
-	}
-	return func() {
-		if undo != nil {
-			undo()
-		}
-		m.profile.abandon()
-	}, err
-}
-
-func (l *line) setRestore(mode MemoryRestore, size uint64) {
+func (l *line) setRestore(mode MemoryRestore, size uint64, why string) {
 	l.v.mu.Lock()
 	l.v.ad.MemoryRestore, l.v.ad.MemoryBytes = string(mode), size
 	l.v.mu.Unlock()
-	l.log.Info("memory restore", zap.String("mode", string(mode)), zap.Uint64("ram_bytes", size))
-}
-
-// memoryMode resolves the plant's --memory-restore for one RAM file.
-func (p *Plant) memoryMode(ram gvfs.File) MemoryRestore {
-	switch p.cfg.MemoryRestore {
-	case RestoreLazy, RestoreEager:
-		return p.cfg.MemoryRestore
-	}
-	bw := p.cfg.Proxy.Upstream().Bandwidth()
-	if bw <= 0 {
-		return RestoreLazy
-	}
-	// What is not local yet are non-zero blocks the copy would fetch.
-	need := float64(ram.Size() - ram.LocalBytes())
-	if time.Duration(need/bw*float64(time.Second)) <= autoEagerWithin {
-		return RestoreEager
-	}
-	return RestoreLazy
+	l.log.Info("memory restore", zap.String("mode", string(mode)), zap.String("why", why), zap.Uint64("ram_bytes", size))
 }
 
 // copyRAM copies the RAM file's bytes into a sparse local file: zero
 // blocks are holes, as in the golden file. The blocks come in the prefetch
 // class, on the bulk connection: a bulk copy must not hold up running
-// guests' demand reads.
+// guests' demand reads. They are read block by block (ReadBlock), which
+// no working-set recording sees: another clone of the image recording its
+// profile on this plant must not take the copy for its guest's reads.
 func copyRAM(ctx context.Context, ram gvfs.File, path string) error {
 	if err := ram.Hydrate(ctx, gvfs.Prefetch, nil); err != nil {
 		return err
@@ -212,20 +196,21 @@ func copyRAM(ctx context.Context, ram gvfs.File, path string) error {
 	if err := out.Truncate(int64(ram.Size())); err != nil {
 		return err
 	}
-	buf := make([]byte, 1<<20)
-	for off := int64(0); off < int64(ram.Size()); off += int64(len(buf)) {
-		n, err := ram.ReadAt(ctx, buf, off)
+	buf := make([]byte, imagev1.MaxBlockSize)
+	bs := uint64(ram.Meta().BlockSize)
+	for idx := uint64(0); idx*bs < ram.Size(); idx++ {
+		b, err := ram.ReadBlock(ctx, idx, buf)
 		if err != nil {
 			return err
 		}
-		if blockproto.IsZero(buf[:n]) {
+		if b.Zero || blockproto.IsZero(b.Data) {
 			continue
 		}
-		if _, err := out.WriteAt(buf[:n], off); err != nil {
+		if _, err := out.WriteAt(b.Data, int64(idx*bs)); err != nil {
 			return err
 		}
 	}
-	return nil
+	return out.Close()
 }
 
 // hydrate starts fetching the rest of a lazily restored guest's RAM file

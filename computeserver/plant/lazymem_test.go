@@ -209,10 +209,14 @@ func TestLazyMemory(t *testing.T) {
 
 	t.Run("profile recorded, stored, and fetched first by a cold clone", func(t *testing.T) {
 		t.Logf("profile: %d blocks", profiled)
-		cold := startCompute(t, is.addr, func(c *computeserver.Config) { c.MemoryRestore = "lazy" })
+		// auto: an image with a profile restores lazily.
+		cold := startCompute(t, is.addr, func(c *computeserver.Config) { c.MemoryRestore = "auto" })
 		ad3, _, err := create(ctx, cold.plants, &computev1.CreateVMRequest{VmId: "lazy-3", Image: "lazy"})
 		if err != nil {
 			t.Fatal(err)
+		}
+		if ad3.MemoryRestore != "lazy" {
+			t.Fatalf("--memory-restore auto restored a clone of an image with a profile %s", ad3.MemoryRestore)
 		}
 		checkMem(t, ctx, cold.plants, ad3.VmId, memFiles[0].name)
 		if c, ok := cold.Proxy.FirstRequestClass("lazy", plant.RAMFile); !ok || c != gvfs.Prefetch {
@@ -226,6 +230,38 @@ func TestLazyMemory(t *testing.T) {
 			t.Fatal("the profile's blocks were not fetched, or none was used")
 		}
 		cold.stop()
+	})
+
+	t.Run("auto without a profile streams the RAM file", func(t *testing.T) {
+		if _, err := imageclient.NewClient(cc).API.PutProfile(ctx, &imagev1.PutProfileRequest{Image: "lazy"}); err != nil {
+			t.Fatal(err)
+		}
+		// Hydration would wait 10 minutes: only the stream makes the RAM
+		// file local.
+		auto := startCompute(t, is.addr, func(c *computeserver.Config) { c.MemoryRestore, c.HydrateAfter = "auto", 10*time.Minute })
+		ad4, _, err := create(ctx, auto.plants, &computev1.CreateVMRequest{VmId: "lazy-4", Image: "lazy"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ad4.MemoryRestore != "lazy" {
+			t.Fatalf("auto restored a clone of an image without a profile %s", ad4.MemoryRestore)
+		}
+		checkMem(t, ctx, auto.plants, ad4.VmId, memFiles[2].name)
+		for {
+			got, err := auto.plants.GetVM(ctx, &computev1.GetVMRequest{VmId: ad4.VmId})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.MemoryLocalBytes == got.MemoryBytes {
+				t.Logf("ready in %s; the RAM file streamed (%d bytes local)", time.Duration(ad4.ReadyNanos), got.MemoryLocalBytes)
+				break
+			}
+			if ctx.Err() != nil {
+				t.Fatalf("the RAM file never became local (%d of %d bytes)", got.MemoryLocalBytes, got.MemoryBytes)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		auto.stop()
 	})
 
 	t.Run("two clones share the golden's pages", func(t *testing.T) {

@@ -25,6 +25,7 @@ import (
 // New stages (lazy memory, networks, migration) are steps added here.
 var productionLine = []step{
 	{name: "prepare", do: (*line).prepare},
+	{name: "profile", when: (*line).profiled, do: (*line).startProfile}, // profile.go
 	{name: "network", when: (*line).networked, do: (*line).network},
 	{name: "stock machine", when: (*line).stockMachineNeeded, do: (*line).stockMachine}, // stock.go
 	{name: "cloud-init seed", when: (*line).cloudInit, do: (*line).cloudInitSeed},       // cloudinit.go
@@ -66,6 +67,7 @@ type line struct {
 	spec     vmm.Spec
 	ad       *computev1.ClassAd // the result
 	seeded   *seed              // the cloud-init seed that carried the actions (cloudinit.go)
+	prof     *profile           // working-set recording and prefetch (profile.go)
 	// network.go: the NIC, its segment's MTU, whether it is hot-plugged
 	// (and the ports that took), the MAC the guest has (the image's).
 	nic        vmm.NIC
@@ -167,11 +169,16 @@ func (l *line) restore(ctx context.Context) (func(), error) {
 	l.v.setState(computev1.VMState_VM_STATE_RESTORING)
 	l.progress(computev1.VMState_VM_STATE_RESTORING, "restoring the memory state through the FUSE view")
 	in, err := l.memory(ctx) // lazymem.go: lazy or eager, and the RAM backend
-	if err != nil {
-		return nil, err
+	if err == nil {
+		var m vmm.Machine
+		m, err = vmm.Restore(ctx, l.p.cfg.Driver, l.spec, in)
+		var undo func()
+		if undo, err = l.started(m, err); err == nil {
+			return func() { undo(); l.v.mem.stop() }, nil
+		}
 	}
-	m, err := vmm.Restore(ctx, l.p.cfg.Driver, l.spec, in)
-	return l.memoryUndo(l.started(m, err))
+	l.v.mem.stop() // a streaming RAM file (lazymem.go)
+	return nil, err
 }
 
 // boot cold-boots an image that has no memory state.

@@ -122,6 +122,12 @@ type Plant struct {
 	images map[string]uint64 // bytes fetched for clones of each image
 	// draining: the plant is leaving and takes no new VMs (drain.go).
 	draining bool
+
+	// closing is closed when Close starts; bg counts the goroutines that
+	// outlive a creation (profile recordings), which Close waits for.
+	closing   chan struct{}
+	closeOnce sync.Once
+	bg        sync.WaitGroup
 }
 
 type vm struct {
@@ -181,7 +187,7 @@ func New(cfg Config) (*Plant, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return nil, err
 	}
-	p := &Plant{cfg: cfg, log: cfg.Logger, vms: map[string]*vm{}, images: map[string]uint64{}}
+	p := &Plant{cfg: cfg, log: cfg.Logger, vms: map[string]*vm{}, images: map[string]uint64{}, closing: make(chan struct{})}
 	p.reap()
 	if err := p.reconcileNetwork(); err != nil {
 		return nil, err
@@ -435,8 +441,11 @@ func (p *Plant) Exec(ctx context.Context, id string, e *computev1.ExecAction) (*
 	return &computev1.ExecVMResponse{ExitCode: int32(resp.ExitCode), Stdout: resp.Stdout, Stderr: resp.Stderr, Results: resp.Results, Error: resp.Error}, nil
 }
 
-// Close stops every VM (persistent disks are written back).
+// Close stops every VM (persistent disks are written back) and abandons
+// the profile recordings still running.
 func (p *Plant) Close(ctx context.Context) {
+	p.closeOnce.Do(func() { close(p.closing) })
+	defer p.bg.Wait()
 	p.mu.Lock()
 	ids := make([]string, 0, len(p.vms))
 	for id := range p.vms {

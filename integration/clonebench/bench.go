@@ -101,10 +101,22 @@ const (
 	RowLazyProfile = "vmgrid_lazy_profile"
 	RowDemandIdle  = "demand_read_idle"
 	RowDemandBulk  = "demand_read_bulk"
+	RowWarmLazy    = "vmgrid_warm_lazy"
+	RowAuto        = "vmgrid_auto"
+	// The image built with 4x the guest RAM.
+	RowLazy4x        = "vmgrid_lazy_4x"
+	RowLazyProfile4x = "vmgrid_lazy_profile_4x"
+	// The run-time cost of a lazy restore.
+	RowWorkEager = "workload_eager"
+	RowWorkLazy  = "workload_lazy"
 )
 
-// image is the golden image's name on the run's own image server.
-const image = "golden"
+// image is the golden image's name on the run's own image server; image4x
+// the same recipe built with 4x the guest RAM (the 4x rows).
+const (
+	image   = "golden"
+	image4x = "golden4x"
+)
 
 // bench is one run in progress.
 type bench struct {
@@ -116,13 +128,16 @@ type bench struct {
 
 	golden     *plant.Golden
 	goldenPath map[string]string // image file name → image-side path
-	localDir   string            // the golden files on the compute side's disk
-	wan        *WAN
-	imagesWAN  string // the image server, across the WAN
-	copyWAN    string // the file server, across the WAN
-	nbdURL     string // qemu-nbd, across the WAN
-	l2         *cacheProxy
-	id         identity // the servers' tokens (startImageServer makes them)
+	// The image with 4x the RAM (nil with --image) and its files.
+	golden4x     *plant.Golden
+	golden4xPath map[string]string
+	localDir     string // the golden files on the compute side's disk
+	wan          *WAN
+	imagesWAN    string // the image server, across the WAN
+	copyWAN      string // the file server, across the WAN
+	nbdURL       string // qemu-nbd, across the WAN
+	l2           *cacheProxy
+	id           identity // the servers' tokens (startImageServer makes them)
 
 	rows map[string]*Row
 
@@ -209,6 +224,11 @@ func (b *bench) setup(ctx context.Context, res *Results) error {
 	}
 	if err := b.buildGolden(ctx, cc, agentPath, res); err != nil {
 		return err
+	}
+	if b.wants(RowLazyProfile4x) {
+		if err := b.setup4x(ctx, cc, agentPath); err != nil {
+			return err
+		}
 	}
 	if err := b.startImageSide(ctx, images); err != nil {
 		return err
@@ -342,6 +362,8 @@ func (b *bench) repeat(ctx context.Context, rep int) error {
 		{RowNBD, b.runNBD},
 		{RowCold, b.runColdWarm},
 		{RowLazy, b.runLazy},
+		{RowLazyProfile4x, b.runLazy4x},
+		{RowWorkLazy, b.runWorkload},
 		{RowDemandBulk, b.runDemand},
 		{RowL2, b.runL2},
 		{RowParallel, b.runParallel},
@@ -361,13 +383,23 @@ func (b *bench) repeat(ctx context.Context, rep int) error {
 	return nil
 }
 
+// companions are the rows measured together with a row key (--rows names
+// any of them).
+var companions = map[string][]string{
+	RowCold:          {RowWarm},
+	RowLazy:          {RowAuto, RowLazyProfile, RowWarmLazy},
+	RowLazyProfile4x: {RowLazy4x},
+	RowWorkLazy:      {RowWorkEager},
+	RowDemandBulk:    {RowDemandIdle},
+}
+
 // wants reports whether the row of key is to be measured.
 func (b *bench) wants(key string) bool {
 	if len(b.opts.Rows) == 0 {
 		return true
 	}
 	for _, k := range b.opts.Rows {
-		if k == key || key == RowCold && k == RowWarm || key == RowLazy && k == RowLazyProfile || key == RowDemandBulk && k == RowDemandIdle {
+		if k == key || slices.Contains(companions[key], k) {
 			return true
 		}
 	}
@@ -480,7 +512,7 @@ func (b *bench) runColdWarm(ctx context.Context, rep int) error {
 	defer func() { n.Close(); os.RemoveAll(dir) }()
 	for i, key := range []string{RowCold, RowWarm} {
 		before := n.stats()
-		r, id, link, err := b.tracedClone(ctx, n, key, rep)
+		r, id, link, err := b.tracedClone(ctx, n, image, key, rep)
 		if err != nil {
 			return fmt.Errorf("%s: %w", key, err)
 		}
@@ -502,12 +534,12 @@ func (b *bench) runColdWarm(ctx context.Context, rep int) error {
 
 // tracedClone times one clone on n with the WAN traced: its sample, VM
 // id and what the link did.
-func (b *bench) tracedClone(ctx context.Context, n *node, key string, rep int) (Sample, string, *LinkUse, error) {
+func (b *bench) tracedClone(ctx context.Context, n *node, img, key string, rep int) (Sample, string, *LinkUse, error) {
 	var id string
 	var link *LinkUse
 	r, err := b.timed(func(ph Phases) error {
 		stop := b.wan.trace()
-		ad, err := n.clone(ctx, image, fmt.Sprintf("%s-%d", key, rep), ph)
+		ad, err := n.clone(ctx, img, fmt.Sprintf("%s-%d", key, rep), ph)
 		link = stop()
 		if ad != nil {
 			id = ad.VmId

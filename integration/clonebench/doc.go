@@ -63,6 +63,16 @@
 //     is what the cold run fetched: the blocks in its block cache and the
 //     whole files in its file cache.
 //
+// The lazy memory rows (lazy.go): fresh plants with --memory-restore auto
+// and lazy clone the image without a working-set profile (each clone
+// records it), then lazy with it, then warm on the same plant; the same two cold rows for
+// the run's recipe built again with 4x the guest RAM (goal: within 1.2x);
+// a workload touching most of the guest's memory run right after an eager
+// and a lazy cold clone (goal: within 10%); and one demand block read with
+// the link idle and while the plant copies a RAM file in bulk (goal: ≤ 2
+// RTT + the block's transfer time). Their hydration waits past the
+// measurement, except in the workload rows (default --hydrate-after).
+//
 // Two reference rows explain the parallel row: "parallel, local" (N local
 // clones at once: what this machine's cores allow) and "parallel via L2"
 // (N plants behind one cold cache proxy on the compute side, so the WAN

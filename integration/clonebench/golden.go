@@ -17,8 +17,14 @@ import (
 // makeGolden builds the golden image of the run's recipe and publishes it,
 // or takes the one Options.Golden supplies and publishes that.
 func (b *bench) makeGolden(ctx context.Context, dir string, cc *grpc.ClientConn, agentPath string) (*plant.Golden, error) {
+	return b.buildRecipe(ctx, image, 0, dir, cc, agentPath)
+}
+
+// buildRecipe builds and publishes the run's recipe as name with
+// memoryMiB of guest RAM (0: the recipe's own).
+func (b *bench) buildRecipe(ctx context.Context, name string, memoryMiB int, dir string, cc *grpc.ClientConn, agentPath string) (*plant.Golden, error) {
 	cl := imageclient.NewClient(cc)
-	if b.opts.Golden != nil {
+	if b.opts.Golden != nil && name == image {
 		g, err := b.opts.Golden(ctx, dir)
 		if err != nil {
 			return nil, err
@@ -29,12 +35,13 @@ func (b *bench) makeGolden(ctx context.Context, dir string, cc *grpc.ClientConn,
 		return g, nil
 	}
 	var recipe imagebuild.Recipe = &imagebuild.Tiny{Hook: plant.GoldenHook, ExtraFiles: map[string]string{"/sbin/vmgrid-agent": agentPath},
-		ExtraCmdline: b.opts.GuestCmdline, Logger: b.srvLog.Named("imagebuild")}
+		ExtraCmdline: b.opts.GuestCmdline, MemoryMiB: memoryMiB, Logger: b.srvLog.Named("imagebuild")}
 	if b.opts.Recipe == RecipeDebian {
-		recipe = &imagebuild.Debian{Agent: agentPath, Packages: b.opts.Packages, ExtraCmdline: b.opts.GuestCmdline, Logger: b.srvLog.Named("imagebuild")}
+		recipe = &imagebuild.Debian{Agent: agentPath, Packages: b.opts.Packages, ExtraCmdline: b.opts.GuestCmdline, MemoryMiB: memoryMiB,
+			Logger: b.srvLog.Named("imagebuild")}
 	}
 	return plant.BuildGolden(ctx, plant.GoldenOptions{
-		Name: image, WorkDir: dir, Driver: b.driver, Publish: cl, Logger: b.srvLog.Named("golden"), Recipe: recipe,
+		Name: name, WorkDir: dir, Driver: b.driver, Publish: cl, Logger: b.srvLog.Named("golden"), Recipe: recipe,
 	})
 }
 

@@ -5,17 +5,25 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
 
 	"github.com/vmgrid/vmgrid/computeserver"
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/computeserver/plant"
 	"github.com/vmgrid/vmgrid/imageserver/blockproto"
+	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	imagev1 "github.com/vmgrid/vmgrid/proto/vmgrid/image/v1"
 )
 
-// Lazy memory rows: a cold lazy clone of the image without a profile (it
-// records one), a cold lazy clone that prefetches that profile, and a
+// Lazy memory rows: a cold auto clone and a cold lazy clone of the image
+// without a profile (each records one), a cold lazy clone that prefetches
+// the profile and a warm one after it on the same plant; the same two cold rows for the image
+// built with 4x the guest RAM; a workload that touches most of the
+// guest's memory right after an eager and after a lazy restore; and a
 // demand block read on a plant that is copying a RAM file in bulk.
 
 // memoryRestore sets a node's --memory-restore; hydration waits past the
@@ -26,15 +34,49 @@ func memoryRestore(m plant.MemoryRestore) func(*computeserver.Config) {
 	}
 }
 
-// runLazy measures RowLazy and RowLazyProfile.
+// lazyRows are the rows of one image's lazy clones: auto and lazy
+// without a profile, lazy with it, and warm after that ("": not measured).
+type lazyRows struct {
+	image                       string
+	paths                       map[string]string // the image's files on the image side
+	auto, noProfile, with, warm string
+}
+
+// runLazy measures RowAuto, RowLazy, RowLazyProfile and RowWarmLazy.
 func (b *bench) runLazy(ctx context.Context, rep int) error {
-	for _, key := range []string{RowLazy, RowLazyProfile} {
+	return b.lazyRows(ctx, rep, lazyRows{image: image, paths: b.goldenPath, auto: RowAuto, noProfile: RowLazy, with: RowLazyProfile, warm: RowWarmLazy})
+}
+
+// runLazy4x measures RowLazy4x and RowLazyProfile4x on the image built
+// with 4x the RAM (setup4x).
+func (b *bench) runLazy4x(ctx context.Context, rep int) error {
+	if b.golden4x == nil {
+		return nil // --image: no recipe to build it from
+	}
+	return b.lazyRows(ctx, rep, lazyRows{image: image4x, paths: b.golden4xPath, noProfile: RowLazy4x, with: RowLazyProfile4x})
+}
+
+// lazyRows clones the image on fresh plants: with auto and with lazy
+// without a profile (each records one), then lazy with the profile and
+// warm on that plant.
+func (b *bench) lazyRows(ctx context.Context, rep int, rows lazyRows) error {
+	for _, key := range []string{rows.auto, rows.noProfile, rows.with} {
+		if key == "" {
+			continue
+		}
+		mode := plant.RestoreLazy
+		if key == rows.auto {
+			mode = plant.RestoreAuto
+		}
 		dir := filepath.Join(b.work, fmt.Sprintf("cs-%s-%d", key, rep))
-		n, err := startNode(ctx, b.id, fmt.Sprintf("%s-%d", key, rep), dir, b.imagesWAN, b.opts.Compress, b.driver, b.srvLog, memoryRestore(plant.RestoreLazy))
+		n, err := startNode(ctx, b.id, fmt.Sprintf("%s-%d", key, rep), dir, b.imagesWAN, b.opts.Compress, b.driver, b.srvLog, memoryRestore(mode))
 		if err != nil {
 			return err
 		}
-		err = b.lazyClone(ctx, n, key, rep)
+		err = b.lazyClone(ctx, n, rows, key, rep)
+		if err == nil && key == rows.with && rows.warm != "" {
+			err = b.warmClone(ctx, n, rows, rep)
+		}
 		n.Close()
 		os.RemoveAll(dir)
 		if err != nil {
@@ -44,24 +86,24 @@ func (b *bench) runLazy(ctx context.Context, rep int) error {
 	return nil
 }
 
-func (b *bench) lazyClone(ctx context.Context, n *node, key string, rep int) error {
+func (b *bench) lazyClone(ctx context.Context, n *node, rows lazyRows, key string, rep int) error {
 	api := n.Proxy.Upstream().Client.API
-	if key == RowLazy {
+	if key != rows.with {
 		// No profile: this clone records it.
-		if _, err := api.PutProfile(ctx, &imagev1.PutProfileRequest{Image: image}); err != nil {
+		if _, err := api.PutProfile(ctx, &imagev1.PutProfileRequest{Image: rows.image}); err != nil {
 			return err
 		}
-	} else if err := waitProfile(ctx, api); err != nil {
+	} else if err := waitProfile(ctx, api, rows.image); err != nil {
 		return err
 	}
 	before := n.stats()
-	r, id, link, err := b.tracedClone(ctx, n, key, rep)
+	r, id, link, err := b.tracedClone(ctx, n, rows.image, key, rep)
 	if err != nil {
 		return err
 	}
 	d := n.stats().minus(before)
 	r.Plane, r.Link = &d, link
-	if r.Needed, err = neededBytes(ctx, n.Proxy, image, b.goldenPath); err != nil {
+	if r.Needed, err = neededBytes(ctx, n.Proxy, rows.image, rows.paths); err != nil {
 		return fmt.Errorf("what the lazy clone needed: %w", err)
 	}
 	// The profile is recorded until 2 s after ready (plant/profile.go):
@@ -76,7 +118,115 @@ func (b *bench) lazyClone(ctx context.Context, n *node, key string, rep int) err
 	return nil
 }
 
-func waitProfile(ctx context.Context, api imagev1.ImageServiceClient) error {
+// warmClone clones again on the plant of the lazy + profile row: the
+// blocks the first clone read are in its block cache.
+func (b *bench) warmClone(ctx context.Context, n *node, rows lazyRows, rep int) error {
+	before := n.stats()
+	r, id, _, err := b.tracedClone(ctx, n, rows.image, rows.warm, rep)
+	if err != nil {
+		return err
+	}
+	d := n.stats().minus(before)
+	r.Plane = &d
+	if err := n.destroy(ctx, id); err != nil {
+		return err
+	}
+	b.record(rows.warm, r)
+	return nil
+}
+
+// setup4x builds the run's recipe again with 4x the guest RAM and
+// publishes it as image4x (not with --image: there is no recipe).
+func (b *bench) setup4x(ctx context.Context, cc *grpc.ClientConn, agentPath string) error {
+	if b.opts.Golden != nil {
+		b.log.Info("no 4x RAM rows: the image was fetched (--image), not built")
+		return nil
+	}
+	dir, err := b.dir("golden4x")
+	if err != nil {
+		return err
+	}
+	mib := 4 * int(b.golden.Attrs.GetMemoryMib())
+	b.log.Info("building the golden image with 4x the RAM", zap.String("image", image4x), zap.Int("memory_mib", mib))
+	if b.golden4x, err = b.buildRecipe(ctx, image4x, mib, dir, cc, agentPath); err != nil {
+		return fmt.Errorf("golden image with 4x the RAM: %w", err)
+	}
+	b.golden4xPath = map[string]string{}
+	for _, f := range b.golden4x.Files {
+		b.golden4xPath[f.Name] = f.Path
+	}
+	return nil
+}
+
+// workload touches most of a guest's memory: every running program's
+// binary (pages the golden guest had), then 70% of the available memory
+// written and read back in a tmpfs of its own (pages that were free, zero
+// in the RAM file). It prints the MiB written.
+const workload = `set -e
+d=/run/vmgrid-touch
+mkdir -p $d
+mount -t tmpfs -o size=90% tmpfs $d
+for p in /proc/[0-9]*/exe; do cat "$p" 2>/dev/null || true; done > /dev/null
+n=$(awk '/^MemAvailable:/ {print int($2*7/10/1024)}' /proc/meminfo)
+dd if=/dev/zero of=$d/heap bs=1M count=$n 2>/dev/null
+cat $d/heap > /dev/null
+umount $d
+rmdir $d
+echo $n`
+
+// runWorkload measures RowWorkEager and RowWorkLazy: the workload run
+// right after a cold clone is ready, restored eagerly and lazily (with the
+// profile, when the lazy rows made one), on fresh plants hydrating as
+// they do by default.
+func (b *bench) runWorkload(ctx context.Context, rep int) error {
+	for _, w := range []struct {
+		key  string
+		mode plant.MemoryRestore
+	}{{RowWorkEager, plant.RestoreEager}, {RowWorkLazy, plant.RestoreLazy}} {
+		dir := filepath.Join(b.work, fmt.Sprintf("cs-%s-%d", w.key, rep))
+		n, err := startNode(ctx, b.id, fmt.Sprintf("%s-%d", w.key, rep), dir, b.imagesWAN, b.opts.Compress, b.driver, b.srvLog,
+			func(c *computeserver.Config) { c.MemoryRestore = string(w.mode) })
+		if err != nil {
+			return err
+		}
+		err = b.workloadAfterClone(ctx, n, w.key, rep)
+		n.Close()
+		os.RemoveAll(dir)
+		if err != nil {
+			return fmt.Errorf("%s: %w", w.key, err)
+		}
+	}
+	return nil
+}
+
+func (b *bench) workloadAfterClone(ctx context.Context, n *node, key string, rep int) error {
+	ad, err := n.clone(ctx, image, fmt.Sprintf("%s-%d", key, rep), nil)
+	if err != nil {
+		return err
+	}
+	var out string
+	r, err := b.timed(func(Phases) error {
+		resp, err := n.client.ExecVM(ctx, &computev1.ExecVMRequest{VmId: ad.VmId, Exec: &computev1.ExecAction{Argv: []string{"sh", "-c", workload}}})
+		if err != nil {
+			return err
+		}
+		if out = strings.TrimSpace(string(resp.Stdout)); resp.ExitCode != 0 {
+			return fmt.Errorf("the workload exited %d: %s%s", resp.ExitCode, resp.Stdout, resp.Stderr)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	b.log.Info("workload after the clone", zap.String("row", key), zap.String("memory_restore", ad.MemoryRestore), zap.String("mib_written", out))
+	if err := n.destroy(ctx, ad.VmId); err != nil {
+		return err
+	}
+	b.record(key, r)
+	return nil
+}
+
+func waitProfile(ctx context.Context, api imagev1.ImageServiceClient, image string) error {
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
 		resp, err := api.GetProfile(ctx, &imagev1.GetProfileRequest{Image: image})
 		if err != nil {

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 
+	"github.com/vmgrid/vmgrid/computeserver"
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/auth"
 	"github.com/vmgrid/vmgrid/shop/market"
@@ -192,8 +193,10 @@ func (g *grid) startPlant(name, upstream string, joinMarket bool, retry time.Dur
 
 // cleanPlant unmounts the plant's view and kills QEMUs it left.
 func (g *grid) cleanPlant(p *plant) {
-	if err := unmount(p.mnt); err != nil {
-		g.t.Errorf("unmount %s: %v", p.mnt, err)
+	for _, mnt := range []string{p.mnt, computeserver.MemoryMountpoint(p.mnt)} {
+		if err := unmount(mnt); err != nil {
+			g.t.Errorf("unmount %s: %v", mnt, err)
+		}
 	}
 	if q := qemusUnder(p.spec.DataDir); len(q) > 0 {
 		g.t.Errorf("%s left QEMUs %v after it stopped", p.name, q)

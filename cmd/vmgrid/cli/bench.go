@@ -47,6 +47,12 @@ answering after set_hostname, through an emulated WAN (toxiproxy in-process:
   vmgrid parallel  --plants fresh compute servers at once (makespan)
   limit            local + compressed bytes cold needed / bandwidth + 1 RTT
 
+and the lazy memory rows: cold auto and lazy clones without the image's
+working-set profile, a cold lazy clone with it, a warm lazy clone, the same cold rows for the recipe
+built with 4x the guest RAM, a workload touching most of the guest's memory
+right after an eager and a lazy restore, and a demand block read with the
+link idle and while another clone's RAM streams.
+
 It needs QEMU (qemu-system-x86, qemu-utils), fuse3 and root. The guest agent
 is built with the go tool unless --agent names a static vmgrid-agent.
 Results: a table on stdout, results.json and results.md in --out.`,
@@ -99,7 +105,7 @@ func addCloneBenchFlags(f *pflag.FlagSet, o *clonebench.Options, out *string, sm
 	f.IntVar(&o.Plants, "plants", clonebench.DefaultPlants, "compute servers that clone at once in the parallel rows")
 	f.BoolVar(&o.Compress, "compress", true, "compute servers ask for zstd-compressed blocks across the WAN")
 	f.StringVar(out, "out", "", "directory for results.json and results.md (empty: only print the table)")
-	f.StringSliceVar(&o.Rows, "rows", nil, "rows to measure (default all): local, full_copy, qemu_nbd, vmgrid_cold (eager, with vmgrid_warm), vmgrid_lazy (with vmgrid_lazy_profile), demand_read_bulk (with demand_read_idle), vmgrid_l2, vmgrid_parallel, parallel_l2, parallel_local")
+	f.StringSliceVar(&o.Rows, "rows", nil, "rows to measure (default all): local, full_copy, qemu_nbd, vmgrid_cold (eager, with vmgrid_warm), vmgrid_lazy (with vmgrid_auto, vmgrid_lazy_profile, vmgrid_warm_lazy), vmgrid_lazy_profile_4x (with vmgrid_lazy_4x: the recipe built again with 4x the RAM), workload_lazy (with workload_eager), demand_read_bulk (with demand_read_idle), vmgrid_l2, vmgrid_parallel, parallel_l2, parallel_local")
 	f.BoolVar(smoke, "smoke", false, "quick run for CI: 1 repeat, --rtt 4ms, --bandwidth-mbit 1000, --plants 2, no reference rows, unless given")
 	f.StringVar(&o.Agent, "agent", "", "static guest agent binary (default: build cmd/vmgrid-agent with the go tool)")
 	f.StringSliceVar(&o.GuestCmdline, "guest-cmdline", nil, "appended to the golden image's kernel command line (e.g. mitigations=off)")
