@@ -25,10 +25,7 @@ import (
 // (shortlist of 8 from its watched copy of the registry, the auction
 // published in etcd, the invited plants' bids collected and ranked). 1,000
 // plants run in the same benchmark for comparison. etcd and the simulated
-// plants run in a process of their own (the test binary again, see
-// TestSimPlantsProcess), as they do on their own hosts: in the shop's
-// process, their garbage (10,000 watches and leases) made its collector
-// stall placements (p99 126 ms, 17 ms with GOGC=400). It reports p50/p99
+// plants run in processes of their own (simGrid). It reports p50/p99
 // of placement and the etcd writes per placement (revisions: the auction,
 // each bid, the lease revoked with them). The target: p99 ≤ 50 ms.
 // Run: make bench-placement
