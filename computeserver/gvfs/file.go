@@ -46,6 +46,10 @@ type File interface {
 	// Prefetch fetches the given blocks in the background, in the prefetch
 	// class (working-set profiles), and returns those it asked for.
 	Prefetch(idxs []uint64) []uint64
+	// StartRun starts fetching the blocks [first, first+count) not yet
+	// local in class c, as one upstream request per run rather than one
+	// per block (a cache proxy serving a request for a run).
+	StartRun(c Class, first uint64, count uint32)
 	// Hydrate fetches every block not yet local, in class c, and returns
 	// when all are (hydrate.go).
 	Hydrate(ctx context.Context, c Class, progress func(local uint64)) error

@@ -451,6 +451,23 @@ func (f *blockFile) aheadRange(off, end int64) (from, to uint64, ok bool) {
 	return from, to, true
 }
 
+// StartRun starts fetching the blocks [first, first+count) that are
+// neither zero nor cached, in class c, in runs: a cache proxy asked for a
+// run asks its upstream for it once, and the block-by-block reads that
+// answer the request join those fetches (blockproto.RunStarter).
+func (f *blockFile) StartRun(c Class, first uint64, count uint32) {
+	var want []uint64
+	blocks := (f.meta.Size + f.blockSize() - 1) / f.blockSize()
+	for idx := first; idx < blocks && idx-first < uint64(count); idx++ {
+		if !f.zero(idx) && !f.p.cache.Has(f.key, idx) {
+			want = append(want, idx)
+		}
+	}
+	if len(want) > 0 {
+		f.p.fetchClass(f, want, c)
+	}
+}
+
 // Prefetch fetches the given blocks of a file in the background, in the
 // prefetch class (working-set profiles), and returns the blocks it asked
 // for (those not zero and not cached).

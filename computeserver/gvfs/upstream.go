@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding/gzip"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/vmgrid/vmgrid/imageserver/blockproto"
@@ -58,6 +59,25 @@ const (
 
 func (c Class) String() string {
 	return [...]string{"demand", "prefetch", "background"}[c]
+}
+
+// ClassHeader is the gRPC metadata key a ReadBlocks stream names its class
+// with, so that a cache proxy asks its own upstream in the same class: a
+// plant's hydration through a proxy stays behind other plants' faults
+// across the WAN too. A stream without it is demand.
+const ClassHeader = "vmgrid-read-class"
+
+// ParseClass reads a ClassHeader value ("" is demand).
+func ParseClass(s string) (Class, error) {
+	if s == "" {
+		return Demand, nil
+	}
+	for c := range numClasses {
+		if c.String() == s {
+			return c, nil
+		}
+	}
+	return Demand, fmt.Errorf("%s %q: want demand, prefetch or background", ClassHeader, s)
 }
 
 const (
@@ -111,7 +131,7 @@ func (u *Upstream) stream(c Class) (*imageclient.BlockStream, error) {
 	if c != Demand {
 		client = u.Bulk
 	}
-	bs, err := client.OpenBlockStream(u.ctx, u.compress)
+	bs, err := client.OpenBlockStream(metadata.AppendToOutgoingContext(u.ctx, ClassHeader, c.String()), u.compress)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %s: %w", u.Addr, err)
 	}

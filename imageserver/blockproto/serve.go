@@ -35,6 +35,17 @@ type BlockSource interface {
 	ReadRange(ctx context.Context, off uint64, buf []byte) (zero bool, err error)
 }
 
+// RunStarter is a BlockSource whose blocks may be slow to come (a cache
+// proxy's file, read from its own upstream on a miss). ServeReadBlocks
+// tells it each request's whole run before its workers read the run's
+// blocks one by one, so that the source fetches the run at once: one
+// upstream request for the run instead of one per block, and as many
+// runs in flight as the client pipelines rather than as many blocks as
+// there are workers.
+type RunStarter interface {
+	StartRun(first uint64, count uint32)
+}
+
 // SourceOpener resolves an image's file. valid reports whether a source
 // opened earlier on the same stream may still be used.
 type SourceOpener interface {
@@ -124,6 +135,9 @@ func receiveReads(ctx context.Context, stream imagev1.ImageService_ReadBlocksSer
 				continue
 			}
 			sources[key] = src
+		}
+		if rs, ok := src.(RunStarter); ok {
+			rs.StartRun(req.Block, max(req.Count, 1))
 		}
 		for i := uint64(0); i < uint64(max(req.Count, 1)); i++ {
 			select {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -12,6 +13,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
 	"github.com/vmgrid/vmgrid/computeserver/gvfs/cacheproxy"
@@ -145,4 +149,66 @@ func TestCascade(t *testing.T) {
 		time.Sleep(2*gvfs.DiskRecheck + 100*time.Millisecond)
 		gvfstest.SameBytes(t, "c after a write past the proxy", gvfstest.ReadVia(t, c, "disk", "disk.raw", 0, size), ref)
 	})
+}
+
+// TestProxyAsksInRuns: a plant's read of a run of blocks reaches the
+// image server as runs too. The proxy's readers answer a request block by
+// block, but it starts the request's misses at once, so it asks its
+// upstream no more often than its client asked it (it once asked a block
+// at a time: four blocks a round trip through a proxy on a WAN).
+func TestProxyAsksInRuns(t *testing.T) {
+	srv := testutil.StartServer(t, "")
+	rng := rand.New(rand.NewPCG(21, 21))
+	mem := testutil.MemoryLike(rng, 6<<20, 0.1, 0.1)
+	gvfstest.Publish(t, srv.Client, "img",
+		gvfstest.GoldenFile{Name: "mem.ram", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Policy: imagev1.TransferPolicy_TRANSFER_POLICY_BLOCKS, Data: mem})
+	lan, lanAddr := serveProxy(t, srv.Srv.Addr())
+	a := gvfstest.NewProxy(t, lanAddr, "")
+	gvfstest.SameBytes(t, "mem.ram through the proxy", gvfstest.ReadVia(t, a, "img", "mem.ram", 0, len(mem)), mem)
+	asked, fetched := a.Stats().Requests.Load(), a.Stats().FetchedBlocks.Load()
+	if asked == 0 || fetched < 4*asked {
+		t.Fatalf("the plant asked %d times for %d blocks: not in runs, nothing to test", asked, fetched)
+	}
+	t.Logf("plant: %d requests, %d blocks; proxy: %d requests, %d blocks", asked, fetched, lan.Stats().Requests.Load(), lan.Stats().FetchedBlocks.Load())
+	if got := lan.Stats().Requests.Load(); got > asked {
+		t.Fatalf("the proxy asked its upstream %d times for the %d blocks its client asked for in %d requests", got, fetched, asked)
+	}
+	if got := lan.Stats().FetchedBlocks.Load(); got != fetched {
+		t.Fatalf("the proxy fetched %d blocks, its client %d", got, fetched)
+	}
+
+	// The classes go through: a plant's hydration reaches the image
+	// server as background reads.
+	mem2 := testutil.MemoryLike(rng, 2<<20, 0.1, 0.1)
+	gvfstest.Publish(t, srv.Client, "img2",
+		gvfstest.GoldenFile{Name: "mem.ram", Kind: imagev1.FileKind_FILE_KIND_MEMORY_STATE, Policy: imagev1.TransferPolicy_TRANSFER_POLICY_BLOCKS, Data: mem2})
+	f, err := a.Open(gvfstest.Ctx(t), "img2", "mem.ram")
+	if err != nil {
+		t.Fatal(err)
+	}
+	demand := lan.Stats().ClassRequests[gvfs.Demand].Load()
+	if err := f.Hydrate(gvfstest.Ctx(t), gvfs.Background, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := lan.Stats().ClassRequests[gvfs.Background].Load(); got == 0 {
+		t.Fatal("a hydration through the proxy reached the image server in no background request")
+	}
+	if got := lan.Stats().ClassRequests[gvfs.Demand].Load(); got != demand {
+		t.Fatalf("a hydration through the proxy made %d demand requests upstream", got-demand)
+	}
+
+	// A stream naming a class there is not is refused.
+	cc, err := services.Dial(lanAddr, services.TLSFiles{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx := metadata.AppendToOutgoingContext(gvfstest.Ctx(t), gvfs.ClassHeader, "urgent")
+	rb, err := imagev1.NewImageServiceClient(cc).ReadBlocks(ctx)
+	if err == nil {
+		_, err = rb.Recv()
+	}
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "urgent") {
+		t.Fatalf("a stream of class \"urgent\": %v, want InvalidArgument naming it", err)
+	}
 }

@@ -7,6 +7,9 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/vmgrid/vmgrid/computeserver/gvfs"
@@ -87,7 +90,7 @@ func (s *Service) PutProfile(ctx context.Context, req *imagev1.PutProfileRequest
 }
 
 func (s *Service) GetProfile(ctx context.Context, req *imagev1.GetProfileRequest) (*imagev1.GetProfileResponse, error) {
-	if err := (proxySources{s.p}).visible(ctx, req.Image); err != nil {
+	if err := (proxySources{p: s.p}).visible(ctx, req.Image); err != nil {
 		return nil, err
 	}
 	return s.api().GetProfile(ctx, req)
@@ -153,29 +156,58 @@ func forwardWith[Req, Resp any](in grpc.ClientStreamingServer[Req, Resp], out gr
 	}
 }
 
-// ReadBlocks serves blocks from the proxy's caches.
+// ReadBlocks serves blocks from the proxy's caches. Each request's misses
+// go upstream at once, as runs, in the class the stream names
+// (gvfs.ClassHeader).
 func (s *Service) ReadBlocks(stream imagev1.ImageService_ReadBlocksServer) error {
-	return blockproto.ServeReadBlocks(stream, proxySources{s.p}, s.enc, nil)
+	var name string
+	if md, ok := metadata.FromIncomingContext(stream.Context()); ok {
+		if v := md.Get(gvfs.ClassHeader); len(v) > 0 {
+			name = v[0]
+		}
+	}
+	c, err := gvfs.ParseClass(name)
+	if err != nil {
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	return blockproto.ServeReadBlocks(stream, proxySources{p: s.p, class: c}, s.enc, nil)
 }
 
 // FetchFile streams a whole file from the proxy's file cache (fetching it
 // upstream once) or, for block-policy files, from its block cache.
 func (s *Service) FetchFile(req *imagev1.FetchFileRequest, stream imagev1.ImageService_FetchFileServer) error {
-	src, err := proxySources{s.p}.OpenSource(stream.Context(), req.Image, req.File)
+	src, err := proxySources{p: s.p}.OpenSource(stream.Context(), req.Image, req.File)
 	if err != nil {
 		return err
 	}
 	return blockproto.ServeFetchFile(req, stream, src, s.enc, nil)
 }
 
-type proxySources struct{ p *gvfs.Proxy }
+// proxySources opens the proxy's files for a stream of class class.
+type proxySources struct {
+	p     *gvfs.Proxy
+	class gvfs.Class
+}
 
 func (o proxySources) OpenSource(ctx context.Context, image, file string) (blockproto.BlockSource, error) {
 	if err := o.visible(ctx, image); err != nil {
 		return nil, err
 	}
-	return o.p.Open(ctx, image, file)
+	f, err := o.p.Open(ctx, image, file)
+	if err != nil {
+		return nil, err
+	}
+	return classFile{f, o.class}, nil
 }
+
+// classFile is a proxy's file served to a stream of one class: the runs it
+// is asked for go upstream in that class (blockproto.RunStarter).
+type classFile struct {
+	gvfs.File
+	class gvfs.Class
+}
+
+func (f classFile) StartRun(first uint64, count uint32) { f.File.StartRun(f.class, first, count) }
 
 // visible refuses an image the caller may not see (auth.CheckImage), as
 // the image server does.
@@ -191,4 +223,4 @@ func (o proxySources) visible(ctx context.Context, image string) error {
 // change), but has every request for a disk open it again, so that the
 // disk's generation is checked and blocks another plant wrote are not served
 // from a stale cache.
-func (proxySources) Valid(src blockproto.BlockSource) bool { return !src.(gvfs.File).Writable() }
+func (proxySources) Valid(src blockproto.BlockSource) bool { return !src.(classFile).Writable() }
