@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
@@ -107,7 +108,29 @@ func TestDoHonoursContext(t *testing.T) {
 	c := newClient(b)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
-	if _, err := c.Do(ctx, Request{Op: OpPing}); err == nil {
-		t.Fatal("want a deadline error")
+	if _, err := c.Do(ctx, Request{Op: OpPing}); !errors.Is(err, context.DeadlineExceeded) || errors.Is(err, ErrNoAnswer) {
+		t.Fatalf("the caller's deadline: %v, want context.DeadlineExceeded", err)
+	}
+
+	// A guest that never answers fails the call by itself: its own timeout
+	// and the grace, or the bound of requests without one.
+	defer func(g, u time.Duration) { answerGrace, untimedBound = g, u }(answerGrace, untimedBound)
+	answerGrace, untimedBound = 100*time.Millisecond, 300*time.Millisecond
+	for _, tc := range []struct {
+		req  Request
+		want time.Duration
+	}{
+		{Request{Op: OpSetTime, Timeout: Duration(200 * time.Millisecond)}, 300 * time.Millisecond},
+		{Request{Op: OpPing}, 300 * time.Millisecond},
+	} {
+		start := time.Now()
+		_, err := c.Do(context.Background(), tc.req)
+		took := time.Since(start)
+		if !errors.Is(err, ErrNoAnswer) || !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), tc.req.Op) {
+			t.Fatalf("%s unanswered: %v, want ErrNoAnswer naming the op", tc.req.Op, err)
+		}
+		if took < tc.want {
+			t.Fatalf("%s gave up after %v, before its bound %v", tc.req.Op, took, tc.want)
+		}
 	}
 }

@@ -147,8 +147,31 @@ func (c *Client) closedErr() error {
 	return c.err
 }
 
-// Do sends a request and waits for its response.
+// ErrNoAnswer is the cause of a call the agent did not answer in time
+// (AnswerBound): the guest is stuck, or its agent is.
+var ErrNoAnswer = errors.New("the guest agent did not answer")
+
+// AnswerBound is how long Do waits for an answer: a request's own timeout
+// (which the agent enforces in the guest) and answerGrace, or
+// untimedBound for requests without one. A frozen guest thus fails its
+// caller with ErrNoAnswer instead of holding it forever.
+func AnswerBound(req Request) time.Duration {
+	if req.Timeout > 0 {
+		return time.Duration(req.Timeout) + answerGrace
+	}
+	return untimedBound
+}
+
+var ( // tests shorten them
+	answerGrace  = 30 * time.Second
+	untimedBound = 5 * time.Minute
+)
+
+// Do sends a request and waits for its response, at most AnswerBound.
 func (c *Client) Do(ctx context.Context, req Request) (*Response, error) {
+	bound := AnswerBound(req)
+	ctx, cancel := context.WithTimeoutCause(ctx, bound, fmt.Errorf("%w to %s in %v: %w", ErrNoAnswer, req.Op, bound, context.DeadlineExceeded))
+	defer cancel()
 	w, err := c.send(&req, 1)
 	if err != nil {
 		return nil, err
@@ -158,7 +181,7 @@ func (c *Client) Do(ctx context.Context, req Request) (*Response, error) {
 		return resp, nil
 	case <-ctx.Done():
 		c.forget(req.ID, w)
-		return nil, ctx.Err()
+		return nil, context.Cause(ctx)
 	case <-c.done:
 		// The response may have arrived just before the connection went.
 		select {

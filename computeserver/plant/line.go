@@ -219,9 +219,15 @@ func (l *line) agent(ctx context.Context) (func(), error) {
 }
 
 // clock sets the guest's clock, which stood still since the memory state
-// was saved. A failure is logged only.
+// was saved. A failure is logged only; a guest that does not answer at all
+// (within agent.AnswerBound of a 5 s request) is stuck, and fails the
+// creation with the end of its console.
 func (l *line) clock(ctx context.Context) (func(), error) {
-	if resp, err := l.v.agent.Do(ctx, agent.Request{Op: agent.OpSetTime, UnixNano: time.Now().UnixNano()}); err != nil {
+	req := agent.Request{Op: agent.OpSetTime, UnixNano: time.Now().UnixNano(), Timeout: agent.Duration(5 * time.Second)}
+	if resp, err := l.v.agent.Do(ctx, req); errors.Is(err, agent.ErrNoAnswer) {
+		return nil, fmt.Errorf("setting the guest's clock: %w (the guest answered its agent's hello before): %w\n--- guest console (tail) ---\n%s",
+			err, errdefs.ErrUnavailable, tail(l.v.m.ConsoleLog(), 2000))
+	} else if err != nil {
 		l.log.Warn("could not set the guest clock", zap.Error(err))
 	} else if resp.Error != "" {
 		l.log.Warn("could not set the guest clock", zap.String("agent", resp.Error))
