@@ -272,6 +272,10 @@ func TestMigrate(t *testing.T) {
 		if ad.Plant != third || ad.State != computev1.VMState_VM_STATE_RUNNING || ad.MigratedFrom != svc.Plant {
 			t.Fatalf("classad after the migration: plant %s state %s from %q", ad.Plant, ad.State, ad.MigratedFrom)
 		}
+		if ad.MemoryRestore != "migrated" || ad.MemoryLocalBytes != ad.MemoryBytes || ad.HydratedNanos != 0 {
+			t.Errorf("the classad's memory after the migration: restore %q, %d of %d bytes local, hydrated %d ns; want migrated, all local",
+				ad.MemoryRestore, ad.MemoryLocalBytes, ad.MemoryBytes, ad.HydratedNanos)
+		}
 		if got, err := g.clients["alice"].GetVM(ctx, &shopv1.GetVMRequest{VmId: svc.VmId}); err != nil || got.Plant != third || got.State != computev1.VMState_VM_STATE_RUNNING {
 			t.Fatalf("the shop's classad: %v, %v", got, err)
 		}

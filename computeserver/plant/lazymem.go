@@ -55,6 +55,10 @@ const (
 	RestoreAuto MemoryRestore = "auto"
 )
 
+// memoryMigrated is the classad's memory_restore of a VM that migrated in:
+// its RAM came whole from the source plant.
+const memoryMigrated = "migrated"
+
 // ParseMemoryRestore checks a --memory-restore value ("" is auto).
 func ParseMemoryRestore(s string) (MemoryRestore, error) {
 	switch m := MemoryRestore(s); m {

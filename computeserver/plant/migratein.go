@@ -142,6 +142,11 @@ func (p *Plant) prepareIncoming(ctx context.Context, req *computev1.MigrateInReq
 	}
 	ad := proto.Clone(req.Classad).(*computev1.ClassAd)
 	ad.Plant, ad.State, ad.MigratedFrom, ad.Pid, ad.Error, ad.LastMigration = p.cfg.Name, computev1.VMState_VM_STATE_MIGRATING, req.Source, 0, "", nil
+	if ad.MemoryRestore != "" {
+		// The guest's RAM comes whole with the migration, into memory of
+		// this plant's own (a memfd): none of it needs the image server.
+		ad.MemoryRestore, ad.MemoryLocalBytes, ad.HydratedNanos = memoryMigrated, ad.MemoryBytes, 0
+	}
 	v, fresh, err := p.claim(ad.VmId, ad, 0)
 	if err != nil {
 		return nil, err

@@ -1065,7 +1065,9 @@ type ClassAd struct {
 	// Lazy memory (field numbers from 41, clear of other additions).
 	// How the guest's RAM was restored: "lazy" (mapped from the image's RAM
 	// file, pages fetched on first touch, the rest hydrated in the
-	// background), "eager" (all of it before the guest ran) or "" (booted).
+	// background), "eager" (all of it before the guest ran), "migrated" (it
+	// came whole with a live migration, into this plant's memory) or ""
+	// (booted).
 	MemoryRestore string `protobuf:"bytes,41,opt,name=memory_restore,json=memoryRestore,proto3" json:"memory_restore,omitempty"`
 	// The guest's RAM, and how much of it is on this plant (zero pages and
 	// cached blocks): equal once hydrated, when the VM no longer needs the
