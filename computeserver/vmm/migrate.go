@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
 // Live migration (Goiri et al. §4, with QEMU's pre-copy instead of Xen's).
@@ -235,23 +237,29 @@ func blockJobs(ctx context.Context, m Machine) (map[string]blockJob, error) {
 // waitMirrorsReady waits until every mirror has copied its disk and keeps
 // the copies in step.
 func waitMirrorsReady(ctx context.Context, m Machine, mirrors []Mirror) ([]MirrorStats, error) {
+	var watch stallWatch
 	for {
 		jobs, err := blockJobs(ctx, m)
 		if err != nil {
 			return nil, err
 		}
 		var stats []MirrorStats
+		var copied int64
 		for _, mr := range mirrors {
 			j, ok := jobs[mirrorNode(mr)]
 			if !ok {
 				return nil, fmt.Errorf("the mirror of %s ended before it was ready (the destination's disk went away?)", mr.Drive)
 			}
+			copied += j.Offset
 			if j.Ready {
 				stats = append(stats, MirrorStats{Drive: mr.Drive, Bytes: j.Len})
 			}
 		}
 		if len(stats) == len(mirrors) {
 			return stats, nil
+		}
+		if watch.stalled(copied, time.Now()) {
+			return nil, watch.err("mirror the disks", copied)
 		}
 		select {
 		case <-ctx.Done():
@@ -267,6 +275,7 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 	// migrate-continue only wakes the migration thread: the status may
 	// read pre-switchover once more after it.
 	postcopy, switched, continued := false, false, false
+	var watch stallWatch
 	var early chan switchDone // Switchover, started before the pause
 	near := 2 * o.DowntimeLimit
 	if near == 0 {
@@ -324,12 +333,50 @@ func followMigration(ctx context.Context, m Machine, o MigrateOptions, mig Migra
 		if o.Progress != nil {
 			o.Progress(info)
 		}
+		if sent := info.sent(); info.Status != "postcopy-active" && !continued && watch.stalled(sent, time.Now()) {
+			return mig, watch.err("migration "+info.Status, sent)
+		}
 		select {
 		case <-ctx.Done():
 			return mig, fmt.Errorf("migration still %s: %w", info.Status, ctx.Err())
 		case <-time.After(migratePoll(info, continued)):
 		}
 	}
+}
+
+// MigrationStall is how long a migration's RAM copy or disk mirror may go
+// without moving a byte before Migrate gives up on it and the guest runs
+// on where it is: a network cut between the plants (no reset, only
+// silence) would otherwise hold it until the caller's deadline. Not in
+// post-copy, where the guest runs on the destination already.
+var MigrationStall = 30 * time.Second
+
+// stallWatch tells a stuck copy from a slow one: stalled once the count of
+// bytes moved stood still for MigrationStall.
+type stallWatch struct {
+	moved int64
+	since time.Time
+}
+
+func (w *stallWatch) stalled(moved int64, now time.Time) bool {
+	if w.since.IsZero() || moved != w.moved {
+		w.moved, w.since = moved, now
+		return false
+	}
+	return now.Sub(w.since) >= MigrationStall
+}
+
+func (w *stallWatch) err(what string, moved int64) error {
+	return fmt.Errorf("%s: no progress in %v (%d bytes moved): is the network between the plants cut, or the destination stuck? %w",
+		what, MigrationStall, moved, errdefs.ErrUnavailable)
+}
+
+// sent is the RAM bytes the migration sent so far.
+func (i MigrationInfo) sent() int64 {
+	if i.RAM == nil {
+		return 0
+	}
+	return i.RAM.Transferred
 }
 
 // nearSwitch reports that the pass over RAM in progress ends within d:

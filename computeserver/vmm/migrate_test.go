@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vmgrid/vmgrid/services/errdefs"
 )
 
 // A running guest moves to a second QEMU process: its redo log mirrored
@@ -119,6 +121,53 @@ func TestNearSwitch(t *testing.T) {
 	} {
 		if got := nearSwitch(c.info, 200*time.Millisecond); got != c.want {
 			t.Errorf("nearSwitch(%+v) = %v, want %v", c.info.RAM, got, c.want)
+		}
+	}
+}
+
+// stuckMachine answers query-migrate with a migration whose RAM copy moved
+// sent bytes and then nothing more; it has no other methods.
+type stuckMachine struct {
+	Machine
+	polls int
+	sent  int64
+}
+
+func (m *stuckMachine) QMP(_ context.Context, command string, _, result any) error {
+	if command != "query-migrate" {
+		return fmt.Errorf("unexpected %s", command)
+	}
+	m.polls++
+	if m.polls < 3 {
+		m.sent += 1 << 20 // moving at first
+	}
+	return json.Unmarshal(fmt.Appendf(nil, `{"status":"active","ram":{"transferred":%d,"total":536870912}}`, m.sent), result)
+}
+
+// A copy that stops moving (a network cut between the plants: silence, no
+// reset) fails the migration with Unavailable once it stood still for
+// MigrationStall, not at the caller's deadline; a slow one does not.
+func TestMigrationStall(t *testing.T) {
+	defer func(d time.Duration) { MigrationStall = d }(MigrationStall)
+	MigrationStall = 500 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	m := &stuckMachine{}
+	start := time.Now()
+	_, err := followMigration(ctx, m, MigrateOptions{}, Migration{})
+	took := time.Since(start)
+	if !errdefs.IsUnavailable(err) || !strings.Contains(err.Error(), "no progress") || !strings.Contains(err.Error(), "2097152 bytes") {
+		t.Fatalf("a stuck migration: %v, want Unavailable saying it made no progress after 2 MiB", err)
+	}
+	if took < MigrationStall || took > MigrationStall+5*time.Second {
+		t.Fatalf("gave up after %v; the stall bound is %v", took, MigrationStall)
+	}
+
+	var w stallWatch
+	now := time.Now()
+	for i := range 100 {
+		if w.stalled(int64(i), now.Add(time.Duration(i)*time.Second)) {
+			t.Fatalf("a copy moving a byte a second stalled at %d s", i)
 		}
 	}
 }
