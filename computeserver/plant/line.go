@@ -75,6 +75,9 @@ type line struct {
 	hotplug    bool
 	hotplugged int
 	current    string
+	// early is the agent's channel, connected before a restored guest ran
+	// (restoreMachine); the agent step takes it.
+	early *agent.Client
 }
 
 // run runs the steps that apply; on failure it undoes what was done.
@@ -171,7 +174,7 @@ func (l *line) restore(ctx context.Context) (func(), error) {
 	in, err := l.memory(ctx) // lazymem.go: lazy or eager, and the RAM backend
 	if err == nil {
 		var m vmm.Machine
-		m, err = vmm.Restore(ctx, l.p.cfg.Driver, l.spec, in)
+		m, err = l.restoreMachine(ctx, in)
 		var undo func()
 		if undo, err = l.started(m, err); err == nil {
 			return func() { undo(); l.v.mem.stop() }, nil
@@ -179,6 +182,32 @@ func (l *line) restore(ctx context.Context) (func(), error) {
 	}
 	l.v.mem.stop() // a streaming RAM file (lazymem.go)
 	return nil, err
+}
+
+// restoreMachine starts QEMU on the memory state and, before the guest
+// runs, connects to its agent's channel (vmm.Restore says why: a clone
+// whose agent had answered the hello once hung on its clock step, the
+// request dropped by the agent reopening its port).
+func (l *line) restoreMachine(ctx context.Context, in vmm.Incoming) (vmm.Machine, error) {
+	var early func(vmm.Machine)
+	if l.vmgridAgent() {
+		early = func(vmm.Machine) {
+			dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			ac, err := agent.Dial(dctx, l.spec.Channels[0].Socket)
+			if err != nil {
+				l.log.Warn("dial the guest agent's channel before the guest runs", zap.Error(err))
+				return
+			}
+			l.early = ac
+		}
+	}
+	m, err := vmm.Restore(ctx, l.p.cfg.Driver, l.spec, in, early)
+	if err != nil && l.early != nil {
+		l.early.Close()
+		l.early = nil
+	}
+	return m, err
 }
 
 // boot cold-boots an image that has no memory state.
@@ -210,7 +239,20 @@ func (l *line) started(m vmm.Machine, err error) (func(), error) {
 func (l *line) agent(ctx context.Context) (func(), error) {
 	l.progress(computev1.VMState_VM_STATE_CONFIGURING, "waiting for the guest agent")
 	l.v.setState(computev1.VMState_VM_STATE_CONFIGURING)
-	ac, err := waitAgent(ctx, l.v.m, l.spec.Channels[0].Socket, l.p.cfg.agentTimeout())
+	var ac *agent.Client
+	var err error
+	if early := l.early; early != nil {
+		l.early = nil
+		ac, err = waitGuest(ctx, l.v.m, l.p.cfg.agentTimeout(), func(ctx context.Context) (*agent.Client, error) {
+			if err := early.WaitReady(ctx); err != nil {
+				early.Close()
+				return nil, err
+			}
+			return early, nil
+		})
+	} else {
+		ac, err = waitAgent(ctx, l.v.m, l.spec.Channels[0].Socket, l.p.cfg.agentTimeout())
+	}
 	if err != nil {
 		return nil, fmt.Errorf("the guest agent of %s did not answer: %w", l.v.ad.VmId, err)
 	}

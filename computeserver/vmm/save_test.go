@@ -48,7 +48,7 @@ func TestSaveRunsOn(t *testing.T) {
 	spec2.Name, spec2.Dir = spec2.Name+"-2", t.TempDir()
 	spec2.Disks = append([]Disk(nil), spec2.Disks...)
 	spec2.Disks[0].Path = overlay(t, img.RootDisk)
-	m2, err := Restore(ctx, d, spec2, Incoming{Path: state})
+	m2, err := Restore(ctx, d, spec2, Incoming{Path: state}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -100,11 +100,20 @@ func (e *MachineError) Unwrap() error { return e.Err }
 // it: spec must describe the same devices, memory size and machine type as
 // the suspended machine (its Machine.Spec(), with fresh Dir if wanted).
 // The guest's clock must be set afterwards (see Machine.Resume).
-func Restore(ctx context.Context, d Driver, spec Spec, in Incoming) (Machine, error) {
+//
+// beforeRun, when set, runs after QEMU started and before the guest runs:
+// connect the guest's channels there. A channel connected when the state
+// was saved and found unconnected at the restore makes QEMU tell the guest
+// its host went away (virtio-serial's post-load event), and a guest agent
+// then reopens its port, dropping the request that arrives meanwhile.
+func Restore(ctx context.Context, d Driver, spec Spec, in Incoming, beforeRun func(Machine)) (Machine, error) {
 	spec.Incoming = &in
 	m, err := d.Start(ctx, spec)
 	if err != nil {
 		return nil, err
+	}
+	if beforeRun != nil {
+		beforeRun(m)
 	}
 	if err := m.Resume(ctx); err != nil {
 		_ = m.Kill()

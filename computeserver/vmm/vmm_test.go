@@ -238,7 +238,7 @@ func TestBootSuspendResume(t *testing.T) {
 	spec2.Dir = t.TempDir()
 	spec2.Channels = []Channel{{Name: testChannel, Socket: filepath.Join(spec2.Dir, "agent.sock")}}
 	start = time.Now()
-	m2, err := Restore(ctx, d, spec2, Incoming{Path: state})
+	m2, err := Restore(ctx, d, spec2, Incoming{Path: state}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -324,7 +324,7 @@ func TestLazyMemoryRestore(t *testing.T) {
 	spec2.Dir = t.TempDir()
 	spec2.MemoryFile = &MemoryFile{Path: ram, Share: false}
 	start = time.Now()
-	m2, err := Restore(ctx, d, spec2, Incoming{Path: state, IgnoreShared: true})
+	m2, err := Restore(ctx, d, spec2, Incoming{Path: state, IgnoreShared: true}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -70,15 +70,20 @@ func cloneLocal(ctx context.Context, driver vmm.Driver, files, backing, vmDir, h
 		// clone does from its plant's view.
 		spec.MemoryFile, in.IgnoreShared = &vmm.MemoryFile{Path: filepath.Join(files, cfg.RAM)}, true
 	}
-	c.m, err = vmm.Restore(ctx, driver, spec, in)
+	actx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	var dialErr error
+	c.m, err = vmm.Restore(ctx, driver, spec, in, func(vmm.Machine) {
+		c.ac, dialErr = agent.Dial(actx, spec.Channels[0].Socket) // before the guest runs, as a plant does
+	})
 	if err != nil {
+		if c.ac != nil {
+			c.ac.Close()
+		}
 		return nil, err
 	}
 	start = ph.lap("restore", start)
-
-	actx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	if c.ac, err = agent.Dial(actx, spec.Channels[0].Socket); err == nil {
+	if err = dialErr; err == nil {
 		err = c.ac.WaitReady(actx)
 	}
 	if err != nil {
