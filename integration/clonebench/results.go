@@ -269,6 +269,7 @@ func (res *Results) checkTargets() {
 		{"auto without a profile ≤ eager", "≤ 1", RowAuto, RowCold, 1, false},
 		{"lazy + profile, 4x RAM ≤ 1.2x 1x RAM", "≤ 1.2", RowLazyProfile4x, RowLazyProfile, 1.2, false},
 		{"parallel makespan ≤ 2x one lazy + profile clone", "≤ 2", RowParallel, RowLazyProfile, 2, false},
+		{"parallel via a cache proxy ≤ 2x one lazy + profile clone", "≤ 2", RowParallelL2, RowLazyProfile, 2, false},
 		{"workload after lazy ≤ 1.1x after eager", "≤ 1.1", RowWorkLazy, RowWorkEager, 1.1, false},
 		{"warm lazy ≤ 1.1x local", "≤ 1.1", RowWarmLazy, RowLocal, 1.1, false},
 	} {
