@@ -7,6 +7,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
@@ -32,6 +33,10 @@ func Dial(target string, tlsFiles TLSFiles, extra ...grpc.DialOption) (*grpc.Cli
 		grpc.WithInitialConnWindowSize(initialConnWindowSize),
 		grpc.WithWriteBufferSize(bufferSize),
 		grpc.WithReadBufferSize(bufferSize),
+		// A server that went silent (a cut network) fails the calls in
+		// flight within Time + Timeout instead of holding them; idle
+		// connections do not ping.
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: Keepalive.Time, Timeout: Keepalive.Timeout}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize), grpc.ForceCodecV2(Codec)),
 		grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 			return errdefs.FromGRPC(invoker(ctx, method, req, reply, cc, opts...))

@@ -25,6 +25,7 @@ import (
 	_ "google.golang.org/grpc/encoding/gzip" // clients on slow links ask for FULL manifests gzipped (gvfs.Upstream.Manifest)
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
@@ -184,6 +185,7 @@ func serverOptions(opts Options, metrics *grpcprom.ServerMetrics, log *zap.Logge
 		grpc.MaxSendMsgSize(MaxMessageSize),
 		grpc.ForceServerCodecV2(serverCodec{}),
 	}
+	serverOpts = append(serverOpts, KeepaliveOptions()...)
 	if opts.TLS.Enabled() {
 		cfg, err := opts.TLS.serverConfig()
 		if err != nil {
@@ -192,6 +194,26 @@ func serverOptions(opts Options, metrics *grpcprom.ServerMetrics, log *zap.Logge
 		serverOpts = append(serverOpts, grpc.Creds(credentials.NewTLS(cfg)))
 	}
 	return serverOpts, nil
+}
+
+// Keepalive is how a server finds a client that went silent: a cut
+// network sends no reset, and TCP alone gives up only after its
+// retransmissions (about 15 min). After Time without a frame the server
+// pings; a ping unanswered within Timeout closes the connection, and its
+// streams end: a migration's destination then removes the machine it was
+// preparing, a cache proxy's reads stop. Clients (Dial) ping as often,
+// which the server permits. Tests shorten it.
+var Keepalive = keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}
+
+// KeepaliveOptions are the keepalive options of a vmgrid server: it pings
+// silent clients (Keepalive) and lets clients ping it as often as Dial's
+// do. A gRPC server without them (a test's fake) would take Dial's pings
+// for abuse and send GOAWAY.
+func KeepaliveOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.KeepaliveParams(Keepalive),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	}
 }
 
 // listen opens the gRPC listener and, when metricsAddr is set, the

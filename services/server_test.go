@@ -2,7 +2,10 @@ package services
 
 import (
 	"context"
+	"net"
 	"runtime"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -10,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 )
@@ -103,5 +107,113 @@ func TestMalformedRequestIsInvalidArgument(t *testing.T) {
 	decodeErrs.Range(func(any, any) bool { n++; return true })
 	if n != 0 {
 		t.Fatalf("%d decode errors left behind", n)
+	}
+}
+
+// silentProxy forwards TCP to target until cut, then drops every byte both
+// ways without closing anything: what a cut network looks like to the
+// hosts on either side (no reset, only silence).
+type silentProxy struct {
+	ln  net.Listener
+	cut atomic.Bool
+}
+
+func startSilentProxy(t *testing.T, target string) *silentProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &silentProxy{ln: ln}
+	var conns sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); conns.Wait() })
+	pipe := func(dst, src net.Conn) {
+		defer conns.Done()
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := src.Read(buf)
+			if err != nil {
+				dst.Close()
+				return
+			}
+			if !p.cut.Load() {
+				if _, err := dst.Write(buf[:n]); err != nil {
+					src.Close()
+					return
+				}
+			}
+		}
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			t.Cleanup(func() { c.Close(); s.Close() })
+			conns.Add(2)
+			go pipe(s, c)
+			go pipe(c, s)
+		}
+	}()
+	return p
+}
+
+// A client that goes silent mid-stream (a cut network) ends the server's
+// side of its streams within Keepalive.Time + Timeout: what lets a
+// migration's destination clean up when its source can no longer reach
+// it. Without the keepalive the stream would wait for TCP to give up.
+func TestSilentClientEndsItsStreams(t *testing.T) {
+	defer func(k keepalive.ServerParameters) { Keepalive = k }(Keepalive)
+	Keepalive = keepalive.ServerParameters{Time: time.Second, Timeout: time.Second}
+	started, ended := make(chan struct{}, 1), make(chan time.Time, 1)
+	hold := grpc.ServiceDesc{ServiceName: "test.Hold", HandlerType: (*any)(nil), Streams: []grpc.StreamDesc{{
+		StreamName: "Hold", ServerStreams: true, ClientStreams: true,
+		Handler: func(_ any, ss grpc.ServerStream) error {
+			started <- struct{}{}
+			<-ss.Context().Done()
+			ended <- time.Now()
+			return nil
+		},
+	}}}
+	srv, err := NewServer(Options{Name: "test", Listen: "127.0.0.1:0", ShutdownTimeout: time.Second}, func(gs *grpc.Server, _ prometheus.Registerer) error {
+		gs.RegisterService(&hold, struct{}{})
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx) }()
+	defer func() { cancel(); <-done }()
+	px := startSilentProxy(t, srv.Addr())
+	cc, err := grpc.NewClient(px.ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	sctx, scancel := context.WithCancel(context.Background())
+	defer scancel()
+	if _, err := cc.NewStream(sctx, &hold.Streams[0], "/test.Hold/Hold"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stream never reached the server")
+	}
+	cutAt := time.Now()
+	px.cut.Store(true)
+	select {
+	case at := <-ended:
+		t.Logf("the server ended the silent client's stream %v after the cut", at.Sub(cutAt).Round(time.Millisecond))
+	case <-time.After(15 * time.Second):
+		t.Fatal("the server still holds the stream of a client that went silent 15 s ago")
 	}
 }

@@ -96,7 +96,7 @@ func serve(t testing.TB, addr string, register func(*grpc.Server)) (string, func
 	if err != nil {
 		t.Fatal(err)
 	}
-	gs := grpc.NewServer()
+	gs := grpc.NewServer(services.KeepaliveOptions()...) // the shop dials with services.Dial
 	register(gs)
 	go gs.Serve(l)
 	var once sync.Once
