@@ -49,6 +49,9 @@ type netGrid struct {
 	clients map[string]shopv1.ShopServiceClient // by owner
 	// drain is the plants' drain timeout (drain_test.go; 0: none).
 	drain time.Duration
+	// advertise is the address a plant registers instead of its own
+	// (migrate_cut_test.go: a proxy that can go silent); unset: its own.
+	advertise map[string]string
 	lan   *vnettest.LAN
 }
 
@@ -107,6 +110,7 @@ func (g *netGrid) startPlant(name string) {
 		ServiceTokenFile: testutil.ServiceTokenFile(t), // plants call each other to migrate VMs
 		GuestMemoryMiB:   2048, Etcd: services.EtcdConfig{Endpoints: []string{g.etcd}},
 		Network: vnet.Config{Underlay: g.hosts[name].Addr, Netns: g.hosts[name].Netns}, DrainTimeout: g.drain,
+		Advertise: g.advertise[name],
 	}
 	s, err := computeserver.Start(ctx, cfg)
 	if err != nil {
