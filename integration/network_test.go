@@ -52,7 +52,7 @@ type netGrid struct {
 	// advertise is the address a plant registers instead of its own
 	// (migrate_cut_test.go: a proxy that can go silent); unset: its own.
 	advertise map[string]string
-	lan   *vnettest.LAN
+	lan       *vnettest.LAN
 }
 
 const netBobToken = "owner-token-bob0"
