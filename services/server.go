@@ -203,7 +203,7 @@ func serverOptions(opts Options, metrics *grpcprom.ServerMetrics, log *zap.Logge
 // streams end: a migration's destination then removes the machine it was
 // preparing, a cache proxy's reads stop. Clients (Dial) ping as often,
 // which the server permits. Tests shorten it.
-var Keepalive = keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}
+var Keepalive = keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 20 * time.Second}
 
 // KeepaliveOptions are the keepalive options of a vmgrid server: it pings
 // silent clients (Keepalive) and lets clients ping it as often as Dial's
