@@ -3,11 +3,8 @@ package integration
 import (
 	"context"
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,86 +14,12 @@ import (
 	"github.com/vmgrid/vmgrid/computeserver/vmm"
 	"github.com/vmgrid/vmgrid/computeserver/vnet/vnettest"
 	"github.com/vmgrid/vmgrid/internal/testutil"
+	"github.com/vmgrid/vmgrid/internal/testutil/cutproxy"
 	computev1 "github.com/vmgrid/vmgrid/proto/vmgrid/compute/v1"
 	shopv1 "github.com/vmgrid/vmgrid/proto/vmgrid/shop/v1"
 	"github.com/vmgrid/vmgrid/services"
 	"github.com/vmgrid/vmgrid/services/errdefs"
 )
-
-// cuttableProxy forwards TCP to a target set later, until cut; then it
-// drops every byte both ways and closes nothing: a cut network, as the
-// hosts on either side see it (no reset, only silence).
-type cuttableProxy struct {
-	ln     net.Listener
-	target atomic.Value // string
-	cut    atomic.Bool
-}
-
-func startCuttableProxy(t *testing.T) *cuttableProxy {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &cuttableProxy{ln: ln}
-	var mu sync.Mutex
-	var conns []net.Conn
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	pipe := func(dst, src net.Conn) {
-		defer wg.Done()
-		buf := make([]byte, 64<<10)
-		for {
-			n, err := src.Read(buf)
-			if p.cut.Load() {
-				if err != nil {
-					return // a close does not cross a cut either
-				}
-				continue
-			}
-			if err != nil {
-				dst.Close()
-				return
-			}
-			if _, err := dst.Write(buf[:n]); err != nil {
-				src.Close()
-				return
-			}
-		}
-	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			target, _ := p.target.Load().(string)
-			s, err := net.Dial("tcp", target)
-			if err != nil || p.cut.Load() {
-				c.Close()
-				if s != nil {
-					s.Close()
-				}
-				continue
-			}
-			mu.Lock()
-			conns = append(conns, c, s)
-			mu.Unlock()
-			wg.Add(2)
-			go pipe(s, c)
-			go pipe(c, s)
-		}
-	}()
-	return p
-}
 
 // TestMigrateNetworkCut: the network between the plants is cut while the
 // guest's RAM is on its way. The source gives up (no byte moved for
@@ -125,10 +48,10 @@ func TestMigrateNetworkCut(t *testing.T) {
 	}
 	// The destination is reached only through the proxy: the shop and
 	// the source dial what it registers.
-	px := startCuttableProxy(t)
-	g.advertise = map[string]string{"dst": px.ln.Addr().String()}
+	px := cutproxy.Start(t, "")
+	g.advertise = map[string]string{"dst": px.Addr()}
 	g.addPlant("dst")
-	px.target.Store(g.plants["dst"].Addr())
+	px.SetTarget(g.plants["dst"].Addr())
 	eventually(t, "two plants registered", func() bool { return g.registered(ctx) == 2 })
 
 	vmDir := filepath.Join(g.dirs["dst"], "vms", ad.VmId)
@@ -140,7 +63,7 @@ func TestMigrateNetworkCut(t *testing.T) {
 	_, phases, err := g.migrateWatching(ctx, "alice", ad.VmId, "dst", func(phase string) {
 		if phase == "copying" && cutAt.IsZero() { // RAM is on its way
 			cutAt = time.Now()
-			px.cut.Store(true)
+			px.Cut()
 			go func() {
 				for ctx.Err() == nil {
 					_, gerr := g.plants["dst"].Line.GetVM(ad.VmId)

@@ -2,10 +2,7 @@ package services
 
 import (
 	"context"
-	"net"
 	"runtime"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,6 +13,8 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
+
+	"github.com/vmgrid/vmgrid/internal/testutil/cutproxy"
 )
 
 // rawCodec sends []byte as the message, whatever it holds: what an
@@ -110,60 +109,6 @@ func TestMalformedRequestIsInvalidArgument(t *testing.T) {
 	}
 }
 
-// silentProxy forwards TCP to target until cut, then drops every byte both
-// ways without closing anything: what a cut network looks like to the
-// hosts on either side (no reset, only silence).
-type silentProxy struct {
-	ln  net.Listener
-	cut atomic.Bool
-}
-
-func startSilentProxy(t *testing.T, target string) *silentProxy {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &silentProxy{ln: ln}
-	var conns sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); conns.Wait() })
-	pipe := func(dst, src net.Conn) {
-		defer conns.Done()
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := src.Read(buf)
-			if err != nil {
-				dst.Close()
-				return
-			}
-			if !p.cut.Load() {
-				if _, err := dst.Write(buf[:n]); err != nil {
-					src.Close()
-					return
-				}
-			}
-		}
-	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			s, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			t.Cleanup(func() { c.Close(); s.Close() })
-			conns.Add(2)
-			go pipe(s, c)
-			go pipe(c, s)
-		}
-	}()
-	return p
-}
-
 // A client that goes silent mid-stream (a cut network) ends the server's
 // side of its streams within Keepalive.Time + Timeout: what lets a
 // migration's destination clean up when its source can no longer reach
@@ -192,8 +137,8 @@ func TestSilentClientEndsItsStreams(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ctx) }()
 	defer func() { cancel(); <-done }()
-	px := startSilentProxy(t, srv.Addr())
-	cc, err := grpc.NewClient(px.ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	px := cutproxy.Start(t, srv.Addr())
+	cc, err := grpc.NewClient(px.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -209,7 +154,7 @@ func TestSilentClientEndsItsStreams(t *testing.T) {
 		t.Fatal("the stream never reached the server")
 	}
 	cutAt := time.Now()
-	px.cut.Store(true)
+	px.Cut()
 	select {
 	case at := <-ended:
 		t.Logf("the server ended the silent client's stream %v after the cut", at.Sub(cutAt).Round(time.Millisecond))
