@@ -167,10 +167,16 @@ var ( // tests shorten them
 	untimedBound = 5 * time.Minute
 )
 
+// WithAnswerBound bounds ctx by AnswerBound(req); when the bound ends it,
+// context.Cause is ErrNoAnswer (and context.DeadlineExceeded).
+func WithAnswerBound(ctx context.Context, req Request) (context.Context, context.CancelFunc) {
+	bound := AnswerBound(req)
+	return context.WithTimeoutCause(ctx, bound, fmt.Errorf("%w to %s in %v: %w", ErrNoAnswer, req.Op, bound, context.DeadlineExceeded))
+}
+
 // Do sends a request and waits for its response, at most AnswerBound.
 func (c *Client) Do(ctx context.Context, req Request) (*Response, error) {
-	bound := AnswerBound(req)
-	ctx, cancel := context.WithTimeoutCause(ctx, bound, fmt.Errorf("%w to %s in %v: %w", ErrNoAnswer, req.Op, bound, context.DeadlineExceeded))
+	ctx, cancel := WithAnswerBound(ctx, req)
 	defer cancel()
 	w, err := c.send(&req, 1)
 	if err != nil {

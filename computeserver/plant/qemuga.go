@@ -44,7 +44,19 @@ func (q *qgaAgent) Close() error { return q.c.Close() }
 // through only when no env is given).
 const guestPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+// Do runs a request, at most agent.AnswerBound: a stuck guest fails it
+// with agent.ErrNoAnswer, as it does with vmgrid's agent.
 func (q *qgaAgent) Do(ctx context.Context, req agent.Request) (*agent.Response, error) {
+	ctx, cancel := agent.WithAnswerBound(ctx, req)
+	defer cancel()
+	resp, err := q.do(ctx, req)
+	if err != nil && ctx.Err() != nil {
+		err = context.Cause(ctx)
+	}
+	return resp, err
+}
+
+func (q *qgaAgent) do(ctx context.Context, req agent.Request) (*agent.Response, error) {
 	switch req.Op {
 	case agent.OpPing:
 		return &agent.Response{Version: "qemu-ga"}, q.c.Ping(ctx)
