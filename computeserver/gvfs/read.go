@@ -457,9 +457,8 @@ func (f *blockFile) aheadRange(off, end int64) (from, to uint64, ok bool) {
 // answer the request join those fetches (blockproto.RunStarter).
 func (f *blockFile) StartRun(c Class, first uint64, count uint32) {
 	var want []uint64
-	blocks := (f.meta.Size + f.blockSize() - 1) / f.blockSize()
-	for idx := first; idx < blocks && idx-first < uint64(count); idx++ {
-		if !f.zero(idx) && !f.p.cache.Has(f.key, idx) {
+	for idx := first; idx-first < uint64(count); idx++ { // count is at most MaxBlocksPerReq
+		if f.absent(idx) {
 			want = append(want, idx)
 		}
 	}
@@ -468,13 +467,19 @@ func (f *blockFile) StartRun(c Class, first uint64, count uint32) {
 	}
 }
 
+// absent reports whether block idx is in the file, not zero and not
+// cached: one to fetch.
+func (f *blockFile) absent(idx uint64) bool {
+	return idx < (f.meta.Size+f.blockSize()-1)/f.blockSize() && !f.zero(idx) && !f.p.cache.Has(f.key, idx)
+}
+
 // Prefetch fetches the given blocks of a file in the background, in the
 // prefetch class (working-set profiles), and returns the blocks it asked
 // for (those not zero and not cached).
 func (f *blockFile) Prefetch(idxs []uint64) []uint64 {
 	var want []uint64
 	for _, idx := range idxs {
-		if idx*f.blockSize() < f.meta.Size && !f.zero(idx) && !f.p.cache.Has(f.key, idx) {
+		if f.absent(idx) {
 			want = append(want, idx)
 		}
 	}
